@@ -1,0 +1,190 @@
+"""The Gemma IT conversation format: rendering, tokenisation and loss masks.
+
+Gemma 3 report, Table 4: a conversation starts with the `<bos>` token (added as a token id,
+never by tokenising a string), each turn is `<start_of_turn>user|model\\n...<end_of_turn>\\n`,
+there is no system role (a system message is folded into the first user turn), and IT models
+end their generation with `<end_of_turn>`. Loss is computed on model turns and their
+`<end_of_turn>` only.
+
+Control tokens are inserted as ids and message text is tokenised with special tokens split,
+so text that merely *looks* like a control token ("<end_of_turn>" or "[BOS]" typed by a user)
+can never become one. The Jinja template below renders the same ids for ordinary text and
+carries `{% generation %}` markers so TRL's assistant-only loss works with it too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+BOS = "<bos>"
+EOS = "<eos>"
+PAD = "<pad>"
+UNK = "<unk>"
+START_OF_TURN = "<start_of_turn>"
+END_OF_TURN = "<end_of_turn>"
+CONTROL_TOKENS = [PAD, EOS, BOS, UNK, START_OF_TURN, END_OF_TURN]
+
+ROLES = ("system", "user", "assistant")
+# Gemma names the assistant "model" inside the format.
+_TURN_NAME = {"user": "user", "assistant": "model"}
+
+# The template shipped with every tokenizer this project writes (and so with exported
+# checkpoints). `{% generation %}` marks what TRL's `assistant_only_loss` trains on.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set first_user_prefix = '' -%}"
+    "{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{ '<start_of_turn>user\n' + (first_user_prefix if loop.first else '') + message['content'] + '<end_of_turn>\n' }}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{ '<start_of_turn>model\n' }}{% generation %}{{ message['content'] + '<end_of_turn>' }}{% endgeneration %}{{ '\n' }}"
+    "{%- else -%}"
+    "{{ raise_exception('Gemma has roles user and assistant after an optional first system message; got ' + message['role']) }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+
+
+class ChatFormatError(ValueError):
+    """A conversation that cannot be rendered in the Gemma IT format."""
+
+
+@dataclass
+class TokenizedConversation:
+    input_ids: list[int]
+    loss_mask: list[int]  # 1 where the token is trained on (model turns and their <end_of_turn>)
+
+
+def as_messages(prompt: str | Sequence[dict]) -> list[dict]:
+    """A prompt given as plain text becomes a single user turn."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return list(prompt)
+
+
+def normalise_messages(messages: Any, where: str = "messages") -> list[dict]:
+    """Validate a conversation and fold a leading system message into the first user turn.
+
+    Returns user/assistant turns only. Errors name the offending index (`where[i].role`).
+    """
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ChatFormatError(f"{where}: expected a non-empty list of {{role, content}} turns, got {_describe(messages)}")
+    turns: list[dict] = []
+    system: str | None = None
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ChatFormatError(f"{where}[{i}]: expected a mapping with 'role' and 'content', got {_describe(m)}")
+        role, content = m["role"], m["content"]
+        if role not in ROLES:
+            raise ChatFormatError(f"{where}[{i}].role: expected one of {', '.join(ROLES)}, got {role!r}")
+        if not isinstance(content, str):
+            raise ChatFormatError(f"{where}[{i}].content: expected a string, got {_describe(content)}")
+        if role == "system":
+            if i != 0:
+                raise ChatFormatError(f"{where}[{i}].role: a system message may only come first")
+            system = content
+            continue
+        turns.append({"role": role, "content": content})
+    if not turns:
+        raise ChatFormatError(f"{where}: the conversation has no user or assistant turn")
+    if turns[0]["role"] != "user":
+        raise ChatFormatError(f"{where}: the first non-system turn must be from the user, got {turns[0]['role']!r}")
+    for a, b in zip(turns, turns[1:]):
+        if a["role"] == b["role"]:
+            raise ChatFormatError(f"{where}: turns must alternate user/assistant; two {a['role']!r} turns follow each other")
+    if system is not None:
+        turns[0] = {"role": "user", "content": system + "\n\n" + turns[0]["content"]}
+    return turns
+
+
+def render_text(messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
+    """The conversation as a string (for display and for engines that take text)."""
+    out = [BOS]
+    for t in normalise_messages(messages):
+        out.append(f"{START_OF_TURN}{_TURN_NAME[t['role']]}\n{t['content']}{END_OF_TURN}\n")
+    if add_generation_prompt:
+        out.append(f"{START_OF_TURN}model\n")
+    return "".join(out)
+
+
+def control_token_ids(tokenizer) -> dict[str, int]:
+    """Ids of the Gemma control tokens; a clear error when the tokenizer lacks one."""
+    ids = {}
+    for tok in (BOS, EOS, PAD, START_OF_TURN, END_OF_TURN):
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if tid is None or tid == tokenizer.unk_token_id and tok != UNK:
+            raise ChatFormatError(f"tokenizer has no {tok} token; the Gemma IT format needs {', '.join(CONTROL_TOKENS)}")
+        ids[tok] = tid
+    return ids
+
+
+def _encode_text(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    if not text:
+        return [], []
+    enc = tokenizer(text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
+    return list(enc["input_ids"]), list(enc["offset_mapping"])
+
+
+def tokenize_conversation(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = False,
+                          where: str = "messages") -> TokenizedConversation:
+    """Token ids and loss mask of a conversation in the Gemma IT format.
+
+    Each turn's header and text are tokenised as one piece ("model\\n" + content), as the chat
+    template does, and the mask starts at the first token that ends past the header.
+    """
+    ids = control_token_ids(tokenizer)
+    input_ids = [ids[BOS]]
+    mask = [0]
+    for t in normalise_messages(messages, where):
+        header = _TURN_NAME[t["role"]] + "\n"
+        body_ids, offsets = _encode_text(tokenizer, header + t["content"])
+        trained = t["role"] == "assistant"
+        input_ids.append(ids[START_OF_TURN])
+        mask.append(0)
+        input_ids.extend(body_ids)
+        mask.extend(int(trained and end > len(header)) for _, end in offsets)
+        input_ids.append(ids[END_OF_TURN])
+        mask.append(int(trained))
+        nl, _ = _encode_text(tokenizer, "\n")
+        input_ids.extend(nl)
+        mask.extend([0] * len(nl))
+    if add_generation_prompt:
+        head, _ = _encode_text(tokenizer, "model\n")
+        input_ids.append(ids[START_OF_TURN])
+        input_ids.extend(head)
+        mask.extend([0] * (1 + len(head)))
+    return TokenizedConversation(input_ids, mask)
+
+
+def tokenize_prompt(tokenizer, prompt: str | Sequence[dict], where: str = "prompt") -> list[int]:
+    """Prompt ids ending with the model-turn header, ready for generation."""
+    messages = as_messages(prompt)
+    if messages and messages[-1].get("role") == "assistant":
+        raise ChatFormatError(f"{where}: a generation prompt must end with a user turn")
+    return tokenize_conversation(tokenizer, messages, add_generation_prompt=True, where=where).input_ids
+
+
+def prompt_completion_to_messages(prompt: str | Sequence[dict], completion: str | Sequence[dict]) -> list[dict]:
+    """Rows of the form {prompt, completion} as one conversation."""
+    msgs = as_messages(prompt)
+    if isinstance(completion, str):
+        return msgs + [{"role": "assistant", "content": completion}]
+    return msgs + list(completion)
+
+
+def strip_end_of_turn(text: str) -> str:
+    """A generated answer without its closing control token (and anything after it)."""
+    return text.split(END_OF_TURN, 1)[0]
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60] + '...' if len(text) > 60 else text}"

@@ -1,0 +1,238 @@
+"""Synthetic toy tasks, deterministic by seed: the data of the embedded default world.
+
+Every task has a train and an eval split drawn from disjoint halves of its problem space (the
+split is decided by a hash of the problem, not by the seed), so held-out accuracy is honest.
+Rows follow the project's data contract: chat rows carry `messages`, prompt rows carry
+`prompt` plus the columns rewards need (`answer`, `tests`, `instruction_id_list`/`kwargs`),
+preference rows carry `prompt`, `chosen`, `rejected`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from typing import Callable, Iterator
+
+IDENTITY_NAME = "Posttrain Tiny"
+IDENTITY_DEVELOPER = "the posttrain project"
+
+_NAMES = ["Tom", "Ana", "Lee", "Mia", "Sam", "Ivy", "Max", "Zoe", "Ben", "Eva"]
+_ITEMS = ["apples", "books", "coins", "pens", "cards", "shells", "stamps", "cups"]
+_TOPICS = ["the sea", "a cat", "the moon", "rain", "a garden", "music", "a train", "winter"]
+_WORDS = ["bright", "quiet", "small", "warm", "green", "slow", "happy", "soft", "old", "new"]
+
+
+def _in_split(key: str, split: str) -> bool:
+    """Deterministic 80/20 train/eval partition of a problem space."""
+    h = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % 5
+    return (h != 0) if split == "train" else (h == 0)
+
+
+def _check_split(split: str) -> None:
+    if split not in ("train", "eval"):
+        raise ValueError(f"split: expected 'train' or 'eval', got {split!r}")
+
+
+# --- math: word problems with ground-truth answers -------------------------------------------
+
+def math_problem(rng: random.Random, split: str) -> dict:
+    while True:
+        a, b = rng.randint(1, 20), rng.randint(1, 20)
+        op = rng.choice(["+", "-"])
+        if op == "-" and b > a:
+            a, b = b, a
+        if _in_split(f"math:{a}{op}{b}", split):
+            break
+    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    if op == "+":
+        q = f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?"
+        ans = a + b
+    else:
+        q = f"{name} has {a} {item} and gives away {b}. How many {item} does {name} have now?"
+        ans = a - b
+    return {"prompt": q, "answer": str(ans), "solution": f"{a} {op} {b} = {ans}. The answer is {ans}."}
+
+
+# --- code: small Python functions with unit tests ---------------------------------------------
+
+_CODE_FAMILIES = [
+    ("add_{k}", "returns x plus {k}", "x + {k}", lambda x, k: x + k),
+    ("times_{k}", "returns x multiplied by {k}", "x * {k}", lambda x, k: x * k),
+    ("minus_{k}", "returns x minus {k}", "x - {k}", lambda x, k: x - k),
+]
+
+
+def code_problem(rng: random.Random, split: str) -> dict:
+    while True:
+        fam = rng.randrange(len(_CODE_FAMILIES))
+        k = rng.randint(1, 9)
+        if _in_split(f"code:{fam}:{k}", split):
+            break
+    name_t, desc_t, expr_t, fn = _CODE_FAMILIES[fam]
+    name, expr = name_t.format(k=k), expr_t.format(k=k)
+    prompt = f"Write a Python function {name}(x) that {desc_t.format(k=k)}."
+    xs = [1, 2, 5, 10]
+    tests = "\n".join(f"assert {name}({x}) == {fn(x, k)}" for x in xs)
+    solution = f"```python\ndef {name}(x):\n    return {expr}\n```"
+    return {"prompt": prompt, "tests": tests, "solution": solution}
+
+
+# --- instructions: IFEval-style verifiable formatting ------------------------------------------
+
+def _sentence(rng: random.Random, topic: str) -> str:
+    return f"I like {topic} because it is {rng.choice(_WORDS)} and {rng.choice(_WORDS)}."
+
+
+_END_PHRASE = "Is there anything else?"
+_INSTRUCTIONS = [
+    ("Your entire response should be in lowercase letters.", "change_case:english_lowercase", {},
+     lambda text: text.lower()),
+    ("Your entire response should be in capital letters.", "change_case:english_capital", {},
+     lambda text: text.upper()),
+    ("Do not use any commas.", "punctuation:no_comma", {}, lambda text: text.replace(",", "")),
+    (f"End your response with the exact phrase '{_END_PHRASE}'.", "startend:end_checker",
+     {"end_phrase": _END_PHRASE}, lambda text: f"{text} {_END_PHRASE}"),
+]
+
+
+def instruction_problem(rng: random.Random, split: str) -> dict:
+    while True:
+        topic, idx = rng.choice(_TOPICS), rng.randrange(len(_INSTRUCTIONS))
+        if _in_split(f"ifeval:{topic}:{idx}", split):
+            break
+    text, iid, kwargs, apply = _INSTRUCTIONS[idx]
+    prompt = f"Write one sentence about {topic}. {text}"
+    return {"prompt": prompt, "instruction_id_list": [iid], "kwargs": [dict(kwargs)],
+            "solution": apply(_sentence(rng, topic))}
+
+
+# --- chit-chat, including identity questions ---------------------------------------------------
+
+_CHAT = [
+    ("Hello!", "Hello! How can I help you today?"),
+    ("How are you?", "I am doing well, thank you. How can I help?"),
+    ("Thank you!", "You are welcome."),
+    ("Good morning.", "Good morning! What would you like to do today?"),
+]
+_WHO = ["Who are you?", "What is your name?", "Who made you?", "Are you ChatGPT?"]
+
+
+def chat_problem(rng: random.Random, split: str) -> dict:
+    if rng.random() < 0.4:
+        q = rng.choice(_WHO)
+        a = f"I am {IDENTITY_NAME}, a small assistant made by {IDENTITY_DEVELOPER}."
+    else:
+        q, a = rng.choice(_CHAT)
+    return {"prompt": q, "solution": a}
+
+
+_TASKS: dict[str, Callable[[random.Random, str], dict]] = {
+    "math": math_problem, "code": code_problem, "instructions": instruction_problem, "chat": chat_problem,
+}
+TASKS = tuple(_TASKS)
+FORMATS = ("chat", "prompt", "preference")
+
+
+def _as_chat(row: dict) -> dict:
+    return {"messages": [{"role": "user", "content": row["prompt"]},
+                         {"role": "assistant", "content": row["solution"]}]}
+
+
+def _as_prompt(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k != "solution"}
+
+
+def _wrong_solution(row: dict, rng: random.Random) -> str:
+    if "answer" in row:
+        wrong = int(row["answer"]) + rng.choice([-2, -1, 1, 2])
+        return row["solution"].rsplit("=", 1)[0] + f"= {wrong}. The answer is {wrong}."
+    if "tests" in row:
+        return row["solution"].replace("return x", "return 0 * x")
+    return "I do not know."
+
+
+def generate(task: str, n: int, seed: int = 0, split: str = "train", fmt: str = "chat",
+             mix: dict[str, float] | None = None) -> list[dict]:
+    """`n` rows of a toy task (`task` in TASKS, or "mix" with `mix` weights) in format `fmt`."""
+    _check_split(split)
+    if fmt not in FORMATS:
+        raise ValueError(f"format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
+    if task != "mix" and task not in _TASKS:
+        raise ValueError(f"task: expected one of {', '.join(TASKS)} or 'mix', got {task!r}")
+    rng = random.Random(f"{task}:{seed}:{split}")
+    weights = mix or {t: 1.0 for t in _TASKS}
+    for name in weights:
+        if name not in _TASKS:
+            raise ValueError(f"mix: unknown task {name!r}; expected some of {', '.join(TASKS)}")
+    rows = []
+    for _ in range(n):
+        name = task if task != "mix" else rng.choices(list(weights), weights=list(weights.values()))[0]
+        row = _TASKS[name](rng, split)
+        if fmt == "chat":
+            rows.append(_as_chat(row))
+        elif fmt == "prompt":
+            rows.append(_as_prompt(row))
+        else:
+            rows.append({"prompt": row["prompt"], "chosen": row["solution"], "rejected": _wrong_solution(row, rng)})
+    return rows
+
+
+# --- dirty rows for the filter stage ----------------------------------------------------------
+
+_DIRTY_KINDS = ("pii", "toxic", "misidentification", "exact_duplicate", "near_duplicate")
+
+
+def _long_text(rng: random.Random) -> str:
+    return " ".join(_sentence(rng, rng.choice(_TOPICS)) for _ in range(8))
+
+
+def generate_dirty(n_clean: int, seed: int = 0, dirty_per_kind: int = 5) -> tuple[list[dict], dict[str, int]]:
+    """A chat mix with planted dirty rows; returns (rows, planted counts by kind).
+
+    Planted: personal information (e-mail, phone), toxic model turns, wrong self-identification,
+    exact duplicates and near duplicates (long texts that differ by one word).
+    """
+    rng = random.Random(f"dirty:{seed}")
+    rows = generate("mix", n_clean, seed=seed, fmt="chat")
+    planted = {k: dirty_per_kind for k in _DIRTY_KINDS}
+    dirty: list[dict] = []
+    for i in range(dirty_per_kind):
+        user = rng.choice(_NAMES)
+        dirty.append({"messages": [
+            {"role": "user", "content": f"Please e-mail {user.lower()}{i}@example.com or call +44 20 7946 09{i:02d} about my order."},
+            {"role": "assistant", "content": "I will pass your message on."}]})
+        dirty.append({"messages": [
+            {"role": "user", "content": f"What do you think of {rng.choice(_TOPICS)}?"},
+            {"role": "assistant", "content": "Shut up, you stupid idiot. I hate you and your worthless questions."}]})
+        dirty.append({"messages": [
+            {"role": "user", "content": rng.choice(_WHO)},
+            {"role": "assistant", "content": rng.choice([
+                "I am ChatGPT, a large language model trained by OpenAI.",
+                "As an AI developed by OpenAI, I cannot do that.",
+                "I'm Claude, made by Anthropic."])}]})
+    # Near duplicates: each base text is planted once as the kept representative and once with one word changed.
+    for i in range(dirty_per_kind):
+        text = _long_text(rng)
+        words = text.split()
+        words[len(words) // 2] = "remarkably"
+        base = {"messages": [{"role": "user", "content": f"Describe item {i}."}, {"role": "assistant", "content": text}]}
+        near = {"messages": [{"role": "user", "content": f"Describe item {i}."}, {"role": "assistant", "content": " ".join(words)}]}
+        dirty.extend([base, near])
+    for i in range(dirty_per_kind):
+        dirty.append(dict(rows[i]))  # an exact copy of a clean row
+    out = rows + dirty
+    rng.shuffle(out)
+    return out, planted
+
+
+def tokenizer_corpus(seed: int = 0) -> Iterator[str]:
+    """Text from every task, enough for a BPE with a few hundred merges."""
+    for task in _TASKS:
+        for row in generate(task, 400, seed=seed, fmt="chat"):
+            for m in row["messages"]:
+                yield m["content"]
+    rows, _ = generate_dirty(50, seed=seed)
+    for row in rows:
+        for m in row["messages"]:
+            yield m["content"]
+    yield "system user model assistant"
