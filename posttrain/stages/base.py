@@ -1,0 +1,114 @@
+"""What a stage is: a typed config, a run function, declared outputs; and the context it runs in.
+
+A stage kind registers itself with `@register_stage(kind, ConfigClass, outputs=(...))`. Its run
+function receives the validated config (references already resolved to concrete values, such
+as model directories and dataset files) and a `StageContext`, writes everything into
+`ctx.stage_dir`, and returns a `StageResult` naming its outputs. The runner writes the
+manifest afterwards; a stage never marks itself complete.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from pydantic import BaseModel, ConfigDict
+
+
+class StageConfig(BaseModel):
+    """Base of every stage config: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class StageError(RuntimeError):
+    """A stage failed for a reason the user can act on (bad data, failed round trip...)."""
+
+
+@dataclass
+class StageResult:
+    outputs: dict[str, str]
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StageKind:
+    kind: str
+    config_cls: type[StageConfig]
+    run: Callable[[Any, "StageContext"], StageResult]
+    outputs: tuple[str, ...]
+    summary: str
+
+
+STAGE_KINDS: dict[str, StageKind] = {}
+
+
+def register_stage(kind: str, config_cls: type[StageConfig], outputs: tuple[str, ...]):
+    """Register a stage kind; `outputs` are the keys other stages may reference as ${stages.NAME.KEY}."""
+
+    def decorate(fn):
+        doc = (fn.__doc__ or config_cls.__doc__ or "").strip().splitlines()
+        STAGE_KINDS[kind] = StageKind(kind, config_cls, fn, tuple(outputs), doc[0] if doc else "")
+        return fn
+
+    return decorate
+
+
+class MetricsLogger:
+    """Appends one JSON object per logged step to `metrics.jsonl` (and optional trackers)."""
+
+    def __init__(self, path: Path, report_to: list[str] | None = None):
+        self.path = path
+        self.report_to = report_to or []
+        self._fh = open(path, "a", encoding="utf-8")
+        self._tb = None
+        if "tensorboard" in self.report_to:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(str(path.parent / "tensorboard"))
+
+    def log(self, step: int, **values: Any) -> None:
+        row = {"step": step, "time": round(time.time(), 3), **values}
+        self._fh.write(json.dumps(row, default=float) + "\n")
+        self._fh.flush()
+        if self._tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self._fh.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+@dataclass
+class StageContext:
+    name: str
+    kind: str
+    stage_dir: Path
+    run_dir: Path
+    seed: int
+    recipe_name: str
+    lineage: list[dict] = field(default_factory=list)  # manifests of the stages run before this one
+    progress_factory: Callable[..., Any] | None = None
+
+    @contextmanager
+    def metrics(self, report_to: list[str] | None = None) -> Iterator[MetricsLogger]:
+        logger = MetricsLogger(self.stage_dir / "metrics.jsonl", report_to)
+        try:
+            yield logger
+        finally:
+            logger.close()
+
+    @contextmanager
+    def progress(self, total: int | None, description: str) -> Iterator[Callable[[int], None]]:
+        """A live progress bar for long work; yields `advance(n)`."""
+        if self.progress_factory is None:
+            yield lambda n=1: None
+            return
+        with self.progress_factory(total, f"{self.name}: {description}") as advance:
+            yield advance

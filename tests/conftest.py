@@ -1,0 +1,58 @@
+"""Shared fixtures: a locally trained tokenizer and tiny models of real architectures."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def toy_tokenizer_dir(tmp_path_factory):
+    from posttrain.toy.tokenizer import build_toy_tokenizer
+
+    d = tmp_path_factory.mktemp("tokenizer")
+    build_toy_tokenizer(d, seed=0)
+    return d
+
+
+@pytest.fixture(scope="session")
+def toy_tokenizer(toy_tokenizer_dir):
+    from posttrain.modeling import load_tokenizer
+
+    return load_tokenizer(toy_tokenizer_dir)
+
+
+def _tiny(tmp_path_factory, tokenizer, name, **spec):
+    from posttrain.toy.models import TinyModelSpec, build_tiny_model
+
+    d = tmp_path_factory.mktemp(name)
+    build_tiny_model(TinyModelSpec(**spec), tokenizer, d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_dir(tmp_path_factory, toy_tokenizer):
+    """Randomly initialised Gemma3ForCausalLM (hidden 128, 2 layers, head_dim 32)."""
+    return _tiny(tmp_path_factory, toy_tokenizer, "tiny_gemma3", arch="gemma3")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, toy_tokenizer):
+    return _tiny(tmp_path_factory, toy_tokenizer, "tiny_llama", arch="llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory, toy_tokenizer):
+    return _tiny(tmp_path_factory, toy_tokenizer, "tiny_qwen2", arch="qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_model_dir(tmp_path_factory, toy_tokenizer):
+    """Gemma3 sequence classifier with one output (a reward model)."""
+    return _tiny(tmp_path_factory, toy_tokenizer, "tiny_rm", arch="gemma3", head="sequence_classification")
