@@ -1,0 +1,359 @@
+"""Run untrusted Python against tests, one fresh isolated process per execution.
+
+Isolation is detected once, on first use, by probing the launcher with the strongest
+configuration first and falling back (see ``LEVELS``). ``isolation_report()`` says which one
+is in use. Nothing here relies on the program being polite: limits are set by the kernel
+(rlimits with soft = hard, namespaces, an unprivileged uid), and the host kills the whole
+process group at the wall-clock deadline.
+
+Levels, strongest first:
+
+``namespaces``  (started as root) new network, PID, mount, IPC and UTS namespaces; a fresh
+    /proc; tmpfs over /tmp, /var/tmp, /dev/shm, /run, /root and /home (the interpreter and
+    the work directory are bound back); the rest of the file system read-only; a per-slot
+    unprivileged uid/gid; rlimits incl. the process cap; no_new_privs.
+``userns``      (not root, unprivileged user namespaces allowed) the same namespaces and
+    mounts inside a new user namespace, rlimits (the process cap is counted per user
+    namespace), no_new_privs. No uid change is needed: the process has no host privileges.
+``setuid``      (root, namespaces refused, e.g. a container without CAP_SYS_ADMIN) per-slot
+    unprivileged uid, rlimits, no_new_privs, stray processes of the slot's uid killed after
+    each run. Fallback: the network is NOT isolated.
+``rlimits``     (not root, no user namespaces) rlimits and process-group kill only; the
+    process cap is not applied (it would count the user's own processes). Fallback: no
+    network or file-system isolation; do not run hostile code at this level.
+
+When the ``seccomp`` Python bindings of libseccomp are importable, a filter denying socket
+families other than AF_UNIX, ptrace, mount, unshare, bpf and similar is added at every level.
+bubblewrap is detected and reported but not needed: the launcher sets up the same namespaces
+itself (bwrap would add a process and ~10 ms per execution).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("rewards.code")
+
+LAUNCHER = str(Path(__file__).with_name("_launcher.py"))
+STATUSES = ("passed", "failed", "timeout", "memory", "error")
+
+LEVELS: dict[str, dict[str, bool]] = {
+    "namespaces": dict(net_ns=True, pid_ns=True, mount_ns=True, ipc_ns=True, drop_uid=True),
+    "userns": dict(userns=True, net_ns=True, pid_ns=True, mount_ns=True, ipc_ns=True),
+    "setuid": dict(drop_uid=True),
+    "rlimits": dict(),
+}
+HIDE_DIRS = ["/tmp", "/var/tmp", "/dev/shm", "/run", "/root", "/home"]
+
+
+@dataclass
+class CodeResult:
+    """Outcome of one execution."""
+
+    status: str  # passed | failed | timeout | memory | error
+    passed: int  # tests passed
+    total: int  # tests run (assert snippets or stdin/stdout cases)
+    stdout: str  # captured, capped
+    stderr: str  # captured, capped
+    duration_s: float
+    error: str | None = None  # first failure / error message
+    isolation: str = ""  # isolation level used
+
+    @property
+    def fraction(self) -> float:
+        return self.passed / self.total if self.total else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class SandboxConfig:
+    """Limits applied to every execution (the keyword arguments of ``run`` override some)."""
+
+    nproc: int = 32  # processes/threads of the sandbox user
+    nofile: int = 128  # open files
+    fsize_mb: int = 32  # largest file written
+    tmpfs_mb: int = 64  # size of each private tmpfs
+    output_cap: int = 64 * 1024  # bytes of stdout/stderr kept
+    output_kill: int = 16 * 1024 * 1024  # bytes of output after which the run is killed
+    uid_base: int | None = None  # first uid of the per-slot unprivileged users
+    workers: int | None = None  # concurrent executions; default os.cpu_count()
+    python: str = sys.executable
+    level: str | None = None  # force an isolation level (must work) instead of detecting
+    extra: dict = field(default_factory=dict)
+
+
+def _seccomp_available() -> bool:
+    try:
+        import seccomp  # type: ignore  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+class Sandbox:
+    """A pool of execution slots (one uid each) sized to the machine."""
+
+    def __init__(self, config: SandboxConfig | None = None):
+        self.config = config or SandboxConfig()
+        self.workers = self.config.workers or os.cpu_count() or 1
+        base = self.config.uid_base
+        if base is None:
+            base = int(os.environ.get("POSTTRAIN_SANDBOX_UID_BASE", "0")) or (
+                1_000_000 + (os.getpid() % 4000) * 256)
+        self.uid_base = base
+        self._slots: queue.Queue[int] = queue.Queue()
+        for i in range(self.workers):
+            self._slots.put(i)
+        self._level: str | None = None
+        self._report: dict[str, Any] | None = None
+        self._lock = threading.Lock()
+        self._keep_paths = self._interpreter_paths()
+
+    # ---------------------------------------------------------------- detection
+    def _interpreter_paths(self) -> list[str]:
+        out = subprocess.run(
+            [self.config.python, "-I", "-c",
+             "import sys,json;print(json.dumps([sys.base_prefix,sys.prefix,sys.exec_prefix]"
+             "+[p for p in sys.path if p]))"],
+            capture_output=True, text=True, env={"PATH": os.defpath}, timeout=60)
+        paths = json.loads(out.stdout) if out.returncode == 0 else [sys.base_prefix, sys.prefix]
+        paths.append(os.path.dirname(os.path.realpath(self.config.python)))
+        real = sorted({os.path.realpath(p) for p in paths if os.path.isabs(p) and os.path.exists(p)})
+        return [p for p in real if not any(p != q and p.startswith(q + "/") for q in real)]
+
+    def level(self) -> str:
+        with self._lock:
+            if self._level is None:
+                self._detect()
+            return self._level  # type: ignore[return-value]
+
+    def _detect(self) -> None:
+        root = os.geteuid() == 0
+        candidates = [self.config.level] if self.config.level else (
+            ["namespaces", "setuid", "rlimits"] if root else ["userns", "rlimits"])
+        tried = {}
+        probe = "import fractions, decimal, socket\nx = 1"
+        for name in candidates:
+            self._level = name
+            r = self._execute(probe, ["assert x == 1"], "assert", 10.0, 256, slot=0)
+            tried[name] = r.status if r.status == "passed" else f"{r.status}: {r.error}"
+            if r.status == "passed":
+                break
+        else:
+            self._level = None
+            raise RuntimeError(f"no sandbox isolation level works here: {tried}")
+        self._report = {
+            "level": self._level,
+            "settings": dict(LEVELS[self._level]),
+            "achieved": self._last_achieved,
+            "network_isolated": LEVELS[self._level].get("net_ns", False),
+            "unprivileged_uid": LEVELS[self._level].get("drop_uid", False) or not root,
+            "bubblewrap": shutil.which("bwrap") is not None,
+            "seccomp": _seccomp_available(),
+            "workers": self.workers,
+            "probes": tried,
+        }
+        msg = f"code sandbox isolation: {self._level} ({self._report['achieved']})"
+        (log.warning if self._level in ("setuid", "rlimits") else log.info)(msg)
+
+    def isolation_report(self) -> dict[str, Any]:
+        self.level()
+        return dict(self._report or {})
+
+    # ---------------------------------------------------------------- execution
+    def run(self, code: str, tests, *, mode: str = "assert", timeout_s: float = 10.0,
+            memory_mb: int = 512) -> CodeResult:
+        level = self.level()
+        slot = self._slots.get()
+        try:
+            r = self._execute(code, tests, mode, timeout_s, memory_mb, slot)
+        finally:
+            self._slots.put(slot)
+        r.isolation = level
+        return r
+
+    _last_achieved: dict[str, Any] = {}
+
+    def _execute(self, code, tests, mode, timeout_s, memory_mb, slot) -> CodeResult:
+        cfg = self.config
+        iso = dict(LEVELS[self._level])  # type: ignore[index]
+        iso["seccomp"] = _seccomp_available()
+        root = os.geteuid() == 0
+        uid = gid = self.uid_base + slot
+        nproc = cfg.nproc if (iso.get("drop_uid") or iso.get("userns")) else None
+        job = {
+            "code": code, "tests": tests, "mode": mode, "isolation": iso,
+            "uid": uid, "gid": gid, "keep_paths": self._keep_paths, "hide_dirs": HIDE_DIRS,
+            "tmpfs_mb": cfg.tmpfs_mb,
+            "limits": {"cpu_s": int(timeout_s) + 1, "memory_mb": int(memory_mb),
+                       "fsize_mb": cfg.fsize_mb, "nofile": cfg.nofile, "nproc": nproc},
+        }
+        start = time.monotonic()
+        workdir = tempfile.mkdtemp(prefix="posttrain-sbx-")
+        rfd, wfd = os.pipe()
+        proc = None
+        out, err, res = bytearray(), bytearray(), bytearray()
+        timed_out = killed_for_output = False
+        try:
+            if root and iso.get("drop_uid"):
+                os.chown(workdir, uid, gid)
+            os.chmod(workdir, 0o700)
+            job["workdir"] = os.path.realpath(workdir)
+            job["result_fd"] = wfd
+            env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": job["workdir"],
+                   "PYTHONHASHSEED": "0"}
+            proc = subprocess.Popen(
+                [cfg.python, "-I", "-B", LAUNCHER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, cwd=workdir, env=env, pass_fds=(wfd,),
+                start_new_session=True, close_fds=True)
+            os.close(wfd)
+            wfd = -1
+            try:
+                proc.stdin.write(json.dumps(job).encode())  # type: ignore[union-attr]
+                proc.stdin.close()  # type: ignore[union-attr]
+            except BrokenPipeError:
+                pass
+            deadline = start + timeout_s + 0.5  # + interpreter start-up
+            sel = selectors.DefaultSelector()
+            streams = {proc.stdout.fileno(): out, proc.stderr.fileno(): err, rfd: res}  # type: ignore[union-attr]
+            for fd in streams:
+                sel.register(fd, selectors.EVENT_READ)
+            total_out = 0
+            while streams:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    timed_out = True
+                    break
+                for key, _ in sel.select(min(left, 1.0)):
+                    chunk = os.read(key.fd, 65536)
+                    if not chunk:
+                        sel.unregister(key.fd)
+                        streams.pop(key.fd)
+                        continue
+                    buf = streams[key.fd]
+                    if key.fd == rfd:
+                        if len(buf) < 4 * 1024 * 1024:
+                            buf += chunk
+                    else:
+                        total_out += len(chunk)
+                        if len(buf) < cfg.output_cap:
+                            buf += chunk[: cfg.output_cap - len(buf)]
+                if total_out > cfg.output_kill:
+                    killed_for_output = True
+                    break
+            sel.close()
+            if not timed_out and not killed_for_output:
+                try:
+                    proc.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    timed_out = True
+        finally:
+            if proc is not None:
+                self._kill(proc)
+                if root and iso.get("drop_uid") and not iso.get("pid_ns"):
+                    _kill_uid(uid)
+                for s in (proc.stdin, proc.stdout, proc.stderr):
+                    if s is not None:
+                        s.close()
+            for fd in (rfd, wfd):
+                if fd >= 0:
+                    os.close(fd)
+            shutil.rmtree(workdir, ignore_errors=True)
+        duration = time.monotonic() - start
+        return self._result(res, out, err, proc, timed_out, killed_for_output, duration)
+
+    @staticmethod
+    def _kill(proc: subprocess.Popen) -> None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            proc.kill()
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+    def _result(self, res, out, err, proc, timed_out, killed_for_output, duration) -> CodeResult:
+        total = passed = 0
+        status, error, done = None, None, False
+        ok_tests: set[int] = set()
+        for line in bytes(res).decode(errors="replace").splitlines():
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            kind = ev.get("event")
+            if kind == "start":
+                self._last_achieved = ev.get("isolation", {})
+            elif kind == "total":
+                total = int(ev.get("total", 0))
+            elif kind == "test":
+                if ev.get("ok"):
+                    ok_tests.add(int(ev.get("index", -1)))
+                elif error is None:
+                    error = ev.get("error")
+            elif kind == "done" and not done:
+                done = True
+                status = ev.get("status")
+                error = ev.get("error") or error
+        passed = min(len(ok_tests), total)
+        stderr = bytes(err).decode(errors="replace")
+        if timed_out:
+            status, error = "timeout", error or "wall-clock time limit exceeded"
+        elif killed_for_output:
+            status, error = "failed", "output limit exceeded"
+        elif not done:
+            rc = proc.returncode if proc is not None else None
+            if "MemoryError" in stderr:
+                status = "memory"
+            elif rc is not None and rc in (128 + signal.SIGXCPU, -signal.SIGXCPU, 128 + signal.SIGKILL):
+                status = "timeout"
+            else:
+                status = "error"
+            error = error or f"program ended without a result (exit code {rc})"
+        if status not in STATUSES:
+            status = "error"
+        if status == "passed" and passed != total:
+            status = "failed"
+        return CodeResult(status=status, passed=passed, total=total,
+                          stdout=bytes(out).decode(errors="replace"), stderr=stderr,
+                          duration_s=duration, error=error)
+
+
+def _kill_uid(uid: int) -> None:
+    """Kill every process of ``uid`` (only used at levels without a PID namespace)."""
+    for _ in range(3):
+        found = False
+        for p in os.listdir("/proc"):
+            if not p.isdigit():
+                continue
+            try:
+                with open(f"/proc/{p}/status") as f:
+                    for line in f:
+                        if line.startswith("Uid:"):
+                            if int(line.split()[1]) == uid:
+                                found = True
+                                os.kill(int(p), signal.SIGKILL)
+                            break
+            except (OSError, ValueError):
+                continue
+        if not found:
+            return
+        time.sleep(0.01)
