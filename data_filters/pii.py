@@ -1,0 +1,388 @@
+"""Find and redact personal information and secrets in text.
+
+Every detector is a regular expression that proposes candidates cheaply, followed by a
+validator that rejects what only looks like PII: the Luhn checksum for card numbers, the
+ISO 13616 mod-97 checksum for IBANs (python-stdnum), libphonenumber for phone numbers,
+the `ipaddress` module for IP addresses, the SSA's never-issued ranges for SSNs. Validation
+is what keeps version numbers, dates, arithmetic, order numbers and hashes out.
+
+    >>> find_pii("write to ana@example.org")[0].kind
+    'email'
+    >>> redact_pii("card 4111 1111 1111 1111, thanks")
+    'card <CREDIT_CARD>, thanks'
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Iterable
+
+import phonenumbers
+from stdnum import iban as stdnum_iban
+
+EMAIL = "email"
+PHONE = "phone"
+CREDIT_CARD = "credit_card"
+US_SSN = "us_ssn"
+IBAN = "iban"
+IP_ADDRESS = "ip_address"
+SECRET = "secret"
+URL_CREDENTIALS = "url_credentials"
+
+ALL_KINDS: tuple[str, ...] = (
+    EMAIL, PHONE, CREDIT_CARD, US_SSN, IBAN, IP_ADDRESS, SECRET, URL_CREDENTIALS,
+)
+
+PLACEHOLDERS: dict[str, str] = {
+    EMAIL: "<EMAIL>",
+    PHONE: "<PHONE>",
+    CREDIT_CARD: "<CREDIT_CARD>",
+    US_SSN: "<US_SSN>",
+    IBAN: "<IBAN>",
+    IP_ADDRESS: "<IP_ADDRESS>",
+    SECRET: "<SECRET>",
+    URL_CREDENTIALS: "<CREDENTIALS>",
+}
+
+# When two candidates overlap, the more specific detector wins: a card number can also
+# parse as a phone number, an SSN as a phone number, a secret can contain an e-mail.
+_PRIORITY = {SECRET: 0, URL_CREDENTIALS: 1, EMAIL: 2, IBAN: 3, CREDIT_CARD: 4, US_SSN: 5,
+             IP_ADDRESS: 6, PHONE: 7}
+
+
+@dataclass(frozen=True, slots=True)
+class PiiSpan:
+    """One match: `text[start:end] == span.text`."""
+
+    kind: str
+    start: int
+    end: int
+    text: str
+
+
+# ---------------------------------------------------------------------------------------
+# e-mail
+
+_EMAIL_RE = re.compile(
+    r"(?<![\w.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@"
+    r"((?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+([A-Za-z]{2,24}))(?![\w-])"
+)
+# "icon@2x.png" and "lib@1.2.js" are file names, not addresses.
+_NOT_TLDS = frozenset(
+    "png jpg jpeg gif svg webp bmp ico tif tiff js mjs ts tsx jsx css scss html htm txt json "
+    "yaml yml toml md rst lock tar gz tgz zip whl pdf csv py rb rs go java kt swift php".split()
+)
+
+
+def _find_emails(text: str) -> Iterable[PiiSpan]:
+    for m in _EMAIL_RE.finditer(text):
+        if m.group(2).lower() in _NOT_TLDS:
+            continue
+        yield PiiSpan(EMAIL, m.start(), m.end(), m.group())
+
+
+# ---------------------------------------------------------------------------------------
+# numbers: card, SSN, phone share one digit-run scanner
+
+# A run of digits with the separators people write inside numbers; `(?<![\w.])` keeps
+# digits inside hex hashes, identifiers and decimals out.
+_NUMBER_RE = re.compile(
+    r"(?<![\w.+/:-])(?:\+|00)?\(?\d[\d().\- \u00a0]{4,24}\d(?:\s?(?:x|ext\.?|#)\s?\d{1,5})?(?![\w])"
+)
+_DATE_RE = re.compile(
+    r"(?:19|20)\d\d[-/.](?:0?[1-9]|1[0-2])[-/.](?:0?[1-9]|[12]\d|3[01])"
+    r"|(?:0?[1-9]|[12]\d|3[01])[-/.](?:0?[1-9]|1[0-2])[-/.](?:19|20)?\d\d"
+    r"|(?:0?[1-9]|1[0-2])[-/.](?:0?[1-9]|[12]\d|3[01])[-/.](?:19|20)?\d\d"
+)
+# Lookbehinds are placed after the first digit, not before it: a pattern that starts with
+# a character class lets the regex engine skip ahead quickly, one that starts with an
+# assertion does not (about 1.6x faster on short texts).
+_SSN_RE = re.compile(r"(\d)(?<![\w-]\d)(\d\d)([- .])(\d{2})\3(\d{4})(?![\w-])")
+_CARD_RE = re.compile(r"\d(?<![\w.+-]\d)(?:[ -]?\d){11,18}(?![\w-])")
+_CARD_PREFIX_RE = re.compile(r"4|5[0-9]|6|3[0-9]|2[2-7]|1800|2131")
+
+_VERSION_OR_IP_RE = re.compile(r"\d{1,3}(?:\.\d{1,3}){2,3}")
+# Two space-separated groups, or a postal-code shape: phones only when the text says so.
+_WEAK_FORMAT_RE = re.compile(r"\d+ \d+|\d{5}-\d{3,4}|\d{4}-\d{3}")
+_PHONE_CONTEXT_RE = re.compile(
+    r"(?i)(?:phone|tel|telephone|mobile|cell|fax|call|contact|whatsapp|sms|text me|office|"
+    r"desk|home|work|dial|ring|number|no\.|nr\.|téléphone|teléfono|telefon|telefono|handy|"
+    r"móvil|portable|電話|电话)\W{0,6}$"
+)
+_PHONE_CONTEXT_AFTER_RE = re.compile(r"(?i)^\W{0,3}(?:office|fax|mobile|cell|home|work|phone)")
+# Regions tried for numbers written without a country code, most common first.
+_PHONE_REGIONS = ("US", "GB", "DE", "FR", "IN", "CA", "AU", "BR", "IT", "ES", "NL", "BE",
+                  "CH", "AT", "SE", "IL")
+
+
+def _luhn_ok(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = ord(ch) - 48
+        if i % 2 == 1:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return total % 10 == 0
+
+
+def _find_cards(text: str) -> Iterable[PiiSpan]:
+    for m in _CARD_RE.finditer(text):
+        raw = m.group()
+        digits = raw.replace(" ", "").replace("-", "")
+        if not 12 <= len(digits) <= 19 or not _CARD_PREFIX_RE.match(digits):
+            continue
+        if len(set(digits)) < 3 or not _luhn_ok(digits):
+            continue
+        # Separators, when present, must be used in the way card numbers are printed
+        # (groups of 3 to 6), not scattered as in a list of small numbers.
+        groups = re.split(r"[ -]", raw)
+        if len(groups) > 1 and any(not 3 <= len(g) <= 6 for g in groups[1:-1]):
+            continue
+        yield PiiSpan(CREDIT_CARD, m.start(), m.end(), raw)
+
+
+def _find_ssns(text: str) -> Iterable[PiiSpan]:
+    for m in _SSN_RE.finditer(text):
+        area, group, serial = m.group(1) + m.group(2), m.group(4), m.group(5)
+        # Never issued: area 000, 666, 900-999; group 00; serial 0000; and the famous
+        # advertising sample 078-05-1120 / 123-45-6789.
+        if area in ("000", "666") or area[0] == "9" or group == "00" or serial == "0000":
+            continue
+        digits = area + group + serial
+        if digits in ("123456789", "078051120") or len(set(digits)) == 1:
+            continue
+        if m.group(3) == "." and _DATE_RE.fullmatch(m.group()):
+            continue
+        yield PiiSpan(US_SSN, m.start(), m.end(), m.group())
+
+
+def _phone_valid(candidate: str) -> bool:
+    lead = candidate.lstrip("(")
+    if lead.startswith("+") or lead.startswith("00"):
+        try:
+            num = phonenumbers.parse("+" + lead[2:] if lead.startswith("00") else lead, None)
+        except phonenumbers.NumberParseException:
+            return False
+        return phonenumbers.is_valid_number(num)
+    for region in _PHONE_REGIONS:
+        try:
+            num = phonenumbers.parse(candidate, region)
+        except phonenumbers.NumberParseException:
+            continue
+        if phonenumbers.is_valid_number(num):
+            return True
+    return False
+
+
+def _find_phones(text: str) -> Iterable[PiiSpan]:
+    for m in _NUMBER_RE.finditer(text):
+        raw = m.group().rstrip(" .-(\u00a0")
+        start = m.start()
+        if raw.count("(") != raw.count(")"):
+            if raw.startswith("(") and ")" not in raw:
+                raw, start = raw[1:], start + 1
+            else:
+                continue
+        end = start + len(raw)
+        digits = sum(ch.isdigit() for ch in raw)
+        if not 7 <= digits <= 15:
+            continue
+        if _DATE_RE.match(raw) or _VERSION_OR_IP_RE.fullmatch(raw) or text[end:end + 1] == ":":
+            continue  # a date, a time, a version number or an IPv4 address
+        has_plus = raw.startswith("+") or raw.startswith("00")
+        separated = not raw.isdigit()
+        before = text[max(0, start - 24):start]
+        context = bool(_PHONE_CONTEXT_RE.search(before)) or bool(
+            _PHONE_CONTEXT_AFTER_RE.match(text[end:end + 12]))
+        if context:
+            if separated or has_plus or digits >= 10:
+                yield PiiSpan(PHONE, start, end, raw)
+        elif has_plus or separated and not _WEAK_FORMAT_RE.fullmatch(raw):
+            # Without a word saying it is a phone, the number must be written like one
+            # and be valid for a numbering plan: "17151 2450" (a house number and a
+            # street number) or "90010-170" (a postal code) are not phones.
+            if _phone_valid(raw):
+                yield PiiSpan(PHONE, start, end, raw)
+
+
+# ---------------------------------------------------------------------------------------
+# IBAN
+
+_IBAN_RE = re.compile(r"[A-Za-z]{2}\d\d(?<![\w][A-Za-z]{2}\d\d)(?: ?[A-Za-z0-9]){11,30}(?![\w])")
+
+
+def _find_ibans(text: str) -> Iterable[PiiSpan]:
+    for m in _IBAN_RE.finditer(text):
+        raw = m.group()
+        # The greedy match may have taken following words ("... 32 and"): shorten
+        # group by group until the checksum holds.
+        parts = raw.split(" ")
+        while parts:
+            cand = " ".join(parts)
+            if len(cand.replace(" ", "")) >= 15 and stdnum_iban.is_valid(cand.upper()):
+                yield PiiSpan(IBAN, m.start(), m.start() + len(cand), cand)
+                break
+            parts.pop()
+
+
+# ---------------------------------------------------------------------------------------
+# IP addresses
+
+_IPV4_RE = re.compile(r"\d(?<![\w.]\d)\d{0,2}\.(?:\d{1,3}\.){2}\d{1,3}(?![\w]|\.\d)")
+_IPV6_RE = re.compile(r"(?i)(?<![\w:])(?:[0-9a-f]{0,4}:){2,7}[0-9a-f]{0,4}(?:%\w+)?(?![\w:])")
+_VERSION_BEFORE_RE = re.compile(r"(?i)(?:\bv|version|release|build|ver\.?)\s*$")
+
+
+def _find_ips(text: str) -> Iterable[PiiSpan]:
+    if "." in text:
+        for m in _IPV4_RE.finditer(text):
+            try:
+                ip = ipaddress.IPv4Address(m.group())
+            except ValueError:
+                continue
+            if ip.is_loopback or ip.is_unspecified or ip.is_multicast or ip.is_link_local:
+                continue
+            if _VERSION_BEFORE_RE.search(text[max(0, m.start() - 10):m.start()]):
+                continue  # "version 1.2.3.4"
+            yield PiiSpan(IP_ADDRESS, m.start(), m.end(), m.group())
+    if "::" in text or text.count(":") >= 5:
+        for m in _IPV6_RE.finditer(text):
+            raw = m.group()
+            hexdigits = sum(ch not in ":" for ch in raw)
+            if hexdigits < 6 or not any(ch.isdigit() for ch in raw):
+                continue  # "std::vector", "a::b" are code, not addresses
+            try:
+                ip = ipaddress.IPv6Address(raw.split("%")[0])
+            except ValueError:
+                continue
+            if ip.is_loopback or ip.is_unspecified or ip.is_link_local or ip.is_multicast:
+                continue
+            yield PiiSpan(IP_ADDRESS, m.start(), m.end(), raw)
+
+
+# ---------------------------------------------------------------------------------------
+# secrets
+
+_SECRET_TOKEN_RE = re.compile(
+    "|".join((
+        r"\b(?:AKIA|ASIA|ABIA|ACCA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA)[0-9A-Z]{16}\b",  # AWS key id
+        r"\bAIza[0-9A-Za-z_\-]{35}\b",  # Google API key
+        r"\bgh[pousr]_[A-Za-z0-9]{36,255}\b",  # GitHub tokens
+        r"\bgithub_pat_[A-Za-z0-9_]{60,255}\b",
+        r"\bglpat-[A-Za-z0-9_\-]{20,}\b",  # GitLab personal access token
+        r"\bgl(?:dt|rt|ptt|cbt|imt|ft|oas)-[A-Za-z0-9_\-]{20,}\b",
+        r"\bxox[abposr]-[A-Za-z0-9\-]{10,}\b",  # Slack tokens
+        r"https://hooks\.slack\.com/services/T[A-Za-z0-9_]+/B[A-Za-z0-9_]+/[A-Za-z0-9_]+",
+        r"\b(?:sk|rk)_(?:live|test)_[0-9A-Za-z]{16,}\b",  # Stripe
+        r"\bsk-(?:proj-|ant-(?:api\d\d-)?)?[A-Za-z0-9_\-]{32,}\b",  # OpenAI / Anthropic
+        r"\bhf_[A-Za-z0-9]{30,}\b",  # Hugging Face
+        r"\beyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{16,}",  # JWT
+        r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
+        r"(?:[\s\S]*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----|[A-Za-z0-9+/=\s]*)",
+    ))
+)
+_SECRET_HINT_RE = re.compile(r"AKIA|ASIA|AIza|gh[pousr]_|github_pat_|gl[a-z]{1,3}-|xox|hooks\.slack|"
+                             r"_live_|_test_|sk-|hf_|eyJ|PRIVATE KEY|ABIA|ACCA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA")
+_ASSIGNMENT_RE = re.compile(
+    r"(?i)\b(?:password|passwd|passphrase|pwd|secret|secret[_-]?key|client[_-]?secret|"
+    r"api[_-]?key|apikey|access[_-]?key|access[_-]?token|auth[_-]?token|private[_-]?key|"
+    r"aws_secret_access_key|token)\b[\"']?\s*(?::=|=>|=|:)\s*"
+    r"(?:(?P<q>[\"'])(?P<quoted>[^\"'\s]{4,200})(?P=q)|(?P<bare>[^\s\"',;)}\]]{6,200}))"
+)
+_PLACEHOLDER_VALUE_RE = re.compile(
+    r"(?i)^(?:none|null|nil|true|false|undefined|required|optional|string|str|int|bytes|"
+    r"password|secret|token|example|changeme|placeholder|redacted|hidden|"
+    r"(?:your|my|the|an?)[_\- ]?\w*|x+|\*+|\.+|<[^>]*>?|\{[^}]*\}?|\$\{?\w+\}?|%\(?\w+\)?s?|"
+    r"process\.env.*|os\.(?:environ|getenv).*|env\(.*|getpass.*|input\(.*)$"
+)
+_IDENTIFIER_RE = re.compile(r"^[A-Za-z_][A-Za-z_.]*(?:\(.*|\[.*)?$")
+
+
+def _find_secrets(text: str) -> Iterable[PiiSpan]:
+    if _SECRET_HINT_RE.search(text):
+        for m in _SECRET_TOKEN_RE.finditer(text):
+            yield PiiSpan(SECRET, m.start(), m.end(), m.group())
+    for m in _ASSIGNMENT_RE.finditer(text):
+        group = "quoted" if m.group("quoted") is not None else "bare"
+        value = m.group(group)
+        if _PLACEHOLDER_VALUE_RE.match(value):
+            continue
+        # An unquoted identifier or call is code (`password = get_password()`), not a value.
+        if group == "bare" and _IDENTIFIER_RE.match(value):
+            continue
+        yield PiiSpan(SECRET, m.start(group), m.end(group), value)
+
+
+_URL_CRED_RE = re.compile(r"(?i)\b[a-z][a-z0-9+.\-]{1,15}://([^\s:/@?#\[\]]{1,64}):([^\s/@?#]{1,128})@")
+
+
+def _find_url_credentials(text: str) -> Iterable[PiiSpan]:
+    for m in _URL_CRED_RE.finditer(text):
+        password = m.group(2)
+        if _PLACEHOLDER_VALUE_RE.match(password):
+            continue
+        yield PiiSpan(URL_CREDENTIALS, m.start(1), m.end(2), text[m.start(1):m.end(2)])
+
+
+_HAS_DIGIT_RE = re.compile(r"\d")
+
+
+def find_pii(text: str, kinds: Iterable[str] | None = None) -> list[PiiSpan]:
+    """All non-overlapping PII spans in `text`, in order of position.
+
+    `kinds` restricts the search to some of `ALL_KINDS` (default: all of them).
+    """
+    wanted = ALL_KINDS if kinds is None else tuple(kinds)
+    found: list[PiiSpan] = []
+    if SECRET in wanted:
+        found.extend(_find_secrets(text))
+    has_at = "@" in text
+    if URL_CREDENTIALS in wanted and has_at and "://" in text:
+        found.extend(_find_url_credentials(text))
+    if EMAIL in wanted and has_at:
+        found.extend(_find_emails(text))
+    if IBAN in wanted:
+        found.extend(_find_ibans(text))
+    if _HAS_DIGIT_RE.search(text):
+        if CREDIT_CARD in wanted:
+            found.extend(_find_cards(text))
+        if US_SSN in wanted:
+            found.extend(_find_ssns(text))
+        if IP_ADDRESS in wanted:
+            found.extend(_find_ips(text))
+        if PHONE in wanted:
+            found.extend(_find_phones(text))
+    if len(found) <= 1:
+        return found
+    return _resolve_overlaps(found)
+
+
+def _resolve_overlaps(spans: list[PiiSpan]) -> list[PiiSpan]:
+    spans.sort(key=lambda s: (_PRIORITY[s.kind], s.start - s.end))
+    chosen: list[PiiSpan] = []
+    for span in spans:
+        if all(span.end <= c.start or span.start >= c.end for c in chosen):
+            chosen.append(span)
+    chosen.sort(key=lambda s: s.start)
+    return chosen
+
+
+def redact_spans(text: str, spans: list[PiiSpan]) -> str:
+    """Replace each span (sorted, non-overlapping) by its kind's placeholder."""
+    out, pos = [], 0
+    for span in spans:
+        out.append(text[pos:span.start])
+        out.append(PLACEHOLDERS[span.kind])
+        pos = span.end
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def redact_pii(text: str, kinds: Iterable[str] | None = None) -> str:
+    """`text` with every PII span replaced by a typed placeholder such as `<EMAIL>`."""
+    spans = find_pii(text, kinds)
+    return redact_spans(text, spans) if spans else text
