@@ -1,0 +1,319 @@
+"""Distillation losses: GKD divergences and Gemma 3 sampled-logit targets, as pure tensor functions.
+
+Conventions shared by every function here:
+- `student_logits` and `teacher_logits` are `[batch, length, vocab]` (any float dtype) and are
+  already aligned: position n holds the distribution over the token at n + 1. Callers shift.
+- `mask` is `[batch, length]`; a position counts when the mask is non-zero. Masks come from the
+  conversation's loss mask (model turns and their `<end_of_turn>`), never from `ids != pad_id`:
+  when pad and end-of-turn share an id that test would drop the stop token and the student
+  would never learn to stop.
+- `temperature` divides both student and teacher logits before the softmax. Samples for the
+  loss must be drawn at the same temperature (ALGORITHMS.md section 1).
+- `reduction`: "token_mean" (sum over counted positions / their number, the TRL convention),
+  "sequence_mean" (per sequence (1/L) * sum_n, then mean over sequences: the GKD paper's
+  D(x, y)), "sum", or "none" (per-position values, zero where masked).
+
+Memory: the float32 work (log-softmax over the vocabulary) runs `chunk_size` positions at a
+time under activation checkpointing, so neither a float32 `[batch, length, vocab]` copy of the
+inputs nor the per-chunk softmax outputs are kept for the backward pass; each chunk is
+recomputed when its gradient is needed. With a 262k vocabulary and bf16 logits this is the
+difference between holding 4 extra full-size tensors and holding one chunk.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+Reduction = Literal["token_mean", "sequence_mean", "sum", "none"]
+Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
+
+# Sparse targets mark unused slots with this id (sampling with replacement draws duplicates,
+# which are merged, so fewer than K distinct ids can fill a row of width K).
+EMPTY_SLOT = -1
+
+
+# --- per-position divergences on one chunk (float32) -------------------------------------------
+
+def _log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return F.log_softmax(logits.float() / temperature, dim=-1)
+
+
+def _forward_kl_rows(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(p_T || p_S) per position: sum_v p_T(v) (log p_T(v) - log p_S(v))."""
+    log_q, log_p = _log_probs(student, temperature), _log_probs(teacher, temperature)
+    return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+
+
+def _reverse_kl_rows(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(p_S || p_T) per position."""
+    log_q, log_p = _log_probs(student, temperature), _log_probs(teacher, temperature)
+    return F.kl_div(log_p, log_q, reduction="none", log_target=True).sum(-1)
+
+
+def _jsd_rows(student: torch.Tensor, teacher: torch.Tensor, temperature: float, beta: float) -> torch.Tensor:
+    """JSD_beta = beta KL(P||M) + (1-beta) KL(Q||M), M = beta P + (1-beta) Q (P teacher, Q student).
+
+    The mixture vanishes into one side at beta in {0, 1}, so those ends are defined as the two
+    KLs (GKD, section 3.1) and computed as such by the callers; here 0 < beta < 1.
+    """
+    log_q, log_p = _log_probs(student, temperature), _log_probs(teacher, temperature)
+    log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log(1.0 - beta)]), dim=0)
+    kl_p_m = F.kl_div(log_m, log_p, reduction="none", log_target=True).sum(-1)
+    kl_q_m = F.kl_div(log_m, log_q, reduction="none", log_target=True).sum(-1)
+    return beta * kl_p_m + (1.0 - beta) * kl_q_m
+
+
+# --- chunking and reduction ----------------------------------------------------------------------
+
+def _check_shapes(student_logits: torch.Tensor, other: torch.Tensor, mask: torch.Tensor | None, what: str) -> None:
+    if student_logits.dim() != 3:
+        raise ValueError(f"student_logits: expected [batch, length, vocab], got shape {tuple(student_logits.shape)}")
+    if other.shape[:2] != student_logits.shape[:2]:
+        raise ValueError(f"{what}: expected leading shape {tuple(student_logits.shape[:2])} (batch, length) "
+                         f"to match student_logits, got {tuple(other.shape)}")
+    if mask is not None and mask.shape != student_logits.shape[:2]:
+        raise ValueError(f"mask: expected shape {tuple(student_logits.shape[:2])}, got {tuple(mask.shape)}")
+
+
+def _per_position(row_fn: Callable[..., torch.Tensor], tensors: tuple[torch.Tensor, ...],
+                  chunk_size: int | None) -> torch.Tensor:
+    """Apply `row_fn` over the length dimension in chunks; returns [batch, length] float32.
+
+    Chunks are checkpointed when a gradient is needed, so the float32 softmax of a chunk lives
+    only while that chunk is computed (forward) or recomputed (backward).
+    """
+    length = tensors[0].shape[1]
+    if chunk_size is None or chunk_size >= length:
+        return row_fn(*tensors)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    pieces = []
+    for start in range(0, length, chunk_size):
+        chunk = tuple(t[:, start:start + chunk_size] for t in tensors)
+        pieces.append(checkpoint(row_fn, *chunk, use_reentrant=False) if needs_grad else row_fn(*chunk))
+    return torch.cat(pieces, dim=1)
+
+
+def reduce_positions(values: torch.Tensor, mask: torch.Tensor | None, reduction: Reduction) -> torch.Tensor:
+    """Reduce per-position values [batch, length] over the positions that count."""
+    weights = torch.ones_like(values) if mask is None else mask.to(values.dtype)
+    # where, not multiply: a masked position must contribute zero even if its value is inf/NaN.
+    values = torch.where(weights > 0, values * weights, torch.zeros_like(values))
+    if reduction == "none":
+        return values
+    if reduction == "sum":
+        return values.sum()
+    if reduction == "token_mean":
+        return values.sum() / weights.sum().clamp(min=1.0)
+    if reduction == "sequence_mean":
+        per_sequence = values.sum(1) / weights.sum(1).clamp(min=1.0)
+        has_tokens = weights.sum(1) > 0
+        return per_sequence[has_tokens].sum() / has_tokens.sum().clamp(min=1)
+    raise ValueError(f"reduction: expected token_mean, sequence_mean, sum or none, got {reduction!r}")
+
+
+# --- full-distribution divergences ---------------------------------------------------------------
+
+def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+               mask: torch.Tensor | None = None, chunk_size: int | None = None,
+               reduction: Reduction = "token_mean") -> torch.Tensor:
+    """KL(teacher || student) over the vocabulary at each position (mode-covering; supervised KD)."""
+    _check_shapes(student_logits, teacher_logits, mask, "teacher_logits")
+    rows = _per_position(lambda s, t: _forward_kl_rows(s, t, temperature), (student_logits, teacher_logits), chunk_size)
+    return reduce_positions(rows, mask, reduction)
+
+
+def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+               mask: torch.Tensor | None = None, chunk_size: int | None = None,
+               reduction: Reduction = "token_mean") -> torch.Tensor:
+    """KL(student || teacher) over the vocabulary at each position (mode-seeking)."""
+    _check_shapes(student_logits, teacher_logits, mask, "teacher_logits")
+    rows = _per_position(lambda s, t: _reverse_kl_rows(s, t, temperature), (student_logits, teacher_logits), chunk_size)
+    return reduce_positions(rows, mask, reduction)
+
+
+def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 0.5,
+                    temperature: float = 1.0, mask: torch.Tensor | None = None, chunk_size: int | None = None,
+                    reduction: Reduction = "token_mean") -> torch.Tensor:
+    """Generalised JSD(beta) of GKD; beta = 0 is exactly forward KL(T||S), beta = 1 reverse KL(S||T)."""
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta: expected a value in [0, 1], got {beta}")
+    if beta == 0.0:
+        return forward_kl(student_logits, teacher_logits, temperature, mask, chunk_size, reduction)
+    if beta == 1.0:
+        return reverse_kl(student_logits, teacher_logits, temperature, mask, chunk_size, reduction)
+    _check_shapes(student_logits, teacher_logits, mask, "teacher_logits")
+    rows = _per_position(lambda s, t: _jsd_rows(s, t, temperature, beta), (student_logits, teacher_logits), chunk_size)
+    return reduce_positions(rows, mask, reduction)
+
+
+def divergence_loss(divergence: Divergence, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                    beta: float = 0.5, temperature: float = 1.0, mask: torch.Tensor | None = None,
+                    chunk_size: int | None = None, reduction: Reduction = "token_mean") -> torch.Tensor:
+    """Dispatch by name: forward_kl, reverse_kl or jsd (with `beta`)."""
+    if divergence == "forward_kl":
+        return forward_kl(student_logits, teacher_logits, temperature, mask, chunk_size, reduction)
+    if divergence == "reverse_kl":
+        return reverse_kl(student_logits, teacher_logits, temperature, mask, chunk_size, reduction)
+    if divergence == "jsd":
+        return generalized_jsd(student_logits, teacher_logits, beta, temperature, mask, chunk_size, reduction)
+    raise ValueError(f"divergence: expected forward_kl, reverse_kl or jsd, got {divergence!r}")
+
+
+# --- sparse teacher targets: top-k, Gemma 3 sampled logits, count-based ---------------------------
+
+def _teacher_log_probs_rows(teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return _log_probs(teacher_logits, temperature)
+
+
+def top_k_teacher_targets(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0,
+                          chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's k most likely ids per position with probabilities renormalised over them.
+
+    Returns (ids int32 [..., k], probs float16 [..., k]).
+    """
+    if k < 1:
+        raise ValueError(f"k: expected at least 1, got {k}")
+    k = min(k, teacher_logits.shape[-1])
+    ids, probs = [], []
+    for chunk in _length_chunks(teacher_logits, chunk_size):
+        log_p = _teacher_log_probs_rows(chunk.detach(), temperature)
+        top_log_p, top_ids = log_p.topk(k, dim=-1)
+        ids.append(top_ids.to(torch.int32))
+        probs.append(torch.softmax(top_log_p, dim=-1).to(torch.float16))
+    return torch.cat(ids, dim=-2), torch.cat(probs, dim=-2)
+
+
+def sample_teacher_targets(teacher_logits: torch.Tensor, k: int = 256, with_replacement: bool = False,
+                           temperature: float = 1.0, generator: torch.Generator | None = None,
+                           counts: bool = False, chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gemma 3 sampled-logit targets: K ids drawn per position from the teacher.
+
+    Gemma 3 report: "We sample 256 logits per token, weighted by teacher probabilities ... The
+    teacher's target distribution is set to zero probability for non-sampled logits, and
+    renormalized." So the target is q(v) = p_T(v) / sum_{u in S} p_T(u) on the drawn set S.
+    With `counts=True` (needs `with_replacement`), the target is instead the empirical
+    frequency c(v) / K of K draws with replacement, an unbiased estimate of p_T (RS-KD,
+    arXiv 2503.16870); the renormalised target is biased towards the head of p_T.
+
+    Without replacement the K ids are distinct (Gumbel-top-k, which is exactly sequential
+    sampling without replacement); with replacement duplicates are merged, so a row may hold
+    fewer than K distinct ids and the rest of it is filled with EMPTY_SLOT ids and zero
+    probability. p_T is taken at `temperature`, the same temperature the loss uses.
+
+    Returns (ids int32 [..., K], probs float16 [..., K]); each row of probs sums to 1.
+    """
+    if k < 1:
+        raise ValueError(f"k: expected at least 1, got {k}")
+    if counts and not with_replacement:
+        raise ValueError("counts=True is the count-based (RS-KD) target and needs with_replacement=True")
+    vocab = teacher_logits.shape[-1]
+    if not with_replacement and k > vocab:
+        k = vocab  # without replacement the whole vocabulary is the largest possible set
+    ids_out, probs_out = [], []
+    for chunk in _length_chunks(teacher_logits, chunk_size):
+        log_p = _teacher_log_probs_rows(chunk.detach(), temperature)
+        flat = log_p.reshape(-1, vocab)
+        if with_replacement:
+            ids, probs = _draw_with_replacement(flat, k, counts, generator)
+        else:
+            ids, probs = _draw_without_replacement(flat, k, generator)
+        ids_out.append(ids.reshape(*log_p.shape[:-1], k))
+        probs_out.append(probs.reshape(*log_p.shape[:-1], k))
+    return torch.cat(ids_out, dim=-2), torch.cat(probs_out, dim=-2)
+
+
+def _draw_without_replacement(log_p: torch.Tensor, k: int, generator: torch.Generator | None):
+    # Gumbel-top-k: the k largest of log p + Gumbel noise are a sample without replacement
+    # in the order sequential draws would produce (Kool et al. 2019). Cheaper than
+    # torch.multinomial without replacement on wide rows, and works on any device.
+    uniform = torch.rand(log_p.shape, generator=generator, device=log_p.device, dtype=log_p.dtype)
+    gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20, max=1.0 - 1e-7)))
+    ids = (log_p + gumbel).topk(k, dim=-1).indices
+    chosen = log_p.gather(-1, ids)
+    return ids.to(torch.int32), torch.softmax(chosen, dim=-1).to(torch.float16)
+
+
+def _draw_with_replacement(log_p: torch.Tensor, k: int, counts: bool, generator: torch.Generator | None):
+    draws = torch.multinomial(log_p.exp(), k, replacement=True, generator=generator)  # [rows, k]
+    sorted_draws, _ = draws.sort(dim=-1)
+    first = torch.ones_like(sorted_draws, dtype=torch.bool)
+    first[:, 1:] = sorted_draws[:, 1:] != sorted_draws[:, :-1]
+    # Per row: distinct ids first (stable), duplicates become empty slots.
+    order = torch.argsort((~first).to(torch.int8), dim=-1, stable=True)
+    ids = sorted_draws.gather(-1, order)
+    is_first = first.gather(-1, order)
+    if counts:
+        # Number of draws of each distinct id: positions of run starts in the sorted draws.
+        run_id = first.cumsum(-1) - 1  # index of the run each draw belongs to
+        run_counts = torch.zeros_like(sorted_draws).scatter_add_(-1, run_id, torch.ones_like(sorted_draws))
+        weights = run_counts.to(log_p.dtype) / k  # runs are in sorted order, as are the distinct ids
+    else:
+        weights = torch.where(is_first, log_p.gather(-1, ids).exp(), torch.zeros((), dtype=log_p.dtype))
+        weights = weights / weights.sum(-1, keepdim=True)
+    weights = torch.where(is_first, weights, torch.zeros((), dtype=log_p.dtype))
+    ids = torch.where(is_first, ids, torch.full_like(ids, EMPTY_SLOT))
+    return ids.to(torch.int32), weights.to(torch.float16)
+
+
+def _length_chunks(logits: torch.Tensor, chunk_size: int | None):
+    if logits.dim() < 3 or chunk_size is None:
+        yield logits
+        return
+    for start in range(0, logits.shape[1], chunk_size):
+        yield logits[:, start:start + chunk_size]
+
+
+def _sampled_rows(student: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor, temperature: float,
+                  normalise_over: str) -> torch.Tensor:
+    valid = ids >= 0
+    safe_ids = ids.long().clamp(min=0)
+    target = probs.float() * valid
+    target = target / target.sum(-1, keepdim=True).clamp(min=1e-12)  # fp16 storage: renormalise exactly
+    if normalise_over == "vocab":
+        log_q = _log_probs(student, temperature).gather(-1, safe_ids)
+    else:
+        picked = student.float().gather(-1, safe_ids) / temperature
+        log_q = F.log_softmax(picked.masked_fill(~valid, float("-inf")), dim=-1)
+    return -(target * log_q.masked_fill(~valid, 0.0)).sum(-1)
+
+
+def sampled_target_loss(student_logits: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor,
+                        normalise_over: Literal["vocab", "set"] = "vocab", mask: torch.Tensor | None = None,
+                        temperature: float = 1.0, chunk_size: int | None = None,
+                        reduction: Reduction = "token_mean") -> torch.Tensor:
+    """Cross-entropy of the student against a sparse teacher target: -sum_{v in S} q(v) log p_S(v).
+
+    `ids`/`probs` come from `sample_teacher_targets`, `top_k_teacher_targets` or a teacher cache
+    (EMPTY_SLOT ids are ignored). `normalise_over="vocab"` (the default, ALGORITHMS.md section 2)
+    takes log p_S from the softmax over the whole vocabulary; "set" renormalises the student over
+    the ids of S only. The value is a cross-entropy (it includes the target's entropy), as in the
+    Gemma 3 report; its gradient equals that of KL(q || p_S).
+    """
+    _check_shapes(student_logits, ids, mask, "ids")
+    if ids.shape != probs.shape:
+        raise ValueError(f"probs: expected the shape of ids {tuple(ids.shape)}, got {tuple(probs.shape)}")
+    if normalise_over not in ("vocab", "set"):
+        raise ValueError(f"normalise_over: expected 'vocab' or 'set', got {normalise_over!r}")
+    rows = _per_position(lambda s, i, p: _sampled_rows(s, i, p, temperature, normalise_over),
+                         (student_logits, ids, probs), chunk_size)
+    return reduce_positions(rows, mask, reduction)
+
+
+def sparse_target_entropy(probs: torch.Tensor, mask: torch.Tensor | None = None,
+                          reduction: Reduction = "token_mean") -> torch.Tensor:
+    """Entropy of sparse targets; cross-entropy minus this is KL(q || p_S) (for logging)."""
+    p = probs.float()
+    p = p / p.sum(-1, keepdim=True).clamp(min=1e-12)
+    rows = -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(-1)
+    return reduce_positions(rows, mask, reduction)
+
+
+__all__ = [
+    "EMPTY_SLOT", "forward_kl", "reverse_kl", "generalized_jsd", "divergence_loss", "reduce_positions",
+    "top_k_teacher_targets", "sample_teacher_targets", "sampled_target_loss", "sparse_target_entropy",
+]
