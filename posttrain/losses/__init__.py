@@ -7,3 +7,14 @@ from posttrain.losses.policy import (  # noqa: F401
     rloo_advantages,
     token_logprobs_and_entropy,
 )
+from posttrain.losses.distillation import (  # noqa: F401
+    EMPTY_SLOT,
+    divergence_loss,
+    forward_kl,
+    generalized_jsd,
+    reverse_kl,
+    sample_teacher_targets,
+    sampled_target_loss,
+    sparse_target_entropy,
+    top_k_teacher_targets,
+)
