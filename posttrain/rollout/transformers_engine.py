@@ -1,0 +1,112 @@
+"""The fallback engine: transformers `generate`, batched with left padding.
+
+It runs the trainer's own model class, so it is the reference the vLLM engine is checked
+against, and the engine of choice where vLLM is not installed.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+
+from posttrain.modeling import load_causal_lm, load_tokenizer, stop_token_ids
+from posttrain.rollout.prompts import fit_prompts, render_prompts
+from posttrain.rollout.types import Completion, Prompt, RolloutConfig, RolloutEngine, SamplingParams
+
+
+def decode_completion(tokenizer, token_ids: list[int], stopped: bool) -> str:
+    """Completion text without its stop token; both engines decode through here so texts agree."""
+    body = token_ids[:-1] if stopped else token_ids
+    return tokenizer.decode(body, skip_special_tokens=False)
+
+
+def cut_at_stop(ids: list[int], stops: set[int], max_new_tokens: int) -> tuple[list[int], str]:
+    for j, t in enumerate(ids):
+        if t in stops:
+            return ids[:j + 1], "stop"
+    return ids[:max_new_tokens], "length"
+
+
+class TransformersEngine(RolloutEngine):
+    backend = "transformers"
+
+    def __init__(self, model_path: str, config: RolloutConfig, model=None, tokenizer=None):
+        self.config = config
+        self.tokenizer = tokenizer or load_tokenizer(model_path)
+        # Its own copy of the weights: generation must use exactly what update_weights pushed,
+        # never a model the trainer is mutating mid-step.
+        self.model = model if model is not None else load_causal_lm(model_path, dtype=config.dtype)
+        self.model.eval()
+        self.max_model_len = config.max_model_len or int(self.model.config.max_position_embeddings)
+        self.weight_version = 0
+        self.truncated_prompts = 0
+        self._param_names = set(self.model.state_dict().keys())
+
+    def generate(self, prompts: Sequence[Prompt], n: int = 1,
+                 sampling: SamplingParams | None = None) -> list[list[Completion]]:
+        sampling = sampling or SamplingParams()
+        if n < 1:
+            raise ValueError(f"n: expected at least 1 completion per prompt, got {n}")
+        prompt_ids = render_prompts(self.tokenizer, prompts)
+        prompt_ids, truncated = fit_prompts(prompt_ids, self.max_model_len, sampling.max_new_tokens,
+                                            self.config.on_overlong_prompt, self.tokenizer.bos_token_id)
+        self.truncated_prompts += truncated
+        stops = stop_token_ids(self.tokenizer) if sampling.stop_at_end_of_turn else [self.tokenizer.eos_token_id]
+        # One row per (prompt, sample); rows are generated in chunks of max_batch_size.
+        rows = [ids for ids in prompt_ids for _ in range(n)]
+        generator_seed = sampling.seed
+        results: list[Completion] = []
+        for start in range(0, len(rows), self.config.max_batch_size):
+            if generator_seed is not None:
+                # transformers samples from the global RNG; seeding it per chunk makes a seeded call
+                # reproduce itself exactly (vLLM seeds per request instead).
+                torch.manual_seed(generator_seed + start)
+            results.extend(self._generate_chunk(rows[start:start + self.config.max_batch_size], sampling, stops))
+        return [results[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
+
+    @torch.no_grad()
+    def _generate_chunk(self, rows: list[list[int]], sampling: SamplingParams, stops: list[int]) -> list[Completion]:
+        pad = self.tokenizer.pad_token_id
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):  # left padding: every row's last prompt token is at the same column
+            input_ids[i, width - len(r):] = torch.tensor(r)
+            attention[i, width - len(r):] = 1
+        device = next(self.model.parameters()).device
+        kwargs = dict(max_new_tokens=sampling.max_new_tokens, eos_token_id=stops, pad_token_id=pad,
+                      return_dict_in_generate=True, output_logits=True)
+        if sampling.greedy:
+            kwargs.update(do_sample=False)
+        else:
+            kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
+                          top_k=sampling.top_k)  # 0 disables top-k (the model's generation_config may default to 50)
+        out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
+        new_tokens = out.sequences[:, width:].cpu()
+        # Raw logits (before temperature and warpers), so the convention log_softmax(logits / T) is exact.
+        logprobs = torch.log_softmax(torch.stack(out.logits, dim=1).float().cpu() / sampling.logprob_temperature, dim=-1)
+        token_logprobs = logprobs.gather(-1, new_tokens[:, :, None]).squeeze(-1)
+        stop_set = set(stops)
+        completions = []
+        for i in range(len(rows)):
+            ids, reason = cut_at_stop(new_tokens[i].tolist(), stop_set, sampling.max_new_tokens)
+            completions.append(Completion(
+                token_ids=ids, text=decode_completion(self.tokenizer, ids, reason == "stop"),
+                logprobs=token_logprobs[i, :len(ids)].tolist(), finish_reason=reason))
+        return completions
+
+    @torch.no_grad()
+    def update_weights(self, named_tensors: Iterable[tuple]) -> None:
+        params = self.model.state_dict()
+        seen = set()
+        for name, tensor in named_tensors:
+            if name not in params:
+                raise KeyError(f"update_weights: {name!r} is not a weight of the engine's model "
+                               f"({type(self.model).__name__}); expected names as in the HF checkpoint")
+            params[name].copy_(tensor.to(params[name].dtype))
+            seen.add(name)
+        self.weight_version += 1
+
+    def close(self) -> None:
+        self.model = None

@@ -1,0 +1,138 @@
+"""The rollout interface: sampling parameters, completions, engine configuration, engine protocol.
+
+Logprob convention (shared by every engine and by `sequence_logprobs`): the logprob of a sampled
+token is `log_softmax(logits / T)[token]` over the full vocabulary, with T the sampling
+temperature, taken before top-k/top-p truncation. Greedy decoding (T = 0) reports logprobs at
+T = 1, i.e. `log_softmax(logits)`. See `posttrain.rollout.logprobs` for the one exception
+(vLLM with top-k/top-p active).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Iterable, Literal, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Prompt = str | list[dict] | list[int]
+
+
+class RolloutError(RuntimeError):
+    """A rollout engine could not do what was asked (bad prompt, unsupported mode, out of sync)."""
+
+
+class OverlongPromptError(RolloutError, ValueError):
+    """A prompt does not fit in the context together with `max_new_tokens`."""
+
+
+class SamplingParams(BaseModel):
+    """How to sample one batch of completions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = Field(1.0, ge=0.0, description="Softmax temperature; 0 means greedy decoding.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass; 1 turns it off.")
+    top_k: int = Field(0, ge=0, description="Sample among the k most likely tokens; 0 turns it off.")
+    max_new_tokens: int = Field(128, ge=1, description="Upper bound on generated tokens per completion (stop token included).")
+    seed: int | None = Field(None, description="Seed that makes sampling reproducible; None draws fresh randomness.")
+    stop_at_end_of_turn: bool = Field(
+        True, description="Stop at <end_of_turn> (instruction-tuned models); <eos> always stops.")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def logprob_temperature(self) -> float:
+        """The T of `log_softmax(logits / T)`: the sampling temperature, or 1 when greedy."""
+        return 1.0 if self.greedy else self.temperature
+
+
+@dataclass
+class Completion:
+    """One sampled continuation of a prompt.
+
+    `token_ids` and `logprobs` include the stop token when `finish_reason == "stop"` (so that it
+    is trained on); `text` excludes it.
+    """
+
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]
+    finish_reason: Literal["stop", "length"]
+
+
+class RolloutConfig(BaseModel):
+    """Where and how completions are generated (engine-level settings, fixed for a run)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Literal["auto", "vllm", "transformers"] = Field(
+        "auto", description="Generation engine: vllm when installed (auto), or transformers generate.")
+    max_model_len: int | None = Field(
+        None, ge=8, description="Context length (prompt + completion); default: the model's max_position_embeddings.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype inside the engine.")
+    kv_cache_gib: float = Field(
+        1.0, gt=0, description="KV cache size in GiB for vLLM (bounds its memory; on CPU this is VLLM_CPU_KVCACHE_SPACE).")
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="GPU only: fraction of GPU memory vLLM may take (overrides kv_cache_gib).")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPU only: shard the vLLM engine over this many GPUs.")
+    enable_sleep_mode: bool = Field(
+        False, description="GPU only: free vLLM's weights and KV cache between rollouts (engine.sleep()/wake_up()).")
+    mode: Literal["colocate", "server"] = Field(
+        "colocate", description="colocate: vLLM in the trainer's process; server: a separate vLLM server on its own GPUs, "
+        "weights pushed over NCCL.")
+    server_url: str | None = Field(None, description="server mode: base URL of the vLLM server (e.g. http://host:8000).")
+    server_nccl_port: int = Field(51216, description="server mode: TCP port of the NCCL weight-transfer rendezvous.")
+    on_overlong_prompt: Literal["error", "truncate_left"] = Field(
+        "error", description="A prompt longer than max_model_len - max_new_tokens: raise, or keep <bos> and its last tokens.")
+    max_batch_size: int = Field(
+        64, ge=1, description="transformers backend: sequences per generate() call (prompts x n).")
+    verify_sync: bool = Field(
+        True, description="After update_weights, check the engine really holds the new weights (one short greedy probe).")
+    drift_warn_threshold: float = Field(
+        0.05, ge=0, description="Warn when the mean |engine logprob - trainer logprob| of a batch exceeds this.")
+    drift_stop_threshold: float | None = Field(
+        None, ge=0, description="Raise RolloutDriftError when the mean drift exceeds this (None: never stop).")
+
+    @model_validator(mode="after")
+    def _check_modes(self):
+        if self.mode == "server" and not self.server_url:
+            raise ValueError("rollout.server_url: server mode needs the vLLM server's URL (e.g. http://rollout-node:8000)")
+        if self.mode == "server" and self.backend == "transformers":
+            raise ValueError("rollout.mode: server mode runs vLLM; it cannot use backend 'transformers'")
+        if self.drift_stop_threshold is not None and self.drift_stop_threshold < self.drift_warn_threshold:
+            raise ValueError("rollout.drift_stop_threshold: must be at least drift_warn_threshold "
+                             f"({self.drift_stop_threshold} < {self.drift_warn_threshold})")
+        return self
+
+
+class RolloutEngine(ABC):
+    """Generates completions from the current policy weights.
+
+    `weight_version` counts `update_weights` calls, so callers can record which weights produced
+    a batch.
+    """
+
+    tokenizer = None
+    backend: str = ""
+    weight_version: int = 0
+
+    @abstractmethod
+    def generate(self, prompts: Sequence[Prompt], n: int = 1,
+                 sampling: SamplingParams | None = None) -> list[list[Completion]]:
+        """`n` completions per prompt. A prompt is text (one user turn), messages, or token ids."""
+
+    @abstractmethod
+    def update_weights(self, named_tensors: Iterable[tuple]) -> None:
+        """Make the next `generate` use these weights (names as in the HF checkpoint)."""
+
+    def close(self) -> None:
+        """Release the engine's memory."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
