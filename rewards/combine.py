@@ -1,0 +1,312 @@
+"""Combine several reward functions into one: weighted sum, optional normalisation, faults.
+
+>>> specs = [RewardSpec(name="math", weight=1.0), RewardSpec(fn="my_pkg.rewards:brevity", weight=0.1)]
+>>> batch = compute_rewards(specs, prompts, completions, {"answer": answers})
+>>> batch.rewards, batch.per_reward["math"], batch.faults
+
+Each reward function runs in its own thread, concurrently with the others, and each call is
+time-bounded (``RewardSpec.timeout_s``). When a batched call raises, the batch is retried one
+sample per call (concurrently) so that the fault is attributed to the samples that cause it;
+when it times out, every sample of the batch is faulted (a retry could take as long again).
+A faulted (reward, sample) follows ``fault_policy``:
+
+- ``"zero"``: the reward's value for that sample is 0.0;
+- ``"skip"``: the sample's combined reward is ``None`` (leave it out of the update);
+- ``"fail"``: ``RewardFaultError`` is raised after the batch, with the messages.
+
+Every fault is counted and logged with its message. A reward returning ``None`` for a sample
+means "does not apply" (TRL's convention), not a fault: the weighted sum skips it, and a sample
+no reward applies to gets ``None``. Threads that time out are abandoned as daemons, so a hung
+user function can neither block the run nor its exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from rewards.registry import load_reward
+
+log = logging.getLogger("rewards")
+
+__all__ = ["RewardSpec", "RewardBatch", "CombinedReward", "compute_rewards", "RewardFaultError",
+           "FaultPolicy"]
+
+FaultPolicy = Literal["zero", "skip", "fail"]
+MAX_MESSAGES = 100
+
+
+class RewardSpec(BaseModel):
+    """One reward of a combination."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(
+        None, description="Label used in logs and per-reward values; when `fn` is not given, "
+        "also the reward to load (registry name, 'pkg.mod:fn' or 'path/file.py:fn').")
+    fn: str | None = Field(
+        None, description="Reward to load: registry name (math, code, instructions, "
+        "reward_model, ...), import path 'package.module:function' or file path "
+        "'path/to/file.py:function'. Defaults to `name`.")
+    weight: float = Field(1.0, description="Weight of this reward in the weighted sum.")
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments passed to the function on every "
+        "call (they take precedence over dataset columns of the same name).")
+    normalize: bool = Field(
+        False, description="Standardise this reward over the batch (zero mean, unit variance, "
+        "over the samples it applies to) before weighting.")
+    timeout_s: float | None = Field(
+        120.0, gt=0, description="Wall-clock limit of one call of the function (a whole batch); "
+        "None for no limit.")
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Rename dataset columns for this function: "
+        "{argument name: column name}.")
+
+    @model_validator(mode="after")
+    def _need_one(self) -> "RewardSpec":
+        if not (self.name or self.fn):
+            raise ValueError("a reward needs `name` or `fn`")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or str(self.fn)
+
+    @property
+    def target(self) -> str:
+        return self.fn or str(self.name)
+
+
+class RewardFaultError(RuntimeError):
+    """A reward function failed and the fault policy is ``fail``."""
+
+
+@dataclass
+class RewardBatch:
+    """Result of scoring one batch."""
+
+    rewards: list[float | None]  # combined values; None where skipped or no reward applies
+    per_reward: dict[str, list[float | None]]  # raw per-sample values of every reward
+    faults: dict[str, int]  # faulted samples per reward
+    fault_messages: list[str] = field(default_factory=list)  # first messages, "label[i]: ..."
+    skipped: list[bool] = field(default_factory=list)  # samples left out by the skip policy
+    durations_s: dict[str, float] = field(default_factory=dict)  # wall time per reward
+
+    def metrics(self) -> dict[str, float]:
+        """Flat summary for step logs: mean of each reward, fault counts, skipped count."""
+        out: dict[str, float] = {}
+        for k, vals in self.per_reward.items():
+            xs = [v for v in vals if v is not None and not math.isnan(v)]
+            out[f"rewards/{k}/mean"] = sum(xs) / len(xs) if xs else float("nan")
+            out[f"rewards/{k}/faults"] = float(self.faults.get(k, 0))
+            out[f"rewards/{k}/seconds"] = self.durations_s.get(k, 0.0)
+        xs = [v for v in self.rewards if v is not None]
+        out["rewards/combined/mean"] = sum(xs) / len(xs) if xs else float("nan")
+        out["rewards/skipped"] = float(sum(self.skipped))
+        return out
+
+
+# ---------------------------------------------------------------- time-bounded calls
+
+def _invoke(fn: Callable, args: tuple, kwargs: dict) -> Any:
+    res = fn(*args, **kwargs)
+    if inspect.isawaitable(res):
+        async def _await():
+            return await res
+
+        res = asyncio.run(_await())
+    return res
+
+
+class _Call:
+    """Run ``fn`` in a daemon thread; ``result(timeout)`` returns (ok, value-or-message)."""
+
+    def __init__(self, fn: Callable, args: tuple, kwargs: dict):
+        self._done = threading.Event()
+        self._out: tuple[bool, Any] = (False, "not finished")
+        self.start = time.monotonic()
+        t = threading.Thread(target=self._run, args=(fn, args, kwargs), daemon=True,
+                             name=f"reward-{getattr(fn, '__name__', 'fn')}")
+        t.start()
+
+    def _run(self, fn, args, kwargs):
+        try:
+            self._out = (True, _invoke(fn, args, kwargs))
+        except BaseException as e:  # noqa: BLE001 - user code; reported, never raised here
+            self._out = (False, f"{type(e).__name__}: {e}")
+        finally:
+            self._done.set()
+
+    def result(self, timeout: float | None) -> tuple[bool, Any]:
+        left = None if timeout is None else max(0.0, timeout - (time.monotonic() - self.start))
+        if not self._done.wait(left):
+            return False, f"timed out after {timeout:g}s"
+        return self._out
+
+
+def _value(v: Any) -> float | None:
+    """Coerce one returned value; raises on values that are not numbers."""
+    if v is None:
+        return None
+    if hasattr(v, "item"):  # numpy / torch scalars
+        v = v.item()
+    if isinstance(v, bool):
+        return float(v)
+    if isinstance(v, (int, float)):
+        f = float(v)
+        return None if math.isnan(f) else f
+    raise TypeError(f"reward value {v!r} is not a number or None")
+
+
+# ---------------------------------------------------------------- combination
+
+class CombinedReward:
+    """Load the rewards once; score batches with ``compute`` (or call it like a TRL reward)."""
+
+    def __init__(self, specs: Sequence[RewardSpec | dict], fault_policy: FaultPolicy = "zero",
+                 base_dir: str | None = None, retry_chunk: int = 32):
+        if fault_policy not in ("zero", "skip", "fail"):
+            raise ValueError(f"fault_policy must be 'zero', 'skip' or 'fail', got {fault_policy!r}")
+        self.specs = [s if isinstance(s, RewardSpec) else RewardSpec.model_validate(s) for s in specs]
+        if not self.specs:
+            raise ValueError("no rewards given")
+        self.fault_policy = fault_policy
+        self.retry_chunk = retry_chunk
+        self.fns = [load_reward(s.target, base_dir=base_dir) for s in self.specs]
+        self.labels: list[str] = []
+        for s in self.specs:
+            label, k = s.label, 2
+            while label in self.labels:
+                label, k = f"{s.label}#{k}", k + 1
+            self.labels.append(label)
+        self.total_faults: dict[str, int] = {lab: 0 for lab in self.labels}
+        self.__name__ = "combined_reward"
+
+    def __call__(self, prompts, completions, **columns) -> list[float | None]:
+        return self.compute(prompts, completions, columns).rewards
+
+    # one reward over the batch -> (values, fault messages per sample index)
+    def _run_one(self, i: int, prompts, completions, columns) -> tuple[list[float | None], dict[int, str], float]:
+        spec, fn = self.specs[i], self.fns[i]
+        n = len(completions)
+        cols = dict(columns)
+        for arg, col in spec.columns.items():
+            if col not in columns:
+                return [None] * n, {j: f"column {col!r} missing" for j in range(n)}, 0.0
+            cols[arg] = columns[col]
+        t0 = time.monotonic()
+        ok, out = _Call(fn, (list(prompts), list(completions)), {**cols, **spec.kwargs}).result(spec.timeout_s)
+        if ok:
+            try:
+                if isinstance(out, (str, bytes)) or not hasattr(out, "__len__") or len(out) != n:
+                    raise TypeError(f"returned {type(out).__name__} of length "
+                                    f"{len(out) if hasattr(out, '__len__') else '?'}, expected a list of {n}")
+            except TypeError as e:
+                return [None] * n, {j: str(e) for j in range(n)}, time.monotonic() - t0
+            values: list[float | None] = [None] * n
+            faults: dict[int, str] = {}
+            for j, v in enumerate(out):
+                try:
+                    values[j] = _value(v)
+                except (TypeError, ValueError) as e:
+                    faults[j] = str(e)
+            return values, faults, time.monotonic() - t0
+        if out.startswith("timed out") or n == 1:
+            return [None] * n, {j: out for j in range(n)}, time.monotonic() - t0
+        # the batch raised: retry one sample per call to find the samples at fault
+        values, faults = [None] * n, {}
+        for lo in range(0, n, self.retry_chunk):
+            calls = []
+            for j in range(lo, min(n, lo + self.retry_chunk)):
+                one = {k: [v[j]] for k, v in cols.items()}
+                calls.append((j, _Call(fn, ([prompts[j]], [completions[j]]), {**one, **spec.kwargs})))
+            for j, c in calls:
+                ok, r = c.result(spec.timeout_s)
+                try:
+                    if not ok:
+                        raise RuntimeError(r)
+                    if isinstance(r, (str, bytes)) or len(r) != 1:
+                        raise TypeError(f"returned {r!r} for one sample")
+                    values[j] = _value(r[0])
+                except Exception as e:  # noqa: BLE001
+                    faults[j] = str(e)
+        return values, faults, time.monotonic() - t0
+
+    def compute(self, prompts: Sequence, completions: Sequence,
+                columns: dict[str, Sequence] | None = None) -> RewardBatch:
+        columns = dict(columns or {})
+        n = len(completions)
+        if len(prompts) != n:
+            raise ValueError(f"{len(prompts)} prompts but {n} completions")
+        for k, v in columns.items():
+            if len(v) != n:
+                raise ValueError(f"column {k!r} has {len(v)} values for {n} completions")
+        results: list[Any] = [None] * len(self.specs)
+
+        def work(i):
+            results[i] = self._run_one(i, prompts, completions, columns)
+
+        threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(len(self.specs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+        per_reward: dict[str, list[float | None]] = {}
+        faults: dict[str, int] = {}
+        messages: list[str] = []
+        skipped = [False] * n
+        durations: dict[str, float] = {}
+        for label, (values, fmap, dt) in zip(self.labels, results):
+            durations[label] = dt
+            faults[label] = len(fmap)
+            self.total_faults[label] += len(fmap)
+            for j, msg in sorted(fmap.items()):
+                if len(messages) < MAX_MESSAGES:
+                    messages.append(f"{label}[{j}]: {msg}")
+                if self.fault_policy == "zero":
+                    values[j] = 0.0
+                elif self.fault_policy == "skip":
+                    skipped[j] = True
+            if fmap:
+                first = next(iter(sorted(fmap.items())))
+                log.warning("reward %r faulted on %d/%d samples (policy %s); first: [%d] %s",
+                            label, len(fmap), n, self.fault_policy, first[0], first[1])
+            per_reward[label] = values
+        if self.fault_policy == "fail" and any(faults.values()):
+            raise RewardFaultError("reward faults (policy 'fail'): " + "; ".join(messages[:10]))
+
+        combined: list[float | None] = []
+        normed = {}
+        for spec, label in zip(self.specs, self.labels):
+            vals = per_reward[label]
+            if spec.normalize:
+                xs = [v for v in vals if v is not None]
+                mean = sum(xs) / len(xs) if xs else 0.0
+                std = math.sqrt(sum((x - mean) ** 2 for x in xs) / len(xs)) if xs else 0.0
+                vals = [None if v is None else (v - mean) / (std + 1e-8) for v in vals]
+            normed[label] = vals
+        for j in range(n):
+            if skipped[j]:
+                combined.append(None)
+                continue
+            terms = [spec.weight * normed[label][j] for spec, label in zip(self.specs, self.labels)
+                     if normed[label][j] is not None]
+            combined.append(sum(terms) if terms else None)
+        return RewardBatch(rewards=combined, per_reward=per_reward, faults=faults,
+                           fault_messages=messages, skipped=skipped, durations_s=durations)
+
+
+def compute_rewards(specs: Sequence[RewardSpec | dict], prompts: Sequence, completions: Sequence,
+                    columns: dict[str, Sequence] | None = None,
+                    fault_policy: FaultPolicy = "zero", base_dir: str | None = None) -> RewardBatch:
+    """One-shot ``CombinedReward(specs, fault_policy).compute(...)``; see the module docstring."""
+    return CombinedReward(specs, fault_policy, base_dir=base_dir).compute(prompts, completions, columns)
