@@ -386,3 +386,37 @@ def redact_pii(text: str, kinds: Iterable[str] | None = None) -> str:
     """`text` with every PII span replaced by a typed placeholder such as `<EMAIL>`."""
     spans = find_pii(text, kinds)
     return redact_spans(text, spans) if spans else text
+
+
+class PiiFilter:
+    """Redacts PII in place (mode "redact") or rejects the row (mode "drop")."""
+
+    name = "pii"
+
+    def __init__(self, config):  # config: data_filters.config.PiiConfig
+        self.config = config
+        self.kinds = tuple(config.kinds)
+
+    def __call__(self, row: dict, turns: list):
+        from data_filters.rows import Rejection, Rewrite, rewrite_texts
+
+        found: dict[int, list[PiiSpan]] = {}
+        for i, t in enumerate(turns):
+            if t.role == "system" and not self.config.apply_to_system_turns:
+                continue
+            spans = find_pii(t.text, self.kinds)
+            if spans:
+                found[i] = spans
+        if not found:
+            return None
+        if self.config.mode == "drop":
+            evidence = [{"turn": i, "kind": s.kind, "text": s.text, "start": s.start, "end": s.end}
+                        for i, spans in found.items() for s in spans][:10]
+            return Rejection(self.name, evidence[0]["kind"], evidence)
+        changes: dict[str, int] = {}
+        for spans in found.values():
+            for s in spans:
+                changes[s.kind] = changes.get(s.kind, 0) + 1
+        by_path = {turns[i].path: redact_spans(turns[i].text, spans) for i, spans in found.items()}
+        new_row = rewrite_texts(row, turns, lambda t: by_path.get(t.path, t.text))
+        return Rewrite(new_row, changes)

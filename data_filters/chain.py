@@ -1,0 +1,137 @@
+"""The per-row part of the filter chain: parse, validate, run each filter, compute dedup keys.
+
+`FilterChain.process` turns a chunk of raw JSONL lines into one `RowResult` per line. It is
+what worker processes run; the global dedup pass and the writing happen in `pipeline`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from data_filters.config import FilterConfig
+from data_filters.dedup import MinHasher, dedup_text, exact_key
+from data_filters.quality import has_lone_surrogate
+from data_filters.rows import Decision, InvalidRow, Rejection, Rewrite, Turn, row_turns
+
+
+class RowFilter(Protocol):
+    """A filter: `__call__(row, turns) -> None (keep) | Rejection | Rewrite`.
+
+    A filter may also define `batch(items) -> list[Decision]` over (row, turns) pairs when
+    one call for many rows is cheaper (a classifier).
+    """
+
+    name: str
+
+    def __call__(self, row: dict, turns: list[Turn]) -> Decision: ...
+
+
+@dataclass(slots=True)
+class RowResult:
+    index: int  # 0-based position among the non-blank input lines
+    line: int  # 1-based line number in its file
+    source: str  # the input file
+    raw: str  # the input line as text (JSON), for the audit trail
+    rejection: Rejection | None = None
+    output: str | None = None  # the kept row as a JSON line (raw when unchanged)
+    changes: dict[str, int] = field(default_factory=dict)  # redactions by kind
+    key: str | None = None  # exact-dedup hash
+    signature: np.ndarray | None = None  # MinHash signature
+
+
+def build_filters(config: FilterConfig) -> list[RowFilter]:
+    """The per-row filters a config switches on, in the order they run."""
+    from data_filters.decontaminate import DecontaminationFilter
+    from data_filters.identity import IdentityFilter
+    from data_filters.pii import PiiFilter
+    from data_filters.quality import QualityFilter
+    from data_filters.toxicity import ToxicityFilter
+
+    filters: list[RowFilter] = []
+    if c := config.active("quality"):
+        filters.append(QualityFilter(c))
+    if c := config.active("pii"):
+        filters.append(PiiFilter(c))
+    if c := config.active("toxicity"):
+        filters.append(ToxicityFilter(c))
+    if c := config.active("identity"):
+        filters.append(IdentityFilter(c))
+    if c := config.active("decontaminate"):
+        filters.append(DecontaminationFilter(c))
+    return filters
+
+
+def parse_line(raw: bytes) -> tuple[Any, str, Rejection | None]:
+    """(row, line as text, rejection if the line is not a valid row)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, raw.decode("utf-8", "backslashreplace"), Rejection(
+            "format", "invalid_utf8", {"byte_offset": e.start, "detail": e.reason})
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as e:
+        return None, text, Rejection("format", "invalid_json", {"detail": e.msg, "column": e.colno})
+    try:
+        turns = row_turns(row)
+    except InvalidRow as e:
+        return row, text, Rejection("format", e.reason, {"detail": e.detail})
+    for i, t in enumerate(turns):
+        if has_lone_surrogate(t.text):
+            return row, text, Rejection("format", "invalid_utf8", {"turn": i, "detail": "lone surrogate"})
+    return row, text, None
+
+
+class FilterChain:
+    """Runs the per-row filters of a `FilterConfig` over chunks of JSONL lines."""
+
+    def __init__(self, config: FilterConfig):
+        self.config = config
+        self.filters = build_filters(config)
+        d = config.active("dedup")
+        self.dedup = d
+        self.minhasher = MinHasher(d.num_perm, d.seed, d.ngram) if d and d.near else None
+
+    def process(self, lines: list[tuple[int, int, str, bytes]]) -> list[RowResult]:
+        """`lines` are (index, line number, source file, raw bytes) tuples."""
+        results: list[RowResult] = []
+        alive: list[tuple[int, dict, list[Turn]]] = []  # (position in results, row, turns)
+        for index, lineno, source, raw in lines:
+            row, text, rejection = parse_line(raw)
+            res = RowResult(index, lineno, source, text.rstrip("\r\n"), rejection)
+            results.append(res)
+            if rejection is None:
+                alive.append((len(results) - 1, row, row_turns(row)))
+        for flt in self.filters:
+            if not alive:
+                break
+            items = [(row, turns) for _, row, turns in alive]
+            decisions = flt.batch(items) if hasattr(flt, "batch") else [flt(r, t) for r, t in items]
+            still = []
+            for (pos, row, turns), decision in zip(alive, decisions):
+                if isinstance(decision, Rejection):
+                    results[pos].rejection = decision
+                    continue
+                if isinstance(decision, Rewrite) and decision.row is not None:
+                    row = decision.row
+                    turns = row_turns(row)
+                    changes = results[pos].changes
+                    for kind, n in decision.changes.items():
+                        changes[kind] = changes.get(kind, 0) + n
+                    results[pos].output = ""  # marks the row as rewritten
+                still.append((pos, row, turns))
+            alive = still
+        for pos, row, turns in alive:
+            res = results[pos]
+            res.output = json.dumps(row, ensure_ascii=False) if res.output == "" else res.raw
+            if self.dedup:
+                text = dedup_text(turns, self.dedup.prompt_only)
+                if self.dedup.exact:
+                    res.key = exact_key(text)
+                if self.minhasher is not None:
+                    res.signature = self.minhasher.signature(text)
+        return results

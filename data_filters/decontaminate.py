@@ -1,0 +1,114 @@
+"""Decontamination: drop training rows that share a word n-gram with an evaluation set.
+
+As in GPT-3's and Gemma's reports, overlap is tested on lower-cased word n-grams (13 by
+default). Every string in an evaluation example is indexed (prompt, answer, choices...).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+from data_filters.config import DecontaminateConfig
+from data_filters.rows import Decision, Rejection, Turn
+
+_WORD_RE = re.compile(r"\w+")
+
+
+def words(text: str) -> list[str]:
+    return _WORD_RE.findall(text.lower())
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+def read_eval_examples(path: Path) -> Iterator[Any]:
+    """Rows of a JSONL file, or the items of a JSON list (or of a dict's first list)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"decontaminate.eval_sets: {path} does not exist; expected a "
+                                "JSONL or JSON file of evaluation examples")
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not valid JSON ({e}); expected a list of examples") from None
+        if isinstance(data, dict):
+            data = next((v for v in data.values() if isinstance(v, list)), [data])
+        yield from data if isinstance(data, list) else [data]
+        return
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                yield json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{path}:{lineno}: not a JSON object ({e}); expected one "
+                                 "example per line") from None
+
+
+class EvalNgramIndex:
+    """Hashes of every word n-gram of the named evaluation sets, mapped to the set's name."""
+
+    def __init__(self, eval_sets: list[str], n: int = 13):
+        self.n = n
+        self.names: list[str] = []
+        self._index: dict[int, int] = {}
+        for spec in eval_sets:
+            name, sep, path = spec.partition("=")
+            if not sep:
+                name, path = Path(spec).stem, spec
+            set_id = len(self.names)
+            self.names.append(name)
+            for example in read_eval_examples(Path(path)):
+                for text in _strings(example):
+                    for h in self._hashes(words(text)):
+                        self._index.setdefault(h, set_id)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def _hashes(self, ws: list[str]):
+        n = self.n
+        # hash() of a str is salted per process; the index is built in the process that
+        # queries it, so the salt is the same on both sides.
+        return (hash(" ".join(ws[i:i + n])) for i in range(len(ws) - n + 1))
+
+    def find(self, text: str) -> tuple[str, str] | None:
+        """(eval set name, shared n-gram) for the first overlap in `text`, or None."""
+        ws = words(text)
+        if len(ws) < self.n:
+            return None
+        index = self._index
+        for i, h in enumerate(self._hashes(ws)):
+            set_id = index.get(h)
+            if set_id is not None:
+                return self.names[set_id], " ".join(ws[i:i + self.n])
+        return None
+
+
+class DecontaminationFilter:
+    name = "decontaminate"
+
+    def __init__(self, config: DecontaminateConfig):
+        self.config = config
+        self.index = EvalNgramIndex(config.eval_sets, config.ngram)
+
+    def __call__(self, row: dict, turns: list[Turn]) -> Decision:
+        if not len(self.index):
+            return None
+        for i, t in enumerate(turns):
+            hit = self.index.find(t.text)
+            if hit:
+                return Rejection(self.name, "eval_overlap", {"eval_set": hit[0], "ngram": hit[1], "turn": i})
+        return None

@@ -1,0 +1,146 @@
+"""Mistaken self-identification: a model turn claiming to be another assistant, or to be
+made by another organisation, than the configured identity.
+
+Only first-person claims count: "I am ChatGPT", "as an AI developed by OpenAI", "I'm Claude,
+made by Anthropic", "Je suis ChatGPT", "fui creado por OpenAI", "ich wurde von Meta
+entwickelt", "我是由OpenAI开发的". A sentence that merely mentions another assistant ("ChatGPT
+is a chatbot developed by OpenAI", "compare ChatGPT and Claude") or denies it ("I am not
+ChatGPT") is not a claim.
+
+    >>> find_misidentification("Hi! I'm Claude, made by Anthropic.", "Gemma", "Google DeepMind")
+    ['Claude', 'Anthropic']
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+from data_filters.config import IdentityConfig
+from data_filters.rows import MODEL_ROLE, Decision, Rejection, Turn
+
+# Other assistants and model families. Case-sensitive: they are proper nouns, and "a bard"
+# or "pi" in lower case are ordinary words.
+ASSISTANT_NAMES = (
+    "ChatGPT", "GPT-4o", "GPT-4", "GPT-3.5", "GPT-3", "GPT-5", "GPT", "InstructGPT", "Claude",
+    "Bard", "Gemini", "Gemma", "LaMDA", "PaLM", "LLaMA", "Llama", "Mistral", "Mixtral",
+    "Le Chat", "Qwen", "Tongyi Qianwen", "通义千问", "ERNIE Bot", "ERNIE", "文心一言",
+    "Copilot", "Bing Chat", "Bing", "Cortana", "Alexa", "Siri", "Grok", "DeepSeek", "Vicuna",
+    "Alpaca", "Falcon", "Command R", "Phi", "Pi", "Kimi", "ChatGLM", "Yi", "Baichuan",
+    "OpenAssistant", "Open Assistant", "StableLM", "Dolly", "Koala", "WizardLM", "Zephyr",
+)
+ORGANISATIONS = (
+    "OpenAI", "Anthropic", "Google DeepMind", "Google", "DeepMind", "Meta AI", "Meta",
+    "Facebook", "Microsoft", "Mistral AI", "Mistral", "Alibaba Cloud", "Alibaba", "阿里巴巴",
+    "阿里云", "Baidu", "百度", "xAI", "DeepSeek", "深度求索", "Cohere", "Amazon", "Apple",
+    "Inflection AI", "Inflection", "Technology Innovation Institute", "LMSYS",
+    "Stanford", "Moonshot AI", "Zhipu AI", "智谱", "01.AI", "Baichuan", "Stability AI",
+    "Databricks", "Hugging Face", "Tsinghua",
+)
+
+_SENTENCE_END = r"[^.!?\n。！？]"
+_GAP = _SENTENCE_END + "{0,60}?"
+# Words a claim's gap may not contain: a negated or reported claim is not a claim.
+_NEGATION_RE = re.compile(
+    r"(?i)\b(?:not|never|no|n't|neither|nor|unlike|like|pas|jamais|nicht|kein|keine|no soy|non)\b|不是|并非|ではない|じゃない")
+
+
+def _alt(items: tuple[str, ...]) -> str:
+    return "|".join(re.escape(x) for x in sorted(items, key=len, reverse=True))
+
+
+def _patterns(names: tuple[str, ...], orgs: tuple[str, ...]) -> list[re.Pattern]:
+    # ASCII-only word boundary after the name: in "ChatGPTです" or "OpenAI开发" the next
+    # character is a (Unicode) word character but the name has ended.
+    n = rf"(?P<name>{_alt(names)})(?![A-Za-z0-9_-])"
+    o = rf"(?P<org>{_alt(orgs)})(?![A-Za-z0-9_])"
+    made = (r"(?:developed|created|made|trained|built|designed|programmed|engineered|"
+            r"fine-tuned|finetuned|produced|owned|brought to you)")
+    descr = (r"(?:(?:an?|the|your)\s+)?(?:(?:AI|artificial intelligence|large|language|"
+             r"helpful|virtual|digital|chat|conversational|friendly|personal|smart)\s+){0,3}"
+             r"(?:model|assistant|chatbot|bot|AI|LLM|system)?,?\s*(?:(?:called|named|known as)\s+)?")
+    en_i = r"(?i:\bI\s+am|\bI['’]m|\bIm|\bmy\s+name\s+is|\bI\s+am\s+called|\bcall\s+me|" \
+           r"\byou(?:['’]re|\s+are)\s+(?:talking|chatting|speaking)\s+(?:to|with)|\bthis\s+is)"
+    return [re.compile(p) for p in (
+        # English
+        rf"{en_i}\s+(?i:{descr}){n}",
+        rf"(?i:\b(?:I\s+was|I['’]ve\s+been|I\s+have\s+been|I\s+am|I['’]m|as\s+an?)\s+)(?P<gap>{_GAP})"
+        rf"(?i:\b{made}\s+(?:and\s+\w+\s+)?by\s+(?:the\s+)?(?:(?:team|researchers|engineers|folks|people)\s+(?:at|of|from)\s+)?){o}",
+        rf"(?i:\b(?:my|our)\s+(?:creators?|developers?|makers?|parent company)\s+(?:is|are|was|were|at)\s+){o}",
+        rf"{o}(?i:\s+(?:created|developed|made|trained|built|designed)\s+me)\b",
+        # French
+        rf"(?i:\bje\s+suis|\bje\s+m['’]appelle|\bmon\s+nom\s+est)\s+(?i:(?:(?:un|une|l['’]|le|la)\s*)?(?:(?:assistant|modèle|IA|intelligence artificielle|agent conversationnel)\s+)?(?:(?:appelé|nommé)\s+)?){n}",
+        rf"(?i:\b(?:je\s+suis|j['’]ai\s+été)\s+)(?P<gap>{_GAP})(?i:\b(?:développée?|créée?|conçue?|entraînée?|formée?)\s+par\s+(?:l['’]équipe\s+(?:de\s+|d['’])?)?){o}",
+        # Spanish / Portuguese
+        rf"(?i:\bsoy|\bme\s+llamo|\bsou|\bme\s+chamo|\bmeu\s+nome\s+é|\bmi\s+nombre\s+es)\s+(?i:(?:(?:un|una|o|a|um|uma)\s+)?(?:(?:asistente|modelo|IA|assistente)\s+)?(?:(?:llamad[oa]|chamad[oa])\s+)?){n}",
+        rf"(?i:\b(?:soy|fui|sou|fui|he\s+sido|I?fui)\s+)(?P<gap>{_GAP})(?i:\b(?:desarrollad[oa]|cread[oa]|entrenad[oa]|hech[oa]|diseñad[oa]|desenvolvid[oa]|criad[oa]|treinad[oa])\s+(?:por|pela|pelo)\s+(?:el\s+equipo\s+de\s+|a\s+equipe\s+da\s+)?){o}",
+        # German
+        rf"(?i:\bich\s+bin|\bich\s+heiße|\bmein\s+name\s+ist)\s+(?i:(?:(?:ein|eine)\s+)?(?:(?:KI|Assistent|Sprachmodell|KI-Assistent)\s+)?(?:(?:namens|genannt)\s+)?){n}",
+        rf"(?i:\bich\s+(?:wurde|bin)\s+)(?P<gap>{_GAP})(?i:\b(?:von|durch)\s+){o}(?i:\s+(?:entwickelt|erstellt|trainiert|gebaut|programmiert|geschaffen))",
+        # Italian
+        rf"(?i:\bsono|\bmi\s+chiamo)\s+(?i:(?:(?:un|una|l['’])\s*)?(?:(?:assistente|modello|IA)\s+)?(?:(?:chiamat[oa])\s+)?){n}",
+        rf"(?i:\bsono\s+(?:stat[oa]\s+)?)(?P<gap>{_GAP})(?i:\b(?:sviluppat[oa]|creat[oa]|addestrat[oa]|progettat[oa])\s+da\s+){o}",
+        # Chinese
+        rf"(?:我是|我叫|我的名字是)\s*(?:一个|一款)?(?:由{_GAP})?{n}",
+        rf"我(?:是|由|被)?{_SENTENCE_END}{{0,12}}?由\s*{o}\s*(?:开发|创建|训练|打造|研发|推出|设计)",
+        # Japanese
+        rf"(?:私は|僕は|わたしは)\s*{n}",
+        rf"(?:私は|僕は|わたしは){_SENTENCE_END}{{0,20}}?{o}\s*(?:によって|が)\s*(?:開発|作成|訓練|トレーニング)",
+    )]
+
+
+def _allowed(name: str, developer: str) -> set[str]:
+    allowed = {name.casefold(), developer.casefold()}
+    allowed.update(w.casefold() for w in re.split(r"[\s,]+", developer) if len(w) > 1)
+    return allowed
+
+
+@lru_cache(maxsize=16)
+def _compiled(name: str, developer: str) -> tuple[list[re.Pattern], frozenset[str]]:
+    allowed = _allowed(name, developer)
+    names = tuple(x for x in ASSISTANT_NAMES if x.casefold() not in allowed)
+    orgs = tuple(x for x in ORGANISATIONS if x.casefold() not in allowed)
+    return _patterns(names, orgs), frozenset(allowed)
+
+
+_CUE_RE = re.compile(r"(?i)\b(?:I|my|our|je|j['’]|mon|soy|sou|fui|me|mi|meu|ich|mein|sono)\b|我|私|僕|わたし|as an?\b")
+
+
+def find_misidentification(text: str, name: str = "Gemma", developer: str = "Google DeepMind") -> list[str]:
+    """Other assistant names or organisations that `text` claims as its own identity.
+
+    `name` and `developer` are the allowed identity: "Gemma" and "Google DeepMind" allow
+    "Gemma", "Google", "DeepMind" and "Google DeepMind". Returns [] when the text is fine.
+    """
+    if not _CUE_RE.search(text):
+        return []
+    patterns, _ = _compiled(name, developer)
+    found: list[str] = []
+    for rx in patterns:
+        for m in rx.finditer(text):
+            gap = m.groupdict().get("gap")
+            if gap and _NEGATION_RE.search(gap):
+                continue
+            lead = text[max(0, m.start() - 12):m.start()]
+            if _NEGATION_RE.search(m.group()) or re.search(r"(?i)\b(?:if|pretend|imagine|roleplay|role-play|say)\W*$", lead):
+                continue
+            claimed = m.groupdict().get("name") or m.groupdict().get("org")
+            if claimed and claimed not in found:
+                found.append(claimed)
+    return found
+
+
+class IdentityFilter:
+    name = "identity"
+
+    def __init__(self, config: IdentityConfig):
+        self.config = config
+
+    def __call__(self, row: dict, turns: list[Turn]) -> Decision:
+        for i, t in enumerate(turns):
+            if t.role != MODEL_ROLE:
+                continue
+            claims = find_misidentification(t.text, self.config.name, self.config.developer)
+            if claims:
+                return Rejection(self.name, "misidentification", {"turn": i, "claims": claims})
+        return None
