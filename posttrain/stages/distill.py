@@ -1,0 +1,466 @@
+"""`distill`: on-policy knowledge distillation from a teacher (GKD) with Gemma 3 sampled-logit targets.
+
+The loop, per step (ALGORITHMS.md sections 1 and 2):
+    with probability lambda_on_policy: the student samples completions for a batch of prompts
+        through the rollout engine (no gradient flows through the sampling);
+    otherwise: a batch of (prompt, completion) sequences from the dataset or the teacher cache;
+    the teacher scores every completion position (full logits, or a sparse target: top-k,
+        K sampled ids, or sampled counts) unless the batch came from the cache;
+    loss = divergence between teacher and student at every completion position;
+    optimizer step, then the new weights go to the rollout engine.
+Prompt and padding positions never count; the end-of-turn token does (masks come from the
+conversation, never from `ids != pad_id`).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from posttrain.chat import (ChatFormatError, control_token_ids, normalise_messages,
+                            prompt_completion_to_messages, tokenize_conversation, tokenize_prompt)
+from posttrain.data import DataError, iter_rows
+from posttrain.rollout import RolloutConfig
+from posttrain.stages.base import StageConfig, StageContext, StageError, StageResult, register_stage
+from posttrain.stages.sft import LoraSpec, save_model
+
+
+class TokenizerMismatchError(StageError):
+    """Teacher and student do not share a tokenizer, so their distributions cannot be compared."""
+
+
+class DistillStageConfig(StageConfig):
+    """On-policy distillation from a teacher (GKD; Gemma 3 sampled-logit targets; optional offline cache)."""
+
+    model: str = Field(description="Student to train: ${stages.sft.model}, ${models.NAME} or a path.")
+    teacher: str | None = Field(
+        None, description="Teacher causal LM sharing the student's tokenizer (checked at start). Needed for "
+        "on-policy batches; may be left out when every batch comes from teacher_cache (lambda_on_policy: 0).")
+    dataset: str | None = Field(
+        None, description="Rows: `prompt` (text or messages) for on-policy sampling; `messages` with an assistant "
+        "turn or `prompt` + `completion` also serve off-policy batches (their prompt part is used on-policy).")
+    teacher_cache: str | None = Field(
+        None, description="Directory written by a distill_cache stage (${stages.NAME.cache}); off-policy batches "
+        "then come from it and the teacher is not loaded for them.")
+    lambda_on_policy: float = Field(
+        0.5, ge=0, le=1, description="Probability that a step's batch is sampled by the student (GKD lambda); "
+        "0 is supervised KD, 1 fully on-policy.")
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
+        "jsd", description="Token-level divergence for target: full. forward_kl = KL(teacher||student), "
+        "reverse_kl = KL(student||teacher), jsd = generalised JSD with mix beta.")
+    beta: float = Field(0.5, ge=0, le=1, description="JSD mix; 0 is exactly forward KL, 1 exactly reverse KL.")
+    temperature: float = Field(
+        1.0, gt=0, description="Applied to teacher and student logits in the loss and to the student's sampling.")
+    target: Literal["full", "top_k", "sampled", "sampled_counts"] = Field(
+        "full", description="Teacher target: the full distribution; its exact top-k renormalised; Gemma 3 sampled "
+        "logits (k ids drawn from the teacher, target renormalised over them); or sampled_counts (k draws with "
+        "replacement, target = counts / k, unbiased). Sparse targets train a cross-entropy (needs forward_kl).")
+    k: int = Field(256, ge=1, description="Ids per position for top_k / sampled / sampled_counts targets.")
+    with_replacement: bool = Field(
+        False, description="sampled: draw the k ids with replacement (duplicates merged). sampled_counts always does.")
+    student_normalisation: Literal["vocab", "set"] = Field(
+        "vocab", description="Sparse targets: student log-probs from the softmax over the whole vocabulary, or "
+        "renormalised over the sampled ids only.")
+    reduction: Literal["token_mean", "sequence_mean"] = Field(
+        "token_mean", description="Average the divergence over all completion tokens of the batch, or per "
+        "sequence first (GKD's (1/L) sum_n) and then over sequences.")
+    max_steps: int = Field(100, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(8, ge=1, description="Sequences per step.")
+    learning_rate: float = Field(5e-5, gt=0, description="AdamW learning rate (constant after warm-up).")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm; null turns clipping off.")
+    max_new_tokens: int = Field(64, ge=1, description="Longest student sample (stop token included).")
+    max_length: int = Field(512, ge=8, description="Off-policy sequences are truncated to this many tokens.")
+    chunk_size: int | None = Field(
+        128, ge=1, description="Positions per loss chunk: the float32 vocabulary-wide work runs one chunk at a "
+        "time (recomputed in backward), so large vocabularies fit; null computes the whole sequence at once.")
+    teacher_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Teacher weights and logits dtype (bfloat16 halves teacher memory on GPUs).")
+    sync_weights_every: int = Field(
+        1, ge=1, description="Push the student's weights to the rollout engine every this many steps (1 keeps "
+        "sampling exactly on-policy; larger values trade staleness, visible as drift, for speed).")
+    lora: LoraSpec | None = Field(None, description="Train a LoRA adapter instead of all weights; the saved model is merged.")
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Rollout engine for student samples.")
+    eval_dataset: str | None = Field(
+        None, description="Held-out prompt rows: accuracy (eval_reward) and KL(teacher||student) on student samples "
+        "are measured before and after training.")
+    eval_reward: str = Field("math", description="Reward that decides accuracy on eval_dataset (registry name; > 0.5 counts correct).")
+    eval_limit: int = Field(128, ge=1, description="At most this many eval prompts.")
+    eval_teacher: bool = Field(False, description="Also measure the teacher's accuracy on eval_dataset, for comparison.")
+    log_every: int = Field(1, ge=1, description="Log step metrics every this many steps.")
+    report_to: list[str] = Field(default_factory=list, description="Extra trackers: tensorboard, wandb, trackio.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.teacher is None and self.teacher_cache is None:
+            raise ValueError("teacher: give a teacher model, a teacher_cache, or both")
+        if self.teacher is None and self.lambda_on_policy > 0:
+            raise ValueError(f"lambda_on_policy: {self.lambda_on_policy} asks for on-policy batches, which need a "
+                             "teacher to score the student's samples; set teacher, or lambda_on_policy: 0 to train "
+                             "from teacher_cache alone")
+        if self.dataset is None and self.teacher_cache is None:
+            raise ValueError("dataset: give prompts/conversations (dataset), a teacher_cache, or both")
+        if self.target != "full" and self.divergence != "forward_kl":
+            raise ValueError(f"divergence: target {self.target!r} is a sparse teacher distribution, trained with a "
+                             "cross-entropy towards the teacher (the forward direction); set divergence: forward_kl, "
+                             "or target: full to use reverse_kl/jsd")
+        if self.teacher_cache is not None and self.divergence != "forward_kl":
+            raise ValueError("divergence: a teacher_cache holds sparse targets, trained with a cross-entropy "
+                             "towards the teacher; set divergence: forward_kl")
+        return self
+
+
+# --- tokenizer check -----------------------------------------------------------------------------
+
+def check_same_tokenizer(student_tok, teacher_tok, student_path: str, teacher_path: str) -> None:
+    """Refuse a teacher whose vocabulary, special tokens or Gemma control token ids differ."""
+    problems: list[str] = []
+    sv, tv = student_tok.get_vocab(), teacher_tok.get_vocab()
+    if sv != tv:
+        only_s = sorted(set(sv) - set(tv))[:5]
+        only_t = sorted(set(tv) - set(sv))[:5]
+        moved = sorted(t for t in set(sv) & set(tv) if sv[t] != tv[t])[:5]
+        problems.append(f"vocabularies differ (student {len(sv)} tokens, teacher {len(tv)}; only in student: "
+                        f"{only_s}, only in teacher: {only_t}, same token with another id: {moved})")
+    for attr in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        a, b = getattr(student_tok, attr, None), getattr(teacher_tok, attr, None)
+        if a != b:
+            problems.append(f"{attr} differs (student {a!r}, teacher {b!r})")
+    try:
+        s_ids, t_ids = control_token_ids(student_tok), control_token_ids(teacher_tok)
+        for name in s_ids:
+            if s_ids[name] != t_ids[name]:
+                problems.append(f"{name} has id {s_ids[name]} in the student but {t_ids[name]} in the teacher")
+    except ChatFormatError as e:
+        problems.append(str(e))
+    if problems:
+        raise TokenizerMismatchError(
+            f"teacher {teacher_path} and student {student_path} do not share a tokenizer: " + "; ".join(problems)
+            + ". Distillation compares distributions token by token, so both must use the same tokenizer.")
+
+
+def check_same_vocab_width(student, teacher, student_path: str, teacher_path: str) -> None:
+    s, t = student.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0]
+    if s != t:
+        raise TokenizerMismatchError(f"teacher {teacher_path} has {t} output logits but student {student_path} has {s}; "
+                                     "their vocabularies must have the same width")
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+@dataclass
+class TokenSequence:
+    """A tokenised conversation: ids and the loss mask (1 on tokens the student learns to predict)."""
+
+    input_ids: list[int]
+    loss_mask: list[int]
+
+
+def load_distill_rows(path: str, tokenizer, max_length: int) -> tuple[list[list[int]], list[TokenSequence]]:
+    """Prompt ids for on-policy sampling and full sequences for off-policy batches."""
+    prompts: list[list[int]] = []
+    sequences: list[TokenSequence] = []
+    for where, row in iter_rows(path):
+        try:
+            if "messages" in row:
+                turns = normalise_messages(row["messages"], where="messages")
+                last_user = max(i for i, t in enumerate(turns) if t["role"] == "user")
+                prompts.append(tokenize_prompt(tokenizer, turns[:last_user + 1]))
+                if turns[-1]["role"] == "assistant":
+                    sequences.append(_tokenized(tokenizer, turns, max_length))
+            elif "prompt" in row:
+                prompts.append(tokenize_prompt(tokenizer, row["prompt"]))
+                if "completion" in row:
+                    sequences.append(_tokenized(tokenizer, prompt_completion_to_messages(row["prompt"], row["completion"]),
+                                                max_length))
+            else:
+                raise ChatFormatError(f"expected 'prompt' (optionally with 'completion') or 'messages'; the row has {sorted(row)}")
+        except ChatFormatError as e:
+            raise DataError(f"{where}: {e}") from None
+    if not prompts:
+        raise DataError(f"{path}: no rows")
+    return prompts, sequences
+
+
+def _tokenized(tokenizer, messages, max_length: int) -> TokenSequence:
+    tc = tokenize_conversation(tokenizer, messages)
+    return TokenSequence(tc.input_ids[:max_length], tc.loss_mask[:max_length])
+
+
+def pad_batch(sequences: list[TokenSequence], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ids, attention mask and loss mask. Padding never counts, whatever pad_id is."""
+    width = max(len(s.input_ids) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(sequences), width), dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        n = len(s.input_ids)
+        ids[i, :n] = torch.tensor(s.input_ids)
+        attention[i, :n] = 1
+        mask[i, :n] = torch.tensor(s.loss_mask)
+    return {"input_ids": ids, "attention_mask": attention, "loss_mask": mask}
+
+
+def logit_mask(loss_mask: torch.Tensor) -> torch.Tensor:
+    """Mask over logit positions: the logits at n predict token n + 1, so they count when that token does."""
+    return loss_mask[:, 1:]
+
+
+# --- one loss evaluation -------------------------------------------------------------------------
+
+def distillation_loss(cfg: DistillStageConfig, student_logits: torch.Tensor, mask: torch.Tensor,
+                      teacher_logits: torch.Tensor | None = None, target_ids: torch.Tensor | None = None,
+                      target_probs: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The configured loss on shifted logits [B, L-1, V]; sparse targets are drawn here when not given."""
+    from posttrain.losses.distillation import (divergence_loss, sample_teacher_targets, sampled_target_loss,
+                                               top_k_teacher_targets)
+
+    if target_ids is None and cfg.target != "full":
+        if cfg.target == "top_k":
+            target_ids, target_probs = top_k_teacher_targets(teacher_logits, cfg.k, cfg.temperature, cfg.chunk_size)
+        else:
+            counts = cfg.target == "sampled_counts"
+            target_ids, target_probs = sample_teacher_targets(
+                teacher_logits, cfg.k, with_replacement=cfg.with_replacement or counts, temperature=cfg.temperature,
+                generator=generator, counts=counts, chunk_size=cfg.chunk_size)
+    if target_ids is not None:
+        return sampled_target_loss(student_logits, target_ids, target_probs, cfg.student_normalisation, mask,
+                                   cfg.temperature, cfg.chunk_size, cfg.reduction)
+    return divergence_loss(cfg.divergence, student_logits, teacher_logits, cfg.beta, cfg.temperature, mask,
+                           cfg.chunk_size, cfg.reduction)
+
+
+@torch.no_grad()
+def batch_kls(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, temperature: float,
+              chunk_size: int | None) -> dict[str, float]:
+    from posttrain.losses.distillation import forward_kl, reverse_kl
+
+    return {"kl_teacher_student": float(forward_kl(student_logits, teacher_logits, temperature, mask, chunk_size)),
+            "kl_student_teacher": float(reverse_kl(student_logits, teacher_logits, temperature, mask, chunk_size))}
+
+
+def sampled_token_logprobs(shifted_logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor,
+                           temperature: float) -> list[list[float]]:
+    """The trainer's log_softmax(logits / T) of each counted token, per sequence (the engine's convention)."""
+    with torch.no_grad():
+        logp = torch.log_softmax(shifted_logits.float() / temperature, dim=-1)
+        taken = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return [taken[i][mask[i] != 0].tolist() for i in range(taken.shape[0])]
+
+
+# --- evaluation ----------------------------------------------------------------------------------
+
+def load_eval_rows(path: str, limit: int) -> list[dict]:
+    rows = []
+    for where, row in iter_rows(path):
+        if "prompt" not in row:
+            raise DataError(f"{where}: eval rows need a 'prompt' (plus the columns the eval reward reads); has {sorted(row)}")
+        rows.append(row)
+        if len(rows) >= limit:
+            break
+    return rows
+
+
+def toy_accuracy(engine, rows: list[dict], reward_name: str, max_new_tokens: int) -> float:
+    """Fraction of greedy answers the reward scores above 0.5."""
+    from posttrain.rollout import SamplingParams
+    from rewards.registry import load_reward
+
+    reward_fn = load_reward(reward_name)
+    groups = engine.generate([r["prompt"] for r in rows], n=1, sampling=SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens))
+    completions = [g[0].text for g in groups]
+    columns = {k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"}
+    scores = reward_fn(prompts=[r["prompt"] for r in rows], completions=completions, **columns)
+    return sum(1 for s in scores if s is not None and s > 0.5) / len(rows)
+
+
+@torch.no_grad()
+def kl_on_student_samples(engine, student, teacher, prompt_ids: list[list[int]], pad_id: int, temperature: float,
+                          max_new_tokens: int, seed: int, chunk_size: int | None, batch_size: int = 16) -> dict[str, float]:
+    """KL(teacher||student) and KL(student||teacher) per token on the student's own samples (held-out prompts)."""
+    from posttrain.rollout import SamplingParams
+
+    groups = engine.generate(prompt_ids, n=1, sampling=SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed))
+    sequences = [TokenSequence(p + g[0].token_ids, [0] * len(p) + [1] * len(g[0].token_ids)) for p, g in zip(prompt_ids, groups)]
+    totals = {"kl_teacher_student": 0.0, "kl_student_teacher": 0.0}
+    tokens = 0
+    for start in range(0, len(sequences), batch_size):
+        batch = pad_batch(sequences[start:start + batch_size], pad_id)
+        mask = logit_mask(batch["loss_mask"])
+        s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        n = int(mask.sum())
+        for key, value in batch_kls(s, t, mask, temperature, chunk_size).items():
+            totals[key] += value * n
+        tokens += n
+    return {k: v / max(tokens, 1) for k, v in totals.items()}
+
+
+# --- the stage -----------------------------------------------------------------------------------
+
+@register_stage("distill", DistillStageConfig, outputs=("model",))
+def run_distill(cfg: DistillStageConfig, ctx: StageContext) -> StageResult:
+    """On-policy distillation from a teacher (GKD, Gemma 3 sampled-logit targets, offline teacher cache)."""
+    from posttrain.modeling import load_causal_lm, load_policy, load_tokenizer
+    from posttrain.rollout import DriftMonitor, create_engine, weights_for_engine
+    from posttrain.teacher_cache import TeacherCache, TeacherCacheError, scatter_targets, tokenizer_fingerprint
+
+    torch.manual_seed(ctx.seed)
+    rng = random.Random(ctx.seed)
+    generator = torch.Generator().manual_seed(ctx.seed)
+
+    student, tokenizer = load_policy(cfg.model)
+    pad_id = tokenizer.pad_token_id
+    teacher = None
+    if cfg.teacher is not None:
+        check_same_tokenizer(tokenizer, load_tokenizer(cfg.teacher), cfg.model, cfg.teacher)
+        teacher = load_causal_lm(cfg.teacher, dtype=cfg.teacher_dtype)
+        teacher.eval().requires_grad_(False)
+        check_same_vocab_width(student, teacher, cfg.model, cfg.teacher)
+    cache = None
+    if cfg.teacher_cache is not None:
+        try:
+            cache = TeacherCache(cfg.teacher_cache, expect={"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)})
+        except TeacherCacheError as e:
+            raise StageError(f"teacher_cache: {e} (the cache must be made with the student's tokenizer)") from None
+
+    prompts, sequences = load_distill_rows(cfg.dataset, tokenizer, cfg.max_length) if cfg.dataset else ([], [])
+    if cfg.lambda_on_policy > 0 and not prompts:
+        raise StageError("dataset: on-policy batches (lambda_on_policy > 0) need prompt rows")
+    if cfg.lambda_on_policy < 1 and cache is None and not sequences:
+        raise StageError(f"dataset {cfg.dataset}: off-policy batches (lambda_on_policy < 1) need rows with completions "
+                         "(`messages` ending in an assistant turn, or `prompt` + `completion`), or a teacher_cache")
+
+    if cfg.lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        student = get_peft_model(student, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                                     target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM"))
+    student.train()
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (cfg.warmup_steps + 1)))
+
+    needs_engine = cfg.lambda_on_policy > 0 or cfg.eval_dataset is not None
+    engine = create_engine(cfg.model, cfg.rollout) if needs_engine else None
+    if engine is not None and cfg.lora is not None:
+        engine.update_weights(weights_for_engine(student))
+    drift = DriftMonitor.from_config(cfg.rollout)
+    summary: dict = {}
+
+    eval_rows = load_eval_rows(cfg.eval_dataset, cfg.eval_limit) if cfg.eval_dataset else []
+    eval_prompt_ids = [tokenize_prompt(tokenizer, r["prompt"]) for r in eval_rows]
+
+    def evaluate(tag: str) -> None:
+        student.eval()
+        summary[f"accuracy_{tag}"] = toy_accuracy(engine, eval_rows, cfg.eval_reward, cfg.max_new_tokens)
+        if teacher is not None:
+            kls = kl_on_student_samples(engine, student, teacher, eval_prompt_ids, pad_id, cfg.temperature,
+                                        cfg.max_new_tokens, ctx.seed, cfg.chunk_size)
+            summary.update({f"eval_{k}_{tag}": v for k, v in kls.items()})
+        student.train()
+
+    if eval_rows:
+        evaluate("before")
+        if cfg.eval_teacher and cfg.teacher is not None:
+            with create_engine(cfg.teacher, cfg.rollout) as teacher_engine:
+                summary["accuracy_teacher"] = toy_accuracy(teacher_engine, eval_rows, cfg.eval_reward, cfg.max_new_tokens)
+
+    from posttrain.rollout import SamplingParams
+
+    sampling = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
+    on_policy_steps = 0
+    last: dict = {}
+    started = time.time()
+    tokens_seen = 0
+    with ctx.metrics(cfg.report_to) as metrics, ctx.progress(cfg.max_steps, "distill") as advance:
+        for step in range(1, cfg.max_steps + 1):
+            step_started = time.time()
+            on_policy = rng.random() < cfg.lambda_on_policy
+
+            # 1. A batch: the student's own samples, or sequences from the data / the cache.
+            engine_logprobs = None
+            cached = None
+            if on_policy:
+                batch_prompts = [prompts[rng.randrange(len(prompts))] for _ in range(cfg.batch_size)]
+                groups = engine.generate(batch_prompts, n=1, sampling=sampling.model_copy(update={"seed": rng.randrange(2**31)}))
+                completions = [g[0] for g in groups]
+                batch_sequences = [TokenSequence(p + c.token_ids, [0] * len(p) + [1] * len(c.token_ids))
+                                   for p, c in zip(batch_prompts, completions)]
+                engine_logprobs = [c.logprobs for c in completions]
+            elif cache is not None:
+                cached = [cache[rng.randrange(len(cache))] for _ in range(cfg.batch_size)]
+                batch_sequences = [TokenSequence(c.input_ids.tolist(), c.loss_mask.tolist()) for c in cached]
+            else:
+                batch_sequences = [sequences[rng.randrange(len(sequences))] for _ in range(cfg.batch_size)]
+            batch = pad_batch(batch_sequences, pad_id)
+            mask = logit_mask(batch["loss_mask"])
+
+            # 2. The teacher's view of the same positions (no gradient), unless the cache holds it.
+            teacher_logits = target_ids = target_probs = None
+            if cached is not None:
+                target_ids, target_probs = scatter_targets(cached, batch["input_ids"].shape[1])
+            else:
+                with torch.no_grad():
+                    teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+
+            # 3. Loss on every completion position, and the update.
+            student_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            loss = distillation_loss(cfg, student_logits, mask, teacher_logits, target_ids, target_probs, generator)
+            if not torch.isfinite(loss):
+                raise StageError(f"step {step}: the distillation loss is {loss.item()}; lower learning_rate or temperature")
+            loss.backward()
+            grad_norm = (torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
+                         if cfg.max_grad_norm else None)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            # 4. The engine samples the next batch with the new weights.
+            if engine is not None and step % cfg.sync_weights_every == 0:
+                engine.update_weights(weights_for_engine(student))
+
+            on_policy_steps += on_policy
+            n_tokens = int(mask.sum())
+            tokens_seen += n_tokens
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                row = {"loss": float(loss), "on_policy": int(on_policy), "fraction_on_policy": on_policy_steps / step,
+                       "completion_tokens": n_tokens, "tokens_per_s": n_tokens / max(time.time() - step_started, 1e-9),
+                       "lr": scheduler.get_last_lr()[0]}
+                if grad_norm is not None:
+                    row["grad_norm"] = float(grad_norm)
+                if teacher_logits is not None:
+                    row.update(batch_kls(student_logits.detach(), teacher_logits, mask, cfg.temperature, cfg.chunk_size))
+                if engine_logprobs is not None:
+                    trainer_logprobs = sampled_token_logprobs(student_logits.detach(), batch["input_ids"], mask, cfg.temperature)
+                    row.update(drift.check(engine_logprobs, trainer_logprobs, step=step))
+                metrics.log(step, **row)
+                last.update(row)
+            advance(1)
+    seconds = time.time() - started
+
+    if engine is not None and cfg.max_steps % cfg.sync_weights_every != 0:
+        engine.update_weights(weights_for_engine(student))
+    if eval_rows:
+        evaluate("after")
+    if engine is not None:
+        engine.close()
+
+    trained = student.merge_and_unload() if cfg.lora is not None else student
+    out = ctx.stage_dir / "model"
+    save_model(trained, tokenizer, out)
+    summary.update({
+        "steps": cfg.max_steps, "fraction_on_policy": on_policy_steps / cfg.max_steps,
+        "loss_last": last.get("loss"), "train_seconds": round(seconds, 1),
+        "tokens_per_s": round(tokens_seen / max(seconds, 1e-9), 1),
+    })
+    for key in ("kl_teacher_student", "kl_student_teacher", "drift_mean_abs"):
+        if key in last:
+            summary[f"{key}_last"] = last[key]
+    return StageResult(outputs={"model": str(out)}, metrics=summary)
