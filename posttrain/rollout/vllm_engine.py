@@ -1,0 +1,210 @@
+"""The vLLM engine, colocated with the trainer in the same process.
+
+Weight sync is vLLM's in-place `reload_weights` worker call with the trainer's tensors,
+followed by a prefix-cache reset (cached KV blocks were computed with the old weights). It
+needs the in-process engine (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): through the multiprocess
+engine the tensors are not serialised. After every update the engine compares the parameters
+it now holds with the pushed tensors (`verify_sync`), so a stale or partial update fails loudly
+instead of silently sampling from old weights.
+
+Several engines can live in one process (checked with vLLM 0.32 on CPU: a Gemma3 and a Llama
+engine, each still matching transformers' greedy output).
+
+GPU-only features, driven by RolloutConfig: `tensor_parallel_size` shards the engine,
+`enable_sleep_mode` lets the trainer call `sleep()` before its optimisation step (weights and
+KV cache released) and `wake_up()` after; `update_weights` on a sleeping engine restores the
+weight memory first, loads, and only then reallocates the KV cache, so peak memory never holds
+two copies of the cache. On a machine without CUDA these options are refused at creation.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import Iterable, Sequence
+
+import torch
+
+from posttrain.modeling import load_tokenizer, stop_token_ids
+from posttrain.rollout.prompts import fit_prompts, render_prompts
+from posttrain.rollout.transformers_engine import decode_completion
+from posttrain.rollout.types import Completion, Prompt, RolloutConfig, RolloutEngine, RolloutError, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+def _has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def check_gpu_options(config: RolloutConfig, has_cuda: bool) -> None:
+    """GPU-only options are refused clearly on a machine without CUDA."""
+    if has_cuda:
+        return
+    asked = []
+    if config.tensor_parallel_size > 1:
+        asked.append(f"rollout.tensor_parallel_size={config.tensor_parallel_size}")
+    if config.enable_sleep_mode:
+        asked.append("rollout.enable_sleep_mode=true")
+    if config.gpu_memory_utilization is not None:
+        asked.append(f"rollout.gpu_memory_utilization={config.gpu_memory_utilization}")
+    if config.mode == "server":
+        asked.append("rollout.mode=server (weights are pushed over NCCL)")
+    if asked:
+        raise RolloutError(f"{', '.join(asked)}: needs CUDA GPUs, and none is available here; "
+                           "remove these options to run vLLM on the CPU (or use backend: transformers)")
+
+
+def _engine_param_checksums(worker, names: list[str]) -> dict[str, tuple[list[int], float, float]]:
+    """Runs inside the vLLM worker: (shape, sum, sum of squares) of the named parameters."""
+    params = dict(worker.model_runner.model.named_parameters())
+    out = {}
+    for name in names:
+        p = params.get(name)
+        if p is not None:
+            data = p.detach().double()
+            out[name] = (list(p.shape), float(data.sum()), float((data * data).sum()))
+    return out
+
+
+class VLLMEngine(RolloutEngine):
+    backend = "vllm"
+
+    def __init__(self, model_path: str, config: RolloutConfig):
+        check_gpu_options(config, _has_cuda())
+        # The colocated engine must run in this process: reload_weights receives tensors, which the
+        # multiprocess engine cannot serialise. Set before vLLM reads its environment.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if not _has_cuda():
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(config.kv_cache_gib)))
+        from vllm import LLM
+
+        self.config = config
+        self.tokenizer = load_tokenizer(model_path)
+        kwargs = dict(
+            model=model_path, dtype=config.dtype, seed=0, max_model_len=config.max_model_len,
+            # Temperature-scaled logprobs (see posttrain.rollout.logprobs for the convention).
+            logprobs_mode="processed_logprobs",
+            tensor_parallel_size=config.tensor_parallel_size, enable_sleep_mode=config.enable_sleep_mode,
+            # CUDA graphs pay off on GPUs; on the CPU compiling only slows start-up.
+            enforce_eager=not _has_cuda(),
+        )
+        if _has_cuda():
+            if config.gpu_memory_utilization is not None:
+                kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
+            else:
+                kwargs["kv_cache_memory_bytes"] = int(config.kv_cache_gib * 2**30)
+        self.llm = LLM(**{k: v for k, v in kwargs.items() if v is not None})
+        self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
+        self.weight_version = 0
+        self.truncated_prompts = 0
+        self.sleeping = False
+        self._warned_truncation_logprobs = False
+
+    def generate(self, prompts: Sequence[Prompt], n: int = 1,
+                 sampling: SamplingParams | None = None) -> list[list[Completion]]:
+        from vllm import SamplingParams as VLLMSamplingParams
+        from vllm.inputs import TokensPrompt
+
+        sampling = sampling or SamplingParams()
+        if n < 1:
+            raise ValueError(f"n: expected at least 1 completion per prompt, got {n}")
+        if self.sleeping:
+            raise RolloutError("generate: the engine is asleep; call wake_up() (or update_weights) first")
+        prompt_ids = render_prompts(self.tokenizer, prompts)
+        prompt_ids, truncated = fit_prompts(prompt_ids, self.max_model_len, sampling.max_new_tokens,
+                                            self.config.on_overlong_prompt, self.tokenizer.bos_token_id)
+        self.truncated_prompts += truncated
+        truncating = sampling.top_k > 0 or sampling.top_p < 1.0
+        if truncating and not sampling.greedy and not self._warned_truncation_logprobs:
+            self._warned_truncation_logprobs = True
+            warnings.warn("vLLM reports logprobs of the top-k/top-p truncated distribution; they will differ from "
+                          "sequence_logprobs (full vocabulary). Use top_k=0, top_p=1 where logprobs are trained on.")
+        stops = stop_token_ids(self.tokenizer) if sampling.stop_at_end_of_turn else [self.tokenizer.eos_token_id]
+        params = []
+        for i in range(len(prompt_ids)):
+            # vLLM gives the k-th sample of a request seed + k; spacing prompts by n keeps every sample's seed
+            # distinct, and a prompt's samples depend only on (seed, its position), not on batch composition.
+            seed = None if sampling.seed is None else sampling.seed + i * n
+            params.append(VLLMSamplingParams(
+                n=n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                max_tokens=sampling.max_new_tokens, seed=seed, stop_token_ids=stops, logprobs=0,
+                detokenize=False))
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
+        stop_set = set(stops)
+        groups = []
+        for out in outputs:
+            group = []
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                ids = list(c.token_ids)
+                reason = "stop" if ids and ids[-1] in stop_set else "length"
+                logprobs = [entry[t].logprob for entry, t in zip(c.logprobs, ids)]
+                group.append(Completion(token_ids=ids, text=decode_completion(self.tokenizer, ids, reason == "stop"),
+                                        logprobs=logprobs, finish_reason=reason))
+            groups.append(group)
+        return groups
+
+    def update_weights(self, named_tensors: Iterable[tuple]) -> None:
+        weights = [(name, t.detach().to("cpu" if not _has_cuda() else t.device).contiguous()) for name, t in named_tensors]
+        if not weights:
+            raise ValueError("update_weights: no tensors given")
+        if self.sleeping:
+            self.llm.wake_up(tags=["weights"])
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        # Cached prefixes hold keys/values computed with the old weights.
+        self.llm.reset_prefix_cache()
+        if self.sleeping:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.sleeping = False
+        self.weight_version += 1
+        if self.config.verify_sync:
+            self.verify_weights(weights)
+
+    def verify_weights(self, weights: list[tuple[str, torch.Tensor]]) -> None:
+        """Raise RolloutError unless the engine's parameters equal the pushed tensors.
+
+        vLLM fuses some projections (qkv, gate/up) under new names; every parameter it keeps under
+        the checkpoint's name and shape (embeddings, norms, o/down projections) is compared.
+        """
+        names = [n for n, _ in weights]
+        held = {}
+        for part in self.llm.collective_rpc(_engine_param_checksums, args=(names,)):
+            held.update(part)
+        compared = 0
+        for name, tensor in weights:
+            if name not in held or list(tensor.shape) != held[name][0]:
+                continue
+            compared += 1
+            data = tensor.double()
+            want = (float(data.sum()), float((data * data).sum()))
+            got = held[name][1:]
+            for w, g in zip(want, got):
+                if abs(w - g) > 1e-4 * max(1.0, abs(w)):
+                    raise RolloutError(
+                        f"update_weights: after the update vLLM's {name!r} differs from the pushed tensor "
+                        f"(checksum {g:.6g} vs {w:.6g}); the engine would sample from stale weights")
+        if compared == 0:
+            raise RolloutError("update_weights: none of the pushed names is a parameter of the vLLM model, so the "
+                               f"update cannot be verified (first names: {names[:3]}); expected HF checkpoint names")
+
+    def sleep(self, level: int = 1) -> None:
+        """GPU: release weights (level 1 keeps a CPU copy, level 2 drops them) and the KV cache."""
+        if not self.config.enable_sleep_mode:
+            raise RolloutError("sleep: the engine was created without rollout.enable_sleep_mode")
+        self.llm.sleep(level=level)
+        self.sleeping = True
+
+    def wake_up(self) -> None:
+        if self.sleeping:
+            self.llm.wake_up()
+            self.sleeping = False
+
+    def close(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            except Exception:  # best effort: an engine that failed half-way has nothing to shut down
+                pass
+            del llm
