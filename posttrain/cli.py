@@ -1,0 +1,175 @@
+"""The `posttrain` command: run, validate, stages.
+
+Exit codes: 0 success, 1 a stage failed, 2 the recipe (or a --set override) is invalid.
+Errors are one paragraph without a traceback unless --debug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+EXIT_STAGE_FAILED = 1
+EXIT_BAD_RECIPE = 2
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=False, highlight=False)
+
+
+def _progress_factory(console):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    @contextmanager
+    def factory(total, description):
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TimeRemainingColumn(), console=console, transient=False) as progress:
+            task = progress.add_task(description, total=total)
+            yield lambda n=1: progress.advance(task, n)
+
+    return factory
+
+
+def _fmt_metric(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _key_metrics(metrics: dict, limit: int = 5) -> str:
+    preferred = [k for k in metrics if any(w in k for w in ("accuracy", "reward", "kept", "rejected", "loss_last", "kl"))]
+    keys = preferred[:limit] or list(metrics)[:limit]
+    return ", ".join(f"{k}={_fmt_metric(metrics[k])}" for k in keys)
+
+
+def _summary(console, outcomes) -> None:
+    from rich.table import Table
+
+    table = Table(title="posttrain run summary")
+    for col in ("stage", "kind", "status", "wall time", "key metrics", "output"):
+        table.add_column(col, overflow="fold")
+    for o in outcomes:
+        style = {"complete": "green", "skipped": "cyan", "failed": "red"}.get(o.status, "")
+        out = o.outputs.get("model") or o.outputs.get("dataset") or next(iter(o.outputs.values()), "")
+        table.add_row(o.name, o.kind, f"[{style}]{o.status}[/{style}]" if style else o.status, f"{o.seconds:.1f}s",
+                      o.error or _key_metrics(o.metrics), str(out))
+    console.print(table)
+
+
+def cmd_run(args) -> int:
+    from posttrain.recipe import load_recipe
+    from posttrain.runner import Runner
+
+    console = _console()
+    recipe = load_recipe(args.recipe, args.set or [])
+    runner = Runner(recipe, console=console, debug=args.debug)
+    console.print(f"[bold]posttrain[/bold] {recipe.name}: {len(recipe.stages)} stages -> {recipe.output_dir}")
+    outcomes = runner.run(from_stage=args.from_stage, only=args.only, dry_run=args.dry_run,
+                          progress_factory=_progress_factory(console),
+                          on_stage_start=lambda e: console.rule(f"{e.name} ({e.kind})"))
+    _summary(console, outcomes)
+    failed = [o for o in outcomes if o.status == "failed"]
+    if failed:
+        f = failed[0]
+        console.print(f"[red]stage {f.name!r} failed:[/red] {f.error}\n(details: {recipe.output_dir / f.name / 'manifest.json'}; "
+                      "re-run with --debug for a traceback)")
+        return EXIT_STAGE_FAILED
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from posttrain.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.set or [])
+    print(f"{args.recipe}: valid ({len(recipe.stages)} stages: {', '.join(f'{s.name}:{s.kind}' for s in recipe.stages)})")
+    return 0
+
+
+def cmd_stages(args) -> int:
+    from posttrain.stages import STAGE_KINDS
+
+    console = _console()
+    for kind in sorted(STAGE_KINDS):
+        k = STAGE_KINDS[kind]
+        if args.kind and kind != args.kind:
+            continue
+        console.rule(f"[bold]{kind}[/bold]")
+        console.print(k.summary)
+        console.print(f"outputs: {', '.join('${stages.NAME.' + o + '}' for o in k.outputs)}")
+        _print_fields(console, k.config_cls, "  ")
+    if args.kind and args.kind not in STAGE_KINDS:
+        print(f"unknown stage kind {args.kind!r}; kinds: {', '.join(sorted(STAGE_KINDS))}", file=sys.stderr)
+        return EXIT_BAD_RECIPE
+    return 0
+
+
+def _print_fields(console, cls, indent: str) -> None:
+    from pydantic_core import PydanticUndefined
+
+    from posttrain.recipe import _model_in
+
+    for name, f in cls.model_fields.items():
+        if f.is_required():
+            default = "required"
+        elif f.default_factory is not None:
+            default = f"default {f.default_factory()!r}"
+        else:
+            default = f"default {f.default!r}" if f.default is not PydanticUndefined else ""
+        ann = getattr(f.annotation, "__name__", None) or str(f.annotation).replace("typing.", "")
+        console.print(f"{indent}[bold]{name}[/bold] ({ann}, {default}): {f.description or ''}", soft_wrap=True)
+        sub = _model_in(f.annotation)
+        if sub is not None and sub is not cls:
+            _print_fields(console, sub, indent + "    ")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="posttrain", description="Post-train a pretrained LM into an instruction-tuned one from a YAML recipe.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run a recipe")
+    r.add_argument("recipe")
+    r.add_argument("--from", dest="from_stage", metavar="STAGE", help="re-run from this stage on")
+    r.add_argument("--only", metavar="STAGE", help="run only this stage (its inputs must be complete)")
+    r.add_argument("--set", action="append", metavar="key.path=value", help="override a recipe value (repeatable)")
+    r.add_argument("--dry-run", action="store_true", help="show what would run")
+    r.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    v = sub.add_parser("validate", help="check a recipe (exit 0 valid, 2 invalid)")
+    v.add_argument("recipe")
+    v.add_argument("--set", action="append", metavar="key.path=value")
+    v.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+    s = sub.add_parser("stages", help="list stage kinds with their config fields and defaults")
+    s.add_argument("kind", nargs="?")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    args = build_parser().parse_args(argv)
+    args.debug = getattr(args, "debug", False)
+    from posttrain.data import DataError
+    from posttrain.recipe import RecipeError
+
+    try:
+        code = {"run": cmd_run, "validate": cmd_validate, "stages": cmd_stages}[args.command](args)
+    except RecipeError as e:
+        if args.debug:
+            raise
+        print(f"posttrain: invalid recipe:\n{e}", file=sys.stderr)
+        return EXIT_BAD_RECIPE
+    except DataError as e:
+        if args.debug:
+            raise
+        print(f"posttrain: bad data: {e}", file=sys.stderr)
+        return EXIT_BAD_RECIPE
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,388 @@
+"""Recipe schema, loading and validation, with errors that name file, line and key path.
+
+A recipe is YAML: `name`, `output_dir`, `seed`, `models`, `datasets` and an ordered list of
+`stages`, each `{name, kind, ...config}`. Values may reference earlier things:
+`${models.NAME}`, `${datasets.NAME}`, `${stages.NAME.OUTPUT}`; references to unknown or later
+stages, or to outputs a stage kind does not declare, are errors at load time.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from posttrain.stages import STAGE_KINDS
+from posttrain.toy.models import TinyModelSpec
+
+REFERENCE = re.compile(r"\$\{([^}]*)\}")
+STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class RecipeError(ValueError):
+    """The recipe is invalid; the message says where and what was expected."""
+
+
+# --- schema ------------------------------------------------------------------------------------
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelEntry(_Strict):
+    """A model: a local directory or hub id (`path`), or a tiny model built locally (`tiny`)."""
+
+    path: str | None = Field(None, description="Local checkpoint directory or hub id (needs the hub cache offline).")
+    tiny: TinyModelSpec | None = Field(None, description="Build a tiny model of a real architecture locally.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        if (self.path is None) == (self.tiny is None):
+            raise ValueError("give exactly one of 'path' or 'tiny'")
+        return self
+
+
+class ToyDatasetSpec(_Strict):
+    task: Literal["math", "code", "instructions", "chat", "mix"] = Field(description="Toy task, or 'mix' of all.")
+    n: int = Field(gt=0, description="Number of rows.")
+    split: Literal["train", "eval"] = Field("train", description="Disjoint halves of the problem space.")
+    format: Literal["chat", "prompt", "preference"] = Field("chat", description="Row format.")
+    seed: int | None = Field(None, description="Defaults to the recipe seed.")
+    mix: dict[str, float] | None = Field(None, description="Task weights when task is 'mix'.")
+
+
+class ToyDirtySpec(_Strict):
+    n_clean: int = Field(gt=0, description="Clean chat rows (a mix of all tasks).")
+    dirty_per_kind: int = Field(5, ge=0, description="Planted rows per kind: pii, toxic, misidentification, exact and near duplicates.")
+    seed: int | None = Field(None, description="Defaults to the recipe seed.")
+
+
+class DatasetEntry(_Strict):
+    """A dataset: a local file (`path`: .jsonl, .parquet, .arrow, or a saved datasets directory) or a toy generator."""
+
+    path: str | None = None
+    toy: ToyDatasetSpec | None = None
+    toy_dirty: ToyDirtySpec | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        if sum(x is not None for x in (self.path, self.toy, self.toy_dirty)) != 1:
+            raise ValueError("give exactly one of 'path', 'toy' or 'toy_dirty'")
+        return self
+
+
+class StageEntry(_Strict):
+    name: str
+    kind: str
+    config: Any  # the kind's validated config class instance (references still unresolved)
+
+
+class RecipeTop(_Strict):
+    name: str = Field(description="Run name, shown in the model card.")
+    output_dir: str = Field(description="Run directory; relative paths are relative to the recipe file.")
+    seed: int = Field(0, description="Seed for python, numpy, torch and data order.")
+    models: dict[str, ModelEntry] = Field(default_factory=dict)
+    datasets: dict[str, DatasetEntry] = Field(default_factory=dict)
+    stages: list[dict] = Field(description="Ordered list of {name, kind, ...config}.")
+
+
+@dataclass
+class Recipe:
+    name: str
+    output_dir: Path
+    seed: int
+    models: dict[str, ModelEntry]
+    datasets: dict[str, DatasetEntry]
+    stages: list[StageEntry]
+    source: Path | None
+    raw: dict  # the recipe after overrides, before reference resolution
+    lines: dict[tuple, int] = field(default_factory=dict)
+
+    def stage(self, name: str) -> StageEntry:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise RecipeError(f"no stage named {name!r}; stages are {', '.join(s.name for s in self.stages)}"
+                          + _suggest(name, [s.name for s in self.stages]))
+
+
+# --- YAML with line numbers ------------------------------------------------------------------
+
+def _load_yaml_with_lines(text: str, source: str) -> tuple[Any, dict[tuple, int]]:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        problem = getattr(e, "problem", None) or str(e)
+        raise RecipeError(f"{where}: malformed YAML: {problem}") from None
+    if node is None:
+        raise RecipeError(f"{source}: the recipe is empty; expected a mapping with name, output_dir, stages")
+    lines: dict[tuple, int] = {}
+
+    def walk(n, path):
+        lines[path] = n.start_mark.line + 1
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                lines[path + (k.value,)] = k.start_mark.line + 1
+                walk(v, path + (k.value,))
+        elif isinstance(n, yaml.SequenceNode):
+            for i, v in enumerate(n.value):
+                walk(v, path + (i,))
+
+    walk(node, ())
+    loader = yaml.SafeLoader(text)
+    try:
+        data = loader.get_single_data()
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{source}: malformed YAML: {e}") from None
+    finally:
+        loader.dispose()
+    return data, lines
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+def _path_str(path: tuple) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "(top level)"
+
+
+def _where(source: str, lines: dict[tuple, int], path: tuple) -> str:
+    for cut in range(len(path), -1, -1):
+        if path[:cut] in lines:
+            line = lines[path[:cut]]
+            return f"{source}:{line}" if line > 0 else f"{source} (--set)"
+    return source
+
+
+def _suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _allowed_fields(model_cls, loc: tuple) -> list[str]:
+    """Field names valid at `loc` inside `model_cls` (best effort, for suggestions)."""
+    cls = model_cls
+    for part in loc:
+        if isinstance(part, int) or cls is None or not hasattr(cls, "model_fields"):
+            continue
+        f = cls.model_fields.get(part)
+        if f is None:
+            return list(cls.model_fields)
+        cls = _model_in(f.annotation)
+    return list(cls.model_fields) if cls is not None and hasattr(cls, "model_fields") else []
+
+
+def _model_in(annotation):
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _format_validation(err: ValidationError, model_cls, source: str, lines, prefix: tuple) -> str:
+    msgs = []
+    for e in err.errors():
+        loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and ("[" in x or x.startswith("function-"))))
+        full = prefix + loc
+        where = _where(source, lines, full)
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_fields(model_cls, loc[:-1])
+            msgs.append(f"{where}: unknown key {_path_str(full)!r}{_suggest(loc[-1], allowed)}"
+                        + (f" (valid keys: {', '.join(allowed)})" if allowed else ""))
+        elif e["type"] == "missing":
+            msgs.append(f"{where}: missing required key {_path_str(full)!r}")
+        else:
+            got = e.get("input")
+            got_s = repr(got)
+            got_s = got_s[:60] + "..." if len(got_s) > 60 else got_s
+            msgs.append(f"{where}: {_path_str(full)}: {e['msg']} (got {got_s})")
+    return "\n".join(msgs)
+
+
+# --- overrides -------------------------------------------------------------------------------
+
+def apply_override(raw: dict, assignment: str, lines: dict[tuple, int]) -> None:
+    """Apply `key.path=value` (value parsed as YAML). `stages.NAME.key` addresses a stage by name."""
+    if "=" not in assignment:
+        raise RecipeError(f"--set {assignment!r}: expected key.path=value")
+    key, value_text = assignment.split("=", 1)
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else ""
+    except yaml.YAMLError as e:
+        raise RecipeError(f"--set {assignment!r}: the value is not valid YAML ({e})") from None
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise RecipeError(f"--set {assignment!r}: empty key path")
+    node: Any = raw
+    path: tuple = ()
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if part.isdigit():
+                idx = int(part)
+            else:
+                names = [s.get("name") for s in node if isinstance(s, dict)]
+                if part not in names:
+                    raise RecipeError(f"--set {assignment!r}: no stage named {part!r}{_suggest(part, names)}")
+                idx = names.index(part)
+            if idx >= len(node):
+                raise RecipeError(f"--set {assignment!r}: index {idx} out of range")
+            node, path = node[idx], path + (idx,)
+        elif isinstance(node, dict):
+            if part not in node:
+                node[part] = {}
+            node, path = node[part], path + (part,)
+        else:
+            raise RecipeError(f"--set {assignment!r}: {'.'.join(parts[:i + 1])} is not a mapping")
+    if not isinstance(node, dict):
+        raise RecipeError(f"--set {assignment!r}: {'.'.join(parts[:-1])} is not a mapping")
+    node[parts[-1]] = value
+    lines[path + (parts[-1],)] = 0  # 0 marks "came from --set"
+
+
+# --- references ------------------------------------------------------------------------------
+
+def iter_references(value: Any, path: tuple = ()):
+    """Yield (key path, reference text) for every ${...} inside a nested value."""
+    if isinstance(value, str):
+        for m in REFERENCE.finditer(value):
+            yield path, m.group(1).strip()
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from iter_references(v, path + (k,))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from iter_references(v, path + (i,))
+
+
+def substitute_references(value: Any, lookup) -> Any:
+    """Replace references using `lookup(ref) -> str`; a value that is exactly one reference becomes its target."""
+    if isinstance(value, str):
+        m = REFERENCE.fullmatch(value.strip())
+        if m:
+            return lookup(m.group(1).strip())
+        return REFERENCE.sub(lambda mm: str(lookup(mm.group(1).strip())), value)
+    if isinstance(value, dict):
+        return {k: substitute_references(v, lookup) for k, v in value.items()}
+    if isinstance(value, list):
+        return [substitute_references(v, lookup) for v in value]
+    return value
+
+
+def _check_reference(ref: str, top: RecipeTop, earlier: dict[str, str], all_stages: list[str]) -> str | None:
+    parts = ref.split(".")
+    head = parts[0]
+    if head == "models":
+        if len(parts) != 2 or parts[1] not in top.models:
+            name = parts[1] if len(parts) > 1 else ""
+            return f"unknown model {name!r}{_suggest(name, top.models)}; models are: {', '.join(top.models) or '(none)'}"
+        return None
+    if head == "datasets":
+        if len(parts) != 2 or parts[1] not in top.datasets:
+            name = parts[1] if len(parts) > 1 else ""
+            return f"unknown dataset {name!r}{_suggest(name, top.datasets)}; datasets are: {', '.join(top.datasets) or '(none)'}"
+        return None
+    if head == "stages":
+        if len(parts) != 3:
+            return "stage references have the form ${stages.NAME.OUTPUT}"
+        name, out = parts[1], parts[2]
+        if name not in earlier:
+            if name in all_stages:
+                return f"stage {name!r} runs later; a stage may only use outputs of stages before it"
+            return f"unknown stage {name!r}{_suggest(name, all_stages)}"
+        kind = STAGE_KINDS.get(earlier[name])
+        if kind is not None and out not in kind.outputs:
+            return f"stage {name!r} ({kind.kind}) has no output {out!r}{_suggest(out, kind.outputs)}; it has: {', '.join(kind.outputs)}"
+        return None
+    return f"unknown reference root {head!r}; expected models, datasets or stages"
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override, validate. Raises RecipeError with every problem found, each with file:line."""
+    p = Path(path)
+    if not p.exists():
+        raise RecipeError(f"{p}: recipe file not found")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise RecipeError(f"{p}: the recipe is not UTF-8 text") from None
+    raw, lines = _load_yaml_with_lines(text, str(p))
+    return recipe_from_dict(raw, source=p, lines=lines, overrides=overrides)
+
+
+def recipe_from_dict(raw: Any, source: Path | None = None, lines: dict | None = None,
+                     overrides=()) -> Recipe:
+    src = str(source) if source else "<recipe>"
+    lines = dict(lines or {})
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{src}: expected a mapping with name, output_dir, stages at the top level, got {type(raw).__name__}")
+    import copy
+
+    raw = copy.deepcopy(raw)
+    for assignment in overrides:
+        apply_override(raw, assignment, lines)
+    try:
+        top = RecipeTop.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError(_format_validation(e, RecipeTop, src, lines, ())) from None
+
+    errors: list[str] = []
+    stages: list[StageEntry] = []
+    names_seen: dict[str, str] = {}
+    all_names = [s.get("name") for s in top.stages if isinstance(s, dict)]
+    for i, entry in enumerate(top.stages):
+        where_path = ("stages", i)
+        if not isinstance(entry, dict):
+            errors.append(f"{_where(src, lines, where_path)}: stages[{i}]: expected a mapping with name and kind")
+            continue
+        name, kind = entry.get("name"), entry.get("kind")
+        if not isinstance(name, str) or not STAGE_NAME.match(name):
+            errors.append(f"{_where(src, lines, where_path + ('name',))}: stages[{i}].name: expected a name of letters, digits, _ . -, got {name!r}")
+            continue
+        if name in names_seen:
+            errors.append(f"{_where(src, lines, where_path + ('name',))}: stages[{i}].name: {name!r} is used twice; stage names must be unique")
+            continue
+        if kind not in STAGE_KINDS:
+            errors.append(f"{_where(src, lines, where_path + ('kind',))}: stages[{i}].kind: unknown stage kind {kind!r}"
+                          f"{_suggest(kind, STAGE_KINDS)}; this version has: {', '.join(sorted(STAGE_KINDS))}")
+            names_seen[name] = kind
+            continue
+        cfg_raw = {k: v for k, v in entry.items() if k not in ("name", "kind")}
+        for rpath, ref in iter_references(cfg_raw):
+            problem = _check_reference(ref, top, names_seen, all_names)
+            if problem:
+                full = where_path + rpath
+                errors.append(f"{_where(src, lines, full)}: {_path_str(full)}: ${{{ref}}}: {problem}")
+        cls = STAGE_KINDS[kind].config_cls
+        try:
+            cfg = cls.model_validate(cfg_raw)
+        except ValidationError as e:
+            errors.append(_format_validation(e, cls, src, lines, where_path))
+            names_seen[name] = kind
+            continue
+        stages.append(StageEntry(name=name, kind=kind, config=cfg))
+        names_seen[name] = kind
+    if errors:
+        raise RecipeError("\n".join(errors))
+    if not stages:
+        raise RecipeError(f"{src}: the recipe has no stages")
+    out_dir = Path(top.output_dir)
+    if not out_dir.is_absolute() and source is not None:
+        out_dir = (Path(source).parent / out_dir)
+    return Recipe(top.name, out_dir.resolve(), top.seed, top.models, top.datasets, stages, source, raw, lines)
+

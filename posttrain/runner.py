@@ -1,0 +1,350 @@
+"""Runs a recipe's stages in order: run directory, manifests, skip and resume, seeds.
+
+Layout of a run directory (`output_dir`):
+
+    recipe.resolved.yaml        the recipe after overrides, with every reference resolved
+    _inputs/tokenizer/          the toy tokenizer (when tiny models are used)
+    _inputs/models/<name>/      tiny models built from the recipe
+    _inputs/datasets/<name>.jsonl   toy datasets generated from the recipe
+    <stage>/manifest.json       written last and atomically; the only proof a stage is complete
+    <stage>/attempt.json        hash of the attempt in progress (lets a killed stage resume)
+    <stage>/...                 the stage's outputs (model/, metrics.jsonl, ...)
+
+A stage is skipped when its manifest says complete and its hash (kind, resolved config,
+fingerprints of its inputs) is unchanged. Once one stage runs, every later stage runs too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from posttrain.data import write_json, write_jsonl
+from posttrain.recipe import Recipe, RecipeError, load_recipe, substitute_references
+from posttrain.stages import STAGE_KINDS, StageContext, StageError
+
+MANIFEST = "manifest.json"
+ATTEMPT = "attempt.json"
+
+
+def seed_everything(seed: int) -> None:
+    """Python, numpy and torch RNGs; deterministic algorithms where torch has them cheaply."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    os.environ["PYTHONHASHSEED"] = str(seed)
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def fingerprint_path(path: Path) -> str:
+    """Content identity of a file or directory: sizes and mtimes (cheap), full hash for small files."""
+    if not path.exists():
+        return "missing"
+    if path.is_file():
+        st = path.stat()
+        if st.st_size <= 8 << 20:
+            return hashlib.sha256(path.read_bytes()).hexdigest()
+        return f"{st.st_size}:{st.st_mtime_ns}"
+    items = []
+    for f in sorted(path.rglob("*")):
+        if f.is_file():
+            st = f.stat()
+            items.append((str(f.relative_to(path)), st.st_size, st.st_mtime_ns))
+    return _sha(items)
+
+
+def read_manifest(stage_dir: Path) -> dict | None:
+    try:
+        return json.loads((stage_dir / MANIFEST).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+@dataclass
+class StageOutcome:
+    name: str
+    kind: str
+    status: str  # complete | skipped | failed | not run
+    seconds: float
+    metrics: dict
+    outputs: dict
+    error: str | None = None
+
+
+class Inputs:
+    """Materialises the recipe's models and datasets into the run directory, once."""
+
+    def __init__(self, recipe: Recipe, console_log: Callable[[str], None]):
+        self.recipe = recipe
+        self.root = recipe.output_dir / "_inputs"
+        self.log = console_log
+        self.base = recipe.source.parent if recipe.source else Path.cwd()
+        self._fingerprints: dict[str, str] = {}
+
+    def _local(self, path_text: str, where: str, must_exist: bool) -> str:
+        p = Path(path_text).expanduser()
+        candidates = [p] if p.is_absolute() else [self.base / p, Path.cwd() / p]
+        for c in candidates:
+            if c.exists():
+                return str(c.resolve())
+        if must_exist:
+            raise RecipeError(f"{where}: {path_text!r} not found (looked in {', '.join(str(c) for c in candidates)})")
+        return path_text  # a hub id
+
+    def tokenizer_dir(self) -> Path:
+        d = self.root / "tokenizer"
+        spec = {"seed": self.recipe.seed}
+        if not self._complete(d, spec):
+            from posttrain.toy.tokenizer import build_toy_tokenizer
+
+            self.log("building the toy tokenizer")
+            self._build(d, spec, lambda tmp: build_toy_tokenizer(tmp, seed=self.recipe.seed))
+        return d
+
+    def model(self, name: str) -> str:
+        entry = self.recipe.models[name]
+        if entry.path is not None:
+            looks_local = entry.path.startswith((".", "/", "~")) or Path(entry.path).suffix or os.sep in entry.path.strip("/") and Path(entry.path).exists()
+            out = self._local(entry.path, f"models.{name}.path", must_exist=bool(looks_local))
+            self._fingerprints[f"models.{name}"] = fingerprint_path(Path(out)) if Path(out).exists() else out
+            return out
+        d = self.root / "models" / name
+        spec = entry.tiny.model_dump()
+        tok_dir = self.tokenizer_dir()
+        if not self._complete(d, spec):
+            from posttrain.modeling import load_tokenizer
+            from posttrain.toy.models import build_tiny_model
+
+            self.log(f"building tiny model {name!r} ({entry.tiny.arch}, hidden {entry.tiny.hidden_size}, {entry.tiny.num_layers} layers)")
+            tok = load_tokenizer(tok_dir)
+            self._build(d, spec, lambda tmp: build_tiny_model(entry.tiny, tok, tmp))
+        self._fingerprints[f"models.{name}"] = _sha(spec) + fingerprint_path(tok_dir)
+        return str(d)
+
+    def dataset(self, name: str) -> str:
+        entry = self.recipe.datasets[name]
+        if entry.path is not None:
+            out = self._local(entry.path, f"datasets.{name}.path", must_exist=True)
+            self._fingerprints[f"datasets.{name}"] = fingerprint_path(Path(out))
+            return out
+        from posttrain.toy import tasks
+
+        f = self.root / "datasets" / f"{name}.jsonl"
+        if entry.toy is not None:
+            spec = entry.toy.model_dump()
+            seed = spec["seed"] if spec["seed"] is not None else self.recipe.seed
+            make = lambda: (tasks.generate(spec["task"], spec["n"], seed=seed, split=spec["split"],  # noqa: E731
+                                           fmt=spec["format"], mix=spec["mix"]), None)
+        else:
+            spec = entry.toy_dirty.model_dump()
+            seed = spec["seed"] if spec["seed"] is not None else self.recipe.seed
+            make = lambda: tasks.generate_dirty(spec["n_clean"], seed=seed, dirty_per_kind=spec["dirty_per_kind"])  # noqa: E731
+        spec = {**spec, "seed": seed}
+        marker = f.with_suffix(".spec.json")
+        if not (f.exists() and marker.exists() and json.loads(marker.read_text()) == spec):
+            rows, planted = make()
+            write_jsonl(f, rows)
+            write_json(marker, spec)
+            if planted is not None:
+                write_json(f.with_suffix(".planted.json"), planted)
+        self._fingerprints[f"datasets.{name}"] = _sha(spec)
+        return str(f)
+
+    def fingerprint(self, ref: str) -> str:
+        return self._fingerprints[ref]
+
+    @staticmethod
+    def _complete(d: Path, spec: dict) -> bool:
+        try:
+            return json.loads((d / ".spec.json").read_text()) == spec
+        except (FileNotFoundError, json.JSONDecodeError):
+            return False
+
+    @staticmethod
+    def _build(d: Path, spec: dict, build: Callable[[Path], Any]) -> None:
+        tmp = d.with_name(d.name + ".building")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        build(tmp)
+        write_json(tmp / ".spec.json", spec)
+        shutil.rmtree(d, ignore_errors=True)
+        os.replace(tmp, d)
+
+
+class Runner:
+    def __init__(self, recipe: Recipe, console=None, debug: bool = False):
+        self.recipe = recipe
+        self.debug = debug
+        self.console = console
+        self.inputs = Inputs(recipe, self._log)
+        self.manifests: dict[str, dict] = {}
+
+    def _log(self, msg: str) -> None:
+        if self.console is not None:
+            self.console.print(f"[dim]{msg}[/dim]")
+
+    # -- references ---------------------------------------------------------------------------
+    def _resolve(self, ref: str) -> str:
+        parts = ref.split(".")
+        if parts[0] == "models":
+            return self.inputs.model(parts[1])
+        if parts[0] == "datasets":
+            return self.inputs.dataset(parts[1])
+        manifest = self.manifests.get(parts[1])
+        if manifest is None or manifest.get("status") != "complete":
+            raise RecipeError(f"${{{ref}}}: stage {parts[1]!r} has not completed in this run directory; run it first")
+        return manifest["outputs"][parts[2]]
+
+    def _input_fingerprint(self, ref: str) -> str:
+        parts = ref.split(".")
+        if parts[0] == "stages":
+            return self.manifests[parts[1]]["hash"]
+        return self.inputs.fingerprint(ref)
+
+    def resolve_stage(self, entry) -> tuple[Any, str, dict]:
+        """(config with references resolved, stage hash, resolved config dict)."""
+        from posttrain.recipe import iter_references
+
+        raw_cfg = entry.config.model_dump(mode="json", exclude_unset=False)
+        resolved = substitute_references(raw_cfg, self._resolve)
+        refs = sorted({r for _, r in iter_references(raw_cfg)})
+        fingerprints = {r: self._input_fingerprint(r) for r in refs}
+        cfg = STAGE_KINDS[entry.kind].config_cls.model_validate(resolved)
+        digest = _sha({"kind": entry.kind, "config": resolved, "inputs": fingerprints, "seed": self.recipe.seed})
+        return cfg, digest, resolved
+
+    # -- running ------------------------------------------------------------------------------
+    def run(self, from_stage: str | None = None, only: str | None = None, dry_run: bool = False,
+            progress_factory=None, on_stage_start=None) -> list[StageOutcome]:
+        recipe = self.recipe
+        names = [s.name for s in recipe.stages]
+        for flag, value in (("--from", from_stage), ("--only", only)):
+            if value is not None and value not in names:
+                recipe.stage(value)  # raises with a suggestion
+        recipe.output_dir.mkdir(parents=True, exist_ok=True)
+        for s in recipe.stages:
+            m = read_manifest(recipe.output_dir / s.name)
+            if m is not None:
+                self.manifests[s.name] = m
+        outcomes: list[StageOutcome] = []
+        force = False
+        resolved_all: dict[str, dict] = {}
+        for entry in recipe.stages:
+            if only is not None and entry.name != only:
+                m = self.manifests.get(entry.name)
+                outcomes.append(StageOutcome(entry.name, entry.kind, "skipped" if m and m.get("status") == "complete" else "not run",
+                                             0.0, (m or {}).get("metrics", {}), (m or {}).get("outputs", {})))
+                continue
+            if from_stage is not None and entry.name == from_stage:
+                force = True
+            cfg, digest, resolved = self.resolve_stage(entry)
+            resolved_all[entry.name] = {"kind": entry.kind, **resolved}
+            stage_dir = recipe.output_dir / entry.name
+            previous = self.manifests.get(entry.name)
+            up_to_date = previous is not None and previous.get("status") == "complete" and previous.get("hash") == digest
+            if up_to_date and not force and only is None:
+                outcomes.append(StageOutcome(entry.name, entry.kind, "skipped", 0.0, previous.get("metrics", {}), previous.get("outputs", {})))
+                continue
+            if dry_run:
+                outcomes.append(StageOutcome(entry.name, entry.kind, "would run", 0.0, {}, {}))
+                force = True
+                self.manifests[entry.name] = {"status": "complete", "hash": digest, "outputs": {
+                    k: str(stage_dir / k) for k in STAGE_KINDS[entry.kind].outputs}}
+                continue
+            force = True  # everything downstream of a stage that runs, runs
+            if on_stage_start:
+                on_stage_start(entry)
+            outcome = self._run_stage(entry, cfg, digest, resolved, stage_dir, progress_factory)
+            outcomes.append(outcome)
+            if outcome.status != "complete":
+                break
+        if not dry_run:
+            self._write_resolved_recipe(resolved_all)
+        return outcomes
+
+    def _prepare_stage_dir(self, stage_dir: Path, digest: str) -> None:
+        """Keep a killed attempt's files only when it was the same attempt (so it can resume)."""
+        attempt = None
+        try:
+            attempt = json.loads((stage_dir / ATTEMPT).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        if stage_dir.exists() and (attempt is None or attempt.get("hash") != digest):
+            shutil.rmtree(stage_dir)
+        (stage_dir / MANIFEST).unlink(missing_ok=True)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        write_json(stage_dir / ATTEMPT, {"hash": digest, "started": time.time(), "pid": os.getpid()})
+
+    def _run_stage(self, entry, cfg, digest, resolved, stage_dir: Path, progress_factory) -> StageOutcome:
+        self._prepare_stage_dir(stage_dir, digest)
+        kind = STAGE_KINDS[entry.kind]
+        ctx = StageContext(name=entry.name, kind=entry.kind, stage_dir=stage_dir, run_dir=self.recipe.output_dir,
+                           seed=self.recipe.seed, recipe_name=self.recipe.name,
+                           lineage=[self.manifests[s.name] for s in self.recipe.stages
+                                    if s.name in self.manifests and s.name != entry.name
+                                    and self.manifests[s.name].get("status") == "complete"],
+                           progress_factory=progress_factory)
+        seed_everything(self.recipe.seed)
+        started = time.time()
+        manifest = {"name": entry.name, "kind": entry.kind, "config": resolved, "hash": digest,
+                    "started": started, "recipe": self.recipe.name}
+        try:
+            result = kind.run(cfg, ctx)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # noqa: BLE001 - recorded in the manifest and reported to the user
+            ended = time.time()
+            message = f"{type(e).__name__}: {e}"
+            manifest.update(status="failed", ended=ended, seconds=round(ended - started, 3), error=message,
+                            traceback=traceback.format_exc(), outputs={}, metrics={})
+            write_json(stage_dir / MANIFEST, manifest)
+            self.manifests[entry.name] = manifest
+            if self.debug:
+                raise
+            return StageOutcome(entry.name, entry.kind, "failed", ended - started, {}, {}, message)
+        ended = time.time()
+        missing = [k for k in kind.outputs if k not in result.outputs]
+        if missing:
+            raise StageError(f"stage kind {entry.kind!r} did not report outputs {missing}")
+        manifest.update(status="complete", ended=ended, seconds=round(ended - started, 3),
+                        outputs={k: str(v) for k, v in result.outputs.items()}, metrics=result.metrics)
+        write_json(stage_dir / MANIFEST, manifest)  # last, atomically: the stage is complete from here on
+        (stage_dir / ATTEMPT).unlink(missing_ok=True)
+        self.manifests[entry.name] = manifest
+        return StageOutcome(entry.name, entry.kind, "complete", ended - started, result.metrics, manifest["outputs"])
+
+    def _write_resolved_recipe(self, resolved_stages: dict[str, dict]) -> None:
+        import yaml
+
+        out = {k: v for k, v in self.recipe.raw.items() if k != "stages"}
+        out["output_dir"] = str(self.recipe.output_dir)
+        out["stages"] = [{"name": n, **c} for n, c in resolved_stages.items()]
+        text = yaml.safe_dump(out, sort_keys=False)
+        tmp = self.recipe.output_dir / "recipe.resolved.yaml.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, self.recipe.output_dir / "recipe.resolved.yaml")
+
+
+def run_recipe(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = (), **kwargs) -> dict[str, dict]:
+    """Run a recipe file; returns the manifests of its stages by name. Raises StageError on failure."""
+    recipe = load_recipe(recipe_path, overrides)
+    runner = Runner(recipe, debug=kwargs.pop("debug", False))
+    outcomes = runner.run(**kwargs)
+    failed = [o for o in outcomes if o.status == "failed"]
+    if failed:
+        raise StageError(f"stage {failed[0].name!r} failed: {failed[0].error}")
+    return dict(runner.manifests)

@@ -1,0 +1,8 @@
+"""Stage kinds. Importing this package registers every built-in kind in STAGE_KINDS."""
+
+from posttrain.stages.base import STAGE_KINDS, StageConfig, StageContext, StageError, StageResult, register_stage
+
+from posttrain.stages import sft as _sft  # noqa: E402,F401
+from posttrain.stages import export as _export  # noqa: E402,F401
+
+__all__ = ["STAGE_KINDS", "StageConfig", "StageContext", "StageError", "StageResult", "register_stage"]

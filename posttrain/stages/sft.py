@@ -1,0 +1,178 @@
+"""`sft`: supervised finetuning with TRL's SFTTrainer on Gemma IT conversations.
+
+Rows are tokenised here with `posttrain.chat` (control tokens as ids, loss on model turns and
+their `<end_of_turn>` only) and handed to SFTTrainer pre-tokenised with `assistant_masks`, so
+the mask is exactly the one the chat tests pin down whatever the tokenizer's own template does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from posttrain.chat import (ChatFormatError, GEMMA_CHAT_TEMPLATE, normalise_messages, prompt_completion_to_messages,
+                            tokenize_conversation)
+from posttrain.data import DataError, iter_rows, write_jsonl
+from posttrain.stages.base import StageConfig, StageContext, StageError, StageResult, register_stage
+
+
+class LoraSpec(BaseModel):
+    """LoRA adapter settings (peft)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(16, ge=1, description="Rank of the update matrices.")
+    alpha: int = Field(32, ge=1, description="Scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | str = Field("all-linear", description="Modules to adapt; 'all-linear' for every linear layer but the head.")
+
+
+class SFTStageConfig(StageConfig):
+    """Supervised finetuning on chat (`messages`) or `prompt`/`completion` rows."""
+
+    model: str = Field(description="Model to finetune: ${models.NAME}, ${stages.NAME.model} or a path.")
+    dataset: str = Field(description="Training rows: ${datasets.NAME}, ${stages.NAME.dataset} or a path.")
+    max_steps: int = Field(200, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(16, ge=1, description="Sequences per device per step.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate (AdamW).")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field("cosine", description="Learning-rate schedule.")
+    warmup_ratio: float = Field(0.03, ge=0, le=1, description="Fraction of steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_length: int = Field(1024, ge=8, description="Sequences longer than this are truncated (counted in the metrics).")
+    packing: bool = Field(False, description="Pack several conversations per sequence (TRL best-fit packing).")
+    lora: LoraSpec | None = Field(None, description="Train a LoRA adapter instead of all weights; the output is merged.")
+    on_invalid_row: Literal["error", "skip"] = Field(
+        "error", description="An invalid row stops the stage with its file and line, or is skipped and written to skipped.jsonl.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
+    bf16: bool = Field(False, description="bfloat16 mixed precision (GPU nodes).")
+    logging_steps: int = Field(10, ge=1, description="Log the loss every this many steps.")
+    report_to: list[str] = Field(default_factory=list, description="Extra trackers: tensorboard, wandb, trackio.")
+    deepspeed: str | None = Field(None, description="DeepSpeed config file for multi-GPU runs under `accelerate launch`.")
+
+
+def load_conversations(path: str, on_invalid_row: str, skipped_path: Path) -> tuple[list[list[dict]], int]:
+    """Conversations from `messages` or `prompt`/`completion` rows; invalid rows error or are recorded."""
+    conversations, skipped = [], []
+    for where, row in iter_rows(path):
+        try:
+            if "messages" in row:
+                messages = row["messages"]
+            elif "prompt" in row and "completion" in row:
+                messages = prompt_completion_to_messages(row["prompt"], row["completion"])
+            else:
+                raise ChatFormatError(f"expected a 'messages' list or 'prompt' and 'completion'; the row has {sorted(row)}")
+            turns = normalise_messages(messages)
+            if not any(t["role"] == "assistant" for t in turns):
+                raise ChatFormatError("the conversation has no assistant turn to learn from")
+            conversations.append(messages)
+        except ChatFormatError as e:
+            if on_invalid_row == "error":
+                raise DataError(f"{where}: {e}") from None
+            skipped.append({"where": where, "reason": str(e), "row": row})
+    if skipped:
+        write_jsonl(skipped_path, skipped)
+    if not conversations:
+        raise DataError(f"{path}: no usable training rows" + (f" ({len(skipped)} skipped, see {skipped_path})" if skipped else ""))
+    return conversations, len(skipped)
+
+
+def tokenize_for_training(tokenizer, conversations, max_length: int) -> tuple[list[dict], int]:
+    """Token ids and assistant masks; over-long rows are truncated and counted (a row whose
+    model turns were cut away entirely still counts as truncated and trains nothing)."""
+    rows, truncated = [], 0
+    for messages in conversations:
+        tc = tokenize_conversation(tokenizer, messages)
+        ids, mask = tc.input_ids, tc.loss_mask
+        if len(ids) > max_length:
+            ids, mask = ids[:max_length], mask[:max_length]
+            truncated += 1
+        if any(mask):
+            rows.append({"input_ids": ids, "assistant_masks": mask})
+    return rows, truncated
+
+
+def save_model(model, tokenizer, out_dir: Path) -> None:
+    """HF checkpoint (safetensors) plus the tokenizer carrying the Gemma chat template."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
+    tokenizer.save_pretrained(str(out_dir))
+
+
+@register_stage("sft", SFTStageConfig, outputs=("model",))
+def run_sft(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
+    """Supervised finetuning (TRL SFTTrainer), full or LoRA, loss on model turns only."""
+    import datasets
+    from transformers import PrinterCallback, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from posttrain.modeling import load_policy
+
+    conversations, n_skipped = load_conversations(cfg.dataset, cfg.on_invalid_row, ctx.stage_dir / "skipped.jsonl")
+    model, tokenizer = load_policy(cfg.model)
+    rows, n_truncated = tokenize_for_training(tokenizer, conversations, cfg.max_length)
+    train = datasets.Dataset.from_list(rows)
+
+    peft_config = None
+    if cfg.lora is not None:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                 target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+
+    args = SFTConfig(
+        output_dir=str(ctx.stage_dir / "trainer"), max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=int(cfg.warmup_ratio * cfg.max_steps),
+        weight_decay=cfg.weight_decay, max_length=cfg.max_length, packing=cfg.packing,
+        gradient_checkpointing=cfg.gradient_checkpointing, bf16=cfg.bf16, logging_steps=cfg.logging_steps,
+        save_strategy="no", report_to=cfg.report_to or "none", seed=ctx.seed, data_seed=ctx.seed,
+        disable_tqdm=True, dataset_num_proc=None, deepspeed=cfg.deepspeed, use_cpu=_no_accelerator(),
+    )
+
+    losses: list[float] = []
+
+    with ctx.metrics() as metrics, ctx.progress(cfg.max_steps, "sft") as advance:
+        class Report(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                advance(1)
+
+            def on_log(self, args, state, control, logs=None, **kw):
+                if logs and "loss" in logs:
+                    losses.append(float(logs["loss"]))
+                    metrics.log(state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))})
+
+        trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
+                             peft_config=peft_config, callbacks=[Report()])
+        trainer.remove_callback(PrinterCallback)  # our progress bar and metrics.jsonl replace its prints
+        started = time.time()
+        trainer.train()
+        seconds = time.time() - started
+
+    if losses and not all(math.isfinite(x) for x in losses):
+        raise StageError(f"training loss became non-finite ({losses[-5:]}); lower learning_rate or check the data")
+    trained = trainer.model
+    if cfg.lora is not None:
+        trained = trained.merge_and_unload()
+    out = ctx.stage_dir / "model"
+    save_model(trained, tokenizer, out)
+    stats = {"rows": len(conversations), "rows_skipped": n_skipped, "rows_truncated": n_truncated,
+             "train_tokens": sum(len(r["input_ids"]) for r in rows),
+             "trained_tokens": sum(sum(r["assistant_masks"]) for r in rows)}
+    (ctx.stage_dir / "data_stats.json").write_text(json.dumps(stats, indent=2))
+    metrics = {"loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+               "steps": cfg.max_steps, "train_seconds": round(seconds, 1), **stats}
+    return StageResult(outputs={"model": str(out)}, metrics=metrics)
+
+
+def _no_accelerator() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
