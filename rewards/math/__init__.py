@@ -87,7 +87,7 @@ def _answer_is(text: str) -> str | None:
         if end > 0:
             return rest[1:end]
     line = rest.split("\n", 1)[0]
-    line = re.split(r"(?<!\d)\.(?!\d)|\.\s", line, maxsplit=1)[0]  # end of sentence
+    line = re.split(r"\.(?!\d)", line, maxsplit=1)[0]  # end of sentence (not a decimal point)
     return line.strip() or None
 
 
