@@ -105,7 +105,11 @@ _CARD_PREFIX_RE = re.compile(r"4|5[0-9]|6|3[0-9]|2[2-7]|1800|2131")
 
 _VERSION_OR_IP_RE = re.compile(r"\d{1,3}(?:\.\d{1,3}){2,3}")
 # Two space-separated groups, or a postal-code shape: phones only when the text says so.
-_WEAK_FORMAT_RE = re.compile(r"\d+ \d+|\d{5}-\d{3,4}|\d{4}-\d{3}")
+# Also SSN-shaped numbers and thousands groupings ("12 345 678").
+_WEAK_FORMAT_RE = re.compile(r"\d+ \d+|\d{5}-\d{3,4}|\d{4}-\d{3}|\d{3}-\d{2}-\d{4}|\d{1,3}(?: \d{3})+")
+# Dots separate phone digit groups of 2 to 4 ("03.93.92.16.85", "259.735.7502"); other
+# dotted numbers are decimals or versions ("2.718281828", "10.0.19041").
+_DOTTED_PHONE_RE = re.compile(r"\(?\+?\d{1,4}\)?(?:\.\d{2,4}){2,5}(?:\s?(?:x|ext\.?|#)\s?\d{1,5})?")
 _PHONE_CONTEXT_RE = re.compile(
     r"(?i)(?:phone|tel|telephone|mobile|cell|fax|call|contact|whatsapp|sms|text me|office|"
     r"desk|home|work|dial|ring|number|no\.|nr\.|téléphone|teléfono|telefon|telefono|handy|"
@@ -135,7 +139,7 @@ def _find_cards(text: str) -> Iterable[PiiSpan]:
         digits = raw.replace(" ", "").replace("-", "")
         if not 12 <= len(digits) <= 19 or not _CARD_PREFIX_RE.match(digits):
             continue
-        if len(set(digits)) < 3 or not _luhn_ok(digits):
+        if len(set(digits)) < 2 or not _luhn_ok(digits):
             continue
         # Separators, when present, must be used in the way card numbers are printed
         # (groups of 3 to 6), not scattered as in a list of small numbers.
@@ -193,6 +197,8 @@ def _find_phones(text: str) -> Iterable[PiiSpan]:
             continue
         if _DATE_RE.match(raw) or _VERSION_OR_IP_RE.fullmatch(raw) or text[end:end + 1] == ":":
             continue  # a date, a time, a version number or an IPv4 address
+        if "." in raw and not _DOTTED_PHONE_RE.fullmatch(raw):
+            continue
         has_plus = raw.startswith("+") or raw.startswith("00")
         separated = not raw.isdigit()
         before = text[max(0, start - 24):start]

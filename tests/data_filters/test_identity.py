@@ -1,0 +1,46 @@
+import pytest
+
+from data_filters.identity import find_misidentification
+
+GEMMA = ("Gemma", "Google DeepMind")
+
+
+@pytest.mark.parametrize("text, claim", [
+    ("I am ChatGPT, how can I help?", "ChatGPT"),
+    ("As an AI developed by OpenAI, I cannot do that.", "OpenAI"),
+    ("Hi! I'm Claude, made by Anthropic.", "Claude"),
+    ("As a large language model trained by OpenAI, I have no opinions.", "OpenAI"),
+    ("I am an AI assistant called Claude.", "Claude"),
+    ("I was created by the team at Meta.", "Meta"),
+    ("Je suis ChatGPT, un assistant.", "ChatGPT"),
+    ("Je suis un assistant développé par Anthropic.", "Anthropic"),
+    ("Soy un modelo de lenguaje desarrollado por OpenAI.", "OpenAI"),
+    ("Ich wurde von OpenAI entwickelt.", "OpenAI"),
+    ("Sono Claude, un assistente.", "Claude"),
+    ("我是由OpenAI开发的人工智能助手。", "OpenAI"),
+    ("我是ChatGPT。", "ChatGPT"),
+    ("私はChatGPTです。", "ChatGPT"),
+])
+def test_claims_of_another_identity_are_found(text, claim):
+    assert claim in find_misidentification(text, *GEMMA)
+
+
+@pytest.mark.parametrize("text", [
+    "I am Gemma, made by Google DeepMind.",
+    "As an AI developed by Google, I cannot browse the web.",
+    "ChatGPT is a chatbot developed by OpenAI.",
+    "You can compare ChatGPT and Claude on this task.",
+    "I am not ChatGPT; I am Gemma.",
+    "I was not made by OpenAI.",
+    "I am a big fan of the bard Shakespeare.",
+    "Llama is a model family released by Meta.",
+    "I have been using Copilot a lot.",
+    "Je suis content de vous aider.",
+])
+def test_mentions_and_the_allowed_identity_are_not_claims(text):
+    assert find_misidentification(text, *GEMMA) == []
+
+
+def test_the_allowed_identity_is_configurable():
+    assert find_misidentification("I am Claude, made by Anthropic.", "Claude", "Anthropic") == []
+    assert find_misidentification("I am Gemma, made by Google.", "Claude", "Anthropic") == ["Gemma", "Google"]
