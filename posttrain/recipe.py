@@ -86,6 +86,8 @@ class RecipeTop(_Strict):
     name: str = Field(description="Run name, shown in the model card.")
     output_dir: str = Field(description="Run directory; relative paths are relative to the recipe file.")
     seed: int = Field(0, description="Seed for python, numpy, torch and data order.")
+    plugins: list[str] = Field(default_factory=list, description="Modules imported before validation, to register "
+                               "your own stage kinds and rewards: 'package.module' or 'path/to/file.py'.")
     models: dict[str, ModelEntry] = Field(default_factory=dict)
     datasets: dict[str, DatasetEntry] = Field(default_factory=dict)
     stages: list[dict] = Field(description="Ordered list of {name, kind, ...config}.")
@@ -310,6 +312,27 @@ def _check_reference(ref: str, top: RecipeTop, earlier: dict[str, str], all_stag
     return f"unknown reference root {head!r}; expected models, datasets or stages"
 
 
+def import_plugin(spec: str, base: Path) -> None:
+    """Import a module by dotted name, or a .py file (relative to the recipe's directory)."""
+    import importlib
+    import importlib.util
+    import sys
+
+    if spec.endswith(".py"):
+        path = Path(spec) if Path(spec).is_absolute() else base / spec
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist")
+        name = f"posttrain_plugin_{abs(hash(str(path.resolve())))}"
+        if name in sys.modules:
+            return
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        module_spec.loader.exec_module(module)
+    else:
+        importlib.import_module(spec)
+
+
 # --- loading ---------------------------------------------------------------------------------
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -341,6 +364,12 @@ def recipe_from_dict(raw: Any, source: Path | None = None, lines: dict | None = 
     except ValidationError as e:
         raise RecipeError(_format_validation(e, RecipeTop, src, lines, ())) from None
 
+    for i, plugin in enumerate(top.plugins):
+        try:
+            import_plugin(plugin, Path(source).parent if source else Path.cwd())
+        except Exception as e:  # noqa: BLE001 - any import failure is a recipe error with its location
+            raise RecipeError(f"{_where(src, lines, ('plugins', i))}: plugins[{i}]: cannot import {plugin!r}: "
+                              f"{type(e).__name__}: {e}") from None
     errors: list[str] = []
     stages: list[StageEntry] = []
     names_seen: dict[str, str] = {}

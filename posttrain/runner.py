@@ -297,7 +297,8 @@ class Runner:
                            lineage=[self.manifests[s.name] for s in self.recipe.stages
                                     if s.name in self.manifests and s.name != entry.name
                                     and self.manifests[s.name].get("status") == "complete"],
-                           progress_factory=progress_factory)
+                           progress_factory=progress_factory,
+                           recipe_dir=self.recipe.source.parent if self.recipe.source else None)
         seed_everything(self.recipe.seed)
         started = time.time()
         manifest = {"name": entry.name, "kind": entry.kind, "config": resolved, "hash": digest,

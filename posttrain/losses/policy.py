@@ -20,14 +20,25 @@ import torch
 Aggregation = Literal["token_mean", "sequence_mean", "sequence_sum"]
 
 
-def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
+def rloo_advantages(rewards: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Leave-one-out advantages over the n samples of each prompt.
 
     rewards: [P, n]. A[p, i] = rewards[p, i] - mean_{j != i} rewards[p, j]
                              = n / (n - 1) * (rewards[p, i] - mean_j rewards[p, j]).
     The baseline of each sample excludes the sample itself, so it stays an unbiased
     REINFORCE estimator (Kool et al. 2019; Ahmadian et al. 2024). Needs n >= 2.
+
+    valid: optional [P, n] booleans; invalid samples (a reward left out by the fault policy)
+    get advantage 0 and are left out of the others' baselines. A prompt with fewer than two
+    valid samples has no baseline, and all its advantages are 0.
     """
+    if valid is not None:
+        valid = valid.to(torch.bool)
+        r = torch.where(valid, rewards, torch.zeros_like(rewards))
+        count = valid.sum(dim=1, keepdim=True).to(rewards.dtype)
+        baseline = (r.sum(dim=1, keepdim=True) - r) / (count - 1).clamp(min=1.0)
+        usable = valid & (count >= 2)
+        return torch.where(usable, r - baseline, torch.zeros_like(rewards))
     if rewards.dim() != 2:
         raise ValueError(f"rloo_advantages: expected rewards of shape [prompts, samples], got {tuple(rewards.shape)}")
     n = rewards.shape[1]

@@ -95,6 +95,7 @@ class StageContext:
     recipe_name: str
     lineage: list[dict] = field(default_factory=list)  # manifests of the stages run before this one
     progress_factory: Callable[..., Any] | None = None
+    recipe_dir: Path | None = None  # relative paths in the recipe (reward files...) are relative to it
 
     @contextmanager
     def metrics(self, report_to: list[str] | None = None) -> Iterator[MetricsLogger]:

@@ -43,7 +43,7 @@ from posttrain.rollout import DriftMonitor, RolloutConfig, SamplingParams, creat
 from posttrain.stages.base import StageConfig, StageContext, StageError, StageResult, register_stage
 from posttrain.stages.sft import LoraSpec
 from posttrain.weights import ema_update_
-from rewards.combine import FaultPolicy, RewardSpec, compute_rewards
+from rewards.combine import CombinedReward, FaultPolicy, RewardSpec
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,9 @@ class RLStageConfig(StageConfig):
     eval_every: int = Field(0, ge=0, description="Evaluate every this many steps (0: only before and after training).")
     rewards: list[RewardSpec] = Field(description="Reward functions and their weights, e.g. [{name: math, weight: 1.0}]; "
                                       "the combined reward is their weighted sum (see rewards.combine).")
-    fault_policy: FaultPolicy = Field(default_factory=FaultPolicy,
-                                      description="What a reward function's failure (exception, None, NaN) does.")
+    fault_policy: FaultPolicy = Field("zero", description="A reward function that raises, times out or returns a "
+                                      "non-number: zero (that value counts as 0), skip (the sample is left out of the "
+                                      "update), fail (stop the run). Faults are counted per reward in the metrics.")
     num_generations: int = Field(4, ge=1, description="Completions sampled per prompt (n); RLOO needs n >= 2.")
     prompts_per_step: int = Field(8, ge=1, description="Prompts per optimizer step (batch = prompts_per_step x n sequences).")
     max_steps: int = Field(100, ge=1, description="Optimizer steps.")
@@ -239,12 +240,12 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 
 # --- evaluation ---------------------------------------------------------------------------------
 
-def evaluate(engine, specs, fault_policy, rows: list[dict], prompt_ids: list[list[int]], max_new_tokens: int) -> dict:
+def evaluate(engine, reward: CombinedReward, rows: list[dict], prompt_ids: list[list[int]], max_new_tokens: int) -> dict:
     """Greedy completions of held-out prompts, scored with the training rewards (e.g. accuracy for math)."""
     groups = engine.generate(prompt_ids, n=1, sampling=SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens))
     texts = [g[0].text for g in groups]
-    batch = compute_rewards(specs, [r["prompt"] for r in rows], texts, reward_columns(rows, 1), fault_policy)
-    out = {"eval/reward": _mean(batch.combined)}
+    batch = reward.compute([r["prompt"] for r in rows], texts, reward_columns(rows, 1))
+    out = {"eval/reward": _mean(batch.rewards)}
     for name, values in batch.per_reward.items():
         out[f"eval/{name}"] = _mean(values)
     return out
@@ -319,6 +320,8 @@ def run_rl(config: RLStageConfig, ctx: StageContext) -> StageResult:
         _truncate_metrics(stage_dir / "metrics.jsonl", start_step)
         log.info("resuming %s from %s (step %d)", ctx.name, checkpoints[-1], start_step)
 
+    recipe_dir = getattr(ctx, "recipe_dir", None)  # file-path rewards are relative to the recipe
+    reward = CombinedReward(config.rewards, config.fault_policy, base_dir=str(recipe_dir) if recipe_dir else None)
     engine = create_engine(config.model, config.rollout)
     drift = DriftMonitor.from_config(config.rollout)
     summary: dict[str, Any] = {"prompts_dropped_too_long": dropped}
@@ -328,15 +331,15 @@ def run_rl(config: RLStageConfig, ctx: StageContext) -> StageResult:
         with ctx.metrics(config.report_to) as metrics, ctx.progress(config.max_steps, "RL steps") as advance:
             advance(start_step)
             if eval_rows and start_step == 0:
-                before = evaluate(engine, config.rewards, config.fault_policy, eval_rows, eval_ids, config.max_new_tokens)
+                before = evaluate(engine, reward, eval_rows, eval_ids, config.max_new_tokens)
                 metrics.log(0, **before)
                 summary.update({k + "_before": v for k, v in before.items()})
             for step in range(start_step, config.max_steps):
-                record, nan_streak = _rl_step(step, config, ctx, engine, drift, policy, anchor, start_model,
+                record, nan_streak = _rl_step(step, config, ctx, engine, reward, drift, policy, anchor, start_model,
                                               optimizer, scheduler, params, rows, prompt_ids, pad_id, nan_streak)
                 record["prompts_dropped_too_long"] = dropped
                 if config.eval_every and eval_rows and (step + 1) % config.eval_every == 0 and step + 1 < config.max_steps:
-                    record.update(evaluate(engine, config.rewards, config.fault_policy, eval_rows, eval_ids,
+                    record.update(evaluate(engine, reward, eval_rows, eval_ids,
                                            config.max_new_tokens))
                 metrics.log(step + 1, **record)
                 advance(1)
@@ -345,7 +348,7 @@ def run_rl(config: RLStageConfig, ctx: StageContext) -> StageResult:
                                     {"nan_streak": nan_streak}, config.keep_checkpoints)
             summary.update({k: v for k, v in record.items() if not k.startswith("time/")} if config.max_steps > start_step else {})
             if eval_rows:
-                after = evaluate(engine, config.rewards, config.fault_policy, eval_rows, eval_ids, config.max_new_tokens)
+                after = evaluate(engine, reward, eval_rows, eval_ids, config.max_new_tokens)
                 metrics.log(config.max_steps, **after)
                 summary.update({k + "_after": v for k, v in after.items()})
     finally:
@@ -358,7 +361,7 @@ def run_rl(config: RLStageConfig, ctx: StageContext) -> StageResult:
     return StageResult(outputs={"model": str(out_dir)}, metrics=summary)
 
 
-def _rl_step(step, config: RLStageConfig, ctx, engine, drift, policy, anchor, start_model, optimizer, scheduler,
+def _rl_step(step, config: RLStageConfig, ctx, engine, reward: CombinedReward, drift, policy, anchor, start_model, optimizer, scheduler,
              params, rows, prompt_ids, pad_id, nan_streak) -> tuple[dict, int]:
     """One iteration of the loop; returns (metrics record, updated NaN streak)."""
     n = config.num_generations
@@ -377,9 +380,11 @@ def _rl_step(step, config: RLStageConfig, ctx, engine, drift, policy, anchor, st
 
     # 2. Reward: every reward function on every completion, combined with the recipe's weights.
     with timer("reward"):
-        scored = compute_rewards(config.rewards, [r["prompt"] for r in batch_rows for _ in range(n)],
-                                 [c.text for c in completions], reward_columns(batch_rows, n), config.fault_policy)
-    rewards = torch.tensor([float("nan") if v is None else float(v) for v in scored.combined], dtype=torch.float32)
+        scored = reward.compute([r["prompt"] for r in batch_rows for _ in range(n)], [c.text for c in completions],
+                                reward_columns(batch_rows, n))
+    # None: the fault policy skipped the sample, or no reward applies to it; it is left out of the update.
+    valid = torch.tensor([v is not None for v in scored.rewards])
+    rewards = torch.tensor([0.0 if v is None else float(v) for v in scored.rewards], dtype=torch.float32)
 
     # 3-5. Forward, advantages and loss per micro-batch of whole prompt groups, accumulated.
     optimizer.zero_grad(set_to_none=True)
@@ -400,12 +405,12 @@ def _rl_step(step, config: RLStageConfig, ctx, engine, drift, policy, anchor, st
                 if start_model is not None:
                     logp_start, _, _ = score_completions(start_model, seq_prompts[mb], comp_ids, config.temperature, pad_id)
             logp_sum, anchor_sum = masked_sum(logp.detach(), mask), masked_sum(logp_anchor, mask)
-            r = rewards[mb].to(logp.device)
+            r, ok = rewards[mb].to(logp.device), valid[mb].to(logp.device)
             r_beta = kl_regularised_rewards(r, logp_sum, anchor_sum, config.beta)
             if config.baseline == "rloo":
-                advantages = rloo_advantages(r_beta.view(-1, n)).view(-1)
+                advantages = rloo_advantages(r_beta.view(-1, n), ok.view(-1, n)).view(-1)
             else:
-                advantages = r_beta
+                advantages = torch.where(ok, r_beta, torch.zeros_like(r_beta))
             old = None
             if config.importance_clip is not None:
                 old = _pad_engine_logprobs(completions[mb], mask)
@@ -419,7 +424,7 @@ def _rl_step(step, config: RLStageConfig, ctx, engine, drift, policy, anchor, st
             stats.add(loss=loss.item(), kl_anchor=(logp_sum - anchor_sum).tolist(),
                       kl_start=(logp_sum - masked_sum(logp_start, mask)).tolist() if logp_start is not None
                       else (logp_sum - anchor_sum).tolist(),
-                      entropy=(entropy.sum().item(), mask.sum().item()), r_beta=r_beta.tolist(),
+                      entropy=(entropy.sum().item(), mask.sum().item()), r_beta=r_beta[ok].tolist(),
                       engine_lp=[c.logprobs for c in completions[mb]],
                       trainer_lp=[logp[i, :len(c.token_ids)].detach() for i, c in enumerate(completions[mb])])
         grad_norm = float("nan")
@@ -464,13 +469,13 @@ def _rl_step(step, config: RLStageConfig, ctx, engine, drift, policy, anchor, st
 
 def _reward_metrics(scored, completions) -> dict:
     lengths = [len(c.token_ids) for c in completions]
-    out = {"reward/mean": _mean(scored.combined), "reward/std": _std(scored.combined),
+    out = {"reward/mean": _mean(scored.rewards), "reward/std": _std(scored.rewards), "reward/skipped": sum(scored.skipped),
            "completion_length": sum(lengths) / len(lengths),
            "truncation_rate": sum(c.finish_reason == "length" for c in completions) / len(completions)}
     for name, values in scored.per_reward.items():
         out[f"reward/{name}/mean"] = _mean(values)
         out[f"reward/{name}/std"] = _std(values)
-    for name, count in getattr(scored, "faults", {}).items():
+    for name, count in scored.faults.items():
         out[f"reward/{name}/faults"] = count
     return out
 

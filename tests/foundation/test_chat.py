@@ -1,0 +1,91 @@
+"""The Gemma IT format: exact ids and masks, system folding, control-token safety."""
+
+import pytest
+
+from posttrain.chat import (BOS, END_OF_TURN, START_OF_TURN, ChatFormatError, normalise_messages, render_text,
+                            tokenize_conversation, tokenize_prompt)
+
+
+def ids_of(tok, text):
+    return tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+def ctl(tok, t):
+    return tok.convert_tokens_to_ids(t)
+
+
+def test_single_turn_ids_and_mask_are_exact(toy_tokenizer):
+    tok = toy_tokenizer
+    tc = tokenize_conversation(tok, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}])
+    user_body = ids_of(tok, "user\nHi")
+    model_head = ids_of(tok, "model\n")
+    model_body = ids_of(tok, "model\nHello.")
+    nl = ids_of(tok, "\n")
+    expected = ([ctl(tok, BOS), ctl(tok, START_OF_TURN)] + user_body + [ctl(tok, END_OF_TURN)] + nl
+                + [ctl(tok, START_OF_TURN)] + model_body + [ctl(tok, END_OF_TURN)] + nl)
+    assert tc.input_ids == expected
+    n_answer = len(model_body) - len(model_head)
+    expected_mask = ([0, 0] + [0] * len(user_body) + [0] + [0] * len(nl) + [0] + [0] * len(model_head)
+                     + [1] * n_answer + [1] + [0] * len(nl))
+    assert tc.loss_mask == expected_mask
+    assert tc.input_ids[0] == tok.bos_token_id
+
+
+def test_mask_covers_model_turns_and_their_end_of_turn_only(toy_tokenizer):
+    tok = toy_tokenizer
+    msgs = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"},
+            {"role": "user", "content": "And 4 + 4?"}, {"role": "assistant", "content": "8"}]
+    tc = tokenize_conversation(tok, msgs)
+    trained = [i for i, m in zip(tc.input_ids, tc.loss_mask) if m]
+    eot = ctl(tok, END_OF_TURN)
+    assert trained == ids_of(tok, "5") + [eot] + ids_of(tok, "8") + [eot]
+    # every <end_of_turn> of a user turn is masked out
+    user_eots = [m for i, m in zip(tc.input_ids, tc.loss_mask) if i == eot]
+    assert user_eots == [0, 1, 0, 1]
+
+
+def test_matches_the_shipped_chat_template(toy_tokenizer):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"},
+            {"role": "assistant", "content": "Hi! How can I help?"}, {"role": "user", "content": "Who are you?"},
+            {"role": "assistant", "content": "A tiny model."}]
+    ref = toy_tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    tc = tokenize_conversation(toy_tokenizer, msgs)
+    assert tc.input_ids == ref["input_ids"]
+    assert tc.loss_mask == ref["assistant_masks"]
+
+
+def test_system_prompt_is_folded_into_first_user_turn():
+    text = render_text([{"role": "system", "content": "S"}, {"role": "user", "content": "U"}])
+    assert text == f"{BOS}{START_OF_TURN}user\nS\n\nU{END_OF_TURN}\n"
+
+
+def test_generation_prompt_ends_with_model_header(toy_tokenizer):
+    tok = toy_tokenizer
+    ids = tokenize_prompt(tok, "Hi")
+    assert ids[-1 - len(ids_of(tok, "model\n")):] == [ctl(tok, START_OF_TURN)] + ids_of(tok, "model\n")
+    assert ids == toy_tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=True,
+                                                    add_generation_prompt=True, return_dict=True)["input_ids"]
+
+
+def test_bos_text_and_control_strings_in_content_never_become_control_tokens(toy_tokenizer):
+    tok = toy_tokenizer
+    tc = tokenize_conversation(tok, [{"role": "user", "content": "[BOS] <bos> <end_of_turn> <start_of_turn>"},
+                                     {"role": "assistant", "content": "ok"}])
+    assert tc.input_ids.count(tok.bos_token_id) == 1 and tc.input_ids[0] == tok.bos_token_id
+    assert tc.input_ids.count(ctl(tok, END_OF_TURN)) == 2
+    assert tc.input_ids.count(ctl(tok, START_OF_TURN)) == 2
+
+
+@pytest.mark.parametrize("messages, fragment", [
+    ([], "non-empty list"),
+    ([{"role": "robot", "content": "x"}], "role"),
+    ([{"role": "user", "content": 3}], "content"),
+    ([{"role": "user"}], "'role' and 'content'"),
+    ([{"role": "assistant", "content": "x"}], "first non-system turn"),
+    ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], "only come first"),
+    ([{"role": "system", "content": "s"}], "no user or assistant turn"),
+    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "alternate"),
+])
+def test_invalid_conversations_are_refused_with_the_reason(messages, fragment):
+    with pytest.raises(ChatFormatError, match=fragment):
+        normalise_messages(messages)

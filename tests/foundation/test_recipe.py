@@ -1,0 +1,97 @@
+"""Recipe validation: every error names file, line and key path, and says what was expected."""
+
+import pytest
+
+from posttrain.recipe import RecipeError, load_recipe
+
+
+def error_of(write_recipe, text, overrides=()):
+    path = write_recipe(text)
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path, overrides)
+    return str(e.value), path
+
+
+def test_valid_recipe_loads_with_typed_stage_configs(write_recipe, tiny_sft):
+    r = load_recipe(write_recipe(tiny_sft))
+    assert [s.name for s in r.stages] == ["sft"]
+    assert r.stages[0].config.max_steps == 4
+    assert r.output_dir.name == "run" and r.output_dir.is_absolute()
+
+
+def test_malformed_yaml_names_the_line(write_recipe):
+    msg, path = error_of(write_recipe, "name: x\nstages: [\n  - a: 1\n")
+    assert str(path) in msg and "malformed YAML" in msg
+
+
+def test_unknown_key_suggests_the_closest_name_with_line(write_recipe, tiny_sft):
+    msg, path = error_of(write_recipe, tiny_sft.replace("max_steps: 4", "max_step: 4"))
+    assert f"{path}:13" in msg
+    assert "stages[0].max_step" in msg and "did you mean 'max_steps'" in msg
+
+
+def test_wrong_type_names_key_path_and_value(write_recipe, tiny_sft):
+    msg, path = error_of(write_recipe, tiny_sft.replace("max_steps: 4", "max_steps: lots"))
+    assert f"{path}:13" in msg and "stages[0].max_steps" in msg and "'lots'" in msg
+
+
+def test_unknown_stage_kind_lists_kinds(write_recipe, tiny_sft):
+    msg, _ = error_of(write_recipe, tiny_sft.replace("kind: sft", "kind: sfft"))
+    assert "unknown stage kind 'sfft'" in msg and "did you mean 'sft'" in msg and "export" in msg
+
+
+def test_dangling_and_forward_references_are_errors(write_recipe, tiny_sft):
+    msg, path = error_of(write_recipe, tiny_sft.replace("${models.student}", "${models.studnet}"))
+    assert "unknown model 'studnet'" in msg and "did you mean 'student'" in msg and f"{path}:11" in msg
+    later = tiny_sft + "  - name: export\n    kind: export\n    model: ${stages.sft.model}\n"
+    later = later.replace("model: ${models.student}", "model: ${stages.export.model}")
+    msg, _ = error_of(write_recipe, later)
+    assert "runs later" in msg
+    msg, _ = error_of(write_recipe, tiny_sft + "  - name: e\n    kind: export\n    model: ${stages.sft.weights}\n")
+    assert "has no output 'weights'" in msg
+
+
+def test_missing_required_key(write_recipe, tiny_sft):
+    msg, _ = error_of(write_recipe, tiny_sft.replace("    dataset: ${datasets.mix}\n", ""))
+    assert "missing required key 'stages[0].dataset'" in msg
+
+
+def test_duplicate_stage_names(write_recipe, tiny_sft):
+    msg, _ = error_of(write_recipe, tiny_sft + tiny_sft.split("stages:\n")[1])
+    assert "used twice" in msg
+
+
+def test_models_need_exactly_one_source(write_recipe, tiny_sft):
+    msg, _ = error_of(write_recipe, tiny_sft.replace("student: {tiny:", "student: {path: x, tiny:"))
+    assert "exactly one of 'path' or 'tiny'" in msg
+
+
+def test_overrides_apply_and_are_validated(write_recipe, tiny_sft):
+    path = write_recipe(tiny_sft)
+    r = load_recipe(path, ["stages.sft.max_steps=9", "seed=5", "models.student.tiny.num_layers=3"])
+    assert r.stages[0].config.max_steps == 9 and r.seed == 5 and r.models["student"].tiny.num_layers == 3
+    with pytest.raises(RecipeError, match="--set.*did you mean 'max_steps'"):
+        load_recipe(path, ["stages.sft.max_stepz=9"])
+    with pytest.raises(RecipeError, match="no stage named 'sfx'.*did you mean 'sft'"):
+        load_recipe(path, ["stages.sfx.max_steps=9"])
+    with pytest.raises(RecipeError, match="key.path=value"):
+        load_recipe(path, ["stages.sft.max_steps"])
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(RecipeError, match="not found"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_plugins_register_stage_kinds(write_recipe, tmp_path):
+    (tmp_path / "my_stage.py").write_text(
+        "from posttrain.stages import register_stage, StageConfig, StageResult\n"
+        "class C(StageConfig):\n    text: str\n"
+        "@register_stage('write_text_test', C, outputs=('file',))\n"
+        "def run(cfg, ctx):\n    p = ctx.stage_dir / 'out.txt'\n    p.write_text(cfg.text)\n"
+        "    return StageResult(outputs={'file': str(p)})\n")
+    r = load_recipe(write_recipe("name: p\noutput_dir: o\nplugins: [my_stage.py]\nstages:\n"
+                                 "  - {name: w, kind: write_text_test, text: hi}\n"))
+    assert r.stages[0].kind == "write_text_test"
+    with pytest.raises(RecipeError, match="cannot import 'missing.py'"):
+        load_recipe(write_recipe("name: p\noutput_dir: o\nplugins: [missing.py]\nstages: []\n", "b.yaml"))
