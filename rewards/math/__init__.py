@@ -9,7 +9,8 @@ math-verify bounds its own time with ``signal.alarm``, which fails off the main 
 cannot interrupt sympy's C-level arithmetic (``9^9^9^9``, huge factorials). Here it runs in a
 small pool of worker processes instead; a check that does not finish within ``timeout_s``
 (default 5 s) kills its worker, which is replaced, and counts as not verified. Every call
-therefore returns within the bound, from any thread.
+therefore returns within the bound, from any thread (at worst about twice ``timeout_s``: waiting
+for a free worker while stuck ones are replaced is bounded by the same limit).
 """
 
 from __future__ import annotations
@@ -220,7 +221,8 @@ class VerifierPool:
             raise RuntimeError("math-verify worker failed to start (is math-verify installed?)")
         return w
 
-    def _acquire(self) -> _Worker:
+    def _acquire(self, wait_s: float | None = None) -> _Worker | None:
+        deadline = None if wait_s is None else time.monotonic() + wait_s
         with self._cond:
             while True:
                 if self._idle:
@@ -228,7 +230,10 @@ class VerifierPool:
                 if self._live < self.size:
                     self._live += 1
                     break
-                self._cond.wait()
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return None
+                self._cond.wait(left)
         try:
             return self._spawn()
         except BaseException:
@@ -254,8 +259,14 @@ class VerifierPool:
         self._release(w)
 
     def check(self, pred: str, gold: str, timeout_s: float = 5.0, float_rounding: int = 6) -> bool:
-        w = self._acquire()
+        # bounded twice: waiting for a free worker (e.g. while killed ones are replaced) and
+        # the comparison itself, so a call returns within about 2 * timeout_s at worst
+        w = self._acquire(wait_s=max(timeout_s, self.start_timeout_s if self._live == 0 else 0))
         self.calls += 1
+        if w is None:
+            self.timeouts += 1
+            log.warning("math check gave up: no free math-verify worker within %.1fs", timeout_s)
+            return False
         try:
             w.proc.stdin.write((json.dumps({"pred": pred, "gold": gold, "float_rounding": float_rounding})  # type: ignore[union-attr]
                                 + "\n").encode())

@@ -75,7 +75,7 @@ def test_pathological_inputs_bounded_off_main_thread(bad):
     th.join(30)
     assert not th.is_alive()
     ok, dt = out[0]
-    assert ok is False and dt < 2 + 1.5, dt
+    assert ok is False and dt < 2 * 2 + 1, dt  # compute + waiting for a worker
 
 
 def test_many_in_parallel_threads():
