@@ -7,18 +7,12 @@ default). Every string in an evaluation example is indexed (prompt, answer, choi
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any, Iterator
 
 from data_filters.config import DecontaminateConfig
 from data_filters.rows import Decision, Rejection, Turn
-
-_WORD_RE = re.compile(r"\w+")
-
-
-def words(text: str) -> list[str]:
-    return _WORD_RE.findall(text.lower())
+from data_filters.text import ngram_hashes, word_hashes, words
 
 
 def _strings(value: Any) -> Iterator[str]:
@@ -63,7 +57,7 @@ class EvalNgramIndex:
     def __init__(self, eval_sets: list[str], n: int = 13):
         self.n = n
         self.names: list[str] = []
-        self._index: dict[int, int] = {}
+        self._index: dict[int, int] = {}  # n-gram hash -> eval set id
         for spec in eval_sets:
             name, sep, path = spec.partition("=")
             if not sep:
@@ -72,26 +66,23 @@ class EvalNgramIndex:
             self.names.append(name)
             for example in read_eval_examples(Path(path)):
                 for text in _strings(example):
-                    for h in self._hashes(words(text)):
+                    for h in ngram_hashes(word_hashes(words(text)), n).tolist():
                         self._index.setdefault(h, set_id)
+        self._keys = frozenset(self._index)
 
     def __len__(self) -> int:
         return len(self._index)
-
-    def _hashes(self, ws: list[str]):
-        n = self.n
-        # hash() of a str is salted per process; the index is built in the process that
-        # queries it, so the salt is the same on both sides.
-        return (hash(" ".join(ws[i:i + n])) for i in range(len(ws) - n + 1))
 
     def find(self, text: str) -> tuple[str, str] | None:
         """(eval set name, shared n-gram) for the first overlap in `text`, or None."""
         ws = words(text)
         if len(ws) < self.n:
             return None
-        index = self._index
-        for i, h in enumerate(self._hashes(ws)):
-            set_id = index.get(h)
+        grams = ngram_hashes(word_hashes(ws), self.n).tolist()
+        if self._keys.isdisjoint(grams):
+            return None
+        for i, h in enumerate(grams):
+            set_id = self._index.get(h)
             if set_id is not None:
                 return self.names[set_id], " ".join(ws[i:i + self.n])
         return None

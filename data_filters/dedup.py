@@ -16,11 +16,11 @@ from datasketch import LeanMinHash, MinHash, MinHashLSH
 
 from data_filters.config import DedupConfig
 from data_filters.rows import Rejection, Turn, prompt_turns
+from data_filters.text import ngram_hashes, word_hashes, words
 
 # datasketch's 32-bit scheme: signatures are uint32, half the memory of the 64-bit one.
 SCHEME = "affine32"
 _WS_RE = re.compile(r"\s+")
-_WORD_RE = re.compile(r"\w+")
 
 
 def normalize(text: str) -> str:
@@ -40,13 +40,17 @@ def exact_key(text: str) -> str:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
-def shingles(text: str, n: int) -> list[bytes]:
-    """Word n-gram shingles; a text shorter than n words is one shingle."""
-    words = _WORD_RE.findall(text)
-    if len(words) <= n:
-        return [" ".join(words).encode("utf-8", "surrogatepass")]
-    return list({" ".join(words[i:i + n]).encode("utf-8", "surrogatepass")
-                 for i in range(len(words) - n + 1)})
+def shingle_hashes(text: str, n: int) -> list[int]:
+    """32-bit hashes of the distinct word n-gram shingles; a text shorter than n words is
+    one shingle."""
+    ws = words(text)
+    hashes = word_hashes(ws) if ws else np.zeros(1, dtype=np.uint64)
+    grams = ngram_hashes(hashes, min(n, len(hashes)))
+    return np.unique(grams & np.uint64(0xFFFFFFFF)).tolist()
+
+
+def _identity(value: int) -> int:
+    return value
 
 
 class MinHasher:
@@ -55,11 +59,14 @@ class MinHasher:
     def __init__(self, num_perm: int = 128, seed: int = 1, ngram: int = 5):
         self.num_perm, self.seed, self.ngram = num_perm, seed, ngram
         self._template = MinHash(num_perm=num_perm, seed=seed, scheme=SCHEME)
+        # Shingles arrive already hashed (vectorised in numpy); datasketch's default hashes
+        # each shingle with SHA-1 in Python, the bottleneck of a naive implementation.
+        self._hashfunc = _identity
 
     def signature(self, text: str) -> np.ndarray:
         m = MinHash(num_perm=self.num_perm, seed=self.seed, scheme=SCHEME,
-                    permutations=self._template.permutations)
-        m.update_batch(shingles(text, self.ngram))
+                    permutations=self._template.permutations, hashfunc=self._hashfunc)
+        m.update_batch(shingle_hashes(text, self.ngram))
         return m.hashvalues.astype(np.uint32, copy=False)
 
 

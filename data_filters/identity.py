@@ -18,6 +18,7 @@ from functools import lru_cache
 
 from data_filters.config import IdentityConfig
 from data_filters.rows import MODEL_ROLE, Decision, Rejection, Turn
+from data_filters.text import word_set, words
 
 # Other assistants and model families. Case-sensitive: they are proper nouns, and "a bard"
 # or "pi" in lower case are ordinary words.
@@ -100,10 +101,10 @@ def _compiled(name: str, developer: str) -> tuple[list[re.Pattern], frozenset[st
     allowed = _allowed(name, developer)
     names = tuple(x for x in ASSISTANT_NAMES if x.casefold() not in allowed)
     orgs = tuple(x for x in ORGANISATIONS if x.casefold() not in allowed)
-    return _patterns(names, orgs), frozenset(allowed)
+    # A claim needs a foreign name: texts without one of these first words skip the regexes.
+    triggers = frozenset(words(x)[0] for x in names + orgs if x.isascii())
+    return _patterns(names, orgs), triggers
 
-
-_CUE_RE = re.compile(r"(?i)\b(?:I|my|our|je|j['’]|mon|soy|sou|fui|me|mi|meu|ich|mein|sono)\b|我|私|僕|わたし|as an?\b")
 
 
 def find_misidentification(text: str, name: str = "Gemma", developer: str = "Google DeepMind") -> list[str]:
@@ -112,9 +113,10 @@ def find_misidentification(text: str, name: str = "Gemma", developer: str = "Goo
     `name` and `developer` are the allowed identity: "Gemma" and "Google DeepMind" allow
     "Gemma", "Google", "DeepMind" and "Google DeepMind". Returns [] when the text is fine.
     """
-    if not _CUE_RE.search(text):
+    patterns, triggers = _compiled(name, developer)
+    # Only ASCII text is gated: CJK is not split into words by spaces.
+    if text.isascii() and word_set(text).isdisjoint(triggers):
         return []
-    patterns, _ = _compiled(name, developer)
     found: list[str] = []
     for rx in patterns:
         for m in rx.finditer(text):

@@ -291,8 +291,12 @@ _SECRET_TOKEN_RE = re.compile(
         r"(?:[\s\S]*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----|[A-Za-z0-9+/=\s]*)",
     ))
 )
-_SECRET_HINT_RE = re.compile(r"AKIA|ASIA|AIza|gh[pousr]_|github_pat_|gl[a-z]{1,3}-|xox|hooks\.slack|"
-                             r"_live_|_test_|sk-|hf_|eyJ|PRIVATE KEY|ABIA|ACCA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA")
+# Substrings every token above contains: plain `in` tests are much cheaper than running the
+# token regex over every text.
+_SECRET_HINTS = ("AKIA", "ASIA", "ABIA", "ACCA", "AGPA", "AIDA", "AROA", "ANPA", "ANVA", "AIPA",
+                 "AIza", "gh", "gl", "xox", "hooks.slack", "_live_", "_test_", "sk-", "hf_",
+                 "eyJ", "PRIVATE KEY")
+_ASSIGNMENT_HINTS = ("pass", "pwd", "secret", "key", "token")
 _ASSIGNMENT_RE = re.compile(
     r"(?i)\b(?:password|passwd|passphrase|pwd|secret|secret[_-]?key|client[_-]?secret|"
     r"api[_-]?key|apikey|access[_-]?key|access[_-]?token|auth[_-]?token|private[_-]?key|"
@@ -309,9 +313,12 @@ _IDENTIFIER_RE = re.compile(r"^[A-Za-z_][A-Za-z_.]*(?:\(.*|\[.*)?$")
 
 
 def _find_secrets(text: str) -> Iterable[PiiSpan]:
-    if _SECRET_HINT_RE.search(text):
+    if any(h in text for h in _SECRET_HINTS):
         for m in _SECRET_TOKEN_RE.finditer(text):
             yield PiiSpan(SECRET, m.start(), m.end(), m.group())
+    lowered = text.lower()
+    if not any(h in lowered for h in _ASSIGNMENT_HINTS):
+        return
     for m in _ASSIGNMENT_RE.finditer(text):
         group = "quoted" if m.group("quoted") is not None else "bare"
         value = m.group(group)
@@ -334,7 +341,9 @@ def _find_url_credentials(text: str) -> Iterable[PiiSpan]:
         yield PiiSpan(URL_CREDENTIALS, m.start(1), m.end(2), text[m.start(1):m.end(2)])
 
 
-_HAS_DIGIT_RE = re.compile(r"\d")
+def _has_ascii_digit(text: str) -> bool:
+    # Ten substring scans run at memchr speed; a regex search for \d is several times slower.
+    return any(d in text for d in "0123456789")
 
 
 def find_pii(text: str, kinds: Iterable[str] | None = None) -> list[PiiSpan]:
@@ -351,9 +360,9 @@ def find_pii(text: str, kinds: Iterable[str] | None = None) -> list[PiiSpan]:
         found.extend(_find_url_credentials(text))
     if EMAIL in wanted and has_at:
         found.extend(_find_emails(text))
-    if IBAN in wanted:
-        found.extend(_find_ibans(text))
-    if _HAS_DIGIT_RE.search(text):
+    if _has_ascii_digit(text):
+        if IBAN in wanted:
+            found.extend(_find_ibans(text))
         if CREDIT_CARD in wanted:
             found.extend(_find_cards(text))
         if US_SSN in wanted:

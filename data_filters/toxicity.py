@@ -14,7 +14,6 @@ transformers text-classification checkpoint can replace the default (`classifier
 
 from __future__ import annotations
 
-import re
 import warnings
 from functools import lru_cache
 from importlib import resources
@@ -23,6 +22,7 @@ from typing import Sequence
 
 from data_filters.config import ToxicityConfig
 from data_filters.rows import MODEL_ROLE, Decision, Rejection, Turn
+from data_filters.text import word_set, words
 
 
 def load_lexicon(extra_path: str | None = None) -> list[str]:
@@ -43,10 +43,38 @@ def load_lexicon(extra_path: str | None = None) -> list[str]:
     return terms
 
 
-def compile_lexicon(terms: Sequence[str]) -> re.Pattern:
-    # Longest first so that "go kill yourself" is reported rather than "kill yourself".
-    alternatives = sorted({re.escape(t).replace(r"\ ", r"\s+") for t in terms}, key=len, reverse=True)
-    return re.compile(r"(?i)(?<![\w'])(?:" + "|".join(alternatives) + r")(?![\w'])")
+class Lexicon:
+    """Whole-word, case-insensitive matching of terms and phrases.
+
+    Works on the word tokens of `data_filters.text` (shared with the other filters, computed
+    once per text) instead of a regex alternation, which costs ~80 us per 600-character text.
+    """
+
+    def __init__(self, terms: Sequence[str]):
+        self.single: set[str] = set()
+        self.phrases: dict[str, list[tuple[str, ...]]] = {}
+        for term in terms:
+            toks = words(term)
+            if len(toks) == 1:
+                self.single.add(toks[0])
+            elif toks:
+                self.phrases.setdefault(toks[0], []).append(toks)
+        for lst in self.phrases.values():
+            lst.sort(key=len, reverse=True)  # report "go kill yourself" over "kill yourself"
+
+    def match(self, text: str) -> str | None:
+        """The first lexicon term or phrase in `text`, or None."""
+        wset = word_set(text)
+        hits = wset & self.single
+        starts = wset.intersection(self.phrases)
+        if not starts:
+            return min(hits) if hits else None
+        ws = words(text)
+        for i, w in enumerate(ws):
+            for phrase in self.phrases.get(w, ()):
+                if ws[i:i + len(phrase)] == phrase:
+                    return " ".join(phrase)
+        return min(hits) if hits else None
 
 
 class ToxicityScorer:
@@ -55,7 +83,7 @@ class ToxicityScorer:
     def __init__(self, config: ToxicityConfig | None = None):
         self.config = config or ToxicityConfig()
         c = self.config
-        self.lexicon = compile_lexicon(load_lexicon(c.lexicon_path)) if (
+        self.lexicon = Lexicon(load_lexicon(c.lexicon_path)) if (
             c.use_lexicon or c.classifier == "lexicon") else None
         self._model = None
         if c.classifier == "profanity_check":
@@ -69,8 +97,7 @@ class ToxicityScorer:
     def lexicon_match(self, text: str) -> str | None:
         if self.lexicon is None:
             return None
-        m = self.lexicon.search(text)
-        return m.group() if m else None
+        return self.lexicon.match(text)
 
     def score(self, texts: Sequence[str]) -> list[float]:
         texts = list(texts)
@@ -82,7 +109,7 @@ class ToxicityScorer:
             scores = [0.0] * len(texts)
         if self.lexicon is not None:
             for i, text in enumerate(texts):
-                if scores[i] < 1.0 and self.lexicon.search(text):
+                if scores[i] < 1.0 and self.lexicon.match(text):
                     scores[i] = 1.0
         return scores
 

@@ -1,6 +1,12 @@
 import json
+import sys
+from pathlib import Path
 
 import pytest
+
+# The suite runs with --import-mode=importlib, which does not put test folders on sys.path;
+# the shared helpers module lives beside this file.
+sys.path.insert(0, str(Path(__file__).parent))
 
 
 @pytest.fixture
