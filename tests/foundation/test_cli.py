@@ -1,0 +1,60 @@
+"""The posttrain command: exit codes, one-paragraph errors, stage reference."""
+
+import subprocess
+import sys
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "posttrain.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def test_validate_accepts_a_valid_recipe(write_recipe, tiny_sft):
+    r = cli("validate", str(write_recipe(tiny_sft)))
+    assert r.returncode == 0 and "valid" in r.stdout
+
+
+def test_invalid_recipe_exits_2_without_traceback(write_recipe, tiny_sft):
+    path = write_recipe(tiny_sft.replace("learning_rate", "learnin_rate"))
+    for cmd in ("validate", "run"):
+        r = cli(cmd, str(path))
+        assert r.returncode == 2
+        assert "Traceback" not in r.stderr
+        assert f"{path}:" in r.stderr and "did you mean 'learning_rate'" in r.stderr
+
+
+def test_debug_shows_the_traceback(write_recipe, tiny_sft):
+    r = cli("--debug", "validate", str(write_recipe(tiny_sft.replace("kind: sft", "kind: nope"))))
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_bad_set_override_exits_2(write_recipe, tiny_sft):
+    r = cli("validate", str(write_recipe(tiny_sft)), "--set", "stages.sft.max_steps=-1")
+    assert r.returncode == 2 and "stages[0].max_steps" in r.stderr and "(--set)" in r.stderr
+
+
+def test_stage_failure_exits_1_with_the_data_location(write_recipe, tiny_sft, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": "not a list"}\n')
+    r = cli("run", str(write_recipe(tiny_sft.replace("mix: {toy: {task: chat, n: 64, format: chat}}", f"mix: {{path: {bad}}}"))))
+    assert r.returncode == 1
+    assert "bad.jsonl:1" in r.stdout and "Traceback" not in r.stdout + r.stderr
+
+
+def test_missing_dataset_file_is_a_recipe_error(write_recipe, tiny_sft):
+    r = cli("run", str(write_recipe(tiny_sft.replace("mix: {toy: {task: chat, n: 64, format: chat}}", "mix: {path: nowhere.jsonl}"))))
+    assert r.returncode == 2 and "datasets.mix.path" in r.stderr and "not found" in r.stderr
+
+
+def test_stages_lists_kinds_with_documented_fields():
+    r = cli("stages")
+    assert r.returncode == 0
+    for kind in ("sft", "export", "evaluate"):
+        assert kind in r.stdout
+    assert "learning_rate" in r.stdout and "Peak learning rate" in r.stdout and "default 2e-05" in r.stdout
+
+
+def test_dry_run_runs_nothing(write_recipe, tiny_sft):
+    path = write_recipe(tiny_sft)
+    r = cli("run", str(path), "--dry-run")
+    assert r.returncode == 0 and "would run" in r.stdout
+    assert not (path.parent / "run" / "sft" / "manifest.json").exists()
