@@ -129,9 +129,8 @@ class FilterChain:
             res = results[pos]
             res.output = json.dumps(row, ensure_ascii=False) if res.output == "" else res.raw
             if self.dedup:
-                text = dedup_text(turns, self.dedup.prompt_only)
                 if self.dedup.exact:
-                    res.key = exact_key(text)
+                    res.key = exact_key(dedup_text(turns, self.dedup.prompt_only))
                 if self.minhasher is not None:
-                    res.signature = self.minhasher.signature(text)
+                    res.signature = self.minhasher.signature(turns, self.dedup.prompt_only)
         return results

@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 from data_filters.config import DecontaminateConfig
 from data_filters.rows import Decision, Rejection, Turn
-from data_filters.text import ngram_hashes, word_hashes, words
+from data_filters.text import ngram_hashes, text_word_hashes, word_hashes, words
 
 
 def _strings(value: Any) -> Iterator[str]:
@@ -78,7 +78,7 @@ class EvalNgramIndex:
         ws = words(text)
         if len(ws) < self.n:
             return None
-        grams = ngram_hashes(word_hashes(ws), self.n).tolist()
+        grams = ngram_hashes(text_word_hashes(text), self.n).tolist()
         if self._keys.isdisjoint(grams):
             return None
         for i, h in enumerate(grams):

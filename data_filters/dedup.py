@@ -8,7 +8,6 @@ row of each group, which makes the result independent of how rows were split up.
 from __future__ import annotations
 
 import hashlib
-import re
 import unicodedata
 
 import numpy as np
@@ -16,18 +15,17 @@ from datasketch import LeanMinHash, MinHash, MinHashLSH
 
 from data_filters.config import DedupConfig
 from data_filters.rows import Rejection, Turn, prompt_turns
-from data_filters.text import ngram_hashes, word_hashes, words
+from data_filters.text import ngram_hashes, text_word_hashes, word_hashes
 
 # datasketch's 32-bit scheme: signatures are uint32, half the memory of the 64-bit one.
 SCHEME = "affine32"
-_WS_RE = re.compile(r"\s+")
 
 
 def normalize(text: str) -> str:
     """Case-folded, NFKC-normalised, whitespace collapsed."""
     if not text.isascii():
         text = unicodedata.normalize("NFKC", text)
-    return _WS_RE.sub(" ", text.lower()).strip()
+    return " ".join(text.lower().split())
 
 
 def dedup_text(turns: list[Turn], prompt_only: bool = False) -> str:
@@ -40,11 +38,15 @@ def exact_key(text: str) -> str:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
-def shingle_hashes(text: str, n: int) -> list[int]:
-    """32-bit hashes of the distinct word n-gram shingles; a text shorter than n words is
-    one shingle."""
-    ws = words(text)
-    hashes = word_hashes(ws) if ws else np.zeros(1, dtype=np.uint64)
+def shingle_hashes(turns: list[Turn], n: int, prompt_only: bool = False) -> list[int]:
+    """32-bit hashes of the distinct word n-gram shingles of the role-tagged turns (lower
+    case, punctuation dropped); a row shorter than n words is one shingle."""
+    chosen = prompt_turns(turns) if prompt_only else turns
+    parts = []
+    for t in chosen:
+        parts.append(word_hashes((t.role + ":",)))
+        parts.append(text_word_hashes(t.text))
+    hashes = np.concatenate(parts) if parts else np.zeros(1, dtype=np.uint64)
     grams = ngram_hashes(hashes, min(n, len(hashes)))
     return np.unique(grams & np.uint64(0xFFFFFFFF)).tolist()
 
@@ -63,10 +65,10 @@ class MinHasher:
         # each shingle with SHA-1 in Python, the bottleneck of a naive implementation.
         self._hashfunc = _identity
 
-    def signature(self, text: str) -> np.ndarray:
+    def signature(self, turns: list[Turn], prompt_only: bool = False) -> np.ndarray:
         m = MinHash(num_perm=self.num_perm, seed=self.seed, scheme=SCHEME,
                     permutations=self._template.permutations, hashfunc=self._hashfunc)
-        m.update_batch(shingle_hashes(text, self.ngram))
+        m.update_batch(shingle_hashes(turns, self.ngram, prompt_only))
         return m.hashvalues.astype(np.uint32, copy=False)
 
 

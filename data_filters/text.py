@@ -30,9 +30,21 @@ def word_set(text: str) -> frozenset[str]:
     return frozenset(words(text))
 
 
+_HASH_CACHE: dict[str, int] = {}
+_HASH_CACHE_MAX = 2_000_000  # words are Zipf-distributed: a dict hit is ~8x cheaper than hashing
+
+
+def _hash_word(w: str) -> int:
+    if len(_HASH_CACHE) >= _HASH_CACHE_MAX:
+        _HASH_CACHE.clear()
+    h = _HASH_CACHE[w] = xxhash.xxh64_intdigest(w.encode("utf-8", "surrogatepass"))
+    return h
+
+
 def word_hashes(ws) -> np.ndarray:
-    return np.fromiter((xxhash.xxh64_intdigest(w.encode("utf-8", "surrogatepass")) for w in ws),
-                       dtype=np.uint64, count=len(ws))
+    """64-bit xxhash of each word, identical in every process."""
+    cache = _HASH_CACHE
+    return np.array([cache[w] if w in cache else _hash_word(w) for w in ws], dtype=np.uint64)
 
 
 def ngram_hashes(hashes: np.ndarray, n: int) -> np.ndarray:
@@ -45,3 +57,9 @@ def ngram_hashes(hashes: np.ndarray, n: int) -> np.ndarray:
         out *= _BASE
         out += hashes[k:k + m]
     return out
+
+
+@lru_cache(maxsize=8192)
+def text_word_hashes(text: str) -> np.ndarray:
+    """`word_hashes(words(text))`, cached: decontamination and dedup read the same turns."""
+    return word_hashes(words(text))

@@ -57,10 +57,10 @@ def test_prompt_only_dedup_compares_prompts():
 
 def test_minhash_similarity_tracks_jaccard():
     rng = random.Random(1)
-    text = essay(rng, 300)
+    row = row_turns(chat("q", essay(rng, 300)))
     h = MinHasher(num_perm=128)
-    same, other = h.signature(text), h.signature(essay(rng, 300))
-    assert (h.signature(text) == same).all()
+    same, other = h.signature(row), h.signature(row_turns(chat("q", essay(rng, 300))))
+    assert (h.signature(row) == same).all()
     assert (same == other).mean() < 0.2
 
 
@@ -71,6 +71,6 @@ def test_threshold_is_configurable(threshold):
     half = base[:170] + essay(rng, 30).split()  # Jaccard of shingle sets about 0.73
     h = MinHasher()
     d = Deduplicator(DedupConfig(exact=False, threshold=threshold))
-    assert d.check(0, None, h.signature(" ".join(base))) is None
-    got = d.check(1, None, h.signature(" ".join(half)))
+    assert d.check(0, None, h.signature(row_turns(chat("q", " ".join(base))))) is None
+    got = d.check(1, None, h.signature(row_turns(chat("q", " ".join(half)))))
     assert (got is not None) == (threshold == 0.5)
