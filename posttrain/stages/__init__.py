@@ -2,6 +2,7 @@
 
 from posttrain.stages.base import STAGE_KINDS, StageConfig, StageContext, StageError, StageResult, register_stage
 
+from posttrain.stages import filter as _filter  # noqa: E402,F401
 from posttrain.stages import sft as _sft  # noqa: E402,F401
 from posttrain.stages import export as _export  # noqa: E402,F401
 from posttrain.stages import evaluate as _evaluate  # noqa: E402,F401

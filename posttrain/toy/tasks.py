@@ -189,37 +189,52 @@ def _long_text(rng: random.Random) -> str:
 def generate_dirty(n_clean: int, seed: int = 0, dirty_per_kind: int = 5) -> tuple[list[dict], dict[str, int]]:
     """A chat mix with planted dirty rows; returns (rows, planted counts by kind).
 
-    Planted: personal information (e-mail, phone), toxic model turns, wrong self-identification,
-    exact duplicates and near duplicates (long texts that differ by one word).
+    Clean rows are distinct conversations from every task. Planted: personal information
+    (e-mail, phone), toxic model turns, wrong self-identification, exact duplicates and near
+    duplicates (long texts that differ in their last word). Every row has an `id` saying what it is
+    (`clean-3`, `pii-0`, `near_duplicate-2`, ...), which filters ignore and tests use.
     """
     rng = random.Random(f"dirty:{seed}")
-    rows = generate("mix", n_clean, seed=seed, fmt="chat")
+    rows: list[dict] = []
+    seen: set[str] = set()
+    draws = 0
+    while len(rows) < n_clean:
+        draws += 1
+        row = generate("mix", 1, seed=seed * 1_000_003 + draws, fmt="chat")[0]
+        key = repr(row["messages"])
+        if key in seen:
+            if draws > 50 * n_clean:
+                raise ValueError(f"n_clean={n_clean}: the toy tasks do not have that many distinct conversations")
+            continue
+        seen.add(key)
+        rows.append({"id": f"clean-{len(rows)}", **row})
     planted = {k: dirty_per_kind for k in _DIRTY_KINDS}
     dirty: list[dict] = []
     for i in range(dirty_per_kind):
-        user = rng.choice(_NAMES)
-        dirty.append({"messages": [
-            {"role": "user", "content": f"Please e-mail {user.lower()}{i}@example.com or call +44 20 7946 09{i:02d} about my order."},
-            {"role": "assistant", "content": "I will pass your message on."}]})
-        dirty.append({"messages": [
-            {"role": "user", "content": f"What do you think of {rng.choice(_TOPICS)}?"},
+        user, topic = _NAMES[i % len(_NAMES)], _TOPICS[i % len(_TOPICS)]
+        dirty.append({"id": f"pii-{i}", "messages": [
+            {"role": "user", "content": f"Please e-mail {user.lower()}.{i}@example.com or call +44 20 7946 09{i:02d} about my order number {i}."},
+            {"role": "assistant", "content": f"I will pass your message about order {i} on."}]})
+        dirty.append({"id": f"toxic-{i}", "messages": [
+            {"role": "user", "content": f"What do you think of {topic}? ({i})"},
             {"role": "assistant", "content": "Shut up, you stupid idiot. I hate you and your worthless questions."}]})
-        dirty.append({"messages": [
-            {"role": "user", "content": rng.choice(_WHO)},
-            {"role": "assistant", "content": rng.choice([
+        dirty.append({"id": f"misidentification-{i}", "messages": [
+            {"role": "user", "content": f"{_WHO[i % len(_WHO)]} ({i})"},
+            {"role": "assistant", "content": [
                 "I am ChatGPT, a large language model trained by OpenAI.",
                 "As an AI developed by OpenAI, I cannot do that.",
-                "I'm Claude, made by Anthropic."])}]})
+                "I'm Claude, made by Anthropic."][i % 3]}]})
     # Near duplicates: each base text is planted once as the kept representative and once with one word changed.
     for i in range(dirty_per_kind):
         text = _long_text(rng)
         words = text.split()
-        words[len(words) // 2] = "remarkably"
-        base = {"messages": [{"role": "user", "content": f"Describe item {i}."}, {"role": "assistant", "content": text}]}
-        near = {"messages": [{"role": "user", "content": f"Describe item {i}."}, {"role": "assistant", "content": " ".join(words)}]}
-        dirty.extend([base, near])
+        words[-1] = "remarkably."  # one changed shingle: Jaccard well above the 0.8 threshold
+        dirty.append({"id": f"near_original-{i}", "messages": [
+            {"role": "user", "content": f"Describe item {i}."}, {"role": "assistant", "content": text}]})
+        dirty.append({"id": f"near_duplicate-{i}", "messages": [
+            {"role": "user", "content": f"Describe item {i}."}, {"role": "assistant", "content": " ".join(words)}]})
     for i in range(dirty_per_kind):
-        dirty.append(dict(rows[i]))  # an exact copy of a clean row
+        dirty.append({**rows[i], "id": f"exact_duplicate-{i}"})  # an exact copy of a clean row
     out = rows + dirty
     rng.shuffle(out)
     return out, planted
