@@ -430,7 +430,7 @@ def run_distill(cfg: DistillStageConfig, ctx: StageContext) -> StageResult:
             n_tokens = int(mask.sum())
             tokens_seen += n_tokens
             if step % cfg.log_every == 0 or step == cfg.max_steps:
-                row = {"loss": float(loss), "on_policy": int(on_policy), "fraction_on_policy": on_policy_steps / step,
+                row = {"loss": loss.item(), "on_policy": int(on_policy), "fraction_on_policy": on_policy_steps / step,
                        "completion_tokens": n_tokens, "tokens_per_s": n_tokens / max(time.time() - step_started, 1e-9),
                        "lr": scheduler.get_last_lr()[0]}
                 if grad_norm is not None:

@@ -183,8 +183,9 @@ stages:
     rollout: {{backend: transformers}}
 """)
     manifests = run_recipe(recipe)
-    m = manifests["distill"]
-    assert m["status"] == "complete" if "status" in m else True
-    assert (tmp_path / "run").exists()
-    model_dir = [p for p in (tmp_path / "run").rglob("model") if p.is_dir() and (p / "config.json").exists()]
-    assert model_dir
+    cache, distilled = manifests["teacher_cache"], manifests["distill"]
+    assert cache["status"] == "complete" and distilled["status"] == "complete"
+    assert distilled["config"]["teacher_cache"] == cache["outputs"]["cache"]
+    assert distilled["metrics"]["steps"] == 3
+    from transformers import AutoModelForCausalLM
+    assert AutoModelForCausalLM.from_pretrained(distilled["outputs"]["model"]) is not None
