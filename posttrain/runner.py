@@ -118,8 +118,9 @@ class Inputs:
     def model(self, name: str) -> str:
         entry = self.recipe.models[name]
         if entry.path is not None:
-            looks_local = entry.path.startswith((".", "/", "~")) or Path(entry.path).suffix or os.sep in entry.path.strip("/") and Path(entry.path).exists()
-            out = self._local(entry.path, f"models.{name}.path", must_exist=bool(looks_local))
+            # An explicit filesystem path must exist; anything else that is not found locally is a hub id.
+            explicit = entry.path.startswith((".", "/", "~"))
+            out = self._local(entry.path, f"models.{name}.path", must_exist=explicit)
             self._fingerprints[f"models.{name}"] = fingerprint_path(Path(out)) if Path(out).exists() else out
             return out
         d = self.root / "models" / name

@@ -115,6 +115,7 @@ def run_sft(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
 
     from posttrain.modeling import load_policy
 
+    datasets.disable_progress_bars()  # the stage's own progress bar is the one to watch
     conversations, n_skipped = load_conversations(cfg.dataset, cfg.on_invalid_row, ctx.stage_dir / "skipped.jsonl")
     model, tokenizer = load_policy(cfg.model)
     rows, n_truncated = tokenize_for_training(tokenizer, conversations, cfg.max_length)
