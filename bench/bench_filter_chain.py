@@ -100,6 +100,12 @@ def generate(path: Path, n: int, eval_path: Path, seed: int = 0) -> None:
                 f.write(json.dumps(row) + "\n")
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and of its finished children (the workers)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def peak_rss_mib() -> tuple[float, float]:
     self_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     children_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -123,9 +129,11 @@ def main() -> None:
           f"in {time.perf_counter() - t0:.1f} s")
 
     config = FilterConfig(decontaminate=DecontaminateConfig(eval_sets=[f"eval={evals}"]))
+    cpu0 = cpu_seconds()
     t0 = time.perf_counter()
     report = run_filters(data, work / "out", config, num_proc=args.num_proc)
     seconds = time.perf_counter() - t0
+    cpu = cpu_seconds() - cpu0
     main_mib, worker_mib = peak_rss_mib()
     per_core = report.input_rows / seconds / args.num_proc
     result = {
@@ -134,6 +142,9 @@ def main() -> None:
         "num_proc": args.num_proc, "seconds": round(seconds, 2),
         "conversations_per_second": round(report.input_rows / seconds),
         "conversations_per_second_per_core": round(per_core),
+        # On a shared machine wall time includes waiting for the CPU; CPU time does not.
+        "cpu_seconds": round(cpu, 2),
+        "conversations_per_cpu_second": round(report.input_rows / cpu),
         "peak_rss_main_mib": round(main_mib), "peak_rss_largest_worker_mib": round(worker_mib),
     }
     print(json.dumps(result, indent=2))
