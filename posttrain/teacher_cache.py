@@ -230,6 +230,9 @@ class TeacherCache:
                 if key not in tensors or tuple(tensors[key].shape) != shape:
                     got = tuple(tensors[key].shape) if key in tensors else "missing"
                     raise TeacherCacheError(f"{f}: tensor {key} should have shape {shape}, got {got}; the shard is corrupt")
+            # Row offset of each sequence's targets: masked tokens of the sequences before it.
+            masked = torch.cat([torch.zeros(1, dtype=torch.int64), (tensors["loss_mask"] != 0).to(torch.int64).cumsum(0)])
+            tensors["row_offsets"] = masked[tensors["seq_offsets"]]
             self._loaded = (s, tensors)
         return self._loaded[1]
 
@@ -241,9 +244,7 @@ class TeacherCache:
         local = i - self._starts[s]
         a, b = int(t["seq_offsets"][local]), int(t["seq_offsets"][local + 1])
         mask = t["loss_mask"][a:b].to(torch.int64)
-        # Target rows are stored for masked tokens in order; count those of earlier sequences.
-        row_start = int((t["loss_mask"][:a] != 0).sum())
-        rows = slice(row_start, row_start + int((mask != 0).sum()))
+        rows = slice(int(t["row_offsets"][local]), int(t["row_offsets"][local + 1]))
         return CachedSequence(t["input_ids"][a:b].to(torch.int64), mask, t["target_ids"][rows], t["target_probs"][rows])
 
     def __iter__(self) -> Iterator[CachedSequence]:

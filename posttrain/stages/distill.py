@@ -326,7 +326,9 @@ def run_distill(cfg: DistillStageConfig, ctx: StageContext) -> StageResult:
     cache = None
     if cfg.teacher_cache is not None:
         try:
-            cache = TeacherCache(cfg.teacher_cache, expect={"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)})
+            # The cache's targets are p_T at its temperature; the loss must use the same one.
+            cache = TeacherCache(cfg.teacher_cache, expect={"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+                                                            "temperature": cfg.temperature})
         except TeacherCacheError as e:
             raise StageError(f"teacher_cache: {e} (the cache must be made with the student's tokenizer)") from None
 
