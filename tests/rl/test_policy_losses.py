@@ -82,3 +82,13 @@ def test_accumulated_micro_batches_equal_the_full_batch_loss():
     n_tok = mask.sum()
     parts = sum(reinforce_loss(logprobs[i:i + 2], adv[i:i + 2], mask[i:i + 2], normalizer=n_tok) for i in (0, 2))
     torch.testing.assert_close(parts, full)
+
+
+def test_rloo_leaves_invalid_samples_out_of_the_baseline():
+    rewards = torch.tensor([[1.0, 5.0, 0.0, 2.0], [1.0, 0.0, 0.0, 0.0]])
+    valid = torch.tensor([[True, False, True, True], [True, False, False, False]])
+    adv = rloo_advantages(rewards, valid)
+    # prompt 0 over samples (1, 0, 2): 1 - 1 = 0, 0 - 1.5 = -1.5, 2 - 0.5 = 1.5; the invalid one gets 0
+    # prompt 1 has one valid sample: no baseline, all zero
+    torch.testing.assert_close(adv, torch.tensor([[0.0, 0.0, -1.5, 1.5], [0.0, 0.0, 0.0, 0.0]]))
+    torch.testing.assert_close(rloo_advantages(rewards, torch.ones_like(valid)), rloo_advantages(rewards))
