@@ -180,3 +180,17 @@ stages:
     assert (out / "config.json").exists() and (out / "tokenizer.json").exists()
     rows = _metrics(out.parent)
     assert "eval/math" in rows[0] and "reward/math/mean" in rows[1] and "reward/brevity/mean" in rows[1]
+
+
+def test_lora_training_writes_a_merged_model_and_moves_the_anchor(tiny_gemma3_dir, math_prompts, tmp_path):
+    cfg = _config(tiny_gemma3_dir, math_prompts, max_steps=2, anchor_ema=0.5,
+                  lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]})
+    res = run_rl(cfg, _ctx(tmp_path / "rl"))
+    merged, start = _weights(res.outputs["model"]), _weights(tiny_gemma3_dir)
+    assert not any("lora" in k for k in merged)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged[q], start[q])  # the adapter was trained and merged in
+    k = "model.layers.0.self_attn.k_proj.weight"
+    assert torch.equal(merged[k], start[k])  # modules without an adapter stay as they were
+    rows = _metrics(tmp_path / "rl")
+    assert rows[-1]["kl_anchor"] != rows[-1]["kl_start"]  # the EMA anchor left the starting model
