@@ -149,6 +149,12 @@ def prompt_indices_for_step(num_rows: int, step: int, prompts_per_step: int, see
     return out
 
 
+def sampling_seed(seed: int, step: int) -> int:
+    """The engine's seed for step `step`. Engines derive per-sample seeds as base + offset, so
+    consecutive integers would replay shifted streams; a hash of (seed, step) keeps steps apart."""
+    return random.Random(f"rl-sampling:{seed}:{step}").randrange(2**31)
+
+
 def reward_columns(rows: list[dict], repeat: int) -> dict[str, list]:
     """Every column but `prompt`, one entry per completion (each row repeated `repeat` times)."""
     keys = sorted({k for r in rows for k in r if k != "prompt"})
@@ -372,7 +378,7 @@ def _rl_step(step, config: RLStageConfig, ctx, engine, reward: CombinedReward, d
     batch_rows = [rows[i] for i in batch_idx]
     batch_prompts = [prompt_ids[i] for i in batch_idx]
     sampling = SamplingParams(temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,
-                              seed=ctx.seed * 1_000_003 + step)
+                              seed=sampling_seed(ctx.seed, step))
     with timer("generate"):
         groups = engine.generate(batch_prompts, n=n, sampling=sampling)
     completions = [c for group in groups for c in group]
