@@ -25,7 +25,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def sft_student(work: Path, steps: int) -> str:
+def sft_student(work: Path, steps: int, start: str | None = None) -> str:
     from posttrain.data import write_jsonl
     from posttrain.modeling import load_tokenizer
     from posttrain.stages.base import StageContext
@@ -34,13 +34,15 @@ def sft_student(work: Path, steps: int) -> str:
     from posttrain.toy.tasks import generate
     from posttrain.toy.tokenizer import build_toy_tokenizer
 
-    build_toy_tokenizer(work / "tok")
-    build_tiny_model(TinyModelSpec(), load_tokenizer(work / "tok"), work / "student_base")
+    if start is None:
+        build_toy_tokenizer(work / "tok")
+        build_tiny_model(TinyModelSpec(), load_tokenizer(work / "tok"), work / "student_base")
+    base = start or str(work / "student_base")
     write_jsonl(work / "sft.jsonl", generate("mix", 3000, seed=0, fmt="chat", mix={"math": 1.0, "code": 1.0}))
     (work / "sft").mkdir()
     ctx = StageContext(name="sft", kind="sft", stage_dir=work / "sft", run_dir=work, seed=0, recipe_name="acceptance")
     t0 = time.perf_counter()
-    res = run_sft(SFTStageConfig(model=str(work / "student_base"), dataset=str(work / "sft.jsonl"), max_steps=steps,
+    res = run_sft(SFTStageConfig(model=base, dataset=str(work / "sft.jsonl"), max_steps=steps,
                                  batch_size=32, learning_rate=3e-3, warmup_ratio=0.05, logging_steps=50), ctx)
     print(f"sft: {steps} steps in {time.perf_counter() - t0:.0f} s, loss {res.metrics['loss_first']:.3f} -> "
           f"{res.metrics['loss_last']:.3f}", flush=True)
@@ -58,7 +60,7 @@ def rl_run(work: Path, name: str, student: str, task: str, args, **overrides) ->
         write_jsonl(train, generate(task, 512, seed=1, split="train", fmt="prompt"))
         write_jsonl(held_out, generate(task, args.eval_prompts, seed=2, split="eval", fmt="prompt"))
     settings = dict(model=student, dataset=str(train), eval_dataset=str(held_out), rewards=[{"name": task}],
-                    max_steps=args.rl_steps, prompts_per_step=8, num_generations=4, max_new_tokens=48,
+                    max_steps=args.rl_steps, prompts_per_step=8, num_generations=args.group, max_new_tokens=48,
                     learning_rate=args.lr, beta=0.1, anchor_ema=0.01, temperature=0.9, checkpoint_every=0,
                     rollout={"backend": args.backend})
     settings.update(overrides)
@@ -96,12 +98,14 @@ def main():
     ap.add_argument("--eval-prompts", type=int, default=64)
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--student", default=None, help="skip SFT and start from this model directory")
+    ap.add_argument("--sft-from", default=None, help="run the SFT steps from this model directory")
+    ap.add_argument("--group", type=int, default=4, help="completions per prompt")
     ap.add_argument("--only", default="math,code,beta")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="rl_acceptance_"))
-    student = args.student or sft_student(work, args.sft_steps)
+    student = args.student or sft_student(work, args.sft_steps, args.sft_from)
     runs = []
     for task in ("math", "code"):
         if task in args.only:
