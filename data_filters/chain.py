@@ -128,9 +128,11 @@ class FilterChain:
         for pos, row, turns in alive:
             res = results[pos]
             res.output = json.dumps(row, ensure_ascii=False) if res.output == "" else res.raw
-            if self.dedup:
-                if self.dedup.exact:
-                    res.key = exact_key(dedup_text(turns, self.dedup.prompt_only))
-                if self.minhasher is not None:
-                    res.signature = self.minhasher.signature(turns, self.dedup.prompt_only)
+            if self.dedup and self.dedup.exact:
+                res.key = exact_key(dedup_text(turns, self.dedup.prompt_only))
+        if self.minhasher is not None and alive:
+            # One vectorised pass for the chunk's survivors.
+            signatures = self.minhasher.signatures([turns for _, _, turns in alive], self.dedup.prompt_only)
+            for (pos, _, _), signature in zip(alive, signatures):
+                results[pos].signature = signature.copy()  # not a view pinning the chunk's array
         return results

@@ -12,7 +12,10 @@ from typing import Any, Iterator
 
 from data_filters.config import DecontaminateConfig
 from data_filters.rows import Decision, Rejection, Turn
-from data_filters.text import ngram_hashes, text_word_hashes, word_hashes, words
+import numpy as np
+
+from data_filters.text import (concatenated, ngram_hashes, text_word_hashes, windowed_ngram_hashes,
+                               word_hashes, words)
 
 
 def _strings(value: Any) -> Iterator[str]:
@@ -69,6 +72,14 @@ class EvalNgramIndex:
                     for h in ngram_hashes(word_hashes(words(text)), n).tolist():
                         self._index.setdefault(h, set_id)
         self._keys = frozenset(self._index)
+        # A bitmap of the n-gram hashes' low bits: one numpy gather rules out almost every
+        # n-gram of a chunk; the few left are looked up in the dict (exact).
+        size = 1 << max(16, min(26, (16 * len(self._index)).bit_length()))
+        self._mask = np.uint64(size - 1)
+        self._bitmap = np.zeros(size, dtype=bool)
+        if self._index:
+            keys = np.fromiter(self._index, dtype=np.uint64, count=len(self._index))
+            self._bitmap[keys & self._mask] = True
 
     def __len__(self) -> int:
         return len(self._index)
@@ -88,6 +99,26 @@ class EvalNgramIndex:
         return None
 
 
+    def find_many(self, texts: list[str]) -> list[tuple[str, str] | None]:
+        """`[self.find(t) for t in texts]`, computed for all texts in one numpy pass."""
+        found: list[tuple[str, str] | None] = [None] * len(texts)
+        if not texts or not self._index:
+            return found
+        flat, owner = concatenated([text_word_hashes(t) for t in texts])
+        starts, grams = windowed_ngram_hashes(flat, owner, self.n)
+        maybe = np.flatnonzero(self._bitmap[grams & self._mask])
+        for k, h in zip(maybe.tolist(), grams[maybe].tolist()):
+            set_id = self._index.get(h)
+            if set_id is None:
+                continue
+            p = int(starts[k])
+            t = int(owner[p])
+            if found[t] is None:  # the first overlap of the text, as `find` reports
+                i = p - int(np.searchsorted(owner, t))
+                found[t] = self.names[set_id], " ".join(words(texts[t])[i:i + self.n])
+        return found
+
+
 class DecontaminationFilter:
     name = "decontaminate"
 
@@ -95,11 +126,20 @@ class DecontaminationFilter:
         self.config = config
         self.index = EvalNgramIndex(config.eval_sets, config.ngram)
 
-    def __call__(self, row: dict, turns: list[Turn]) -> Decision:
+    def batch(self, items: list[tuple[dict, list[Turn]]]) -> list[Decision]:
+        decisions: list[Decision] = [None] * len(items)
         if not len(self.index):
-            return None
-        for i, t in enumerate(turns):
-            hit = self.index.find(t.text)
-            if hit:
-                return Rejection(self.name, "eval_overlap", {"eval_set": hit[0], "ngram": hit[1], "turn": i})
-        return None
+            return decisions
+        texts = [t.text for _, turns in items for t in turns]
+        hits = iter(self.index.find_many(texts))
+        for n, (_, turns) in enumerate(items):
+            row_hits = [next(hits) for _ in turns]
+            for i, hit in enumerate(row_hits):
+                if hit:  # the first turn with an overlap
+                    decisions[n] = Rejection(self.name, "eval_overlap",
+                                             {"eval_set": hit[0], "ngram": hit[1], "turn": i})
+                    break
+        return decisions
+
+    def __call__(self, row: dict, turns: list[Turn]) -> Decision:
+        return self.batch([(row, turns)])[0]

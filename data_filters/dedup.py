@@ -15,7 +15,7 @@ from datasketch import LeanMinHash, MinHash, MinHashLSH
 
 from data_filters.config import DedupConfig
 from data_filters.rows import Rejection, Turn, prompt_turns
-from data_filters.text import ngram_hashes, text_word_hashes, word_hashes
+from data_filters.text import concatenated, ngram_hashes, text_word_hashes, windowed_ngram_hashes, word_hashes
 
 # datasketch's 32-bit scheme: signatures are uint32, half the memory of the 64-bit one.
 SCHEME = "affine32"
@@ -51,25 +51,86 @@ def shingle_hashes(turns: list[Turn], n: int, prompt_only: bool = False) -> list
     return np.unique(grams & np.uint64(0xFFFFFFFF)).tolist()
 
 
-def _identity(value: int) -> int:
-    return value
+def _fmix32(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 32-bit finaliser, the pre-mix datasketch's affine32 scheme applies to
+    every input hash before its permutations (tested against datasketch)."""
+    h = h ^ (h >> np.uint32(16))
+    h *= np.uint32(0x85EBCA6B)
+    h ^= h >> np.uint32(13)
+    h *= np.uint32(0xC2B2AE35)
+    h ^= h >> np.uint32(16)
+    return h
+
+
+# Shingles per block when applying the permutations: a (num_perm, block) uint32 array of
+# 2 MiB stays in cache.
+_BLOCK_SHINGLES = 4096
 
 
 class MinHasher:
-    """MinHash signatures with permutations drawn once (datasketch draws them per object)."""
+    """MinHash signatures with datasketch's affine32 permutations, drawn once.
+
+    The permutations come from `datasketch.MinHash`; applying them is done here for a whole
+    chunk of rows at once: datasketch's `update_batch` runs the hash function and builds its
+    input array in Python for every shingle of every row, which cost more than the hashing.
+    `signature(turns)` equals `MinHash(..., hashfunc=identity).update_batch(shingles)`.
+    """
 
     def __init__(self, num_perm: int = 128, seed: int = 1, ngram: int = 5):
         self.num_perm, self.seed, self.ngram = num_perm, seed, ngram
-        self._template = MinHash(num_perm=num_perm, seed=seed, scheme=SCHEME)
-        # Shingles arrive already hashed (vectorised in numpy); datasketch's default hashes
-        # each shingle with SHA-1 in Python, the bottleneck of a naive implementation.
-        self._hashfunc = _identity
+        a, b = MinHash(num_perm=num_perm, seed=seed, scheme=SCHEME).permutations
+        self._a, self._b = a.astype(np.uint32), b.astype(np.uint32)
+        self._role_hashes: dict[str, np.ndarray] = {}
 
     def signature(self, turns: list[Turn], prompt_only: bool = False) -> np.ndarray:
-        m = MinHash(num_perm=self.num_perm, seed=self.seed, scheme=SCHEME,
-                    permutations=self._template.permutations, hashfunc=self._hashfunc)
-        m.update_batch(shingle_hashes(turns, self.ngram, prompt_only))
-        return m.hashvalues.astype(np.uint32, copy=False)
+        return self.signatures([turns], prompt_only)[0]
+
+    def _role_hash(self, role: str) -> np.ndarray:
+        h = self._role_hashes.get(role)
+        if h is None:
+            h = self._role_hashes[role] = word_hashes((role + ":",))
+        return h
+
+    def signatures(self, rows: list[list[Turn]], prompt_only: bool = False) -> np.ndarray:
+        """One signature per row, shape (rows, num_perm), dtype uint32."""
+        # The word hashes of each row's role-tagged turns, as in `shingle_hashes`.
+        row_seqs = []
+        for turns in rows:
+            chosen = prompt_turns(turns) if prompt_only else turns
+            parts = []
+            for t in chosen:
+                parts.append(self._role_hash(t.role))
+                parts.append(text_word_hashes(t.text))
+            row_seqs.append(np.concatenate(parts) if parts else np.zeros(1, dtype=np.uint64))
+        flat, owner = concatenated(row_seqs)
+        starts, grams = windowed_ngram_hashes(flat, owner, self.ngram)
+        shingle_row = owner[starts]
+        # A row shorter than n words is one shingle (all its words).
+        short = [r for r, seq in enumerate(row_seqs) if len(seq) < self.ngram]
+        if short:
+            extra = np.concatenate([ngram_hashes(row_seqs[r], len(row_seqs[r])) for r in short])
+            grams = np.concatenate([grams, extra])
+            shingle_row = np.concatenate([shingle_row, np.array(short, dtype=shingle_row.dtype)])
+            order = np.argsort(shingle_row, kind="stable")
+            grams, shingle_row = grams[order], shingle_row[order]
+        # Every row now has at least one shingle, its shingles contiguous and in row order.
+        values = _fmix32((grams & np.uint64(0xFFFFFFFF)).astype(np.uint32))
+        first = np.flatnonzero(np.r_[True, shingle_row[1:] != shingle_row[:-1]])
+        out = np.empty((len(rows), self.num_perm), dtype=np.uint32)
+        a, b = self._a[:, None], self._b[:, None]
+        # Blocks of whole rows of about _BLOCK_SHINGLES shingles; permutations along the
+        # first axis so that the per-row minimum runs over contiguous memory (7x faster).
+        bounds = np.r_[first, len(values)]
+        r = 0
+        while r < len(rows):
+            end_row = max(r + 1, int(np.searchsorted(bounds, bounds[r] + _BLOCK_SHINGLES, "right")) - 1)
+            end_row = min(end_row, len(rows))
+            lo, hi = bounds[r], bounds[end_row]
+            block = np.multiply(a, values[None, lo:hi])  # permuted value = a * h + b mod 2^32
+            np.add(block, b, out=block)
+            out[r:end_row] = np.minimum.reduceat(block, bounds[r:end_row] - lo, axis=1).T
+            r = end_row
+        return out
 
 
 class Deduplicator:

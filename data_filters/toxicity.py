@@ -14,11 +14,14 @@ transformers text-classification checkpoint can replace the default (`classifier
 
 from __future__ import annotations
 
+import re
 import warnings
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Sequence
+
+import numpy as np
 
 from data_filters.config import ToxicityConfig
 from data_filters.rows import MODEL_ROLE, Decision, Rejection, Turn
@@ -69,12 +72,117 @@ class Lexicon:
         starts = wset.intersection(self.phrases)
         if not starts:
             return min(hits) if hits else None
+        # The phrase starting earliest in the text (at one position, the longest phrase).
+        # Start words are common ("you", "i", "go"): find their positions with tuple.index,
+        # a C loop, instead of walking every word in Python.
         ws = words(text)
-        for i, w in enumerate(ws):
-            for phrase in self.phrases.get(w, ()):
-                if ws[i:i + len(phrase)] == phrase:
-                    return " ".join(phrase)
+        best: tuple[int, tuple[str, ...]] | None = None
+        for w in starts:
+            i = -1
+            while True:
+                try:
+                    i = ws.index(w, i + 1, best[0] if best else len(ws))
+                except ValueError:
+                    break
+                phrase = next((p for p in self.phrases[w] if ws[i:i + len(p)] == p), None)
+                if phrase is not None:
+                    best = (i, phrase)
+                    break
+        if best is not None:
+            return " ".join(best[1])
         return min(hits) if hits else None
+
+
+# The ASCII characters that are neither word characters, white space nor separators.
+_ODD_ASCII_RE = re.compile(r"[\x00-\x08\x0e-\x1b\x7f]")
+
+
+class ScoreBound:
+    """A provable upper bound of the profanity_check score of a text from its word set.
+
+    The model is a TF-IDF vectoriser (L2-normalised, non-negative) followed by linear SVMs
+    whose sigmoid-calibrated outputs are averaged. For a tf-idf vector x with ||x|| <= 1
+    supported on the text's vocabulary terms S, Cauchy-Schwarz gives
+    w_k . x <= ||max(w_k, 0) restricted to S||, so each SVM's decision value, and with it
+    the (increasing) calibrated probability, is bounded by a sum over the text's terms that
+    have a positive weight. Texts whose bound is below the threshold cannot be rejected by
+    the classifier, so the vectoriser (the costly part: per-token Python) runs only on the
+    others, with exactly the scores it always gave. Built only when the shipped model has
+    the structure the argument needs; otherwise `None` and every text is scored.
+    """
+
+    # Rounding in sklearn's float64 arithmetic is ~1e-15; the margin keeps the bound sound.
+    MARGIN = 1e-9
+
+    def __init__(self, vocabulary: dict[str, int], weights: np.ndarray, intercepts: np.ndarray,
+                 slopes: np.ndarray, offsets: np.ndarray):
+        positive = np.maximum(weights, 0.0)
+        has_positive = positive.max(axis=0) > 0
+        self._terms = {t: i for t, i in vocabulary.items() if has_positive[i]}
+        self._term_set = frozenset(self._terms)  # set & set walks the smaller side
+        self._squares = (positive ** 2).T.copy()  # (vocabulary size, models)
+        self._intercepts, self._slopes, self._offsets = intercepts, slopes, offsets
+        # sklearn's default token pattern (2+ word characters) applied to the lower-cased text.
+        self._token_re = re.compile(r"(?u)\b\w\w+\b")
+
+    @classmethod
+    def from_profanity_check(cls, vectorizer, model) -> "ScoreBound | None":
+        try:
+            p = vectorizer.get_params()
+            if (p["analyzer"] != "word" or not p["lowercase"] or p["norm"] != "l2"
+                    or p["token_pattern"] != r"(?u)\b\w\w+\b" or p["tokenizer"] is not None
+                    or p["preprocessor"] is not None or p["strip_accents"] is not None
+                    or tuple(p["ngram_range"]) != (1, 1) or model.method != "sigmoid"
+                    or list(model.classes_) != [0, 1]):
+                return None
+            if p["use_idf"] and not (vectorizer.idf_ > 0).all():
+                return None
+            weights, intercepts, slopes, offsets = [], [], [], []
+            for cc in model.calibrated_classifiers_:
+                est = cc.estimator
+                if type(est).__name__ not in ("LinearSVC", "LogisticRegression") or len(cc.calibrators) != 1:
+                    return None
+                weights.append(np.asarray(est.coef_, dtype=np.float64).ravel())
+                intercepts.append(float(np.ravel(est.intercept_)[0]))
+                slopes.append(float(cc.calibrators[0].a_))
+                offsets.append(float(cc.calibrators[0].b_))
+        except (AttributeError, KeyError, TypeError, IndexError):
+            return None
+        slopes_a = np.array(slopes)
+        if not (slopes_a < 0).all():  # the calibrated probability must increase with w.x
+            return None
+        return cls(vectorizer.vocabulary_, np.array(weights), np.array(intercepts), slopes_a,
+                   np.array(offsets))
+
+    def _positive_terms(self, text: str) -> list[int]:
+        """Indices of the positive-weight vocabulary terms among the text's sklearn tokens.
+
+        A token of sklearn's pattern is a maximal run of word characters; a word of
+        `data_filters.text.words` is a maximal run of characters that are neither white space
+        nor separators (all non-word characters). So every vocabulary term in the word set is
+        a token, and the word set misses tokens only inside words holding some other non-word
+        character (a symbol, an emoji): those texts are tokenised with sklearn's pattern.
+        """
+        ws = word_set(text)
+        if (_ODD_ASCII_RE.search(text) is not None if text.isascii()
+                else not all(w.isalnum() or w.replace("_", "a").isalnum() for w in ws)):
+            ws = set(self._token_re.findall(text.lower()))
+        terms = self._terms
+        return [terms[t] for t in self._term_set.intersection(ws)]
+
+    def upper_bounds(self, texts: Sequence[str]) -> np.ndarray:
+        """For each text, a number >= its classifier score."""
+        idx, owner = [], []
+        for n, text in enumerate(texts):
+            hits = self._positive_terms(text)
+            idx.extend(hits)
+            owner.extend([n] * len(hits))
+        sums = np.zeros((len(texts), self._squares.shape[1]))
+        if idx:
+            np.add.at(sums, np.array(owner), self._squares[np.array(idx)])
+        decision = self._intercepts + np.sqrt(sums)
+        probability = 1.0 / (1.0 + np.exp(self._slopes * decision + self._offsets))
+        return probability.mean(axis=1) + self.MARGIN
 
 
 class ToxicityScorer:
@@ -86,11 +194,14 @@ class ToxicityScorer:
         self.lexicon = Lexicon(load_lexicon(c.lexicon_path)) if (
             c.use_lexicon or c.classifier == "lexicon") else None
         self._model = None
+        self.bound: ScoreBound | None = None
         if c.classifier == "profanity_check":
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # scikit-learn version notices on unpickling
                 import profanity_check
+                from profanity_check import profanity_check as shipped
             self._model = profanity_check.predict_prob
+            self.bound = ScoreBound.from_profanity_check(shipped.vectorizer, shipped.model)
         elif c.classifier == "hf":
             self._model = _hf_scorer(c.checkpoint, tuple(c.toxic_labels), c.batch_size)
 
@@ -98,6 +209,30 @@ class ToxicityScorer:
         if self.lexicon is None:
             return None
         return self.lexicon.match(text)
+
+    def scores_at_least(self, texts: Sequence[str], threshold: float) -> list[float | None]:
+        """Like `score`, but None for texts whose score is provably below `threshold`
+        (checked with `ScoreBound`, without running the classifier on them)."""
+        texts = list(texts)
+        if not texts:
+            return []
+        out: list[float | None] = [None] * len(texts)
+        lexicon_hits = [self.lexicon is not None and self.lexicon.match(t) is not None for t in texts]
+        for i, hit in enumerate(lexicon_hits):
+            if hit:
+                out[i] = 1.0  # what `score` gives a lexicon match, whatever the classifier says
+        todo = [i for i, hit in enumerate(lexicon_hits) if not hit]
+        if self._model is None:
+            for i in todo:
+                out[i] = 0.0
+            return out
+        if self.bound is not None and todo:
+            bounds = self.bound.upper_bounds([texts[i] for i in todo])
+            todo = [i for i, b in zip(todo, bounds.tolist()) if b >= threshold]
+        if todo:
+            for i, s in zip(todo, self._model([texts[i] for i in todo])):
+                out[i] = float(s)
+        return out
 
     def score(self, texts: Sequence[str]) -> list[float]:
         texts = list(texts)
@@ -163,10 +298,11 @@ class ToxicityFilter:
             for i in self._scored(turns):
                 refs.append((n, i))
                 texts.append(turns[i].text)
-        scores = self.scorer.score(texts)
+        # Turns that provably score below the threshold come back as None, unscored.
+        scores = self.scorer.scores_at_least(texts, self.config.threshold)
         worst: dict[int, tuple[float, int]] = {}
         for (n, i), s in zip(refs, scores):
-            if s >= self.config.threshold and (n not in worst or s > worst[n][0]):
+            if s is not None and s >= self.config.threshold and (n not in worst or s > worst[n][0]):
                 worst[n] = (s, i)
         decisions: list[Decision] = [None] * len(items)
         for n, (s, i) in worst.items():
