@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 from typing import Any, Callable, Sequence
+from rewards.completions import completion_text
 
 __all__ = ["check", "instructions_reward", "VERIFIERS", "count_sentences", "count_words"]
 
@@ -277,17 +278,6 @@ def check(response: str, instruction_id_list: Sequence[str], kwargs: Sequence[di
     return out
 
 
-def _text(completion) -> str:
-    if isinstance(completion, list):
-        for m in reversed(completion):
-            if isinstance(m, dict) and m.get("role", "assistant") == "assistant":
-                return str(m.get("content", ""))
-        return ""
-    if isinstance(completion, dict):
-        return str(completion.get("content", ""))
-    return str(completion)
-
-
 def instructions_reward(prompts, completions, instruction_id_list=None, kwargs=None, *,
                         mode: str = "fraction", loose: bool = False, **_: Any) -> list[float | None]:
     """TRL-style reward: fraction of instructions followed (``mode="fraction"``) or 1/0 when
@@ -301,6 +291,6 @@ def instructions_reward(prompts, completions, instruction_id_list=None, kwargs=N
             out.append(None)
             continue
         kws = kws if kws is not None else [{}] * len(ids)
-        res = check(_text(c), ids, kws, loose=loose)
+        res = check(completion_text(c), ids, kws, loose=loose)
         out.append(sum(res) / len(res) if mode == "fraction" else float(all(res)))
     return out

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
 from rewards.code.sandbox import CodeResult, Sandbox, SandboxConfig
+from rewards.completions import completion_text
 
 __all__ = ["CodeResult", "Sandbox", "SandboxConfig", "run", "run_many", "isolation_report",
            "extract_code", "code_reward", "get_sandbox"]
@@ -83,19 +84,6 @@ def extract_code(completion: str) -> str:
     return (py or [b for _, b in blocks])[-1]
 
 
-def _text(completion) -> str:
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, list):  # conversational: last assistant message
-        for m in reversed(completion):
-            if isinstance(m, dict) and m.get("role", "assistant") == "assistant":
-                return str(m.get("content", ""))
-        return str(completion[-1].get("content", "")) if completion else ""
-    if isinstance(completion, dict):
-        return str(completion.get("content", ""))
-    return str(completion)
-
-
 def code_reward(prompts, completions, tests=None, io=None, entry_point=None, *,
                 mode: str = "fraction", timeout_s: float = 10, memory_mb: int = 512,
                 **_: Any) -> list[float | None]:
@@ -117,7 +105,7 @@ def code_reward(prompts, completions, tests=None, io=None, entry_point=None, *,
         if isinstance(t, str) and entry_point is not None and entry_point[i] \
                 and "def check(" in t and f"check({entry_point[i]})" not in t:
             t = t + f"\ncheck({entry_point[i]})\n"
-        jobs.append((i, extract_code(_text(completions[i])), t))
+        jobs.append((i, extract_code(completion_text(completions[i])), t))
     out: list[float | None] = [None] * n
     results = run_many([c for _, c, _ in jobs], [t for _, _, t in jobs], timeout_s, memory_mb)
     for (i, _, _), r in zip(jobs, results):

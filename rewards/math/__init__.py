@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Sequence
+from rewards.completions import completion_text
 
 log = logging.getLogger("rewards.math")
 
@@ -316,17 +317,6 @@ def stats() -> dict[str, int]:
 
 # ---------------------------------------------------------------- public API
 
-def _text(completion) -> str:
-    if isinstance(completion, list):
-        for m in reversed(completion):
-            if isinstance(m, dict) and m.get("role", "assistant") == "assistant":
-                return str(m.get("content", ""))
-        return ""
-    if isinstance(completion, dict):
-        return str(completion.get("content", ""))
-    return str(completion)
-
-
 def verify(completion: str, answer: str, *, order: Sequence[str] = DEFAULT_ORDER,
            timeout_s: float = 5.0, rel_tol: float = 1e-6, symbolic: bool = True) -> bool:
     """Whether the final answer in ``completion`` equals the reference ``answer``.
@@ -334,7 +324,7 @@ def verify(completion: str, answer: str, *, order: Sequence[str] = DEFAULT_ORDER
     Finishes within about ``timeout_s`` seconds from any thread (a stuck check counts as
     False and is logged); see the module docstring.
     """
-    pred = extract_answer(_text(completion), order)
+    pred = extract_answer(completion_text(completion), order)
     if pred is None:
         return False
     gold = str(answer).strip()
