@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 from typing import Any, Callable, Sequence
+
 from rewards.completions import completion_text
 
 __all__ = ["check", "instructions_reward", "VERIFIERS", "count_sentences", "count_words"]

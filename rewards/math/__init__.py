@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Sequence
+
 from rewards.completions import completion_text
 
 log = logging.getLogger("rewards.math")
