@@ -67,45 +67,51 @@ def build_filters(config: FilterConfig) -> list[RowFilter]:
 
 def parse_line(raw: bytes) -> tuple[Any, str, Rejection | None]:
     """(row, line as text, rejection if the line is not a valid row)."""
+    row, text, _, rejection = _parse_line(raw)
+    return row, text, rejection
+
+
+def _parse_line(raw: bytes) -> tuple[Any, str, list[Turn] | None, Rejection | None]:
+    """`parse_line` plus the row's turns (None when rejected), computed once."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        return None, raw.decode("utf-8", "backslashreplace"), Rejection(
+        return None, raw.decode("utf-8", "backslashreplace"), None, Rejection(
             "format", "invalid_utf8", {"byte_offset": e.start, "detail": e.reason})
     try:
         row = json.loads(text)
     except json.JSONDecodeError as e:
-        return None, text, Rejection("format", "invalid_json", {"detail": e.msg, "column": e.colno})
+        return None, text, None, Rejection("format", "invalid_json", {"detail": e.msg, "column": e.colno})
     try:
         turns = row_turns(row)
     except InvalidRow as e:
-        return row, text, Rejection("format", e.reason, {"detail": e.detail})
+        return row, text, None, Rejection("format", e.reason, {"detail": e.detail})
     for i, t in enumerate(turns):
         if has_lone_surrogate(t.text):
-            return row, text, Rejection("format", "invalid_utf8", {"turn": i, "detail": "lone surrogate"})
-    return row, text, None
+            return row, text, None, Rejection("format", "invalid_utf8", {"turn": i, "detail": "lone surrogate"})
+    return row, text, turns, None
 
 
 class FilterChain:
     """Runs the per-row filters of a `FilterConfig` over chunks of JSONL lines."""
 
-    def __init__(self, config: FilterConfig):
+    def __init__(self, config: FilterConfig, minhash_permutations: np.ndarray | None = None):
         self.config = config
         self.filters = build_filters(config)
         d = config.active("dedup")
         self.dedup = d
-        self.minhasher = MinHasher(d.num_perm, d.seed, d.ngram) if d and d.near else None
+        self.minhasher = MinHasher(d.num_perm, d.seed, d.ngram, minhash_permutations) if d and d.near else None
 
     def process(self, lines: list[tuple[int, int, str, bytes]]) -> list[RowResult]:
         """`lines` are (index, line number, source file, raw bytes) tuples."""
         results: list[RowResult] = []
         alive: list[tuple[int, dict, list[Turn]]] = []  # (position in results, row, turns)
         for index, lineno, source, raw in lines:
-            row, text, rejection = parse_line(raw)
+            row, text, turns, rejection = _parse_line(raw)
             res = RowResult(index, lineno, source, text.rstrip("\r\n"), rejection)
             results.append(res)
             if rejection is None:
-                alive.append((len(results) - 1, row, row_turns(row)))
+                alive.append((len(results) - 1, row, turns))
         for flt in self.filters:
             if not alive:
                 break
@@ -134,5 +140,25 @@ class FilterChain:
             # One vectorised pass for the chunk's survivors.
             signatures = self.minhasher.signatures([turns for _, _, turns in alive], self.dedup.prompt_only)
             for (pos, _, _), signature in zip(alive, signatures):
-                results[pos].signature = signature.copy()  # not a view pinning the chunk's array
+                results[pos].signature = signature  # rows of one array per chunk
         return results
+
+
+def pack_results(results: list[RowResult]) -> tuple[list[RowResult], list[int], np.ndarray | None]:
+    """The results with their MinHash signatures moved into one array, for sending between
+    processes: unpickling one small ndarray per row cost the main process ~16 us a row."""
+    positions = [i for i, r in enumerate(results) if r.signature is not None]
+    if not positions:
+        return results, positions, None
+    matrix = np.stack([results[i].signature for i in positions])
+    for i in positions:
+        results[i].signature = None
+    return results, positions, matrix
+
+
+def unpack_results(packed: tuple[list[RowResult], list[int], np.ndarray | None]) -> list[RowResult]:
+    """Inverse of `pack_results`: signatures become rows of the chunk's array."""
+    results, positions, matrix = packed
+    for i, signature in zip(positions, matrix if matrix is not None else ()):
+        results[i].signature = signature
+    return results

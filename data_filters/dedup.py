@@ -11,7 +11,6 @@ import hashlib
 import unicodedata
 
 import numpy as np
-from datasketch import LeanMinHash, MinHash, MinHashLSH
 
 from data_filters.config import DedupConfig
 from data_filters.rows import Rejection, Turn, prompt_turns
@@ -76,11 +75,21 @@ class MinHasher:
     `signature(turns)` equals `MinHash(..., hashfunc=identity).update_batch(shingles)`.
     """
 
-    def __init__(self, num_perm: int = 128, seed: int = 1, ngram: int = 5):
+    def __init__(self, num_perm: int = 128, seed: int = 1, ngram: int = 5,
+                 permutations: np.ndarray | None = None):
         self.num_perm, self.seed, self.ngram = num_perm, seed, ngram
-        a, b = MinHash(num_perm=num_perm, seed=seed, scheme=SCHEME).permutations
+        # Worker processes get `permutations` from their parent, which spares each of them
+        # importing datasketch (~0.4 CPU-s, scipy included).
+        a, b = permutations if permutations is not None else self.permutations(num_perm, seed)
         self._a, self._b = a.astype(np.uint32), b.astype(np.uint32)
         self._role_hashes: dict[str, np.ndarray] = {}
+
+    @staticmethod
+    def permutations(num_perm: int, seed: int) -> np.ndarray:
+        """datasketch's (a, b) permutation parameters for `num_perm` and `seed`, shape (2, num_perm)."""
+        from datasketch import MinHash
+
+        return MinHash(num_perm=num_perm, seed=seed, scheme=SCHEME).permutations
 
     def signature(self, turns: list[Turn], prompt_only: bool = False) -> np.ndarray:
         return self.signatures([turns], prompt_only)[0]
@@ -93,22 +102,29 @@ class MinHasher:
 
     def signatures(self, rows: list[list[Turn]], prompt_only: bool = False) -> np.ndarray:
         """One signature per row, shape (rows, num_perm), dtype uint32."""
-        # The word hashes of each row's role-tagged turns, as in `shingle_hashes`.
-        row_seqs = []
-        for turns in rows:
+        # The word hashes of each row's role-tagged turns, as in `shingle_hashes`, end to end.
+        parts: list[np.ndarray] = []
+        part_row: list[int] = []
+        for r, turns in enumerate(rows):
             chosen = prompt_turns(turns) if prompt_only else turns
-            parts = []
+            if not chosen:
+                parts.append(np.zeros(1, dtype=np.uint64))
+                part_row.append(r)
             for t in chosen:
                 parts.append(self._role_hash(t.role))
                 parts.append(text_word_hashes(t.text))
-            row_seqs.append(np.concatenate(parts) if parts else np.zeros(1, dtype=np.uint64))
-        flat, owner = concatenated(row_seqs)
+                part_row += (r, r)
+        flat, part_of = concatenated(parts)
+        owner = np.array(part_row, dtype=np.int64)[part_of]
+        row_start = np.searchsorted(owner, np.arange(len(rows) + 1))
         starts, grams = windowed_ngram_hashes(flat, owner, self.ngram)
         shingle_row = owner[starts]
         # A row shorter than n words is one shingle (all its words).
-        short = [r for r, seq in enumerate(row_seqs) if len(seq) < self.ngram]
+        row_len = np.diff(row_start)
+        short = np.flatnonzero(row_len < self.ngram).tolist()
         if short:
-            extra = np.concatenate([ngram_hashes(row_seqs[r], len(row_seqs[r])) for r in short])
+            extra = np.concatenate([ngram_hashes(flat[row_start[r]:row_start[r + 1]], int(row_len[r]))
+                                    for r in short])
             grams = np.concatenate([grams, extra])
             shingle_row = np.concatenate([shingle_row, np.array(short, dtype=shingle_row.dtype)])
             order = np.argsort(shingle_row, kind="stable")
@@ -139,6 +155,9 @@ class Deduplicator:
     name = "dedup"
 
     def __init__(self, config: DedupConfig):
+        from datasketch import LeanMinHash, MinHashLSH
+
+        self._lean = LeanMinHash
         self.config = config
         self._exact: dict[str, int] = {}
         self._lsh = MinHashLSH(threshold=config.threshold, num_perm=config.num_perm) if config.near else None
@@ -151,7 +170,7 @@ class Deduplicator:
             if first is not None:
                 return Rejection(self.name, "exact_duplicate", {"duplicate_of": first})
         if self._lsh is not None and signature is not None:
-            lean = LeanMinHash(seed=self.config.seed, hashvalues=signature, scheme=SCHEME)
+            lean = self._lean(seed=self.config.seed, hashvalues=signature, scheme=SCHEME)
             best, best_sim = None, 0.0
             for other in self._lsh.query(lean):
                 sim = float(np.mean(self._signatures[other] == signature))

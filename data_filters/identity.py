@@ -97,13 +97,16 @@ def _allowed(name: str, developer: str) -> set[str]:
 
 
 @lru_cache(maxsize=16)
-def _compiled(name: str, developer: str) -> tuple[list[re.Pattern], frozenset[str]]:
+def _compiled(name: str, developer: str) -> tuple[list[re.Pattern], dict[str, list[str]]]:
     allowed = _allowed(name, developer)
     names = tuple(x for x in ASSISTANT_NAMES if x.casefold() not in allowed)
     orgs = tuple(x for x in ORGANISATIONS if x.casefold() not in allowed)
     # A claim needs a foreign name: texts without one of these first words skip the regexes.
-    triggers = frozenset(words(x)[0] for x in names + orgs if x.isascii())
-    return _patterns(names, orgs), triggers
+    by_trigger: dict[str, list[str]] = {}
+    for x in names + orgs:
+        if x.isascii():
+            by_trigger.setdefault(words(x)[0], []).append(x)
+    return _patterns(names, orgs), by_trigger
 
 
 
@@ -113,10 +116,14 @@ def find_misidentification(text: str, name: str = "Gemma", developer: str = "Goo
     `name` and `developer` are the allowed identity: "Gemma" and "Google DeepMind" allow
     "Gemma", "Google", "DeepMind" and "Google DeepMind". Returns [] when the text is fine.
     """
-    patterns, triggers = _compiled(name, developer)
-    # Only ASCII text is gated: CJK is not split into words by spaces.
-    if text.isascii() and word_set(text).isdisjoint(triggers):
-        return []
+    patterns, by_trigger = _compiled(name, developer)
+    # Only ASCII text is gated: CJK is not split into words by spaces. Every pattern holds
+    # a case-sensitive name or organisation group, so a claim needs one of them verbatim:
+    # a lower-case word such as "pi" or "meta" alone does not run the regexes.
+    if text.isascii():
+        present = word_set(text).intersection(by_trigger)
+        if not present or not any(x in text for w in present for x in by_trigger[w]):
+            return []
     found: list[str] = []
     for rx in patterns:
         for m in rx.finditer(text):

@@ -32,9 +32,9 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from data_filters.card import write_data_card
-from data_filters.chain import FilterChain, RowResult
+from data_filters.chain import FilterChain, RowResult, pack_results, unpack_results
 from data_filters.config import FilterConfig
-from data_filters.dedup import Deduplicator
+from data_filters.dedup import Deduplicator, MinHasher
 from data_filters.rows import Rejection
 
 KEPT_FILE = "kept.jsonl"
@@ -120,13 +120,13 @@ def _read_chunks(paths: list[Path], chunk_size: int) -> Iterator[list[tuple[int,
 _worker_chain: FilterChain | None = None
 
 
-def _init_worker(config_json: str) -> None:
+def _init_worker(config_json: str, minhash_permutations) -> None:
     global _worker_chain
-    _worker_chain = FilterChain(FilterConfig.model_validate_json(config_json))
+    _worker_chain = FilterChain(FilterConfig.model_validate_json(config_json), minhash_permutations)
 
 
 def _process_in_worker(lines):
-    return _worker_chain.process(lines)
+    return pack_results(_worker_chain.process(lines))
 
 
 def _results(chunks: Iterable, config: FilterConfig, num_proc: int) -> Iterator[RowResult]:
@@ -138,15 +138,17 @@ def _results(chunks: Iterable, config: FilterConfig, num_proc: int) -> Iterator[
         return
     # A bounded window of chunks in flight keeps memory flat however large the input.
     ctx = get_context("spawn")
+    d = config.active("dedup")
+    permutations = MinHasher.permutations(d.num_perm, d.seed) if d and d.near else None
     with ProcessPoolExecutor(num_proc, mp_context=ctx, initializer=_init_worker,
-                             initargs=(config.model_dump_json(),)) as pool:
+                             initargs=(config.model_dump_json(), permutations)) as pool:
         pending: deque = deque()
         for lines in chunks:
             pending.append(pool.submit(_process_in_worker, lines))
             if len(pending) >= 3 * num_proc:
-                yield from pending.popleft().result()
+                yield from unpack_results(pending.popleft().result())
         while pending:
-            yield from pending.popleft().result()
+            yield from unpack_results(pending.popleft().result())
 
 
 def _rejected_line(res: RowResult, rejection: Rejection) -> str:

@@ -179,7 +179,9 @@ class ScoreBound:
             owner.extend([n] * len(hits))
         sums = np.zeros((len(texts), self._squares.shape[1]))
         if idx:
-            np.add.at(sums, np.array(owner), self._squares[np.array(idx)])
+            owners, squares = np.array(owner), self._squares[np.array(idx)]
+            for k in range(squares.shape[1]):
+                sums[:, k] = np.bincount(owners, weights=squares[:, k], minlength=len(texts))
         decision = self._intercepts + np.sqrt(sums)
         probability = 1.0 / (1.0 + np.exp(self._slopes * decision + self._offsets))
         return probability.mean(axis=1) + self.MARGIN
