@@ -43,7 +43,8 @@ def sft_student(work: Path, steps: int, start: str | None = None) -> str:
     ctx = StageContext(name="sft", kind="sft", stage_dir=work / "sft", run_dir=work, seed=0, recipe_name="acceptance")
     t0 = time.perf_counter()
     res = run_sft(SFTStageConfig(model=base, dataset=str(work / "sft.jsonl"), max_steps=steps,
-                                 batch_size=32, learning_rate=3e-3, warmup_ratio=0.05, logging_steps=50), ctx)
+                                 batch_size=32, learning_rate=3e-3, warmup_ratio=0.05,
+                                 logging_steps=max(1, min(50, steps // 4))), ctx)
     print(f"sft: {steps} steps in {time.perf_counter() - t0:.0f} s, loss {res.metrics['loss_first']:.3f} -> "
           f"{res.metrics['loss_last']:.3f}", flush=True)
     return res.outputs["model"]
