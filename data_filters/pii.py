@@ -296,6 +296,13 @@ _SECRET_TOKEN_RE = re.compile(
 _SECRET_HINTS = ("AKIA", "ASIA", "ABIA", "ACCA", "AGPA", "AIDA", "AROA", "ANPA", "ANVA", "AIPA",
                  "AIza", "gh", "gl", "xox", "hooks.slack", "_live_", "_test_", "sk-", "hf_",
                  "eyJ", "PRIVATE KEY")
+# The hints grouped under a character each contains: one memchr-fast scan for the character
+# rules out the whole group (21 substring scans cost ~10 us per text).
+_SECRET_HINT_GROUPS = tuple(
+    (ch, tuple(h for h in _SECRET_HINTS if ch in h and not any(c in h for c in prev)))
+    for ch, prev in (("A", ""), ("_", "A"), ("-", "A_"), ("J", "A_-"), ("x", "A_-J"),
+                     (".", "A_-Jx"), ("g", "A_-Jx.")))
+assert sorted(h for _, g in _SECRET_HINT_GROUPS for h in g) == sorted(_SECRET_HINTS)
 _ASSIGNMENT_HINTS = ("pass", "pwd", "secret", "key", "token")
 _ASSIGNMENT_RE = re.compile(
     r"(?i)\b(?:password|passwd|passphrase|pwd|secret|secret[_-]?key|client[_-]?secret|"
@@ -313,7 +320,7 @@ _IDENTIFIER_RE = re.compile(r"^[A-Za-z_][A-Za-z_.]*(?:\(.*|\[.*)?$")
 
 
 def _find_secrets(text: str) -> Iterable[PiiSpan]:
-    if any(h in text for h in _SECRET_HINTS):
+    if any(ch in text and any(h in text for h in group) for ch, group in _SECRET_HINT_GROUPS):
         for m in _SECRET_TOKEN_RE.finditer(text):
             yield PiiSpan(SECRET, m.start(), m.end(), m.group())
     lowered = text.lower()

@@ -45,3 +45,24 @@ def test_unreadable_eval_set_names_the_file_and_line(tmp_path):
         EvalNgramIndex([str(bad)])
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         EvalNgramIndex([str(tmp_path / "missing.jsonl")])
+
+
+def test_batched_search_finds_what_the_per_text_search_finds(tmp_path):
+    import random
+
+    path = tmp_path / "e.jsonl"
+    words = EVAL_Q.lower().split()
+    path.write_text(json.dumps({"q": EVAL_Q}) + "\n" + json.dumps({"q": "alpha beta gamma delta epsilon"}) + "\n")
+    index = EvalNgramIndex([str(path)], n=5)
+    rng = random.Random(0)
+    filler = "the a cat sat on mat and then".split()
+    texts = ["", "short", "alpha beta gamma delta epsilon", "x alpha beta gamma delta"]
+    for _ in range(200):
+        out = [rng.choice(filler) for _ in range(rng.randint(0, 30))]
+        if rng.random() < 0.5:
+            k = rng.randrange(len(words) - 5)
+            out[rng.randint(0, len(out)):0] = [w.upper() if rng.random() < 0.3 else w for w in words[k:k + rng.randint(4, 8)]]
+        texts.append(" ".join(out))
+    found = index.find_many(texts)
+    assert found == [index.find(t) for t in texts]
+    assert sum(f is not None for f in found) > 50

@@ -74,3 +74,26 @@ def test_threshold_is_configurable(threshold):
     assert d.check(0, None, h.signature(row_turns(chat("q", " ".join(base))))) is None
     got = d.check(1, None, h.signature(row_turns(chat("q", " ".join(half)))))
     assert (got is not None) == (threshold == 0.5)
+
+
+def test_batched_signatures_equal_datasketch_minhash():
+    # MinHasher applies datasketch's affine32 permutations itself, for many rows at once;
+    # the signatures must be the ones datasketch's MinHash computes from the same shingles.
+    from datasketch import MinHash
+
+    from data_filters.dedup import shingle_hashes
+    from data_filters.rows import Turn
+
+    rng = random.Random(3)
+    rows = [row_turns(chat(essay(rng, rng.randint(1, 40)), essay(rng, rng.randint(0, 200))))
+            for _ in range(60)]
+    rows += [[Turn("assistant", "only an answer", ("completion",))],  # no prompt turns
+             [Turn("user", "", ("prompt",))], [Turn("user", "two words", ("prompt",))]]
+    for ngram in (1, 5, 13):
+        for prompt_only in (False, True):
+            h = MinHasher(num_perm=64, seed=7, ngram=ngram)
+            batch = h.signatures(rows, prompt_only)
+            for turns, got in zip(rows, batch):
+                m = MinHash(num_perm=64, seed=7, scheme="affine32", hashfunc=lambda v: v)
+                m.update_batch(shingle_hashes(turns, ngram, prompt_only))
+                assert (got == m.hashvalues).all()

@@ -59,3 +59,15 @@ def test_over_long_rows_are_rejected():
     assert check(chat("hi", "x y z " * 100), max_chars=100).reason == "too_long"
     many = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}] * 5}
     assert check(many, max_turns=4).reason == "too_many_turns"
+
+
+def test_ascii_fast_tokeniser_matches_the_unicode_one():
+    # words() lower-cases and splits ASCII text with a bytes table; the result must be the
+    # str.translate path's, including for control characters str.split treats as spaces.
+    import string
+
+    from data_filters.text import _TO_SPACE, words
+
+    text = string.printable + "\x00\x01\x1c\x1d\x1e\x1f\x7f A_b C-d E'f"
+    assert list(words(text)) == text.lower().translate(_TO_SPACE).split()
+    assert words("Hello, World! foo_bar\x1cbaz") == ("hello", "world", "foo_bar", "baz")

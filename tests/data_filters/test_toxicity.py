@@ -36,3 +36,40 @@ def test_threshold_is_configurable():
     lax = ToxicityFilter(ToxicityConfig(threshold=min(1.0, s + 0.01), use_lexicon=False))
     assert strict(row, row_turns(row)) is not None
     assert lax(row, row_turns(row)) is None
+
+
+def _bound_texts():
+    import random
+
+    rng = random.Random(0)
+    pieces = ["you", "are", "a", "stupid", "idiot", "moron", "shut", "the", "fuck", "up", "nice",
+              "day", "kill", "process", "hell", "damn", "crap", "ass", "sort", "list", "dumb"]
+    seps = [" ", " ", ", ", "! ", "_", "\x01", "©", "😀", "\u2019", "\x1c", "é"]
+    texts = ["", "   ", "Have a nice day.", "You are a worthless idiot and a moron.",
+             "idiot©moron", "stupid_idiot", "dumb\x01ass", "Ｓｔｕｐｉｄ idiot", "ИДИОТ idiot"]
+    for _ in range(400):
+        n = rng.randint(1, 30)
+        texts.append("".join(rng.choice(pieces) + rng.choice(seps) for _ in range(n)))
+    return texts
+
+
+def test_score_bound_is_an_upper_bound_of_the_classifier():
+    scorer = ToxicityScorer(ToxicityConfig(use_lexicon=False))
+    assert scorer.bound is not None  # the shipped model has the structure the bound needs
+    texts = _bound_texts()
+    scores, bounds = scorer.score(texts), scorer.bound.upper_bounds(texts)
+    assert all(b >= s for s, b in zip(scores, bounds))
+    assert max(bounds[:3]) < 0.5  # and tight enough to skip benign text
+    assert sum(b < 0.9 for b in bounds) > 20
+
+
+def test_the_bound_only_skips_turns_that_cannot_reach_the_threshold():
+    texts = _bound_texts()
+    rows = [chat("hi", t) for t in texts]
+    items = [(r, row_turns(r)) for r in rows]
+    for threshold in (0.3, 0.6, 0.9):
+        flt = ToxicityFilter(ToxicityConfig(threshold=threshold))
+        with_bound = flt.batch(items)
+        flt.scorer.bound = None  # score every turn
+        assert flt.batch(items) == with_bound
+        assert any(d is not None for d in with_bound)
