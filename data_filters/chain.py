@@ -144,21 +144,32 @@ class FilterChain:
         return results
 
 
-def pack_results(results: list[RowResult]) -> tuple[list[RowResult], list[int], np.ndarray | None]:
-    """The results with their MinHash signatures moved into one array, for sending between
-    processes: unpickling one small ndarray per row cost the main process ~16 us a row."""
-    positions = [i for i, r in enumerate(results) if r.signature is not None]
-    if not positions:
-        return results, positions, None
-    matrix = np.stack([results[i].signature for i in positions])
-    for i in positions:
-        results[i].signature = None
-    return results, positions, matrix
+def pack_results(results: list[RowResult]) -> tuple[list[tuple], np.ndarray | None]:
+    """The results in a compact form for sending from a worker to the main process, which
+    already holds the input lines (see `unpack_results`): no copy of each line travels back,
+    and the MinHash signatures travel as one array (one small ndarray per row cost the main
+    process ~16 us a row to unpickle)."""
+    rows, signed = [], []
+    for r in results:
+        unchanged = r.output is r.raw
+        rows.append((r.rejection, None if unchanged else r.output, unchanged, r.changes, r.key))
+        if r.signature is not None:
+            signed.append(r.signature)
+    return rows, (np.stack(signed) if signed else None)
 
 
-def unpack_results(packed: tuple[list[RowResult], list[int], np.ndarray | None]) -> list[RowResult]:
-    """Inverse of `pack_results`: signatures become rows of the chunk's array."""
-    results, positions, matrix = packed
-    for i, signature in zip(positions, matrix if matrix is not None else ()):
-        results[i].signature = signature
+def unpack_results(packed: tuple[list[tuple], np.ndarray | None],
+                   lines: list[tuple[int, int, str, bytes]]) -> list[RowResult]:
+    """The `RowResult`s of `pack_results(chain.process(lines))`; signatures become rows of
+    the chunk's array."""
+    rows, matrix = packed
+    signatures = iter(matrix if matrix is not None else ())
+    results = []
+    for (index, lineno, source, raw), (rejection, output, unchanged, changes, key) in zip(lines, rows):
+        # As `parse_line` decodes: valid UTF-8 decodes the same with or without the handler.
+        text = raw.decode("utf-8", "backslashreplace").rstrip("\r\n")
+        res = RowResult(index, lineno, source, text, rejection, text if unchanged else output, changes, key)
+        if rejection is None and matrix is not None:
+            res.signature = next(signatures)
+        results.append(res)
     return results

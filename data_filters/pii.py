@@ -296,13 +296,25 @@ _SECRET_TOKEN_RE = re.compile(
 _SECRET_HINTS = ("AKIA", "ASIA", "ABIA", "ACCA", "AGPA", "AIDA", "AROA", "ANPA", "ANVA", "AIPA",
                  "AIza", "gh", "gl", "xox", "hooks.slack", "_live_", "_test_", "sk-", "hf_",
                  "eyJ", "PRIVATE KEY")
-# The hints grouped under a character each contains: one memchr-fast scan for the character
-# rules out the whole group (21 substring scans cost ~10 us per text).
-_SECRET_HINT_GROUPS = tuple(
-    (ch, tuple(h for h in _SECRET_HINTS if ch in h and not any(c in h for c in prev)))
-    for ch, prev in (("A", ""), ("_", "A"), ("-", "A_"), ("J", "A_-"), ("x", "A_-J"),
-                     (".", "A_-Jx"), ("g", "A_-Jx.")))
-assert sorted(h for _, g in _SECRET_HINT_GROUPS for h in g) == sorted(_SECRET_HINTS)
+# Fewer scans than 21 substring tests (~10 us per text), same answer as `any(h in text ...)`:
+# the AWS prefixes are "A" then an upper-case letter, rare in prose, so one regex scan rules
+# them out; every other hint holds a character (a group's first element) whose memchr-fast
+# scan rules out its group.
+_AWS_HINTS = tuple(h for h in _SECRET_HINTS if h.startswith("A"))
+_AWS_HINT_GATE = re.compile(r"A[BCGIKNRS]")
+_HINT_GROUPS = (("K", ("PRIVATE KEY",)), ("_", ("_live_", "_test_", "hf_")), ("-", ("sk-",)),
+                ("J", ("eyJ",)), ("x", ("xox",)), ("hooks.slack", ("hooks.slack",)), ("g", ("gh", "gl")))
+assert all(_AWS_HINT_GATE.match(h) for h in _AWS_HINTS)
+assert all(ch in h for ch, group in _HINT_GROUPS for h in group)
+assert sorted(_AWS_HINTS + sum((g for _, g in _HINT_GROUPS), ())) == sorted(_SECRET_HINTS)
+
+
+def _has_secret_hint(text: str) -> bool:
+    if _AWS_HINT_GATE.search(text) is not None and any(h in text for h in _AWS_HINTS):
+        return True
+    return any(ch in text and any(h in text for h in group) for ch, group in _HINT_GROUPS)
+
+
 _ASSIGNMENT_HINTS = ("pass", "pwd", "secret", "key", "token")
 _ASSIGNMENT_RE = re.compile(
     r"(?i)\b(?:password|passwd|passphrase|pwd|secret|secret[_-]?key|client[_-]?secret|"
@@ -320,7 +332,7 @@ _IDENTIFIER_RE = re.compile(r"^[A-Za-z_][A-Za-z_.]*(?:\(.*|\[.*)?$")
 
 
 def _find_secrets(text: str) -> Iterable[PiiSpan]:
-    if any(ch in text and any(h in text for h in group) for ch, group in _SECRET_HINT_GROUPS):
+    if _has_secret_hint(text):
         for m in _SECRET_TOKEN_RE.finditer(text):
             yield PiiSpan(SECRET, m.start(), m.end(), m.group())
     lowered = text.lower()

@@ -144,11 +144,13 @@ def _results(chunks: Iterable, config: FilterConfig, num_proc: int) -> Iterator[
                              initargs=(config.model_dump_json(), permutations)) as pool:
         pending: deque = deque()
         for lines in chunks:
-            pending.append(pool.submit(_process_in_worker, lines))
+            pending.append((pool.submit(_process_in_worker, lines), lines))
             if len(pending) >= 3 * num_proc:
-                yield from unpack_results(pending.popleft().result())
+                future, sent = pending.popleft()
+                yield from unpack_results(future.result(), sent)
         while pending:
-            yield from unpack_results(pending.popleft().result())
+            future, sent = pending.popleft()
+            yield from unpack_results(future.result(), sent)
 
 
 def _rejected_line(res: RowResult, rejection: Rejection) -> str:
