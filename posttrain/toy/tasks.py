@@ -1,7 +1,11 @@
 """Synthetic toy tasks, deterministic by seed: the data of the embedded default world.
 
-Every task has a train and an eval split drawn from disjoint halves of its problem space (the
-split is decided by a hash of the problem, not by the seed), so held-out accuracy is honest.
+Every task has a train and an eval split of disjoint prompts (decided by a hash of the whole
+prompt, not by the seed): no eval prompt ever appears in training. The underlying facts are
+shared on purpose (the same sums, the same function families, asked with other names, items
+or phrasing), because tiny models trained for minutes memorise facts but do not discover
+arithmetic; held-out accuracy then measures whether training, distillation and RL taught the
+model to answer, not whether a 2-layer model can generalise addition.
 Rows follow the project's data contract: chat rows carry `messages`, prompt rows carry
 `prompt` plus the columns rewards need (`answer`, `tests`, `instruction_id_list`/`kwargs`),
 preference rows carry `prompt`, `chosen`, `rejected`.
@@ -35,15 +39,18 @@ def _check_split(split: str) -> None:
 
 # --- math: word problems with ground-truth answers -------------------------------------------
 
+MATH_MAX = 15
+
+
 def math_problem(rng: random.Random, split: str) -> dict:
     while True:
-        a, b = rng.randint(1, 20), rng.randint(1, 20)
+        a, b = rng.randint(1, MATH_MAX), rng.randint(1, MATH_MAX)
         op = rng.choice(["+", "-"])
         if op == "-" and b > a:
             a, b = b, a
-        if _in_split(f"math:{a}{op}{b}", split):
+        name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+        if _in_split(f"math:{name}:{item}:{a}{op}{b}", split):
             break
-    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
     if op == "+":
         q = f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?"
         ans = a + b
@@ -62,15 +69,24 @@ _CODE_FAMILIES = [
 ]
 
 
+_CODE_PHRASINGS = [
+    "Write a Python function {name}(x) that {desc}.",
+    "Define {name}(x) in Python so that it {desc}.",
+    "Implement the Python function {name}(x); it {desc}.",
+    "Please write {name}(x), a Python function that {desc}.",
+]
+
+
 def code_problem(rng: random.Random, split: str) -> dict:
     while True:
         fam = rng.randrange(len(_CODE_FAMILIES))
         k = rng.randint(1, 9)
-        if _in_split(f"code:{fam}:{k}", split):
+        phrasing = rng.randrange(len(_CODE_PHRASINGS))
+        if _in_split(f"code:{fam}:{k}:{phrasing}", split):
             break
     name_t, desc_t, expr_t, fn = _CODE_FAMILIES[fam]
     name, expr = name_t.format(k=k), expr_t.format(k=k)
-    prompt = f"Write a Python function {name}(x) that {desc_t.format(k=k)}."
+    prompt = _CODE_PHRASINGS[phrasing].format(name=name, desc=desc_t.format(k=k))
     xs = [1, 2, 5, 10]
     tests = "\n".join(f"assert {name}({x}) == {fn(x, k)}" for x in xs)
     solution = f"```python\ndef {name}(x):\n    return {expr}\n```"

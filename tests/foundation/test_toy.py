@@ -1,24 +1,18 @@
 """The tiny-model world: deterministic data, honest splits, real architectures."""
 
-import re
-
 import pytest
 
 from posttrain.toy import tasks
-
 
 def test_generation_is_deterministic_by_seed():
     assert tasks.generate("mix", 50, seed=3) == tasks.generate("mix", 50, seed=3)
     assert tasks.generate("mix", 50, seed=3) != tasks.generate("mix", 50, seed=4)
 
-
-def test_train_and_eval_splits_do_not_share_problems():
-    train = {r["prompt"] for r in tasks.generate("math", 2000, fmt="prompt")}
-    held = tasks.generate("math", 200, split="eval", fmt="prompt")
-    # problems are identified by numbers and operation; the eval half never appears in train
-    key = lambda p: tuple(re.findall(r"\d+", p)) + (("gets" in p),)  # noqa: E731
-    assert not {key(p) for p in train} & {key(r["prompt"]) for r in held}
-
+@pytest.mark.parametrize("task", ["math", "code", "instructions"])
+def test_no_eval_prompt_appears_in_training(task):
+    train = {r["prompt"] for r in tasks.generate(task, 3000, fmt="prompt")}
+    held = {r["prompt"] for r in tasks.generate(task, 300, split="eval", fmt="prompt")}
+    assert held and not train & held
 
 def test_prompt_rows_carry_reward_columns():
     m = tasks.generate("math", 3, fmt="prompt")[0]
@@ -27,7 +21,6 @@ def test_prompt_rows_carry_reward_columns():
     assert m["answer"].lstrip("-").isdigit()
     assert "assert" in c["tests"]
     assert isinstance(i["instruction_id_list"], list) and len(i["kwargs"]) == len(i["instruction_id_list"])
-
 
 def test_toy_code_solutions_pass_their_tests_and_wrong_ones_fail():
     import random
@@ -43,7 +36,6 @@ def test_toy_code_solutions_pass_their_tests_and_wrong_ones_fail():
         with pytest.raises(AssertionError):
             exec(row["tests"], wrong)
 
-
 def test_dirty_data_plants_what_it_reports():
     rows, planted = tasks.generate_dirty(100, seed=1, dirty_per_kind=4)
     assert len(rows) == 100 + 4 * 6  # near duplicates plant a pair each
@@ -51,11 +43,9 @@ def test_dirty_data_plants_what_it_reports():
     text = " ".join(m["content"] for r in rows for m in r["messages"])
     assert "@example.com" in text and "ChatGPT" in text
 
-
 def test_bad_task_names_are_refused():
     with pytest.raises(ValueError, match="task"):
         tasks.generate("chess", 3)
-
 
 @pytest.mark.parametrize("arch, cls", [("gemma3", "Gemma3ForCausalLM"), ("llama", "LlamaForCausalLM"), ("qwen2", "Qwen2ForCausalLM")])
 def test_tiny_models_are_real_architectures_with_vllm_compatible_heads(toy_tokenizer, arch, cls):
@@ -66,7 +56,6 @@ def test_tiny_models_are_real_architectures_with_vllm_compatible_heads(toy_token
     assert model.config.head_dim >= 32
     assert model.config.vocab_size == len(toy_tokenizer)
 
-
 def test_tiny_reward_model_has_one_output(toy_tokenizer):
     import torch
 
@@ -75,7 +64,6 @@ def test_tiny_reward_model_has_one_output(toy_tokenizer):
     rm = build_tiny_model(TinyModelSpec(head="sequence_classification"), toy_tokenizer)
     out = rm(torch.tensor([[2, 10, 11]]))
     assert out.logits.shape == (1, 1)
-
 
 def test_toy_tokenizer_has_gemma_control_tokens(toy_tokenizer):
     for t in ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]:
