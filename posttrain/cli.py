@@ -19,7 +19,8 @@ EXIT_BAD_RECIPE = 2
 def _console():
     from rich.console import Console
 
-    return Console(stderr=False, highlight=False)
+    # Wide enough for the summary table even when output is not a terminal (CI logs, pipes).
+    return Console(stderr=False, highlight=False, width=max(Console().width, 140))
 
 
 def _progress_factory(console):
@@ -41,21 +42,28 @@ def _fmt_metric(v) -> str:
     return str(v)
 
 
-def _key_metrics(metrics: dict, limit: int = 5) -> str:
-    preferred = [k for k in metrics if any(w in k for w in ("accuracy", "reward", "kept", "rejected", "loss_last", "kl"))]
-    keys = preferred[:limit] or list(metrics)[:limit]
+def _key_metrics(metrics: dict, limit: int = 4) -> str:
+    """The few numbers worth a glance: accuracies when a stage has them, else losses, rewards, counts."""
+    acc = {k.rsplit("/", 1)[0]: v for k, v in metrics.items() if k.endswith("/accuracy")}
+    if acc:
+        return "accuracy " + ", ".join(f"{name} {_fmt_metric(v)}" for name, v in acc.items())
+    preferred = ("kept_rows", "rejected_rows", "loss_last", "reward/mean", "kl_start", "kl_teacher_student_last",
+                 "probe_answer")
+    keys = [k for k in preferred if k in metrics][:limit]
     return ", ".join(f"{k}={_fmt_metric(metrics[k])}" for k in keys)
 
 
-def _summary(console, outcomes) -> None:
+def _summary(console, outcomes, run_dir: Path) -> None:
     from rich.table import Table
 
-    table = Table(title="posttrain run summary")
+    table = Table(title=f"posttrain run summary ({run_dir})")
     for col in ("stage", "kind", "status", "wall time", "key metrics", "output"):
         table.add_column(col, overflow="fold")
     for o in outcomes:
         style = {"complete": "green", "skipped": "cyan", "failed": "red"}.get(o.status, "")
         out = o.outputs.get("model") or o.outputs.get("dataset") or next(iter(o.outputs.values()), "")
+        if out and Path(out).is_relative_to(run_dir):
+            out = str(Path(out).relative_to(run_dir))
         table.add_row(o.name, o.kind, f"[{style}]{o.status}[/{style}]" if style else o.status, f"{o.seconds:.1f}s",
                       o.error or _key_metrics(o.metrics), str(out))
     console.print(table)
@@ -72,7 +80,7 @@ def cmd_run(args) -> int:
     outcomes = runner.run(from_stage=args.from_stage, only=args.only, dry_run=args.dry_run,
                           progress_factory=_progress_factory(console),
                           on_stage_start=lambda e: console.rule(f"{e.name} ({e.kind})"))
-    _summary(console, outcomes)
+    _summary(console, outcomes, recipe.output_dir)
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:
         f = failed[0]
