@@ -27,7 +27,7 @@ from posttrain.chat import (ChatFormatError, control_token_ids, normalise_messag
 from posttrain.data import DataError, iter_rows
 from posttrain.rollout import RolloutConfig
 from posttrain.stages.base import StageConfig, StageContext, StageError, StageResult, register_stage
-from posttrain.stages.sft import LoraSpec, save_model
+from posttrain.stages.sft import LoraSpec, adamw_with_warmup, save_model
 
 
 class TokenizerMismatchError(StageError):
@@ -340,14 +340,12 @@ def run_distill(cfg: DistillStageConfig, ctx: StageContext) -> StageResult:
                          "(`messages` ending in an assistant turn, or `prompt` + `completion`), or a teacher_cache")
 
     if cfg.lora is not None:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        student = get_peft_model(student, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                                                     target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM"))
+        student = get_peft_model(student, cfg.lora.to_peft_config())
     student.train()
-    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.learning_rate,
-                                  weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (cfg.warmup_steps + 1)))
+    optimizer, scheduler = adamw_with_warmup([p for p in student.parameters() if p.requires_grad], cfg.learning_rate,
+                                             cfg.weight_decay, cfg.warmup_steps)
 
     needs_engine = cfg.lambda_on_policy > 0 or cfg.eval_dataset is not None
     engine = create_engine(cfg.model, cfg.rollout) if needs_engine else None

@@ -41,7 +41,7 @@ from posttrain.losses.policy import (Aggregation, kl_regularised_rewards, masked
 from posttrain.modeling import load_causal_lm, load_tokenizer
 from posttrain.rollout import DriftMonitor, RolloutConfig, SamplingParams, create_engine, weights_for_engine
 from posttrain.stages.base import StageConfig, StageContext, StageError, StageResult, register_stage
-from posttrain.stages.sft import LoraSpec
+from posttrain.stages.sft import LoraSpec, adamw_with_warmup
 from posttrain.weights import ema_update_
 from rewards.combine import CombinedReward, FaultPolicy, RewardSpec
 
@@ -276,12 +276,10 @@ def _build_policy(config: RLStageConfig):
     base = load_causal_lm(config.model)
     if config.lora is None:
         return base, base
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
-                      target_modules=config.lora.target_modules, task_type="CAUSAL_LM")
     plain_copy = copy.deepcopy(base)  # the anchor lives in merged-weight space, outside peft
-    return get_peft_model(base, lora), plain_copy
+    return get_peft_model(base, config.lora.to_peft_config()), plain_copy
 
 
 def _frozen(model):
@@ -314,9 +312,7 @@ def run_rl(config: RLStageConfig, ctx: StageContext) -> StageResult:
     start_model = _frozen(plain) if (config.log_kl_to_start and config.anchor_ema > 0) else None
     del plain
     params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / config.warmup_steps) if config.warmup_steps else 1.0)
+    optimizer, scheduler = adamw_with_warmup(params, config.learning_rate, config.weight_decay, config.warmup_steps)
 
     start_step, nan_streak = 0, 0
     checkpoints = _checkpoint_dirs(stage_dir)

@@ -31,6 +31,23 @@ class LoraSpec(BaseModel):
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: list[str] | str = Field("all-linear", description="Modules to adapt; 'all-linear' for every linear layer but the head.")
 
+    def to_peft_config(self):
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                          target_modules=self.target_modules, task_type="CAUSAL_LM")
+
+
+def adamw_with_warmup(params, learning_rate: float, weight_decay: float, warmup_steps: int):
+    """AdamW with a linear warm-up to a constant rate: the optimizer of the hand-written loops
+    (distill, rl); SFT uses the Trainer's own schedules."""
+    import torch
+
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0)
+    return optimizer, scheduler
+
 
 class SFTStageConfig(StageConfig):
     """Supervised finetuning on chat (`messages`) or `prompt`/`completion` rows."""
@@ -121,12 +138,7 @@ def run_sft(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
     rows, n_truncated = tokenize_for_training(tokenizer, conversations, cfg.max_length)
     train = datasets.Dataset.from_list(rows)
 
-    peft_config = None
-    if cfg.lora is not None:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                                 target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+    peft_config = cfg.lora.to_peft_config() if cfg.lora is not None else None
 
     args = SFTConfig(
         output_dir=str(ctx.stage_dir / "trainer"), max_steps=cfg.max_steps,
