@@ -16,6 +16,8 @@ from __future__ import annotations
 import threading
 from typing import Any, Sequence
 
+from posttrain.chat import tokenize_conversation
+
 __all__ = ["RewardModelScorer", "get_scorer", "reward_model_reward", "load_count", "to_messages"]
 
 _cache: dict[tuple, "RewardModelScorer"] = {}
@@ -38,20 +40,6 @@ def to_messages(prompt: Any, completion: Any) -> list[dict]:
     else:
         msgs.extend(dict(m) for m in completion)
     return msgs
-
-
-def _render_gemma(messages: list[dict]) -> str:
-    """The Gemma IT text of ``messages`` without ``<bos>`` (added as a token by the caller)."""
-    prefix = ""
-    if messages and messages[0]["role"] == "system":
-        prefix = messages[0]["content"] + "\n\n"
-        messages = messages[1:]
-    out = []
-    for i, m in enumerate(messages):
-        role = "model" if m["role"] == "assistant" else m["role"]
-        content = (prefix if i == 0 and role == "user" else "") + str(m["content"])
-        out.append(f"<start_of_turn>{role}\n{content}<end_of_turn>\n")
-    return "".join(out)
 
 
 class RewardModelScorer:
@@ -101,18 +89,9 @@ class RewardModelScorer:
 
     def encode(self, prompt: Any, completion: Any) -> list[int]:
         """Token ids of the pair in the Gemma IT format, starting with the ``<bos>`` token."""
-        tok = self.tokenizer
-        msgs = to_messages(prompt, completion)
-        if getattr(tok, "chat_template", None):
-            ids = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=False)
-            if hasattr(ids, "keys"):  # BatchEncoding
-                ids = ids["input_ids"]
-            ids = list(ids)
-        else:
-            ids = tok.encode(_render_gemma(msgs), add_special_tokens=False)
-        bos = tok.bos_token_id
-        if bos is not None and (not ids or ids[0] != bos):
-            ids = [bos] + ids
+        # The project's one tokenisation of the Gemma format: control tokens as ids, text as text, so
+        # a completion that writes "<end_of_turn>" cannot forge the structure the model scores.
+        ids = tokenize_conversation(self.tokenizer, to_messages(prompt, completion)).input_ids
         if len(ids) > self.max_length:  # keep <bos> and the end of the completion
             ids = ids[:1] + ids[len(ids) - self.max_length + 1:]
         return ids
