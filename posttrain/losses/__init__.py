@@ -9,6 +9,7 @@ from posttrain.losses.policy import (  # noqa: F401
 )
 from posttrain.losses.distillation import (  # noqa: F401
     EMPTY_SLOT,
+    ProjectedLogits,
     divergence_loss,
     forward_kl,
     generalized_jsd,
@@ -16,5 +17,6 @@ from posttrain.losses.distillation import (  # noqa: F401
     sample_teacher_targets,
     sampled_target_loss,
     sparse_target_entropy,
+    token_log_probs,
     top_k_teacher_targets,
 )

@@ -18,11 +18,18 @@ time under activation checkpointing, so neither a float32 `[batch, length, vocab
 inputs nor the per-chunk softmax outputs are kept for the backward pass; each chunk is
 recomputed when its gradient is needed. With a 262k vocabulary and bf16 logits this is the
 difference between holding 4 extra full-size tensors and holding one chunk.
+
+Every function that takes logits also takes `ProjectedLogits`: the final hidden states
+`[batch, length, hidden]` plus the projection to the vocabulary (lm_head, soft-capping). Then
+the logits themselves are never materialised for the whole sequence: only the positions the
+mask counts are projected, `chunk_size` at a time, inside the checkpointed chunk, so the
+backward pass recomputes each chunk's logits from its hidden states instead of storing them.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Literal
 
 import torch
@@ -35,6 +42,40 @@ Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
 # Sparse targets mark unused slots with this id (sampling with replacement draws duplicates,
 # which are merged, so fewer than K distinct ids can fill a row of width K).
 EMPTY_SLOT = -1
+
+
+@dataclass(frozen=True)
+class ProjectedLogits:
+    """Logits given lazily: hidden states [batch, length, hidden] and `head` mapping [..., hidden] -> [..., vocab].
+
+    Aligned like logits (position n predicts token n + 1). `head` must include everything the
+    model does between its final hidden state and its logits (lm_head, final soft-capping).
+    """
+
+    hidden: torch.Tensor
+    head: Callable[[torch.Tensor], torch.Tensor]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.hidden.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.hidden.device
+
+    def dim(self) -> int:
+        return self.hidden.dim()
+
+    @property
+    def vocab_size(self) -> int:
+        with torch.no_grad():
+            return self.head(self.hidden.new_zeros(1, self.hidden.shape[-1])).shape[-1]
+
+    def detach(self) -> "ProjectedLogits":
+        return ProjectedLogits(self.hidden.detach(), self.head)
+
+
+LogitsLike = torch.Tensor | ProjectedLogits
 
 
 # --- per-position divergences on one chunk (float32) -------------------------------------------
@@ -70,7 +111,7 @@ def _jsd_rows(student: torch.Tensor, teacher: torch.Tensor, temperature: float, 
 
 # --- chunking and reduction ----------------------------------------------------------------------
 
-def _check_shapes(student_logits: torch.Tensor, other: torch.Tensor, mask: torch.Tensor | None, what: str) -> None:
+def _check_shapes(student_logits: LogitsLike, other: LogitsLike, mask: torch.Tensor | None, what: str) -> None:
     if student_logits.dim() != 3:
         raise ValueError(f"student_logits: expected [batch, length, vocab], got shape {tuple(student_logits.shape)}")
     if other.shape[:2] != student_logits.shape[:2]:
@@ -98,6 +139,35 @@ def _per_position(row_fn: Callable[..., torch.Tensor], tensors: tuple[torch.Tens
     return torch.cat(pieces, dim=1)
 
 
+def _counted(like: LogitsLike, mask: torch.Tensor | None) -> torch.Tensor:
+    """Boolean [batch, length]: the positions whose logits are needed."""
+    if mask is None:
+        return torch.ones(like.shape[:2], dtype=torch.bool, device=like.device)
+    return mask != 0
+
+
+def _rows(row_fn: Callable[..., torch.Tensor], inputs: tuple[LogitsLike, ...], mask: torch.Tensor | None,
+          chunk_size: int | None) -> torch.Tensor:
+    """`_per_position` for inputs that may be ProjectedLogits; returns [batch, length] float32.
+
+    With ProjectedLogits only the counted positions are gathered ([N, hidden], N = number of
+    counted positions), projected chunk by chunk inside the checkpointed function, and the rows
+    are put back at their positions (zero elsewhere, which the reduction ignores anyway).
+    """
+    if not any(isinstance(t, ProjectedLogits) for t in inputs):
+        return _per_position(row_fn, inputs, chunk_size)
+    where = _counted(inputs[0], mask)
+    heads = [t.head if isinstance(t, ProjectedLogits) else None for t in inputs]
+    # [1, N, ...]: the counted positions as one flat sequence, so _per_position chunks them.
+    flat = tuple((t.hidden if isinstance(t, ProjectedLogits) else t)[where].unsqueeze(0) for t in inputs)
+
+    def project_then_rows(*chunk: torch.Tensor) -> torch.Tensor:
+        return row_fn(*(x if head is None else head(x) for head, x in zip(heads, chunk)))
+
+    rows = _per_position(project_then_rows, flat, chunk_size)[0]
+    return torch.zeros(where.shape, dtype=rows.dtype, device=rows.device).masked_scatter(where, rows)
+
+
 def reduce_positions(values: torch.Tensor, mask: torch.Tensor | None, reduction: Reduction) -> torch.Tensor:
     """Reduce per-position values [batch, length] over the positions that count."""
     weights = torch.ones_like(values) if mask is None else mask.to(values.dtype)
@@ -118,25 +188,25 @@ def reduce_positions(values: torch.Tensor, mask: torch.Tensor | None, reduction:
 
 # --- full-distribution divergences ---------------------------------------------------------------
 
-def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+def forward_kl(student_logits: LogitsLike, teacher_logits: LogitsLike, temperature: float = 1.0,
                mask: torch.Tensor | None = None, chunk_size: int | None = None,
                reduction: Reduction = "token_mean") -> torch.Tensor:
     """KL(teacher || student) over the vocabulary at each position (mode-covering; supervised KD)."""
     _check_shapes(student_logits, teacher_logits, mask, "teacher_logits")
-    rows = _per_position(lambda s, t: _forward_kl_rows(s, t, temperature), (student_logits, teacher_logits), chunk_size)
+    rows = _rows(lambda s, t: _forward_kl_rows(s, t, temperature), (student_logits, teacher_logits), mask, chunk_size)
     return reduce_positions(rows, mask, reduction)
 
 
-def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+def reverse_kl(student_logits: LogitsLike, teacher_logits: LogitsLike, temperature: float = 1.0,
                mask: torch.Tensor | None = None, chunk_size: int | None = None,
                reduction: Reduction = "token_mean") -> torch.Tensor:
     """KL(student || teacher) over the vocabulary at each position (mode-seeking)."""
     _check_shapes(student_logits, teacher_logits, mask, "teacher_logits")
-    rows = _per_position(lambda s, t: _reverse_kl_rows(s, t, temperature), (student_logits, teacher_logits), chunk_size)
+    rows = _rows(lambda s, t: _reverse_kl_rows(s, t, temperature), (student_logits, teacher_logits), mask, chunk_size)
     return reduce_positions(rows, mask, reduction)
 
 
-def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 0.5,
+def generalized_jsd(student_logits: LogitsLike, teacher_logits: LogitsLike, beta: float = 0.5,
                     temperature: float = 1.0, mask: torch.Tensor | None = None, chunk_size: int | None = None,
                     reduction: Reduction = "token_mean") -> torch.Tensor:
     """Generalised JSD(beta) of GKD; beta = 0 is exactly forward KL(T||S), beta = 1 reverse KL(S||T)."""
@@ -147,11 +217,11 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     if beta == 1.0:
         return reverse_kl(student_logits, teacher_logits, temperature, mask, chunk_size, reduction)
     _check_shapes(student_logits, teacher_logits, mask, "teacher_logits")
-    rows = _per_position(lambda s, t: _jsd_rows(s, t, temperature, beta), (student_logits, teacher_logits), chunk_size)
+    rows = _rows(lambda s, t: _jsd_rows(s, t, temperature, beta), (student_logits, teacher_logits), mask, chunk_size)
     return reduce_positions(rows, mask, reduction)
 
 
-def divergence_loss(divergence: Divergence, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+def divergence_loss(divergence: Divergence, student_logits: LogitsLike, teacher_logits: LogitsLike,
                     beta: float = 0.5, temperature: float = 1.0, mask: torch.Tensor | None = None,
                     chunk_size: int | None = None, reduction: Reduction = "token_mean") -> torch.Tensor:
     """Dispatch by name: forward_kl, reverse_kl or jsd (with `beta`)."""
@@ -166,31 +236,66 @@ def divergence_loss(divergence: Divergence, student_logits: torch.Tensor, teache
 
 # --- sparse teacher targets: top-k, Gemma 3 sampled logits, count-based ---------------------------
 
-def _teacher_log_probs_rows(teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    return _log_probs(teacher_logits, temperature)
+def _sparse_targets(teacher_logits: LogitsLike, temperature: float, chunk_size: int | None, mask: torch.Tensor | None,
+                    width: int, draw: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]):
+    """Apply `draw` (teacher log-probs [rows, vocab] -> ids int32, probs float16 [rows, width]) chunk by chunk.
+
+    Full logits: every position, `chunk_size` positions of the length at a time. ProjectedLogits:
+    only the positions `mask` counts, projected `chunk_size` at a time; the others get
+    EMPTY_SLOT ids and zero probability. Either way the teacher's vocabulary-wide float32
+    log-probs exist for one chunk at a time and only the sparse targets are kept.
+    """
+    with torch.no_grad():
+        if not isinstance(teacher_logits, ProjectedLogits):
+            ids, probs = [], []
+            for chunk in _length_chunks(teacher_logits, chunk_size):
+                log_p = _log_probs(chunk, temperature)
+                chunk_ids, chunk_probs = draw(log_p.reshape(-1, log_p.shape[-1]))
+                ids.append(chunk_ids.reshape(*log_p.shape[:-1], width))
+                probs.append(chunk_probs.reshape(*log_p.shape[:-1], width))
+            return torch.cat(ids, dim=-2), torch.cat(probs, dim=-2)
+        where = _counted(teacher_logits, mask)
+        hidden = teacher_logits.hidden[where]  # [N, hidden]
+        ids = torch.full((*where.shape, width), EMPTY_SLOT, dtype=torch.int32, device=hidden.device)
+        probs = torch.zeros((*where.shape, width), dtype=torch.float16, device=hidden.device)
+        step = chunk_size or max(hidden.shape[0], 1)
+        picked_ids, picked_probs = [], []
+        for start in range(0, hidden.shape[0], step):
+            chunk_ids, chunk_probs = draw(_log_probs(teacher_logits.head(hidden[start:start + step]), temperature))
+            picked_ids.append(chunk_ids)
+            picked_probs.append(chunk_probs)
+        if picked_ids:
+            ids[where] = torch.cat(picked_ids)
+            probs[where] = torch.cat(picked_probs)
+        return ids, probs
 
 
-def top_k_teacher_targets(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0,
-                          chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _vocab_size(logits: LogitsLike) -> int:
+    return logits.vocab_size if isinstance(logits, ProjectedLogits) else logits.shape[-1]
+
+
+def top_k_teacher_targets(teacher_logits: LogitsLike, k: int, temperature: float = 1.0,
+                          chunk_size: int | None = None, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher's k most likely ids per position with probabilities renormalised over them.
 
-    Returns (ids int32 [..., k], probs float16 [..., k]).
+    Returns (ids int32 [..., k], probs float16 [..., k]). `mask` matters only for
+    ProjectedLogits (positions it does not count get empty targets).
     """
     if k < 1:
         raise ValueError(f"k: expected at least 1, got {k}")
-    k = min(k, teacher_logits.shape[-1])
-    ids, probs = [], []
-    for chunk in _length_chunks(teacher_logits, chunk_size):
-        log_p = _teacher_log_probs_rows(chunk.detach(), temperature)
+    k = min(k, _vocab_size(teacher_logits))
+
+    def draw(log_p: torch.Tensor):
         top_log_p, top_ids = log_p.topk(k, dim=-1)
-        ids.append(top_ids.to(torch.int32))
-        probs.append(torch.softmax(top_log_p, dim=-1).to(torch.float16))
-    return torch.cat(ids, dim=-2), torch.cat(probs, dim=-2)
+        return top_ids.to(torch.int32), torch.softmax(top_log_p, dim=-1).to(torch.float16)
+
+    return _sparse_targets(teacher_logits, temperature, chunk_size, mask, k, draw)
 
 
-def sample_teacher_targets(teacher_logits: torch.Tensor, k: int = 256, with_replacement: bool = False,
+def sample_teacher_targets(teacher_logits: LogitsLike, k: int = 256, with_replacement: bool = False,
                            temperature: float = 1.0, generator: torch.Generator | None = None,
-                           counts: bool = False, chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                           counts: bool = False, chunk_size: int | None = None,
+                           mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Gemma 3 sampled-logit targets: K ids drawn per position from the teacher.
 
     Gemma 3 report: "We sample 256 logits per token, weighted by teacher probabilities ... The
@@ -204,6 +309,8 @@ def sample_teacher_targets(teacher_logits: torch.Tensor, k: int = 256, with_repl
     sampling without replacement); with replacement duplicates are merged, so a row may hold
     fewer than K distinct ids and the rest of it is filled with EMPTY_SLOT ids and zero
     probability. p_T is taken at `temperature`, the same temperature the loss uses.
+    With ProjectedLogits only the positions `mask` counts are drawn (the random stream then
+    differs from drawing at every position of full logits; the distribution does not).
 
     Returns (ids int32 [..., K], probs float16 [..., K]); each row of probs sums to 1.
     """
@@ -211,20 +318,15 @@ def sample_teacher_targets(teacher_logits: torch.Tensor, k: int = 256, with_repl
         raise ValueError(f"k: expected at least 1, got {k}")
     if counts and not with_replacement:
         raise ValueError("counts=True is the count-based (RS-KD) target and needs with_replacement=True")
-    vocab = teacher_logits.shape[-1]
-    if not with_replacement and k > vocab:
-        k = vocab  # without replacement the whole vocabulary is the largest possible set
-    ids_out, probs_out = [], []
-    for chunk in _length_chunks(teacher_logits, chunk_size):
-        log_p = _teacher_log_probs_rows(chunk.detach(), temperature)
-        flat = log_p.reshape(-1, vocab)
+    if not with_replacement:
+        k = min(k, _vocab_size(teacher_logits))  # without replacement the whole vocabulary is the largest set
+
+    def draw(log_p: torch.Tensor):
         if with_replacement:
-            ids, probs = _draw_with_replacement(flat, k, counts, generator)
-        else:
-            ids, probs = _draw_without_replacement(flat, k, generator)
-        ids_out.append(ids.reshape(*log_p.shape[:-1], k))
-        probs_out.append(probs.reshape(*log_p.shape[:-1], k))
-    return torch.cat(ids_out, dim=-2), torch.cat(probs_out, dim=-2)
+            return _draw_with_replacement(log_p, k, counts, generator)
+        return _draw_without_replacement(log_p, k, generator)
+
+    return _sparse_targets(teacher_logits, temperature, chunk_size, mask, k, draw)
 
 
 def _draw_without_replacement(log_p: torch.Tensor, k: int, generator: torch.Generator | None):
@@ -282,7 +384,7 @@ def _sampled_rows(student: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor,
     return -(target * log_q.masked_fill(~valid, 0.0)).sum(-1)
 
 
-def sampled_target_loss(student_logits: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor,
+def sampled_target_loss(student_logits: LogitsLike, ids: torch.Tensor, probs: torch.Tensor,
                         normalise_over: Literal["vocab", "set"] = "vocab", mask: torch.Tensor | None = None,
                         temperature: float = 1.0, chunk_size: int | None = None,
                         reduction: Reduction = "token_mean") -> torch.Tensor:
@@ -299,8 +401,8 @@ def sampled_target_loss(student_logits: torch.Tensor, ids: torch.Tensor, probs: 
         raise ValueError(f"probs: expected the shape of ids {tuple(ids.shape)}, got {tuple(probs.shape)}")
     if normalise_over not in ("vocab", "set"):
         raise ValueError(f"normalise_over: expected 'vocab' or 'set', got {normalise_over!r}")
-    rows = _per_position(lambda s, i, p: _sampled_rows(s, i, p, temperature, normalise_over),
-                         (student_logits, ids, probs), chunk_size)
+    rows = _rows(lambda s, i, p: _sampled_rows(s, i, p, temperature, normalise_over),
+                 (student_logits, ids, probs), mask, chunk_size)
     return reduce_positions(rows, mask, reduction)
 
 
@@ -313,7 +415,16 @@ def sparse_target_entropy(probs: torch.Tensor, mask: torch.Tensor | None = None,
     return reduce_positions(rows, mask, reduction)
 
 
+def token_log_probs(logits: LogitsLike, token_ids: torch.Tensor, temperature: float = 1.0,
+                    mask: torch.Tensor | None = None, chunk_size: int | None = None) -> torch.Tensor:
+    """log_softmax(logits / T) of `token_ids` [batch, length] at each position (zero where masked)."""
+    def rows(logits_chunk: torch.Tensor, ids_chunk: torch.Tensor) -> torch.Tensor:
+        return _log_probs(logits_chunk, temperature).gather(-1, ids_chunk.long().unsqueeze(-1)).squeeze(-1)
+
+    return reduce_positions(_rows(rows, (logits, token_ids), mask, chunk_size), mask, "none")
+
+
 __all__ = [
-    "EMPTY_SLOT", "forward_kl", "reverse_kl", "generalized_jsd", "divergence_loss", "reduce_positions",
+    "EMPTY_SLOT", "ProjectedLogits", "token_log_probs", "forward_kl", "reverse_kl", "generalized_jsd", "divergence_loss", "reduce_positions",
     "top_k_teacher_targets", "sample_teacher_targets", "sampled_target_loss", "sparse_target_entropy",
 ]

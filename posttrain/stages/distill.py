@@ -78,8 +78,9 @@ class DistillStageConfig(StageConfig):
     max_new_tokens: int = Field(64, ge=1, description="Longest student sample (stop token included).")
     max_length: int = Field(512, ge=8, description="Off-policy sequences are truncated to this many tokens.")
     chunk_size: int | None = Field(
-        128, ge=1, description="Positions per loss chunk: the float32 vocabulary-wide work runs one chunk at a "
-        "time (recomputed in backward), so large vocabularies fit; null computes the whole sequence at once.")
+        128, ge=1, description="Positions per loss chunk: teacher and student hidden states are projected to the "
+        "vocabulary (and the float32 loss computed) one chunk of completion positions at a time, recomputed in "
+        "backward, so [batch, length, vocab] logits never exist; null uses the models' full logits at once.")
     teacher_dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Teacher weights and logits dtype (bfloat16 halves teacher memory on GPUs).")
     sync_weights_every: int = Field(
@@ -207,6 +208,44 @@ def pad_batch(sequences: list[TokenSequence], pad_id: int) -> dict[str, torch.Te
     return {"input_ids": ids, "attention_mask": attention, "loss_mask": mask}
 
 
+def vocabulary_projection(model):
+    """hidden [..., H] -> logits [..., V] exactly as the model's forward computes them after its decoder.
+
+    That is lm_head, then the final logit soft-capping of configs that have one (Gemma 2/3:
+    cap * tanh(logits / cap)). A model whose forward does anything else after the decoder would
+    need its own projection here; the tests compare against the HF forward for Gemma 3 and Llama.
+    """
+    head = model.get_output_embeddings()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+
+    def project(hidden: torch.Tensor) -> torch.Tensor:
+        logits = head(hidden)
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    return project
+
+
+def shifted_logits(model, batch: dict[str, torch.Tensor], chunk_size: int | None):
+    """The model's logits at positions 0..L-2 (position n predicts token n + 1).
+
+    With `chunk_size` set they come back as ProjectedLogits: only the decoder runs here (its
+    final hidden states [B, L, H] are small next to [B, L, V]) and the losses project the
+    counted positions to the vocabulary chunk by chunk, recomputing each chunk in backward.
+    Without it, the HF forward's full [B, L, V] logits.
+    """
+    from posttrain.losses.distillation import ProjectedLogits
+
+    if chunk_size is None:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    # get_decoder() is the base transformer of a CausalLM (for a peft model the call reaches
+    # the wrapped model, LoRA layers included); use_cache=False: nothing is generated here.
+    decoder_out = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                      use_cache=False)
+    return ProjectedLogits(decoder_out.last_hidden_state[:, :-1], vocabulary_projection(model))
+
+
 def logit_mask(loss_mask: torch.Tensor) -> torch.Tensor:
     """Mask over logit positions: the logits at n predict token n + 1, so they count when that token does."""
     return loss_mask[:, 1:]
@@ -214,21 +253,21 @@ def logit_mask(loss_mask: torch.Tensor) -> torch.Tensor:
 
 # --- one loss evaluation -------------------------------------------------------------------------
 
-def distillation_loss(cfg: DistillStageConfig, student_logits: torch.Tensor, mask: torch.Tensor,
-                      teacher_logits: torch.Tensor | None = None, target_ids: torch.Tensor | None = None,
+def distillation_loss(cfg: DistillStageConfig, student_logits, mask: torch.Tensor,
+                      teacher_logits=None, target_ids: torch.Tensor | None = None,
                       target_probs: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The configured loss on shifted logits [B, L-1, V]; sparse targets are drawn here when not given."""
+    """The configured loss on shifted logits [B, L-1, V] or ProjectedLogits; sparse targets are drawn here when not given."""
     from posttrain.losses.distillation import (divergence_loss, sample_teacher_targets, sampled_target_loss,
                                                top_k_teacher_targets)
 
     if target_ids is None and cfg.target != "full":
         if cfg.target == "top_k":
-            target_ids, target_probs = top_k_teacher_targets(teacher_logits, cfg.k, cfg.temperature, cfg.chunk_size)
+            target_ids, target_probs = top_k_teacher_targets(teacher_logits, cfg.k, cfg.temperature, cfg.chunk_size, mask)
         else:
             counts = cfg.target == "sampled_counts"
             target_ids, target_probs = sample_teacher_targets(
                 teacher_logits, cfg.k, with_replacement=cfg.with_replacement or counts, temperature=cfg.temperature,
-                generator=generator, counts=counts, chunk_size=cfg.chunk_size)
+                generator=generator, counts=counts, chunk_size=cfg.chunk_size, mask=mask)
     if target_ids is not None:
         return sampled_target_loss(student_logits, target_ids, target_probs, cfg.student_normalisation, mask,
                                    cfg.temperature, cfg.chunk_size, cfg.reduction)
@@ -237,7 +276,7 @@ def distillation_loss(cfg: DistillStageConfig, student_logits: torch.Tensor, mas
 
 
 @torch.no_grad()
-def batch_kls(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, temperature: float,
+def batch_kls(student_logits, teacher_logits, mask: torch.Tensor, temperature: float,
               chunk_size: int | None) -> dict[str, float]:
     from posttrain.losses.distillation import forward_kl, reverse_kl
 
@@ -245,12 +284,13 @@ def batch_kls(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: 
             "kl_student_teacher": float(reverse_kl(student_logits, teacher_logits, temperature, mask, chunk_size))}
 
 
-def sampled_token_logprobs(shifted_logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor,
-                           temperature: float) -> list[list[float]]:
+def sampled_token_logprobs(logits, input_ids: torch.Tensor, mask: torch.Tensor,
+                           temperature: float, chunk_size: int | None = None) -> list[list[float]]:
     """The trainer's log_softmax(logits / T) of each counted token, per sequence (the engine's convention)."""
+    from posttrain.losses.distillation import token_log_probs
+
     with torch.no_grad():
-        logp = torch.log_softmax(shifted_logits.float() / temperature, dim=-1)
-        taken = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+        taken = token_log_probs(logits, input_ids[:, 1:], temperature, mask, chunk_size)
     return [taken[i][mask[i] != 0].tolist() for i in range(taken.shape[0])]
 
 
@@ -293,8 +333,8 @@ def kl_on_student_samples(engine, student, teacher, prompt_ids: list[list[int]],
     for start in range(0, len(sequences), batch_size):
         batch = pad_batch(sequences[start:start + batch_size], pad_id)
         mask = logit_mask(batch["loss_mask"])
-        s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        s = shifted_logits(student, batch, chunk_size)
+        t = shifted_logits(teacher, batch, chunk_size)
         n = int(mask.sum())
         for key, value in batch_kls(s, t, mask, temperature, chunk_size).items():
             totals[key] += value * n
@@ -408,14 +448,25 @@ def run_distill(cfg: DistillStageConfig, ctx: StageContext) -> StageResult:
                 target_ids, target_probs = scatter_targets(cached, batch["input_ids"].shape[1])
             else:
                 with torch.no_grad():
-                    teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+                    teacher_logits = shifted_logits(teacher, batch, cfg.chunk_size)
 
             # 3. Loss on every completion position, and the update.
-            student_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            # With chunk_size set, neither side's [B, L, V] logits are ever materialised.
+            student_logits = shifted_logits(student, batch, cfg.chunk_size)
             loss = distillation_loss(cfg, student_logits, mask, teacher_logits, target_ids, target_probs, generator)
             if not torch.isfinite(loss):
                 raise StageError(f"step {step}: the distillation loss is {loss.item()}; lower learning_rate or temperature")
             loss.backward()
+            # Logit statistics before the update: ProjectedLogits project with the live lm_head,
+            # which optimizer.step() is about to change.
+            log_now = step % cfg.log_every == 0 or step == cfg.max_steps
+            logit_stats: dict = {}
+            if log_now and teacher_logits is not None:
+                logit_stats.update(batch_kls(student_logits.detach(), teacher_logits, mask, cfg.temperature, cfg.chunk_size))
+            if log_now and engine_logprobs is not None:
+                trainer_logprobs = sampled_token_logprobs(student_logits.detach(), batch["input_ids"], mask, cfg.temperature,
+                                                          cfg.chunk_size)
+                logit_stats.update(drift.check(engine_logprobs, trainer_logprobs, step=step))
             grad_norm = (torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
                          if cfg.max_grad_norm else None)
             optimizer.step()
@@ -429,17 +480,13 @@ def run_distill(cfg: DistillStageConfig, ctx: StageContext) -> StageResult:
             on_policy_steps += on_policy
             n_tokens = int(mask.sum())
             tokens_seen += n_tokens
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
+            if log_now:
                 row = {"loss": loss.item(), "on_policy": int(on_policy), "fraction_on_policy": on_policy_steps / step,
                        "completion_tokens": n_tokens, "tokens_per_s": n_tokens / max(time.time() - step_started, 1e-9),
                        "lr": scheduler.get_last_lr()[0]}
                 if grad_norm is not None:
                     row["grad_norm"] = float(grad_norm)
-                if teacher_logits is not None:
-                    row.update(batch_kls(student_logits.detach(), teacher_logits, mask, cfg.temperature, cfg.chunk_size))
-                if engine_logprobs is not None:
-                    trainer_logprobs = sampled_token_logprobs(student_logits.detach(), batch["input_ids"], mask, cfg.temperature)
-                    row.update(drift.check(engine_logprobs, trainer_logprobs, step=step))
+                row.update(logit_stats)
                 metrics.log(step, **row)
                 last.update(row)
             advance(1)
