@@ -131,7 +131,10 @@ class VLLMEngine(RolloutEngine):
                 n=n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
                 max_tokens=sampling.max_new_tokens, seed=seed, stop_token_ids=stops, logprobs=0,
                 detokenize=False))
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
+        requests = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
+        outputs = []
+        for wave in self._waves(prompt_ids, n, seeded=sampling.seed is not None):
+            outputs.extend(self.llm.generate([requests[i] for i in wave], [params[i] for i in wave], use_tqdm=False))
         stop_set = set(stops)
         groups = []
         for out in outputs:
@@ -144,6 +147,31 @@ class VLLMEngine(RolloutEngine):
                                         logprobs=logprobs, finish_reason=reason))
             groups.append(group)
         return groups
+
+    def _waves(self, prompt_ids: list[list[int]], n: int, seeded: bool) -> list[list[int]]:
+        """Request indices split so that every wave's prompts are prefilled in one scheduler step.
+
+        vLLM 0.32 rewinds a seeded request's generator when it splits its prefill over steps, and
+        the CPU generator cannot rewind ("CPU Generator does not use offset"). Seeded sampling on
+        the CPU therefore goes in waves that fit the scheduler's token and sequence budgets; on
+        GPUs (or unseeded) everything goes at once.
+        """
+        everything = [list(range(len(prompt_ids)))]
+        if not seeded or _has_cuda():
+            return everything
+        sched = self.llm.llm_engine.vllm_config.scheduler_config
+        max_tokens, max_seqs = int(sched.max_num_batched_tokens), int(sched.max_num_seqs)
+        waves, wave, tokens = [], [], 0
+        for i, ids in enumerate(prompt_ids):
+            cost = len(ids) * n  # n > 1 is expanded into n requests, each prefilled
+            if wave and (tokens + cost > max_tokens or (len(wave) + 1) * n > max_seqs):
+                waves.append(wave)
+                wave, tokens = [], 0
+            wave.append(i)
+            tokens += cost
+        if wave:
+            waves.append(wave)
+        return waves
 
     def update_weights(self, named_tensors: Iterable[tuple]) -> None:
         weights = [(name, t.detach().to("cpu" if not _has_cuda() else t.device).contiguous()) for name, t in named_tensors]

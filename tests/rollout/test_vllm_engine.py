@@ -102,6 +102,22 @@ def test_seeds_reproduce_and_samples_of_one_prompt_differ(engines):
     assert _tokens(first) != _tokens(vllm.generate(PROMPTS, n=3, sampling=sampling.model_copy(update={"seed": 43})))
 
 
+def test_seeded_batches_larger_than_one_scheduler_step_do_not_crash(engines):
+    # vLLM 0.32 on the CPU fails ("CPU Generator does not use offset") when a seeded request's
+    # prefill is split across scheduler steps; the engine sends such batches in waves.
+    vllm, _, path = engines["gemma3"]
+    _push(load_causal_lm(path), vllm)
+    sched = vllm.llm.llm_engine.vllm_config.scheduler_config
+    n = 4
+    prompt = "Tell me a long story about " + "the sea and the moon and the rain, " * 6
+    per_request = len(vllm.tokenizer(prompt)["input_ids"]) * n
+    count = sched.max_num_batched_tokens // per_request + 8  # more than one step's prefill budget
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=4, seed=7)
+    first = vllm.generate([prompt] * count, n=n, sampling=sampling)
+    assert len(first) == count and all(len(g) == n for g in first)
+    assert _tokens(first) == _tokens(vllm.generate([prompt] * count, n=n, sampling=sampling))
+
+
 def test_stops_at_end_of_turn_like_transformers(engines, tiny_gemma3_dir):
     vllm, hf, _ = engines["gemma3"]
     model = make_end_of_turn_likely(load_causal_lm(tiny_gemma3_dir), vllm.tokenizer, strength=8.0)
