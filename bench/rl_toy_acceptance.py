@@ -4,7 +4,7 @@
    on toy math and code conversations.
 2. From that student, run the `rl` stage with the math verifier on math prompts, and with the
    code sandbox on code prompts; each reports greedy held-out accuracy before and after
-   (eval split, disjoint from training problems) and its reward / KL curves.
+   (eval split: prompts never seen in training) and its reward / KL curves.
 3. Run math RL with beta = 0 and beta > 0 from the same start and compare how fast the KL to
    the starting model grows.
 
