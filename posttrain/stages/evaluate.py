@@ -12,7 +12,7 @@ from pydantic import Field
 from posttrain.data import DataError, iter_rows, write_jsonl
 from posttrain.rollout import RolloutConfig, SamplingParams, create_engine
 from posttrain.stages.base import StageConfig, StageContext, StageResult, register_stage
-from rewards.combine import CombinedReward, RewardSpec
+from rewards.combine import CombinedReward, FaultPolicy, RewardSpec
 
 # Which reward checks a prompt row, by the column that carries its ground truth.
 REWARD_BY_COLUMN = {"answer": "math", "tests": "code", "instruction_id_list": "instructions"}
@@ -24,7 +24,7 @@ class EvaluateStageConfig(StageConfig):
     model: str = Field(description="Model to evaluate.")
     datasets: dict[str, str] = Field(description="Named prompt sets: {name: ${datasets.X} or a path}; rows need `prompt` plus reward columns.")
     rewards: list[RewardSpec] | None = Field(None, description="Rewards for every set; default: chosen per set from its columns (answer, tests, instruction_id_list).")
-    fault_policy: str = Field("zero", description="Reward faults score 0 (zero), drop the sample (skip) or fail the stage (fail).")
+    fault_policy: FaultPolicy = Field("zero", description="Reward faults score 0 (zero), drop the sample (skip) or fail the stage (fail).")
     success_threshold: float = Field(1.0, description="A sample counts as correct when its reward reaches this value.")
     limit: int | None = Field(None, ge=1, description="Evaluate only the first N prompts of each set.")
     samples_per_prompt: int = Field(1, ge=1, description="Completions per prompt (accuracy averages over them).")
