@@ -19,6 +19,7 @@ two copies of the cache. On a machine without CUDA these options are refused at 
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import warnings
@@ -70,6 +71,9 @@ def _engine_param_checksums(worker, names: list[str]) -> dict[str, tuple[list[in
 
 class VLLMEngine(RolloutEngine):
     backend = "vllm"
+    # In-process engines share vLLM's global distributed state (parallel groups); shutting one
+    # engine down destroys it under every other live engine. Only the last one shuts down.
+    _live = 0
 
     def __init__(self, model_path: str, config: RolloutConfig):
         check_gpu_options(config, _has_cuda())
@@ -96,6 +100,7 @@ class VLLMEngine(RolloutEngine):
             else:
                 kwargs["kv_cache_memory_bytes"] = int(config.kv_cache_gib * 2**30)
         self.llm = LLM(**{k: v for k, v in kwargs.items() if v is not None})
+        VLLMEngine._live += 1
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
         self.weight_version = 0
         self.truncated_prompts = 0
@@ -231,8 +236,17 @@ class VLLMEngine(RolloutEngine):
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
-            try:
-                llm.llm_engine.engine_core.shutdown()
-            except Exception:  # best effort: an engine that failed half-way has nothing to shut down
-                pass
-            del llm
+            VLLMEngine._live -= 1
+            core = llm.llm_engine.engine_core
+            if VLLMEngine._live == 0:
+                try:
+                    core.shutdown()
+                except Exception:  # best effort: an engine that failed half-way has nothing to shut down
+                    pass
+            else:
+                # vLLM's finaliser would run the same teardown when the engine is collected.
+                finalizer = getattr(core, "_finalizer", None)
+                if finalizer is not None:
+                    finalizer.detach()
+            del llm, core
+            gc.collect()  # with other engines alive, memory comes back when the engine is collected

@@ -118,6 +118,19 @@ def test_seeded_batches_larger_than_one_scheduler_step_do_not_crash(engines):
     assert _tokens(first) == _tokens(vllm.generate([prompt] * count, n=n, sampling=sampling))
 
 
+def test_closing_one_engine_leaves_the_others_working(engines, tiny_gemma3_dir):
+    # A teacher engine opened and closed while the student's engine lives (distill's eval_teacher)
+    from posttrain.rollout import RolloutConfig, create_engine
+
+    vllm, _, _ = engines["gemma3"]
+    before = _tokens(vllm.generate(PROMPTS, n=1, sampling=SamplingParams(temperature=0.0, max_new_tokens=6)))
+    other = create_engine(str(tiny_gemma3_dir), RolloutConfig(backend="vllm", max_model_len=256))
+    other.generate(PROMPTS[:1], n=1, sampling=SamplingParams(temperature=0.0, max_new_tokens=2))
+    other.close()
+    after = _tokens(vllm.generate(PROMPTS, n=1, sampling=SamplingParams(temperature=0.0, max_new_tokens=6)))
+    assert after == before
+
+
 def test_stops_at_end_of_turn_like_transformers(engines, tiny_gemma3_dir):
     vllm, hf, _ = engines["gemma3"]
     model = make_end_of_turn_likely(load_causal_lm(tiny_gemma3_dir), vllm.tokenizer, strength=8.0)
