@@ -172,11 +172,13 @@ def tokenize_prompt(tokenizer, prompt: str | Sequence[dict], where: str = "promp
     return tokenize_conversation(tokenizer, messages, add_generation_prompt=True, where=where).input_ids
 
 
-def prompt_completion_to_messages(prompt: str | Sequence[dict], completion: str | Sequence[dict]) -> list[dict]:
-    """Rows of the form {prompt, completion} as one conversation."""
+def prompt_completion_to_messages(prompt: str | Sequence[dict], completion: str | dict | Sequence[dict]) -> list[dict]:
+    """A prompt and its completion (text, one message, or messages) as one conversation."""
     msgs = as_messages(prompt)
     if isinstance(completion, str):
         return msgs + [{"role": "assistant", "content": completion}]
+    if isinstance(completion, dict):
+        return msgs + [completion]
     return msgs + list(completion)
 
 

@@ -37,7 +37,7 @@ from rewards.registry import load_reward
 
 log = logging.getLogger("rewards")
 
-__all__ = ["RewardSpec", "RewardBatch", "CombinedReward", "compute_rewards", "RewardFaultError",
+__all__ = ["RewardSpec", "RewardBatch", "CombinedReward", "compute_rewards", "columns_from_rows", "RewardFaultError",
            "FaultPolicy"]
 
 FaultPolicy = Literal["zero", "skip", "fail"]
@@ -303,6 +303,13 @@ class CombinedReward:
             combined.append(sum(terms) if terms else None)
         return RewardBatch(rewards=combined, per_reward=per_reward, faults=faults,
                            fault_messages=messages, skipped=skipped, durations_s=durations)
+
+
+def columns_from_rows(rows: Sequence[dict], repeat: int = 1) -> dict[str, list]:
+    """Dataset rows as reward columns: every key but `prompt`, one entry per completion (each
+    row repeated `repeat` times). Rows of mixed tasks get None where they lack a column."""
+    keys = sorted({k for r in rows for k in r if k != "prompt"})
+    return {k: [r.get(k) for r in rows for _ in range(repeat)] for k in keys}
 
 
 def compute_rewards(specs: Sequence[RewardSpec | dict], prompts: Sequence, completions: Sequence,

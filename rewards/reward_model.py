@@ -16,9 +16,9 @@ from __future__ import annotations
 import threading
 from typing import Any, Sequence
 
-from posttrain.chat import tokenize_conversation
+from posttrain.chat import prompt_completion_to_messages, tokenize_conversation
 
-__all__ = ["RewardModelScorer", "get_scorer", "reward_model_reward", "load_count", "to_messages"]
+__all__ = ["RewardModelScorer", "get_scorer", "reward_model_reward", "load_count"]
 
 _cache: dict[tuple, "RewardModelScorer"] = {}
 _cache_lock = threading.Lock()
@@ -28,18 +28,6 @@ _loads = 0
 def load_count() -> int:
     """How many checkpoint lists were loaded so far in this process (for tests and logs)."""
     return _loads
-
-
-def to_messages(prompt: Any, completion: Any) -> list[dict]:
-    """Prompt (string or messages) + completion (string or messages) as one conversation."""
-    msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
-    if isinstance(completion, str):
-        msgs.append({"role": "assistant", "content": completion})
-    elif isinstance(completion, dict):
-        msgs.append(dict(completion))
-    else:
-        msgs.extend(dict(m) for m in completion)
-    return msgs
 
 
 class RewardModelScorer:
@@ -91,7 +79,7 @@ class RewardModelScorer:
         """Token ids of the pair in the Gemma IT format, starting with the ``<bos>`` token."""
         # The project's one tokenisation of the Gemma format: control tokens as ids, text as text, so
         # a completion that writes "<end_of_turn>" cannot forge the structure the model scores.
-        ids = tokenize_conversation(self.tokenizer, to_messages(prompt, completion)).input_ids
+        ids = tokenize_conversation(self.tokenizer, prompt_completion_to_messages(prompt, completion)).input_ids
         if len(ids) > self.max_length:  # keep <bos> and the end of the completion
             ids = ids[:1] + ids[len(ids) - self.max_length + 1:]
         return ids

@@ -12,7 +12,7 @@ from pydantic import Field
 from posttrain.data import DataError, iter_rows, write_jsonl
 from posttrain.rollout import RolloutConfig, SamplingParams, create_engine
 from posttrain.stages.base import StageConfig, StageContext, StageResult, register_stage
-from rewards.combine import CombinedReward, FaultPolicy, RewardSpec
+from rewards.combine import CombinedReward, FaultPolicy, RewardSpec, columns_from_rows
 
 # Which reward checks a prompt row, by the column that carries its ground truth.
 REWARD_BY_COLUMN = {"answer": "math", "tests": "code", "instruction_id_list": "instructions"}
@@ -39,11 +39,6 @@ def default_rewards(rows: list[dict], where: str) -> list[RewardSpec]:
             return [RewardSpec(name=reward)]
     raise DataError(f"{where}: cannot choose a reward: rows have none of the columns {', '.join(REWARD_BY_COLUMN)}; "
                     "give `rewards` in the stage config")
-
-
-def prompt_columns(rows: list[dict]) -> dict[str, list]:
-    keys = [k for k in rows[0] if k not in ("prompt", "solution", "messages")]
-    return {k: [r.get(k) for r in rows] for k in keys}
 
 
 @register_stage("evaluate", EvaluateStageConfig, outputs=("report",))
@@ -74,7 +69,7 @@ def run_evaluate(cfg: EvaluateStageConfig, ctx: StageContext) -> StageResult:
                 flat_rows = [r for r, g in zip(rows, groups) for _ in g]
                 completions = [c for g in groups for c in g]
                 batch = scorer.compute([r["prompt"] for r in flat_rows], [c.text for c in completions],
-                                       prompt_columns(flat_rows))
+                                       columns_from_rows(flat_rows))
                 scored = [v for v in batch.rewards if v is not None]
                 correct = sum(v >= cfg.success_threshold for v in scored)
                 metrics[f"{name}/accuracy"] = round(correct / max(len(scored), 1), 4)

@@ -43,7 +43,7 @@ from posttrain.rollout import DriftMonitor, RolloutConfig, SamplingParams, creat
 from posttrain.stages.base import StageConfig, StageContext, StageError, StageResult, register_stage
 from posttrain.stages.sft import LoraSpec, adamw_with_warmup
 from posttrain.weights import ema_update_
-from rewards.combine import CombinedReward, FaultPolicy, RewardSpec
+from rewards.combine import CombinedReward, FaultPolicy, RewardSpec, columns_from_rows
 
 log = logging.getLogger(__name__)
 
@@ -155,12 +155,6 @@ def sampling_seed(seed: int, step: int) -> int:
     return random.Random(f"rl-sampling:{seed}:{step}").randrange(2**31)
 
 
-def reward_columns(rows: list[dict], repeat: int) -> dict[str, list]:
-    """Every column but `prompt`, one entry per completion (each row repeated `repeat` times)."""
-    keys = sorted({k for r in rows for k in r if k != "prompt"})
-    return {k: [r.get(k) for r in rows for _ in range(repeat)] for k in keys}
-
-
 # --- trainer-side scoring -----------------------------------------------------------------------
 
 def score_completions(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], temperature: float,
@@ -250,7 +244,7 @@ def evaluate(engine, reward: CombinedReward, rows: list[dict], prompt_ids: list[
     """Greedy completions of held-out prompts, scored with the training rewards (e.g. accuracy for math)."""
     groups = engine.generate(prompt_ids, n=1, sampling=SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens))
     texts = [g[0].text for g in groups]
-    batch = reward.compute([r["prompt"] for r in rows], texts, reward_columns(rows, 1))
+    batch = reward.compute([r["prompt"] for r in rows], texts, columns_from_rows(rows))
     out = {"eval/reward": _mean(batch.rewards)}
     for name, values in batch.per_reward.items():
         out[f"eval/{name}"] = _mean(values)
@@ -383,7 +377,7 @@ def _rl_step(step, config: RLStageConfig, ctx, engine, reward: CombinedReward, d
     # 2. Reward: every reward function on every completion, combined with the recipe's weights.
     with timer("reward"):
         scored = reward.compute([r["prompt"] for r in batch_rows for _ in range(n)], [c.text for c in completions],
-                                reward_columns(batch_rows, n))
+                                columns_from_rows(batch_rows, n))
     # None: the fault policy skipped the sample, or no reward applies to it; it is left out of the update.
     valid = torch.tensor([v is not None for v in scored.rewards])
     rewards = torch.tensor([0.0 if v is None else float(v) for v in scored.rewards], dtype=torch.float32)
