@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -43,17 +45,19 @@ def build_world(work: Path, hidden: int, layers: int, n_prompts: int):
     return rows
 
 
-def run_ours(work: Path, backend: str, args) -> dict:
+def run_ours(work: Path, engine: str, args) -> dict:
+    backend, _, variant = engine.partition("-")  # "vllm-compiled": vLLM with torch.compile
     from posttrain.stages.base import StageContext
     from posttrain.stages.rl import RLStageConfig, run_rl
 
-    stage_dir = work / f"ours_{backend}"
+    stage_dir = work / f"ours_{engine}"
     stage_dir.mkdir()
     cfg = RLStageConfig(
         model=str(work / "model"), dataset=str(work / "prompts.jsonl"), rewards=[{"name": "math"}],
         num_generations=args.group, prompts_per_step=args.prompts, max_steps=args.steps, max_new_tokens=args.length,
         temperature=1.0, beta=0.1, anchor_ema=0.01, learning_rate=1e-5, log_kl_to_start=False, checkpoint_every=0,
-        rollout={"backend": backend, "verify_sync": False})
+        precision=args.precision,
+        rollout={"backend": backend, "verify_sync": False, "enforce_eager": variant != "compiled"})
     ctx = StageContext(name="rl", kind="rl", stage_dir=stage_dir, run_dir=work, seed=0, recipe_name="bench")
     t0 = time.perf_counter()
     run_rl(cfg, ctx)
@@ -64,7 +68,7 @@ def run_ours(work: Path, backend: str, args) -> dict:
     seconds = sum(r["time/step"] for r in timed)
     split = {k[5:]: sum(r.get(k, 0.0) for r in timed) / seconds for k in
              ("time/generate", "time/reward", "time/train", "time/anchor", "time/sync")}
-    return {"name": f"posttrain rl ({backend})", "tokens_per_s": tokens / seconds, "step_s": seconds / len(timed),
+    return {"name": f"posttrain rl ({engine})", "tokens_per_s": tokens / seconds, "step_s": seconds / len(timed),
             "mean_length": tokens / len(timed) / (args.prompts * args.group), "wall_s": total, "split": split,
             "model_compute_fraction": split["generate"] + split["train"]}
 
@@ -75,7 +79,7 @@ def run_trl(work: Path, rows: list[dict], args) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     from posttrain.modeling import load_causal_lm, load_tokenizer
-    from rewards.math import math_reward
+    from rewards.math import math_reward, warm_up
 
     # Conversational prompts: TRL renders them with the tokenizer's chat template (the Gemma one).
     data = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]}
@@ -100,14 +104,16 @@ def run_trl(work: Path, rows: list[dict], args) -> dict:
         output_dir=str(work / "trl"), per_device_train_batch_size=args.prompts * args.group,
         num_generations=args.group, max_completion_length=args.length, temperature=1.0, beta=0.1,
         learning_rate=1e-5, max_steps=args.steps, logging_steps=1, report_to="none", use_cpu=True,
-        save_strategy="no", disable_tqdm=True, seed=0, use_vllm=False)
+        save_strategy="no", disable_tqdm=True, seed=0, use_vllm=False, bf16=args.precision == "bf16")
     trainer = GRPOTrainer(model=model, args=cfg, reward_funcs=[math_reward], train_dataset=data,
                           processing_class=tok, callbacks=[Clock()])
+    warm_up()  # ours starts the math-verify workers before its first step; so does TRL's run here
     t0 = time.perf_counter()
     trainer.train()
     total = time.perf_counter() - t0
     timed, timed_len = step_times[1:], lengths[1:]
     tokens = sum(L * args.prompts * args.group for L in timed_len)
+    assert trainer.args.bf16 == (args.precision == "bf16")
     return {"name": "TRL GRPOTrainer (transformers generate)", "tokens_per_s": tokens / sum(timed),
             "step_s": sum(timed) / len(timed), "mean_length": sum(timed_len) / len(timed_len), "wall_s": total}
 
@@ -120,26 +126,51 @@ def main():
     ap.add_argument("--length", type=int, default=64, help="max completion tokens")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--backends", default="vllm,transformers")
+    ap.add_argument("--engines", default="vllm-compiled,vllm,transformers",
+                    help="ours: vllm (eager), vllm-compiled (torch.compile; start-up not timed), transformers")
+    ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                    help="trainer precision on both sides: bf16 mixed precision (TRL's default) or fp32")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one contender
+    ap.add_argument("--work", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+
+    if args.worker:
+        work = Path(args.work)
+        if args.worker == "trl":
+            from posttrain.data import iter_rows
+
+            result = run_trl(work, [row for _, row in iter_rows(str(work / "prompts.jsonl"))], args)
+        else:
+            result = run_ours(work, args.worker, args)
+        Path(args.json).write_text(json.dumps(result))
+        return
 
     import torch
 
     from posttrain.rollout import vllm_available
 
     work = Path(tempfile.mkdtemp(prefix="bench_rl_"))
-    rows = build_world(work, args.hidden, args.layers, n_prompts=max(64, args.prompts * args.steps))
+    build_world(work, args.hidden, args.layers, n_prompts=max(64, args.prompts * args.steps))
     print(f"model: gemma3 hidden {args.hidden} x {args.layers} layers; {args.prompts} prompts x {args.group} "
-          f"completions x {args.length} tokens per step; {args.steps} steps (first excluded); torch threads "
-          f"{torch.get_num_threads()}")
-    results = []
-    for backend in args.backends.split(","):
-        if backend == "vllm" and not vllm_available():
-            print("vllm not installed; skipping the vllm engine")
+          f"completions x {args.length} tokens per step; {args.steps} steps (first excluded); trainer precision "
+          f"{args.precision} on both sides; torch threads {torch.get_num_threads()}")
+    contenders = []
+    for engine in args.engines.split(","):
+        if engine.startswith("vllm") and not vllm_available():
+            print(f"vllm not installed; skipping {engine}")
             continue
-        results.append(run_ours(work, backend, args))
-    results.append(run_trl(work, rows, args))
+        contenders.append(engine)
+    # Each contender runs in a fresh process: process-wide state (vLLM's thread and NUMA binding,
+    # our malloc settings, allocator caches) must not carry over from one to the next.
+    results = []
+    for name in contenders + ["trl"]:
+        out = work / f"result_{name}.json"
+        passthrough = [f"--{k}={getattr(args, k)}" for k in ("steps", "prompts", "group", "length", "hidden", "layers",
+                                                              "precision")]
+        subprocess.run([sys.executable, __file__, "--worker", name, "--work", str(work), "--json", str(out),
+                        *passthrough], check=True)
+        results.append(json.loads(out.read_text()))
     trl = results[-1]
     print(f"\n{'run':44s} {'tokens/s':>9s} {'s/step':>7s} {'len':>5s} {'vs TRL':>7s}")
     for r in results:

@@ -161,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     args = build_parser().parse_args(argv)
     args.debug = getattr(args, "debug", False)
+    if args.command == "run":
+        from posttrain.allocator import retain_freed_memory
+
+        retain_freed_memory()  # training steps reuse freed heap memory instead of page-faulting it back
     from posttrain.data import DataError
     from posttrain.recipe import RecipeError
 

@@ -193,6 +193,23 @@ class CombinedReward:
     def __call__(self, prompts, completions, **columns) -> list[float | None]:
         return self.compute(prompts, completions, columns).rewards
 
+    def warm_up(self) -> threading.Thread:
+        """Start the rewards' workers (e.g. the math-verify pool) in the background, so that a
+        run's first batches do not pay for it. A reward function opts in with a `warm_up()`
+        attribute. A failure here is only logged: the first real call reports it properly."""
+        def run():
+            for spec, fn in zip(self.specs, self.fns):
+                hook = getattr(fn, "warm_up", None) or getattr(getattr(fn, "func", None), "warm_up", None)
+                if callable(hook):
+                    try:
+                        hook()
+                    except Exception as e:  # noqa: BLE001
+                        log.warning("reward %s: warm-up failed (%s); it will start on first use", spec.label, e)
+
+        thread = threading.Thread(target=run, name="reward-warm-up", daemon=True)
+        thread.start()
+        return thread
+
     # one reward over the batch -> (values, fault messages per sample index)
     def _run_one(self, i: int, prompts, completions, columns) -> tuple[list[float | None], dict[int, str], float]:
         spec, fn = self.specs[i], self.fns[i]

@@ -76,7 +76,7 @@ class TransformersEngine(RolloutEngine):
             attention[i, width - len(r):] = 1
         device = next(self.model.parameters()).device
         kwargs = dict(max_new_tokens=sampling.max_new_tokens, eos_token_id=stops, pad_token_id=pad,
-                      return_dict_in_generate=True, output_logits=True)
+                      return_dict_in_generate=True, output_logits=sampling.logprobs)
         if sampling.greedy:
             kwargs.update(do_sample=False)
         else:
@@ -84,16 +84,20 @@ class TransformersEngine(RolloutEngine):
                           top_k=sampling.top_k)  # 0 disables top-k (the model's generation_config may default to 50)
         out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
         new_tokens = out.sequences[:, width:].cpu()
-        # Raw logits (before temperature and warpers), so the convention log_softmax(logits / T) is exact.
-        logprobs = torch.log_softmax(torch.stack(out.logits, dim=1).float().cpu() / sampling.logprob_temperature, dim=-1)
-        token_logprobs = logprobs.gather(-1, new_tokens[:, :, None]).squeeze(-1)
+        token_logprobs = None
+        if sampling.logprobs:
+            # Raw logits (before temperature and warpers), so the convention log_softmax(logits / T) is exact.
+            logprobs = torch.log_softmax(torch.stack(out.logits, dim=1).float().cpu() / sampling.logprob_temperature,
+                                         dim=-1)
+            token_logprobs = logprobs.gather(-1, new_tokens[:, :, None]).squeeze(-1)
         stop_set = set(stops)
         completions = []
         for i in range(len(rows)):
             ids, reason = cut_at_stop(new_tokens[i].tolist(), stop_set, sampling.max_new_tokens)
             completions.append(Completion(
                 token_ids=ids, text=decode_completion(self.tokenizer, ids, reason == "stop"),
-                logprobs=token_logprobs[i, :len(ids)].tolist(), finish_reason=reason))
+                logprobs=token_logprobs[i, :len(ids)].tolist() if token_logprobs is not None else [],
+                finish_reason=reason))
         return completions
 
     @torch.no_grad()

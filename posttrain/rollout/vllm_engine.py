@@ -91,8 +91,7 @@ class VLLMEngine(RolloutEngine):
             # Temperature-scaled logprobs (see posttrain.rollout.logprobs for the convention).
             logprobs_mode="processed_logprobs",
             tensor_parallel_size=config.tensor_parallel_size, enable_sleep_mode=config.enable_sleep_mode,
-            # CUDA graphs pay off on GPUs; on the CPU compiling only slows start-up.
-            enforce_eager=not _has_cuda(),
+            enforce_eager=(not _has_cuda()) if config.enforce_eager is None else config.enforce_eager,
         )
         if _has_cuda():
             if config.gpu_memory_utilization is not None:
@@ -134,7 +133,7 @@ class VLLMEngine(RolloutEngine):
             seed = None if sampling.seed is None else sampling.seed + i * n
             params.append(VLLMSamplingParams(
                 n=n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                max_tokens=sampling.max_new_tokens, seed=seed, stop_token_ids=stops, logprobs=0,
+                max_tokens=sampling.max_new_tokens, seed=seed, stop_token_ids=stops, logprobs=0 if sampling.logprobs else None,
                 detokenize=False))
         requests = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
         outputs = []
@@ -147,7 +146,7 @@ class VLLMEngine(RolloutEngine):
             for c in sorted(out.outputs, key=lambda c: c.index):
                 ids = list(c.token_ids)
                 reason = "stop" if ids and ids[-1] in stop_set else "length"
-                logprobs = [entry[t].logprob for entry, t in zip(c.logprobs, ids)]
+                logprobs = [entry[t].logprob for entry, t in zip(c.logprobs, ids)] if sampling.logprobs else []
                 group.append(Completion(token_ids=ids, text=decode_completion(self.tokenizer, ids, reason == "stop"),
                                         logprobs=logprobs, finish_reason=reason))
             groups.append(group)

@@ -73,7 +73,7 @@ class VLLMServerEngine(RolloutEngine):
             body = dict(model=self.model_name, prompt=ids, n=n, temperature=sampling.temperature,
                         top_p=sampling.top_p, top_k=sampling.top_k, max_tokens=sampling.max_new_tokens,
                         seed=None if sampling.seed is None else sampling.seed + i * n,
-                        stop_token_ids=stops, logprobs=0, return_token_ids=True, skip_special_tokens=False)
+                        stop_token_ids=stops, logprobs=0 if sampling.logprobs else None, return_token_ids=True, skip_special_tokens=False)
             response = self.session.post(f"{self.url}/v1/completions", json=body, timeout=600)
             response.raise_for_status()
             group = []
@@ -81,7 +81,8 @@ class VLLMServerEngine(RolloutEngine):
                 ids_out = list(choice["token_ids"])
                 reason = "stop" if ids_out and ids_out[-1] in stops else "length"
                 group.append(Completion(ids_out, decode_completion(self.tokenizer, ids_out, reason == "stop"),
-                                        list(choice["logprobs"]["token_logprobs"]), reason))
+                                        list(choice["logprobs"]["token_logprobs"]) if sampling.logprobs else [],
+                                        reason))
             return group
 
         with ThreadPoolExecutor(max_workers=16) as pool:  # the server batches concurrent requests

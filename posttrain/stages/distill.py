@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
+from posttrain.allocator import retain_freed_memory
 from posttrain.chat import (ChatFormatError, control_token_ids, normalise_messages,
                             prompt_completion_to_messages, tokenize_conversation, tokenize_prompt)
 from posttrain.data import DataError, iter_rows
@@ -351,6 +352,7 @@ def run_distill(cfg: DistillStageConfig, ctx: StageContext) -> StageResult:
     from posttrain.rollout import DriftMonitor, create_engine, weights_for_engine
     from posttrain.teacher_cache import TeacherCache, TeacherCacheError, scatter_targets, tokenizer_fingerprint
 
+    retain_freed_memory()  # see posttrain.allocator: steps stop page-faulting their activations
     torch.manual_seed(ctx.seed)
     rng = random.Random(ctx.seed)
     generator = torch.Generator().manual_seed(ctx.seed)
@@ -423,13 +425,16 @@ def run_distill(cfg: DistillStageConfig, ctx: StageContext) -> StageResult:
         for step in range(1, cfg.max_steps + 1):
             step_started = time.time()
             on_policy = rng.random() < cfg.lambda_on_policy
+            log_now = step % cfg.log_every == 0 or step == cfg.max_steps
 
             # 1. A batch: the student's own samples, or sequences from the data / the cache.
             engine_logprobs = None
             cached = None
             if on_policy:
                 batch_prompts = [prompts[rng.randrange(len(prompts))] for _ in range(cfg.batch_size)]
-                groups = engine.generate(batch_prompts, n=1, sampling=sampling.model_copy(update={"seed": rng.randrange(2**31)}))
+                # The engine's logprobs only feed the drift check of logged steps; elsewhere they are skipped.
+                groups = engine.generate(batch_prompts, n=1, sampling=sampling.model_copy(
+                    update={"seed": rng.randrange(2**31), "logprobs": log_now}))
                 completions = [g[0] for g in groups]
                 batch_sequences = [TokenSequence(p + c.token_ids, [0] * len(p) + [1] * len(c.token_ids))
                                    for p, c in zip(batch_prompts, completions)]
@@ -459,11 +464,10 @@ def run_distill(cfg: DistillStageConfig, ctx: StageContext) -> StageResult:
             loss.backward()
             # Logit statistics before the update: ProjectedLogits project with the live lm_head,
             # which optimizer.step() is about to change.
-            log_now = step % cfg.log_every == 0 or step == cfg.max_steps
             logit_stats: dict = {}
             if log_now and teacher_logits is not None:
                 logit_stats.update(batch_kls(student_logits.detach(), teacher_logits, mask, cfg.temperature, cfg.chunk_size))
-            if log_now and engine_logprobs is not None:
+            if log_now and engine_logprobs:
                 trainer_logprobs = sampled_token_logprobs(student_logits.detach(), batch["input_ids"], mask, cfg.temperature,
                                                           cfg.chunk_size)
                 logit_stats.update(drift.check(engine_logprobs, trainer_logprobs, step=step))

@@ -34,12 +34,13 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
+from posttrain.allocator import retain_freed_memory
 from posttrain.chat import ChatFormatError, tokenize_prompt
 from posttrain.data import DataError, iter_rows, write_json
-from posttrain.losses.policy import (Aggregation, kl_regularised_rewards, masked_sum, reinforce_loss, rloo_advantages,
-                                     token_logprobs_and_entropy)
+from posttrain.losses.policy import Aggregation, kl_regularised_rewards, masked_sum, reinforce_loss, rloo_advantages
 from posttrain.modeling import load_causal_lm, load_tokenizer
 from posttrain.rollout import DriftMonitor, RolloutConfig, SamplingParams, create_engine, weights_for_engine
+from posttrain.scoring import score_completions
 from posttrain.stages.base import StageConfig, StageContext, StageError, StageResult, register_stage
 from posttrain.stages.sft import LoraSpec, adamw_with_warmup
 from posttrain.weights import ema_update_
@@ -84,6 +85,11 @@ class RLStageConfig(StageConfig):
     max_prompt_tokens: int = Field(256, ge=1, description="Prompts longer than this are dropped before training, with a count in the metrics.")
     importance_clip: float | None = Field(None, gt=0, description="If set, weight each token by min(pi_trainer/pi_engine, "
                                           "this) to correct for engine/trainer numerical mismatch (truncated importance sampling).")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: mixed precision, the trainer's forward "
+                                               "passes (policy, anchor) run under torch.autocast(bfloat16) while "
+                                               "weights, optimizer state, logprobs and the loss stay float32, as "
+                                               "TRL's bf16=True does. Several times faster matmuls on GPUs and AMX "
+                                               "CPUs; the logprobs carry bf16 rounding (watch the drift metrics).")
     grad_accum: int = Field(1, ge=1, description="Split each step's prompts into this many micro-batches (whole prompt "
                             "groups) accumulated into one update; prompts_per_step must be divisible by it.")
     lora: LoraSpec | None = Field(None, description="Train a LoRA adapter instead of all weights; the output model is merged.")
@@ -153,40 +159,6 @@ def sampling_seed(seed: int, step: int) -> int:
     """The engine's seed for step `step`. Engines derive per-sample seeds as base + offset, so
     consecutive integers would replay shifted streams; a hash of (seed, step) keeps steps apart."""
     return random.Random(f"rl-sampling:{seed}:{step}").randrange(2**31)
-
-
-# --- trainer-side scoring -----------------------------------------------------------------------
-
-def score_completions(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], temperature: float,
-                      pad_token_id: int, with_entropy: bool = False):
-    """Per-token logprobs [B, T] of the completions (right-padded), their mask, and optionally entropy.
-
-    Written here rather than calling rollout.sequence_logprobs because the policy's entropy comes
-    from the same forward pass, and padded [B, T] tensors are what the loss consumes. The
-    convention is the same: log_softmax(logits / T) over the full vocabulary, right padding.
-    """
-    device = next(model.parameters()).device
-    seqs = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
-    width = max(len(s) for s in seqs)
-    comp_width = max(1, max(len(c) for c in completion_ids))
-    input_ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
-    attention = torch.zeros((len(seqs), width), dtype=torch.long)
-    # Gather index of the logit row predicting each completion token (logits at j predict j + 1).
-    rows_index = torch.zeros((len(seqs), comp_width), dtype=torch.long)
-    labels = torch.full((len(seqs), comp_width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), comp_width))
-    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
-        input_ids[i, :len(seqs[i])] = torch.tensor(seqs[i])
-        attention[i, :len(seqs[i])] = 1
-        rows_index[i, :len(c)] = torch.arange(len(p) - 1, len(p) + len(c) - 1)
-        labels[i, :len(c)] = torch.tensor(c, dtype=torch.long)
-        mask[i, :len(c)] = 1.0
-    logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
-    # Only completion positions are normalised: memory O(completion tokens x vocab).
-    logits = logits.gather(1, rows_index.to(device)[:, :, None].expand(-1, -1, logits.shape[-1]))
-    logp, entropy = token_logprobs_and_entropy(logits, labels.to(device), temperature)
-    mask = mask.to(device)
-    return logp * mask, mask, (entropy * mask if with_entropy else None)
 
 
 # --- checkpoints --------------------------------------------------------------------------------
@@ -289,6 +261,7 @@ def run_rl(config: RLStageConfig, ctx: StageContext) -> StageResult:
     """REINFORCE/RLOO with a KL penalty to an EMA anchor (WARP stage 1) on rollout-engine samples."""
     stage_dir = Path(ctx.stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
+    retain_freed_memory()  # see posttrain.allocator: steps stop page-faulting their activations
     torch.manual_seed(ctx.seed)
     random.seed(ctx.seed)
     tokenizer = load_tokenizer(config.model)
@@ -318,6 +291,7 @@ def run_rl(config: RLStageConfig, ctx: StageContext) -> StageResult:
 
     recipe_dir = getattr(ctx, "recipe_dir", None)  # file-path rewards are relative to the recipe
     reward = CombinedReward(config.rewards, config.fault_policy, base_dir=str(recipe_dir) if recipe_dir else None)
+    reward.warm_up()  # reward workers start while the engine loads
     engine = create_engine(config.model, config.rollout)
     drift = DriftMonitor.from_config(config.rollout)
     summary: dict[str, Any] = {"prompts_dropped_too_long": dropped}
@@ -367,8 +341,12 @@ def _rl_step(step, config: RLStageConfig, ctx, engine, reward: CombinedReward, d
     batch_idx = prompt_indices_for_step(len(rows), step, config.prompts_per_step, ctx.seed)
     batch_rows = [rows[i] for i in batch_idx]
     batch_prompts = [prompt_ids[i] for i in batch_idx]
+    # The engine's logprobs feed importance weights (every step) and the drift check (every
+    # rollout.drift_check_every steps, from the first); other steps sample without them, which is cheaper.
+    check_drift = step % config.rollout.drift_check_every == 0
     sampling = SamplingParams(temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,
-                              seed=sampling_seed(ctx.seed, step))
+                              seed=sampling_seed(ctx.seed, step),
+                              logprobs=check_drift or config.importance_clip is not None)
     with timer("generate"):
         groups = engine.generate(batch_prompts, n=n, sampling=sampling)
     completions = [c for group in groups for c in group]
@@ -389,17 +367,20 @@ def _rl_step(step, config: RLStageConfig, ctx, engine, reward: CombinedReward, d
     group_size = config.prompts_per_step // config.grad_accum * n
     stats = _StepStats()
     finite = True
+    device = next(policy.parameters()).device
+    # Forward passes only; backward runs outside autocast, as torch.autocast prescribes.
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
     with timer("train"):
         for start in range(0, len(completions), group_size):
             mb = slice(start, start + group_size)
             comp_ids = [c.token_ids for c in completions[mb]]
-            logp, mask, entropy = score_completions(policy, seq_prompts[mb], comp_ids, config.temperature, pad_id,
-                                                    with_entropy=True)
-            with torch.no_grad():
-                logp_anchor, _, _ = score_completions(anchor, seq_prompts[mb], comp_ids, config.temperature, pad_id)
-                logp_start = None
-                if start_model is not None:
-                    logp_start, _, _ = score_completions(start_model, seq_prompts[mb], comp_ids, config.temperature, pad_id)
+            score = functools.partial(score_completions, prompt_ids=seq_prompts[mb], completion_ids=comp_ids,
+                                      temperature=config.temperature, pad_token_id=pad_id, group_size=n)
+            with autocast:
+                logp, mask, entropy = score(policy, with_entropy=True)
+                with torch.no_grad():
+                    logp_anchor, _, _ = score(anchor)
+                    logp_start = score(start_model)[0] if start_model is not None else None
             logp_sum, anchor_sum = masked_sum(logp.detach(), mask), masked_sum(logp_anchor, mask)
             r, ok = rewards[mb].to(logp.device), valid[mb].to(logp.device)
             r_beta = kl_regularised_rewards(r, logp_sum, anchor_sum, config.beta)
@@ -421,8 +402,9 @@ def _rl_step(step, config: RLStageConfig, ctx, engine, reward: CombinedReward, d
                       kl_start=(logp_sum - masked_sum(logp_start, mask)).tolist() if logp_start is not None
                       else (logp_sum - anchor_sum).tolist(),
                       entropy=(entropy.sum().item(), mask.sum().item()), r_beta=r_beta[ok].tolist(),
-                      engine_lp=[c.logprobs for c in completions[mb]],
-                      trainer_lp=[logp[i, :len(c.token_ids)].detach() for i, c in enumerate(completions[mb])])
+                      engine_lp=[c.logprobs for c in completions[mb]] if check_drift else [],
+                      trainer_lp=[logp[i, :len(c.token_ids)].detach() for i, c in enumerate(completions[mb])]
+                      if check_drift else [])
         grad_norm = float("nan")
         if finite:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf")))
@@ -450,7 +432,7 @@ def _rl_step(step, config: RLStageConfig, ctx, engine, reward: CombinedReward, d
     with timer("sync"):
         engine.update_weights(weights_for_engine(policy))
 
-    drift_metrics = drift.check(stats.engine_lp, stats.trainer_lp, step=step + 1)
+    drift_metrics = drift.check(stats.engine_lp, stats.trainer_lp, step=step + 1) if check_drift else {}
     record = {
         **_reward_metrics(scored, completions),
         "reward_beta/mean": _mean(stats.r_beta),

@@ -34,7 +34,7 @@ from rewards.completions import completion_text
 
 log = logging.getLogger("rewards.math")
 
-__all__ = ["verify", "verify_many", "extract_answer", "math_reward", "VerifierPool", "stats",
+__all__ = ["verify", "verify_many", "extract_answer", "math_reward", "VerifierPool", "stats", "warm_up",
            "DEFAULT_ORDER"]
 
 DEFAULT_ORDER = ("boxed", "gsm8k", "answer_is", "last_number")
@@ -252,6 +252,23 @@ class VerifierPool:
                 self._idle.append(w)
             self._cond.notify()
 
+    def warm_up(self, count: int | None = None) -> int:
+        """Start idle workers up front (a worker takes about half a second to import math-verify),
+        so the first checks of a run do not pay for it. Returns the number of idle workers."""
+        want = min(self.size, count or self.size)
+        while True:
+            with self._cond:
+                if self._live >= want or self._live >= self.size:
+                    return len(self._idle)
+                self._live += 1
+            try:
+                w = self._spawn()
+            except BaseException:
+                with self._cond:
+                    self._live -= 1
+                raise
+            self._release(w)
+
     def _respawn(self) -> None:
         try:
             w = self._spawn()
@@ -350,6 +367,11 @@ def verify_many(completions: Sequence, answers: Sequence, **kw: Any) -> list[boo
     return [f.result() for f in futs]
 
 
+def warm_up() -> None:
+    """Start the math-verify workers now rather than at the first symbolic check."""
+    _get_pool().warm_up()
+
+
 def math_reward(prompts, completions, answer=None, *, order: Sequence[str] = DEFAULT_ORDER,
                 timeout_s: float = 5.0, **_: Any) -> list[float | None]:
     """TRL-style reward: 1.0 when the completion's final answer matches the ``answer`` column
@@ -363,3 +385,6 @@ def math_reward(prompts, completions, answer=None, *, order: Sequence[str] = DEF
     for i, v in zip(idx, ok):
         out[i] = 1.0 if v else 0.0
     return out
+
+
+math_reward.warm_up = warm_up  # CombinedReward.warm_up calls this before training starts

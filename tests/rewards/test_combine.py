@@ -153,3 +153,27 @@ def test_rewards_run_concurrently():
     t = time.monotonic()
     compute_rewards([RewardSpec(name="test_sleep"), RewardSpec(name="s2", fn="test_sleep")], ["p"], ["c"])
     assert time.monotonic() - t < 1.8
+
+
+def test_warm_up_calls_the_rewards_hooks_and_survives_a_failing_one(caplog):
+    calls = []
+
+    def warm(prompts, completions, **_):
+        return [1.0 for _ in completions]
+
+    def cold(prompts, completions, **_):
+        return [0.0 for _ in completions]
+
+    def broken_hook():
+        raise RuntimeError("no workers today")
+
+    warm.warm_up = lambda: calls.append("warm")
+    cold.warm_up = broken_hook
+    register_reward("test_warm")(warm)
+    register_reward("test_cold")(cold)
+    combined = CombinedReward([{"name": "test_warm"}, {"name": "test_cold"}])
+    with caplog.at_level("WARNING", logger="rewards"):
+        combined.warm_up().join(10)
+    assert calls == ["warm"]
+    assert "no workers today" in caplog.text
+    assert combined(["p"], ["c"]) == [1.0]  # scoring still works after a failed warm-up

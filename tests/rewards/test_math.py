@@ -88,3 +88,16 @@ def test_many_in_parallel_threads():
     assert res == [True] * 40 + [False]
     assert time.monotonic() - t < 60  # would never return if the pathological input were not bounded
     assert stats()["timeouts"] >= 1
+
+
+def test_pool_warm_up_starts_idle_workers_that_then_serve_checks():
+    from rewards.math import VerifierPool
+
+    pool = VerifierPool(size=2)
+    try:
+        assert pool.warm_up() == 2
+        assert pool.warm_up() == 2  # idempotent: no extra workers
+        assert pool.check("1/2", "0.5") is True
+        assert pool._live == 2
+    finally:
+        pool.close()

@@ -60,7 +60,10 @@ def test_reward_rises_on_a_trivially_learnable_reward(tiny_gemma3_dir, math_prom
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert last > first + 0.05, rewards
     # The engine received the weights after every update: it samples exactly what the trainer scores.
-    assert max(r["drift_mean_abs"] for r in rows) < 1e-3
+    # Drift is checked on every rollout.drift_check_every-th step (10 by default) from the first.
+    checked = [r for r in rows if "drift_mean_abs" in r]
+    assert [r["step"] for r in checked] == [1, 11]
+    assert max(r["drift_mean_abs"] for r in checked) < 1e-3
     assert {"kl_anchor", "kl_start", "entropy", "completion_length", "truncation_rate", "time/generate",
             "time/reward", "time/train", "time/sync", "reward/brevity/mean", "reward/brevity/std"} <= set(rows[-1])
 
@@ -194,3 +197,18 @@ def test_lora_training_writes_a_merged_model_and_moves_the_anchor(tiny_gemma3_di
     assert torch.equal(merged[k], start[k])  # modules without an adapter stay as they were
     rows = _metrics(tmp_path / "rl")
     assert rows[-1]["kl_anchor"] != rows[-1]["kl_start"]  # the EMA anchor left the starting model
+
+
+def test_bf16_mixed_precision_trains_and_shows_its_rounding_as_drift(tiny_gemma3_dir, math_prompts, tmp_path):
+    """precision=bf16 runs the trainer's forwards under autocast: the engine (float32) and the
+    trainer then disagree by bf16 rounding, visible in the drift metric; weights stay float32."""
+    drift = {}
+    for precision in ("fp32", "bf16"):
+        cfg = _config(tiny_gemma3_dir, math_prompts, max_steps=2, precision=precision)
+        result = run_rl(cfg, _ctx(tmp_path / precision))
+        first = _metrics(tmp_path / precision)[0]
+        assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _metrics(tmp_path / precision))
+        drift[precision] = first["drift_mean_abs"]
+        assert all(t.dtype == torch.float32 for t in _weights(result.outputs["model"]).values())
+    assert drift["fp32"] < 1e-4
+    assert 1e-3 < drift["bf16"] < 0.5, drift

@@ -75,6 +75,15 @@ def test_seed_reproduces_samples(engine):
     assert [c.token_ids for c in flat(first)] != [c.token_ids for c in flat(other)]
 
 
+def test_sampling_without_logprobs_gives_the_same_samples_and_no_logprobs(engine):
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=10, seed=7)
+    with_lp = engine.generate(PROMPTS, n=2, sampling=sampling)
+    without = engine.generate(PROMPTS, n=2, sampling=sampling.model_copy(update={"logprobs": False}))
+    assert [c.token_ids for c in flat(with_lp)] == [c.token_ids for c in flat(without)]
+    assert all(len(c.logprobs) == len(c.token_ids) for c in flat(with_lp))
+    assert all(c.logprobs == [] for c in flat(without))
+
+
 def test_overlong_prompt_raises_through_the_engine(engine):
     with pytest.raises(OverlongPromptError, match=r"prompts\[1\]"):
         engine.generate(["hi", "word " * 600], sampling=SamplingParams(max_new_tokens=8))

@@ -191,3 +191,33 @@ def test_overlong_prompts_error_or_truncate(engines):
         assert len(out[0][0].token_ids) > 0
     finally:
         vllm.config = vllm.config.model_copy(update={"on_overlong_prompt": "error"})
+
+
+def test_compiled_engine_follows_weight_updates_like_the_eager_one(engines, tiny_gemma3_dir):
+    """enforce_eager=False compiles the model (torch.compile); reload_weights must still reach
+    the weights the compiled graph reads, or RL would sample from the starting model forever."""
+    _, hf, _ = engines["gemma3"]
+    compiled = create_engine(str(tiny_gemma3_dir), RolloutConfig(backend="vllm", max_model_len=256,
+                                                                 enforce_eager=False))
+    try:
+        assert not compiled.llm.llm_engine.vllm_config.model_config.enforce_eager
+        model = load_causal_lm(tiny_gemma3_dir)
+        _push(model, compiled, hf)
+        assert _tokens(compiled.generate(PROMPTS, sampling=GREEDY)) == _tokens(hf.generate(PROMPTS, sampling=GREEDY))
+        before = _tokens(compiled.generate(PROMPTS, sampling=GREEDY))
+        _push(perturbed(model, seed=12, scale=0.2), compiled, hf)  # verify_sync is on: checksums must match
+        after = _tokens(compiled.generate(PROMPTS, sampling=GREEDY))
+        assert after != before
+        assert after == _tokens(hf.generate(PROMPTS, sampling=GREEDY))
+    finally:
+        compiled.close()
+
+
+def test_sampling_without_logprobs_gives_the_same_samples_and_no_logprobs(engines):
+    vllm, _, _ = engines["gemma3"]
+    with_lp = vllm.generate(PROMPTS, n=2, sampling=SamplingParams(temperature=1.0, max_new_tokens=12, seed=4))
+    without = vllm.generate(PROMPTS, n=2, sampling=SamplingParams(temperature=1.0, max_new_tokens=12, seed=4,
+                                                                  logprobs=False))
+    assert _tokens(with_lp) == _tokens(without)
+    assert all(len(c.logprobs) == len(c.token_ids) > 0 for c in flat(with_lp))
+    assert all(c.logprobs == [] for c in flat(without))
