@@ -461,6 +461,9 @@ def _reward_metrics(scored, completions) -> dict:
 def _pad_engine_logprobs(completions, mask: torch.Tensor) -> torch.Tensor:
     old = torch.zeros_like(mask)
     for i, c in enumerate(completions):
+        if len(c.logprobs) != len(c.token_ids):
+            raise StageError(f"importance_clip: the engine returned {len(c.logprobs)} logprobs for a completion of "
+                             f"{len(c.token_ids)} tokens; importance weights need one per sampled token")
         old[i, :len(c.logprobs)] = torch.tensor(c.logprobs, dtype=old.dtype)
     return old
 

@@ -212,3 +212,14 @@ def test_bf16_mixed_precision_trains_and_shows_its_rounding_as_drift(tiny_gemma3
         assert all(t.dtype == torch.float32 for t in _weights(result.outputs["model"]).values())
     assert drift["fp32"] < 1e-4
     assert 1e-3 < drift["bf16"] < 0.5, drift
+
+
+def test_importance_clip_runs_inside_the_stage_with_engine_logprobs_every_step(tiny_gemma3_dir, math_prompts,
+                                                                                tmp_path):
+    """Importance weights need the engine's logprobs on every step, drift-check step or not."""
+    cfg = _config(tiny_gemma3_dir, math_prompts, max_steps=3, importance_clip=2.0, precision="bf16",
+                  rollout={"backend": "transformers", "drift_check_every": 2})
+    run_rl(cfg, _ctx(tmp_path / "rl"))
+    rows = _metrics(tmp_path / "rl")
+    assert [r["step"] for r in rows if "drift_mean_abs" in r] == [1, 3]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
