@@ -46,7 +46,8 @@ def build_world(work: Path, hidden: int, layers: int, n_prompts: int):
 
 
 def run_ours(work: Path, engine: str, args) -> dict:
-    backend, _, variant = engine.partition("-")  # "vllm-compiled": vLLM with torch.compile
+    # "vllm-compiled-bf16": vLLM, compiled with torch.compile, weights in bfloat16 inside the engine.
+    backend, *variant = engine.split("-")
     from posttrain.stages.base import StageContext
     from posttrain.stages.rl import RLStageConfig, run_rl
 
@@ -57,7 +58,8 @@ def run_ours(work: Path, engine: str, args) -> dict:
         num_generations=args.group, prompts_per_step=args.prompts, max_steps=args.steps, max_new_tokens=args.length,
         temperature=1.0, beta=0.1, anchor_ema=0.01, learning_rate=1e-5, log_kl_to_start=False, checkpoint_every=0,
         precision=args.precision,
-        rollout={"backend": backend, "verify_sync": False, "enforce_eager": variant != "compiled"})
+        rollout={"backend": backend, "verify_sync": False, "enforce_eager": "compiled" not in variant,
+                 "dtype": "bfloat16" if "bf16" in variant else "float32"})
     ctx = StageContext(name="rl", kind="rl", stage_dir=stage_dir, run_dir=work, seed=0, recipe_name="bench")
     t0 = time.perf_counter()
     run_rl(cfg, ctx)
@@ -127,7 +129,8 @@ def main():
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--engines", default="vllm-compiled,vllm,transformers",
-                    help="ours: vllm (eager), vllm-compiled (torch.compile; start-up not timed), transformers")
+                    help="ours: vllm (eager), vllm-compiled (torch.compile; start-up not timed), vllm-compiled-bf16 "
+                    "(also bfloat16 weights in the engine), transformers")
     ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
                     help="trainer precision on both sides: bf16 mixed precision (TRL's default) or fp32")
     ap.add_argument("--json", default=None, help="also write the results here")

@@ -204,11 +204,12 @@ class VLLMEngine(RolloutEngine):
         for part in self.llm.collective_rpc(_engine_param_checksums, args=(names,)):
             held.update(part)
         compared = 0
+        engine_dtype = getattr(torch, self.config.dtype)  # the engine holds the pushed values rounded to it
         for name, tensor in weights:
             if name not in held or list(tensor.shape) != held[name][0]:
                 continue
             compared += 1
-            data = tensor.double()
+            data = tensor.to(engine_dtype).double()
             want = (float(data.sum()), float((data * data).sum()))
             got = held[name][1:]
             for w, g in zip(want, got):

@@ -221,3 +221,17 @@ def test_sampling_without_logprobs_gives_the_same_samples_and_no_logprobs(engine
     assert _tokens(with_lp) == _tokens(without)
     assert all(len(c.logprobs) == len(c.token_ids) > 0 for c in flat(with_lp))
     assert all(c.logprobs == [] for c in flat(without))
+
+
+def test_bfloat16_engine_takes_float32_updates_and_verifies_them(tiny_gemma3_dir):
+    """A bf16 engine (the usual GPU set-up) holds the pushed float32 weights rounded to bf16;
+    the sync check must compare against that rounding, and still catch a missed update."""
+    engine = create_engine(str(tiny_gemma3_dir), RolloutConfig(backend="vllm", max_model_len=256, dtype="bfloat16"))
+    try:
+        model = perturbed(load_causal_lm(tiny_gemma3_dir), seed=21, scale=0.1)
+        _push(model, engine)  # verify_sync is on: raises if the checksums disagree
+        assert engine.weight_version == 1
+        with pytest.raises(RolloutError, match="differs from the pushed tensor"):
+            engine.verify_weights([(name, t + 0.5) for name, t in weights_for_engine(model)])
+    finally:
+        engine.close()
