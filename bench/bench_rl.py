@@ -1,15 +1,22 @@
 """Throughput of the `rl` stage against TRL's GRPOTrainer, side by side in one run.
 
-Same tiny Gemma3 model (random init, so both sample completions of the full length), same toy
-math prompts in the Gemma IT format, same group size, completion length, temperature, reward
-(`rewards.math`), KL coefficient (beta = 0.1, so both score a reference/anchor model every step)
-and learning rate. Measured: completion tokens trained per second over the steps after the
-first (warm-up) one, and our per-step time split.
+Same tiny Gemma3 model (random init, so both sample completions of nearly the full length),
+same toy math prompts in the Gemma IT format, same group size, completion length, temperature,
+reward (`rewards.math`, its workers started before the first step on both sides), KL
+coefficient (beta = 0.1, so both score a reference/anchor model every step), learning rate and
+trainer precision (`--precision`: bf16 mixed precision, TRL's default, or fp32 on both sides).
+Measured: completion tokens trained per second over the steps after the first (warm-up) one,
+and our per-step time split. Every contender runs in its own fresh process.
 
 TRL's own vLLM path fails on the CPU build of vLLM (its weight push), so TRL runs with
-transformers `generate`; ours runs with each of its engines (vLLM when installed, transformers).
+transformers `generate` (under bf16 autocast when bf16). Ours runs with each engine named in
+`--engines`: vLLM eager, vLLM compiled (`rollout.enforce_eager: false`; the compile happens at
+start-up, outside the timed steps), vLLM compiled with bfloat16 weights (`rollout.dtype`), and
+transformers.
 
-    python bench/bench_rl.py --steps 8 --hidden 256 --layers 4
+    python bench/bench_rl.py                          # bf16 on both sides
+    python bench/bench_rl.py --precision fp32
+    python bench/bench_rl.py --hidden 512 --layers 8  # 31.9M parameters: compute dominates
 """
 
 from __future__ import annotations
@@ -128,7 +135,7 @@ def main():
     ap.add_argument("--length", type=int, default=64, help="max completion tokens")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--engines", default="vllm-compiled,vllm,transformers",
+    ap.add_argument("--engines", default="vllm-compiled-bf16,vllm-compiled,vllm,transformers",
                     help="ours: vllm (eager), vllm-compiled (torch.compile; start-up not timed), vllm-compiled-bf16 "
                     "(also bfloat16 weights in the engine), transformers")
     ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",

@@ -64,7 +64,8 @@ def _summary(console, outcomes, run_dir: Path) -> None:
         out = o.outputs.get("model") or o.outputs.get("dataset") or next(iter(o.outputs.values()), "")
         if out and Path(out).is_relative_to(run_dir):
             out = str(Path(out).relative_to(run_dir))
-        table.add_row(o.name, o.kind, f"[{style}]{o.status}[/{style}]" if style else o.status, f"{o.seconds:.1f}s",
+        wall = f"{o.seconds:.1f}s" + (" (earlier run)" if o.status == "skipped" and o.seconds else "")
+        table.add_row(o.name, o.kind, f"[{style}]{o.status}[/{style}]" if style else o.status, wall,
                       o.error or _key_metrics(o.metrics), str(out))
     console.print(table)
 

@@ -248,7 +248,8 @@ class Runner:
             if only is not None and entry.name != only:
                 m = self.manifests.get(entry.name)
                 outcomes.append(StageOutcome(entry.name, entry.kind, "skipped" if m and m.get("status") == "complete" else "not run",
-                                             0.0, (m or {}).get("metrics", {}), (m or {}).get("outputs", {})))
+                                             float((m or {}).get("seconds", 0.0)), (m or {}).get("metrics", {}),
+                                             (m or {}).get("outputs", {})))
                 continue
             if from_stage is not None and entry.name == from_stage:
                 force = True
@@ -258,7 +259,9 @@ class Runner:
             previous = self.manifests.get(entry.name)
             up_to_date = previous is not None and previous.get("status") == "complete" and previous.get("hash") == digest
             if up_to_date and not force and only is None:
-                outcomes.append(StageOutcome(entry.name, entry.kind, "skipped", 0.0, previous.get("metrics", {}), previous.get("outputs", {})))
+                # A skipped stage reports the time it took when it ran.
+                outcomes.append(StageOutcome(entry.name, entry.kind, "skipped", float(previous.get("seconds", 0.0)),
+                                             previous.get("metrics", {}), previous.get("outputs", {})))
                 continue
             if dry_run:
                 outcomes.append(StageOutcome(entry.name, entry.kind, "would run", 0.0, {}, {}))

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.runner import run_recipe
+from posttrain.recipe import load_recipe
+from posttrain.runner import Runner, run_recipe
 
 EXPORT = """
   - name: export
@@ -55,6 +56,10 @@ def test_rerun_skips_complete_stages_and_reruns_from_the_first_change(write_reci
     again = run_recipe(path)
     assert again["sft"]["started"] == first["sft"]["started"]
     assert again["export"]["started"] == first["export"]["started"]
+    # The summary of a re-run shows a skipped stage with the time it took when it ran.
+    outcomes = {o.name: o for o in Runner(load_recipe(path)).run()}
+    assert outcomes["sft"].status == "skipped"
+    assert outcomes["sft"].seconds == first["sft"]["seconds"] > 0
     changed = run_recipe(path, ["stages.export.max_new_tokens=5"])
     assert changed["sft"]["started"] == first["sft"]["started"]
     assert changed["export"]["started"] != first["export"]["started"]
