@@ -74,13 +74,19 @@ def cmd_run(args) -> int:
     from posttrain.recipe import load_recipe
     from posttrain.runner import Runner
 
+    from posttrain.distributed import is_main
+
     console = _console()
+    if not is_main():
+        console.quiet = True  # multi-process launch: rank 0 reports for the run
     recipe = load_recipe(args.recipe, args.set or [])
     runner = Runner(recipe, console=console, debug=args.debug)
     console.print(f"[bold]posttrain[/bold] {recipe.name}: {len(recipe.stages)} stages -> {recipe.output_dir}")
     outcomes = runner.run(from_stage=args.from_stage, only=args.only, dry_run=args.dry_run,
                           progress_factory=_progress_factory(console),
                           on_stage_start=lambda e: console.rule(f"{e.name} ({e.kind})"))
+    if not is_main():
+        return 0
     _summary(console, outcomes, recipe.output_dir)
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from posttrain.data import write_json, write_jsonl
+from posttrain.distributed import ControlChannel, is_main, world_size
 from posttrain.recipe import Recipe, RecipeError, load_recipe, substitute_references
 from posttrain.stages import STAGE_KINDS, StageContext, StageError
 
@@ -193,6 +194,7 @@ class Runner:
         self.console = console
         self.inputs = Inputs(recipe, self._log)
         self.manifests: dict[str, dict] = {}
+        self._channel: ControlChannel | None = None  # multi-process launches only
 
     def _log(self, msg: str) -> None:
         if self.console is not None:
@@ -231,6 +233,37 @@ class Runner:
     # -- running ------------------------------------------------------------------------------
     def run(self, from_stage: str | None = None, only: str | None = None, dry_run: bool = False,
             progress_factory=None, on_stage_start=None) -> list[StageOutcome]:
+        """Run the recipe's stages that need it. Under a multi-process launch (torchrun, accelerate
+        launch) rank 0 does this and returns the outcomes; the other ranks run the distributed
+        stages rank 0 hands them and return an empty list (see posttrain.distributed)."""
+        if world_size() == 1:
+            return self._run(from_stage, only, dry_run, progress_factory, on_stage_start)
+        self._channel = ControlChannel()
+        if not is_main():
+            self._follow()
+            return []
+        try:
+            return self._run(from_stage, only, dry_run, progress_factory, on_stage_start)
+        finally:
+            self._channel.send({"op": "done"})
+
+    def _follow(self) -> None:
+        """The other ranks: run each distributed stage rank 0 announces, until it says done."""
+        while True:
+            message = self._channel.receive()
+            if message["op"] == "done":
+                return
+            kind = STAGE_KINDS[message["kind"]]
+            cfg = kind.config_cls.model_validate(message["config"])
+            ctx = StageContext(**message["ctx"], is_main=False)
+            seed_everything(ctx.seed)
+            try:
+                kind.run(cfg, ctx)
+            except Exception as e:  # noqa: BLE001 - rank 0 records the stage's outcome
+                print(f"posttrain rank {os.environ.get('RANK')}: stage {ctx.name!r} failed here: "
+                      f"{type(e).__name__}: {e}", flush=True)
+
+    def _run(self, from_stage, only, dry_run, progress_factory, on_stage_start) -> list[StageOutcome]:
         recipe = self.recipe
         names = [s.name for s in recipe.stages]
         for flag, value in (("--from", from_stage), ("--only", only)):
@@ -303,6 +336,10 @@ class Runner:
                                     and self.manifests[s.name].get("status") == "complete"],
                            progress_factory=progress_factory,
                            recipe_dir=self.recipe.source.parent if self.recipe.source else None)
+        if self._channel is not None and kind.distributed:
+            self._channel.send({"op": "run", "kind": entry.kind, "config": resolved, "ctx": {
+                "name": ctx.name, "kind": ctx.kind, "stage_dir": ctx.stage_dir, "run_dir": ctx.run_dir,
+                "seed": ctx.seed, "recipe_name": ctx.recipe_name, "recipe_dir": ctx.recipe_dir}})
         seed_everything(self.recipe.seed)
         started = time.time()
         manifest = {"name": entry.name, "kind": entry.kind, "config": resolved, "hash": digest,

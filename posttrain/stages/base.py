@@ -42,17 +42,23 @@ class StageKind:
     run: Callable[[Any, "StageContext"], StageResult]
     outputs: tuple[str, ...]
     summary: str
+    distributed: bool = False  # runs on every process of a multi-process launch (see posttrain.distributed)
 
 
 STAGE_KINDS: dict[str, StageKind] = {}
 
 
-def register_stage(kind: str, config_cls: type[StageConfig], outputs: tuple[str, ...]):
-    """Register a stage kind; `outputs` are the keys other stages may reference as ${stages.NAME.KEY}."""
+def register_stage(kind: str, config_cls: type[StageConfig], outputs: tuple[str, ...], distributed: bool = False):
+    """Register a stage kind; `outputs` are the keys other stages may reference as ${stages.NAME.KEY}.
+
+    `distributed`: under a multi-process launch, every process runs the stage (which must then
+    coordinate itself, as TRL trainers do, and write files only where `ctx.is_main`); otherwise
+    only rank 0 runs it while the others wait.
+    """
 
     def decorate(fn):
         doc = (fn.__doc__ or config_cls.__doc__ or "").strip().splitlines()
-        STAGE_KINDS[kind] = StageKind(kind, config_cls, fn, tuple(outputs), doc[0] if doc else "")
+        STAGE_KINDS[kind] = StageKind(kind, config_cls, fn, tuple(outputs), doc[0] if doc else "", distributed)
         return fn
 
     return decorate
@@ -85,6 +91,13 @@ class MetricsLogger:
             self._tb.close()
 
 
+class _NullMetrics:
+    """What ctx.metrics() gives the non-main ranks of a distributed stage."""
+
+    def log(self, step: int, **values: Any) -> None:
+        pass
+
+
 @dataclass
 class StageContext:
     name: str
@@ -96,9 +109,13 @@ class StageContext:
     lineage: list[dict] = field(default_factory=list)  # manifests of the stages run before this one
     progress_factory: Callable[..., Any] | None = None
     recipe_dir: Path | None = None  # relative paths in the recipe (reward files...) are relative to it
+    is_main: bool = True  # False on the other ranks of a distributed stage: they write no files
 
     @contextmanager
     def metrics(self, report_to: list[str] | None = None) -> Iterator[MetricsLogger]:
+        if not self.is_main:
+            yield _NullMetrics()
+            return
         logger = MetricsLogger(self.stage_dir / "metrics.jsonl", report_to)
         try:
             yield logger

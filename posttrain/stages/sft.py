@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from posttrain.chat import (ChatFormatError, GEMMA_CHAT_TEMPLATE, normalise_messages, prompt_completion_to_messages,
                             tokenize_conversation)
 from posttrain.data import DataError, iter_rows, write_jsonl
+from posttrain.distributed import world_size
 from posttrain.stages.base import StageConfig, StageContext, StageError, StageResult, register_stage
 
 
@@ -73,8 +74,10 @@ class SFTStageConfig(StageConfig):
     deepspeed: str | None = Field(None, description="DeepSpeed config file for multi-GPU runs under `accelerate launch`.")
 
 
-def load_conversations(path: str, on_invalid_row: str, skipped_path: Path) -> tuple[list[list[dict]], int]:
-    """Conversations from `messages` or `prompt`/`completion` rows; invalid rows error or are recorded."""
+def load_conversations(path: str, on_invalid_row: str, skipped_path: Path,
+                       write_skipped: bool = True) -> tuple[list[list[dict]], int]:
+    """Conversations from `messages` or `prompt`/`completion` rows; invalid rows error or are
+    recorded in `skipped_path` (written unless `write_skipped` is off: another process writes it)."""
     conversations, skipped = [], []
     for where, row in iter_rows(path):
         try:
@@ -92,7 +95,7 @@ def load_conversations(path: str, on_invalid_row: str, skipped_path: Path) -> tu
             if on_invalid_row == "error":
                 raise DataError(f"{where}: {e}") from None
             skipped.append({"where": where, "reason": str(e), "row": row})
-    if skipped:
+    if skipped and write_skipped:
         write_jsonl(skipped_path, skipped)
     if not conversations:
         raise DataError(f"{path}: no usable training rows" + (f" ({len(skipped)} skipped, see {skipped_path})" if skipped else ""))
@@ -118,12 +121,18 @@ def save_model(model, tokenizer, out_dir: Path) -> None:
     """HF checkpoint (safetensors) plus the tokenizer carrying the Gemma chat template."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir), safe_serialization=True)
+    save_tokenizer(tokenizer, out_dir)
+
+
+def save_tokenizer(tokenizer, out_dir: Path) -> None:
+    """The tokenizer, with the Gemma chat template when it has none of its own."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     if not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
     tokenizer.save_pretrained(str(out_dir))
 
 
-@register_stage("sft", SFTStageConfig, outputs=("model",))
+@register_stage("sft", SFTStageConfig, outputs=("model",), distributed=True)
 def run_sft(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
     """Supervised finetuning (TRL SFTTrainer), full or LoRA, loss on model turns only."""
     import datasets
@@ -133,7 +142,8 @@ def run_sft(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
     from posttrain.modeling import load_policy
 
     datasets.disable_progress_bars()  # the stage's own progress bar is the one to watch
-    conversations, n_skipped = load_conversations(cfg.dataset, cfg.on_invalid_row, ctx.stage_dir / "skipped.jsonl")
+    conversations, n_skipped = load_conversations(cfg.dataset, cfg.on_invalid_row, ctx.stage_dir / "skipped.jsonl",
+                                                  write_skipped=ctx.is_main)
     model, tokenizer = load_policy(cfg.model)
     rows, n_truncated = tokenize_for_training(tokenizer, conversations, cfg.max_length)
     train = datasets.Dataset.from_list(rows)
@@ -171,15 +181,24 @@ def run_sft(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
 
     if losses and not all(math.isfinite(x) for x in losses):
         raise StageError(f"training loss became non-finite ({losses[-5:]}); lower learning_rate or check the data")
-    trained = trainer.model
-    if cfg.lora is not None:
-        trained = trained.merge_and_unload()
     out = ctx.stage_dir / "model"
-    save_model(trained, tokenizer, out)
+    if world_size() > 1 and cfg.lora is None:
+        # Every rank takes part: under ZeRO-3 or FSDP the weights are gathered from all of them;
+        # the trainer writes on the main process only.
+        trainer.save_model(str(out))
+        if ctx.is_main:
+            save_tokenizer(tokenizer, out)
+    elif ctx.is_main:
+        trained = trainer.model
+        if cfg.lora is not None:
+            # Data-parallel replicas hold the whole model; a sharded (ZeRO-3/FSDP) LoRA run would not.
+            trained = trained.merge_and_unload()
+        save_model(trained, tokenizer, out)
     stats = {"rows": len(conversations), "rows_skipped": n_skipped, "rows_truncated": n_truncated,
              "train_tokens": sum(len(r["input_ids"]) for r in rows),
              "trained_tokens": sum(sum(r["assistant_masks"]) for r in rows)}
-    (ctx.stage_dir / "data_stats.json").write_text(json.dumps(stats, indent=2))
+    if ctx.is_main:
+        (ctx.stage_dir / "data_stats.json").write_text(json.dumps(stats, indent=2))
     metrics = {"loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
                "steps": cfg.max_steps, "train_seconds": round(seconds, 1), **stats}
     return StageResult(outputs={"model": str(out)}, metrics=metrics)

@@ -1,0 +1,69 @@
+"""`posttrain run` under a multi-process launcher (torchrun; accelerate launch does the same on
+GPU nodes): real processes over gloo on the CPU. Rank 0 owns the run directory and runs the
+single-process stages; every rank trains in the distributed `sft` stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+RECIPE = """
+name: mp
+output_dir: run
+seed: 0
+models:
+  student: {tiny: {arch: gemma3, hidden_size: 64, num_heads: 2, num_kv_heads: 1, intermediate_size: 128}}
+datasets:
+  mix: {toy: {task: chat, n: 64, format: chat}}
+stages:
+  - name: filter
+    kind: filter
+    dataset: ${datasets.mix}
+  - name: sft
+    kind: sft
+    model: ${models.student}
+    dataset: DATASET
+    max_steps: 2
+    batch_size: 8
+    learning_rate: 1.0e-3
+    logging_steps: 1
+  - name: export
+    kind: export
+    model: ${stages.sft.model}
+    require_end_of_turn: false
+    max_new_tokens: 4
+"""
+
+
+def _launch(tmp_path: Path, dataset: str) -> subprocess.CompletedProcess:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE.replace("DATASET", dataset))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--standalone", "-m", "posttrain.cli", "run", str(recipe)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_two_processes_share_one_run_directory_and_both_train(tmp_path):
+    done = _launch(tmp_path, "${stages.filter.dataset}")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("posttrain run summary") == 1  # rank 0 reports; rank 1 is quiet
+    run = tmp_path / "run"
+    for stage in ("filter", "sft", "export"):
+        assert json.loads((run / stage / "manifest.json").read_text())["status"] == "complete"
+    assert (run / "export" / "model" / "model.safetensors").exists()
+    # TRL counts the tokens of every process: two ranks each trained on the (whole, 8-row) batch.
+    stats = json.loads((run / "sft" / "data_stats.json").read_text())
+    first = json.loads((run / "sft" / "metrics.jsonl").read_text().splitlines()[0])
+    assert stats["rows"] <= 8
+    assert first["num_tokens"] == 2 * stats["train_tokens"]
+
+
+def test_a_failing_stage_ends_every_process_instead_of_hanging(tmp_path):
+    done = _launch(tmp_path, str(tmp_path / "missing.jsonl"))
+    assert done.returncode != 0
+    manifest = json.loads((tmp_path / "run" / "sft" / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "missing.jsonl" in manifest["error"]
