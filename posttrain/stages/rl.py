@@ -4,7 +4,8 @@ Every step, written out in `run_rl` top to bottom (ALGORITHMS.md, section 4):
 
     1. sample      a batch of prompts; n completions each from the rollout engine (temperature T)
     2. reward      r(x, y): the recipe's rewards, combined with weights (rewards.combine)
-    3. forward     log pi(y|x) with gradient; log pi_anchor(y|x) without
+    3. forward     log pi(y|x) with gradient; log pi_anchor(y|x) without (posttrain.scoring: each
+                   prompt runs once for its n samples)
     4. advantage   r_beta = r - beta * log(pi / pi_anchor);  A = r_beta - mean of the other n-1 samples
     5. loss        -A * log pi(y|x) (optionally importance-weighted against the engine), backward, step
     6. anchor      theta_anchor <- (1 - mu) * theta_anchor + mu * theta
