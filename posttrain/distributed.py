@@ -57,3 +57,73 @@ class ControlChannel:
         box: list[Any] = [None]
         dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
+
+
+# Variables through which launchers describe the process group; a clean child must not see them.
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                      "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
+                      "TORCHELASTIC_USE_AGENT_STORE", "ACCELERATE_DYNAMO_BACKEND")
+
+
+class StageFailedInChild(Exception):
+    """A stage run by run_in_clean_process raised; str() is the original 'Type: message'."""
+
+    def __init__(self, message: str, child_traceback: str):
+        super().__init__(message)
+        self.child_traceback = child_traceback
+
+
+def run_in_clean_process(kind: str, config: dict, ctx_fields: dict, plugins: list[str], plugin_dir: str):
+    """Run a single-process stage in a fresh (spawned) process that does not see the launcher's
+    distributed set-up, and return its StageResult.
+
+    Rank 0 of a launch already belongs to a process group (ours, or accelerate's after a
+    distributed stage). An in-process vLLM engine created there joins that group and waits for
+    ranks that never come: the run hangs. A spawned child without the launcher's variables starts
+    its own world of one, as a plain single-process run does.
+    """
+    import multiprocessing
+
+    spawn = multiprocessing.get_context("spawn")
+    receiver, sender = spawn.Pipe(duplex=False)
+    saved = {k: os.environ.pop(k) for k in LAUNCHER_VARIABLES if k in os.environ}
+    try:
+        child = spawn.Process(target=_stage_child, args=(kind, config, ctx_fields, plugins, plugin_dir, sender),
+                              name=f"posttrain-{ctx_fields['name']}")
+        child.start()
+    finally:
+        os.environ.update(saved)
+    sender.close()
+    try:
+        status, payload = receiver.recv()
+    except EOFError:
+        child.join()
+        raise StageFailedInChild(f"ChildProcessError: the stage's process died (exit code {child.exitcode})",
+                                 "") from None
+    child.join()
+    if status == "error":
+        raise StageFailedInChild(*payload)
+    return payload
+
+
+def _stage_child(kind: str, config: dict, ctx_fields: dict, plugins: list[str], plugin_dir: str, sender) -> None:
+    import traceback
+    from pathlib import Path
+
+    from posttrain.recipe import import_plugin
+    from posttrain.stages import STAGE_KINDS, StageContext
+
+    try:
+        for plugin in plugins:
+            import_plugin(plugin, Path(plugin_dir))
+        from posttrain.runner import seed_everything
+
+        stage = STAGE_KINDS[kind]
+        ctx = StageContext(**ctx_fields)
+        seed_everything(ctx.seed)
+        result = stage.run(stage.config_cls.model_validate(config), ctx)
+        sender.send(("ok", result))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which records it
+        sender.send(("error", (f"{type(e).__name__}: {e}", traceback.format_exc())))
+    finally:
+        sender.close()

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from posttrain.data import write_json, write_jsonl
-from posttrain.distributed import ControlChannel, is_main, world_size
+from posttrain.distributed import (ControlChannel, StageFailedInChild, is_main, run_in_clean_process,
+                                   world_size)
 from posttrain.recipe import Recipe, RecipeError, load_recipe, substitute_references
 from posttrain.stages import STAGE_KINDS, StageContext, StageError
 
@@ -345,14 +346,18 @@ class Runner:
         manifest = {"name": entry.name, "kind": entry.kind, "config": resolved, "hash": digest,
                     "started": started, "recipe": self.recipe.name}
         try:
-            result = kind.run(cfg, ctx)
+            if self._channel is not None and not kind.distributed:
+                result = self._run_isolated(entry, resolved, ctx)
+            else:
+                result = kind.run(cfg, ctx)
         except KeyboardInterrupt:
             raise
         except Exception as e:  # noqa: BLE001 - recorded in the manifest and reported to the user
             ended = time.time()
-            message = f"{type(e).__name__}: {e}"
+            child = isinstance(e, StageFailedInChild)
+            message = str(e) if child else f"{type(e).__name__}: {e}"
             manifest.update(status="failed", ended=ended, seconds=round(ended - started, 3), error=message,
-                            traceback=traceback.format_exc(), outputs={}, metrics={})
+                            traceback=e.child_traceback if child else traceback.format_exc(), outputs={}, metrics={})
             write_json(stage_dir / MANIFEST, manifest)
             self.manifests[entry.name] = manifest
             if self.debug:
@@ -368,6 +373,16 @@ class Runner:
         (stage_dir / ATTEMPT).unlink(missing_ok=True)
         self.manifests[entry.name] = manifest
         return StageOutcome(entry.name, entry.kind, "complete", ended - started, result.metrics, manifest["outputs"])
+
+    def _run_isolated(self, entry, resolved: dict, ctx: StageContext):
+        """Rank 0 of a multi-process launch: a single-process stage runs in a clean child process
+        (see posttrain.distributed.run_in_clean_process); its progress shows as its own output."""
+        fields = {"name": ctx.name, "kind": ctx.kind, "stage_dir": ctx.stage_dir, "run_dir": ctx.run_dir,
+                  "seed": ctx.seed, "recipe_name": ctx.recipe_name, "lineage": ctx.lineage,
+                  "recipe_dir": ctx.recipe_dir}
+        plugin_dir = self.recipe.source.parent if self.recipe.source else Path.cwd()
+        return run_in_clean_process(entry.kind, resolved, fields, list(self.recipe.raw.get("plugins") or []),
+                                    str(plugin_dir))
 
     def _write_resolved_recipe(self, resolved_stages: dict[str, dict]) -> None:
         import yaml

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 RECIPE = """
 name: mp
 output_dir: run
@@ -21,7 +23,7 @@ datasets:
 stages:
   - name: filter
     kind: filter
-    dataset: ${datasets.mix}
+    dataset: FILTER_DATASET
   - name: sft
     kind: sft
     model: ${models.student}
@@ -38,9 +40,33 @@ stages:
 """
 
 
-def _launch(tmp_path: Path, dataset: str) -> subprocess.CompletedProcess:
+RL_WITH_VLLM = """
+name: mprl
+output_dir: run
+seed: 0
+models:
+  student: {tiny: {arch: gemma3, hidden_size: 64, num_heads: 2, num_kv_heads: 1, intermediate_size: 128}}
+datasets:
+  math: {toy: {task: math, n: 16, format: prompt}}
+stages:
+  - name: rl
+    kind: rl
+    model: ${models.student}
+    dataset: ${datasets.math}
+    rewards: [{name: math}]
+    max_steps: 2
+    prompts_per_step: 2
+    num_generations: 2
+    max_new_tokens: 8
+    checkpoint_every: 0
+    rollout: {backend: vllm, max_model_len: 256}
+"""
+
+
+def _launch(tmp_path: Path, dataset: str, text: str = RECIPE,
+            filter_dataset: str = "${datasets.mix}") -> subprocess.CompletedProcess:
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(RECIPE.replace("DATASET", dataset))
+    recipe.write_text(text.replace("FILTER_DATASET", filter_dataset).replace("DATASET", dataset))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--standalone", "-m", "posttrain.cli", "run", str(recipe)],
@@ -62,8 +88,28 @@ def test_two_processes_share_one_run_directory_and_both_train(tmp_path):
     assert first["num_tokens"] == 2 * stats["train_tokens"]
 
 
-def test_a_failing_stage_ends_every_process_instead_of_hanging(tmp_path):
-    done = _launch(tmp_path, str(tmp_path / "missing.jsonl"))
+@pytest.mark.parametrize("failing", ["filter", "sft"])  # run by rank 0 in a child / by every rank
+def test_a_failing_stage_ends_every_process_instead_of_hanging(tmp_path, failing):
+    missing = str(tmp_path / "missing.jsonl")
+    if failing == "sft":
+        done = _launch(tmp_path, missing)
+    else:
+        done = _launch(tmp_path, "${stages.filter.dataset}", filter_dataset=missing)
     assert done.returncode != 0
-    manifest = json.loads((tmp_path / "run" / "sft" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "run" / failing / "manifest.json").read_text())
     assert manifest["status"] == "failed" and "missing.jsonl" in manifest["error"]
+    assert not manifest["error"].startswith("StageFailedInChild")  # the stage's own error type is kept
+
+
+def test_a_vllm_stage_on_rank_0_does_not_join_the_launchers_process_group(tmp_path):
+    """An in-process vLLM engine created inside a launched process joins its process group and
+    waits for ranks that never come; single-process stages therefore run in a clean child."""
+    from posttrain.rollout import vllm_available
+
+    if not vllm_available():
+        pytest.skip("vllm is not installed")
+    done = _launch(tmp_path, "", RL_WITH_VLLM)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    manifest = json.loads((tmp_path / "run" / "rl" / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert len((tmp_path / "run" / "rl" / "metrics.jsonl").read_text().splitlines()) == 2
