@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-RECIPE = """
+# One tiny model and two toy datasets; each test adds its stages.
+HEADER = """
 name: mp
 output_dir: run
 seed: 0
@@ -20,7 +21,11 @@ models:
   student: {tiny: {arch: gemma3, hidden_size: 64, num_heads: 2, num_kv_heads: 1, intermediate_size: 128}}
 datasets:
   mix: {toy: {task: chat, n: 64, format: chat}}
+  math: {toy: {task: math, n: 16, format: prompt}}
 stages:
+"""
+
+RECIPE = HEADER + """
   - name: filter
     kind: filter
     dataset: FILTER_DATASET
@@ -39,16 +44,7 @@ stages:
     max_new_tokens: 4
 """
 
-
-RL_WITH_VLLM = """
-name: mprl
-output_dir: run
-seed: 0
-models:
-  student: {tiny: {arch: gemma3, hidden_size: 64, num_heads: 2, num_kv_heads: 1, intermediate_size: 128}}
-datasets:
-  math: {toy: {task: math, n: 16, format: prompt}}
-stages:
+RL_WITH_VLLM = HEADER + """
   - name: rl
     kind: rl
     model: ${models.student}
