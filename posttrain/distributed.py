@@ -51,6 +51,15 @@ class ControlChannel:
 
         dist.broadcast_object_list([message], src=0, group=self.group)
 
+    def close(self) -> None:
+        """Wait for every rank, then tear the process groups down in order. Left to interpreter
+        exit, a gloo group can be destroyed while its threads still run, and the process
+        aborts ("terminate called without an active exception")."""
+        import torch.distributed as dist
+
+        dist.barrier(group=self.group)
+        dist.destroy_process_group()
+
     def receive(self) -> dict[str, Any]:
         import torch.distributed as dist
 

@@ -242,11 +242,13 @@ class Runner:
         self._channel = ControlChannel()
         if not is_main():
             self._follow()
+            self._channel.close()
             return []
         try:
             return self._run(from_stage, only, dry_run, progress_factory, on_stage_start)
         finally:
             self._channel.send({"op": "done"})
+            self._channel.close()
 
     def _follow(self) -> None:
         """The other ranks: run each distributed stage rank 0 announces, until it says done."""
