@@ -120,18 +120,12 @@ def _stage_child(kind: str, config: dict, ctx_fields: dict, plugins: list[str], 
     from pathlib import Path
 
     from posttrain.recipe import import_plugin
-    from posttrain.stages import STAGE_KINDS, StageContext
+    from posttrain.runner import run_stage_by_kind
 
     try:
         for plugin in plugins:
             import_plugin(plugin, Path(plugin_dir))
-        from posttrain.runner import seed_everything
-
-        stage = STAGE_KINDS[kind]
-        ctx = StageContext(**ctx_fields)
-        seed_everything(ctx.seed)
-        result = stage.run(stage.config_cls.model_validate(config), ctx)
-        sender.send(("ok", result))
+        sender.send(("ok", run_stage_by_kind(kind, config, ctx_fields)))
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which records it
         sender.send(("error", (f"{type(e).__name__}: {e}", traceback.format_exc())))
     finally:

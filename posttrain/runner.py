@@ -256,14 +256,10 @@ class Runner:
             message = self._channel.receive()
             if message["op"] == "done":
                 return
-            kind = STAGE_KINDS[message["kind"]]
-            cfg = kind.config_cls.model_validate(message["config"])
-            ctx = StageContext(**message["ctx"], is_main=False)
-            seed_everything(ctx.seed)
             try:
-                kind.run(cfg, ctx)
+                run_stage_by_kind(message["kind"], message["config"], message["ctx"], is_main=False)
             except Exception as e:  # noqa: BLE001 - rank 0 records the stage's outcome
-                print(f"posttrain rank {os.environ.get('RANK')}: stage {ctx.name!r} failed here: "
+                print(f"posttrain rank {os.environ.get('RANK')}: stage {message['ctx']['name']!r} failed here: "
                       f"{type(e).__name__}: {e}", flush=True)
 
     def _run(self, from_stage, only, dry_run, progress_factory, on_stage_start) -> list[StageOutcome]:
@@ -340,9 +336,7 @@ class Runner:
                            progress_factory=progress_factory,
                            recipe_dir=self.recipe.source.parent if self.recipe.source else None)
         if self._channel is not None and kind.distributed:
-            self._channel.send({"op": "run", "kind": entry.kind, "config": resolved, "ctx": {
-                "name": ctx.name, "kind": ctx.kind, "stage_dir": ctx.stage_dir, "run_dir": ctx.run_dir,
-                "seed": ctx.seed, "recipe_name": ctx.recipe_name, "recipe_dir": ctx.recipe_dir}})
+            self._channel.send({"op": "run", "kind": entry.kind, "config": resolved, "ctx": _portable(ctx)})
         seed_everything(self.recipe.seed)
         started = time.time()
         manifest = {"name": entry.name, "kind": entry.kind, "config": resolved, "hash": digest,
@@ -379,11 +373,8 @@ class Runner:
     def _run_isolated(self, entry, resolved: dict, ctx: StageContext):
         """Rank 0 of a multi-process launch: a single-process stage runs in a clean child process
         (see posttrain.distributed.run_in_clean_process); its progress shows as its own output."""
-        fields = {"name": ctx.name, "kind": ctx.kind, "stage_dir": ctx.stage_dir, "run_dir": ctx.run_dir,
-                  "seed": ctx.seed, "recipe_name": ctx.recipe_name, "lineage": ctx.lineage,
-                  "recipe_dir": ctx.recipe_dir}
         plugin_dir = self.recipe.source.parent if self.recipe.source else Path.cwd()
-        return run_in_clean_process(entry.kind, resolved, fields, list(self.recipe.raw.get("plugins") or []),
+        return run_in_clean_process(entry.kind, resolved, _portable(ctx), list(self.recipe.raw.get("plugins") or []),
                                     str(plugin_dir))
 
     def _write_resolved_recipe(self, resolved_stages: dict[str, dict]) -> None:
@@ -396,6 +387,20 @@ class Runner:
         tmp = self.recipe.output_dir / "recipe.resolved.yaml.tmp"
         tmp.write_text(text)
         os.replace(tmp, self.recipe.output_dir / "recipe.resolved.yaml")
+
+
+def _portable(ctx: StageContext) -> dict:
+    """The context's fields another process needs to rebuild it (not the live progress bar)."""
+    return {"name": ctx.name, "kind": ctx.kind, "stage_dir": ctx.stage_dir, "run_dir": ctx.run_dir, "seed": ctx.seed,
+            "recipe_name": ctx.recipe_name, "lineage": ctx.lineage, "recipe_dir": ctx.recipe_dir}
+
+
+def run_stage_by_kind(kind: str, config: dict, ctx_fields: dict, is_main: bool = True):
+    """Run a stage in a process that received it by message (another rank, a clean child)."""
+    stage = STAGE_KINDS[kind]
+    ctx = StageContext(**ctx_fields, is_main=is_main)
+    seed_everything(ctx.seed)
+    return stage.run(stage.config_cls.model_validate(config), ctx)
 
 
 def run_recipe(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = (), **kwargs) -> dict[str, dict]:
