@@ -7,12 +7,16 @@ log_softmax(logits / temperature) over the full vocabulary, the rollout engines'
 Two layouts give the same numbers (tests compare them):
 
 - flat: each row is [left-padded prompt | right-padded completion]. Every completion starts in
-  the same column, so the model's `logits_to_keep` projects only completion positions to the
-  vocabulary (the prompt's hidden states never reach the LM head).
+  the same column, so only completion positions are projected to the vocabulary (the prompt's
+  hidden states never reach the LM head).
 - shared prompt: RL samples n completions per prompt, and those n rows repeat the same prompt.
   The prompt is run once per group, its key/value cache repeated n times, and the completions
   run on top of it. Gradients flow back through the repeated cache into the prompt positions,
   so the result (values and gradients) equals the flat layout, at (n - 1) / n less prompt work.
+
+Vocabulary memory: by default the decoder's hidden states of the completion positions go to
+`posttrain.losses.token_logprobs.chunked_token_logprobs`, which projects `chunk_size` tokens at
+a time and recomputes them in backward; no [B, T, V] tensor exists (Gemma 3: V = 262,144).
 
 Why not rollout.sequence_logprobs: the policy's entropy comes from the same forward pass, the
 loss wants padded [B, T] tensors with gradient, and the shared-prompt layout is specific to
@@ -23,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from posttrain.losses.policy import token_logprobs_and_entropy
+from posttrain.losses.token_logprobs import chunked_token_logprobs, vocabulary_projection
 
 
 def _left_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,49 +68,92 @@ def check_groups(prompt_ids: list[list[int]], group_size: int) -> None:
                              f"(group_size={group_size}) but differ")
 
 
-def _completion_logits_flat(model, prompt_ids, completion_ids, pad_id, width: int, device) -> torch.Tensor:
-    """Logits [B, width, V] predicting each completion token, from one [prompt | completion] pass."""
+def _flat_inputs(prompt_ids, completion_ids, pad_id, width: int, device) -> dict[str, torch.Tensor]:
+    """One [left-padded prompt | right-padded completion] row per sample."""
     p_ids, p_mask = _left_padded(prompt_ids, pad_id)
     # The last completion token is never an input: nothing is predicted after it.
     c_ids, c_mask = _right_padded([c[:-1] for c in completion_ids], pad_id, width - 1)
     input_ids = torch.cat([p_ids, c_ids], dim=1).to(device)
     attention = torch.cat([p_mask, c_mask], dim=1).to(device)
+    return {"input_ids": input_ids, "attention_mask": attention, "position_ids": _positions(attention)}
+
+
+def _completion_logits_flat(model, prompt_ids, completion_ids, pad_id, width: int, device) -> torch.Tensor:
+    """Logits [B, width, V] predicting each completion token, from one [prompt | completion] pass."""
     # Logits at the prompt's last column and the completion's columns predict completion tokens.
-    out = model(input_ids=input_ids, attention_mask=attention, position_ids=_positions(attention),
-                logits_to_keep=width, use_cache=False)
+    out = model(**_flat_inputs(prompt_ids, completion_ids, pad_id, width, device), logits_to_keep=width,
+                use_cache=False)
     return out.logits
 
 
-def _completion_logits_shared(model, prompt_ids, completion_ids, pad_id, width: int, n: int, device) -> torch.Tensor:
-    """Same as _completion_logits_flat, running each group's prompt once and reusing its KV cache."""
+def _completion_hidden_flat(decoder, prompt_ids, completion_ids, pad_id, width: int, device) -> torch.Tensor:
+    """Final hidden states [B, width, H] at the positions whose logits predict the completion tokens."""
+    out = decoder(**_flat_inputs(prompt_ids, completion_ids, pad_id, width, device), use_cache=False)
+    return out.last_hidden_state[:, -width:]
+
+
+def _shared_passes(run, prompt_ids, completion_ids, pad_id, width: int, n: int, device):
+    """The shared-prompt layout for any `run(**inputs) -> (outputs, last-position tensor [B, L, X])`.
+
+    Returns the tensor [B, width, X] (logits or hidden states) at the positions predicting each
+    completion token: each group's prompt runs once, its KV cache repeated n times.
+    """
     unique = prompt_ids[::n]
     p_ids, p_mask = _left_padded(unique, pad_id)
     p_ids, p_mask = p_ids.to(device), p_mask.to(device)
-    first = model(input_ids=p_ids, attention_mask=p_mask, position_ids=_positions(p_mask), use_cache=True,
-                  logits_to_keep=1)
+    first, first_values = run(input_ids=p_ids, attention_mask=p_mask, position_ids=_positions(p_mask), use_cache=True)
     cache = first.past_key_values
     cache.batch_repeat_interleave(n)  # differentiable: gradients of the n copies add up in the prompt
-    last_prompt_logits = first.logits[:, -1:].repeat_interleave(n, dim=0)
+    last_prompt = first_values[:, -1:].repeat_interleave(n, dim=0)
     if width == 1:
-        return last_prompt_logits
+        return last_prompt
     c_ids, c_mask = _right_padded([c[:-1] for c in completion_ids], pad_id, width - 1)
     c_ids, c_mask = c_ids.to(device), c_mask.to(device)
     prompt_mask = p_mask.repeat_interleave(n, dim=0)
     attention = torch.cat([prompt_mask, c_mask], dim=1)
     lengths = prompt_mask.sum(dim=1)
     positions = _positions(c_mask, offset=lengths)
-    rest = model(input_ids=c_ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
-                 use_cache=True)
-    return torch.cat([last_prompt_logits, rest.logits], dim=1)
+    _, rest = run(input_ids=c_ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
+                  use_cache=True)
+    return torch.cat([last_prompt, rest], dim=1)
+
+
+def _completion_logits_shared(model, prompt_ids, completion_ids, pad_id, width: int, n: int, device) -> torch.Tensor:
+    """Same as _completion_logits_flat, running each group's prompt once and reusing its KV cache."""
+    def run(**inputs):
+        # The prompt pass needs only its last position's logits.
+        keep = {"logits_to_keep": 1} if "past_key_values" not in inputs else {}
+        out = model(**inputs, **keep)
+        return out, out.logits
+
+    return _shared_passes(run, prompt_ids, completion_ids, pad_id, width, n, device)
+
+
+def _completion_hidden_shared(decoder, prompt_ids, completion_ids, pad_id, width: int, n: int, device) -> torch.Tensor:
+    """Same as _completion_hidden_flat, running each group's prompt once and reusing its KV cache."""
+    def run(**inputs):
+        out = decoder(**inputs)
+        return out, out.last_hidden_state
+
+    return _shared_passes(run, prompt_ids, completion_ids, pad_id, width, n, device)
 
 
 def score_completions(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], temperature: float,
-                      pad_token_id: int, with_entropy: bool = False, group_size: int = 1):
+                      pad_token_id: int, with_entropy: bool = False, group_size: int = 1,
+                      chunk_size: int | None = 1024):
     """Per-token logprobs [B, T] of the completions (right-padded), their mask, and optionally entropy.
 
     `group_size` n > 1: the rows come in runs of n identical prompts (RL's n samples per prompt);
     each prompt is then run once (see the module docstring). Empty completions score as
     all-masked rows.
+
+    `chunk_size`: completion tokens (over the whole batch, padding excluded) projected to the
+    vocabulary at a time. The decoder (`model.get_decoder()`, reached through peft wrappers too)
+    gives the final hidden states and `chunked_token_logprobs` projects them chunk by chunk,
+    recomputing each chunk in backward, so memory grows with chunk_size x vocab, not with
+    batch x length x vocab. None: the model's own forward returns the completion positions'
+    full logits [B, T, V] (the same numbers; kept as the reference and for models without
+    get_decoder()).
     """
     if len(prompt_ids) != len(completion_ids):
         raise ValueError(f"score_completions: {len(prompt_ids)} prompts for {len(completion_ids)} completions")
@@ -115,11 +162,24 @@ def score_completions(model, prompt_ids: list[list[int]], completion_ids: list[l
     device = next(model.parameters()).device
     width = max(1, max(len(c) for c in completion_ids))
     labels, mask = _right_padded(completion_ids, pad_token_id, width)
+    labels, mask = labels.to(device), mask.to(device)
     if group_size > 1:
         check_groups(prompt_ids, group_size)
-        logits = _completion_logits_shared(model, prompt_ids, completion_ids, pad_token_id, width, group_size, device)
+    if chunk_size is None:
+        if group_size > 1:
+            logits = _completion_logits_shared(model, prompt_ids, completion_ids, pad_token_id, width, group_size,
+                                               device)
+        else:
+            logits = _completion_logits_flat(model, prompt_ids, completion_ids, pad_token_id, width, device)
+        logp, entropy = chunked_token_logprobs(logits, None, labels, temperature, None, with_entropy=with_entropy)
     else:
-        logits = _completion_logits_flat(model, prompt_ids, completion_ids, pad_token_id, width, device)
-    logp, entropy = token_logprobs_and_entropy(logits, labels.to(device), temperature)
-    mask = mask.to(device=device, dtype=logp.dtype)
+        decoder = model.get_decoder()
+        if group_size > 1:
+            hidden = _completion_hidden_shared(decoder, prompt_ids, completion_ids, pad_token_id, width, group_size,
+                                               device)
+        else:
+            hidden = _completion_hidden_flat(decoder, prompt_ids, completion_ids, pad_token_id, width, device)
+        logp, entropy = chunked_token_logprobs(hidden, vocabulary_projection(model), labels, temperature, chunk_size,
+                                               with_entropy=with_entropy, mask=mask)
+    mask = mask.to(dtype=logp.dtype)
     return logp * mask, mask, (entropy * mask if with_entropy else None)

@@ -1,4 +1,6 @@
-"""Training losses as pure functions on tensors (distillation, policy gradient)."""
+"""Training losses as pure functions on tensors (distillation, policy gradient, per-token log-probs)."""
+
+from posttrain.losses.token_logprobs import chunked_token_logprobs, vocabulary_projection  # noqa: F401
 
 from posttrain.losses.policy import (  # noqa: F401
     kl_regularised_rewards,

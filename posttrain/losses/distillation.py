@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from posttrain.losses.token_logprobs import chunked_token_logprobs
+
 Reduction = Literal["token_mean", "sequence_mean", "sum", "none"]
 Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
 
@@ -417,11 +419,19 @@ def sparse_target_entropy(probs: torch.Tensor, mask: torch.Tensor | None = None,
 
 def token_log_probs(logits: LogitsLike, token_ids: torch.Tensor, temperature: float = 1.0,
                     mask: torch.Tensor | None = None, chunk_size: int | None = None) -> torch.Tensor:
-    """log_softmax(logits / T) of `token_ids` [batch, length] at each position (zero where masked)."""
-    def rows(logits_chunk: torch.Tensor, ids_chunk: torch.Tensor) -> torch.Tensor:
-        return _log_probs(logits_chunk, temperature).gather(-1, ids_chunk.long().unsqueeze(-1)).squeeze(-1)
+    """log_softmax(logits / T) of `token_ids` [batch, length] at each position (zero where masked).
 
-    return reduce_positions(_rows(rows, (logits, token_ids), mask, chunk_size), mask, "none")
+    One definition for the project: posttrain.losses.token_logprobs.chunked_token_logprobs, with
+    ProjectedLogits' hidden states and head, or with full logits as they are. `chunk_size`
+    counts tokens (the positions `mask` counts, over the whole batch).
+    """
+    _check_shapes(logits, token_ids, mask, "token_ids")
+    if isinstance(logits, ProjectedLogits):
+        hidden, head = logits.hidden, logits.head
+    else:
+        hidden, head = logits, None
+    logp, _ = chunked_token_logprobs(hidden, head, token_ids, temperature, chunk_size, mask=mask)
+    return reduce_positions(logp, mask, "none")
 
 
 __all__ = [

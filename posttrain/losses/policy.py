@@ -17,6 +17,8 @@ from typing import Literal
 
 import torch
 
+from posttrain.losses.token_logprobs import chunked_token_logprobs
+
 Aggregation = Literal["token_mean", "sequence_mean", "sequence_sum"]
 
 
@@ -121,18 +123,15 @@ def reinforce_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch
     return per_seq.sum() / denom
 
 
-def token_logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor,
-                               temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+                               chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities of `labels` under softmax(logits / temperature), and the entropy.
 
     logits: [B, T, V] already aligned with labels [B, T] (logits[:, t] predicts labels[:, t]).
     The temperature is the sampling temperature, so the trainer scores samples under the same
     distribution the engine drew them from (as TRL does). The entropy is returned detached,
-    for logging only.
+    for logging only. For logits that already exist; from hidden states (no [B, T, V] tensor
+    at all) use posttrain.losses.token_logprobs.chunked_token_logprobs, which this calls.
     """
-    logits = logits.float() / temperature
-    logp_all = torch.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(dim=-1)
+    logp, entropy = chunked_token_logprobs(logits, None, labels, temperature, chunk_size, with_entropy=True)
     return logp, entropy

@@ -60,8 +60,9 @@ def _batch(group_size: int, seed: int = 0):
     return seq_prompts, completions
 
 
+@pytest.mark.parametrize("chunk_size", [None, 1024, 7])  # None: full logits; 7 splits rows and sequences
 @pytest.mark.parametrize("group_size", [1, 4])
-def test_logprobs_entropy_and_gradients_equal_one_sequence_at_a_time(model, toy_tokenizer, group_size):
+def test_logprobs_entropy_and_gradients_equal_one_sequence_at_a_time(model, toy_tokenizer, group_size, chunk_size):
     prompts, completions = _batch(4)
     model.zero_grad()
     ref_lp, ref_ent = _reference(model, prompts, completions, temperature=0.7)
@@ -70,7 +71,7 @@ def test_logprobs_entropy_and_gradients_equal_one_sequence_at_a_time(model, toy_
 
     model.zero_grad()
     logp, mask, entropy = score_completions(model, prompts, completions, 0.7, toy_tokenizer.pad_token_id,
-                                            with_entropy=True, group_size=group_size)
+                                            with_entropy=True, group_size=group_size, chunk_size=chunk_size)
     rows = [logp[i, :len(c)] for i, c in enumerate(completions)]
     _objective(rows).backward()
     grad = _grads(model)
@@ -80,7 +81,8 @@ def test_logprobs_entropy_and_gradients_equal_one_sequence_at_a_time(model, toy_
         assert torch.all(logp[i, len(c):] == 0) and torch.all(entropy[i, len(c):] == 0)
         torch.testing.assert_close(rows[i], ref_lp[i], atol=2e-5, rtol=1e-4)
         torch.testing.assert_close(entropy[i, :len(c)], ref_ent[i], atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(grad, ref_grad, atol=2e-5, rtol=1e-3)
+    # Chunks add up the output layer's gradient in another order: float32 rounding, a little above 2e-5.
+    torch.testing.assert_close(grad, ref_grad, atol=5e-5, rtol=1e-3)
 
 
 def test_shared_layout_refuses_rows_that_do_not_share_their_prompt(model, toy_tokenizer):
@@ -92,8 +94,9 @@ def test_shared_layout_refuses_rows_that_do_not_share_their_prompt(model, toy_to
         score_completions(model, prompts, completions, 1.0, toy_tokenizer.pad_token_id, group_size=4)
 
 
-def test_all_empty_completions_score_as_masked_rows(model, toy_tokenizer):
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_all_empty_completions_score_as_masked_rows(model, toy_tokenizer, chunk_size):
     prompts, _ = _batch(2)
     logp, mask, _ = score_completions(model, prompts, [[] for _ in prompts], 1.0, toy_tokenizer.pad_token_id,
-                                      group_size=2)
+                                      group_size=2, chunk_size=chunk_size)
     assert logp.shape == (len(prompts), 1) and mask.sum() == 0 and torch.all(logp == 0)
