@@ -1,7 +1,14 @@
 """The fallback engine: transformers `generate`, batched with left padding.
 
 It runs the trainer's own model class, so it is the reference the vLLM engine is checked
-against, and the engine of choice where vLLM is not installed.
+against, and the engine of choice where vLLM is not installed (and on CPUs under a
+multi-process launch, see `create_engine`).
+
+Placement: the model lives on the `device` given at creation (a rank's `cuda:N` from accelerate,
+or the CPU when None). `update_weights` copies the pushed tensors onto that device, whatever
+device they come from. On CUDA with `rollout.enable_sleep_mode`, `sleep()` moves the weights to
+CPU memory and `wake_up()` brings them back (transformers `generate` keeps no cache between calls,
+so the weights are all there is to free).
 """
 
 from __future__ import annotations
@@ -12,7 +19,8 @@ import torch
 
 from posttrain.modeling import load_causal_lm, load_tokenizer, stop_token_ids
 from posttrain.rollout.prompts import fit_prompts, render_prompts
-from posttrain.rollout.types import Completion, Prompt, RolloutConfig, RolloutEngine, SamplingParams
+from posttrain.rollout.parallel import current_launch, request_seed_offset
+from posttrain.rollout.types import Completion, Prompt, RolloutConfig, RolloutEngine, RolloutError, SamplingParams
 
 
 def decode_completion(tokenizer, token_ids: list[int], stopped: bool) -> str:
@@ -31,23 +39,53 @@ def cut_at_stop(ids: list[int], stops: set[int], max_new_tokens: int) -> tuple[l
 class TransformersEngine(RolloutEngine):
     backend = "transformers"
 
-    def __init__(self, model_path: str, config: RolloutConfig, model=None, tokenizer=None):
+    def __init__(self, model_path: str, config: RolloutConfig, model=None, tokenizer=None,
+                 device: torch.device | str | None = None):
         self.config = config
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        if config.enable_sleep_mode and self.device.type != "cuda":
+            raise RolloutError(f"rollout.enable_sleep_mode=true: needs the engine on a CUDA GPU, and it is on "
+                               f"{self.device}; remove the option to generate on the CPU")
         self.tokenizer = tokenizer or load_tokenizer(model_path)
         # Its own copy of the weights: generation must use exactly what update_weights pushed,
         # never a model the trainer is mutating mid-step.
         self.model = model if model is not None else load_causal_lm(model_path, dtype=config.dtype)
+        self.model.to(self.device)
         self.model.eval()
         self.max_model_len = config.max_model_len or int(self.model.config.max_position_embeddings)
         self.weight_version = 0
         self.truncated_prompts = 0
         self._param_names = set(self.model.state_dict().keys())
+        self._sleeping = False
+        # Data-parallel ranks asked with the same seed for different prompts draw different streams.
+        self._seed_offset = request_seed_offset(current_launch(), 1)
+
+    @property
+    def can_sleep(self) -> bool:
+        return self.config.enable_sleep_mode and self.device.type == "cuda"
+
+    def sleep(self, level: int = 1) -> None:
+        """CUDA with enable_sleep_mode: move the weights to CPU memory (both levels; the pushed
+        weights overwrite them after wake_up anyway); otherwise nothing."""
+        super().sleep(level)
+        if not self.can_sleep or self._sleeping:
+            return
+        self.model.to("cpu")
+        torch.cuda.empty_cache()
+        self._sleeping = True
+
+    def wake_up(self) -> None:
+        if self._sleeping:
+            self.model.to(self.device)
+            self._sleeping = False
 
     def generate(self, prompts: Sequence[Prompt], n: int = 1,
                  sampling: SamplingParams | None = None) -> list[list[Completion]]:
         sampling = sampling or SamplingParams()
         if n < 1:
             raise ValueError(f"n: expected at least 1 completion per prompt, got {n}")
+        if self._sleeping:
+            raise RolloutError("generate: the engine is asleep; call wake_up() (or update_weights) first")
         prompt_ids = render_prompts(self.tokenizer, prompts)
         prompt_ids, truncated = fit_prompts(prompt_ids, self.max_model_len, sampling.max_new_tokens,
                                             self.config.on_overlong_prompt, self.tokenizer.bos_token_id)
@@ -55,7 +93,7 @@ class TransformersEngine(RolloutEngine):
         stops = stop_token_ids(self.tokenizer) if sampling.stop_at_end_of_turn else [self.tokenizer.eos_token_id]
         # One row per (prompt, sample); rows are generated in chunks of max_batch_size.
         rows = [ids for ids in prompt_ids for _ in range(n)]
-        generator_seed = sampling.seed
+        generator_seed = None if sampling.seed is None else sampling.seed + self._seed_offset
         results: list[Completion] = []
         for start in range(0, len(rows), self.config.max_batch_size):
             if generator_seed is not None:
@@ -74,7 +112,7 @@ class TransformersEngine(RolloutEngine):
         for i, r in enumerate(rows):  # left padding: every row's last prompt token is at the same column
             input_ids[i, width - len(r):] = torch.tensor(r)
             attention[i, width - len(r):] = 1
-        device = next(self.model.parameters()).device
+        device = self.device
         kwargs = dict(max_new_tokens=sampling.max_new_tokens, eos_token_id=stops, pad_token_id=pad,
                       return_dict_in_generate=True, output_logits=sampling.logprobs)
         if sampling.greedy:
@@ -102,14 +140,18 @@ class TransformersEngine(RolloutEngine):
 
     @torch.no_grad()
     def update_weights(self, named_tensors: Iterable[tuple]) -> None:
+        """Copy the pushed tensors into the engine's model, on the engine's device (wakes it first)."""
+        self.wake_up()
         params = self.model.state_dict()
-        seen = set()
         for name, tensor in named_tensors:
             if name not in params:
                 raise KeyError(f"update_weights: {name!r} is not a weight of the engine's model "
                                f"({type(self.model).__name__}); expected names as in the HF checkpoint")
-            params[name].copy_(tensor.to(params[name].dtype))
-            seen.add(name)
+            target = params[name]
+            # copy_ would also cross devices, but converting first keeps one transfer in the target dtype.
+            target.copy_(tensor.to(device=target.device, dtype=target.dtype, non_blocking=True))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # non-blocking host-to-device copies done before generate
         self.weight_version += 1
 
     def close(self) -> None:

