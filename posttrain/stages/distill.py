@@ -28,7 +28,9 @@ from posttrain.chat import (ChatFormatError, control_token_ids, normalise_messag
 from posttrain.data import DataError, iter_rows
 from posttrain.rollout import RolloutConfig
 from posttrain.stages.base import StageConfig, StageContext, StageError, StageResult, register_stage
-from posttrain.stages.sft import LoraSpec, adamw_with_warmup, save_model
+from posttrain.training import (PLACEMENT_HELP, LoraSpec, TrainingSession, engine_asleep, latest_checkpoint,
+                                load_checkpoint, place_frozen, resolve_placement, save_checkpoint, save_model,
+                                token_budget_batches, truncate_metrics)
 
 
 class TokenizerMismatchError(StageError):
@@ -84,6 +86,17 @@ class DistillStageConfig(StageConfig):
         "backward, so [batch, length, vocab] logits never exist; null uses the models' full logits at once.")
     teacher_dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Teacher weights and logits dtype (bfloat16 halves teacher memory on GPUs).")
+    teacher_placement: str = Field("accelerator", description="Where the teacher lives: " + PLACEMENT_HELP + ".")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: the student's and teacher's forward passes run under bf16 autocast while the "
+        "student's weights, optimizer state and the loss stay float32 (TRL's bf16=True).")
+    max_tokens_per_microbatch: int | None = Field(
+        None, ge=1, description="Bound each forward/backward micro-batch by this many tokens (whole sequences) and "
+        "accumulate them into the step's update; null: the whole batch at once.")
+    gradient_checkpointing: bool = Field(False, description="Recompute the student's activations in backward.")
+    checkpoint_every: int = Field(0, ge=0, description="Save a resumable checkpoint every this many steps (0: never); "
+                                  "re-running the stage resumes from the newest.")
+    keep_checkpoints: int = Field(2, ge=1, description="Keep only the newest this many checkpoints.")
     sync_weights_every: int = Field(
         1, ge=1, description="Push the student's weights to the rollout engine every this many steps (1 keeps "
         "sampling exactly on-policy; larger values trade staleness, visible as drift, for speed).")
@@ -147,11 +160,23 @@ def check_same_tokenizer(student_tok, teacher_tok, student_path: str, teacher_pa
             + ". Distillation compares distributions token by token, so both must use the same tokenizer.")
 
 
-def check_same_vocab_width(student, teacher, student_path: str, teacher_path: str) -> None:
+def shared_vocab_width(student, teacher, tokenizer, student_path: str, teacher_path: str) -> int:
+    """The number of output rows teacher and student are compared over.
+
+    Checkpoints of one model family may pad their output layer beyond the shared tokenizer to a
+    hardware-friendly width (Gemma 3 1B has 262,144 rows, 4B/12B/27B 262,208). Rows past the
+    tokenizer's vocabulary are never a real token, so both sides are compared over the first
+    min(widths) rows, as long as that covers every id of the tokenizer's base vocabulary.
+    """
     s, t = student.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0]
-    if s != t:
-        raise TokenizerMismatchError(f"teacher {teacher_path} has {t} output logits but student {student_path} has {s}; "
-                                     "their vocabularies must have the same width")
+    width = min(s, t)
+    needed = int(tokenizer.vocab_size)
+    if width < needed:
+        raise TokenizerMismatchError(
+            f"teacher {teacher_path} has {t} output logits and student {student_path} has {s}, but their shared "
+            f"tokenizer has {needed} ids: the narrower one cannot score every token. Widths may differ only by "
+            "padding rows beyond the tokenizer's vocabulary.")
+    return width
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -209,42 +234,26 @@ def pad_batch(sequences: list[TokenSequence], pad_id: int) -> dict[str, torch.Te
     return {"input_ids": ids, "attention_mask": attention, "loss_mask": mask}
 
 
-def vocabulary_projection(model):
-    """hidden [..., H] -> logits [..., V] exactly as the model's forward computes them after its decoder.
-
-    That is lm_head, then the final logit soft-capping of configs that have one (Gemma 2/3:
-    cap * tanh(logits / cap)). A model whose forward does anything else after the decoder would
-    need its own projection here; the tests compare against the HF forward for Gemma 3 and Llama.
-    """
-    head = model.get_output_embeddings()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-
-    def project(hidden: torch.Tensor) -> torch.Tensor:
-        logits = head(hidden)
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
-
-    return project
-
-
-def shifted_logits(model, batch: dict[str, torch.Tensor], chunk_size: int | None):
+def shifted_logits(model, batch: dict[str, torch.Tensor], chunk_size: int | None, width: int | None = None):
     """The model's logits at positions 0..L-2 (position n predicts token n + 1).
 
     With `chunk_size` set they come back as ProjectedLogits: only the decoder runs here (its
     final hidden states [B, L, H] are small next to [B, L, V]) and the losses project the
     counted positions to the vocabulary chunk by chunk, recomputing each chunk in backward.
-    Without it, the HF forward's full [B, L, V] logits.
+    Without it, the HF forward's full [B, L, V] logits. `width` keeps the first `width` vocabulary
+    rows (see shared_vocab_width).
     """
     from posttrain.losses.distillation import ProjectedLogits
+    from posttrain.losses.token_logprobs import vocabulary_projection
 
     if chunk_size is None:
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        return logits if width is None else logits[..., :width]
     # get_decoder() is the base transformer of a CausalLM (for a peft model the call reaches
     # the wrapped model, LoRA layers included); use_cache=False: nothing is generated here.
     decoder_out = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                       use_cache=False)
-    return ProjectedLogits(decoder_out.last_hidden_state[:, :-1], vocabulary_projection(model))
+    return ProjectedLogits(decoder_out.last_hidden_state[:, :-1], vocabulary_projection(model, width))
 
 
 def logit_mask(loss_mask: torch.Tensor) -> torch.Tensor:
@@ -308,63 +317,101 @@ def load_eval_rows(path: str, limit: int) -> list[dict]:
     return rows
 
 
-def toy_accuracy(engine, rows: list[dict], reward_name: str, max_new_tokens: int) -> float:
-    """Fraction of greedy answers the reward scores above 0.5."""
+def toy_correct(engine, rows: list[dict], reward_name: str, max_new_tokens: int) -> list[int]:
+    """1 for each greedy answer the reward scores above 0.5, else 0."""
     from posttrain.rollout import SamplingParams
     from rewards.registry import load_reward
 
+    if not rows:
+        return []
     reward_fn = load_reward(reward_name)
     groups = engine.generate([r["prompt"] for r in rows], n=1, sampling=SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens))
     completions = [g[0].text for g in groups]
     columns = {k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"}
     scores = reward_fn(prompts=[r["prompt"] for r in rows], completions=completions, **columns)
-    return sum(1 for s in scores if s is not None and s > 0.5) / len(rows)
+    return [int(s is not None and s > 0.5) for s in scores]
 
 
 @torch.no_grad()
 def kl_on_student_samples(engine, student, teacher, prompt_ids: list[list[int]], pad_id: int, temperature: float,
-                          max_new_tokens: int, seed: int, chunk_size: int | None, batch_size: int = 16) -> dict[str, float]:
-    """KL(teacher||student) and KL(student||teacher) per token on the student's own samples (held-out prompts)."""
+                          max_new_tokens: int, seed: int, chunk_size: int | None, batch_size: int = 16,
+                          width: int | None = None) -> dict[str, float]:
+    """Summed KL(teacher||student) and KL(student||teacher) over the tokens of the student's own samples
+    (held-out prompts), and the token count (`tokens`): divide to get per-token figures, after
+    adding up the ranks' sums."""
     from posttrain.rollout import SamplingParams
 
+    if not prompt_ids:
+        return {"kl_teacher_student": 0.0, "kl_student_teacher": 0.0, "tokens": 0.0}
     groups = engine.generate(prompt_ids, n=1, sampling=SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed))
     sequences = [TokenSequence(p + g[0].token_ids, [0] * len(p) + [1] * len(g[0].token_ids)) for p, g in zip(prompt_ids, groups)]
     totals = {"kl_teacher_student": 0.0, "kl_student_teacher": 0.0}
     tokens = 0
     for start in range(0, len(sequences), batch_size):
         batch = pad_batch(sequences[start:start + batch_size], pad_id)
-        mask = logit_mask(batch["loss_mask"])
-        s = shifted_logits(student, batch, chunk_size)
-        t = shifted_logits(teacher, batch, chunk_size)
+        mask = logit_mask(batch["loss_mask"]).to(_device_of(student))
+        s = shifted_logits(student, _on(batch, student), chunk_size, width)
+        t = _to_device(shifted_logits(teacher, _on(batch, teacher), chunk_size, width), s.device)
         n = int(mask.sum())
         for key, value in batch_kls(s, t, mask, temperature, chunk_size).items():
             totals[key] += value * n
         tokens += n
-    return {k: v / max(tokens, 1) for k, v in totals.items()}
+    return {**totals, "tokens": float(tokens)}
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _on(batch: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+    """The batch on the model's device (the teacher may live elsewhere than the student)."""
+    device = _device_of(model)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _to_device(logits, device: torch.device):
+    """Teacher logits (or its ProjectedLogits) where the student's are, for the loss."""
+    from posttrain.losses.distillation import ProjectedLogits
+
+    if isinstance(logits, ProjectedLogits):
+        if logits.device == device:
+            return logits
+        # A teacher placed elsewhere projects its hidden states on its own device, chunk by chunk
+        # inside the loss; the per-chunk logits then move to the student's device.
+        hidden, project = logits.hidden.to(device), logits.project
+
+        def project_here(h):
+            return project(h.to(logits.device)).to(device)
+
+        return ProjectedLogits(hidden, project_here)
+    return logits.to(device)
 
 
 # --- the stage -----------------------------------------------------------------------------------
 
-@register_stage("distill", DistillStageConfig, outputs=("model",))
+@register_stage("distill", DistillStageConfig, outputs=("model",), distributed=True)
 def run_distill(cfg: DistillStageConfig, ctx: StageContext) -> StageResult:
     """On-policy distillation from a teacher (GKD, Gemma 3 sampled-logit targets, offline teacher cache)."""
     from posttrain.modeling import load_causal_lm, load_policy, load_tokenizer
-    from posttrain.rollout import DriftMonitor, create_engine, weights_for_engine
+    from posttrain.rollout import DriftMonitor, SamplingParams, create_engine, weights_for_engine
     from posttrain.teacher_cache import TeacherCache, TeacherCacheError, scatter_targets, tokenizer_fingerprint
 
     retain_freed_memory()  # see posttrain.allocator: steps stop page-faulting their activations
     torch.manual_seed(ctx.seed)
-    rng = random.Random(ctx.seed)
-    generator = torch.Generator().manual_seed(ctx.seed)
+    session = TrainingSession(cfg.precision, ctx.seed)
+    session.shard(range(cfg.batch_size), "batch_size")  # fails early unless the batch splits over the ranks
 
     student, tokenizer = load_policy(cfg.model)
     pad_id = tokenizer.pad_token_id
     teacher = None
+    width = None
     if cfg.teacher is not None:
         check_same_tokenizer(tokenizer, load_tokenizer(cfg.teacher), cfg.model, cfg.teacher)
         teacher = load_causal_lm(cfg.teacher, dtype=cfg.teacher_dtype)
-        teacher.eval().requires_grad_(False)
-        check_same_vocab_width(student, teacher, cfg.model, cfg.teacher)
+        teacher = place_frozen(teacher, resolve_placement(cfg.teacher_placement, session.device, "teacher_placement"))
+        width = shared_vocab_width(student, teacher, tokenizer, cfg.model, cfg.teacher)
+        if width == student.get_output_embeddings().weight.shape[0] == teacher.get_output_embeddings().weight.shape[0]:
+            width = None  # same width: no slicing at all
     cache = None
     if cfg.teacher_cache is not None:
         try:
@@ -385,36 +432,47 @@ def run_distill(cfg: DistillStageConfig, ctx: StageContext) -> StageResult:
         from peft import get_peft_model
 
         student = get_peft_model(student, cfg.lora.to_peft_config())
-    student.train()
-    optimizer, scheduler = adamw_with_warmup([p for p in student.parameters() if p.requires_grad], cfg.learning_rate,
-                                             cfg.weight_decay, cfg.warmup_steps)
+    student = session.prepare(student, cfg.learning_rate, cfg.weight_decay, cfg.warmup_steps,
+                              gradient_checkpointing=cfg.gradient_checkpointing)
+
+    start_step = 0
+    checkpoint = latest_checkpoint(ctx.stage_dir)
+    if checkpoint is not None:
+        start_step = load_checkpoint(session, checkpoint, {"student": student})["step"]
+        if ctx.is_main:
+            truncate_metrics(ctx.stage_dir / "metrics.jsonl", start_step)
 
     needs_engine = cfg.lambda_on_policy > 0 or cfg.eval_dataset is not None
-    engine = create_engine(cfg.model, cfg.rollout) if needs_engine else None
-    if engine is not None and cfg.lora is not None:
+    engine = create_engine(cfg.model, cfg.rollout, device=session.device) if needs_engine else None
+    if engine is not None and (cfg.lora is not None or start_step):
         engine.update_weights(weights_for_engine(student))
     drift = DriftMonitor.from_config(cfg.rollout)
-    summary: dict = {}
+    summary: dict = session.describe(cfg.batch_size, "sequences")
 
     eval_rows = load_eval_rows(cfg.eval_dataset, cfg.eval_limit) if cfg.eval_dataset else []
     eval_prompt_ids = [tokenize_prompt(tokenizer, r["prompt"]) for r in eval_rows]
 
     def evaluate(tag: str) -> None:
+        # Each rank answers every W-th held-out prompt; the figures are gathered over all of them.
         student.eval()
-        summary[f"accuracy_{tag}"] = toy_accuracy(engine, eval_rows, cfg.eval_reward, cfg.max_new_tokens)
+        mine = slice(session.rank, None, session.world_size)
+        correct = toy_correct(engine, eval_rows[mine], cfg.eval_reward, cfg.max_new_tokens)
+        correct = session.gather_lists(correct)
+        summary[f"accuracy_{tag}"] = sum(correct) / max(1, len(correct))
         if teacher is not None:
-            kls = kl_on_student_samples(engine, student, teacher, eval_prompt_ids, pad_id, cfg.temperature,
-                                        cfg.max_new_tokens, ctx.seed, cfg.chunk_size)
-            summary.update({f"eval_{k}_{tag}": v for k, v in kls.items()})
+            kls = kl_on_student_samples(engine, student, teacher, eval_prompt_ids[mine], pad_id, cfg.temperature,
+                                        cfg.max_new_tokens, ctx.seed, cfg.chunk_size, width=width)
+            tokens = session.all_sum(kls.pop("tokens"))
+            for key, value in kls.items():
+                summary[f"eval_{key}_{tag}"] = session.all_sum(value) / max(tokens, 1)
         student.train()
 
-    if eval_rows:
+    if eval_rows and start_step == 0:
         evaluate("before")
-        if cfg.eval_teacher and cfg.teacher is not None:
-            with create_engine(cfg.teacher, cfg.rollout) as teacher_engine:
-                summary["accuracy_teacher"] = toy_accuracy(teacher_engine, eval_rows, cfg.eval_reward, cfg.max_new_tokens)
-
-    from posttrain.rollout import SamplingParams
+        if cfg.eval_teacher and cfg.teacher is not None and session.is_main:
+            with create_engine(cfg.teacher, cfg.rollout, device=session.device) as teacher_engine:
+                correct = toy_correct(teacher_engine, eval_rows, cfg.eval_reward, cfg.max_new_tokens)
+                summary["accuracy_teacher"] = sum(correct) / max(1, len(correct))
 
     sampling = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
     on_policy_steps = 0
@@ -422,77 +480,112 @@ def run_distill(cfg: DistillStageConfig, ctx: StageContext) -> StageResult:
     started = time.time()
     tokens_seen = 0
     with ctx.metrics(cfg.report_to) as metrics, ctx.progress(cfg.max_steps, "distill") as advance:
-        for step in range(1, cfg.max_steps + 1):
+        advance(start_step)
+        for step in range(start_step + 1, cfg.max_steps + 1):
             step_started = time.time()
-            on_policy = rng.random() < cfg.lambda_on_policy
+            # The step's choices are a function of (seed, step): the same on every rank, and the
+            # same again when a resumed run redoes the step. Each rank takes its share of the batch.
+            step_rng = random.Random(f"distill:{ctx.seed}:{step}")
+            on_policy = step_rng.random() < cfg.lambda_on_policy
+            picks = [step_rng.randrange(len(prompts if on_policy else cache if cache is not None else sequences))
+                     for _ in range(cfg.batch_size)]
+            picks = session.shard(picks, "batch_size")
+            sample_seed = step_rng.randrange(2**31) + 7919 * session.rank
+            generator = torch.Generator(device=session.device).manual_seed(sample_seed)
             log_now = step % cfg.log_every == 0 or step == cfg.max_steps
 
             # 1. A batch: the student's own samples, or sequences from the data / the cache.
             engine_logprobs = None
             cached = None
             if on_policy:
-                batch_prompts = [prompts[rng.randrange(len(prompts))] for _ in range(cfg.batch_size)]
+                batch_prompts = [prompts[i] for i in picks]
                 # The engine's logprobs only feed the drift check of logged steps; elsewhere they are skipped.
                 groups = engine.generate(batch_prompts, n=1, sampling=sampling.model_copy(
-                    update={"seed": rng.randrange(2**31), "logprobs": log_now}))
+                    update={"seed": sample_seed, "logprobs": log_now}))
                 completions = [g[0] for g in groups]
                 batch_sequences = [TokenSequence(p + c.token_ids, [0] * len(p) + [1] * len(c.token_ids))
                                    for p, c in zip(batch_prompts, completions)]
                 engine_logprobs = [c.logprobs for c in completions]
             elif cache is not None:
-                cached = [cache[rng.randrange(len(cache))] for _ in range(cfg.batch_size)]
+                cached = [cache[i] for i in picks]
                 batch_sequences = [TokenSequence(c.input_ids.tolist(), c.loss_mask.tolist()) for c in cached]
             else:
-                batch_sequences = [sequences[rng.randrange(len(sequences))] for _ in range(cfg.batch_size)]
-            batch = pad_batch(batch_sequences, pad_id)
-            mask = logit_mask(batch["loss_mask"])
+                batch_sequences = [sequences[i] for i in picks]
 
-            # 2. The teacher's view of the same positions (no gradient), unless the cache holds it.
-            teacher_logits = target_ids = target_probs = None
-            if cached is not None:
-                target_ids, target_probs = scatter_targets(cached, batch["input_ids"].shape[1])
-            else:
-                with torch.no_grad():
-                    teacher_logits = shifted_logits(teacher, batch, cfg.chunk_size)
-
-            # 3. Loss on every completion position, and the update.
-            # With chunk_size set, neither side's [B, L, V] logits are ever materialised.
-            student_logits = shifted_logits(student, batch, cfg.chunk_size)
-            loss = distillation_loss(cfg, student_logits, mask, teacher_logits, target_ids, target_probs, generator)
-            if not torch.isfinite(loss):
-                raise StageError(f"step {step}: the distillation loss is {loss.item()}; lower learning_rate or temperature")
-            loss.backward()
-            # Logit statistics before the update: ProjectedLogits project with the live lm_head,
-            # which optimizer.step() is about to change.
+            # 2-3. Per micro-batch: the teacher's view of the completion positions (no gradient),
+            # unless the cache holds it; the divergence; backward. Each micro-batch's mean loss is
+            # weighted by its share of the global step (tokens, or sequences), so the accumulated
+            # gradient summed over ranks is the gradient of the whole batch's loss.
+            counted = [sum(s.loss_mask[1:]) for s in batch_sequences]
+            global_count = session.all_sum(sum(counted) if cfg.reduction == "token_mean" else len(batch_sequences))
+            micro = token_budget_batches([len(s.input_ids) for s in batch_sequences], cfg.max_tokens_per_microbatch)
+            loss_total = 0.0
             logit_stats: dict = {}
-            if log_now and teacher_logits is not None:
-                logit_stats.update(batch_kls(student_logits.detach(), teacher_logits, mask, cfg.temperature, cfg.chunk_size))
+            trainer_logprobs: list[list[float]] = []
+            stat_sums = {"kl_teacher_student": 0.0, "kl_student_teacher": 0.0}
+            with engine_asleep(engine, engine is not None and cfg.rollout.enable_sleep_mode):
+                for mb in micro:
+                    batch = {k: v.to(session.device) for k, v in pad_batch(batch_sequences[mb], pad_id).items()}
+                    mask = logit_mask(batch["loss_mask"])
+                    local_count = float(mask.sum()) if cfg.reduction == "token_mean" else float(mask.shape[0])
+                    if local_count == 0:
+                        continue
+                    teacher_logits = target_ids = target_probs = None
+                    with session.autocast():
+                        if cached is not None:
+                            target_ids, target_probs = scatter_targets(cached[mb], batch["input_ids"].shape[1])
+                            target_ids, target_probs = target_ids.to(session.device), target_probs.to(session.device)
+                        else:
+                            with torch.no_grad():
+                                teacher_logits = _to_device(
+                                    shifted_logits(teacher, _on(batch, teacher), cfg.chunk_size, width), session.device)
+                        # With chunk_size set, neither side's [B, L, V] logits are ever materialised.
+                        student_logits = shifted_logits(student, batch, cfg.chunk_size, width)
+                        loss = distillation_loss(cfg, student_logits, mask, teacher_logits, target_ids, target_probs,
+                                                 generator)
+                    if not torch.isfinite(loss):
+                        raise StageError(f"step {step}: the distillation loss is {loss.item()}; lower learning_rate "
+                                         "or temperature")
+                    (loss * (local_count / global_count)).backward()
+                    loss_total += loss.item() * local_count / global_count
+                    # Logit statistics before the update: ProjectedLogits project with the live lm_head,
+                    # which the optimizer step is about to change.
+                    if log_now and teacher_logits is not None:
+                        n_tok = float(mask.sum())
+                        for key, value in batch_kls(student_logits.detach(), teacher_logits, mask, cfg.temperature,
+                                                    cfg.chunk_size).items():
+                            stat_sums[key] += value * n_tok
+                    if log_now and engine_logprobs:
+                        trainer_logprobs += sampled_token_logprobs(student_logits.detach(), batch["input_ids"], mask,
+                                                                   cfg.temperature, cfg.chunk_size)
+                result = session.step(cfg.max_grad_norm)
+            if not result.finite:
+                raise StageError(f"step {step}: the gradient norm is {result.grad_norm}; lower learning_rate")
+            if log_now and cached is None and teacher is not None:  # the same on every rank: all_sum is collective
+                tokens_all = session.all_sum(sum(counted))
+                logit_stats = {k: session.all_sum(v) / max(tokens_all, 1) for k, v in stat_sums.items()}
             if log_now and engine_logprobs:
-                trainer_logprobs = sampled_token_logprobs(student_logits.detach(), batch["input_ids"], mask, cfg.temperature,
-                                                          cfg.chunk_size)
                 logit_stats.update(drift.check(engine_logprobs, trainer_logprobs, step=step))
-            grad_norm = (torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
-                         if cfg.max_grad_norm else None)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
 
             # 4. The engine samples the next batch with the new weights.
             if engine is not None and step % cfg.sync_weights_every == 0:
                 engine.update_weights(weights_for_engine(student))
 
             on_policy_steps += on_policy
-            n_tokens = int(mask.sum())
+            n_tokens = int(session.all_sum(sum(counted)))
             tokens_seen += n_tokens
             if log_now:
-                row = {"loss": loss.item(), "on_policy": int(on_policy), "fraction_on_policy": on_policy_steps / step,
+                row = {"loss": session.all_sum(loss_total), "on_policy": int(on_policy),
+                       "fraction_on_policy": on_policy_steps / (step - start_step),
                        "completion_tokens": n_tokens, "tokens_per_s": n_tokens / max(time.time() - step_started, 1e-9),
-                       "lr": scheduler.get_last_lr()[0]}
-                if grad_norm is not None:
-                    row["grad_norm"] = float(grad_norm)
+                       "lr": session.learning_rate, "micro_batches": len(micro)}
+                if cfg.max_grad_norm:
+                    row["grad_norm"] = result.grad_norm
                 row.update(logit_stats)
                 metrics.log(step, **row)
                 last.update(row)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
+                save_checkpoint(session, ctx.stage_dir, step, {"student": student}, {}, cfg.keep_checkpoints)
             advance(1)
     seconds = time.time() - started
 
@@ -503,11 +596,15 @@ def run_distill(cfg: DistillStageConfig, ctx: StageContext) -> StageResult:
     if engine is not None:
         engine.close()
 
-    trained = student.merge_and_unload() if cfg.lora is not None else student
     out = ctx.stage_dir / "model"
-    save_model(trained, tokenizer, out)
+    if ctx.is_main:
+        trained = student.merge_and_unload() if cfg.lora is not None else student
+        save_model(trained, tokenizer, out)
+    session.barrier()
+    session.close()
+    steps_run = max(1, cfg.max_steps - start_step)
     summary.update({
-        "steps": cfg.max_steps, "fraction_on_policy": on_policy_steps / cfg.max_steps,
+        "steps": cfg.max_steps, "fraction_on_policy": on_policy_steps / steps_run,
         "loss_last": last.get("loss"), "train_seconds": round(seconds, 1),
         "tokens_per_s": round(tokens_seen / max(seconds, 1e-9), 1),
     })

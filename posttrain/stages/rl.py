@@ -22,12 +22,9 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import logging
 import math
-import os
 import random
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -37,13 +34,15 @@ from pydantic import Field, model_validator
 
 from posttrain.allocator import retain_freed_memory
 from posttrain.chat import ChatFormatError, tokenize_prompt
-from posttrain.data import DataError, iter_rows, write_json
+from posttrain.data import DataError, iter_rows
 from posttrain.losses.policy import Aggregation, kl_regularised_rewards, masked_sum, reinforce_loss, rloo_advantages
 from posttrain.modeling import load_causal_lm, load_tokenizer
 from posttrain.rollout import DriftMonitor, RolloutConfig, SamplingParams, create_engine, weights_for_engine
 from posttrain.scoring import score_completions
 from posttrain.stages.base import StageConfig, StageContext, StageError, StageResult, register_stage
-from posttrain.stages.sft import LoraSpec, adamw_with_warmup
+from posttrain.training import (PLACEMENT_HELP, LoraSpec, TrainingSession, engine_asleep, latest_checkpoint,
+                                load_checkpoint, place_frozen, resolve_placement, save_checkpoint, save_model,
+                                token_budget_batches, truncate_metrics)
 from posttrain.weights import ema_update_
 from rewards.combine import CombinedReward, FaultPolicy, RewardSpec, columns_from_rows
 
@@ -92,7 +91,19 @@ class RLStageConfig(StageConfig):
                                                "TRL's bf16=True does. Several times faster matmuls on GPUs and AMX "
                                                "CPUs; the logprobs carry bf16 rounding (watch the drift metrics).")
     grad_accum: int = Field(1, ge=1, description="Split each step's prompts into this many micro-batches (whole prompt "
-                            "groups) accumulated into one update; prompts_per_step must be divisible by it.")
+                            "groups) accumulated into one update; prompts_per_step must be divisible by it. "
+                            "max_tokens_per_microbatch, when set, decides instead.")
+    max_tokens_per_microbatch: int | None = Field(
+        None, ge=1, description="Bound each forward/backward micro-batch by this many tokens (prompt + completion, "
+        "whole prompt groups; a group larger than the budget gets one of its own) and accumulate them into the "
+        "step's update: memory per micro-batch is set by this budget, not by prompts_per_step or the vocabulary.")
+    logprob_chunk_size: int | None = Field(
+        1024, ge=1, description="Completion positions projected to the vocabulary at a time when scoring (recomputed "
+        "in backward): no [batch, length, vocabulary] tensor is ever built. null: the model's full logits at once.")
+    gradient_checkpointing: bool = Field(False, description="Recompute the policy's activations in backward (less "
+                                         "memory, about a third more compute); scoring then runs each sequence's "
+                                         "prompt with it instead of once per group.")
+    anchor_placement: str = Field("accelerator", description="Where the anchor and start model live: " + PLACEMENT_HELP + ".")
     lora: LoraSpec | None = Field(None, description="Train a LoRA adapter instead of all weights; the output model is merged.")
     checkpoint_every: int = Field(50, ge=0, description="Save a resumable checkpoint every this many steps (0: never).")
     keep_checkpoints: int = Field(2, ge=1, description="Keep only the newest this many checkpoints.")
@@ -101,7 +112,8 @@ class RLStageConfig(StageConfig):
                                   "(one extra forward per step when anchor_ema > 0).")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Rollout engine settings, including the "
                                    "logprob drift thresholds (drift_warn_threshold, drift_stop_threshold).")
-    report_to: list[str] = Field(default_factory=list, description="Extra trackers: tensorboard, wandb, trackio.")
+    report_to: list[str] = Field(default_factory=list, description="Extra trackers: tensorboard, wandb, trackio "
+                                "(the `trackers` extra installs them).")
 
     @model_validator(mode="after")
     def _check(self):
@@ -156,70 +168,37 @@ def prompt_indices_for_step(num_rows: int, step: int, prompts_per_step: int, see
     return out
 
 
-def sampling_seed(seed: int, step: int) -> int:
-    """The engine's seed for step `step`. Engines derive per-sample seeds as base + offset, so
-    consecutive integers would replay shifted streams; a hash of (seed, step) keeps steps apart."""
-    return random.Random(f"rl-sampling:{seed}:{step}").randrange(2**31)
-
-
-# --- checkpoints --------------------------------------------------------------------------------
-
-def _checkpoint_dirs(stage_dir: Path) -> list[Path]:
-    root = stage_dir / "checkpoints"
-    if not root.exists():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()
-                  and (p / "state.json").exists())
-
-
-def save_checkpoint(stage_dir: Path, step: int, policy, anchor, optimizer, scheduler, state: dict, keep: int) -> Path:
-    """Write checkpoints/step_N atomically (temporary directory, then rename); prune old ones."""
-    root = stage_dir / "checkpoints"
-    final = root / f"step_{step:06d}"
-    tmp = root / f".step_{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save({k: v.detach().clone() for k, v in policy.state_dict().items()}, tmp / "policy.pt")
-    torch.save({k: v.detach().clone() for k, v in anchor.state_dict().items()}, tmp / "anchor.pt")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-    torch.save({"python": random.getstate(), "torch": torch.get_rng_state()}, tmp / "rng.pt")
-    write_json(tmp / "state.json", {**state, "step": step})  # written last: its presence marks a complete checkpoint
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in _checkpoint_dirs(stage_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def load_checkpoint(path: Path, policy, anchor, optimizer, scheduler) -> dict:
-    policy.load_state_dict(torch.load(path / "policy.pt", weights_only=True))
-    anchor.load_state_dict(torch.load(path / "anchor.pt", weights_only=True))
-    opt = torch.load(path / "optimizer.pt", weights_only=False)
-    optimizer.load_state_dict(opt["optimizer"])
-    scheduler.load_state_dict(opt["scheduler"])
-    rng = torch.load(path / "rng.pt", weights_only=False)
-    random.setstate(rng["python"])
-    torch.set_rng_state(rng["torch"])
-    return json.loads((path / "state.json").read_text())
-
-
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """On resume, drop logged rows of steps after the checkpoint: they are about to be redone."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    path.write_text("".join(line + "\n" for line in keep))
+def sampling_seed(seed: int, step: int, rank: int = 0) -> int:
+    """The engine's seed for step `step` on data-parallel rank `rank`. Engines derive per-sample
+    seeds as base + offset, so consecutive integers would replay shifted streams; a hash of
+    (seed, step, rank) keeps steps and ranks apart (rank 0 keeps the single-process seed)."""
+    key = f"rl-sampling:{seed}:{step}" if rank == 0 else f"rl-sampling:{seed}:{step}:{rank}"
+    return random.Random(key).randrange(2**31)
 
 
 # --- evaluation ---------------------------------------------------------------------------------
 
-def evaluate(engine, reward: CombinedReward, rows: list[dict], prompt_ids: list[list[int]], max_new_tokens: int) -> dict:
-    """Greedy completions of held-out prompts, scored with the training rewards (e.g. accuracy for math)."""
-    groups = engine.generate(prompt_ids, n=1, sampling=SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens))
-    texts = [g[0].text for g in groups]
-    batch = reward.compute([r["prompt"] for r in rows], texts, columns_from_rows(rows))
-    out = {"eval/reward": _mean(batch.rewards)}
-    for name, values in batch.per_reward.items():
+def evaluate(engine, reward: CombinedReward, rows: list[dict], prompt_ids: list[list[int]], max_new_tokens: int,
+             session: TrainingSession | None = None) -> dict:
+    """Greedy completions of held-out prompts, scored with the training rewards (e.g. accuracy for math).
+
+    Under data parallelism each rank answers every W-th prompt and the scores are gathered, so the
+    figures are over the whole held-out set whatever the number of ranks.
+    """
+    rank, world = (session.rank, session.world_size) if session is not None else (0, 1)
+    rows, prompt_ids = rows[rank::world], prompt_ids[rank::world]
+    per_reward: dict[str, list] = {}
+    totals: list = []
+    if rows:
+        groups = engine.generate(prompt_ids, n=1, sampling=SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens))
+        batch = reward.compute([r["prompt"] for r in rows], [g[0].text for g in groups], columns_from_rows(rows))
+        totals, per_reward = list(batch.rewards), {k: list(v) for k, v in batch.per_reward.items()}
+    if session is not None:
+        totals = session.gather_lists(totals)
+        names = sorted(set(session.gather_lists(list(per_reward))))
+        per_reward = {name: session.gather_lists(per_reward.get(name, [])) for name in names}
+    out = {"eval/reward": _mean(totals)}
+    for name, values in per_reward.items():
         out[f"eval/{name}"] = _mean(values)
     return out
 
@@ -249,15 +228,7 @@ def _build_policy(config: RLStageConfig):
     return get_peft_model(base, config.lora.to_peft_config()), plain_copy
 
 
-def _frozen(model):
-    model = copy.deepcopy(model)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
-@register_stage("rl", RLStageConfig, outputs=("model",))
+@register_stage("rl", RLStageConfig, outputs=("model",), distributed=True)
 def run_rl(config: RLStageConfig, ctx: StageContext) -> StageResult:
     """REINFORCE/RLOO with a KL penalty to an EMA anchor (WARP stage 1) on rollout-engine samples."""
     stage_dir = Path(ctx.stage_dir)
@@ -265,6 +236,8 @@ def run_rl(config: RLStageConfig, ctx: StageContext) -> StageResult:
     retain_freed_memory()  # see posttrain.allocator: steps stop page-faulting their activations
     torch.manual_seed(ctx.seed)
     random.seed(ctx.seed)
+    session = TrainingSession(config.precision, ctx.seed)
+    session.shard(range(config.prompts_per_step), "prompts_per_step")  # fails early unless it splits over the ranks
     tokenizer = load_tokenizer(config.model)
     pad_id = tokenizer.pad_token_id
     rows, prompt_ids, dropped = load_prompts(config.dataset, tokenizer, config.max_prompt_tokens)
@@ -275,159 +248,118 @@ def run_rl(config: RLStageConfig, ctx: StageContext) -> StageResult:
 
     # Models: the policy being trained, the anchor (EMA of the policy), the starting model (fixed).
     policy, plain = _build_policy(config)
-    policy.train()
-    anchor = _frozen(plain)
-    start_model = _frozen(plain) if (config.log_kl_to_start and config.anchor_ema > 0) else None
+    frozen_device = resolve_placement(config.anchor_placement, session.device, "anchor_placement")
+    anchor = place_frozen(copy.deepcopy(plain), frozen_device)
+    start_model = (place_frozen(copy.deepcopy(plain), frozen_device)
+                   if (config.log_kl_to_start and config.anchor_ema > 0) else None)
     del plain
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer, scheduler = adamw_with_warmup(params, config.learning_rate, config.weight_decay, config.warmup_steps)
+    policy = session.prepare(policy, config.learning_rate, config.weight_decay, config.warmup_steps,
+                             gradient_checkpointing=config.gradient_checkpointing)
 
     start_step, nan_streak = 0, 0
-    checkpoints = _checkpoint_dirs(stage_dir)
-    if checkpoints:
-        state = load_checkpoint(checkpoints[-1], policy, anchor, optimizer, scheduler)
+    checkpoint = latest_checkpoint(stage_dir)
+    if checkpoint is not None:
+        state = load_checkpoint(session, checkpoint, {"policy": policy, "anchor": anchor})
         start_step, nan_streak = state["step"], state.get("nan_streak", 0)
-        _truncate_metrics(stage_dir / "metrics.jsonl", start_step)
-        log.info("resuming %s from %s (step %d)", ctx.name, checkpoints[-1], start_step)
+        if ctx.is_main:
+            truncate_metrics(stage_dir / "metrics.jsonl", start_step)
+        log.info("resuming %s from %s (step %d)", ctx.name, checkpoint, start_step)
 
     recipe_dir = getattr(ctx, "recipe_dir", None)  # file-path rewards are relative to the recipe
     reward = CombinedReward(config.rewards, config.fault_policy, base_dir=str(recipe_dir) if recipe_dir else None)
     reward.warm_up()  # reward workers start while the engine loads
-    engine = create_engine(config.model, config.rollout)
+    engine = create_engine(config.model, config.rollout, device=session.device)
     drift = DriftMonitor.from_config(config.rollout)
-    summary: dict[str, Any] = {"prompts_dropped_too_long": dropped}
+    summary: dict[str, Any] = {"prompts_dropped_too_long": dropped,
+                               **session.describe(config.prompts_per_step * config.num_generations, "sequences")}
+    record: dict[str, Any] = {}
     try:
         if start_step:
             engine.update_weights(weights_for_engine(policy))
         with ctx.metrics(config.report_to) as metrics, ctx.progress(config.max_steps, "RL steps") as advance:
             advance(start_step)
             if eval_rows and start_step == 0:
-                before = evaluate(engine, reward, eval_rows, eval_ids, config.max_new_tokens)
+                before = evaluate(engine, reward, eval_rows, eval_ids, config.max_new_tokens, session)
                 metrics.log(0, **before)
                 summary.update({k + "_before": v for k, v in before.items()})
             for step in range(start_step, config.max_steps):
-                record, nan_streak = _rl_step(step, config, ctx, engine, reward, drift, policy, anchor, start_model,
-                                              optimizer, scheduler, params, rows, prompt_ids, pad_id, nan_streak)
+                record, nan_streak = _rl_step(step, config, ctx, session, engine, reward, drift, policy, anchor,
+                                              start_model, rows, prompt_ids, pad_id, nan_streak)
                 record["prompts_dropped_too_long"] = dropped
                 if config.eval_every and eval_rows and (step + 1) % config.eval_every == 0 and step + 1 < config.max_steps:
-                    record.update(evaluate(engine, reward, eval_rows, eval_ids,
-                                           config.max_new_tokens))
+                    record.update(evaluate(engine, reward, eval_rows, eval_ids, config.max_new_tokens, session))
                 metrics.log(step + 1, **record)
                 advance(1)
                 if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.max_steps:
-                    save_checkpoint(stage_dir, step + 1, policy, anchor, optimizer, scheduler,
+                    save_checkpoint(session, stage_dir, step + 1, {"policy": policy, "anchor": anchor},
                                     {"nan_streak": nan_streak}, config.keep_checkpoints)
             summary.update({k: v for k, v in record.items() if not k.startswith("time/")} if config.max_steps > start_step else {})
             if eval_rows:
-                after = evaluate(engine, reward, eval_rows, eval_ids, config.max_new_tokens)
+                after = evaluate(engine, reward, eval_rows, eval_ids, config.max_new_tokens, session)
                 metrics.log(config.max_steps, **after)
                 summary.update({k + "_after": v for k, v in after.items()})
     finally:
         engine.close()
 
     out_dir = stage_dir / "model"
-    final = policy.merge_and_unload() if config.lora is not None else policy
-    final.save_pretrained(str(out_dir))
-    tokenizer.save_pretrained(str(out_dir))
+    if ctx.is_main:
+        final = policy.merge_and_unload() if config.lora is not None else policy
+        save_model(final, tokenizer, out_dir)
+    session.barrier()  # the other ranks return once the model is on disk
+    session.close()
     return StageResult(outputs={"model": str(out_dir)}, metrics=summary)
 
 
-def _rl_step(step, config: RLStageConfig, ctx, engine, reward: CombinedReward, drift, policy, anchor, start_model, optimizer, scheduler,
-             params, rows, prompt_ids, pad_id, nan_streak) -> tuple[dict, int]:
-    """One iteration of the loop; returns (metrics record, updated NaN streak)."""
+def _rl_step(step, config: RLStageConfig, ctx, session: TrainingSession, engine, reward: CombinedReward, drift, policy,
+             anchor, start_model, rows, prompt_ids, pad_id, nan_streak) -> tuple[dict, int]:
+    """One iteration of the loop on this rank's share of the step; returns (metrics record, NaN streak)."""
     n = config.num_generations
     timer = _Timer()
 
-    # 1. Sample: a deterministic batch of prompts, n completions each.
-    batch_idx = prompt_indices_for_step(len(rows), step, config.prompts_per_step, ctx.seed)
+    # 1. Sample: the step's prompts are a function of (seed, step); this rank takes its share of
+    #    them and samples n completions each on its own engine.
+    batch_idx = session.shard(prompt_indices_for_step(len(rows), step, config.prompts_per_step, ctx.seed), "prompts_per_step")
     batch_rows = [rows[i] for i in batch_idx]
     batch_prompts = [prompt_ids[i] for i in batch_idx]
     # The engine's logprobs feed importance weights (every step) and the drift check (every
     # rollout.drift_check_every steps, from the first); other steps sample without them, which is cheaper.
     check_drift = step % config.rollout.drift_check_every == 0
     sampling = SamplingParams(temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,
-                              seed=sampling_seed(ctx.seed, step),
+                              seed=sampling_seed(ctx.seed, step, session.rank),
                               logprobs=check_drift or config.importance_clip is not None)
     with timer("generate"):
         groups = engine.generate(batch_prompts, n=n, sampling=sampling)
     completions = [c for group in groups for c in group]
-    seq_prompts = [p for p in batch_prompts for _ in range(n)]
 
     # 2. Reward: every reward function on every completion, combined with the recipe's weights.
     with timer("reward"):
         scored = reward.compute([r["prompt"] for r in batch_rows for _ in range(n)], [c.text for c in completions],
                                 columns_from_rows(batch_rows, n))
-    # None: the fault policy skipped the sample, or no reward applies to it; it is left out of the update.
-    valid = torch.tensor([v is not None for v in scored.rewards])
-    rewards = torch.tensor([0.0 if v is None else float(v) for v in scored.rewards], dtype=torch.float32)
 
-    # 3-5. Forward, advantages and loss per micro-batch of whole prompt groups, accumulated.
-    optimizer.zero_grad(set_to_none=True)
-    lengths = [len(c.token_ids) for c in completions]
-    total_tokens = max(1, sum(lengths))
-    group_size = config.prompts_per_step // config.grad_accum * n
-    stats = _StepStats()
-    finite = True
-    device = next(policy.parameters()).device
-    # Forward passes only; backward runs outside autocast, as torch.autocast prescribes.
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
-    with timer("train"):
-        for start in range(0, len(completions), group_size):
-            mb = slice(start, start + group_size)
-            comp_ids = [c.token_ids for c in completions[mb]]
-            score = functools.partial(score_completions, prompt_ids=seq_prompts[mb], completion_ids=comp_ids,
-                                      temperature=config.temperature, pad_token_id=pad_id, group_size=n)
-            with autocast:
-                logp, mask, entropy = score(policy, with_entropy=True)
-                with torch.no_grad():
-                    logp_anchor, _, _ = score(anchor)
-                    logp_start = score(start_model)[0] if start_model is not None else None
-            logp_sum, anchor_sum = masked_sum(logp.detach(), mask), masked_sum(logp_anchor, mask)
-            r, ok = rewards[mb].to(logp.device), valid[mb].to(logp.device)
-            r_beta = kl_regularised_rewards(r, logp_sum, anchor_sum, config.beta)
-            if config.baseline == "rloo":
-                advantages = rloo_advantages(r_beta.view(-1, n), ok.view(-1, n)).view(-1)
-            else:
-                advantages = torch.where(ok, r_beta, torch.zeros_like(r_beta))
-            old = None
-            if config.importance_clip is not None:
-                old = _pad_engine_logprobs(completions[mb], mask)
-            normalizer = total_tokens if config.loss_aggregation == "token_mean" else len(completions)
-            loss = reinforce_loss(logp, advantages, mask, old_logprobs=old, clip=config.importance_clip,
-                                  aggregation=config.loss_aggregation, normalizer=normalizer)
-            if not torch.isfinite(loss):
-                finite = False
-                break
-            loss.backward()
-            stats.add(loss=loss.item(), kl_anchor=(logp_sum - anchor_sum).tolist(),
-                      kl_start=(logp_sum - masked_sum(logp_start, mask)).tolist() if logp_start is not None
-                      else (logp_sum - anchor_sum).tolist(),
-                      entropy=(entropy.sum().item(), mask.sum().item()), r_beta=r_beta[ok].tolist(),
-                      engine_lp=[c.logprobs for c in completions[mb]] if check_drift else [],
-                      trainer_lp=[logp[i, :len(c.token_ids)].detach() for i, c in enumerate(completions[mb])]
-                      if check_drift else [])
-        grad_norm = float("nan")
-        if finite:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf")))
-            finite = math.isfinite(grad_norm)
-        if finite:
-            optimizer.step()
-            scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    if not finite:
+    # 3-5. Forward, advantages, loss and backward; the engine sleeps meanwhile when asked to.
+    with timer("train"), engine_asleep(engine, config.rollout.enable_sleep_mode):
+        stats, finite = policy_gradient_pass(config, session, policy, anchor, start_model, batch_prompts,
+                                             completions, scored.rewards, pad_id, keep_logprobs=check_drift)
+        # Every rank steps or skips together: the gradient all-reduce in step() is collective.
+        finite = session.all_sum(0.0 if finite else 1.0) == 0
+        result = session.step(config.max_grad_norm) if finite else None
+        if not finite:
+            session.zero_grad()
+    local = _local_step_values(scored, completions)
+    if result is None or not result.finite:
         nan_streak += 1
         log.warning("step %d: non-finite loss or gradient; skipped the update (%d in a row, limit %d)",
                     step + 1, nan_streak, config.max_nan_steps)
         if nan_streak >= config.max_nan_steps:
             raise StageError(f"rl: {nan_streak} steps in a row had a non-finite loss or gradient (max_nan_steps="
                              f"{config.max_nan_steps}); check the rewards for NaN/inf and lower learning_rate")
-        return {"skipped_nonfinite": 1, "nan_streak": nan_streak, **_reward_metrics(scored, completions)}, nan_streak
+        return {"skipped_nonfinite": 1, "nan_streak": nan_streak, **_reward_metrics(session, local)}, nan_streak
     nan_streak = 0
 
-    # 6. Anchor: EMA of the policy's (LoRA-merged) weights.
+    # 6. Anchor: EMA of the policy's (LoRA-merged) weights. The update was the same on every rank,
+    #    so every rank's anchor stays identical without communication.
     with timer("anchor"):
-        ema_update_(anchor, dict(weights_for_engine(policy)), config.anchor_ema)
+        ema_update_(anchor, {k: v.to(anchor.device) for k, v in weights_for_engine(policy)}, config.anchor_ema)
 
     # 7. Sync: the engine samples the next batch from the updated policy.
     with timer("sync"):
@@ -435,27 +367,105 @@ def _rl_step(step, config: RLStageConfig, ctx, engine, reward: CombinedReward, d
 
     drift_metrics = drift.check(stats.engine_lp, stats.trainer_lp, step=step + 1) if check_drift else {}
     record = {
-        **_reward_metrics(scored, completions),
-        "reward_beta/mean": _mean(stats.r_beta),
-        "loss": stats.loss, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
-        "kl_anchor": _mean(stats.kl_anchor), "kl_start": _mean(stats.kl_start),
-        "entropy": stats.entropy_sum / max(1.0, stats.entropy_count),
-        **drift_metrics, "skipped_nonfinite": 0,
+        **_reward_metrics(session, local),
+        "reward_beta/mean": _mean(session.gather_lists(stats.r_beta)),
+        "loss": session.all_sum(stats.loss), "grad_norm": result.grad_norm, "lr": session.learning_rate,
+        "kl_anchor": _mean(session.gather_lists(stats.kl_anchor)), "kl_start": _mean(session.gather_lists(stats.kl_start)),
+        "entropy": session.all_sum(stats.entropy_sum) / max(1.0, session.all_sum(stats.entropy_count)),
+        "micro_batches": stats.micro_batches, **drift_metrics, "skipped_nonfinite": 0,
     }
     record.update(timer.report())
     return record, nan_streak
 
 
-def _reward_metrics(scored, completions) -> dict:
+def policy_gradient_pass(config: RLStageConfig, session: TrainingSession, policy, anchor, start_model,
+                         batch_prompts: list[list[int]], completions, rewards: list, pad_id: int,
+                         keep_logprobs: bool = False) -> tuple["_StepStats", bool]:
+    """Steps 3-5 on this rank's completions: score them under the policy (with gradient), the anchor
+    and the start model, form r_beta and RLOO advantages, and accumulate the gradient of this rank's
+    share of the global loss. Returns the step's statistics and whether every loss was finite.
+
+    The loss is normalised by the *global* token count (token_mean) or sequence count, so summing
+    the ranks' gradients (TrainingSession.step) gives exactly the single-process gradient.
+    """
+    n = config.num_generations
+    # None: the fault policy skipped the sample, or no reward applies to it; it is left out of the update.
+    valid = torch.tensor([v is not None for v in rewards])
+    reward_t = torch.tensor([0.0 if v is None else float(v) for v in rewards], dtype=torch.float32)
+    seq_prompts = [p for p in batch_prompts for _ in range(n)]
     lengths = [len(c.token_ids) for c in completions]
-    out = {"reward/mean": _mean(scored.rewards), "reward/std": _std(scored.rewards), "reward/skipped": sum(scored.skipped),
-           "completion_length": sum(lengths) / len(lengths),
-           "truncation_rate": sum(c.finish_reason == "length" for c in completions) / len(completions)}
-    for name, values in scored.per_reward.items():
+    if config.loss_aggregation == "token_mean":
+        normalizer = max(1.0, session.all_sum(sum(lengths)))
+    else:
+        normalizer = session.all_sum(len(completions))
+    if config.max_tokens_per_microbatch is not None:
+        sizes = [len(p) + len(c.token_ids) for p, c in zip(seq_prompts, completions)]
+        micro = token_budget_batches(sizes, config.max_tokens_per_microbatch, group_size=n)
+    else:
+        group = len(completions) // config.grad_accum if len(completions) >= config.grad_accum else len(completions)
+        group = max(n, group - group % n)
+        micro = [slice(s, s + group) for s in range(0, len(completions), group)]
+    # Gradient checkpointing drops the key/value cache the shared-prompt layout reuses: score flat then.
+    group_size = 1 if config.gradient_checkpointing else n
+    stats = _StepStats()
+    stats.micro_batches = len(micro)
+    for mb in micro:
+        comp_ids = [c.token_ids for c in completions[mb]]
+        score = functools.partial(score_completions, prompt_ids=seq_prompts[mb], completion_ids=comp_ids,
+                                  temperature=config.temperature, pad_token_id=pad_id, group_size=group_size,
+                                  chunk_size=config.logprob_chunk_size)
+        with session.autocast():
+            logp, mask, entropy = score(policy, with_entropy=True)
+            with torch.no_grad():
+                logp_anchor = score(anchor)[0].to(logp.device)
+                logp_start = score(start_model)[0].to(logp.device) if start_model is not None else None
+        logp_sum, anchor_sum = masked_sum(logp.detach(), mask), masked_sum(logp_anchor, mask)
+        r, ok = reward_t[mb].to(logp.device), valid[mb].to(logp.device)
+        r_beta = kl_regularised_rewards(r, logp_sum, anchor_sum, config.beta)
+        if config.baseline == "rloo":
+            advantages = rloo_advantages(r_beta.view(-1, n), ok.view(-1, n)).view(-1)
+        else:
+            advantages = torch.where(ok, r_beta, torch.zeros_like(r_beta))
+        old = _pad_engine_logprobs(completions[mb], mask) if config.importance_clip is not None else None
+        loss = reinforce_loss(logp, advantages, mask, old_logprobs=old, clip=config.importance_clip,
+                              aggregation=config.loss_aggregation, normalizer=normalizer)
+        if not torch.isfinite(loss):
+            return stats, False
+        loss.backward()
+        stats.add(loss=loss.item(), kl_anchor=(logp_sum - anchor_sum).tolist(),
+                  kl_start=(logp_sum - masked_sum(logp_start, mask)).tolist() if logp_start is not None
+                  else (logp_sum - anchor_sum).tolist(),
+                  entropy=(entropy.sum().item(), mask.sum().item()), r_beta=r_beta[ok].tolist(),
+                  engine_lp=[c.logprobs for c in completions[mb]] if keep_logprobs else [],
+                  trainer_lp=[logp[i, :len(c.token_ids)].detach().cpu() for i, c in enumerate(completions[mb])]
+                  if keep_logprobs else [])
+    return stats, True
+
+
+def _local_step_values(scored, completions) -> dict:
+    """This rank's per-sample values behind the step's reward metrics (gathered before averaging)."""
+    return {"rewards": list(scored.rewards), "skipped": sum(scored.skipped),
+            "lengths": [len(c.token_ids) for c in completions],
+            "truncated": [c.finish_reason == "length" for c in completions],
+            "per_reward": {k: list(v) for k, v in scored.per_reward.items()}, "faults": dict(scored.faults)}
+
+
+def _reward_metrics(session: TrainingSession, local: dict) -> dict:
+    """Reward, length and fault metrics over the whole step (every rank's samples)."""
+    everyone = session.gather_lists([local])
+    rewards = [v for part in everyone for v in part["rewards"]]
+    lengths = [v for part in everyone for v in part["lengths"]]
+    truncated = [v for part in everyone for v in part["truncated"]]
+    out = {"reward/mean": _mean(rewards), "reward/std": _std(rewards),
+           "reward/skipped": sum(part["skipped"] for part in everyone),
+           "completion_length": sum(lengths) / max(1, len(lengths)),
+           "truncation_rate": sum(truncated) / max(1, len(truncated))}
+    for name in sorted({k for part in everyone for k in part["per_reward"]}):
+        values = [v for part in everyone for v in part["per_reward"].get(name, [])]
         out[f"reward/{name}/mean"] = _mean(values)
         out[f"reward/{name}/std"] = _std(values)
-    for name, count in scored.faults.items():
-        out[f"reward/{name}/faults"] = count
+    for name in sorted({k for part in everyone for k in part["faults"]}):
+        out[f"reward/{name}/faults"] = sum(part["faults"].get(name, 0) for part in everyone)
     return out
 
 
@@ -477,6 +487,7 @@ class _StepStats:
         self.kl_anchor, self.kl_start, self.r_beta = [], [], []
         self.entropy_sum = self.entropy_count = 0.0
         self.engine_lp, self.trainer_lp = [], []
+        self.micro_batches = 0
 
     def add(self, loss, kl_anchor, kl_start, entropy, r_beta, engine_lp, trainer_lp):
         self.loss += loss

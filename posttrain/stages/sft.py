@@ -13,41 +13,13 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from posttrain.chat import (ChatFormatError, GEMMA_CHAT_TEMPLATE, normalise_messages, prompt_completion_to_messages,
-                            tokenize_conversation)
+from posttrain.chat import ChatFormatError, normalise_messages, prompt_completion_to_messages, tokenize_conversation
 from posttrain.data import DataError, iter_rows, write_jsonl
 from posttrain.distributed import world_size
 from posttrain.stages.base import StageConfig, StageContext, StageError, StageResult, register_stage
-
-
-class LoraSpec(BaseModel):
-    """LoRA adapter settings (peft)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    r: int = Field(16, ge=1, description="Rank of the update matrices.")
-    alpha: int = Field(32, ge=1, description="Scaling numerator (scale = alpha / r).")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
-    target_modules: list[str] | str = Field("all-linear", description="Modules to adapt; 'all-linear' for every linear layer but the head.")
-
-    def to_peft_config(self):
-        from peft import LoraConfig
-
-        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                          target_modules=self.target_modules, task_type="CAUSAL_LM")
-
-
-def adamw_with_warmup(params, learning_rate: float, weight_decay: float, warmup_steps: int):
-    """AdamW with a linear warm-up to a constant rate: the optimizer of the hand-written loops
-    (distill, rl); SFT uses the Trainer's own schedules."""
-    import torch
-
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0)
-    return optimizer, scheduler
+from posttrain.training import LoraSpec, save_model, save_tokenizer
 
 
 class SFTStageConfig(StageConfig):
@@ -115,21 +87,6 @@ def tokenize_for_training(tokenizer, conversations, max_length: int) -> tuple[li
         if any(mask):
             rows.append({"input_ids": ids, "assistant_masks": mask})
     return rows, truncated
-
-
-def save_model(model, tokenizer, out_dir: Path) -> None:
-    """HF checkpoint (safetensors) plus the tokenizer carrying the Gemma chat template."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out_dir), safe_serialization=True)
-    save_tokenizer(tokenizer, out_dir)
-
-
-def save_tokenizer(tokenizer, out_dir: Path) -> None:
-    """The tokenizer, with the Gemma chat template when it has none of its own."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
-    tokenizer.save_pretrained(str(out_dir))
 
 
 @register_stage("sft", SFTStageConfig, outputs=("model",), distributed=True)

@@ -1,0 +1,431 @@
+"""What the hand-written training loops (`distill`, `rl`) share, on accelerate.
+
+The loops stay readable top to bottom in their stage modules; everything here is the plumbing a
+TRL user expects underneath them:
+
+- device placement and precision: `TrainingSession` builds an `accelerate.Accelerator`, so the
+  policy lands on the rank's accelerator (cuda:LOCAL_RANK, else the CPU) and bf16 mixed precision
+  is autocast around the forward passes while weights, optimizer state and losses stay float32;
+- data parallelism: under `torchrun`/`accelerate launch` every rank runs the loop on its share of
+  a step's prompts (`TrainingSession.shard`), normalises its loss by the *global* token or sequence
+  count (`all_sum`), and `step` sums the gradients over ranks (bucketed all-reduce) before clipping,
+  so one step on W ranks equals one single-process step on the same global batch (tests compare
+  the two under torchrun);
+- micro-batches by a token budget (`token_budget_batches`), accumulated into one update;
+- gradient clipping and a step that skips non-finite gradients (`TrainingSession.step`);
+- frozen models (anchor, start model, teacher) placed on the accelerator or wherever an option
+  says (`place_frozen`);
+- checkpoints that resume bit for bit (`save_checkpoint` / `load_checkpoint`), written by rank 0;
+- the pieces every loop needs: LoRA settings, AdamW with warm-up, saving a model with its tokenizer.
+
+Why gradients are all-reduced here rather than by a DDP wrapper: the ranks' completions differ in
+length, so under a token budget they take different numbers of micro-batches, and DDP needs every
+rank in every backward's all-reduce; the scoring functions also call the model several times per
+micro-batch (a shared prompt pass, then completions on its KV cache) and reach into its decoder for
+chunked log-probabilities, which DDP only synchronises when they run inside its own forward. One
+all-reduce of the accumulated gradients per step has neither constraint, and moves the same bytes.
+
+DeepSpeed ZeRO and FSDP: `sft` runs under them through TRL. The hand-written loops need every rank
+to hold the full policy weights (each rank's rollout engine is pushed the whole model after every
+step, and the EMA anchor is a full copy), so they run under plain data parallelism; asked to run
+under a DeepSpeed or FSDP launch they stop with a clear error instead of training wrongly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+Precision = Literal["fp32", "bf16"]
+
+
+class TrainingSetupError(RuntimeError):
+    """The launch or the options ask for something the hand-written loops cannot do."""
+
+
+# --- LoRA, optimizer, saving ---------------------------------------------------------------------
+
+class LoraSpec(BaseModel):
+    """LoRA adapter settings (peft)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(16, ge=1, description="Rank of the update matrices.")
+    alpha: int = Field(32, ge=1, description="Scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | str = Field("all-linear", description="Modules to adapt; 'all-linear' for every linear layer but the head.")
+
+    def to_peft_config(self):
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                          target_modules=self.target_modules, task_type="CAUSAL_LM")
+
+
+def adamw_with_warmup(params, learning_rate: float, weight_decay: float, warmup_steps: int):
+    """AdamW with a linear warm-up to a constant rate: the optimizer of the hand-written loops
+    (distill, rl); SFT uses the Trainer's own schedules."""
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0)
+    return optimizer, scheduler
+
+
+def save_model(model, tokenizer, out_dir: Path) -> None:
+    """HF checkpoint (safetensors) plus the tokenizer carrying the Gemma chat template."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    save_tokenizer(tokenizer, out_dir)
+
+
+def save_tokenizer(tokenizer, out_dir: Path) -> None:
+    """The tokenizer, with the Gemma chat template when it has none of its own."""
+    from posttrain.chat import GEMMA_CHAT_TEMPLATE
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
+    tokenizer.save_pretrained(str(out_dir))
+
+
+# --- where frozen models live --------------------------------------------------------------------
+
+PLACEMENT_HELP = ("where a frozen model lives: 'accelerator' (the rank's GPU, else the CPU), 'cpu' (offloaded: "
+                  "saves GPU memory, costs speed) or an explicit device such as 'cuda:1' (a GPU of its own)")
+
+
+def resolve_placement(placement: str, accelerator_device: torch.device, key: str) -> torch.device:
+    """The torch device for a placement option; `key` names the recipe option in errors."""
+    if placement == "accelerator":
+        return accelerator_device
+    try:
+        device = torch.device(placement)
+    except RuntimeError:
+        raise TrainingSetupError(f"{key}: {placement!r} is not a placement; expected {PLACEMENT_HELP}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainingSetupError(f"{key}: {placement!r} asks for a GPU but CUDA is not available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise TrainingSetupError(f"{key}: {placement!r} but only {torch.cuda.device_count()} GPU(s) are visible")
+    return device
+
+
+def place_frozen(model, device: torch.device):
+    """Eval mode, no gradients, on `device`: the anchor, the start model, a teacher."""
+    model.eval()
+    model.requires_grad_(False)
+    return model.to(device)
+
+
+# --- the session ---------------------------------------------------------------------------------
+
+@dataclass
+class StepResult:
+    grad_norm: float
+    finite: bool
+
+
+class TrainingSession:
+    """One policy being trained by a hand-written loop, on accelerate.
+
+        session = TrainingSession(precision="bf16", seed=0)
+        policy = session.prepare(model, learning_rate=..., weight_decay=..., warmup_steps=...)
+        for step ...:
+            rows = session.shard(step_rows)                      # this rank's share
+            total = session.all_sum(local_tokens)                # the global normaliser
+            for mb in token_budget_batches(sizes, budget):
+                with session.autocast():
+                    loss = ... / total                           # this rank's share of the global mean
+                loss.backward()
+            result = session.step(max_grad_norm)                 # all-reduce, clip, skip non-finite, update
+    """
+
+    def __init__(self, precision: Precision = "fp32", seed: int = 0):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedType
+
+        cuda = torch.cuda.is_available()
+        # Precision is applied by `autocast()` below, per stage, rather than through accelerate:
+        # its state is one per process, and a run's stages may differ (an fp32 distill, then a bf16
+        # rl, after a TRL sft that set its own); asking accelerate for a different one would fail.
+        self.accelerator = Accelerator(cpu=not cuda)
+        kind = self.accelerator.distributed_type
+        if kind in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+            raise TrainingSetupError(
+                f"this launch uses {kind.value}, which shards the policy across ranks; the distill and rl loops need "
+                "the full policy on every rank (each rank's rollout engine receives it after every step). Launch them "
+                "data-parallel (plain `accelerate launch` / `torchrun`, or an accelerate config with "
+                "distributed_type: MULTI_GPU); sft runs under DeepSpeed/FSDP as configured.")
+        self.precision = precision
+        self.seed = seed
+        self.model = None
+        self.optimizer = None
+        self.scheduler = None
+        self._params: list[torch.nn.Parameter] = []
+
+    # -- facts about the launch --
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def describe(self, global_batch: int, unit: str) -> dict[str, Any]:
+        """The facts every stage records in its metrics: where it ran and how big a step was."""
+        return {"device": str(self.device), "device_type": self.device.type, "world_size": self.world_size,
+                "precision": self.precision, f"global_batch_{unit}": global_batch}
+
+    # -- setting up --
+    def prepare(self, model, learning_rate: float, weight_decay: float = 0.0, warmup_steps: int = 0,
+                gradient_checkpointing: bool = False):
+        """Move the policy to the device, build AdamW + warm-up over its trainable parameters and
+        note the parameters whose gradients `step` all-reduces. Returns the model itself (unwrapped), for saving and syncing."""
+        model = model.to(self.device)
+        if gradient_checkpointing:
+            # Non-reentrant checkpointing works with peft's frozen inputs.
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "enable_input_require_grads"):
+                model.enable_input_require_grads()
+        model.train()
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        optimizer, scheduler = adamw_with_warmup(self._params, learning_rate, weight_decay, warmup_steps)
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        return model
+
+    # -- data parallelism --
+    def shard(self, items: Sequence, what: str = "items") -> list:
+        """This rank's contiguous share of a step's items. The global batch must split evenly, so
+        that a step means the same number of samples whatever the number of ranks."""
+        n, w = len(items), self.world_size
+        if n % w:
+            raise TrainingSetupError(f"{what}: {n} per step do not split evenly over {w} processes; "
+                                     f"use a multiple of {w}")
+        share = n // w
+        return list(items[self.rank * share:(self.rank + 1) * share])
+
+    def all_sum(self, value: float) -> float:
+        """Sum of a number over the ranks (token counts for the global loss normaliser)."""
+        if self.world_size == 1:
+            return float(value)
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        return float(self.accelerator.reduce(t, reduction="sum").item())
+
+    def gather_lists(self, values: list) -> list:
+        """Concatenate a Python list from every rank, in rank order (metrics, evaluation results)."""
+        if self.world_size == 1:
+            return list(values)
+        import torch.distributed as dist
+
+        boxes: list[Any] = [None] * self.world_size
+        dist.all_gather_object(boxes, list(values))
+        return [v for box in boxes for v in box]
+
+    def broadcast_object(self, value):
+        """Rank 0's value on every rank."""
+        if self.world_size == 1:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    # -- one step --
+    def autocast(self):
+        """bf16 autocast for forward passes (trained and frozen models alike) when precision is bf16."""
+        if self.precision != "bf16":
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def step(self, max_grad_norm: float | None) -> StepResult:
+        """Sum gradients over ranks, clip, then apply the update unless the gradient is not finite;
+        always clears gradients. Every rank must call it once per step (it is collective)."""
+        self._all_reduce_gradients()
+        norm = torch.nn.utils.clip_grad_norm_(self._params, max_grad_norm or float("inf"))
+        grad_norm = float(norm)
+        finite = math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(grad_norm, finite)
+
+    def _all_reduce_gradients(self, bucket_elements: int = 2**25) -> None:
+        """Sum each trainable parameter's gradient over the ranks, in flat buckets (few, large
+        collectives). A parameter a rank did not reach (an empty share) contributes zeros."""
+        if self.world_size == 1:
+            return
+        import torch.distributed as dist
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        for p in self._params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        buckets: list[list[torch.Tensor]] = []
+        for p in self._params:
+            last = buckets[-1] if buckets else None
+            if (last is None or last[0].dtype != p.grad.dtype
+                    or sum(g.numel() for g in last) + p.grad.numel() > bucket_elements):
+                buckets.append([p.grad])
+            else:
+                last.append(p.grad)
+        for bucket in buckets:
+            flat = _flatten_dense_tensors(bucket)
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            for dst, src in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+                dst.copy_(src)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @property
+    def learning_rate(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def close(self) -> None:
+        """Drop accelerate's references to the models (its process group stays for the runner)."""
+        self.accelerator.free_memory()
+
+
+def token_budget_batches(sizes: Sequence[int], budget: int | None, group_size: int = 1) -> list[slice]:
+    """Split items into consecutive micro-batches of whole groups whose token count fits `budget`.
+
+    `sizes[i]` is the number of tokens item i puts through the model (prompt + completion); a group
+    (RL's n samples of one prompt) is never split, because its prompt runs once for all of them.
+    A group larger than the budget gets a micro-batch of its own. `budget` None: one batch.
+    """
+    n = len(sizes)
+    if n % group_size:
+        raise ValueError(f"token_budget_batches: {n} items do not split into groups of {group_size}")
+    if budget is None or n == 0:
+        return [slice(0, n)] if n else []
+    out, start, used = [], 0, 0
+    for g in range(0, n, group_size):
+        cost = sum(sizes[g:g + group_size])
+        if g > start and used + cost > budget:
+            out.append(slice(start, g))
+            start, used = g, 0
+        used += cost
+    out.append(slice(start, n))
+    return out
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+def checkpoint_dirs(stage_dir: Path) -> list[Path]:
+    """Complete checkpoints (their state.json exists), oldest first."""
+    root = Path(stage_dir) / "checkpoints"
+    if not root.exists():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()
+                  and (p / "state.json").exists())
+
+
+def save_checkpoint(session: TrainingSession, stage_dir: Path, step: int, models: dict[str, torch.nn.Module],
+                    state: dict, keep: int) -> Path | None:
+    """checkpoints/step_N with the named models' weights, optimizer, schedule and RNG states.
+
+    Rank 0 writes (data-parallel ranks hold identical weights); every rank's RNG states are
+    gathered into it, so a resumed run continues each rank's random streams. The directory is
+    written under a temporary name and renamed, with state.json last: a checkpoint cut short by a
+    crash is never taken for complete. Returns the path on rank 0.
+    """
+    rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    all_rng = session.gather_lists([rng])
+    final = None
+    if session.is_main:
+        root = Path(stage_dir) / "checkpoints"
+        final = root / f"step_{step:06d}"
+        tmp = root / f".step_{step:06d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name, model in models.items():
+            torch.save({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, tmp / f"{name}.pt")
+        torch.save({"optimizer": session.optimizer.state_dict(), "scheduler": session.scheduler.state_dict()},
+                   tmp / "optimizer.pt")
+        torch.save(all_rng, tmp / "rng.pt")
+        _write_json(tmp / "state.json", {**state, "step": step, "world_size": session.world_size})
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in checkpoint_dirs(stage_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    session.barrier()
+    return final
+
+
+def load_checkpoint(session: TrainingSession, path: Path, models: dict[str, torch.nn.Module]) -> dict:
+    """Restore what save_checkpoint wrote, on every rank; returns its state (with `step`)."""
+    for name, model in models.items():
+        weights = torch.load(path / f"{name}.pt", weights_only=True, map_location="cpu")
+        model.load_state_dict(weights)
+    opt = torch.load(path / "optimizer.pt", weights_only=False, map_location="cpu")
+    session.optimizer.load_state_dict(opt["optimizer"])
+    session.scheduler.load_state_dict(opt["scheduler"])
+    state = json.loads((path / "state.json").read_text())
+    all_rng = torch.load(path / "rng.pt", weights_only=False)
+    if len(all_rng) == session.world_size:
+        rng = all_rng[session.rank]
+        random.setstate(rng["python"])
+        torch.set_rng_state(rng["torch"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    # A different world size resumes the weights and optimizer; the loops' data order is a
+    # function of (seed, step), so only their private random streams start afresh.
+    return state
+
+
+def latest_checkpoint(stage_dir: Path) -> Path | None:
+    found = checkpoint_dirs(stage_dir)
+    return found[-1] if found else None
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """On resume, drop logged rows of steps after the checkpoint: they are about to be redone."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def _write_json(path: Path, value: dict) -> None:
+    path.write_text(json.dumps(value, indent=2, default=str))
+
+
+@contextmanager
+def engine_asleep(engine, enabled: bool):
+    """Free the rollout engine's GPU memory (weights, KV cache) during the backward and optimizer
+    step, when the recipe asks (rollout.enable_sleep_mode) and the engine can; it wakes on exit,
+    and the caller then pushes the new weights."""
+    asleep = enabled and bool(getattr(engine, "can_sleep", False))
+    if asleep:
+        engine.sleep()
+    try:
+        yield
+    finally:
+        if asleep:
+            engine.wake_up()
