@@ -188,14 +188,14 @@ class VLLMEngine(RolloutEngine):
 
     def generate(self, prompts: Sequence[Prompt], n: int = 1,
                  sampling: SamplingParams | None = None) -> list[list[Completion]]:
-        from vllm import SamplingParams as VLLMSamplingParams
-        from vllm.inputs import TokensPrompt
-
         sampling = sampling or SamplingParams()
         if n < 1:
             raise ValueError(f"n: expected at least 1 completion per prompt, got {n}")
         if self._sleeping:
             raise RolloutError("generate: the engine is asleep; call wake_up() (or update_weights) first")
+        from vllm import SamplingParams as VLLMSamplingParams
+        from vllm.inputs import TokensPrompt
+
         prompt_ids = render_prompts(self.tokenizer, prompts)
         prompt_ids, truncated = fit_prompts(prompt_ids, self.max_model_len, sampling.max_new_tokens,
                                             self.config.on_overlong_prompt, self.tokenizer.bos_token_id)

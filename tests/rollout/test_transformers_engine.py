@@ -5,8 +5,8 @@ import torch
 
 from posttrain.chat import tokenize_prompt
 from posttrain.modeling import end_of_turn_id, load_causal_lm
-from posttrain.rollout import (OverlongPromptError, RolloutConfig, SamplingParams, create_engine, sequence_logprobs,
-                               weights_for_engine)
+from posttrain.rollout import (OverlongPromptError, RolloutConfig, RolloutError, SamplingParams, create_engine,
+                               sequence_logprobs, weights_for_engine)
 from rollout_helpers import PROMPTS, flat, make_end_of_turn_likely, perturbed, prompt_ids_per_completion
 
 
@@ -134,3 +134,47 @@ def test_weights_for_engine_merges_lora_without_touching_the_policy(tiny_gemma3_
         torch.testing.assert_close(pushed[name], tensor, atol=1e-6, rtol=0)
     q = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.allclose(pushed[q], load_causal_lm(tiny_gemma3_dir).state_dict()[q])
+
+
+def test_device_argument_places_the_model_there(tiny_gemma3_dir):
+    # CUDA is not available on this machine: "cpu" and "meta" show that the argument is honoured.
+    on_cpu = create_engine(str(tiny_gemma3_dir), RolloutConfig(backend="transformers"), device="cpu")
+    assert on_cpu.device == torch.device("cpu")
+    assert {p.device.type for p in on_cpu.model.parameters()} == {"cpu"}
+    on_meta = create_engine(str(tiny_gemma3_dir), RolloutConfig(backend="transformers"), device=torch.device("meta"))
+    assert on_meta.device == torch.device("meta")
+    assert {p.device.type for p in on_meta.model.parameters()} == {"meta"}
+
+
+def test_update_weights_copies_onto_the_engines_device_and_dtype(tiny_gemma3_dir):
+    engine = create_engine(str(tiny_gemma3_dir), RolloutConfig(backend="transformers"), device="cpu")
+    new = perturbed(load_causal_lm(tiny_gemma3_dir), seed=3)
+    engine.update_weights((n, t.double()) for n, t in weights_for_engine(new))  # another dtype than the engine's
+    held = engine.model.state_dict()
+    for name, tensor in weights_for_engine(new):
+        assert held[name].dtype == torch.float32 and held[name].device.type == "cpu"
+        assert torch.equal(held[name], tensor)
+
+
+def test_sleep_is_a_no_op_on_the_cpu_and_sleep_mode_needs_cuda(engine, tiny_gemma3_dir):
+    assert not engine.can_sleep
+    engine.sleep()
+    assert not engine.sleeping
+    engine.wake_up()
+    assert engine.generate(["hi"], sampling=SamplingParams(temperature=0, max_new_tokens=2))
+    with pytest.raises(RolloutError, match="enable_sleep_mode=true: needs the engine on a CUDA GPU"):
+        create_engine(str(tiny_gemma3_dir), RolloutConfig(backend="transformers", enable_sleep_mode=True),
+                      device="cpu")
+
+
+def test_data_parallel_ranks_draw_different_samples_from_the_same_seed(tiny_gemma3_dir, monkeypatch):
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=8, seed=7)
+    samples = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        engine = create_engine(str(tiny_gemma3_dir), RolloutConfig(backend="transformers"))
+        first = [c.token_ids for c in flat(engine.generate(PROMPTS, n=2, sampling=sampling))]
+        assert first == [c.token_ids for c in flat(engine.generate(PROMPTS, n=2, sampling=sampling))]  # reproducible
+        samples.append(first)
+    assert samples[0] != samples[1]
