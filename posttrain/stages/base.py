@@ -65,30 +65,30 @@ def register_stage(kind: str, config_cls: type[StageConfig], outputs: tuple[str,
 
 
 class MetricsLogger:
-    """Appends one JSON object per logged step to `metrics.jsonl` (and optional trackers)."""
+    """Appends one JSON object per logged step to `metrics.jsonl`, and logs the numeric values to
+    the trackers in `report_to` (see posttrain.trackers; their files go next to metrics.jsonl)."""
 
-    def __init__(self, path: Path, report_to: list[str] | None = None):
+    def __init__(self, path: Path, report_to: list[str] | None = None, *, project: str = "posttrain",
+                 run_name: str | None = None):
+        from posttrain.trackers import Trackers
+
         self.path = path
-        self.report_to = report_to or []
+        self.report_to = list(report_to or [])
+        self._trackers = Trackers(self.report_to, logging_dir=path.parent, project=project,
+                                  run_name=run_name or path.parent.name) if self.report_to else None
         self._fh = open(path, "a", encoding="utf-8")
-        self._tb = None
-        if "tensorboard" in self.report_to:
-            from torch.utils.tensorboard import SummaryWriter
-            self._tb = SummaryWriter(str(path.parent / "tensorboard"))
 
     def log(self, step: int, **values: Any) -> None:
         row = {"step": step, "time": round(time.time(), 3), **values}
         self._fh.write(json.dumps(row, default=float) + "\n")
         self._fh.flush()
-        if self._tb is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)):
-                    self._tb.add_scalar(k, v, step)
+        if self._trackers is not None:
+            self._trackers.log(step, values)
 
     def close(self) -> None:
         self._fh.close()
-        if self._tb is not None:
-            self._tb.close()
+        if self._trackers is not None:
+            self._trackers.close()
 
 
 class _NullMetrics:
@@ -116,7 +116,7 @@ class StageContext:
         if not self.is_main:
             yield _NullMetrics()
             return
-        logger = MetricsLogger(self.stage_dir / "metrics.jsonl", report_to)
+        logger = MetricsLogger(self.stage_dir / "metrics.jsonl", report_to, project=self.recipe_name, run_name=self.name)
         try:
             yield logger
         finally:
