@@ -1,0 +1,297 @@
+"""Peak memory of one rl step and one distill step against the vocabulary size, with full logits
+("before", chunk_size None) and with chunked per-token log-probs ("after").
+
+Model: a tiny Gemma3 (hidden 64, 1 layer, head_dim 32) from posttrain.toy whose output layer
+has V rows, V in --vocab (Gemma 3 itself has 262,144). Everything except the output layer is
+tiny, so what grows with V is the vocabulary work alone.
+
+- rl: exactly what posttrain/stages/rl.py does per micro-batch: score_completions on the policy
+  (with gradient, with entropy), on the anchor and on the start model (no gradient), shared
+  prompts (group_size samples per prompt), KL-regularised RLOO advantages, reinforce_loss,
+  backward. --seqs completions of --tokens tokens after a --prompt-tokens prompt.
+- distill: the student's and the teacher's logits the way the distill stage gets them (full
+  logits, or ProjectedLogits over the decoder's hidden states), the stage's default loss
+  (generalised JSD over the full vocabulary, beta 0.5) on --seqs sequences of --tokens tokens
+  whose first --prompt-tokens are not trained on, backward.
+
+Each configuration runs in its own process. Peak = growth over the process's state after the
+models and inputs are built: ru_maxrss (CPU) or torch.cuda.max_memory_allocated (CUDA).
+"before" configurations whose estimated need (B x T x V x 4 bytes x copies, the copies
+calibrated on a smaller vocabulary when one ran) exceeds --max-fraction of the machine's memory
+are not run and show as "skipped (needs ~N GB)".
+
+    python bench/bench_memory.py                                     # CPU, 32 x 512, V up to 262144
+    python bench/bench_memory.py --device cuda
+    python bench/bench_memory.py --seqs 8 --tokens 256 --vocab 32768 65536
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+GB = 1e9
+# Full-logits copies of [B, T, V] float32 alive at the peak, before any calibration: rl keeps the
+# policy's logits and log-softmax for backward plus the entropy's and the gradient's temporaries;
+# distill holds student and teacher logits and both log-softmaxes, the mixture and gradients.
+COPIES = {"rl": 6.0, "distill": 9.0}
+
+
+class _Vocabulary:
+    """The little of a tokenizer that posttrain.toy.models.build_tiny_model reads: its size and ids."""
+
+    def __init__(self, size: int):
+        self.size, self.pad_token_id, self.bos_token_id, self.eos_token_id = size, 0, 2, 1
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def _tiny_gemma3(vocab: int, seed: int):
+    from posttrain.toy.models import TinyModelSpec, build_tiny_model
+
+    spec = TinyModelSpec(arch="gemma3", hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=32,
+                         intermediate_size=128, max_position_embeddings=4096, seed=seed)
+    return build_tiny_model(spec, _Vocabulary(vocab))
+
+
+# --- one step of each stage -------------------------------------------------------------------------
+
+def _rl_setup(args, vocab: int, device):
+    import torch
+
+    policy = _tiny_gemma3(vocab, 0).to(device).train()
+    anchor = _tiny_gemma3(vocab, 1).to(device).eval().requires_grad_(False)
+    start_model = _tiny_gemma3(vocab, 2).to(device).eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    n = args.group_size
+    prompts = [[2] + torch.randint(3, vocab, (args.prompt_tokens - 1,), generator=g).tolist()
+               for _ in range(args.seqs // n)]
+    seq_prompts = [p for p in prompts for _ in range(n)]
+    completions = [torch.randint(3, vocab, (args.tokens,), generator=g).tolist() for _ in seq_prompts]
+    rewards = torch.rand(len(completions), generator=g).to(device)
+    return policy, anchor, start_model, seq_prompts, completions, rewards
+
+
+def _rl_step(args, chunk_size, policy, anchor, start_model, seq_prompts, completions, rewards):
+    """One micro-batch of posttrain/stages/rl.py's _rl_step: scoring, advantages, loss, backward."""
+    import functools
+
+    import torch
+
+    from posttrain.losses.policy import kl_regularised_rewards, masked_sum, reinforce_loss, rloo_advantages
+    from posttrain.scoring import score_completions
+
+    n = args.group_size
+    score = functools.partial(score_completions, prompt_ids=seq_prompts, completion_ids=completions,
+                              temperature=1.0, pad_token_id=0, group_size=n, chunk_size=chunk_size)
+    logp, mask, entropy = score(policy, with_entropy=True)
+    with torch.no_grad():
+        logp_anchor, _, _ = score(anchor)
+        logp_start = score(start_model)[0]
+    logp_sum, anchor_sum = masked_sum(logp.detach(), mask), masked_sum(logp_anchor, mask)
+    r_beta = kl_regularised_rewards(rewards, logp_sum, anchor_sum, 0.05)
+    advantages = rloo_advantages(r_beta.view(-1, n)).view(-1)
+    loss = reinforce_loss(logp, advantages, mask, aggregation="token_mean")
+    loss.backward()
+    return {"loss": loss.item(), "entropy": float(entropy.sum() / mask.sum()),
+            "kl_start": float((logp_sum - masked_sum(logp_start, mask)).mean())}
+
+
+def _distill_setup(args, vocab: int, device):
+    import torch
+
+    student = _tiny_gemma3(vocab, 0).to(device).train()
+    teacher = _tiny_gemma3(vocab, 3).to(device).eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (args.seqs, args.tokens), generator=g)
+    ids[:, 0] = 2
+    loss_mask = torch.ones_like(ids)
+    loss_mask[:, :args.prompt_tokens] = 0
+    batch = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+             "loss_mask": loss_mask.to(device)}
+    return student, teacher, batch
+
+
+def _shifted_logits(model, batch, chunk_size):
+    """The distill stage's logits at positions 0..L-2: full, or ProjectedLogits over the decoder's output."""
+    from posttrain.losses.distillation import ProjectedLogits
+    from posttrain.losses.token_logprobs import vocabulary_projection
+
+    if chunk_size is None:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 use_cache=False).last_hidden_state
+    return ProjectedLogits(hidden[:, :-1], vocabulary_projection(model))
+
+
+def _distill_step(args, chunk_size, student, teacher, batch):
+    import torch
+
+    from posttrain.losses.distillation import generalized_jsd
+
+    mask = batch["loss_mask"][:, 1:]
+    with torch.no_grad():
+        teacher_logits = _shifted_logits(teacher, batch, chunk_size)
+    student_logits = _shifted_logits(student, batch, chunk_size)
+    loss = generalized_jsd(student_logits, teacher_logits, beta=0.5, temperature=1.0, mask=mask,
+                           chunk_size=chunk_size, reduction="token_mean")
+    loss.backward()
+    return {"loss": loss.item()}
+
+
+# --- one configuration in this process --------------------------------------------------------------
+
+def _rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def worker(args) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    step, mode, vocab = args.worker.split(":")
+    vocab = int(vocab)
+    chunk_size = None if mode == "before" else args.chunk_size
+    device = torch.device(args.device)
+    if step == "rl":
+        state = _rl_setup(args, vocab, device)
+        run = lambda: _rl_step(args, chunk_size, *state)  # noqa: E731
+    else:
+        state = _distill_setup(args, vocab, device)
+        run = lambda: _distill_step(args, chunk_size, *state)  # noqa: E731
+    weights = sum(p.numel() * p.element_size() for m in state if isinstance(m, torch.nn.Module)
+                  for p in m.parameters())
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = _rss_bytes()
+    t0 = time.perf_counter()
+    metrics = run()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = _rss_bytes() - base
+    return {"step": step, "mode": mode, "vocab": vocab, "peak_bytes": peak, "weights_bytes": weights,
+            "seconds": time.perf_counter() - t0, **metrics}
+
+
+# --- the table ------------------------------------------------------------------------------------
+
+def _machine_memory(device: str) -> int:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _run_one(args, name: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, __file__, "--worker", name, "--json", str(out), "--device", args.device,
+               "--seqs", str(args.seqs), "--tokens", str(args.tokens), "--prompt-tokens", str(args.prompt_tokens),
+               "--group-size", str(args.group_size), "--chunk-size", str(args.chunk_size)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not out.exists():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            return {"error": f"exit {proc.returncode}: {' | '.join(tail)}"}
+        return json.loads(out.read_text())
+
+
+def _fmt_gb(n: float) -> str:
+    return f"{n / GB:.2f} GB"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--seqs", type=int, default=32, help="sequences per step (rl: completions)")
+    ap.add_argument("--tokens", type=int, default=512, help="tokens per sequence (rl: completion tokens)")
+    ap.add_argument("--prompt-tokens", type=int, default=16, help="prompt tokens (rl: before each completion; "
+                    "distill: the untrained start of each sequence)")
+    ap.add_argument("--group-size", type=int, default=4, help="rl: samples per prompt (shared-prompt scoring)")
+    ap.add_argument("--vocab", type=int, nargs="+", default=[32768, 65536, 131072, 262144])
+    ap.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk in the 'after' runs")
+    ap.add_argument("--steps", nargs="+", default=["rl", "distill"], choices=["rl", "distill"])
+    ap.add_argument("--max-fraction", type=float, default=0.7,
+                    help="skip 'before' runs estimated to need more than this fraction of the device's memory")
+    ap.add_argument("--json", default=None, help="write the results here (a worker: its one result)")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one configuration
+    args = ap.parse_args()
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.seqs % args.group_size:
+        ap.error(f"--seqs ({args.seqs}) must be a multiple of --group-size ({args.group_size})")
+    if args.worker:
+        Path(args.json).write_text(json.dumps(worker(args)))
+        return
+
+    budget = args.max_fraction * _machine_memory(args.device)
+    full = args.seqs * args.tokens * 4  # bytes of one float32 row of logits per vocabulary entry
+    print(f"device {args.device}; {args.seqs} sequences x {args.tokens} tokens; chunk_size {args.chunk_size}; "
+          f"budget for 'before' runs {_fmt_gb(budget)} ({args.max_fraction:.0%} of {_fmt_gb(budget / args.max_fraction)})",
+          flush=True)
+    results = []
+    for step in args.steps:
+        copies = COPIES[step]
+        for vocab in sorted(args.vocab):
+            for mode in ("before", "after"):
+                need = full * vocab * copies
+                if mode == "before" and need > budget:
+                    res = {"skipped": f"skipped (needs ~{need / GB:.0f} GB)"}
+                else:
+                    res = _run_one(args, f"{step}:{mode}:{vocab}")
+                    if mode == "before" and "peak_bytes" in res:
+                        # Calibrate the copies on what was measured, with a 10% margin.
+                        copies = max(copies * 0.5, 1.1 * res["peak_bytes"] / (full * vocab))
+                res.update(step=step, mode=mode, vocab=vocab)
+                results.append(res)
+                shown = res.get("skipped") or res.get("error") or f"{_fmt_gb(res['peak_bytes'])} in {res['seconds']:.1f} s"
+                print(f"  {step:8s} {mode:6s} V={vocab:>7d}: {shown}", flush=True)
+
+    print()
+    print(f"{'step':8s} {'vocab':>8s} {'before':>26s} {'after':>12s} {'after/before':>13s} {'weights':>10s}")
+    for step in args.steps:
+        rows = {(r["mode"], r["vocab"]): r for r in results if r["step"] == step}
+        for vocab in sorted(args.vocab):
+            b, a = rows[("before", vocab)], rows[("after", vocab)]
+            b_txt = b.get("skipped") or b.get("error", "")[:26] or _fmt_gb(b["peak_bytes"])
+            a_txt = a.get("error", "")[:12] or _fmt_gb(a["peak_bytes"])
+            ratio = (f"{a['peak_bytes'] / b['peak_bytes']:.3f}" if "peak_bytes" in a and "peak_bytes" in b
+                     and b["peak_bytes"] > 0 else "-")
+            w_txt = _fmt_gb(a["weights_bytes"]) if "weights_bytes" in a else "-"
+            print(f"{step:8s} {vocab:>8d} {b_txt:>26s} {a_txt:>12s} {ratio:>13s} {w_txt:>10s}")
+        after = [(v, rows[("after", v)]) for v in sorted(args.vocab) if "peak_bytes" in rows[("after", v)]]
+        if len(after) >= 2:
+            (v0, r0), (v1, r1) = after[0], after[-1]
+            per_row = (r1["peak_bytes"] - r0["peak_bytes"]) / (v1 - v0)
+            # The trained model's output-layer gradient: one [H] float32 row per vocabulary row
+            # (tied embeddings add their own gradient, summed into it).
+            grad_row = 2 * 64 * 4
+            print(f"{step}: the 'after' peak grows with the vocabulary by {per_row:,.0f} bytes per row: "
+                  f"~{grad_row} for the output layer's gradient, the rest the chunk's working set "
+                  f"(~{(per_row - grad_row) / (args.chunk_size * 4):.1f} float32 [chunk_size] columns), set by "
+                  f"--chunk-size, not by the {args.seqs} x {args.tokens} tokens; the full-logits path needs "
+                  f"~{full * COPIES[step]:,.0f} bytes per row ({COPIES[step]:.0f} float32 copies of the batch).")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
