@@ -1,0 +1,78 @@
+"""One `rl` update on fixed completions, run by test_data_parallel.py under torchrun and alone.
+
+    python dp_step.py MODEL_DIR OUT_DIR [TOKEN_BUDGET]
+
+Every rank takes its share of the same global batch (4 prompts x 4 completions with fixed token
+ids and rewards), runs the rl stage's policy-gradient pass and one optimizer step through
+posttrain.training, then the EMA anchor update; each rank saves its policy and anchor.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+from posttrain.modeling import load_causal_lm, load_tokenizer
+from posttrain.rollout import weights_for_engine
+from posttrain.rollout.types import Completion
+from posttrain.stages.rl import RLStageConfig, policy_gradient_pass
+from posttrain.training import TrainingSession, place_frozen
+from posttrain.weights import ema_update_
+
+PROMPTS, N = 4, 4
+
+
+def fixed_batch(tokenizer):
+    rng = random.Random(1234)
+    low, high = 10, min(400, len(tokenizer) - 1)
+    prompts = [[tokenizer.bos_token_id] + [rng.randrange(low, high) for _ in range(rng.randint(3, 9))]
+               for _ in range(PROMPTS)]
+    # Lengths differ a lot, so a token budget splits the two ranks' shares into different numbers
+    # of micro-batches.
+    lengths = [1, 2, 3, 2, 14, 12, 16, 9, 2, 3, 1, 4, 1, 2, 2, 1]
+    completions = [Completion(token_ids=[rng.randrange(low, high) for _ in range(k)], text="", logprobs=[],
+                              finish_reason="length") for k in lengths]
+    rewards = [rng.random() for _ in completions]
+    return prompts, completions, rewards
+
+
+def main(model_dir: str, out_dir: str, budget: int | None) -> None:
+    out = Path(out_dir)
+    session = TrainingSession("fp32", seed=0)
+    tokenizer = load_tokenizer(model_dir)
+    policy = load_causal_lm(model_dir)
+    anchor = place_frozen(copy.deepcopy(policy), session.device)
+    policy = session.prepare(policy, learning_rate=1e-2)
+    # Plain SGD for the comparison: the update is then proportional to the summed gradient, so the
+    # two launches differ only by float rounding. (Adam's first step divides each gradient by its
+    # own magnitude and blows rounding differences on near-zero gradients up to a full step.)
+    session.optimizer = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=1.0)
+    session.scheduler = torch.optim.lr_scheduler.LambdaLR(session.optimizer, lambda step: 1.0)
+    config = RLStageConfig(model=model_dir, dataset="unused.jsonl", rewards=[{"name": "math"}], num_generations=N,
+                           prompts_per_step=PROMPTS, beta=0.1, max_tokens_per_microbatch=budget)
+    prompts, completions, rewards = fixed_batch(tokenizer)
+    mine = session.shard(list(range(PROMPTS)), "prompts")
+    stats, finite = policy_gradient_pass(
+        config, session, policy, anchor, None, [prompts[i] for i in mine],
+        [completions[i * N + j] for i in mine for j in range(N)], [rewards[i * N + j] for i in mine for j in range(N)],
+        tokenizer.pad_token_id)
+    assert finite
+    result = session.step(config.max_grad_norm)
+    ema_update_(anchor, dict(weights_for_engine(policy)), 0.5)
+    torch.save({k: v.detach().cpu() for k, v in policy.state_dict().items()}, out / f"policy_rank{session.rank}.pt")
+    torch.save({k: v.detach().cpu() for k, v in anchor.state_dict().items()}, out / f"anchor_rank{session.rank}.pt")
+    (out / f"stats_rank{session.rank}.json").write_text(json.dumps({
+        "grad_norm": result.grad_norm, "loss": session.all_sum(stats.loss), "micro_batches": stats.micro_batches,
+        "world_size": session.world_size}))
+    session.barrier()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else None)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
