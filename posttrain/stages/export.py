@@ -2,7 +2,7 @@
 
 The checkpoint is what users ship: safetensors weights, the tokenizer with the Gemma chat
 template, a generation config whose EOS ids include `<end_of_turn>` (IT models stop there,
-not at `<eos>`), and a model card with the recipe, the stage lineage, data statistics and
+not at `<eos>`; no answer budget beyond the context length), and a model card with the recipe, the stage lineage, data statistics and
 metrics. The round trip afterwards reloads it from disk with transformers, checks the logits
 equal the in-memory model's, and greedily answers a chat prompt; any failure fails the stage.
 """
@@ -25,7 +25,8 @@ class ExportStageConfig(StageConfig):
 
     model: str = Field(description="Model to export (a checkpoint or a LoRA adapter directory, merged on export).")
     probe_prompt: str = Field("Who are you?", description="Chat prompt answered greedily after reloading.")
-    max_new_tokens: int = Field(48, ge=1, description="Token budget of the probe answer.")
+    max_new_tokens: int = Field(48, ge=1, description="Token budget of the probe answer only; the exported "
+                                "generation_config.json sets no max_new_tokens (its bound is the context length).")
     require_end_of_turn: bool = Field(True, description="Fail unless the probe answer ends with <end_of_turn>.")
     dtype: str = Field("float32", description="Weight dtype of the exported checkpoint (float32, bfloat16, float16).")
     model_name: str | None = Field(None, description="Name shown in the model card; defaults to the recipe name.")
@@ -56,6 +57,13 @@ def _model_card(ctx: StageContext, cfg: ExportStageConfig, probe_answer: str) ->
     return "\n".join(lines)
 
 
+def _context_length(model) -> int | None:
+    """The model's context window (max_position_embeddings of its text config), if it declares one."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n = getattr(config, "max_position_embeddings", None)
+    return int(n) if n else None
+
+
 def _short(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
@@ -78,9 +86,12 @@ def run_export(cfg: ExportStageConfig, ctx: StageContext) -> StageResult:
     tmp = ctx.stage_dir / "model.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     eos_ids = stop_token_ids(tokenizer)  # <end_of_turn> first, then <eos>
+    # No max_new_tokens: vLLM and transformers take it as every user's default answer budget (the
+    # probe's small one would truncate real answers). The length bound is the context window,
+    # so answers end at <end_of_turn> / <eos> or when the context is full.
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
-        do_sample=False, max_new_tokens=cfg.max_new_tokens)
+        do_sample=False, max_length=_context_length(model))
     model.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
 
@@ -101,7 +112,10 @@ def run_export(cfg: ExportStageConfig, ctx: StageContext) -> StageResult:
         diff = (reloaded(ids).logits - model(ids).logits).abs().max().item()
         if diff > 1e-3:
             raise StageError(f"reloaded checkpoint's logits differ from the trained model's by {diff:.3g}")
-        gen = reloaded.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.max_new_tokens, do_sample=False)
+        # The probe's budget as a total length: it replaces the shipped context-length bound for
+        # this call (max_new_tokens next to the shipped max_length draws a transformers warning).
+        gen = reloaded.generate(ids, attention_mask=torch.ones_like(ids), max_length=len(prompt_ids) + cfg.max_new_tokens,
+                                do_sample=False)
     new = gen[0, len(prompt_ids):].tolist()
     stopped = bool(new) and new[-1] in gen_eos
     answer = re_tok.decode([t for t in new if t not in gen_eos], skip_special_tokens=False)
