@@ -3,8 +3,9 @@
 The checkpoint is what users ship: safetensors weights, the tokenizer with the Gemma chat
 template, a generation config whose EOS ids include `<end_of_turn>` (IT models stop there,
 not at `<eos>`) and whose only length bound is the context window, and a model card with the
-recipe, the stage lineage, data statistics and metrics. The round trip afterwards reloads it from disk with transformers, checks the logits
-equal the in-memory model's, and greedily answers a chat prompt; any failure fails the stage.
+recipe, the stage lineage, data statistics and metrics. The round trip afterwards reloads it
+from disk with transformers, checks the logits equal the in-memory model's, and greedily
+answers a chat prompt; any failure fails the stage.
 """
 
 from __future__ import annotations
