@@ -1,5 +1,7 @@
 """Recipe validation: every error names file, line and key path, and says what was expected."""
 
+import sys
+
 import pytest
 
 from posttrain.recipe import RecipeError, load_recipe
@@ -95,3 +97,20 @@ def test_plugins_register_stage_kinds(write_recipe, tmp_path):
     assert r.stages[0].kind == "write_text_test"
     with pytest.raises(RecipeError, match="cannot import 'missing.py'"):
         load_recipe(write_recipe("name: p\noutput_dir: o\nplugins: [missing.py]\nstages: []\n", "b.yaml"))
+
+
+def test_report_to_names_are_checked_when_the_recipe_loads(write_recipe, tmp_path, monkeypatch):
+    # A plugin stage kind with the `report_to` type every training stage uses (posttrain.trackers).
+    (tmp_path / "tracked_stage.py").write_text(
+        "from posttrain.stages import register_stage, StageConfig, StageResult\n"
+        "from posttrain.trackers import ReportTo\n"
+        "class C(StageConfig):\n    report_to: ReportTo = []\n"
+        "@register_stage('report_to_test', C, outputs=())\n"
+        "def run(cfg, ctx):\n    return StageResult(outputs={})\n")
+    text = "name: p\noutput_dir: o\nplugins: [tracked_stage.py]\nstages:\n  - name: t\n    kind: report_to_test\n"
+    msg, path = error_of(write_recipe, text + "    report_to: [tensorbord]\n")
+    assert f"{path}:7" in msg and "stages[0].report_to[0]" in msg
+    assert "unknown tracker 'tensorbord'; did you mean 'tensorboard'" in msg
+    monkeypatch.setitem(sys.modules, "wandb", None)  # Python's own way to make a module unimportable
+    msg, _ = error_of(write_recipe, text + "    report_to: [wandb]\n")
+    assert "tracker 'wandb' is not installed: pip install 'posttrain[trackers]'" in msg
