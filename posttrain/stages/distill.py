@@ -369,21 +369,26 @@ def _on(batch: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def _same_device(a, b) -> bool:
+    a, b = torch.device(a), torch.device(b)
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
+
+
 def _to_device(logits, device: torch.device):
     """Teacher logits (or its ProjectedLogits) where the student's are, for the loss."""
     from posttrain.losses.distillation import ProjectedLogits
 
     if isinstance(logits, ProjectedLogits):
-        if logits.device == device:
+        if _same_device(logits.device, device):
             return logits
         # A teacher placed elsewhere projects its hidden states on its own device, chunk by chunk
         # inside the loss; the per-chunk logits then move to the student's device.
-        hidden, project = logits.hidden.to(device), logits.project
+        home, head = logits.device, logits.head
 
-        def project_here(h):
-            return project(h.to(logits.device)).to(device)
+        def project_here(hidden):
+            return head(hidden.to(home)).to(device)
 
-        return ProjectedLogits(hidden, project_here)
+        return ProjectedLogits(logits.hidden.to(device), project_here)
     return logits.to(device)
 
 
