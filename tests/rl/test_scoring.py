@@ -100,3 +100,23 @@ def test_all_empty_completions_score_as_masked_rows(model, toy_tokenizer, chunk_
     logp, mask, _ = score_completions(model, prompts, [[] for _ in prompts], 1.0, toy_tokenizer.pad_token_id,
                                       group_size=2, chunk_size=chunk_size)
     assert logp.shape == (len(prompts), 1) and mask.sum() == 0 and torch.all(logp == 0)
+
+
+def test_chunked_scoring_reaches_the_decoder_through_a_peft_model(model, toy_tokenizer):
+    """LoRA-wrapped policies: get_decoder() and the output layer are found through peft, and the
+    adapters get gradients from the chunked path."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    wrapped = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                              init_lora_weights=False))
+    prompts, completions = _batch(2)
+    full, _, _ = score_completions(wrapped, prompts, completions, 0.9, toy_tokenizer.pad_token_id, group_size=2,
+                                   chunk_size=None)
+    chunked, _, _ = score_completions(wrapped, prompts, completions, 0.9, toy_tokenizer.pad_token_id, group_size=2,
+                                      chunk_size=5)
+    torch.testing.assert_close(chunked, full.detach(), atol=1e-6, rtol=1e-6)
+    chunked.sum().backward()
+    lora_grads = [p.grad for n, p in wrapped.named_parameters() if "lora_" in n]
+    assert lora_grads and all(g is not None and g.abs().sum() > 0 for g in lora_grads)
