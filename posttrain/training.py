@@ -176,7 +176,9 @@ class TrainingSession:
     # -- facts about the launch --
     @property
     def device(self) -> torch.device:
-        return self.accelerator.device
+        device = self.accelerator.device
+        # accelerate names the CPU of a multi-process CPU launch "cpu:RANK"; it is the one CPU.
+        return torch.device("cpu") if device.type == "cpu" else device
 
     @property
     def world_size(self) -> int:

@@ -28,6 +28,7 @@ from posttrain.chat import (ChatFormatError, control_token_ids, normalise_messag
 from posttrain.data import DataError, iter_rows
 from posttrain.rollout import RolloutConfig
 from posttrain.stages.base import StageConfig, StageContext, StageError, StageResult, register_stage
+from posttrain.trackers import ReportTo
 from posttrain.training import (PLACEMENT_HELP, LoraSpec, TrainingSession, engine_asleep, latest_checkpoint,
                                 load_checkpoint, place_frozen, resolve_placement, save_checkpoint, save_model,
                                 token_budget_batches, truncate_metrics)
@@ -109,7 +110,8 @@ class DistillStageConfig(StageConfig):
     eval_limit: int = Field(128, ge=1, description="At most this many eval prompts.")
     eval_teacher: bool = Field(False, description="Also measure the teacher's accuracy on eval_dataset, for comparison.")
     log_every: int = Field(1, ge=1, description="Log step metrics every this many steps.")
-    report_to: list[str] = Field(default_factory=list, description="Extra trackers: tensorboard, wandb, trackio.")
+    report_to: ReportTo = Field(default_factory=list, description="Extra trackers: tensorboard, wandb, trackio "
+                                "(the `trackers` extra installs them).")
 
     @model_validator(mode="after")
     def _check(self):

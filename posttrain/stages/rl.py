@@ -40,6 +40,7 @@ from posttrain.modeling import load_causal_lm, load_tokenizer
 from posttrain.rollout import DriftMonitor, RolloutConfig, SamplingParams, create_engine, weights_for_engine
 from posttrain.scoring import score_completions
 from posttrain.stages.base import StageConfig, StageContext, StageError, StageResult, register_stage
+from posttrain.trackers import ReportTo
 from posttrain.training import (PLACEMENT_HELP, LoraSpec, TrainingSession, engine_asleep, latest_checkpoint,
                                 load_checkpoint, place_frozen, resolve_placement, save_checkpoint, save_model,
                                 token_budget_batches, truncate_metrics)
@@ -112,7 +113,7 @@ class RLStageConfig(StageConfig):
                                   "(one extra forward per step when anchor_ema > 0).")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Rollout engine settings, including the "
                                    "logprob drift thresholds (drift_warn_threshold, drift_stop_threshold).")
-    report_to: list[str] = Field(default_factory=list, description="Extra trackers: tensorboard, wandb, trackio "
+    report_to: ReportTo = Field(default_factory=list, description="Extra trackers: tensorboard, wandb, trackio "
                                 "(the `trackers` extra installs them).")
 
     @model_validator(mode="after")

@@ -19,6 +19,7 @@ from posttrain.chat import ChatFormatError, normalise_messages, prompt_completio
 from posttrain.data import DataError, iter_rows, write_jsonl
 from posttrain.distributed import world_size
 from posttrain.stages.base import StageConfig, StageContext, StageError, StageResult, register_stage
+from posttrain.trackers import ReportTo
 from posttrain.training import LoraSpec, save_model, save_tokenizer
 
 
@@ -42,7 +43,8 @@ class SFTStageConfig(StageConfig):
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
     bf16: bool = Field(False, description="bfloat16 mixed precision (GPU nodes).")
     logging_steps: int = Field(10, ge=1, description="Log the loss every this many steps.")
-    report_to: list[str] = Field(default_factory=list, description="Extra trackers: tensorboard, wandb, trackio.")
+    report_to: ReportTo = Field(default_factory=list, description="Extra trackers: tensorboard, wandb, trackio "
+                                "(the `trackers` extra installs them).")
     deepspeed: str | None = Field(None, description="DeepSpeed config file for multi-GPU runs under `accelerate launch`.")
 
 

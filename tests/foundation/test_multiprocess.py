@@ -97,9 +97,10 @@ def test_a_failing_stage_ends_every_process_instead_of_hanging(tmp_path, failing
     assert not manifest["error"].startswith("StageFailedInChild")  # the stage's own error type is kept
 
 
-def test_a_vllm_stage_on_rank_0_does_not_join_the_launchers_process_group(tmp_path):
-    """An in-process vLLM engine created inside a launched process joins its process group and
-    waits for ranks that never come; single-process stages therefore run in a clean child."""
+def test_an_rl_stage_with_vllm_runs_one_engine_per_rank(tmp_path):
+    """rl is data-parallel: every rank samples its share of the prompts on its own in-process
+    vLLM engine, which joins the launcher's process group as an external launcher (a plain
+    in-process engine would wait there for ranks that never come)."""
     from posttrain.rollout import vllm_available
 
     if not vllm_available():
@@ -107,5 +108,5 @@ def test_a_vllm_stage_on_rank_0_does_not_join_the_launchers_process_group(tmp_pa
     done = _launch(tmp_path, "", RL_WITH_VLLM)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     manifest = json.loads((tmp_path / "run" / "rl" / "manifest.json").read_text())
-    assert manifest["status"] == "complete"
+    assert manifest["status"] == "complete" and manifest["metrics"]["world_size"] == 2
     assert len((tmp_path / "run" / "rl" / "metrics.jsonl").read_text().splitlines()) == 2
