@@ -137,7 +137,9 @@ def test_weights_for_engine_merges_lora_without_touching_the_policy(tiny_gemma3_
 
 
 def test_device_argument_places_the_model_there(tiny_gemma3_dir):
-    # CUDA is not available on this machine: "cpu" and "meta" show that the argument is honoured.
+    # CUDA is not available where the suite runs: "cpu" and "meta" show that the argument is honoured.
+    # (Checked by hand on one H200: device="cuda" placed the weights there, update_weights copied CPU
+    # tensors onto it, sleep()/wake_up() offloaded and restored them, greedy output equalled the CPU engine's.)
     on_cpu = create_engine(str(tiny_gemma3_dir), RolloutConfig(backend="transformers"), device="cpu")
     assert on_cpu.device == torch.device("cpu")
     assert {p.device.type for p in on_cpu.model.parameters()} == {"cpu"}
