@@ -82,6 +82,12 @@ def run_ours(work: Path, engine: str, args) -> dict:
             "model_compute_fraction": split["generate"] + split["train"]}
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def run_trl(work: Path, rows: list[dict], args) -> dict:
     import datasets
     from transformers import TrainerCallback
@@ -112,7 +118,7 @@ def run_trl(work: Path, rows: list[dict], args) -> dict:
     cfg = GRPOConfig(
         output_dir=str(work / "trl"), per_device_train_batch_size=args.prompts * args.group,
         num_generations=args.group, max_completion_length=args.length, temperature=1.0, beta=0.1,
-        learning_rate=1e-5, max_steps=args.steps, logging_steps=1, report_to="none", use_cpu=True,
+        learning_rate=1e-5, max_steps=args.steps, logging_steps=1, report_to="none", use_cpu=not _cuda(),
         save_strategy="no", disable_tqdm=True, seed=0, use_vllm=False, bf16=args.precision == "bf16")
     trainer = GRPOTrainer(model=model, args=cfg, reward_funcs=[math_reward], train_dataset=data,
                           processing_class=tok, callbacks=[Clock()])

@@ -338,6 +338,7 @@ class Runner:
         if self._channel is not None and kind.distributed:
             self._channel.send({"op": "run", "kind": entry.kind, "config": resolved, "ctx": _portable(ctx)})
         seed_everything(self.recipe.seed)
+        _reset_gpu_peak_memory()
         started = time.time()
         manifest = {"name": entry.name, "kind": entry.kind, "config": resolved, "hash": digest,
                     "started": started, "recipe": self.recipe.name}
@@ -365,6 +366,9 @@ class Runner:
             raise StageError(f"stage kind {entry.kind!r} did not report outputs {missing}")
         manifest.update(status="complete", ended=ended, seconds=round(ended - started, 3),
                         outputs={k: str(v) for k, v in result.outputs.items()}, metrics=result.metrics)
+        peak = _gpu_peak_memory_gib()
+        if peak is not None:
+            manifest["gpu_peak_memory_gib"] = peak  # this process's GPU, during this stage
         write_json(stage_dir / MANIFEST, manifest)  # last, atomically: the stage is complete from here on
         (stage_dir / ATTEMPT).unlink(missing_ok=True)
         self.manifests[entry.name] = manifest
@@ -387,6 +391,24 @@ class Runner:
         tmp = self.recipe.output_dir / "recipe.resolved.yaml.tmp"
         tmp.write_text(text)
         os.replace(tmp, self.recipe.output_dir / "recipe.resolved.yaml")
+
+
+def _reset_gpu_peak_memory() -> None:
+    """Start a stage's GPU memory peak afresh (when this process uses CUDA)."""
+    import sys
+
+    torch = sys.modules.get("torch")  # a run that never imported torch has no GPU memory to report
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _gpu_peak_memory_gib() -> float | None:
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return round(torch.cuda.max_memory_allocated() / 2**30, 3)
 
 
 def _portable(ctx: StageContext) -> dict:

@@ -7,6 +7,8 @@ ground truth, `tests` -> code execution, `instruction_id_list` -> instruction ve
 
 from __future__ import annotations
 
+import torch
+
 from pydantic import Field
 
 from posttrain.data import DataError, iter_rows, write_jsonl
@@ -56,7 +58,8 @@ def run_evaluate(cfg: EvaluateStageConfig, ctx: StageContext) -> StageResult:
         if not rows:
             raise DataError(f"{path}: no prompts to evaluate")
         sets[name] = rows
-    engine = create_engine(cfg.model, cfg.rollout)
+    # The rank's GPU when there is one (the transformers engine otherwise stays on the CPU).
+    engine = create_engine(cfg.model, cfg.rollout, device="cuda" if torch.cuda.is_available() else None)
     metrics: dict[str, float] = {}
     records = []
     try:

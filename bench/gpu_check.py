@@ -1,0 +1,196 @@
+"""One command that proves the GPU path on any CUDA machine, with or without vLLM installed.
+
+    python bench/gpu_check.py                       # the checks below, then bench_rl against TRL
+    python bench/gpu_check.py --skip-bench          # the recipe only
+    python bench/gpu_check.py --cpu                 # the same steps on the CPU (to try the script itself)
+
+1. Runs the quickstart recipe, shortened, so that every stage kind runs (filter, sft, evaluate,
+   distill, rl, export) on the GPU, and asserts from the stage manifests that `distill` and `rl`
+   trained on `cuda` (their metrics record device, world size and global batch).
+2. Reports, per stage: wall time, peak GPU memory (the runner records it in the manifest) and
+   GPU utilisation sampled with nvidia-smi while the stage ran; asserts the GPU was busy during
+   `distill` and `rl`.
+3. Runs bench/bench_rl.py with both contenders on the same GPU: posttrain's `rl` (each engine
+   available: vLLM when installed, else transformers) against TRL's GRPOTrainer, and prints the
+   tokens/s ratio (target: 1.5x or more).
+
+Everything prints as it goes and a JSON summary is written to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Shorter stages than the quickstart: the point is that each runs on the GPU, not final accuracy.
+SHORT = [
+    "stages.teacher.max_steps=150", "stages.sft.max_steps=100", "stages.distill.max_steps=40",
+    "stages.rl.max_steps=30", "stages.rl.checkpoint_every=10",
+    "datasets.chat_dirty.toy_dirty.n_clean=600", "datasets.math_eval.toy.n=50",
+]
+
+
+class UtilisationSampler:
+    """nvidia-smi's GPU utilisation and memory every 200 ms, in a background thread."""
+
+    def __init__(self):
+        self.samples: list[tuple[float, float, float]] = []
+        self._proc = None
+        self._thread = None
+
+    def start(self) -> bool:
+        try:
+            self._proc = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits",
+                 "-lms", "200", "-i", os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]],
+                stdout=subprocess.PIPE, text=True)
+        except (FileNotFoundError, OSError):
+            return False
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+        return True
+
+    def _read(self) -> None:
+        for line in self._proc.stdout:
+            try:
+                util, mem = (float(x) for x in line.strip().split(","))
+            except ValueError:
+                continue
+            self.samples.append((time.time(), util, mem))
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+
+    def between(self, start: float, end: float) -> dict:
+        inside = [(u, m) for t, u, m in self.samples if start <= t <= end]
+        if not inside:
+            return {"util_mean": None, "util_max": None, "busy_fraction": None, "samples": 0}
+        utils = [u for u, _ in inside]
+        return {"util_mean": round(sum(utils) / len(utils), 1), "util_max": max(utils),
+                "busy_fraction": round(sum(u > 0 for u in utils) / len(utils), 3), "samples": len(utils),
+                "memory_used_max_mib": max(m for _, m in inside)}
+
+
+def run_recipe(work: Path, extra: list[str], use_cpu: bool) -> dict[str, dict]:
+    from posttrain.runner import run_recipe as run
+
+    overrides = SHORT + [f"output_dir={work / 'run'}"] + extra
+    if not use_cpu:
+        overrides += ["stages.rl.precision=bf16", "stages.distill.precision=bf16"]
+    return run(ROOT / "recipes" / "quickstart.yaml", overrides)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="gpu_check.json", help="JSON summary")
+    ap.add_argument("--work", default=None, help="working directory (default: a new temporary one)")
+    ap.add_argument("--skip-bench", action="store_true", help="skip bench_rl against TRL")
+    ap.add_argument("--cpu", action="store_true", help="run the steps on the CPU (tries the script; proves nothing)")
+    ap.add_argument("--set", action="append", default=[], help="extra recipe overrides")
+    ap.add_argument("--bench-args", default="--hidden 768 --layers 12 --steps 6 --prompts 8 --group 8 --length 128",
+                    help="arguments for bench/bench_rl.py (default: a 58M-parameter Gemma3)")
+    args = ap.parse_args()
+
+    import tempfile
+
+    import torch
+
+    from posttrain.rollout import vllm_available
+
+    if not args.cpu and not torch.cuda.is_available():
+        print("gpu_check: CUDA is not available here; run it on a GPU machine (or --cpu to try the steps)")
+        return 2
+    work = Path(args.work or tempfile.mkdtemp(prefix="gpu_check_"))
+    work.mkdir(parents=True, exist_ok=True)
+    summary: dict = {"torch": torch.__version__, "cuda": torch.version.cuda, "vllm": vllm_available(),
+                     "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+    import transformers
+
+    summary["transformers"] = transformers.__version__
+    print(f"gpu_check: {summary}", flush=True)
+
+    sampler = UtilisationSampler()
+    sampling = sampler.start() if not args.cpu else False
+    failures: list[str] = []
+    t0 = time.time()
+    try:
+        manifests = run_recipe(work, args.set, args.cpu)
+    except Exception as e:  # noqa: BLE001 - reported, then the manifests on disk tell the rest
+        failures.append(f"recipe: {type(e).__name__}: {e}")
+        manifests = {}
+        for m in (work / "run").glob("*/manifest.json"):
+            manifests[m.parent.name] = json.loads(m.read_text())
+    sampler.stop()
+    summary["recipe_seconds"] = round(time.time() - t0, 1)
+
+    stages = {}
+    print(f"\n{'stage':14s} {'kind':9s} {'status':9s} {'s':>7s} {'peak GiB':>9s} {'util %':>7s} {'busy':>6s} device")
+    for name, m in manifests.items():
+        util = sampler.between(m.get("started", 0), m.get("ended", m.get("started", 0))) if sampling else {}
+        metrics = m.get("metrics", {})
+        row = {"kind": m.get("kind"), "status": m.get("status"), "seconds": m.get("seconds"),
+               "gpu_peak_memory_gib": m.get("gpu_peak_memory_gib"), **util,
+               "device": metrics.get("device"), "world_size": metrics.get("world_size")}
+        for key in ("accuracy_before", "accuracy_after", "eval/reward_before", "eval/reward_after", "tokens_per_s",
+                    "math/accuracy", "global_batch_sequences"):
+            if key in metrics:
+                row[key] = metrics[key]
+        stages[name] = row
+        print(f"{name:14s} {str(row['kind']):9s} {str(row['status']):9s} {row['seconds'] or 0:7.1f} "
+              f"{row['gpu_peak_memory_gib'] if row['gpu_peak_memory_gib'] is not None else '-':>9} "
+              f"{row.get('util_mean') if row.get('util_mean') is not None else '-':>7} "
+              f"{row.get('busy_fraction') if row.get('busy_fraction') is not None else '-':>6} {row['device']}")
+    summary["stages"] = stages
+
+    # The acceptance checks, from the manifests.
+    for name in ("distill", "rl"):
+        row = stages.get(name)
+        if row is None or row["status"] != "complete":
+            failures.append(f"{name}: did not complete ({row and row['status']})")
+            continue
+        expected = "cpu" if args.cpu else "cuda"
+        if not str(row["device"]).startswith(expected):
+            failures.append(f"{name}: trained on {row['device']}, expected {expected}")
+        if sampling and not (row.get("util_max") or 0) > 0:
+            failures.append(f"{name}: the GPU showed 0% utilisation throughout")
+    for name, row in stages.items():
+        if row["status"] != "complete":
+            failures.append(f"{name}: {row['status']}")
+
+    if not args.skip_bench:
+        engines = "vllm-compiled-bf16,transformers" if vllm_available() else "transformers"
+        bench_json = work / "bench_rl.json"
+        cmd = [sys.executable, str(ROOT / "bench" / "bench_rl.py"), "--engines", engines, "--json", str(bench_json),
+               *args.bench_args.split()]
+        print("\n" + " ".join(cmd), flush=True)
+        done = subprocess.run(cmd)
+        if done.returncode != 0 or not bench_json.exists():
+            failures.append(f"bench_rl exited with {done.returncode}")
+        else:
+            results = json.loads(bench_json.read_text())
+            trl = results[-1]["tokens_per_s"]
+            summary["bench_rl"] = [{"name": r["name"], "tokens_per_s": round(r["tokens_per_s"], 1),
+                                    "vs_trl": round(r["tokens_per_s"] / trl, 2), "split": r.get("split")}
+                                   for r in results]
+            best = max(r["tokens_per_s"] for r in results[:-1]) / trl
+            summary["rl_vs_trl_best"] = round(best, 2)
+            print(f"\nposttrain rl against TRL GRPOTrainer on the same device: {best:.2f}x (target 1.5x)")
+
+    summary["failures"] = failures
+    Path(args.out).write_text(json.dumps(summary, indent=2, default=str))
+    print("\n" + ("gpu_check: PASSED" if not failures else "gpu_check: FAILED\n  " + "\n  ".join(failures)))
+    print(f"summary: {args.out}")
+    return 0 if not failures else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
