@@ -289,7 +289,7 @@ def main() -> None:
                   f"~{grad_row} for the output layer's gradient, the rest the chunk's working set "
                   f"(~{(per_row - grad_row) / (args.chunk_size * 4):.1f} float32 [chunk_size] columns), set by "
                   f"--chunk-size, not by the {args.seqs} x {args.tokens} tokens; the full-logits path needs "
-                  f"~{full * COPIES[step]:,.0f} bytes per row ({COPIES[step]:.0f} float32 copies of the batch).")
+                  f"~{full * COPIES[step]:,.0f} bytes per row ({COPIES[step]:.1f} float32 copies of the batch).")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
