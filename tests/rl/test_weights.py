@@ -46,3 +46,28 @@ def test_ema_names_a_missing_parameter():
     anchor = Tied(0.0)
     with pytest.raises(KeyError, match="proj.bias"):
         ema_update_(anchor, {k: v for k, v in Tied(1.0).state_dict().items() if k != "proj.bias"}, 0.5)
+
+
+def test_linear_average_is_uniform_by_default_and_takes_weights():
+    from posttrain.weights import linear_average
+
+    a, b = Tied(1.0), Tied(3.0)
+    avg = linear_average([a, b.state_dict()])
+    assert set(avg) == set(a.state_dict())
+    assert all(torch.allclose(t, torch.full_like(t, 2.0)) for t in avg.values())
+    weighted = linear_average([a, b], weights=[0.75, 0.25])
+    assert torch.allclose(weighted["proj.weight"], torch.full((2, 2), 1.5))
+
+
+def test_linear_average_names_a_missing_or_misshaped_tensor():
+    from posttrain.weights import linear_average
+
+    a = Tied(1.0).state_dict()
+    missing = {k: v for k, v in a.items() if k != "proj.bias"}
+    with pytest.raises(ValueError, match="proj.bias"):
+        linear_average([a, missing])
+    with pytest.raises(ValueError, match="proj.bias"):
+        linear_average([missing, a])
+    misshaped = dict(a, **{"proj.weight": torch.zeros(3, 2)})
+    with pytest.raises(ValueError, match="proj.weight"):
+        linear_average([a, misshaped])
