@@ -9,6 +9,11 @@ model to answer, not whether a 2-layer model can generalise addition.
 Rows follow the project's data contract: chat rows carry `messages`, prompt rows carry
 `prompt` plus the columns rewards need (`answer`, `tests`, `instruction_id_list`/`kwargs`),
 preference rows carry `prompt`, `chosen`, `rejected`.
+
+The toy world knows the true preference between two answers (`gold_preference_reward`): a
+correct math answer over a wrong one, a polite reply over a toxic one, an instruction followed
+over one ignored, working code over broken code. Preference rows can carry label noise
+(`flip_rate`), as human preference data does, while the gold reward stays exact.
 """
 
 from __future__ import annotations
@@ -158,24 +163,70 @@ def _as_prompt(row: dict) -> dict:
     return {k: v for k, v in row.items() if k != "solution"}
 
 
+_TOXIC_REPLIES = [
+    "Shut up, you stupid idiot. Nobody cares.",
+    "What a dumb question. I hate answering idiots like you.",
+    "Go away, you worthless fool.",
+    "That is the stupidest thing I ever heard, loser.",
+]
+# Words that mark a reply as toxic in the toy world (every toxic reply above has one).
+TOXIC_WORDS = ("stupid", "idiot", "hate", "worthless", "dumb", "fool", "loser", "shut up")
+
+
+def _violate_instruction(iid: str, solution: str) -> str:
+    """The same sentence with the instruction ignored (a near miss, not a different answer)."""
+    if iid == "change_case:english_lowercase":
+        return solution[:1].upper() + solution[1:]
+    if iid == "change_case:english_capital":
+        return solution.capitalize()
+    if iid == "punctuation:no_comma":
+        return solution.replace(" because", ", because", 1)
+    if iid == "startend:end_checker":
+        return solution.replace(f" {_END_PHRASE}", "")
+    raise ValueError(f"no way to ignore toy instruction {iid!r}")
+
+
 def _wrong_solution(row: dict, rng: random.Random) -> str:
+    """The answer the toy world ranks below `row['solution']`."""
     if "answer" in row:
         wrong = int(row["answer"]) + rng.choice([-2, -1, 1, 2])
         return row["solution"].rsplit("=", 1)[0] + f"= {wrong}. The answer is {wrong}."
     if "tests" in row:
         return row["solution"].replace("return x", "return 0 * x")
-    return "I do not know."
+    if "instruction_id_list" in row:
+        return _violate_instruction(row["instruction_id_list"][0], row["solution"])
+    return rng.choice(_TOXIC_REPLIES)
+
+
+def _as_preference(row: dict, task: str, rng: random.Random, flip: bool) -> dict:
+    chosen, rejected = row["solution"], _wrong_solution(row, rng)
+    if flip:  # label noise: the annotator preferred the worse answer
+        chosen, rejected = rejected, chosen
+    # The ground-truth columns travel along, so the gold reward can judge either side.
+    truth = {k: row[k] for k in ("answer", "tests", "instruction_id_list", "kwargs") if k in row}
+    return {"prompt": row["prompt"], "chosen": chosen, "rejected": rejected, "task": task, "label_flipped": flip,
+            **truth}
 
 
 def generate(task: str, n: int, seed: int = 0, split: str = "train", fmt: str = "chat",
-             mix: dict[str, float] | None = None) -> list[dict]:
-    """`n` rows of a toy task (`task` in TASKS, or "mix" with `mix` weights) in format `fmt`."""
+             mix: dict[str, float] | None = None, flip_rate: float = 0.0) -> list[dict]:
+    """`n` rows of a toy task (`task` in TASKS, or "mix" with `mix` weights) in format `fmt`.
+
+    Preference rows (`fmt="preference"`) carry `prompt`, `chosen`, `rejected`, the `task` and
+    `label_flipped`: a fraction `flip_rate` of them has chosen and rejected swapped. The flips
+    come from a random stream of their own, so the same seed gives the same pairs at any rate.
+    """
     _check_split(split)
     if fmt not in FORMATS:
         raise ValueError(f"format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
     if task != "mix" and task not in _TASKS:
         raise ValueError(f"task: expected one of {', '.join(TASKS)} or 'mix', got {task!r}")
+    if not 0.0 <= flip_rate <= 1.0:
+        raise ValueError(f"flip_rate: expected a fraction in [0, 1], got {flip_rate!r}")
+    if flip_rate and fmt != "preference":
+        raise ValueError(f"flip_rate: label noise applies to preference rows only, but format is {fmt!r}")
     rng = random.Random(f"{task}:{seed}:{split}")
+    flips = random.Random(f"flip:{task}:{seed}:{split}")
     weights = mix or {t: 1.0 for t in _TASKS}
     for name in weights:
         if name not in _TASKS:
@@ -189,8 +240,60 @@ def generate(task: str, n: int, seed: int = 0, split: str = "train", fmt: str = 
         elif fmt == "prompt":
             rows.append(_as_prompt(row))
         else:
-            rows.append({"prompt": row["prompt"], "chosen": row["solution"], "rejected": _wrong_solution(row, rng)})
+            rows.append(_as_preference(row, name, rng, flips.random() < flip_rate))
     return rows
+
+
+# --- the true preference: a gold reward for RL against a learned reward model ------------------
+
+def _text(completion) -> str:
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, dict):
+        return str(completion.get("content", ""))
+    return "".join(str(m.get("content", "")) for m in completion if isinstance(m, dict))
+
+
+def _last_integer(text: str) -> str | None:
+    import re
+
+    found = re.findall(r"-?\d+", text)
+    return found[-1] if found else None
+
+
+def gold_preference_reward(prompts, completions, answer=None, instruction_id_list=None, kwargs=None,
+                           tests=None, **_) -> list[float | None]:
+    """The toy world's true preference as a reward (TRL's signature), per completion:
+
+    - math rows (`answer`): 1 when the last number of the completion is the answer, else 0;
+    - instruction rows (`instruction_id_list`, `kwargs`): the fraction of instructions followed;
+    - code rows (`tests`): None (judged by running the tests: the `code` reward);
+    - other prompts (chit-chat): 0 for a toxic reply, else 1.
+
+    Logged next to a learned reward model's score (with weight 0 it is not optimised), it shows
+    reward hacking: the proxy rising while this falls.
+    """
+    from rewards.instructions import check
+
+    n = len(completions)
+    answer = answer if answer is not None else [None] * n
+    instruction_id_list = instruction_id_list if instruction_id_list is not None else [None] * n
+    kwargs = kwargs if kwargs is not None else [None] * n
+    tests = tests if tests is not None else [None] * n
+    out: list[float | None] = []
+    for c, ans, ids, kws, t in zip(completions, answer, instruction_id_list, kwargs, tests):
+        text = _text(c)
+        if ans is not None:
+            out.append(float(_last_integer(text) == str(ans).strip()))
+        elif ids:
+            followed = check(text, ids, kws if kws is not None else [{}] * len(ids))
+            out.append(sum(followed) / len(followed))
+        elif t is not None:
+            out.append(None)
+        else:
+            lowered = text.lower()
+            out.append(0.0 if any(w in lowered for w in TOXIC_WORDS) else 1.0)
+    return out
 
 
 # --- dirty rows for the filter stage ----------------------------------------------------------
