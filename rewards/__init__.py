@@ -1,7 +1,8 @@
 """Reward functions for RL and evaluation: protocol, registry, combination, and built-ins.
 
-A reward function is ``fn(prompts, completions, **columns) -> list[float | None]`` (TRL's
-signature; async functions are accepted). Built-ins, loaded lazily by registry name:
+A reward function is called as TRL's GRPOTrainer calls one, with keywords only:
+``fn(prompts=..., completions=..., completion_ids=..., **columns) -> list[float | None]``
+(async functions are accepted; see :mod:`rewards.combine`). Built-ins, loaded lazily by registry name:
 ``math`` (:mod:`rewards.math`), ``code`` (:mod:`rewards.code`), ``instructions``
 (:mod:`rewards.instructions`) and ``reward_model`` (:mod:`rewards.reward_model`).
 """

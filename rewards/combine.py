@@ -4,6 +4,15 @@
 >>> batch = compute_rewards(specs, prompts, completions, {"answer": answers})
 >>> batch.rewards, batch.per_reward["math"], batch.faults
 
+Every function is called exactly as TRL's ``GRPOTrainer`` calls a reward function, so TRL's own
+rewards and users' existing ones run unchanged: keyword arguments only,
+``fn(prompts=..., completions=..., completion_ids=..., **columns, **kwargs)``. When a prompt is
+a list of messages (conversational), its completion is passed as one assistant message
+``[{"role": "assistant", "content": text}]``; otherwise as the text. ``completion_ids`` are the
+completions' token ids when the caller has them (``compute(..., completion_ids=...)``), else
+None; a function that needs them then faults with a message saying so. Reward factories
+(e.g. TRL's ``get_soft_overlong_punishment``) are built once from ``RewardSpec.factory``.
+
 Each reward function runs in its own thread, concurrently with the others, and each call is
 time-bounded (``RewardSpec.timeout_s``). When a batched call raises, the batch is retried one
 sample per call (concurrently) so that the fault is attributed to the samples that cause it;
@@ -38,10 +47,14 @@ from rewards.registry import load_reward
 log = logging.getLogger("rewards")
 
 __all__ = ["RewardSpec", "RewardBatch", "CombinedReward", "compute_rewards", "columns_from_rows", "RewardFaultError",
-           "FaultPolicy"]
+           "FaultPolicy", "as_trl_completion", "is_conversational"]
 
 FaultPolicy = Literal["zero", "skip", "fail"]
 MAX_MESSAGES = 100
+# Arguments the caller supplies itself; a dataset column of the same name would shadow them.
+RESERVED = ("prompts", "completions", "completion_ids")
+# Columns TRL leaves out of the batched keyword arguments (the prompt and reference completion).
+NOT_COLUMNS = ("prompt", "completion", "completion_ids")
 
 
 class RewardSpec(BaseModel):
@@ -69,6 +82,10 @@ class RewardSpec(BaseModel):
     columns: dict[str, str] = Field(
         default_factory=dict, description="Rename dataset columns for this function: "
         "{argument name: column name}.")
+    factory: dict[str, Any] | None = Field(
+        None, description="The loaded callable is a reward factory (e.g. TRL's "
+        "get_soft_overlong_punishment): call it once with these keyword arguments, e.g. "
+        "{max_completion_len: 256, soft_punish_cache: 32}, and use the function it returns.")
 
     @model_validator(mode="after")
     def _need_one(self) -> "RewardSpec":
@@ -117,7 +134,7 @@ class RewardBatch:
 # ---------------------------------------------------------------- time-bounded calls
 
 def _invoke(fn: Callable, args: tuple, kwargs: dict) -> Any:
-    res = fn(*args, **kwargs)
+    res = fn(*args, **kwargs)  # the combination passes no positional arguments (TRL's convention)
     if inspect.isawaitable(res):
         async def _await():
             return await res
@@ -166,6 +183,53 @@ def _value(v: Any) -> float | None:
     raise TypeError(f"reward value {v!r} is not a number or None")
 
 
+# ---------------------------------------------------------------- TRL's calling convention
+
+def is_conversational(prompt: Any) -> bool:
+    """A prompt given as messages (a list of {"role", "content"} dicts), as TRL decides it."""
+    return isinstance(prompt, (list, tuple)) and bool(prompt) and isinstance(prompt[0], dict) \
+        and "role" in prompt[0]
+
+
+def as_trl_completion(prompt: Any, completion: Any) -> Any:
+    """The completion in the shape GRPOTrainer gives reward functions: one assistant message in
+    a list for a conversational prompt, else the text. Message lists pass through unchanged."""
+    if isinstance(completion, str) and is_conversational(prompt):
+        return [{"role": "assistant", "content": completion}]
+    return completion
+
+
+def _batched(value: Any, n: int) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == n
+
+
+def _requires(fn: Callable, name: str) -> bool:
+    """Whether ``fn`` has a parameter ``name`` without a default (it cannot run without it)."""
+    try:
+        p = inspect.signature(fn).parameters.get(name)
+    except (TypeError, ValueError):
+        return False
+    return p is not None and p.default is inspect.Parameter.empty \
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+
+
+def _build(index: int, spec: RewardSpec, base_dir: str | None) -> Callable:
+    """Load the spec's callable; call it with ``spec.factory`` when it is a factory."""
+    fn = load_reward(spec.target, base_dir=base_dir)
+    if spec.factory is None:
+        return fn
+    where = f"rewards[{index}].factory"
+    try:
+        built = fn(**spec.factory)
+    except TypeError as e:
+        raise ValueError(f"{where}: calling {spec.target} with {sorted(spec.factory)} failed: {e}; "
+                         "expected the keyword arguments of the factory") from e
+    if not callable(built):
+        raise ValueError(f"{where}: {spec.target}(...) returned {type(built).__name__}, expected a "
+                         "reward function (is it a factory?)")
+    return built
+
+
 # ---------------------------------------------------------------- combination
 
 class CombinedReward:
@@ -180,7 +244,7 @@ class CombinedReward:
             raise ValueError("no rewards given")
         self.fault_policy = fault_policy
         self.retry_chunk = retry_chunk
-        self.fns = [load_reward(s.target, base_dir=base_dir) for s in self.specs]
+        self.fns = [_build(i, s, base_dir) for i, s in enumerate(self.specs)]
         self.labels: list[str] = []
         for s in self.specs:
             label, k = s.label, 2
@@ -190,8 +254,17 @@ class CombinedReward:
         self.total_faults: dict[str, int] = {lab: 0 for lab in self.labels}
         self.__name__ = "combined_reward"
 
-    def __call__(self, prompts, completions, **columns) -> list[float | None]:
-        return self.compute(prompts, completions, columns).rewards
+    def __call__(self, prompts=None, completions=None, completion_ids=None, **kwargs) -> list[float | None]:
+        """The combination as one TRL reward function (called with keywords by GRPOTrainer).
+        Per-sample columns are the keyword values with one entry per completion; the others
+        (TRL's ``trainer_state``, ``log_extra``, ...) are handed to every function unchanged."""
+        if completions is None:
+            raise TypeError("combined_reward() needs completions=")
+        n = len(completions)
+        columns = {k: v for k, v in kwargs.items() if _batched(v, n)}
+        extras = {k: v for k, v in kwargs.items() if k not in columns}
+        prompts = [None] * n if prompts is None else prompts
+        return self.compute(prompts, completions, columns, completion_ids=completion_ids, extras=extras).rewards
 
     def warm_up(self) -> threading.Thread:
         """Start the rewards' workers (e.g. the math-verify pool) in the background, so that a
@@ -211,7 +284,8 @@ class CombinedReward:
         return thread
 
     # one reward over the batch -> (values, fault messages per sample index)
-    def _run_one(self, i: int, prompts, completions, columns) -> tuple[list[float | None], dict[int, str], float]:
+    def _run_one(self, i: int, prompts, completions, completion_ids, columns,
+                 extras) -> tuple[list[float | None], dict[int, str], float]:
         spec, fn = self.specs[i], self.fns[i]
         n = len(completions)
         cols = dict(columns)
@@ -219,8 +293,19 @@ class CombinedReward:
             if col not in columns:
                 return [None] * n, {j: f"column {col!r} missing" for j in range(n)}, 0.0
             cols[arg] = columns[col]
+        if completion_ids is None and _requires(fn, "completion_ids"):
+            msg = ("needs completion_ids (the completions' token ids), and the caller passed none: "
+                   "call compute(..., completion_ids=...)")
+            return [None] * n, {j: msg for j in range(n)}, 0.0
         t0 = time.monotonic()
-        ok, out = _Call(fn, (list(prompts), list(completions)), {**cols, **spec.kwargs}).result(spec.timeout_s)
+
+        def call(sl: slice) -> _Call:
+            batch = {k: list(v[sl]) for k, v in cols.items()}
+            ids = None if completion_ids is None else list(completion_ids[sl])
+            return _Call(fn, (), {"prompts": list(prompts[sl]), "completions": list(completions[sl]),
+                                  "completion_ids": ids, **batch, **extras, **spec.kwargs})
+
+        ok, out = call(slice(0, n)).result(spec.timeout_s)
         if ok:
             try:
                 if isinstance(out, (str, bytes)) or not hasattr(out, "__len__") or len(out) != n:
@@ -241,10 +326,7 @@ class CombinedReward:
         # the batch raised: retry one sample per call to find the samples at fault
         values, faults = [None] * n, {}
         for lo in range(0, n, self.retry_chunk):
-            calls = []
-            for j in range(lo, min(n, lo + self.retry_chunk)):
-                one = {k: [v[j]] for k, v in cols.items()}
-                calls.append((j, _Call(fn, ([prompts[j]], [completions[j]]), {**one, **spec.kwargs})))
+            calls = [(j, call(slice(j, j + 1))) for j in range(lo, min(n, lo + self.retry_chunk))]
             for j, c in calls:
                 ok, r = c.result(spec.timeout_s)
                 try:
@@ -258,18 +340,31 @@ class CombinedReward:
         return values, faults, time.monotonic() - t0
 
     def compute(self, prompts: Sequence, completions: Sequence,
-                columns: dict[str, Sequence] | None = None) -> RewardBatch:
+                columns: dict[str, Sequence] | None = None, *,
+                completion_ids: Sequence[Sequence[int]] | None = None,
+                extras: dict[str, Any] | None = None) -> RewardBatch:
+        """Score one batch. ``completions`` are texts (or TRL-style message lists);
+        ``columns`` the dataset's per-sample columns; ``completion_ids`` the completions' token
+        ids (needed by length and repetition rewards); ``extras`` keyword arguments handed to
+        every function as they are (not per sample)."""
         columns = dict(columns or {})
+        extras = dict(extras or {})
         n = len(completions)
         if len(prompts) != n:
             raise ValueError(f"{len(prompts)} prompts but {n} completions")
         for k, v in columns.items():
+            if k in RESERVED:
+                raise ValueError(f"column {k!r} has the name of an argument every reward function "
+                                 f"receives ({', '.join(RESERVED)}); rename the column")
             if len(v) != n:
                 raise ValueError(f"column {k!r} has {len(v)} values for {n} completions")
+        if completion_ids is not None and len(completion_ids) != n:
+            raise ValueError(f"completion_ids has {len(completion_ids)} entries for {n} completions")
+        completions = [as_trl_completion(p, c) for p, c in zip(prompts, completions)]
         results: list[Any] = [None] * len(self.specs)
 
         def work(i):
-            results[i] = self._run_one(i, prompts, completions, columns)
+            results[i] = self._run_one(i, prompts, completions, completion_ids, columns, extras)
 
         threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(len(self.specs))]
         for t in threads:
@@ -323,14 +418,17 @@ class CombinedReward:
 
 
 def columns_from_rows(rows: Sequence[dict], repeat: int = 1) -> dict[str, list]:
-    """Dataset rows as reward columns: every key but `prompt`, one entry per completion (each
+    """Dataset rows as reward columns: every key but `prompt`, `completion` and `completion_ids`
+    (as TRL leaves them out), one entry per completion (each
     row repeated `repeat` times). Rows of mixed tasks get None where they lack a column."""
-    keys = sorted({k for r in rows for k in r if k != "prompt"})
+    keys = sorted({k for r in rows for k in r if k not in NOT_COLUMNS})
     return {k: [r.get(k) for r in rows for _ in range(repeat)] for k in keys}
 
 
 def compute_rewards(specs: Sequence[RewardSpec | dict], prompts: Sequence, completions: Sequence,
                     columns: dict[str, Sequence] | None = None,
-                    fault_policy: FaultPolicy = "zero", base_dir: str | None = None) -> RewardBatch:
+                    fault_policy: FaultPolicy = "zero", base_dir: str | None = None,
+                    completion_ids: Sequence[Sequence[int]] | None = None) -> RewardBatch:
     """One-shot ``CombinedReward(specs, fault_policy).compute(...)``; see the module docstring."""
-    return CombinedReward(specs, fault_policy, base_dir=base_dir).compute(prompts, completions, columns)
+    return CombinedReward(specs, fault_policy, base_dir=base_dir).compute(
+        prompts, completions, columns, completion_ids=completion_ids)

@@ -1,7 +1,8 @@
 """Find reward functions by registry name, import path or file path.
 
-A reward function has TRL's signature ``fn(prompts, completions, **columns) -> list[float |
-None]`` (async functions are accepted). Specs:
+A reward function is called as TRL calls one, with keywords only: ``fn(prompts=...,
+completions=..., completion_ids=..., **columns) -> list[float | None]`` (async functions are
+accepted; a factory is called first with ``RewardSpec.factory``). Specs:
 
 - a registry name: ``math``, ``code``, ``instructions``, ``reward_model`` or anything added
   with ``@register_reward("name")``;
