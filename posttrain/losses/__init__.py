@@ -1,4 +1,4 @@
-"""Training losses as pure functions on tensors (distillation, policy gradient, per-token log-probs)."""
+"""Training losses as pure functions on tensors (distillation, policy gradient, BOND, per-token log-probs)."""
 
 from posttrain.losses.token_logprobs import chunked_token_logprobs, vocabulary_projection  # noqa: F401
 
@@ -21,4 +21,20 @@ from posttrain.losses.distillation import (  # noqa: F401
     sparse_target_entropy,
     token_log_probs,
     top_k_teacher_targets,
+)
+from posttrain.losses.bond import (  # noqa: F401
+    JBOND_PENALTY,
+    backward_rewards,
+    best_of_n_kl_bound,
+    best_of_n_probs,
+    better_sample_index,
+    categorical_kl,
+    forward_nll_loss,
+    jbond_rewards,
+    jeffreys_loss,
+    leave_one_out_advantages,
+    log_quantile_rewards,
+    quantile_estimates,
+    reward_quantiles,
+    ties,
 )
