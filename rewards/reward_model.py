@@ -1,9 +1,12 @@
 """Reward models: score (prompt, completion) with HF sequence-classification checkpoints.
 
 Several checkpoints of one architecture are combined WARM-style: the model used for scoring
-has the uniform average of their weights (one model at inference, not an ensemble). Scorers
-are cached per (checkpoints, device, dtype), so a list of checkpoints is loaded once per
-process however many batches are scored.
+has the uniform average of their weights (one model at inference, not an ensemble), or, with
+``combine="predictions"``, each is run and their scores are averaged (the ensemble WARM is
+compared with). A checkpoint may also be the ``members`` directory written by the
+``reward_model`` stage (it holds ``members.json``): it stands for every member listed there.
+Scorers are cached per (checkpoints, combination, device, dtype), so a list of checkpoints is
+loaded once per process however many batches are scored.
 
 Pairs are rendered in the Gemma IT format, ``<bos>`` added as a token:
 ``<bos><start_of_turn>user\\n{prompt}<end_of_turn>\\n<start_of_turn>model\\n{completion}<end_of_turn>\\n``
@@ -18,7 +21,7 @@ from typing import Any, Sequence
 
 from posttrain.chat import prompt_completion_to_messages, tokenize_conversation
 
-__all__ = ["RewardModelScorer", "get_scorer", "reward_model_reward", "load_count"]
+__all__ = ["RewardModelScorer", "encode_pair", "expand_checkpoints", "get_scorer", "reward_model_reward", "load_count"]
 
 _cache: dict[tuple, "RewardModelScorer"] = {}
 _cache_lock = threading.Lock()
@@ -30,59 +33,96 @@ def load_count() -> int:
     return _loads
 
 
+MEMBERS_FILE = "members.json"
+
+
+def expand_checkpoints(checkpoints: Sequence[str] | str) -> list[str]:
+    """Checkpoint directories, with a reward_model stage's ``members`` directory replaced by the
+    member checkpoints its ``members.json`` lists (in member order)."""
+    import json
+    from pathlib import Path
+
+    out: list[str] = []
+    for c in [checkpoints] if isinstance(checkpoints, str) else list(checkpoints):
+        listing = Path(c) / MEMBERS_FILE
+        if listing.is_file():
+            members = json.loads(listing.read_text()).get("members") or []
+            if not members:
+                raise ValueError(f"{listing}: lists no member checkpoints")
+            out.extend(str(m) for m in members)
+        else:
+            out.append(str(c))
+    return out
+
+
+def encode_pair(tokenizer, prompt: Any, completion: Any, max_length: int) -> list[int]:
+    """Token ids a reward model scores for (prompt, completion), in the Gemma IT format.
+
+    The project's one tokenisation of the format (posttrain.chat): control tokens as ids, text
+    as text, so a completion that writes "<end_of_turn>" cannot forge the structure the model
+    scores. ``prompt`` None: ``completion`` is the whole conversation. Over-long pairs keep
+    ``<bos>`` and their end (the completion, where the score is read). Training (the
+    ``reward_model`` stage) and scoring share this function, so they see the same ids.
+    """
+    messages = list(completion) if prompt is None else prompt_completion_to_messages(prompt, completion)
+    ids = tokenize_conversation(tokenizer, messages).input_ids
+    if len(ids) > max_length:
+        ids = ids[:1] + ids[len(ids) - max_length + 1:]
+    return ids
+
+
 class RewardModelScorer:
-    """A sequence-classification model (WARM average of ``checkpoints``) and its tokenizer."""
+    """Sequence-classification model(s) and their tokenizer: the WARM weight average of
+    ``checkpoints`` (``combine="weights"``) or the ensemble of their predictions."""
 
     def __init__(self, checkpoints: Sequence[str], device: str | None = None, dtype: str = "float32",
-                 tokenizer: str | None = None):
+                 tokenizer: str | None = None, combine: str = "weights"):
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from posttrain.weights import linear_average
+
         global _loads
-        if isinstance(checkpoints, str):
-            checkpoints = [checkpoints]
-        if not checkpoints:
+        if combine not in ("weights", "predictions"):
+            raise ValueError(f"combine: expected 'weights' (WARM) or 'predictions' (ensemble), got {combine!r}")
+        self.checkpoints = expand_checkpoints(checkpoints)
+        if not self.checkpoints:
             raise ValueError("reward_model needs at least one checkpoint")
-        self.checkpoints = list(checkpoints)
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.combine = combine
+        # The current CUDA device is the rank's own under a data-parallel launch (accelerate sets it).
+        self.device = device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
         torch_dtype = getattr(torch, dtype)
-        model = AutoModelForSequenceClassification.from_pretrained(self.checkpoints[0], dtype=torch.float32)
-        if len(self.checkpoints) > 1:
-            avg = {k: v.detach().clone().float() if v.is_floating_point() else v
-                   for k, v in model.state_dict().items()}
-            arch = type(model).__name__
-            for path in self.checkpoints[1:]:
-                other = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
-                if type(other).__name__ != arch:
-                    raise ValueError(f"WARM needs one architecture: {path!r} is {type(other).__name__}, "
-                                     f"{self.checkpoints[0]!r} is {arch}")
-                sd = other.state_dict()
-                if sd.keys() != avg.keys() or any(sd[k].shape != avg[k].shape for k in avg):
-                    raise ValueError(f"WARM needs identical shapes: {path!r} differs from {self.checkpoints[0]!r}")
-                for k, v in sd.items():
-                    if v.is_floating_point():
-                        avg[k] += v.float()
-                del other, sd
-            n = len(self.checkpoints)
-            model.load_state_dict({k: v / n if v.is_floating_point() else v for k, v in avg.items()})
-        self.model = model.to(device=self.device, dtype=torch_dtype).eval()
+        loaded = [AutoModelForSequenceClassification.from_pretrained(self.checkpoints[0], dtype=torch.float32)]
+        arch = type(loaded[0]).__name__
+        for path in self.checkpoints[1:]:
+            other = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+            if type(other).__name__ != arch:
+                raise ValueError(f"WARM needs one architecture: {path!r} is {type(other).__name__}, "
+                                 f"{self.checkpoints[0]!r} is {arch}")
+            loaded.append(other)
+        if combine == "weights" and len(loaded) > 1:
+            # One model at inference: the uniform average of every tensor, the head included.
+            try:
+                averaged = linear_average(loaded)
+            except ValueError as e:
+                raise ValueError(f"WARM needs identical shapes across {self.checkpoints}: {e}") from None
+            loaded[0].load_state_dict(averaged)
+            loaded = loaded[:1]
+        self.models = [m.to(device=self.device, dtype=torch_dtype).eval() for m in loaded]
+        self.model = self.models[0]
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or self.checkpoints[0])
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        if self.model.config.pad_token_id is None:
-            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        for m in self.models:
+            if m.config.pad_token_id is None:
+                m.config.pad_token_id = self.tokenizer.pad_token_id
         self.max_length = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
         self._lock = threading.Lock()
         _loads += 1
 
     def encode(self, prompt: Any, completion: Any) -> list[int]:
         """Token ids of the pair in the Gemma IT format, starting with the ``<bos>`` token."""
-        # The project's one tokenisation of the Gemma format: control tokens as ids, text as text, so
-        # a completion that writes "<end_of_turn>" cannot forge the structure the model scores.
-        ids = tokenize_conversation(self.tokenizer, prompt_completion_to_messages(prompt, completion)).input_ids
-        if len(ids) > self.max_length:  # keep <bos> and the end of the completion
-            ids = ids[:1] + ids[len(ids) - self.max_length + 1:]
-        return ids
+        return encode_pair(self.tokenizer, prompt, completion, self.max_length)
 
     def score(self, prompts: Sequence, completions: Sequence, batch_size: int = 8) -> list[float]:
         import torch
@@ -100,30 +140,37 @@ class RewardModelScorer:
                 for r, i in enumerate(idx):  # right padding
                     ids[r, : len(encoded[i])] = torch.tensor(encoded[i])
                     mask[r, : len(encoded[i])] = 1
-                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+                ids, mask = ids.to(self.device), mask.to(self.device)
+                # Ensemble: the mean of the members' scores; WARM: the one averaged model.
+                logits = sum(m(input_ids=ids, attention_mask=mask).logits[:, 0].float() for m in self.models)
+                logits = logits / len(self.models)
                 for r, i in enumerate(idx):
-                    out[i] = float(logits[r, 0])
+                    out[i] = float(logits[r])
         return out
 
 
 def get_scorer(checkpoints: Sequence[str] | str, device: str | None = None, dtype: str = "float32",
-               tokenizer: str | None = None) -> RewardModelScorer:
+               tokenizer: str | None = None, combine: str = "weights") -> RewardModelScorer:
     """The cached scorer for these checkpoints (loaded on first use)."""
-    key = (tuple([checkpoints] if isinstance(checkpoints, str) else checkpoints), device, dtype, tokenizer)
+    key = (tuple([checkpoints] if isinstance(checkpoints, str) else checkpoints), device, dtype, tokenizer, combine)
     with _cache_lock:
         if key not in _cache:
-            _cache[key] = RewardModelScorer(list(key[0]), device=device, dtype=dtype, tokenizer=tokenizer)
+            _cache[key] = RewardModelScorer(list(key[0]), device=device, dtype=dtype, tokenizer=tokenizer,
+                                            combine=combine)
         return _cache[key]
 
 
 def reward_model_reward(prompts, completions, *, checkpoints: Sequence[str] | str | None = None,
                         batch_size: int = 8, device: str | None = None, dtype: str = "float32",
-                        tokenizer: str | None = None, **_: Any) -> list[float | None]:
-    """TRL-style reward: the (WARM-averaged) reward model's score of each pair.
+                        tokenizer: str | None = None, combine: str = "weights", **_: Any) -> list[float | None]:
+    """TRL-style reward: the reward model's score of each pair.
 
-    kwargs: ``checkpoints`` (one path or a list of paths of one architecture).
+    kwargs: ``checkpoints`` (one path, a list of paths of one architecture, or a reward_model
+    stage's output: ``${stages.NAME.model}`` for its WARM average, ``${stages.NAME.members}`` for
+    its members); ``combine``: ``weights`` (WARM: one averaged model) or ``predictions``
+    (the ensemble: the mean of the members' scores).
     """
     if not checkpoints:
         raise ValueError("the reward_model reward needs kwargs: {checkpoints: [path, ...]}")
-    scorer = get_scorer(checkpoints, device=device, dtype=dtype, tokenizer=tokenizer)
+    scorer = get_scorer(checkpoints, device=device, dtype=dtype, tokenizer=tokenizer, combine=combine)
     return list(scorer.score(prompts, completions, batch_size=batch_size))
