@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+HIDDEN = 64  # the tiny model's width: its weights are small next to any vocabulary-sized tensor
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -61,7 +63,7 @@ class _Vocabulary:
 def _tiny_gemma3(vocab: int, seed: int):
     from posttrain.toy.models import TinyModelSpec, build_tiny_model
 
-    spec = TinyModelSpec(arch="gemma3", hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=32,
+    spec = TinyModelSpec(arch="gemma3", hidden_size=HIDDEN, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=32,
                          intermediate_size=128, max_position_embeddings=4096, seed=seed)
     return build_tiny_model(spec, _Vocabulary(vocab))
 
@@ -153,6 +155,10 @@ def _distill_step(args, chunk_size, student, teacher, batch):
 
 # --- one configuration in this process --------------------------------------------------------------
 
+def _chunk_option(text: str):
+    return text if text == "auto" else int(text)
+
+
 def _rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
@@ -160,10 +166,12 @@ def _rss_bytes() -> int:
 def worker(args) -> dict:
     import torch
 
+    from posttrain.losses.token_logprobs import resolve_chunk_size
+
     torch.manual_seed(0)
     step, mode, vocab = args.worker.split(":")
     vocab = int(vocab)
-    chunk_size = None if mode == "before" else args.chunk_size
+    chunk_size = None if mode == "before" else resolve_chunk_size(args.chunk_size, vocab)
     device = torch.device(args.device)
     if step == "rl":
         state = _rl_setup(args, vocab, device)
@@ -226,7 +234,9 @@ def main() -> None:
                     "distill: the untrained start of each sequence)")
     ap.add_argument("--group-size", type=int, default=4, help="rl: samples per prompt (shared-prompt scoring)")
     ap.add_argument("--vocab", type=int, nargs="+", default=[32768, 65536, 131072, 262144])
-    ap.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk in the 'after' runs")
+    ap.add_argument("--chunk-size", type=_chunk_option, default="auto",
+                    help="positions per chunk in the 'after' runs: an integer, or auto (the stages' default: as many "
+                    "as fit 2**25 logits, so a chunk's memory does not depend on the vocabulary)")
     ap.add_argument("--steps", nargs="+", default=["rl", "distill"], choices=["rl", "distill"])
     ap.add_argument("--max-fraction", type=float, default=0.7,
                     help="skip 'before' runs estimated to need more than this fraction of the device's memory")
@@ -280,16 +290,17 @@ def main() -> None:
             print(f"{step:8s} {vocab:>8d} {b_txt:>26s} {a_txt:>12s} {ratio:>13s} {w_txt:>10s}")
         after = [(v, rows[("after", v)]) for v in sorted(args.vocab) if "peak_bytes" in rows[("after", v)]]
         if len(after) >= 2:
+            # The trained model's output-layer gradient, one float32 [hidden] row per vocabulary row,
+            # necessarily grows with the vocabulary (as the weights do); everything else is the
+            # step's working set, which is what must not.
+            grad_row = HIDDEN * 4
+            beyond = [r["peak_bytes"] - v * grad_row for v, r in after]
             (v0, r0), (v1, r1) = after[0], after[-1]
-            per_row = (r1["peak_bytes"] - r0["peak_bytes"]) / (v1 - v0)
-            # The trained model's output-layer gradient: one [H] float32 row per vocabulary row
-            # (tied embeddings add their own gradient, summed into it).
-            grad_row = 2 * 64 * 4
-            print(f"{step}: the 'after' peak grows with the vocabulary by {per_row:,.0f} bytes per row: "
-                  f"~{grad_row} for the output layer's gradient, the rest the chunk's working set "
-                  f"(~{(per_row - grad_row) / (args.chunk_size * 4):.1f} float32 [chunk_size] columns), set by "
-                  f"--chunk-size, not by the {args.seqs} x {args.tokens} tokens; the full-logits path needs "
-                  f"~{full * COPIES[step]:,.0f} bytes per row ({COPIES[step]:.1f} float32 copies of the batch).")
+            print(f"{step}: 'after' peak beyond the output layer's gradient: "
+                  + ", ".join(f"V={v}: {_fmt_gb(b)}" for (v, _), b in zip(after, beyond))
+                  + f" (x{beyond[-1] / beyond[0]:.2f} from V={v0} to V={v1}, while the vocabulary grows "
+                  f"x{v1 / v0:.0f}); the full-logits path needs ~{full * COPIES[step] / GB:.3f} GB per 1k rows "
+                  f"x 1k ({COPIES[step]:.1f} float32 copies of the batch's logits).")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

@@ -41,12 +41,14 @@ import shutil
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Annotated, Any, Literal, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 Precision = Literal["fp32", "bf16"]
+# Positions per vocabulary-projection chunk (posttrain.losses.token_logprobs.resolve_chunk_size).
+ChunkSize = Annotated[int, Field(ge=1)] | Literal["auto"] | None
 
 
 class TrainingSetupError(RuntimeError):

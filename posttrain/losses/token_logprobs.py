@@ -26,6 +26,21 @@ from torch.utils.checkpoint import checkpoint
 
 Projection = Callable[[torch.Tensor], torch.Tensor]
 
+# "auto" chunks hold this many logits (2**25 = 128 MiB in float32): the number of positions per
+# chunk shrinks as the vocabulary grows, so a chunk's working set is the same at 32k and 262k.
+AUTO_CHUNK_LOGITS = 2**25
+
+
+def resolve_chunk_size(chunk_size: int | str | None, vocab_size: int) -> int | None:
+    """Positions per chunk for a `chunk_size` option: an int as given, None (one chunk: full
+    logits), or "auto": as many positions as fit AUTO_CHUNK_LOGITS logits (at least 16), which
+    bounds the chunk's memory independently of the vocabulary."""
+    if chunk_size == "auto":
+        return max(16, AUTO_CHUNK_LOGITS // max(1, int(vocab_size)))
+    if chunk_size is None or (isinstance(chunk_size, int) and chunk_size >= 1):
+        return chunk_size
+    raise ValueError(f"chunk_size: expected a positive integer, 'auto' or null, got {chunk_size!r}")
+
 
 def vocabulary_projection(model, width: int | None = None) -> Projection:
     """hidden [..., H] -> logits [..., V] exactly as the model's forward computes them after its decoder.

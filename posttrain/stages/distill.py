@@ -26,10 +26,11 @@ from posttrain.allocator import retain_freed_memory
 from posttrain.chat import (ChatFormatError, control_token_ids, normalise_messages,
                             prompt_completion_to_messages, tokenize_conversation, tokenize_prompt)
 from posttrain.data import DataError, iter_rows
+from posttrain.losses.token_logprobs import resolve_chunk_size
 from posttrain.rollout import RolloutConfig
 from posttrain.stages.base import StageConfig, StageContext, StageError, StageResult, register_stage
 from posttrain.trackers import ReportTo
-from posttrain.training import (PLACEMENT_HELP, LoraSpec, TrainingSession, engine_asleep, latest_checkpoint,
+from posttrain.training import (PLACEMENT_HELP, ChunkSize, LoraSpec, TrainingSession, engine_asleep, latest_checkpoint,
                                 load_checkpoint, place_frozen, resolve_placement, save_checkpoint, save_model,
                                 token_budget_batches, truncate_metrics)
 
@@ -81,10 +82,11 @@ class DistillStageConfig(StageConfig):
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm; null turns clipping off.")
     max_new_tokens: int = Field(64, ge=1, description="Longest student sample (stop token included).")
     max_length: int = Field(512, ge=8, description="Off-policy sequences are truncated to this many tokens.")
-    chunk_size: int | None = Field(
-        128, ge=1, description="Positions per loss chunk: teacher and student hidden states are projected to the "
-        "vocabulary (and the float32 loss computed) one chunk of completion positions at a time, recomputed in "
-        "backward, so [batch, length, vocab] logits never exist; null uses the models' full logits at once.")
+    chunk_size: ChunkSize = Field(
+        "auto", description="Completion positions per loss chunk: teacher and student hidden states are projected "
+        "to the vocabulary (and the float32 loss computed) one chunk at a time, recomputed in backward, so "
+        "[batch, length, vocab] logits never exist. auto: as many positions as fit 2**25 logits, so a chunk's "
+        "memory is the same whatever the vocabulary; null uses the models' full logits at once.")
     teacher_dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Teacher weights and logits dtype (bfloat16 halves teacher memory on GPUs).")
     teacher_placement: str = Field("accelerator", description="Where the teacher lives: " + PLACEMENT_HELP + ".")
@@ -269,6 +271,10 @@ def distillation_loss(cfg: DistillStageConfig, student_logits, mask: torch.Tenso
                       teacher_logits=None, target_ids: torch.Tensor | None = None,
                       target_probs: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """The configured loss on shifted logits [B, L-1, V] or ProjectedLogits; sparse targets are drawn here when not given."""
+    if cfg.chunk_size == "auto":  # the stage resolves it once; direct callers get it resolved here
+        cfg = cfg.model_copy(update={"chunk_size": resolve_chunk_size("auto", student_logits.shape[-1]
+                                                                      if isinstance(student_logits, torch.Tensor)
+                                                                      else student_logits.vocab_size)})
     from posttrain.losses.distillation import (divergence_loss, sample_teacher_targets, sampled_target_loss,
                                                top_k_teacher_targets)
 
@@ -441,6 +447,8 @@ def run_distill(cfg: DistillStageConfig, ctx: StageContext) -> StageResult:
         student = get_peft_model(student, cfg.lora.to_peft_config())
     student = session.prepare(student, cfg.learning_rate, cfg.weight_decay, cfg.warmup_steps,
                               gradient_checkpointing=cfg.gradient_checkpointing)
+    cfg = cfg.model_copy(update={"chunk_size": resolve_chunk_size(
+        cfg.chunk_size, width or student.get_output_embeddings().weight.shape[0])})
 
     start_step = 0
     checkpoint = latest_checkpoint(ctx.stage_dir)

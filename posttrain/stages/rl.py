@@ -35,13 +35,14 @@ from pydantic import Field, model_validator
 from posttrain.allocator import retain_freed_memory
 from posttrain.chat import ChatFormatError, tokenize_prompt
 from posttrain.data import DataError, iter_rows
+from posttrain.losses.token_logprobs import resolve_chunk_size
 from posttrain.losses.policy import Aggregation, kl_regularised_rewards, masked_sum, reinforce_loss, rloo_advantages
 from posttrain.modeling import load_causal_lm, load_tokenizer
 from posttrain.rollout import DriftMonitor, RolloutConfig, SamplingParams, create_engine, weights_for_engine
 from posttrain.scoring import score_completions
 from posttrain.stages.base import StageConfig, StageContext, StageError, StageResult, register_stage
 from posttrain.trackers import ReportTo
-from posttrain.training import (PLACEMENT_HELP, LoraSpec, TrainingSession, engine_asleep, latest_checkpoint,
+from posttrain.training import (PLACEMENT_HELP, ChunkSize, LoraSpec, TrainingSession, engine_asleep, latest_checkpoint,
                                 load_checkpoint, place_frozen, resolve_placement, save_checkpoint, save_model,
                                 token_budget_batches, truncate_metrics)
 from posttrain.weights import ema_update_
@@ -98,9 +99,11 @@ class RLStageConfig(StageConfig):
         None, ge=1, description="Bound each forward/backward micro-batch by this many tokens (prompt + completion, "
         "whole prompt groups; a group larger than the budget gets one of its own) and accumulate them into the "
         "step's update: memory per micro-batch is set by this budget, not by prompts_per_step or the vocabulary.")
-    logprob_chunk_size: int | None = Field(
-        1024, ge=1, description="Completion positions projected to the vocabulary at a time when scoring (recomputed "
-        "in backward): no [batch, length, vocabulary] tensor is ever built. null: the model's full logits at once.")
+    logprob_chunk_size: ChunkSize = Field(
+        "auto", description="Completion positions projected to the vocabulary at a time when scoring (recomputed in "
+        "backward), so no [batch, length, vocabulary] tensor is ever built. auto: as many as fit 2**25 logits "
+        "(128 MiB in float32), which keeps a chunk's memory the same whatever the vocabulary; null: the model's "
+        "full logits at once.")
     gradient_checkpointing: bool = Field(False, description="Recompute the policy's activations in backward (less "
                                          "memory, about a third more compute); scoring then runs each sequence's "
                                          "prompt with it instead of once per group.")
@@ -115,9 +118,33 @@ class RLStageConfig(StageConfig):
                                    "logprob drift thresholds (drift_warn_threshold, drift_stop_threshold).")
     report_to: ReportTo = Field(default_factory=list, description="Extra trackers: tensorboard, wandb, trackio "
                                 "(the `trackers` extra installs them).")
+    algorithm: Literal["rloo", "jbond", "bond"] = Field(
+        "rloo", description="rloo: REINFORCE with a leave-one-out baseline and a KL penalty (WARP stage 1). jbond: "
+        "J-BOND (Sessa et al. 2024, Algorithm 2): per prompt one policy sample and two EMA-anchor samples, loss "
+        "(1 - jeffreys_beta) * NLL of the better anchor sample + jeffreys_beta * policy gradient on r_J = -log 16 "
+        "when the policy sample is worse than both, minus its log-ratio to the anchor. bond: the same with bond_n "
+        "anchor samples, the forward term on their best and the backward reward log p_le (Monte Carlo quantile over "
+        "them) with KL coefficient 1/(bond_n - 1). See posttrain.losses.bond for the tie rule.")
+    jeffreys_beta: float = Field(0.5, ge=0, le=1, description="jbond/bond: weight of the backward term (1: "
+                                 "backward only, mode seeking; 0: forward only, best-of-N SFT); the paper's 0.5.")
+    kl_gamma: float = Field(0.0, ge=0, description="jbond/bond: weight of an extra KL(pi || pi_anchor) gradient on "
+                            "the policy samples (the paper's gamma, 0 in its main runs).")
+    bond_n: int = Field(8, ge=2, description="bond: N, the anchor samples per prompt (best-of-N and quantile samples).")
+    anchor_rollout: Literal["swap", "engine"] = Field(
+        "swap", description="jbond/bond: how the EMA anchor samples. swap: the anchor's weights are loaded into the "
+        "one rollout engine for its samples and the policy's after them; engine: a second engine holds the anchor. "
+        "Both push two weight sets per step; swap saves the second engine's start-up and memory (bench/bench_bond.py).")
 
     @model_validator(mode="after")
     def _check(self):
+        # Fields of the other algorithm are checked against their defaults, not against "was it set":
+        # the runner re-validates the resolved config with every field written out.
+        if self.algorithm != "rloo":
+            self._check_bond()
+        else:
+            for name in ("jeffreys_beta", "kl_gamma", "bond_n", "anchor_rollout"):
+                if not self._is_default(name):
+                    raise ValueError(f"{name}: applies to algorithm jbond or bond; this stage runs algorithm rloo")
         if self.baseline == "rloo" and self.num_generations < 2:
             raise ValueError("num_generations: the rloo baseline needs at least 2 samples per prompt; "
                              "raise num_generations or set baseline: none")
@@ -127,6 +154,31 @@ class RLStageConfig(StageConfig):
         if not self.rewards:
             raise ValueError("rewards: name at least one reward, e.g. [{name: math, weight: 1.0}]")
         return self
+
+    def _is_default(self, name: str) -> bool:
+        return getattr(self, name) == type(self).model_fields[name].default
+
+    def _check_bond(self) -> None:
+        if not self._is_default("num_generations"):
+            raise ValueError(f"num_generations: applies to algorithm rloo; {self.algorithm} samples one policy "
+                             f"completion and {self.anchor_samples} anchor completions per prompt"
+                             + (" (set bond_n)" if self.algorithm == "bond" else ""))
+        if not self._is_default("beta"):
+            raise ValueError(f"beta: the KL coefficient of algorithm rloo; {self.algorithm} fixes its KL coefficient "
+                             "at 1/(N-1) (1 for jbond) and weighs its two terms with jeffreys_beta")
+        if self.algorithm == "jbond" and not self._is_default("bond_n"):
+            raise ValueError("bond_n: jbond always takes two anchor samples (N = 2); use algorithm: bond for other N")
+        if "anchor_ema" not in self.model_fields_set:
+            self.anchor_ema = 0.02  # J-BOND's eta (ablations 0.01-0.1)
+
+    @property
+    def anchor_samples(self) -> int:
+        """Anchor completions per prompt: 2 for jbond, bond_n for bond, none for rloo."""
+        return {"rloo": 0, "jbond": 2, "bond": self.bond_n}[self.algorithm]
+
+    @property
+    def completions_per_prompt(self) -> int:
+        return self.num_generations if self.algorithm == "rloo" else 1 + self.anchor_samples
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -256,6 +308,8 @@ def run_rl(config: RLStageConfig, ctx: StageContext) -> StageResult:
     del plain
     policy = session.prepare(policy, config.learning_rate, config.weight_decay, config.warmup_steps,
                              gradient_checkpointing=config.gradient_checkpointing)
+    vocab = policy.get_output_embeddings().weight.shape[0]
+    config = config.model_copy(update={"logprob_chunk_size": resolve_chunk_size(config.logprob_chunk_size, vocab)})
 
     start_step, nan_streak = 0, 0
     checkpoint = latest_checkpoint(stage_dir)
