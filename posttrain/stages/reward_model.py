@@ -1,0 +1,522 @@
+"""`reward_model`: Bradley-Terry reward models and WARM, their weight average (ALGORITHMS.md, section 5).
+
+    1. probe    the SFT model with a scalar head; the head alone is trained on the preference
+                pairs (a linear probe: the backbone is frozen), once, and shared by every member
+    2. members  M reward models, each from the SFT weights and the probed head, fine-tuned on
+                -log sigmoid(r(x, y_chosen) - r(x, y_rejected)) with its own data order and seed,
+                learning rate, dropout or SFT checkpoint (list options; member i takes entry
+                i mod the list's length)
+    3. average  the uniform mean of the members' weights, head included (posttrain.weights.
+                linear_average): one reward model at inference. Optionally only the best k
+                members by held-out pairwise accuracy.
+
+The manifest reports each member's, the average's and the prediction ensemble's held-out
+pairwise accuracy (how often r(chosen) > r(rejected) on `eval_dataset`).
+
+Why the shared training module (posttrain.training) rather than TRL's RewardTrainer: both give
+data parallelism, bf16, LoRA and resume, but WARM needs a head probed once and then shared by M
+fine-tunings, a resume point *inside* the member sequence (member 2 at step s), and the same
+tokenisation as the scorer (rewards.reward_model.encode_pair, Gemma IT format through
+posttrain.chat). With the Trainer each member would be a separate trainer whose checkpoints know
+nothing of the others; with the session the whole WARM procedure is one resumable loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from posttrain.chat import ChatFormatError
+from posttrain.data import DataError, iter_rows, write_json
+from posttrain.stages.base import StageConfig, StageContext, StageError, StageResult, register_stage
+from posttrain.trackers import ReportTo
+from posttrain.training import (LoraSpec, TrainingSession, latest_checkpoint, load_checkpoint, save_checkpoint,
+                                save_model, token_budget_batches, truncate_metrics)
+from posttrain.weights import linear_average
+from rewards.reward_model import MEMBERS_FILE, encode_pair
+
+log = logging.getLogger(__name__)
+
+DONE = "done.json"
+
+
+class RewardModelStageConfig(StageConfig):
+    """Bradley-Terry reward models from an SFT checkpoint; M members and their weight average (WARM)."""
+
+    model: str = Field(description="SFT checkpoint to start from (a causal LM gets a scalar head): "
+                       "${stages.NAME.model}, ${models.NAME} or a path.")
+    dataset: str = Field(description="Preference rows: `prompt` (text or messages), `chosen`, `rejected` (text or "
+                         "assistant messages); without `prompt`, chosen and rejected are whole conversations.")
+    eval_dataset: str | None = Field(None, description="Held-out preference rows: pairwise accuracy of every member, "
+                                     "the average and the ensemble; needed by average_best and best_member.")
+    members: int = Field(1, ge=1, description="Number of reward models M fine-tuned from the probed head and averaged.")
+    seeds: list[int] | None = Field(None, description="Per-member seed of data order, dropout and head-input noise "
+                                    "(member i takes seeds[i mod len]); default: recipe seed + i.")
+    learning_rates: list[float] | None = Field(None, description="Per-member learning rates (WARM: 1e-5, 4e-5, 1e-4); "
+                                               "default: [learning_rate].")
+    dropouts: list[float] | None = Field(None, description="Per-member dropout (WARM: 0.05, 0.1) on attention and on "
+                                         "the head's input while training; default: [0.0].")
+    member_models: list[str] | None = Field(None, description="Per-member SFT checkpoints of the model's architecture "
+                                            "(e.g. checkpoints of one SFT run); default: [model]. The probed head "
+                                            "is the same for all.")
+    probe_steps: int = Field(50, ge=0, description="Steps training the head alone (backbone frozen) before the members; "
+                             "0 keeps the freshly initialised head.")
+    probe_learning_rate: float = Field(1e-3, gt=0, description="Learning rate of the linear probe.")
+    max_steps: int = Field(100, ge=1, description="Optimizer steps per member.")
+    batch_size: int = Field(16, ge=1, description="Preference pairs per step (over all processes).")
+    learning_rate: float = Field(1e-5, gt=0, description="AdamW learning rate of a member unless learning_rates says.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps of each member's learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this (None: no clipping).")
+    max_length: int = Field(512, ge=8, description="Pairs longer than this keep <bos> and their end (counted).")
+    max_tokens_per_microbatch: int | None = Field(
+        None, ge=1, description="Bound each forward/backward micro-batch by this many tokens (chosen + rejected of "
+        "whole pairs) and accumulate: memory per micro-batch is set by the budget, not batch_size.")
+    label_flip_rate: float = Field(0.0, ge=0, le=1, description="Swap chosen and rejected in this fraction of the "
+                                   "training pairs (seeded): label-noise experiments such as WARM's 25%.")
+    average_best: int | None = Field(None, ge=1, description="Average only the best k members by held-out accuracy "
+                                     "(needs eval_dataset); default: all members.")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: forward passes under bfloat16 autocast; "
+                                               "weights, optimizer state and the loss stay float32.")
+    lora: LoraSpec | None = Field(None, description="Train LoRA adapters (and the head) instead of all weights; each "
+                                  "member is saved merged, so members average as plain weights.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (less memory).")
+    checkpoint_every: int = Field(50, ge=0, description="Save a resumable checkpoint of the member in training every "
+                                  "this many steps (0: only finished members are kept).")
+    keep_checkpoints: int = Field(2, ge=1, description="Keep only the newest this many checkpoints of a member.")
+    logging_steps: int = Field(10, ge=1, description="Log loss and batch accuracy every this many steps.")
+    report_to: ReportTo = Field(default_factory=list, description="Extra trackers: tensorboard, wandb, trackio "
+                                "(the `trackers` extra installs them).")
+
+    @model_validator(mode="after")
+    def _check(self):
+        for key in ("seeds", "learning_rates", "dropouts", "member_models"):
+            if getattr(self, key) is not None and not getattr(self, key):
+                raise ValueError(f"{key}: give at least one value, or leave it out")
+        if self.learning_rates and any(lr <= 0 for lr in self.learning_rates):
+            raise ValueError(f"learning_rates: every rate must be > 0, got {self.learning_rates}")
+        if self.dropouts and any(not 0 <= p < 1 for p in self.dropouts):
+            raise ValueError(f"dropouts: every dropout must lie in [0, 1), got {self.dropouts}")
+        if self.average_best is not None:
+            if self.eval_dataset is None:
+                raise ValueError("average_best: choosing the best members needs eval_dataset (held-out pairs)")
+            if self.average_best > self.members:
+                raise ValueError(f"average_best: {self.average_best} is more than members={self.members}")
+        return self
+
+
+@dataclass
+class MemberPlan:
+    index: int  # 0-based
+    seed: int
+    learning_rate: float
+    dropout: float
+    start: str  # SFT checkpoint
+
+    @property
+    def name(self) -> str:
+        return f"member_{self.index + 1}"
+
+
+def member_plans(config: RewardModelStageConfig, seed: int) -> list[MemberPlan]:
+    """What diversifies each member: entry i mod len of each list option."""
+    def pick(values, i, default):
+        return values[i % len(values)] if values else default
+
+    return [MemberPlan(i, pick(config.seeds, i, seed + i), pick(config.learning_rates, i, config.learning_rate),
+                       pick(config.dropouts, i, 0.0), pick(config.member_models, i, config.model))
+            for i in range(config.members)]
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+def _side_is_empty(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return not value.strip()
+    if isinstance(value, dict):
+        return _side_is_empty(value.get("content"))
+    if isinstance(value, (list, tuple)):
+        return not value or all(isinstance(m, dict) and _side_is_empty(m.get("content")) for m in value)
+    return False
+
+
+def load_pairs(path: str, tokenizer, max_length: int) -> tuple[list[tuple[list[int], list[int]]], int]:
+    """(chosen ids, rejected ids) per preference row, and how many were cut to max_length.
+
+    A row without a non-empty `chosen` and `rejected`, or whose conversation is not valid in
+    the Gemma IT format, is refused with its file and line.
+    """
+    pairs, truncated = [], 0
+    for where, row in iter_rows(path):
+        for side in ("chosen", "rejected"):
+            if side not in row:
+                raise DataError(f"{where}: a preference row needs 'prompt', 'chosen' and 'rejected'; "
+                                f"'{side}' is missing (the row has {sorted(row)})")
+            if _side_is_empty(row[side]):
+                raise DataError(f"{where}: '{side}' is empty; a preference pair needs two non-empty answers")
+        prompt = row.get("prompt")
+        if prompt is None and not all(isinstance(row[s], list) for s in ("chosen", "rejected")):
+            raise DataError(f"{where}: 'prompt' is missing; without it, 'chosen' and 'rejected' must be whole "
+                            "conversations (lists of {role, content})")
+        if prompt is not None and _side_is_empty(prompt):
+            raise DataError(f"{where}: 'prompt' is empty")
+        try:
+            chosen = encode_pair(tokenizer, prompt, row["chosen"], max_length=10**9)
+            rejected = encode_pair(tokenizer, prompt, row["rejected"], max_length=10**9)
+        except ChatFormatError as e:
+            raise DataError(f"{where}: {e}") from None
+        if len(chosen) > max_length or len(rejected) > max_length:
+            truncated += 1
+            chosen, rejected = (ids[:1] + ids[len(ids) - max_length + 1:] if len(ids) > max_length else ids
+                                for ids in (chosen, rejected))
+        pairs.append((chosen, rejected))
+    if not pairs:
+        raise DataError(f"{path}: no preference rows")
+    return pairs, truncated
+
+
+def flip_labels(pairs: list, rate: float, seed: int) -> tuple[list, int]:
+    """Swap chosen and rejected in a `rate` fraction of the pairs, chosen by a seeded stream."""
+    if not rate:
+        return pairs, 0
+    rng = random.Random(f"rm-flip:{seed}")
+    out, flipped = [], 0
+    for c, r in pairs:
+        if rng.random() < rate:
+            out.append((r, c))
+            flipped += 1
+        else:
+            out.append((c, r))
+    return out, flipped
+
+
+def pair_indices_for_step(num_pairs: int, step: int, batch_size: int, seed: int) -> list[int]:
+    """Pairs of step `step`: consecutive slices of per-epoch shuffles, a function of (seed, step)
+    only, so a resumed member sees exactly the batches it would have seen."""
+    out = []
+    cache: dict[int, list[int]] = {}
+    for position in range(step * batch_size, (step + 1) * batch_size):
+        epoch, i = divmod(position, num_pairs)
+        if epoch not in cache:
+            order = list(range(num_pairs))
+            random.Random(f"rm-data:{seed}:{epoch}").shuffle(order)
+            cache[epoch] = order
+        out.append(cache[epoch][i])
+    return out
+
+
+# --- the model ----------------------------------------------------------------------------------
+
+def load_reward_model(path: str, pad_token_id: int, dropout: float = 0.0):
+    """A sequence classifier with one output from a checkpoint (a causal LM's head is replaced by a
+    fresh scalar head). `dropout` sets the attention dropout of architectures that have one."""
+    import transformers
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(path)
+    extra = {"attention_dropout": dropout} if hasattr(config, "attention_dropout") else {}
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # a causal LM checkpoint has no head: expected, not news
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, pad_token_id=pad_token_id,
+                                                                   dtype=torch.float32, **extra)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    return model
+
+
+def head_of(model) -> torch.nn.Module:
+    """The scalar head of a sequence classifier (`score` in Llama/Gemma/Qwen, `classifier` elsewhere)."""
+    for name in ("score", "classifier"):
+        module = getattr(model, name, None)
+        if isinstance(module, torch.nn.Module):
+            return module
+    raise StageError(f"reward_model: {type(model).__name__} has no 'score' or 'classifier' head to train")
+
+
+def _head_input_dropout(model, p: float, seed: int):
+    """Dropout on the head's input while training (a classifier dropout); a hook, so the saved
+    weights stay a plain checkpoint. Its own generator keeps members' masks reproducible."""
+    if not p:
+        return None
+    generator = {}
+
+    def hook(module, args):
+        if not module.training:
+            return None
+        (hidden,) = args
+        gen = generator.get(hidden.device)
+        if gen is None:
+            gen = generator[hidden.device] = torch.Generator(device=hidden.device).manual_seed(seed)
+        keep = torch.empty(hidden.shape, device=hidden.device).bernoulli_(1 - p, generator=gen)
+        return (hidden * keep.to(hidden.dtype) / (1 - p),)
+
+    return head_of(model).register_forward_pre_hook(hook)
+
+
+def _pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):  # right padding: the classifier reads the last non-pad token
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def rewards_of(model, seqs: list[list[int]], pad_id: int, device) -> torch.Tensor:
+    """The scalar reward of each sequence, shape [len(seqs)] (float32)."""
+    ids, mask = _pad(seqs, pad_id, device)
+    return model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
+
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """Per pair: -log sigmoid(r_chosen - r_rejected) (summed by the caller)."""
+    return -torch.nn.functional.logsigmoid(r_chosen - r_rejected)
+
+
+@torch.no_grad()
+def score_pairs(session: TrainingSession, model, pairs, pad_id: int, budget: int) -> tuple[list[float], list[float]]:
+    """(r_chosen, r_rejected) of every pair, over all ranks: each scores every W-th pair."""
+    was_training = model.training
+    model.eval()
+    idx = list(range(session.rank, len(pairs), session.world_size))
+    local: list[tuple[int, float, float]] = []
+    sizes = [len(pairs[i][0]) + len(pairs[i][1]) for i in idx]
+    for mb in token_budget_batches(sizes, budget):
+        chunk = idx[mb]
+        seqs = [pairs[i][0] for i in chunk] + [pairs[i][1] for i in chunk]
+        with session.autocast():
+            r = rewards_of(model, seqs, pad_id, session.device).cpu()
+        local += [(i, float(r[k]), float(r[len(chunk) + k])) for k, i in enumerate(chunk)]
+    everything = sorted(session.gather_lists(local))
+    model.train(was_training)
+    return [c for _, c, _ in everything], [r for _, _, r in everything]
+
+
+def pairwise_accuracy(r_chosen, r_rejected) -> float:
+    """Fraction of pairs ranked right; a tie counts half."""
+    if not r_chosen:
+        return float("nan")
+    return sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(r_chosen, r_rejected)) / len(r_chosen)
+
+
+# --- one training run (the probe, or a member) --------------------------------------------------
+
+@dataclass
+class _Run:
+    """What distinguishes the probe from a member's fine-tuning."""
+
+    label: str
+    steps: int
+    learning_rate: float
+    seed: int
+    step_offset: int  # global step of this run's step 0 in metrics.jsonl
+
+
+def _train(config: RewardModelStageConfig, ctx: StageContext, session: TrainingSession, model, run: _Run,
+           pairs, pad_id: int, run_dir: Path, metrics, advance, resumable: bool) -> dict:
+    """Bradley-Terry steps on `pairs` with the session's model; resumes from run_dir's checkpoint."""
+    start = 0
+    checkpoint = latest_checkpoint(run_dir) if resumable else None
+    if checkpoint is not None:
+        start = load_checkpoint(session, checkpoint, {"model": model})["step"]
+        log.info("%s: resuming %s at step %d from %s", ctx.name, run.label, start, checkpoint)
+    if ctx.is_main:
+        truncate_metrics(ctx.stage_dir / "metrics.jsonl", run.step_offset + start)
+    advance(start)
+    torch.manual_seed(run.seed * 1_000_003 + start)  # dropout masks continue from a function of (seed, step)
+    budget = config.max_tokens_per_microbatch
+    last: dict[str, float] = {}
+    window: list[tuple[float, float, int]] = []
+    for step in range(start, run.steps):
+        rows = session.shard(pair_indices_for_step(len(pairs), step, config.batch_size, run.seed), "batch_size")
+        total = session.all_sum(len(rows))  # the global number of pairs: the loss is their mean
+        loss_sum, correct = 0.0, 0
+        sizes = [len(pairs[i][0]) + len(pairs[i][1]) for i in rows]
+        for mb in token_budget_batches(sizes, budget):
+            chunk = rows[mb]
+            seqs = [pairs[i][0] for i in chunk] + [pairs[i][1] for i in chunk]
+            with session.autocast():
+                r = rewards_of(model, seqs, pad_id, session.device)
+            r_c, r_r = r[:len(chunk)], r[len(chunk):]
+            loss = bradley_terry_loss(r_c, r_r).sum() / total
+            loss.backward()
+            loss_sum += loss.item()
+            correct += int((r_c > r_r).sum())
+        result = session.step(config.max_grad_norm)
+        loss_all = session.all_sum(loss_sum)
+        if not math.isfinite(loss_all) or not result.finite:
+            raise StageError(f"reward_model: {run.label} step {step + 1}: non-finite loss or gradient "
+                             f"(loss {loss_all}); lower the learning rate")
+        window.append((loss_all, session.all_sum(correct), total))
+        advance(1)
+        if (step + 1) % config.logging_steps == 0 or step + 1 == run.steps:
+            last = {"loss": sum(w[0] for w in window) / len(window),
+                    "train_accuracy": sum(w[1] for w in window) / sum(w[2] for w in window)}
+            metrics.log(run.step_offset + step + 1, phase=run.label, **last, grad_norm=result.grad_norm,
+                        lr=session.learning_rate)
+            window = []
+        if (resumable and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0
+                and step + 1 < run.steps):
+            save_checkpoint(session, run_dir, step + 1, {"model": model}, {"run": run.label}, config.keep_checkpoints)
+    return last
+
+
+def _lora(model, spec: LoraSpec):
+    from peft import LoraConfig, get_peft_model
+
+    # SEQ_CLS: peft also trains (and saves) a full copy of the head, next to the adapters.
+    return get_peft_model(model, LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                                            target_modules=spec.target_modules, task_type="SEQ_CLS"))
+
+
+# --- the stage ----------------------------------------------------------------------------------
+
+@register_stage("reward_model", RewardModelStageConfig, outputs=("model", "members", "best_member"), distributed=True)
+def run_reward_model(config: RewardModelStageConfig, ctx: StageContext) -> StageResult:
+    """Bradley-Terry reward models: a linear-probed head, M fine-tuned members, their weight average (WARM)."""
+    from posttrain.modeling import load_tokenizer
+
+    stage_dir = Path(ctx.stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    session = TrainingSession(config.precision, ctx.seed)
+    session.shard(range(config.batch_size), "batch_size")  # fails early unless it splits over the ranks
+    tokenizer = load_tokenizer(config.model)
+    pad_id = tokenizer.pad_token_id
+    pairs, truncated = load_pairs(config.dataset, tokenizer, config.max_length)
+    pairs, flipped = flip_labels(pairs, config.label_flip_rate, ctx.seed)
+    eval_pairs = load_pairs(config.eval_dataset, tokenizer, config.max_length)[0] if config.eval_dataset else None
+    plans = member_plans(config, ctx.seed)
+    total_steps = config.probe_steps + config.members * config.max_steps
+    budget = config.max_tokens_per_microbatch
+    summary: dict[str, Any] = {"pairs": len(pairs), "pairs_truncated": truncated, "labels_flipped": flipped,
+                               **session.describe(config.batch_size, "pairs")}
+
+    with ctx.metrics(config.report_to) as metrics, ctx.progress(total_steps, "reward models") as advance:
+        # 1. The linear probe: the head alone on the frozen SFT features, shared by every member.
+        probe_file = stage_dir / "probe" / "head.pt"
+        if not probe_file.exists():
+            model = load_reward_model(config.model, pad_id)
+            if config.probe_steps:
+                model.requires_grad_(False)
+                head_of(model).requires_grad_(True)
+                session.prepare(model, config.probe_learning_rate)
+                probe = _Run("probe", config.probe_steps, config.probe_learning_rate, ctx.seed, 0)
+                summary.update({f"probe/{k}": v for k, v in _train(config, ctx, session, model, probe, pairs, pad_id,
+                                                                    stage_dir / "probe", metrics, advance,
+                                                                    resumable=False).items()})
+            if ctx.is_main:
+                probe_file.parent.mkdir(parents=True, exist_ok=True)
+                tmp = probe_file.with_suffix(".tmp")
+                torch.save({k: v.detach().cpu() for k, v in head_of(model).state_dict().items()}, tmp)
+                tmp.replace(probe_file)
+            session.barrier()
+            del model
+        else:
+            advance(config.probe_steps)
+        head = torch.load(probe_file, weights_only=True, map_location="cpu")
+
+        # 2. The members, one after the other; a finished one is kept (done.json) and never redone.
+        done: list[dict] = []
+        for plan in plans:
+            member_dir = stage_dir / "members" / plan.name
+            record = _read_done(member_dir)
+            if record is None:
+                record = _train_member(config, ctx, session, plan, head, pairs, eval_pairs, tokenizer, pad_id,
+                                       member_dir, metrics, advance, budget)
+            else:
+                advance(config.max_steps)
+            done.append(record)
+
+    # 3. The average (of all members, or of the best k on held-out pairs).
+    accuracies = [d.get("eval_accuracy") for d in done]
+    chosen = list(range(len(done)))
+    if config.average_best is not None:
+        chosen = sorted(sorted(chosen, key=lambda i: -accuracies[i])[:config.average_best])
+    member_dirs = [str(stage_dir / "members" / p.name / "model") for p in plans]
+    best = max(range(len(done)), key=lambda i: accuracies[i]) if eval_pairs else 0
+    average_dir = stage_dir / "model"
+    model = load_reward_model(member_dirs[chosen[0]], pad_id)
+    # Every tensor, the head included, is the uniform mean over the averaged members.
+    model.load_state_dict(linear_average([load_reward_model(member_dirs[i], pad_id) for i in chosen]))
+    if hasattr(model.config, "attention_dropout"):
+        model.config.attention_dropout = 0.0
+    if ctx.is_main:
+        save_model(model, tokenizer, average_dir)
+        write_json(stage_dir / "members" / MEMBERS_FILE,
+                   {"members": member_dirs, "averaged": [i + 1 for i in chosen], "best_member": best + 1,
+                    "eval_accuracy": accuracies})
+    summary.update({f"{p.name}/eval_accuracy": a for p, a in zip(plans, accuracies)})
+    summary.update({f"{p.name}/{k}": v for p, d in zip(plans, done) for k, v in d.get("train", {}).items()})
+    summary.update({"averaged_members": [i + 1 for i in chosen], "best_member": best + 1})
+    if eval_pairs:
+        session.prepare(model, config.learning_rate)  # on the device; no step is taken
+        r_c, r_r = score_pairs(session, model, eval_pairs, pad_id, budget)
+        ens_c = [sum(done[i]["eval_chosen"][k] for i in chosen) / len(chosen) for k in range(len(eval_pairs))]
+        ens_r = [sum(done[i]["eval_rejected"][k] for i in chosen) / len(chosen) for k in range(len(eval_pairs))]
+        member_accs = [accuracies[i] for i in chosen]
+        summary.update({"average/eval_accuracy": pairwise_accuracy(r_c, r_r),
+                        "ensemble/eval_accuracy": pairwise_accuracy(ens_c, ens_r),
+                        "members/eval_accuracy_mean": sum(member_accs) / len(member_accs),
+                        "members/eval_accuracy_best": max(accuracies)})
+    session.barrier()
+    session.close()
+    return StageResult(outputs={"model": str(average_dir), "members": str(stage_dir / "members"),
+                                "best_member": member_dirs[best]}, metrics=summary)
+
+
+def _train_member(config, ctx, session, plan: MemberPlan, head, pairs, eval_pairs, tokenizer, pad_id, member_dir: Path,
+                  metrics, advance, budget) -> dict:
+    """Fine-tune one member from the start checkpoint and the probed head; save it and its record."""
+    torch.manual_seed(plan.seed)
+    model = load_reward_model(plan.start, pad_id, plan.dropout)
+    try:
+        head_of(model).load_state_dict(head)
+    except RuntimeError as e:
+        raise StageError(f"member_models[{plan.index}]: {plan.start!r} does not fit the probed head ({e}); the "
+                         "members must share the architecture of `model`") from None
+    hook = _head_input_dropout(model, plan.dropout, plan.seed)
+    trained = _lora(model, config.lora) if config.lora is not None else model
+    session.prepare(trained, plan.learning_rate, config.weight_decay, config.warmup_steps,
+                    gradient_checkpointing=config.gradient_checkpointing)
+    run = _Run(plan.name, config.max_steps, plan.learning_rate, plan.seed,
+               config.probe_steps + plan.index * config.max_steps)
+    last = _train(config, ctx, session, trained, run, pairs, pad_id, member_dir, metrics, advance, resumable=True)
+    if hook is not None:
+        hook.remove()
+    final = trained.merge_and_unload() if config.lora is not None else trained
+    if hasattr(final.config, "attention_dropout"):
+        final.config.attention_dropout = 0.0  # the saved reward model scores without dropout
+    record: dict[str, Any] = {"member": plan.index + 1, "seed": plan.seed, "learning_rate": plan.learning_rate,
+                              "dropout": plan.dropout, "start": plan.start, "train": last}
+    if eval_pairs:
+        r_c, r_r = score_pairs(session, final, eval_pairs, pad_id, budget)
+        record.update(eval_accuracy=pairwise_accuracy(r_c, r_r), eval_chosen=r_c, eval_rejected=r_r)
+        metrics.log(run.step_offset + config.max_steps, phase=plan.name, eval_accuracy=record["eval_accuracy"])
+    if ctx.is_main:
+        save_model(final, tokenizer, member_dir / "model")
+        write_json(member_dir / DONE, record)  # last: from here on the member is finished
+        shutil.rmtree(member_dir / "checkpoints", ignore_errors=True)
+    session.barrier()
+    return record
+
+
+def _read_done(member_dir: Path) -> dict | None:
+    try:
+        record = json.loads((member_dir / DONE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return record if (member_dir / "model").is_dir() else None
+
