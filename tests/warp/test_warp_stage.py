@@ -1,0 +1,142 @@
+"""The `merge` and `warp` stages on tiny Gemma3 models: layout, LITI arithmetic, the front, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from posttrain.data import write_jsonl
+from posttrain.stages.base import StageContext
+from posttrain.toy.tasks import generate
+from posttrain.weights import CheckpointReader
+
+REWARDS = str(Path(__file__).parents[1] / "rl" / "toy_rewards.py")
+
+
+def _ctx(stage_dir: Path, name: str, seed: int = 0) -> StageContext:
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    return StageContext(name=name, kind=name, stage_dir=stage_dir, run_dir=stage_dir.parent, seed=seed,
+                        recipe_name="test")
+
+
+def _weights(model_dir) -> dict[str, torch.Tensor]:
+    r = CheckpointReader(model_dir)
+    return {n: r.get(n) for n in r.names()}
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("warp_data")
+    write_jsonl(d / "train.jsonl", generate("math", 16, seed=0, split="train", fmt="prompt"))
+    write_jsonl(d / "eval.jsonl", generate("math", 4, seed=0, split="eval", fmt="prompt"))
+    return d
+
+
+def _warp_config(model_dir, prompts, **overrides):
+    from posttrain.stages.warp import WarpStageConfig
+
+    base = dict(model=str(model_dir), dataset=str(prompts / "train.jsonl"), eval_dataset=str(prompts / "eval.jsonl"),
+                rewards=[{"name": "brevity", "fn": f"{REWARDS}:brevity"}], num_generations=2, prompts_per_step=2,
+                max_steps=2, max_new_tokens=4, learning_rate=5e-3, checkpoint_every=1, eval_every=1,
+                rollout={"backend": "transformers"}, runs=2, iterations=2, eta=0.3, front_etas=[0.0, 0.5, 1.0],
+                front_kl_samples=2)
+    base.update(overrides)
+    return WarpStageConfig(**base)
+
+
+def test_merge_stage_writes_a_loadable_model_and_reports_task_vector_angles(tiny_gemma3_dir, tmp_path):
+    from posttrain.modeling import load_causal_lm
+    from posttrain.stages.merge import MergeStageConfig, run_merge
+
+    dirs = []
+    for i in range(2):
+        model = load_causal_lm(tiny_gemma3_dir)
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.01)
+        model.save_pretrained(str(tmp_path / f"m{i}"))
+        dirs.append(str(tmp_path / f"m{i}"))
+    cfg = MergeStageConfig(method="slerp", init=str(tiny_gemma3_dir), models=dirs, eta=0.5)
+    result = run_merge(cfg, _ctx(tmp_path / "merge", "merge"))
+    out = Path(result.outputs["model"])
+    assert load_causal_lm(out) is not None and (out / "tokenizer.json").exists()
+    assert abs(result.metrics["task_vectors/cosine"]) < 0.05  # independent random perturbations
+    assert any(k.startswith("task_vectors/model.layers.*.") and k.endswith("/angle_deg") for k in result.metrics)
+    assert json.loads((tmp_path / "merge" / "task_vectors.json").read_text())["all"]["norms"]
+
+
+def test_merge_and_warp_config_errors_name_the_key(tiny_gemma3_dir, prompts):
+    from posttrain.stages.merge import MergeStageConfig
+
+    with pytest.raises(ValidationError, match="models"):
+        MergeStageConfig(init="a", models=["b"])
+    with pytest.raises(ValidationError, match="init"):
+        MergeStageConfig(models=["a", "b"])
+    with pytest.raises(ValidationError, match="lam"):
+        MergeStageConfig(init="a", models=["a", "b", "c"], lam=0.3)
+    with pytest.raises(ValidationError, match="eval_dataset"):
+        _warp_config(tiny_gemma3_dir, prompts, eval_dataset=None)
+    with pytest.raises(ValidationError, match="front_etas"):
+        _warp_config(tiny_gemma3_dir, prompts, front_etas=[1.5])
+
+
+def test_warp_runs_merges_iterates_scores_the_front_and_resumes(tiny_gemma3_dir, prompts, tmp_path, monkeypatch):
+    import posttrain.stages.rl as rl
+    import posttrain.stages.warp as warp
+
+    cfg = _warp_config(tiny_gemma3_dir, prompts)
+    stage = tmp_path / "warp"
+    # Kill the stage during the second step of iteration 2's first run (the 6th rl step overall),
+    # after its step-1 checkpoint; then run it again.
+    real_step, calls = rl._rl_step, {"n": 0}
+
+    def crash_once(step, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt("simulated kill")
+        return real_step(step, *args, **kwargs)
+
+    monkeypatch.setattr(rl, "_rl_step", crash_once)
+    with pytest.raises(KeyboardInterrupt):
+        warp.run_warp(cfg, _ctx(stage, "warp"))
+    assert (stage / "iteration_1" / "liti" / "manifest.json").exists()
+    assert not (stage / "iteration_2" / "run_1" / "manifest.json").exists()
+
+    started = []
+    real_run_rl = warp.run_rl
+    monkeypatch.setattr(warp, "run_rl", lambda c, ctx: started.append(ctx.stage_dir.name) or real_run_rl(c, ctx))
+    result = warp.run_warp(cfg, _ctx(stage, "warp"))
+    assert started == ["run_1", "run_2"]  # iteration 1's runs were complete and skipped
+    assert [json.loads(l)["step"] for l in (stage / "iteration_2" / "run_1" / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(l)] == [1, 2]  # resumed from its checkpoint: each step once
+
+    # Runs differ (seeds), iteration 2 starts at iteration 1's LITI point, LITI is (1-eta) init + eta merge.
+    m1 = json.loads((stage / "iteration_1" / "run_1" / "manifest.json").read_text())
+    m2 = json.loads((stage / "iteration_1" / "run_2" / "manifest.json").read_text())
+    assert m1["seed"] != m2["seed"]
+    assert json.loads((stage / "iteration_2" / "run_1" / "manifest.json").read_text())["start"] == \
+        str(stage / "iteration_1" / "liti" / "model")
+    init, merged, lit = (_weights(tiny_gemma3_dir), _weights(stage / "iteration_1" / "merge" / "model"),
+                         _weights(stage / "iteration_1" / "liti" / "model"))
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert torch.allclose(lit[name], 0.7 * init[name] + 0.3 * merged[name], atol=1e-6)
+    assert not torch.equal(_weights(stage / "iteration_1" / "run_1" / "model")[name],
+                           _weights(stage / "iteration_1" / "run_2" / "model")[name])
+
+    # Outputs: the last LITI point, and the front with its table and plot.
+    assert result.outputs["model"] == str(stage / "iteration_2" / "liti" / "model")
+    front = Path(result.outputs["front"])
+    rows = {r["point"]: r for r in map(json.loads, (front / "front.jsonl").read_text().splitlines())}
+    assert {"front/eta_0", "front/eta_0.5", "front/eta_1", "iteration_1/run_1", "iteration_2/merge",
+            "iteration_2/liti"} <= set(rows)
+    assert rows["front/eta_0"]["kl"] == pytest.approx(0.0, abs=1e-5)  # the SFT model itself
+    assert rows["front/eta_1"]["kl"] == pytest.approx(rows["iteration_2/merge"]["kl"], abs=1e-5)
+    assert (front / "front.png").stat().st_size > 0 and "| front/eta_0.5 |" in (front / "front.md").read_text()
+    traj = json.loads((front / "trajectories.json").read_text())
+    assert len(traj["iteration_1/run_1"]) == 3 and traj["iteration_1/run_1"][0][0] == 0.0
+    assert "iteration_2/task_vectors/cosine" in result.metrics and "front/eta_1/reward" in result.metrics
