@@ -119,7 +119,9 @@ def setup_mounts(job, achieved):
     os.chdir(workdir)
 
 
-def drop_privileges(job, achieved):
+def drop_privileges(job, achieved, role):
+    """Kernel limits, the role's unprivileged uid (the program's and the harness's differ, so
+    the program can neither signal nor inspect the harness), no_new_privs, seccomp."""
     lim = job["limits"]
     pairs = [
         (resource.RLIMIT_CPU, lim["cpu_s"]),
@@ -134,7 +136,7 @@ def drop_privileges(job, achieved):
         resource.setrlimit(which, (value, value))
     achieved["rlimits"] = True
     if job["isolation"].get("drop_uid"):
-        uid, gid = job["uid"], job["gid"]
+        uid, gid = (job["uid"], job["gid"]) if role == "program" else (job["harness_uid"], job["harness_gid"])
         os.setgroups([])
         os.setgid(gid)
         os.setuid(uid)
@@ -144,6 +146,13 @@ def drop_privileges(job, achieved):
         achieved["no_new_privs"] = True
     except OSError:
         achieved["no_new_privs"] = False
+    if role == "harness":
+        if job["isolation"].get("userns"):
+            drop_capabilities(achieved)
+        # Not dumpable: a process of the same uid (or without capabilities) cannot ptrace it,
+        # read its memory or open its descriptors through /proc.
+        _check(_libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "prctl dumpable")
+        achieved["harness_dumpable"] = False
     seccomp = job["isolation"].get("seccomp")
     if seccomp:
         achieved["seccomp"] = apply_seccomp()
@@ -172,7 +181,15 @@ def apply_seccomp():
 
 
 # --------------------------------------------------------------------------------------------
-# harness (runs in the worker, as the unprivileged user)
+# verdicts: the program's process holds only stdin, stdout and stderr; the harness judges
+
+PR_SET_DUMPABLE = 4
+PR_SET_SECUREBITS = 28
+PR_CAPBSET_DROP = 24
+SECURE_NOROOT_ALL = 0x3F  # NOROOT, NO_SETUID_FIXUP, KEEP_CAPS_LOCKED and their locks
+SYS_CAPSET = 126 if os.uname().machine == "x86_64" else 91  # aarch64
+IO_OUTPUT_CAP = 4 * 1024 * 1024
+
 
 class Reporter:
     def __init__(self, fd):
@@ -194,19 +211,274 @@ def _classify(exc):
     return "memory" if isinstance(exc, MemoryError) else None
 
 
-def run_assert(job, rep):
+def drop_capabilities(achieved):
+    """Empty every capability set of this process (it may be uid 0 of a user namespace, with
+    every capability there) and lock the root exemptions off, so that it cannot ptrace or
+    open the descriptors of the harness, nor regain capabilities by exec."""
+    try:
+        _check(_libc.prctl(PR_SET_SECUREBITS, SECURE_NOROOT_ALL, 0, 0, 0), "securebits")
+    except OSError:
+        pass  # needs CAP_SETPCAP; without it there is nothing to drop either
+    for cap in range(64):
+        if _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            break
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+    data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable x 2 words: all empty
+    _check(_libc.syscall(ctypes.c_long(SYS_CAPSET), header, data), "capset")
+    achieved["capabilities"] = "none"
+
+
+def isolate_program(job, keep):
+    """In a freshly forked program process: keep only the descriptors in ``keep`` (moved to
+    0, 1, 2), leave the harness's process group, drop to the program's uid and capabilities."""
+    for target, fd in enumerate(keep):
+        if fd != target:
+            os.dup2(fd, target)
+    os.closerange(3, 1 << 16)
+    os.setpgid(0, 0)
+    achieved = {}
+    drop_privileges(job, achieved, "program")
+    if job["isolation"].get("userns") or os.geteuid() == 0:
+        drop_capabilities(achieved)
+    return achieved
+
+
+# Plain data crosses between the processes as JSON with type tags, so that the harness only
+# ever holds values it built itself from builtin types: nothing the program defines (no
+# subclass, no __eq__) takes part in a comparison.
+class NotPlainData(TypeError):
+    pass
+
+
+def to_plain(v, depth=0):
+    if depth > 100:
+        raise NotPlainData("value nested more than 100 levels deep")
+    t = type(v)
+    if v is None or t is bool or t is str:
+        return v
+    if t is int:
+        return v if -(1 << 53) < v < (1 << 53) else {"int": str(v)}
+    if t is float:
+        return {"float": v.hex()}
+    if t is bytes:
+        return {"bytes": v.hex()}
+    if t is list:
+        return [to_plain(x, depth + 1) for x in v]
+    if t is tuple:
+        return {"tuple": [to_plain(x, depth + 1) for x in v]}
+    if t is set or t is frozenset:
+        return {t.__name__: [to_plain(x, depth + 1) for x in v]}
+    if t is dict:
+        return {"dict": [[to_plain(k, depth + 1), to_plain(x, depth + 1)] for k, x in v.items()]}
+    raise NotPlainData(f"a value of type {t.__name__} cannot cross as plain data")
+
+
+def from_plain(v, depth=0):
+    if depth > 100:
+        raise NotPlainData("value nested more than 100 levels deep")
+    if v is None or isinstance(v, (bool, str)):
+        return v
+    if isinstance(v, int):
+        return int(v)
+    if isinstance(v, list):
+        return [from_plain(x, depth + 1) for x in v]
+    if isinstance(v, dict) and len(v) == 1:
+        (tag, x), = v.items()
+        if tag == "int":
+            return int(str(x))
+        if tag == "float":
+            return float.fromhex(str(x))
+        if tag == "bytes":
+            return bytes.fromhex(str(x))
+        if tag in ("tuple", "set", "frozenset", "dict") and isinstance(x, list):
+            items = [from_plain(y, depth + 1) for y in x]
+            if tag == "tuple":
+                return tuple(items)
+            if tag == "set":
+                return set(items)
+            if tag == "frozenset":
+                return frozenset(items)
+            if all(isinstance(p, list) and len(p) == 2 for p in items):
+                return {k: y for k, y in items}
+    raise NotPlainData("malformed plain-data message")
+
+
+class Channel:
+    """Length-prefixed JSON messages over one stream socket."""
+
+    def __init__(self, sock):
+        self.sock = sock
+
+    def send(self, msg):
+        data = json.dumps(msg).encode()
+        self.sock.sendall(len(data).to_bytes(4, "big") + data)
+
+    def recv(self):
+        head = self._exact(4)
+        return json.loads(self._exact(int.from_bytes(head, "big")))
+
+    def _exact(self, n):
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self.sock.recv(min(n - len(buf), 1 << 20))
+            if not chunk:
+                raise EOFError
+            buf += chunk
+        return bytes(buf)
+
+
+def serve_program(job):
+    """The program's process: run the program, then answer calls into it with plain data.
+    Everything here may be rewritten by the program; all it can change is its own answers."""
+    import io
+    import socket
+
+    chan = Channel(socket.socket(fileno=0))
+    sys.stdin = io.StringIO()  # fd 0 is the channel; input() sees an empty stdin
     g = {"__name__": "solution", "__builtins__": __builtins__}
-    tests = job["tests"]
-    total = 1 if isinstance(tests, str) else len(tests)
-    rep.send(event="total", total=total)
     try:
         exec(compile(job["code"], "solution.py", "exec"), g)
     except BaseException as e:  # noqa: BLE001 - untrusted code
         if isinstance(e, SystemExit):
-            rep.send(event="done", status="error", error="program called exit()")
+            chan.send({"loaded": False, "error": "program called exit()", "type": "SystemExit"})
         else:
-            rep.send(event="done", status=_classify(e) or "error", error=_describe(e))
+            chan.send({"loaded": False, "error": _describe(e), "type": type(e).__name__})
         return
+    names = {}
+    for k, v in list(g.items()):
+        if k.startswith("__"):
+            continue
+        if callable(v):
+            names[k] = {"call": True}
+        else:
+            try:
+                names[k] = {"value": to_plain(v)}
+            except NotPlainData:
+                pass  # modules, instances: not visible to the tests
+    sys.stdout.flush()
+    chan.send({"loaded": True, "names": names})
+    while True:
+        try:
+            req = chan.recv()
+        except EOFError:
+            return
+        try:
+            fn = g[req["call"]]
+            out = fn(*from_plain(req["args"]), **from_plain(req["kwargs"]))
+            reply = {"ok": to_plain(out)}
+        except BaseException as e:  # noqa: BLE001
+            if isinstance(e, SystemExit):
+                e = RuntimeError("program called exit()")
+            reply = {"raise": type(e).__name__, "error": _describe(e)}
+        sys.stdout.flush()
+        sys.stderr.flush()
+        chan.send(reply)
+
+
+class ProgramEnded(RuntimeError):
+    pass
+
+
+def _remote_error(kind, message):
+    """An exception of the program, rebuilt in the harness as a builtin exception type (so a
+    test expecting ValueError still works) and never as an object of the program."""
+    import builtins
+
+    cls = getattr(builtins, kind, None) if isinstance(kind, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, Exception)):
+        cls = RuntimeError
+    try:
+        return cls(message)
+    except Exception:  # noqa: BLE001 - exception types with other constructors
+        return RuntimeError(message)
+
+
+class Remote:
+    """Harness side: a function of the program, called across the channel."""
+
+    def __init__(self, chan, name):
+        self._chan, self.__name__ = chan, name
+
+    def __call__(self, *args, **kwargs):
+        try:
+            req = {"call": self.__name__, "args": to_plain(list(args)), "kwargs": to_plain(dict(kwargs))}
+        except NotPlainData as e:
+            raise NotPlainData(f"argument of {self.__name__}(): {e}") from None
+        try:
+            self._chan.send(req)
+            reply = self._chan.recv()
+        except (EOFError, OSError, ValueError):
+            raise ProgramEnded(f"the program's process ended or broke the channel during "
+                               f"{self.__name__}()") from None
+        if not isinstance(reply, dict):
+            raise NotPlainData("malformed reply")
+        if "ok" in reply:
+            return from_plain(reply["ok"])
+        kind = reply.get("raise")
+        if kind == "MemoryError":
+            raise MemoryError(str(reply.get("error", ""))[:2000])
+        raise _remote_error(kind, f"{self.__name__}() raised {str(reply.get('error', ''))[:2000]}")
+
+
+def _program_exit(pid):
+    try:
+        p, st = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return None
+    return os.waitstatus_to_exitcode(st) if p else None
+
+
+def run_assert(job, rep, secret_fd, base):
+    import socket
+
+    tests = None
+    total = None
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the program's process, forked before the tests were read
+        try:
+            isolate_program(job, [theirs.fileno(), 1, 2])
+            serve_program(job)
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(0)
+    theirs.close()
+    with os.fdopen(secret_fd, "rb") as f:
+        tests = json.loads(f.read())
+    achieved = dict(base)
+    drop_privileges(job, achieved, "harness")
+    rep.send(event="start", isolation=achieved)
+    total = 1 if isinstance(tests, str) else len(tests)
+    rep.send(event="total", total=total)
+    chan = Channel(mine)
+    try:
+        hello = chan.recv()
+    except (EOFError, OSError, ValueError):
+        rep.send(event="done", status="error",
+                 error=f"program ended before its functions could be tested (exit code {_wait(pid)})")
+        return
+    if not isinstance(hello, dict) or not hello.get("loaded"):
+        kind = hello.get("type") if isinstance(hello, dict) else None
+        err = str(hello.get("error", "malformed message") if isinstance(hello, dict) else "malformed message")
+        rep.send(event="done", status="memory" if kind == "MemoryError" else "error", error=err[:2000])
+        return
+    import builtins
+
+    g = {"__name__": "__main__", "__builtins__": builtins}
+    names = hello.get("names")
+    for k, v in (names.items() if isinstance(names, dict) else ()):
+        if not isinstance(k, str) or not isinstance(v, dict):
+            continue
+        if v.get("call"):
+            g[k] = Remote(chan, k)
+        elif "value" in v:
+            try:
+                g[k] = from_plain(v["value"])
+            except NotPlainData:
+                pass
     if isinstance(tests, str):
         tests = [tests]
     passed, first_error, status = 0, None, "failed"
@@ -222,6 +494,13 @@ def run_assert(job, rep):
                 status = _classify(e) or "failed"
     rep.send(event="done", status="passed" if passed == len(tests) else status,
              error=first_error)
+
+
+def _wait(pid):
+    try:
+        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    except ChildProcessError:
+        return None
 
 
 def _same_output(got, want):
@@ -242,50 +521,112 @@ def _same_output(got, want):
     return True
 
 
-def run_io(job, rep):
-    cases = job["tests"]
-    rep.send(event="total", total=len(cases))
+def _run_case(job, code, data):
+    """One stdin/stdout case in a fresh program process; returns (exit code, stdout bytes)."""
+    import select
+
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        rc = 0
+        try:
+            isolate_program(job, [in_r, out_w, 2])
+            import io
+
+            sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False))
+            sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True)
+            try:
+                exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
+            except SystemExit as e:
+                rc = 0 if e.code in (None, 0) else 1
+            except MemoryError:
+                rc = 3
+            except BaseException:  # noqa: BLE001
+                traceback.print_exc()
+                rc = 2
+            sys.stdout.flush()
+        finally:
+            os._exit(rc)
+    os.close(in_r)
+    os.close(out_w)
+    os.set_blocking(in_w, False)
+    os.set_blocking(out_r, False)
+    out = bytearray()
+    rc = None
+    writing = bool(data)
+    if not writing:
+        os.close(in_w)
+    while True:
+        r, w, _ = select.select([out_r], [in_w] if writing else [], [], 0.05)
+        if w:
+            try:
+                data = data[os.write(in_w, data[:65536]):]
+            except BlockingIOError:
+                pass
+            except BrokenPipeError:  # the program stopped reading: the rest of its input is moot
+                data = b""
+            if not data:
+                writing = False
+                os.close(in_w)
+        eof = False
+        if r:
+            try:
+                chunk = os.read(out_r, 1 << 16)
+            except BlockingIOError:
+                chunk = None
+            if chunk == b"":
+                eof = True
+            elif chunk and len(out) < IO_OUTPUT_CAP:
+                out += chunk
+        if eof:
+            rc = _wait(pid)
+            break
+        rc = _program_exit(pid)
+        if rc is not None:
+            # Drain what is buffered; a background process that keeps stdout open cannot
+            # hold the case open.
+            while len(out) < IO_OUTPUT_CAP:
+                try:
+                    chunk = os.read(out_r, 1 << 16)
+                except BlockingIOError:
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            break
+    if writing:
+        os.close(in_w)
+    os.close(out_r)
+    try:  # the case's own group (background processes of this case)
+        os.killpg(pid, 9)
+    except OSError:
+        pass
+    return rc, bytes(out)
+
+
+def run_io(job, rep, secret_fd, base):
+    cases = job["inputs"]
     try:
         code = compile(job["code"], "solution.py", "exec")
     except BaseException as e:  # noqa: BLE001
+        rep.send(event="start", isolation=base)
+        rep.send(event="total", total=len(cases))
         rep.send(event="done", status="error", error=_describe(e))
         return
+    # Every case runs, in a process forked from this one, before the expected outputs are read.
+    runs = [_run_case(job, code, case.encode()) for case in cases]
+    with os.fdopen(secret_fd, "rb") as f:
+        expected = json.loads(f.read())
+    achieved = dict(base)
+    drop_privileges(job, achieved, "harness")
+    rep.send(event="start", isolation=achieved)
+    rep.send(event="total", total=len(cases))
     passed, first_error, status = 0, None, "failed"
-    for i, case in enumerate(cases):
-        with open(f"in_{i}.txt", "w") as f:
-            f.write(case["input"])
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:  # one fresh process per case, fds redirected at the OS level
-            rc = 0
-            try:
-                fin = os.open(f"in_{i}.txt", os.O_RDONLY)
-                fout = os.open(f"out_{i}.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                os.dup2(fin, 0)
-                os.dup2(fout, 1)
-                sys.stdin = open(0, "r", closefd=False)
-                sys.stdout = open(1, "w", closefd=False)
-                try:
-                    exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
-                except SystemExit as e:
-                    rc = 0 if e.code in (None, 0) else 1
-                except MemoryError:
-                    rc = 3
-                except BaseException:  # noqa: BLE001
-                    traceback.print_exc()
-                    rc = 2
-                sys.stdout.flush()
-            finally:
-                os._exit(rc)
-        _, st = os.waitpid(pid, 0)
-        rc = os.waitstatus_to_exitcode(st)
-        try:
-            with open(f"out_{i}.txt", errors="replace") as f:
-                got = f.read(4 * 1024 * 1024)
-        except OSError:
-            got = ""
-        ok = rc == 0 and _same_output(got, case["output"])
+    for i, ((rc, got), want) in enumerate(zip(runs, expected)):
+        ok = rc == 0 and _same_output(got.decode(errors="replace"), want)
         passed += ok
         err = None if ok else (f"exit code {rc}" if rc != 0 else "wrong answer")
         rep.send(event="test", index=i, ok=ok, error=err)
@@ -296,12 +637,25 @@ def run_io(job, rep):
 
 
 def worker(job, rep, achieved):
-    drop_privileges(job, achieved)
-    rep.send(event="start", isolation=achieved)
     if job["mode"] == "io":
-        run_io(job, rep)
+        run_io(job, rep, job["secret_fd"], achieved)
     else:
-        run_assert(job, rep)
+        run_assert(job, rep, job["secret_fd"], achieved)
+
+
+def open_secret():
+    """The tests (or expected outputs), as a descriptor of an unlinked file: only the harness
+    reads it, after the program's process was forked without it."""
+    fd = os.open("secret.json", os.O_RDONLY)
+    os.unlink("secret.json")
+    return fd
+
+
+def _close_secret(job):
+    try:
+        os.close(job["secret_fd"])
+    except (OSError, KeyError):
+        pass
 
 
 def _exit_like(status):
@@ -314,6 +668,7 @@ def main():
         zygote(int(sys.argv[2]), "--netns" in sys.argv[3:])
         return
     job = json.loads(sys.stdin.buffer.read())
+    job["secret_fd"] = open_secret()
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
@@ -418,6 +773,7 @@ def zygote(sock_fd, netns=False):
                     job = json.loads(f.read())
                 os.unlink("job.json")
                 job["result_fd"] = 3
+                job["secret_fd"] = open_secret()
             except BaseException:  # noqa: BLE001
                 os._exit(72)
             run_job(job)
@@ -457,6 +813,7 @@ def run_job(job):
             pid = os.fork()
             if pid:  # the launcher: wait for init of the new namespace, exit like it
                 rep.f.close()
+                _close_secret(job)
                 _, st = os.waitpid(pid, 0)
                 _exit_like(st)
             # init (pid 1): set up the mount table, run the worker, exit with it; when init
@@ -475,6 +832,7 @@ def run_job(job):
                     rep.send(event="done", status="error", error="sandbox worker: " + _describe(e))
                     os._exit(70)
             rep.f.close()
+            _close_secret(job)
             while True:
                 try:
                     p, st = os.wait()

@@ -213,7 +213,7 @@ class Sandbox:
         if base is None:
             base = int(os.environ.get("POSTTRAIN_SANDBOX_UID_BASE", "0")) or (
                 1_000_000 + (os.getpid() % 4000) * 256)
-        self.uid_base = base
+        self.uid_base = base  # slot i uses uids base + 2i (program) and base + 2i + 1 (harness)
         self._slots: queue.Queue[int] = queue.Queue()
         for i in range(self.workers):
             self._slots.put(i)
@@ -313,11 +313,18 @@ class Sandbox:
         iso = dict(LEVELS[self._level])  # type: ignore[index]
         iso["seccomp"] = _seccomp_available()
         root = os.geteuid() == 0
-        uid = gid = self.uid_base + slot
+        # Two uids per slot: the program's, and the harness's that judges it.
+        uid = gid = self.uid_base + 2 * slot
+        harness_uid = uid + 1
         nproc = cfg.nproc if (iso.get("drop_uid") or iso.get("userns")) else None
+        if mode == "io":  # inputs go with the program; expected outputs only to the harness
+            inputs, secret = [c["input"] for c in tests], [c["output"] for c in tests]
+        else:
+            inputs, secret = None, tests
         job = {
-            "code": code, "tests": tests, "mode": mode, "isolation": iso,
-            "uid": uid, "gid": gid, "keep_paths": self._keep_paths, "hide_dirs": HIDE_DIRS,
+            "code": code, "inputs": inputs, "mode": mode, "isolation": iso,
+            "uid": uid, "gid": gid, "harness_uid": harness_uid, "harness_gid": harness_uid,
+            "keep_paths": self._keep_paths, "hide_dirs": HIDE_DIRS,
             "tmpfs_mb": cfg.tmpfs_mb,
             "limits": {"cpu_s": int(timeout_s) + 1, "memory_mb": int(memory_mb),
                        "fsize_mb": cfg.fsize_mb, "nofile": cfg.nofile, "nproc": nproc},
@@ -339,6 +346,11 @@ class Sandbox:
                 os.chown(workdir, uid, gid)
             os.chmod(workdir, 0o700)
             job["workdir"] = os.path.realpath(workdir)
+            # Owned by the host (root, or the user) with mode 0600; the launcher opens and
+            # unlinks it before any process of the program exists.
+            fd = os.open(os.path.join(workdir, "secret.json"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(json.dumps(secret).encode())
             if cfg.zygote:
                 zyg = self._get_zygote(env)
                 job["isolation"]["net_ns_inherited"] = bool(zyg.netns)
@@ -429,6 +441,7 @@ class Sandbox:
                     proc.stdin.close()
             if root and iso.get("drop_uid") and not iso.get("pid_ns"):
                 _kill_uid(uid)
+                _kill_uid(harness_uid)
             for fd in readers + writers:
                 os.close(fd)
             shutil.rmtree(workdir, ignore_errors=True)
