@@ -338,7 +338,7 @@ def _train(config: RewardModelStageConfig, ctx: StageContext, session: TrainingS
     advance(start)
     torch.manual_seed(run.seed * 1_000_003 + start)  # dropout masks continue from a function of (seed, step)
     budget = config.max_tokens_per_microbatch
-    last: dict[str, float] = {}
+    last: dict[str, float] = {"resumed_from_step": start}
     window: list[tuple[float, float, int]] = []
     for step in range(start, run.steps):
         rows = session.shard(pair_indices_for_step(len(pairs), step, config.batch_size, run.seed), "batch_size")
@@ -363,7 +363,7 @@ def _train(config: RewardModelStageConfig, ctx: StageContext, session: TrainingS
         window.append((loss_all, session.all_sum(correct), total))
         advance(1)
         if (step + 1) % config.logging_steps == 0 or step + 1 == run.steps:
-            last = {"loss": sum(w[0] for w in window) / len(window),
+            last = {"resumed_from_step": start, "loss": sum(w[0] for w in window) / len(window),
                     "train_accuracy": sum(w[1] for w in window) / sum(w[2] for w in window)}
             metrics.log(run.step_offset + step + 1, phase=run.label, **last, grad_norm=result.grad_norm,
                         lr=session.learning_rate)

@@ -1,0 +1,157 @@
+"""The `reward_model` stage end to end on tiny models (CPU): WARM averaging, member diversity,
+best-k selection, preference-row errors, and a kill -9 during member 2 that resumes at member 2.
+
+Everything is real: a tiny Gemma3, the toy tokenizer, toy preference pairs, training on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from posttrain.data import DataError, write_jsonl
+from posttrain.runner import run_recipe
+from posttrain.stages.reward_model import load_pairs, load_reward_model, pair_indices_for_step
+
+TINY = {"arch": "gemma3", "hidden_size": 64, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
+        "intermediate_size": 128}
+# m1 vs m2: only the seed (data order) differs; m1 vs m3: only the learning rate.
+STAGE = {"name": "rm", "kind": "reward_model", "model": "${models.base}", "dataset": "${datasets.prefs}",
+         "eval_dataset": "${datasets.held_out}", "members": 3, "seeds": [1, 2, 1],
+         "learning_rates": [1.0e-3, 1.0e-3, 3.0e-3], "probe_steps": 4, "max_steps": 8, "batch_size": 8,
+         "checkpoint_every": 2, "average_best": 2}
+
+
+def _recipe(root: Path) -> Path:
+    recipe = {"name": "rm-test", "output_dir": "run", "seed": 0, "models": {"base": {"tiny": TINY}},
+              "datasets": {"prefs": {"toy": {"task": "math", "n": 64, "format": "preference"}},
+                           "held_out": {"toy": {"task": "math", "n": 32, "split": "eval", "format": "preference"}}},
+              "stages": [STAGE]}
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def _weights(model_dir) -> dict[str, torch.Tensor]:
+    return load_reward_model(str(model_dir), pad_token_id=0).state_dict()
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One uninterrupted run: (stage directory, its manifest)."""
+    recipe = _recipe(tmp_path_factory.mktemp("rm_once"))
+    manifest = run_recipe(recipe)["rm"]
+    return recipe.parent / "run" / "rm", manifest
+
+
+def test_output_is_the_uniform_mean_of_the_averaged_members_head_included(finished):
+    stage_dir, manifest = finished
+    listing = json.loads((stage_dir / "members" / "members.json").read_text())
+    acc = listing["eval_accuracy"]
+    best_two = sorted(sorted(range(3), key=lambda i: -acc[i])[:2])
+    assert listing["averaged"] == [i + 1 for i in best_two] == manifest["metrics"]["averaged_members"]
+    members = [_weights(listing["members"][i]) for i in best_two]
+    average = _weights(manifest["outputs"]["model"])
+    assert "score.weight" in average
+    assert set(average) == set(members[0])
+    for name, tensor in average.items():
+        torch.testing.assert_close(tensor, (members[0][name] + members[1][name]) / 2, rtol=0, atol=1e-7)
+    best = max(range(3), key=lambda i: acc[i])
+    assert manifest["outputs"]["best_member"] == listing["members"][best]
+
+
+def test_members_really_differ_by_data_order_and_learning_rate(finished):
+    stage_dir, _ = finished
+    assert pair_indices_for_step(64, 0, 8, seed=1) != pair_indices_for_step(64, 0, 8, seed=2)
+    m1, m2, m3 = (_weights(stage_dir / "members" / f"member_{i}" / "model") for i in (1, 2, 3))
+    for other in (m2, m3):  # seed alone, learning rate alone
+        assert any(not torch.equal(m1[k], other[k]) for k in m1)
+        assert not torch.equal(m1["score.weight"], other["score.weight"])
+    records = [json.loads((stage_dir / "members" / f"member_{i}" / "done.json").read_text()) for i in (1, 2, 3)]
+    assert [r["seed"] for r in records] == [1, 2, 1]
+    assert [r["learning_rate"] for r in records] == [1e-3, 1e-3, 3e-3]
+
+
+def test_manifest_reports_members_average_and_ensemble(finished):
+    _, manifest = finished
+    m = manifest["metrics"]
+    for key in ("member_1/eval_accuracy", "member_2/eval_accuracy", "member_3/eval_accuracy",
+                "average/eval_accuracy", "ensemble/eval_accuracy", "members/eval_accuracy_mean"):
+        assert 0.0 <= m[key] <= 1.0, key
+    assert set(manifest["outputs"]) == {"model", "members", "best_member"}
+
+
+def test_rl_reward_scores_with_the_stage_outputs_and_logs_gold_next_to_it(finished):
+    from rewards.combine import CombinedReward
+    from posttrain.toy.tasks import generate
+
+    _, manifest = finished
+    rows = generate("math", 6, seed=0, split="eval", fmt="prompt")
+    completions = ["The answer is 3.", "5"] * 3
+    cols = {"answer": [r["answer"] for r in rows]}
+    for checkpoints, combine in ((manifest["outputs"]["model"], "weights"), (manifest["outputs"]["members"], "predictions")):
+        reward = CombinedReward([
+            {"name": "proxy", "fn": "reward_model", "kwargs": {"checkpoints": checkpoints, "combine": combine}},
+            {"name": "gold", "fn": "posttrain.toy.tasks:gold_preference_reward", "weight": 0.0}])
+        batch = reward.compute([r["prompt"] for r in rows], completions, cols)
+        assert batch.rewards == pytest.approx(batch.per_reward["proxy"])  # weight 0: logged, not optimised
+        assert all(v in (0.0, 1.0) for v in batch.per_reward["gold"])
+        assert f"rewards/gold/mean" in batch.metrics()
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "Hi", "chosen": "Hello."}, "'rejected' is missing"),
+    ({"prompt": "Hi", "chosen": "  ", "rejected": "Go away."}, "'chosen' is empty"),
+    ({"prompt": "Hi", "chosen": "Hello.", "rejected": [{"role": "assistant", "content": ""}]}, "'rejected' is empty"),
+    ({"chosen": "Hello.", "rejected": "Go away."}, "'prompt' is missing"),
+])
+def test_a_pair_with_a_missing_or_empty_side_is_refused_with_file_and_line(toy_tokenizer, tmp_path, row, message):
+    path = tmp_path / "prefs.jsonl"
+    write_jsonl(path, [{"prompt": "Hi", "chosen": "Hello.", "rejected": "Go away."}, row])
+    with pytest.raises(DataError, match=rf"prefs.jsonl:2: .*{message}"):
+        load_pairs(str(path), toy_tokenizer, 64)
+
+
+def test_kill_9_during_member_2_resumes_at_member_2(finished, tmp_path):
+    reference_dir, _ = finished
+    recipe = _recipe(tmp_path / "killed")
+    stage_dir = recipe.parent / "run" / "rm"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "run", str(recipe)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    member_2 = stage_dir / "members" / "member_2"
+    try:
+        deadline = time.time() + 240
+        while not list((member_2 / "checkpoints").glob("step_*/state.json")):
+            assert proc.poll() is None, "the run ended before member 2 saved a checkpoint"
+            assert time.time() < deadline, "member 2 never saved a checkpoint"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not (member_2 / "done.json").exists(), "member 2 finished before the kill; nothing was tested"
+    member_1_done = (stage_dir / "members" / "member_1" / "done.json").stat().st_mtime_ns
+
+    manifest = run_recipe(recipe)["rm"]
+    assert manifest["status"] == "complete"
+    assert (stage_dir / "members" / "member_1" / "done.json").stat().st_mtime_ns == member_1_done  # not redone
+    record = json.loads((member_2 / "done.json").read_text())
+    assert record["train"]["resumed_from_step"] >= 2
+    # The resumed run ends where the uninterrupted one did.
+    for name in ("member_1", "member_2", "member_3"):
+        a, b = (_weights(d / "members" / name / "model") for d in (stage_dir, reference_dir))
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    steps = [json.loads(line)["step"] for line in (stage_dir / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))  # no step logged twice

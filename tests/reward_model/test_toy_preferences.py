@@ -1,0 +1,49 @@
+"""Toy preference pairs: the true preference is known, label noise is controlled, splits are disjoint."""
+
+from __future__ import annotations
+
+import pytest
+
+from posttrain.toy.tasks import generate, gold_preference_reward
+
+GOLD_COLUMNS = ("answer", "tests", "instruction_id_list", "kwargs")
+
+
+def _gold(rows, side):
+    cols = {k: [r.get(k) for r in rows] for k in GOLD_COLUMNS}
+    return gold_preference_reward([r["prompt"] for r in rows], [r[side] for r in rows], **cols)
+
+
+def test_gold_prefers_chosen_on_clean_pairs_of_every_judged_task():
+    rows = generate("mix", 300, seed=3, fmt="preference")
+    assert {r["task"] for r in rows} == {"math", "code", "instructions", "chat"}
+    chosen, rejected = _gold(rows, "chosen"), _gold(rows, "rejected")
+    for row, c, r in zip(rows, chosen, rejected):
+        if row["task"] == "code":
+            assert c is None and r is None  # judged by running its tests (the code reward)
+        else:
+            assert c > r, row
+
+
+def test_flip_rate_swaps_that_fraction_and_keeps_the_pairs():
+    clean = generate("mix", 2000, seed=1, fmt="preference")
+    noisy = generate("mix", 2000, seed=1, fmt="preference", flip_rate=0.25)
+    flipped = [n["label_flipped"] for n in noisy]
+    assert 0.22 < sum(flipped) / len(flipped) < 0.28
+    for c, n in zip(clean, noisy):
+        assert n["prompt"] == c["prompt"]
+        expected = (c["rejected"], c["chosen"]) if n["label_flipped"] else (c["chosen"], c["rejected"])
+        assert (n["chosen"], n["rejected"]) == expected
+
+
+def test_held_out_pairs_come_from_other_prompts():
+    train = {r["prompt"] for r in generate("mix", 1000, seed=0, fmt="preference")}
+    held_out = {r["prompt"] for r in generate("mix", 300, seed=0, split="eval", fmt="preference")}
+    assert not train & {p for p in held_out if "How many" in p or "Python" in p or "sentence" in p}
+
+
+def test_flip_rate_is_checked():
+    with pytest.raises(ValueError, match="flip_rate"):
+        generate("math", 4, fmt="preference", flip_rate=1.5)
+    with pytest.raises(ValueError, match="flip_rate: label noise applies to preference rows"):
+        generate("math", 4, fmt="chat", flip_rate=0.1)
