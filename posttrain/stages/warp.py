@@ -175,7 +175,8 @@ class PointEvaluator:
         self.engine.close()
 
 
-def _read_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+def read_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory, read from its safetensors files (CPU)."""
     reader = CheckpointReader(model_dir)
     return {n: reader.get(n) for n in reader.names()}
 
@@ -279,11 +280,11 @@ def _evaluate_and_plot(config: WarpStageConfig, ctx: StageContext, sft: str, las
     if todo:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         evaluator = PointEvaluator(config, sft, ctx.recipe_dir, device)
-        sft_w, merged_w = _read_weights(Path(sft)), _read_weights(last_merge)
+        sft_w, merged_w = read_weights(Path(sft)), read_weights(last_merge)
         try:
             with ctx.progress(len(todo), "scoring the front") as advance:
                 for label, what in todo:
-                    weights = _front_weights(sft_w, merged_w, what) if isinstance(what, float) else _read_weights(what)
+                    weights = _front_weights(sft_w, merged_w, what) if isinstance(what, float) else read_weights(what)
                     scored[label] = evaluator.score(weights)
                     write_json(points_file, scored)  # each point once, even across a kill
                     advance(1)
