@@ -82,3 +82,124 @@ def require_columns(row: dict, columns: Iterable[str], where: str) -> None:
     missing = [c for c in columns if c not in row]
     if missing:
         raise DataError(f"{where}: row is missing {', '.join(repr(c) for c in missing)}; has {sorted(row)}")
+
+
+# --- datasets through the `datasets` library: hub or local, mapped into the data contract ------
+
+def load_table(source: str, *, hub: bool, config: str | None = None, split: str | None = None,
+               revision: str | None = None, where: str = "dataset"):
+    """A `datasets.Dataset` from the hub (`hub=True`: `datasets.load_dataset`, so the hub cache and
+    HF_DATASETS_OFFLINE behave as usual) or from a local path: a `save_to_disk` directory, a data
+    directory or file `load_dataset` understands. `split` picks one split of a dataset dict."""
+    import datasets
+
+    p = Path(source)
+    try:
+        if not hub and p.is_dir() and ((p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists()
+                                       or (p / "state.json").exists()):
+            ds = datasets.load_from_disk(str(p))
+        elif not hub and p.is_file():
+            builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}.get(p.suffix.lower())
+            if builder is None:
+                raise DataError(f"{where}: {p}: unsupported file; expected .jsonl, .json, .parquet, .csv or .arrow")
+            ds = datasets.load_dataset(builder, data_files=str(p), split=split or "train")
+        else:
+            ds = datasets.load_dataset(source, config, split=split, revision=revision)
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the library's many error types, reported with the entry's key path
+        raise DataError(f"{where}: cannot load {source!r}"
+                        f"{f' (config {config!r})' if config else ''}{f' split {split!r}' if split else ''}: "
+                        f"{type(e).__name__}: {e}") from None
+    if isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        if split is not None:
+            if split not in ds:
+                raise DataError(f"{where}.split: {split!r} is not a split of {source!r}; it has {', '.join(ds)}")
+            ds = ds[split]
+        elif len(ds) == 1:
+            ds = next(iter(ds.values()))
+        else:
+            raise DataError(f"{where}.split: {source!r} has splits {', '.join(ds)}; name one")
+    return ds
+
+
+def _keep(row: dict, where_filter: dict[str, Any], where: str) -> bool:
+    for column, wanted in where_filter.items():
+        if column not in row:
+            raise DataError(f"{where}.filter.{column}: no such column; the rows have {sorted(row)}")
+        value = row[column]
+        if isinstance(wanted, list) and not isinstance(value, list):
+            if value not in wanted:
+                return False
+        elif value != wanted:
+            return False
+    return True
+
+
+def map_row(row: dict, columns: dict[str, Any] | None, where: str) -> dict:
+    """One row in the data contract. `columns` maps each output column to its source: a column name,
+    `{from: NAME, after: MARKER}` (the text after the last MARKER, stripped: GSM8K's `#### 42`),
+    or `{template: "...{question}..."}` (str.format over the row). No mapping keeps the row."""
+    if not columns:
+        return dict(row)
+    out = {}
+    for target, source in columns.items():
+        key = f"{where}.columns.{target}"
+        if isinstance(source, str):
+            source = {"from": source}
+        if "template" in source:
+            try:
+                out[target] = source["template"].format(**row)
+            except (KeyError, IndexError, AttributeError) as e:
+                raise DataError(f"{key}.template: {type(e).__name__}: {e}; the rows have {sorted(row)}") from None
+            continue
+        name = source["from"]
+        if name not in row:
+            raise DataError(f"{key}: column {name!r} is not in the dataset; the rows have {sorted(row)}")
+        value = row[name]
+        if source.get("after"):
+            text = str(value)
+            marker = source["after"]
+            if marker not in text:
+                raise DataError(f"{key}.after: {marker!r} not found in column {name!r}: {text[:80]!r}")
+            value = text.rsplit(marker, 1)[1].strip()
+        out[target] = value
+    return out
+
+
+def materialize_dataset(source: str, options: dict[str, Any], out: str | Path, where: str, source_identity: str) -> str:
+    """Load `source` (hub name or local path) with `options` (hub, config, split, revision, columns,
+    filter, limit), map it into the data contract and write it as JSONL at `out`, once: a marker
+    file remembers what was written, and the same options and source identity reuse it. Returns a
+    fingerprint of the written rows' origin (for the stage hash)."""
+    import hashlib
+
+    out = Path(out)
+    spec = {"source": source, "identity": source_identity, **options}
+    fingerprint = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+    marker = out.with_suffix(".spec.json")
+    if out.exists() and marker.exists():
+        try:
+            if json.loads(marker.read_text()) == json.loads(json.dumps(spec, default=str)):
+                return fingerprint
+        except json.JSONDecodeError:
+            pass
+    ds = load_table(source, hub=bool(options.get("hub")), config=options.get("config"), split=options.get("split"),
+                    revision=options.get("revision"), where=where)
+    row_filter, columns, limit = options.get("filter") or {}, options.get("columns"), options.get("limit")
+
+    def rows():
+        n = 0
+        for row in ds:
+            if limit is not None and n >= limit:
+                return
+            if row_filter and not _keep(row, row_filter, where):
+                continue
+            n += 1
+            yield map_row(row, columns, where)
+
+    written = write_jsonl(out, rows())
+    if written == 0:
+        raise DataError(f"{where}: no rows left from {source!r}" + (" after the filter" if row_filter else ""))
+    write_json(marker, spec)
+    return fingerprint

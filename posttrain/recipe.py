@@ -62,18 +62,67 @@ class ToyDirtySpec(_Strict):
     seed: int | None = Field(None, description="Defaults to the recipe seed.")
 
 
+class ColumnSource(_Strict):
+    """Where an output column comes from: a source column (`from`, optionally the text `after` a
+    marker), or a `template` formatted over the source row."""
+
+    from_: str | None = Field(None, alias="from", description="Source column.")
+    after: str | None = Field(None, description="Keep the text after the last occurrence of this marker (GSM8K: '####').")
+    template: str | None = Field(None, description="Python format string over the source row, e.g. '{text}\\n{test_list[0]}'.")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.from_ is None) == (self.template is None):
+            raise ValueError("give exactly one of 'from' or 'template'")
+        if self.after is not None and self.from_ is None:
+            raise ValueError("'after' applies to a 'from' column")
+        return self
+
+
 class DatasetEntry(_Strict):
-    """A dataset: a local file (`path`: .jsonl, .parquet, .arrow, or a saved datasets directory) or a toy generator."""
+    """A dataset: a local file (`path`: .jsonl, .parquet, .arrow, a saved `datasets` directory, or a data
+    directory `datasets.load_dataset` reads), a Hugging Face hub dataset (`hub`), or a toy generator.
+    Hub datasets, and local ones with `columns`, `filter` or `limit`, are loaded through the `datasets`
+    library (hub cache and offline mode as usual), mapped into the data contract and written once
+    into the run directory."""
 
     path: str | None = None
+    hub: str | None = Field(None, description="Hub dataset name, e.g. openai/gsm8k.")
+    config: str | None = Field(None, description="Dataset configuration (hub or load_dataset directory), e.g. main.")
+    split: str | None = Field(None, description="Split to read, e.g. test; needed when there are several.")
+    revision: str | None = Field(None, description="Hub revision (a commit sha pins the data).")
+    columns: dict[str, str | ColumnSource] | None = Field(
+        None, description="Output column -> source column name, {from, after} or {template}; only mapped columns are kept.")
+    filter: dict[str, Any] | None = Field(None, description="Keep rows whose column equals the value (or is in the list).")
+    limit: int | None = Field(None, gt=0, description="Keep the first N rows (after the filter).")
     toy: ToyDatasetSpec | None = None
     toy_dirty: ToyDirtySpec | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self):
-        if sum(x is not None for x in (self.path, self.toy, self.toy_dirty)) != 1:
-            raise ValueError("give exactly one of 'path', 'toy' or 'toy_dirty'")
+        if sum(x is not None for x in (self.path, self.hub, self.toy, self.toy_dirty)) != 1:
+            raise ValueError("give exactly one of 'path', 'hub', 'toy' or 'toy_dirty'")
+        if self.hub is None and self.revision is not None:
+            raise ValueError("'revision' applies to hub datasets only")
+        if self.path is None and self.hub is None:
+            extra = [k for k in ("config", "split", "columns", "filter", "limit") if getattr(self, k) is not None]
+            if extra:
+                raise ValueError(f"{', '.join(repr(k) for k in extra)}: only for 'path' and 'hub' datasets, not toy ones")
         return self
+
+    @property
+    def loads_through_datasets(self) -> bool:
+        """Whether the rows are loaded, mapped and written into the run directory (else read in place)."""
+        return self.hub is not None or any(getattr(self, k) is not None
+                                           for k in ("config", "split", "columns", "filter", "limit"))
+
+    def load_options(self) -> dict:
+        cols = None
+        if self.columns is not None:
+            cols = {k: ({"from": v} if isinstance(v, str) else v.model_dump(by_alias=True, exclude_none=True))
+                    for k, v in self.columns.items()}
+        return {"hub": self.hub is not None, "config": self.config, "split": self.split, "revision": self.revision,
+                "columns": cols, "filter": self.filter, "limit": self.limit}
 
 
 class StageEntry(_Strict):

@@ -140,6 +140,15 @@ class Inputs:
 
     def dataset(self, name: str) -> str:
         entry = self.recipe.datasets[name]
+        if entry.loads_through_datasets:  # hub, or mapped/filtered: loaded by posttrain.data, written once here
+            from posttrain.data import materialize_dataset
+
+            source = entry.hub or self._local(entry.path, f"datasets.{name}.path", must_exist=True)
+            identity = entry.revision or "" if entry.hub else fingerprint_path(Path(source))
+            out = self.root / "datasets" / f"{name}.jsonl"
+            self._fingerprints[f"datasets.{name}"] = materialize_dataset(
+                source, entry.load_options(), out, f"datasets.{name}", identity)
+            return str(out)
         if entry.path is not None:
             out = self._local(entry.path, f"datasets.{name}.path", must_exist=True)
             self._fingerprints[f"datasets.{name}"] = fingerprint_path(Path(out))

@@ -1,0 +1,119 @@
+"""Datasets loaded through the `datasets` library (a local saved directory here; nothing downloads),
+mapped into the data contract, filtered, and fed to sft, rl and evaluate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from posttrain.data import DataError
+from posttrain.recipe import RecipeError, load_recipe
+from posttrain.runner import run_recipe
+
+
+@pytest.fixture
+def gsm_like(tmp_path):
+    """A GSM8K-shaped dataset dict saved with `save_to_disk`: question / answer ending in '#### N'."""
+    import datasets
+
+    def rows(lo, hi):
+        return [{"question": f"What is {a} plus {a + 1}?", "answer": f"{a} + {a + 1} = {2 * a + 1}\n#### {2 * a + 1}",
+                 "level": a % 2} for a in range(lo, hi)]
+
+    d = tmp_path / "gsm_like"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows(1, 41)),
+                          "test": datasets.Dataset.from_list(rows(50, 56))}).save_to_disk(str(d))
+    return d
+
+
+def recipe_text(path: Path) -> str:
+    return f"""
+name: mapped
+output_dir: run
+seed: 0
+models:
+  student: {{tiny: {{arch: gemma3, hidden_size: 64, num_heads: 2, num_kv_heads: 1, intermediate_size: 128}}}}
+datasets:
+  chat:
+    path: {path}
+    split: train
+    columns: {{prompt: question, completion: answer}}
+  prompts:
+    path: {path}
+    split: train
+    filter: {{level: 1}}
+    columns: {{prompt: question, answer: {{from: answer, after: "####"}}}}
+  held_out:
+    path: {path}
+    split: test
+    limit: 4
+    columns:
+      prompt: {{template: "Question: {{question}}"}}
+      answer: {{from: answer, after: "####"}}
+stages:
+  - name: sft
+    kind: sft
+    model: ${{models.student}}
+    dataset: ${{datasets.chat}}
+    max_steps: 2
+    batch_size: 4
+  - name: rl
+    kind: rl
+    model: ${{stages.sft.model}}
+    dataset: ${{datasets.prompts}}
+    rewards: [{{name: math}}]
+    max_steps: 1
+    prompts_per_step: 2
+    num_generations: 2
+    max_new_tokens: 4
+    rollout: {{backend: transformers}}
+  - name: eval
+    kind: evaluate
+    model: ${{stages.rl.model}}
+    datasets: {{gsm: "${{datasets.held_out}}"}}
+    rollout: {{backend: transformers}}
+    sampling: {{temperature: 0.0, max_new_tokens: 6}}
+    safety: null
+"""
+
+
+def test_a_mapped_local_datasets_directory_feeds_sft_rl_and_evaluate(tmp_path, gsm_like):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(recipe_text(gsm_like))
+    manifests = run_recipe(recipe)
+    assert all(m["status"] == "complete" for m in manifests.values())
+    written = tmp_path / "run" / "_inputs" / "datasets"
+    chat = [json.loads(line) for line in (written / "chat.jsonl").open()]
+    assert len(chat) == 40 and set(chat[0]) == {"prompt", "completion"}
+    prompts = [json.loads(line) for line in (written / "prompts.jsonl").open()]
+    assert len(prompts) == 20 and prompts[0] == {"prompt": "What is 1 plus 2?", "answer": "3"}
+    held = [json.loads(line) for line in (written / "held_out.jsonl").open()]
+    assert held[0] == {"prompt": "Question: What is 50 plus 51?", "answer": "101"} and len(held) == 4
+    assert manifests["eval"]["metrics"]["gsm/accuracy_n"] == 4
+    # unchanged inputs: every stage is skipped the second time
+    again = run_recipe(recipe)
+    assert all(again[n]["ended"] == manifests[n]["ended"] for n in manifests)
+
+
+def test_mapping_errors_name_the_key_path(tmp_path, gsm_like):
+    bad = recipe_text(gsm_like).replace("{prompt: question, completion: answer}", "{prompt: questoin, completion: answer}")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(bad)
+    with pytest.raises(Exception, match=r"datasets\.chat\.columns\.prompt: column 'questoin' is not in the dataset"):
+        run_recipe(recipe)
+    recipe.write_text(recipe_text(gsm_like).replace("split: test", "split: validation"))
+    with pytest.raises(DataError, match=r"datasets\.held_out\.split: 'validation' is not a split"):
+        run_recipe(recipe)
+
+
+def test_recipe_checks_dataset_entries(tmp_path, gsm_like):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(recipe_text(gsm_like).replace("    split: train\n    columns: {prompt: question, completion: answer}",
+                                                    "    hub: openai/gsm8k\n    split: train", 1))
+    with pytest.raises(RecipeError, match="datasets.chat.*exactly one of 'path', 'hub'"):
+        load_recipe(recipe)
+    recipe.write_text(recipe_text(gsm_like).replace("{from: answer, after: \"####\"}}", "{template: x, from: answer}}", 1))
+    with pytest.raises(RecipeError, match="exactly one of 'from' or 'template'"):
+        load_recipe(recipe)
