@@ -1,4 +1,4 @@
-"""The `posttrain` command: run, validate, stages.
+"""The `posttrain` command: run, validate, stages, report.
 
 Exit codes: 0 success, 1 a stage failed, 2 the recipe (or a --set override) is invalid.
 Errors are one paragraph without a traceback unless --debug.
@@ -88,12 +88,26 @@ def cmd_run(args) -> int:
     if not is_main():
         return 0
     _summary(console, outcomes, recipe.output_dir)
+    if runner.report_path is not None:
+        console.print(f"report: {runner.report_path}")
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:
         f = failed[0]
         console.print(f"[red]stage {f.name!r} failed:[/red] {f.error}\n(details: {recipe.output_dir / f.name / 'manifest.json'}; "
                       "re-run with --debug for a traceback)")
         return EXIT_STAGE_FAILED
+    return 0
+
+
+def cmd_report(args) -> int:
+    from posttrain.report import write_report
+
+    try:
+        path = write_report(args.run_dir, args.out)
+    except FileNotFoundError as e:
+        print(f"posttrain report: {e}", file=sys.stderr)
+        return EXIT_BAD_RECIPE
+    print(f"report: {path}")
     return 0
 
 
@@ -157,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("recipe")
     v.add_argument("--set", action="append", metavar="key.path=value")
     v.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+    rp = sub.add_parser("report", help="write the HTML report of a run directory (plots embedded; opens offline)")
+    rp.add_argument("run_dir")
+    rp.add_argument("--out", metavar="FILE", help="where to write it (default RUN_DIR/report.html)")
+    rp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     s = sub.add_parser("stages", help="list stage kinds with their config fields and defaults")
     s.add_argument("kind", nargs="?")
     return p
@@ -176,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     from posttrain.recipe import RecipeError
 
     try:
-        code = {"run": cmd_run, "validate": cmd_validate, "stages": cmd_stages}[args.command](args)
+        code = {"run": cmd_run, "validate": cmd_validate, "stages": cmd_stages, "report": cmd_report}[args.command](args)
     except RecipeError as e:
         if args.debug:
             raise

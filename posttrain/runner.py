@@ -205,6 +205,7 @@ class Runner:
         self.inputs = Inputs(recipe, self._log)
         self.manifests: dict[str, dict] = {}
         self._channel: ControlChannel | None = None  # multi-process launches only
+        self.report_path: Path | None = None  # written at the end of run()
 
     def _log(self, msg: str) -> None:
         if self.console is not None:
@@ -319,7 +320,18 @@ class Runner:
                 break
         if not dry_run:
             self._write_resolved_recipe(resolved_all)
+            self.report_path = self._write_report()
         return outcomes
+
+    def _write_report(self) -> Path | None:
+        """The run's HTML report (posttrain.report); a report that cannot be drawn never fails the run."""
+        from posttrain.report import write_report
+
+        try:
+            return write_report(self.recipe.output_dir)
+        except Exception as e:  # noqa: BLE001 - the stages' results stand; say why there is no report
+            self._log(f"no report written: {type(e).__name__}: {e}")
+            return None
 
     def _prepare_stage_dir(self, stage_dir: Path, digest: str) -> None:
         """Keep a killed attempt's files only when it was the same attempt (so it can resume)."""

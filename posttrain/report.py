@@ -1,0 +1,384 @@
+"""The run report: one self-contained HTML file (plots embedded as PNG) describing a run directory.
+
+It reads only what the run wrote (`recipe.resolved.yaml`, each stage's `manifest.json`,
+`metrics.jsonl`, the filter's report and data card, `evaluation.json`, a WARP front), so it
+works for any earlier run and for runs with a failed stage. Sections: the recipe, every stage
+with its status, timings and lineage (which stage outputs and inputs it read), the filter's
+data card, training curves per stage, held-out figures after every stage (table with 95%
+intervals, and a plot), other stages' accuracies (reward models), and the WARP front.
+
+    posttrain report RUN_DIR [--out FILE]      # default RUN_DIR/report.html
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+REPORT_NAME = "report.html"
+# Training curves worth a plot, by what the metric's name contains (first match names the panel).
+CURVES = (("loss", "loss"), ("reward", "reward"), ("kl", "KL"), ("entropy", "entropy"), ("drift", "drift"))
+
+
+# --- reading the run ----------------------------------------------------------------------------
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    if not path.exists():
+        return rows
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a killed run
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def load_run(run_dir: str | Path) -> dict:
+    """The recipe and, in recipe order, each stage's manifest (or its attempt when it never finished)."""
+    import yaml
+
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise FileNotFoundError(f"{run}: not a run directory")
+    recipe_file = run / "recipe.resolved.yaml"
+    recipe = yaml.safe_load(recipe_file.read_text()) if recipe_file.exists() else {}
+    names = [s.get("name") for s in (recipe or {}).get("stages", []) if isinstance(s, dict)]
+    names += sorted(p.parent.name for p in run.glob("*/manifest.json") if p.parent.name not in names)
+    stages = []
+    for name in names:
+        d = run / name
+        manifest = _read_json(d / "manifest.json")
+        if manifest is None:
+            attempt = _read_json(d / "attempt.json")
+            kind = next((s.get("kind") for s in recipe.get("stages", []) if s.get("name") == name), "?")
+            manifest = {"name": name, "kind": kind, "status": "interrupted" if attempt else "not run",
+                        "started": (attempt or {}).get("started"), "metrics": {}, "outputs": {}}
+        manifest.setdefault("name", name)
+        stages.append({"dir": d, "manifest": manifest, "metrics": _read_jsonl(d / "metrics.jsonl")})
+    if not stages:
+        raise FileNotFoundError(f"{run}: no stages found (no recipe.resolved.yaml and no */manifest.json)")
+    return {"dir": run, "recipe": recipe or {}, "stages": stages}
+
+
+def lineage(manifest: dict, run_dir: Path) -> list[str]:
+    """What a stage read: other stages' outputs (by stage name) and recipe inputs, from its config."""
+    found: list[str] = []
+
+    def walk(v):
+        if isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, list):
+            for x in v:
+                walk(x)
+        elif isinstance(v, str) and v.startswith(str(run_dir)):
+            rel = Path(v).relative_to(run_dir).parts
+            if not rel:
+                return
+            label = f"{rel[1]}/{Path(*rel[2:]).stem}" if rel[0] == "_inputs" and len(rel) > 2 else rel[0]
+            if rel[0] != "_inputs":
+                label = f"stage {rel[0]}"
+            if label not in found:
+                found.append(label)
+
+    walk(manifest.get("config", {}))
+    return found
+
+
+# --- plots --------------------------------------------------------------------------------------
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _img(data: str, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: the report is written from servers and CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def curves_plot(stage: str, rows: list[dict]) -> str | None:
+    """One panel per curve family (loss, reward, KL, entropy, drift) over steps."""
+    panels: dict[str, list[str]] = {}
+    keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and k not in ("step", "time", "epoch")})
+    for key in keys:
+        low = key.lower()
+        for needle, title in CURVES:
+            if needle in low and not low.endswith(("_ci_low", "_ci_high", "_n")):
+                panels.setdefault(title, []).append(key)
+                break
+    if not panels:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 2.8), squeeze=False)
+    for ax, (title, ks) in zip(axes[0], panels.items()):
+        for k in ks[:6]:  # a legend beyond six lines is unreadable
+            pts = [(r.get("step", i), r[k]) for i, r in enumerate(rows)
+                   if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])]
+            if pts:
+                ax.plot(*zip(*pts), label=k, marker="." if len(pts) < 30 else None)
+        ax.set_title(f"{stage}: {title}", fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6)
+        ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def accuracy_plot(table: dict[str, dict[str, dict]], stage_order: list[str]) -> str | None:
+    """Held-out accuracy per set after every evaluated stage, with 95% intervals as error bars."""
+    sets = sorted({s for row in table.values() for s in row})
+    if not sets:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.1 * len(stage_order)), 3.0))
+    xs = list(range(len(stage_order)))
+    for s in sets:
+        pts = [(x, table[st][s]) for x, st in zip(xs, stage_order) if s in table.get(st, {})]
+        if not pts:
+            continue
+        x, e = zip(*pts)
+        v = [p["value"] for p in e]
+        err = [[max(0.0, p["value"] - p["low"]) if _finite(p["low"]) else 0 for p in e],
+               [max(0.0, p["high"] - p["value"]) if _finite(p["high"]) else 0 for p in e]]
+        ax.errorbar(x, v, yerr=err, marker="o", capsize=3, label=s)
+    ax.set_xticks(xs, stage_order, rotation=20, fontsize=8)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel("accuracy (95% interval)", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def timing_plot(stages: list[dict]) -> str | None:
+    rows = [(s["manifest"]["name"], float(s["manifest"].get("seconds") or 0.0), s["manifest"].get("status"))
+            for s in stages if s["manifest"].get("seconds") is not None]
+    if not rows:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 0.35 * len(rows) + 0.8))
+    colours = ["#c0392b" if st == "failed" else "#2e86c1" for _, _, st in rows]
+    ax.barh([r[0] for r in rows][::-1], [r[1] for r in rows][::-1], color=colours[::-1])
+    ax.set_xlabel("seconds", fontsize=8)
+    ax.tick_params(labelsize=8)
+    return _png(fig)
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+# --- figures from manifests ---------------------------------------------------------------------
+
+def held_out_table(stages: list[dict]) -> tuple[dict[str, dict[str, dict]], list[str]]:
+    """{stage: {set: {value, low, high, n}}} of the `evaluate` stages' accuracies, in run order."""
+    table: dict[str, dict[str, dict]] = {}
+    order = []
+    for s in stages:
+        m = s["manifest"]
+        if m.get("kind") != "evaluate" or m.get("status") != "complete":
+            continue
+        metrics = m.get("metrics", {})
+        row = {}
+        for key, value in metrics.items():
+            if key.endswith("/accuracy") and key.count("/") == 1:
+                name = key.rsplit("/", 1)[0]
+                row[name] = {"value": value, "low": metrics.get(f"{key}_ci_low", float("nan")),
+                             "high": metrics.get(f"{key}_ci_high", float("nan")), "n": metrics.get(f"{key}_n")}
+        if row:
+            table[m["name"]] = row
+            order.append(m["name"])
+    return table, order
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if math.isfinite(v) else "–"
+    return html.escape(str(v))
+
+
+def _estimate(e: dict) -> str:
+    interval = f" [{_fmt(e['low'])}, {_fmt(e['high'])}]" if _finite(e.get("low")) else ""
+    n = f" <span class=n>n={e['n']}</span>" if e.get("n") is not None else ""
+    return f"{_fmt(e['value'])}{interval}{n}"
+
+
+# --- HTML ---------------------------------------------------------------------------------------
+
+STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1150px;color:#222;padding:0 1em}
+h1{font-size:1.5em} h2{font-size:1.2em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.88em} td,th{border:1px solid #ddd;padding:.25em .55em;text-align:left;vertical-align:top}
+th{background:#f4f6f8} .complete{color:#1e8449} .failed{color:#c0392b;font-weight:bold} .skipped{color:#2874a6}
+.interrupted,.notrun{color:#b9770e} pre{background:#f7f7f7;padding:.6em;overflow-x:auto;font-size:.8em;max-height:28em}
+.n{color:#888;font-size:.85em} img{max-width:100%} .error{background:#fdecea;border-left:4px solid #c0392b;padding:.5em}
+"""
+
+
+def render(run: dict) -> str:
+    run_dir: Path = run["dir"]
+    recipe = run["recipe"]
+    stages = run["stages"]
+    title = recipe.get("name") or run_dir.name
+    failed = [s for s in stages if s["manifest"].get("status") == "failed"]
+    parts = [f"<!doctype html><html><head><meta charset=utf-8><title>posttrain report: {html.escape(title)}</title>"
+             f"<style>{STYLE}</style></head><body>",
+             f"<h1>posttrain report: {html.escape(title)}</h1>",
+             f"<p>Run directory <code>{html.escape(str(run_dir))}</code>; report written "
+             f"{time.strftime('%Y-%m-%d %H:%M:%S')}. {len(stages)} stages"
+             + (f", <span class=failed>{len(failed)} failed</span>" if failed else "") + ".</p>"]
+
+    # stages: status, timings, lineage
+    parts.append("<h2>Stages</h2><table><tr><th>stage</th><th>kind</th><th>status</th><th>started</th>"
+                 "<th>wall time</th><th>read</th><th>outputs</th></tr>")
+    for s in stages:
+        m = s["manifest"]
+        status = m.get("status", "?")
+        started = time.strftime("%H:%M:%S", time.localtime(m["started"])) if m.get("started") else "–"
+        seconds = f"{m['seconds']:.1f} s" if m.get("seconds") is not None else "–"
+        outs = ", ".join(html.escape(k) for k in (m.get("outputs") or {}))
+        parts.append(f"<tr><td>{html.escape(m['name'])}</td><td>{html.escape(str(m.get('kind')))}</td>"
+                     f"<td class={status.replace(' ', '')}>{html.escape(status)}</td><td>{started}</td><td>{seconds}</td>"
+                     f"<td>{html.escape(', '.join(lineage(m, run_dir))) or '–'}</td><td>{outs or '–'}</td></tr>")
+    parts.append("</table>")
+    for s in failed:
+        m = s["manifest"]
+        parts.append(f"<div class=error><b>{html.escape(m['name'])} failed:</b> {html.escape(str(m.get('error', '')))}"
+                     f"<details><summary>traceback</summary><pre>{html.escape(str(m.get('traceback', ''))[-6000:])}</pre>"
+                     "</details></div>")
+    timing = timing_plot(stages)
+    if timing:
+        parts.append(_img(timing, "wall time per stage"))
+
+    # held-out figures
+    table, order = held_out_table(stages)
+    parts.append("<h2>Held-out accuracy after every stage</h2>")
+    if table:
+        sets = sorted({k for row in table.values() for k in row})
+        parts.append("<table><tr><th>after</th><th>model</th>" + "".join(f"<th>{html.escape(x)}</th>" for x in sets) + "</tr>")
+        by_name = {s["manifest"]["name"]: s for s in stages}
+        for name in order:
+            model = by_name[name]["manifest"].get("config", {}).get("model", "")
+            origin = lineage({"config": {"model": model}}, run_dir)
+            parts.append(f"<tr><td>{html.escape(name)}</td><td>{html.escape(', '.join(origin) or str(model))}</td>"
+                         + "".join(f"<td>{_estimate(table[name][x]) if x in table[name] else '–'}</td>" for x in sets)
+                         + "</tr>")
+        parts.append("</table>")
+        plot = accuracy_plot(table, order)
+        if plot:
+            parts.append(_img(plot, "held-out accuracy"))
+        for name in order:
+            parts.append(_evaluation_details(by_name[name]))
+    else:
+        parts.append("<p>No completed evaluate stage in this run.</p>")
+
+    # training curves
+    curve_parts = []
+    for s in stages:
+        if s["metrics"]:
+            img = curves_plot(s["manifest"]["name"], s["metrics"])
+            if img:
+                curve_parts.append(f"<h3>{html.escape(s['manifest']['name'])} ({html.escape(str(s['manifest'].get('kind')))}, "
+                                   f"{len(s['metrics'])} logged steps)</h3>{_img(img, s['manifest']['name'] + ' curves')}")
+    if curve_parts:
+        parts.append("<h2>Training curves</h2>" + "".join(curve_parts))
+
+    # summaries of training stages (before/after figures, reward-model accuracies, ...)
+    other = [s for s in stages if s["manifest"].get("kind") not in ("evaluate", "filter") and s["manifest"].get("metrics")]
+    if other:
+        parts.append("<h2>Stage summaries</h2><p>Each stage's summary figures as recorded in its manifest "
+                     "(accuracies of reward models, before/after evaluations of training stages).</p>")
+        for s in other:
+            m = s["manifest"]
+            rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in m["metrics"].items()
+                           if isinstance(v, (int, float, str)))
+            parts.append(f"<details{' open' if any('accuracy' in k for k in m['metrics']) else ''}><summary>"
+                         f"{html.escape(m['name'])} ({html.escape(str(m.get('kind')))})</summary><table>{rows}</table></details>")
+
+    # filter data card
+    for s in stages:
+        if s["manifest"].get("kind") == "filter":
+            parts.append(_filter_section(s))
+    # WARP front (the warp stage draws it)
+    for s in stages:
+        front = s["dir"] / "front" / "front.png"
+        if front.exists():
+            parts.append(f"<h2>WARP front: {html.escape(s['manifest']['name'])}</h2>"
+                         + _img(base64.b64encode(front.read_bytes()).decode("ascii"), "WARP front"))
+
+    parts.append("<h2>Recipe</h2><details><summary>recipe.resolved.yaml</summary><pre>"
+                 + html.escape((run_dir / "recipe.resolved.yaml").read_text() if (run_dir / "recipe.resolved.yaml").exists()
+                               else "(not written)") + "</pre></details>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _evaluation_details(stage: dict) -> str:
+    ev = _read_json(stage["dir"] / "evaluation.json")
+    if not ev:
+        return ""
+    rows = []
+    for set_name, info in ev.get("sets", {}).items():
+        for key, e in info.get("figures", {}).items():
+            rows.append(f"<tr><td>{html.escape(set_name)}</td><td>{html.escape(key)}</td><td>{_estimate(e)}</td></tr>")
+        for key, e in (info.get("side_by_side") or {}).items():
+            if isinstance(e, dict):
+                rows.append(f"<tr><td>{html.escape(set_name)}</td><td>side by side: {html.escape(key)}</td><td>{_estimate(e)}</td></tr>")
+    return (f"<details><summary>all figures of {html.escape(stage['manifest']['name'])} (task metrics, safety, length)"
+            f"</summary><table><tr><th>set</th><th>figure</th><th>value [95% interval] n</th></tr>{''.join(rows)}</table></details>")
+
+
+def _filter_section(stage: dict) -> str:
+    d = stage["dir"]
+    rep = _read_json(d / "filter_report.json") or {}
+    out = [f"<h2>Data filtering: {html.escape(stage['manifest']['name'])}</h2>"]
+    if rep:
+        out.append(f"<p>{rep.get('input_rows', '?')} input rows; kept {rep.get('kept_rows', '?')} "
+                   f"(redacted {rep.get('redacted_rows', 0)}); rejected {rep.get('rejected_rows', '?')}.</p>")
+        rows = "".join(f"<tr><td>{html.escape(f)}</td><td>{html.escape(r)}</td><td>{n}</td></tr>"
+                       for f, reasons in (rep.get("rejected_by") or {}).items() for r, n in reasons.items())
+        if rows:
+            out.append(f"<table><tr><th>filter</th><th>reason</th><th>rows</th></tr>{rows}</table>")
+    card = d / "data_card.md"
+    if card.exists():
+        out.append(f"<details><summary>data card</summary><pre>{html.escape(card.read_text()[:20000])}</pre></details>")
+    return "".join(out)
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write the HTML report of a run directory (default `RUN_DIR/report.html`); returns its path."""
+    run = load_run(run_dir)
+    path = Path(out) if out else Path(run_dir) / REPORT_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(render(run), encoding="utf-8")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,109 @@
+"""The run report: written at the end of `posttrain run`, self-contained, with accuracy after every
+stage, curves, the data card and lineage; a failed stage shows its failure."""
+
+from __future__ import annotations
+
+import base64
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from posttrain.cli import main
+
+RECIPE = """
+name: reported
+output_dir: run
+seed: 0
+models:
+  student: {tiny: {arch: gemma3, hidden_size: 64, num_heads: 2, num_kv_heads: 1, intermediate_size: 128}}
+datasets:
+  dirty: {toy_dirty: {n_clean: 60, dirty_per_kind: 2}}
+  math_prompts: {toy: {task: math, n: 16, format: prompt}}
+  math_eval: {toy: {task: math, n: 4, split: eval, format: prompt}}
+  ifeval: {toy: {task: instructions, n: 4, split: eval, format: prompt}}
+stages:
+  - name: filter
+    kind: filter
+    dataset: ${datasets.dirty}
+  - name: sft
+    kind: sft
+    model: ${models.student}
+    dataset: ${stages.filter.dataset}
+    max_steps: 3
+    batch_size: 4
+    logging_steps: 1
+  - name: eval_sft
+    kind: evaluate
+    model: ${stages.sft.model}
+    datasets: {math: "${datasets.math_eval}", instructions: "${datasets.ifeval}"}
+    rollout: {backend: transformers}
+    sampling: {temperature: 0.0, max_new_tokens: 6}
+  - name: rl
+    kind: rl
+    model: ${stages.sft.model}
+    dataset: ${datasets.math_prompts}
+    rewards: [{name: math}]
+    max_steps: 2
+    prompts_per_step: 2
+    num_generations: 2
+    max_new_tokens: 4
+    rollout: {backend: transformers}
+  - name: eval_rl
+    kind: evaluate
+    model: ${stages.rl.model}
+    datasets: {math: "${datasets.math_eval}", instructions: "${datasets.ifeval}"}
+    rollout: {backend: transformers}
+    sampling: {temperature: 0.0, max_new_tokens: 6}
+"""
+
+
+def images(page: str) -> list[bytes]:
+    return [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("reported")
+    (d / "recipe.yaml").write_text(textwrap.dedent(RECIPE).lstrip())
+    assert main(["run", str(d / "recipe.yaml")]) == 0
+    return d / "run"
+
+
+def test_run_writes_a_self_contained_report_with_accuracy_after_every_stage(run_dir, capsys):
+    page = (run_dir / "report.html").read_text()
+    # self-contained: no external fetch of any kind (scripts, styles, images, fonts)
+    assert not re.search(r'(src|href)="(https?:)?//', page) and "<script" not in page
+    pngs = images(page)
+    assert len(pngs) >= 4 and all(p.startswith(b"\x89PNG") for p in pngs)  # timings, accuracy, sft and rl curves
+    held = page.split("Held-out accuracy after every stage", 1)[1].split("<h2>", 1)[0]
+    for stage in ("eval_sft", "eval_rl"):
+        assert f"<td>{stage}</td>" in held
+    assert held.count("n=4") >= 4 and "[" in held  # each accuracy with its interval and sample count
+    assert "stage sft" in held and "stage rl" in held  # which model each evaluation measured
+    assert "ifeval/prompt_strict" in page and "safety/toxic_rate" in page
+    assert "Data filtering" in page and "near_duplicate" in page  # the filter's data card
+    assert "sft: loss" in page or "sft (sft" in page
+    assert "recipe.resolved.yaml" in page
+    # the stages table: lineage (what each stage read)
+    rl_row = next(line for line in page.splitlines() if line.startswith("<tr><td>rl</td>"))
+    assert "stage sft" in rl_row and "datasets/math_prompts" in rl_row
+
+
+def test_report_command_on_a_run_with_a_failed_stage(run_dir, tmp_path, capsys):
+    bare = tmp_path / "bare.jsonl"
+    bare.write_text('{"prompt": "hi"}\n')
+    recipe = (run_dir.parent / "recipe.yaml").read_text().replace(
+        "  ifeval: {toy:", f"  bare: {{path: {bare}}}\n  ifeval: {{toy:").replace(
+        'datasets: {math: "${datasets.math_eval}", instructions: "${datasets.ifeval}"}\n    rollout: {backend: transformers}\n'
+        '    sampling: {temperature: 0.0, max_new_tokens: 6}\n', 'datasets: {bare: "${datasets.bare}"}\n', 1)
+    (run_dir.parent / "failing.yaml").write_text(recipe)
+    assert main(["run", str(run_dir.parent / "failing.yaml"), "--only", "eval_sft"]) == 1
+    assert "report:" in capsys.readouterr().out
+    out = tmp_path / "elsewhere.html"
+    assert main(["report", str(run_dir), "--out", str(out)]) == 0
+    page = out.read_text()
+    assert "1 failed" in page and 'class=failed>failed' in page
+    assert "eval_sft failed:" in page and "cannot choose a reward" in page
+    assert main(["report", str(tmp_path / "nowhere")]) == 2
