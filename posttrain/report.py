@@ -59,7 +59,9 @@ def load_run(run_dir: str | Path) -> dict:
     recipe_file = run / "recipe.resolved.yaml"
     recipe = yaml.safe_load(recipe_file.read_text()) if recipe_file.exists() else {}
     names = [s.get("name") for s in (recipe or {}).get("stages", []) if isinstance(s, dict)]
-    names += sorted(p.parent.name for p in run.glob("*/manifest.json") if p.parent.name not in names)
+    others = [p.parent.name for p in run.glob("*/manifest.json") if p.parent.name not in names]
+    if others:  # the last run covered part of the recipe (--only): order every stage by when it started
+        names = sorted(names + others, key=lambda n: (_read_json(run / n / "manifest.json") or {}).get("started") or 0)
     stages = []
     for name in names:
         d = run / name
@@ -131,10 +133,13 @@ def curves_plot(stage: str, rows: list[dict]) -> str | None:
     keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and k not in ("step", "time", "epoch")})
     for key in keys:
         low = key.lower()
+        if low.endswith(("_ci_low", "_ci_high", "_n", "std", "faults", "skipped")):
+            continue  # spreads and counters: in the manifest, not worth a line
         for needle, title in CURVES:
-            if needle in low and not low.endswith(("_ci_low", "_ci_high", "_n")):
+            if needle in low:
                 panels.setdefault(title, []).append(key)
                 break
+    panels = {title: panels[title] for _, title in CURVES if title in panels}  # loss, reward, KL, entropy, drift
     if not panels:
         return None
     plt = _pyplot()
@@ -148,6 +153,7 @@ def curves_plot(stage: str, rows: list[dict]) -> str | None:
         ax.set_title(f"{stage}: {title}", fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
+        ax.ticklabel_format(axis="y", useOffset=False)  # show the values themselves, not an offset
         ax.legend(fontsize=6)
         ax.grid(alpha=0.3)
     return _png(fig)

@@ -15,7 +15,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from posttrain.data import DataError, iter_rows, write_json, write_jsonl
-from posttrain.evaluation import SafetyChecks, default_reward_specs, evaluate_prompts, side_by_side, task_for_row
+from posttrain.evaluation import TASK_BY_COLUMN, SafetyChecks, default_reward_specs, evaluate_prompts, side_by_side, task_for_row
 from posttrain.rollout import RolloutConfig, SamplingParams, create_engine
 from posttrain.stages.base import StageConfig, StageContext, StageResult, register_stage
 from rewards.combine import CombinedReward, FaultPolicy, RewardSpec
@@ -86,15 +86,15 @@ def run_evaluate(cfg: EvaluateStageConfig, ctx: StageContext) -> StageResult:
     for name, rows in sets.items():
         if cfg.rewards:
             tasks[name] = "reward"
-            for column, task in (("answer", "math"), ("tests", "code"), ("instruction_id_list", "instructions")):
+            for column, task in TASK_BY_COLUMN.items():
                 if column in rows[0]:
                     tasks[name] = task  # keep the task's own figures (pass@k, IFEval) next to the given rewards
                     break
         else:
-            try:
-                tasks[name] = task_for_row(rows[0], cfg.datasets[name])
-            except ValueError as e:
-                raise DataError(f"{cfg.datasets[name]}: cannot choose a reward: {e}; give `rewards` in the stage config") from None
+            if not any(column in rows[0] for column in TASK_BY_COLUMN):
+                raise DataError(f"{cfg.datasets[name]}: cannot choose a reward: rows have none of the columns "
+                                f"{', '.join(TASK_BY_COLUMN)} (has {sorted(rows[0])}); give `rewards` in the stage config")
+            tasks[name] = task_for_row(rows[0])
     safety = SafetyChecks(cfg.safety.toxicity_threshold, cfg.safety.name, cfg.safety.developer) if cfg.safety else None
     device = "cuda" if torch.cuda.is_available() else None  # the rank's GPU when there is one
     metrics: dict[str, float] = {}
