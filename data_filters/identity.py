@@ -90,6 +90,33 @@ def _patterns(names: tuple[str, ...], orgs: tuple[str, ...]) -> list[re.Pattern]
     )]
 
 
+# A claim that is asked, reported or denied is not a claim: "Are you ChatGPT? No, I am Gemma",
+# "je suis ChatGPT ? Non", "you might think I'm ChatGPT, but", "I'm ChatGPT. Just kidding, no".
+_CLAUSE_START_RE = re.compile(r"[.!?\n。！？;:]")
+_REPORTED_RE = re.compile(
+    r"(?i)\b(?:if|whether|pretend|pretending|imagine|roleplay|role-play|say|says|said|think|thinks|"
+    r"thought|believe|believes|believed|assume|assumes|assumed|suppose|wonder|wondering|mistake|"
+    r"mistaken|confuse|confused|rumou?r|asks?|asked|asking|si|ob|crees|creen|pensez|penses|pensent|"
+    r"glaubst|glauben|denkst)\b")
+_DENIAL_AFTER_RE = re.compile(
+    r"(?i)^\s*[,.!?;:—–-]*\s*(?:no|non|nein|nope|nah|não|not|niet|いいえ|不是|不)\b"
+    r"|^\s*[,.!?;:—–-]*\s*(?:but\s+)?(?:I\s+am\s+not|I['’]m\s+not|je\s+ne\s+suis\s+pas|"
+    r"no\s+soy|ich\s+bin\s+(?:es\s+)?nicht|just\s+kidding)")
+
+
+def _not_a_claim(text: str, start: int, end: int) -> bool:
+    """The match is asked ("...ChatGPT?"), reported ("you think I am ...") or denied right
+    after ("... ChatGPT. No, ...")."""
+    rest = text[end:end + 80]
+    if re.match(r"[^.!?\n。！？,;:—]{0,20}[?？]", rest):  # the claim's own clause is a question
+        return True
+    if _DENIAL_AFTER_RE.search(rest):
+        return True
+    head = text[max(0, start - 80):start]
+    clause = _CLAUSE_START_RE.split(head)[-1]
+    return bool(_REPORTED_RE.search(clause))
+
+
 def _allowed(name: str, developer: str) -> set[str]:
     allowed = {name.casefold(), developer.casefold()}
     allowed.update(w.casefold() for w in re.split(r"[\s,]+", developer) if len(w) > 1)
@@ -132,6 +159,8 @@ def find_misidentification(text: str, name: str = "Gemma", developer: str = "Goo
                 continue
             lead = text[max(0, m.start() - 12):m.start()]
             if _NEGATION_RE.search(m.group()) or re.search(r"(?i)\b(?:if|pretend|imagine|roleplay|role-play|say)\W*$", lead):
+                continue
+            if _not_a_claim(text, m.start(), m.end()):
                 continue
             claimed = m.groupdict().get("name") or m.groupdict().get("org")
             if claimed and claimed not in found:

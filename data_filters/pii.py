@@ -113,9 +113,17 @@ _DOTTED_PHONE_RE = re.compile(r"\(?\+?\d{1,4}\)?(?:\.\d{2,4}){2,5}(?:\s?(?:x|ext
 _PHONE_CONTEXT_RE = re.compile(
     r"(?i)(?:phone|tel|telephone|mobile|cell|fax|call|contact|whatsapp|sms|text me|office|"
     r"desk|home|work|dial|ring|number|no\.|nr\.|téléphone|teléfono|telefon|telefono|handy|"
-    r"móvil|portable|電話|电话)\W{0,6}$"
+    r"móvil|portable|電話|电话)\W{0,6}(?:(?:me|us|him|her|them)\s+)?(?:(?:at|on)\W{1,3})?$"
 )
 _PHONE_CONTEXT_AFTER_RE = re.compile(r"(?i)^\W{0,3}(?:office|fax|mobile|cell|home|work|phone)")
+# Words after which a number joined by dashes is a score, a range, a reference or a version,
+# not a phone: "the final score was 102-98-112", "pages 1203-1345", "build 2019-2021-2023".
+_NOT_PHONE_CONTEXT_RE = re.compile(
+    r"(?i)\b(?:scores?|scored|won|lost|beat|defeated|record|results?|tally|standings?|"
+    r"pages?|pp|figures?|figs?|tables?|chapters?|sections?|verses?|lines?|steps?|range|ranging|"
+    r"between|versions?|v|release[sd]?|builds?|years?|seasons?|rounds?|sets?|games?|matches|"
+    r"votes?|ratio|odds|sequence|series|dates?|dated)\b\W{0,6}(?:\w+\W{1,3}){0,2}$"
+)
 # Regions tried for numbers written without a country code, most common first.
 _PHONE_REGIONS = ("US", "GB", "DE", "FR", "IN", "CA", "AU", "BR", "IT", "ES", "NL", "BE",
                   "CH", "AT", "SE", "IL")
@@ -164,20 +172,37 @@ def _find_ssns(text: str) -> Iterable[PiiSpan]:
         yield PiiSpan(US_SSN, m.start(), m.end(), m.group())
 
 
-def _phone_valid(candidate: str) -> bool:
+def _groups(text: str) -> list[str]:
+    return re.findall(r"\d+", text)
+
+
+def _grouped_as_dialled(raw: str, num) -> bool:
+    """Whether the digit groups of ``raw`` are those the numbering plan prints (national or
+    international format): "415-555-2671" is, "102-98-112" (a score) is not."""
+    got = _groups(raw)
+    for fmt in (phonenumbers.PhoneNumberFormat.NATIONAL, phonenumbers.PhoneNumberFormat.INTERNATIONAL):
+        want = _groups(phonenumbers.format_number(num, fmt))
+        if got == want or got == want[1:] and fmt == phonenumbers.PhoneNumberFormat.INTERNATIONAL:
+            return True
+    # Or the national digits split once (area code - rest), as many people write them.
+    return len(got) == 2 and "".join(got) == phonenumbers.national_significant_number(num)
+
+
+def _phone_valid(candidate: str, grouping: bool = False) -> bool:
+    """Valid for some numbering plan; with ``grouping``, also written with its groups."""
     lead = candidate.lstrip("(")
     if lead.startswith("+") or lead.startswith("00"):
         try:
             num = phonenumbers.parse("+" + lead[2:] if lead.startswith("00") else lead, None)
         except phonenumbers.NumberParseException:
             return False
-        return phonenumbers.is_valid_number(num)
+        return phonenumbers.is_valid_number(num) and (not grouping or _grouped_as_dialled(candidate, num))
     for region in _PHONE_REGIONS:
         try:
             num = phonenumbers.parse(candidate, region)
         except phonenumbers.NumberParseException:
             continue
-        if phonenumbers.is_valid_number(num):
+        if phonenumbers.is_valid_number(num) and (not grouping or _grouped_as_dialled(candidate, num)):
             return True
     return False
 
@@ -210,8 +235,13 @@ def _find_phones(text: str) -> Iterable[PiiSpan]:
         elif has_plus or separated and not _WEAK_FORMAT_RE.fullmatch(raw):
             # Without a word saying it is a phone, the number must be written like one
             # and be valid for a numbering plan: "17151 2450" (a house number and a
-            # street number) or "90010-170" (a postal code) are not phones.
-            if _phone_valid(raw):
+            # street number) or "90010-170" (a postal code) are not phones. Numbers joined
+            # by dashes are also scores, ranges, dates and versions: after a word saying
+            # so they are not phones, and otherwise their groups must be a phone's.
+            dashed = "-" in raw and not has_plus
+            if dashed and _NOT_PHONE_CONTEXT_RE.search(before):
+                continue
+            if _phone_valid(raw, grouping=dashed):
                 yield PiiSpan(PHONE, start, end, raw)
 
 

@@ -44,3 +44,29 @@ def test_mentions_and_the_allowed_identity_are_not_claims(text):
 def test_the_allowed_identity_is_configurable():
     assert find_misidentification("I am Claude, made by Anthropic.", "Claude", "Anthropic") == []
     assert find_misidentification("I am Gemma, made by Google.", "Claude", "Anthropic") == ["Gemma", "Google"]
+
+
+@pytest.mark.parametrize("text", [
+    "Are you ChatGPT? No, I am Gemma.",
+    "You asked if I am ChatGPT. No, I am Gemma.",
+    "Is this ChatGPT? No, this is Gemma.",
+    "Are you Claude? No — I'm Gemma.",
+    "You might think I am ChatGPT, but I am Gemma.",
+    "Many people think I'm ChatGPT. I'm not; I'm Gemma.",
+    "Was I made by OpenAI? No, I was made by Google DeepMind.",
+    "Est-ce que je suis ChatGPT ? Non, je suis Gemma.",
+    "¿Soy ChatGPT? No, soy Gemma.",
+    "Bin ich ChatGPT? Nein, ich bin Gemma.",
+])
+def test_asked_reported_or_denied_identities_are_not_claims(text):
+    assert find_misidentification(text, *GEMMA) == [], text
+
+
+@pytest.mark.parametrize("text, claim", [
+    ("Are you Gemma? No, I am ChatGPT.", "ChatGPT"),
+    ("Yes, I am ChatGPT.", "ChatGPT"),
+    ("I am ChatGPT? No wait, I am ChatGPT indeed.", "ChatGPT"),
+    ("I'm Claude, how can I help?", "Claude"),
+])
+def test_claims_next_to_questions_and_denials_are_still_found(text, claim):
+    assert claim in find_misidentification(text, *GEMMA), text

@@ -99,3 +99,29 @@ def test_redaction_keeps_text_without_pii_unchanged():
 def test_kinds_restrict_the_search():
     text = "a@b.org +1 415 555 2671"
     assert [s.kind for s in find_pii(text, kinds=["email"])] == ["email"]
+
+
+@pytest.mark.parametrize("text", [
+    "The final score was 102-98-112 after overtime.",
+    "Read pages 120-345-678 of the book.",
+    "Pages 1203-1345 cover the topic.",
+    "Results: 21-19-25-23-15",
+    "Released in 2019-2021-2023, then retired.",
+    "We won 110-102 and lost 98-101-103.",
+    "Season record 212-555-1234 wins",
+    "See figures 212-344-5678 for details",
+    "my driver's license number is 2270-66-1551",
+])
+def test_numbers_joined_by_dashes_outside_phone_contexts_are_not_phones(text):
+    assert "phone" not in [k for k, _ in kinds(text)], text
+
+
+@pytest.mark.parametrize("text", [
+    "Call me at 555-123-4567.",
+    "my number is 415-555-2671",
+    "reach the desk on 020 7946 0958",
+    "Office: +1-202-555-0143",
+    "dial 415-555-2671 tomorrow",
+])
+def test_phones_written_with_dashes_are_still_found(text):
+    assert "phone" in [k for k, _ in kinds(text)], text
