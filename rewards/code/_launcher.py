@@ -9,12 +9,37 @@ the standard library. The host writes one JSON job on stdin and closes it. The l
    the launcher, and every process of the namespace dies with ``init``),
 3. sets resource limits (soft = hard, so they cannot be raised back), ``no_new_privs``, drops
    to an unprivileged uid/gid when started as root,
-4. runs the untrusted program and its tests in the worker and streams one JSON line per event
-   to the result file descriptor.
+4. judges the program from outside it (below) and streams one JSON line per event to the
+   result file descriptor.
 
-Limitation (shared by every in-process harness): the program runs in the same interpreter as
-the harness, so a deliberately adversarial program can forge its own test results. The
-isolation protects the host; it does not make the pass/fail signal tamper-proof.
+Verdicts the program cannot forge. RL optimises whatever the reward lets through, so the
+verdict depends only on the program's behaviour:
+
+- The program runs in its own process, which holds nothing but stdin, stdout and stderr
+  (every other descriptor is closed before its first line runs), under its own uid, without
+  capabilities. Writing result messages anywhere reaches at most the captured stdout/stderr.
+- Assert-style tests run in a separate harness process, forked before the program's code
+  runs, under another uid (when started as root), not dumpable (so the program can neither
+  ptrace it, read its memory, nor open its descriptors through /proc). The harness holds the
+  result descriptor. Test code calls the program's functions through ``Remote`` proxies: the
+  arguments and the result cross the program's stdin (a socket) as plain data (None, bool,
+  int, float, str, bytes, list, tuple, dict, set, frozenset, nested) encoded as tagged JSON,
+  and the harness rebuilds them from builtin types. Nothing the program defines (a subclass,
+  an ``__eq__`` that always answers True) takes part in a comparison; a value that cannot
+  cross as plain data makes the test fail with a message saying so. Exceptions come back as
+  builtin exception types carrying the message.
+- The tests (and, for stdin/stdout cases, the expected outputs) travel in a separate file
+  that the launcher opens and unlinks before any program process exists; only the harness
+  reads it, after the program's process was forked. The program therefore never holds them,
+  not even in its memory (gc cannot find them).
+- Stdin/stdout cases run one fresh program process each, forked from a process that has not
+  read the expected outputs; the harness compares the captured output after every case ran.
+- Exits, atexit hooks, threads and background processes of the program, trace functions it
+  installs: they act in the program's process, which reports nothing. A program that ends
+  early only fails its remaining tests.
+
+What this rules out, by design: tests that rely on the program mutating an argument in
+place, on identity, or on objects of the program's classes (they fail, never pass).
 """
 
 import ctypes
