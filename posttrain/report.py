@@ -133,7 +133,7 @@ def curves_plot(stage: str, rows: list[dict]) -> str | None:
     keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and k not in ("step", "time", "epoch")})
     for key in keys:
         low = key.lower()
-        if low.endswith(("_ci_low", "_ci_high", "_n", "std", "faults", "skipped")):
+        if low.endswith(("_ci_low", "_ci_high", "_n", "std", "faults", "skipped")) or low.startswith(("time", "seconds")):
             continue  # spreads and counters: in the manifest, not worth a line
         for needle, title in CURVES:
             if needle in low:
