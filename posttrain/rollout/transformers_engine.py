@@ -113,8 +113,11 @@ class TransformersEngine(RolloutEngine):
             input_ids[i, width - len(r):] = torch.tensor(r)
             attention[i, width - len(r):] = 1
         device = self.device
+        # disable_compile: checkpoints whose generation_config asks for a static or hybrid cache (Gemma 3's
+        # do) would make transformers torch.compile the decoder on CUDA, and recompile it for every new
+        # batch or prompt shape; RL batches change shape every step. (TRL's GRPOTrainer does the same.)
         kwargs = dict(max_new_tokens=sampling.max_new_tokens, eos_token_id=stops, pad_token_id=pad,
-                      return_dict_in_generate=True, output_logits=sampling.logprobs)
+                      return_dict_in_generate=True, output_logits=sampling.logprobs, disable_compile=True)
         if sampling.greedy:
             kwargs.update(do_sample=False)
         else:
