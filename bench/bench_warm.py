@@ -30,9 +30,9 @@ RECIPE = ROOT / "recipes" / "warm.yaml"
 
 
 def accuracy_row(label: str, metrics: dict, members: int) -> dict:
-    accs = [metrics[f"member_{i}/eval_accuracy"] for i in range(1, members + 1)]
+    accs = [metrics[f"member_{i}/accuracy"] for i in range(1, members + 1)]
     return {"labels": label, "members": accs, "mean": sum(accs) / len(accs), "best": max(accs),
-            "average": metrics["average/eval_accuracy"], "ensemble": metrics["ensemble/eval_accuracy"]}
+            "average": metrics["average/accuracy"], "ensemble": metrics["ensemble/accuracy"]}
 
 
 def clean_label_members(manifests: dict, work: Path, seed: int) -> dict:

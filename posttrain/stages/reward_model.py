@@ -458,7 +458,8 @@ def run_reward_model(config: RewardModelStageConfig, ctx: StageContext) -> Stage
         write_json(stage_dir / "members" / MEMBERS_FILE,
                    {"members": member_dirs, "averaged": [i + 1 for i in chosen], "best_member": best + 1,
                     "eval_accuracy": accuracies})
-    summary.update({f"{p.name}/eval_accuracy": a for p, a in zip(plans, accuracies)})
+    if eval_pairs:  # held-out pairwise accuracy ("/accuracy": the run summary shows these)
+        summary.update({f"{p.name}/accuracy": a for p, a in zip(plans, accuracies)})
     summary.update({f"{p.name}/{k}": v for p, d in zip(plans, done) for k, v in d.get("train", {}).items()})
     summary.update({"averaged_members": [i + 1 for i in chosen], "best_member": best + 1})
     if eval_pairs:
@@ -467,10 +468,10 @@ def run_reward_model(config: RewardModelStageConfig, ctx: StageContext) -> Stage
         ens_c = [sum(done[i]["eval_chosen"][k] for i in chosen) / len(chosen) for k in range(len(eval_pairs))]
         ens_r = [sum(done[i]["eval_rejected"][k] for i in chosen) / len(chosen) for k in range(len(eval_pairs))]
         member_accs = [accuracies[i] for i in chosen]
-        summary.update({"average/eval_accuracy": pairwise_accuracy(r_c, r_r),
-                        "ensemble/eval_accuracy": pairwise_accuracy(ens_c, ens_r),
-                        "members/eval_accuracy_mean": sum(member_accs) / len(member_accs),
-                        "members/eval_accuracy_best": max(accuracies)})
+        summary.update({"average/accuracy": pairwise_accuracy(r_c, r_r),
+                        "ensemble/accuracy": pairwise_accuracy(ens_c, ens_r),
+                        "members/accuracy_mean": sum(member_accs) / len(member_accs),
+                        "members/accuracy_best": max(accuracies)})
     session.barrier()
     session.close()
     return StageResult(outputs={"model": str(average_dir), "members": str(stage_dir / "members"),

@@ -85,8 +85,8 @@ def test_members_really_differ_by_data_order_and_learning_rate(finished):
 def test_manifest_reports_members_average_and_ensemble(finished):
     _, manifest = finished
     m = manifest["metrics"]
-    for key in ("member_1/eval_accuracy", "member_2/eval_accuracy", "member_3/eval_accuracy",
-                "average/eval_accuracy", "ensemble/eval_accuracy", "members/eval_accuracy_mean"):
+    for key in ("member_1/accuracy", "member_2/accuracy", "member_3/accuracy",
+                "average/accuracy", "ensemble/accuracy", "members/accuracy_mean"):
         assert 0.0 <= m[key] <= 1.0, key
     assert set(manifest["outputs"]) == {"model", "members", "best_member"}
 
