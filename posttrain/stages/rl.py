@@ -1,6 +1,7 @@
-"""`rl`: REINFORCE with a leave-one-out baseline and a KL penalty to an EMA anchor (WARP, stage 1).
+"""`rl`: REINFORCE with a leave-one-out baseline and a KL penalty to an EMA anchor (WARP, stage 1),
+or J-BOND / BOND (`algorithm: jbond | bond`, ALGORITHMS.md section 3: see `_bond_step` below).
 
-Every step, written out in `run_rl` top to bottom (ALGORITHMS.md, section 4):
+Every step of `algorithm: rloo`, written out in `run_rl` top to bottom (ALGORITHMS.md, section 4):
 
     1. sample      a batch of prompts; n completions each from the rollout engine (temperature T)
     2. reward      r(x, y): the recipe's rewards, combined with weights (rewards.combine)
@@ -36,6 +37,8 @@ from posttrain.allocator import retain_freed_memory
 from posttrain.chat import ChatFormatError, tokenize_prompt
 from posttrain.data import DataError, iter_rows
 from posttrain.losses.token_logprobs import resolve_chunk_size
+from posttrain.losses.bond import (backward_rewards, better_sample_index, forward_nll_loss, jbond_rewards, jeffreys_loss,
+                                   leave_one_out_advantages, log_quantile_rewards, ties)
 from posttrain.losses.policy import Aggregation, kl_regularised_rewards, masked_sum, reinforce_loss, rloo_advantages
 from posttrain.modeling import load_causal_lm, load_tokenizer
 from posttrain.rollout import DriftMonitor, RolloutConfig, SamplingParams, create_engine, weights_for_engine
@@ -324,13 +327,17 @@ def run_rl(config: RLStageConfig, ctx: StageContext) -> StageResult:
     reward = CombinedReward(config.rewards, config.fault_policy, base_dir=str(recipe_dir) if recipe_dir else None)
     reward.warm_up()  # reward workers start while the engine loads
     engine = create_engine(config.model, config.rollout, device=session.device)
+    anchor_rollouts = AnchorRollouts(config, engine, session.device) if config.algorithm != "rloo" else None
     drift = DriftMonitor.from_config(config.rollout)
     summary: dict[str, Any] = {"prompts_dropped_too_long": dropped,
-                               **session.describe(config.prompts_per_step * config.num_generations, "sequences")}
+                               **session.describe(config.prompts_per_step * config.completions_per_prompt, "sequences")}
     record: dict[str, Any] = {}
+    tie_steps = []
     try:
         if start_step:
             engine.update_weights(weights_for_engine(policy))
+            if anchor_rollouts is not None:
+                anchor_rollouts.resume(anchor)
         with ctx.metrics(config.report_to) as metrics, ctx.progress(config.max_steps, "RL steps") as advance:
             advance(start_step)
             if eval_rows and start_step == 0:
@@ -338,8 +345,13 @@ def run_rl(config: RLStageConfig, ctx: StageContext) -> StageResult:
                 metrics.log(0, **before)
                 summary.update({k + "_before": v for k, v in before.items()})
             for step in range(start_step, config.max_steps):
-                record, nan_streak = _rl_step(step, config, ctx, session, engine, reward, drift, policy, anchor,
-                                              start_model, rows, prompt_ids, pad_id, nan_streak)
+                if config.algorithm == "rloo":
+                    record, nan_streak = _rl_step(step, config, ctx, session, engine, reward, drift, policy, anchor,
+                                                  start_model, rows, prompt_ids, pad_id, nan_streak)
+                else:
+                    record, nan_streak = _bond_step(step, config, ctx, session, engine, anchor_rollouts, reward, drift,
+                                                    policy, anchor, start_model, rows, prompt_ids, pad_id, nan_streak)
+                    tie_steps.append(record["ties/step"])
                 record["prompts_dropped_too_long"] = dropped
                 if config.eval_every and eval_rows and (step + 1) % config.eval_every == 0 and step + 1 < config.max_steps:
                     record.update(evaluate(engine, reward, eval_rows, eval_ids, config.max_new_tokens, session))
@@ -349,11 +361,15 @@ def run_rl(config: RLStageConfig, ctx: StageContext) -> StageResult:
                     save_checkpoint(session, stage_dir, step + 1, {"policy": policy, "anchor": anchor},
                                     {"nan_streak": nan_streak}, config.keep_checkpoints)
             summary.update({k: v for k, v in record.items() if not k.startswith("time/")} if config.max_steps > start_step else {})
+            if tie_steps:  # the share of this run's steps where the tie rule decided something
+                summary["ties/step_fraction"] = sum(tie_steps) / len(tie_steps)
             if eval_rows:
                 after = evaluate(engine, reward, eval_rows, eval_ids, config.max_new_tokens, session)
                 metrics.log(config.max_steps, **after)
                 summary.update({k + "_after": v for k, v in after.items()})
     finally:
+        if anchor_rollouts is not None:
+            anchor_rollouts.close()
         engine.close()
 
     out_dir = stage_dir / "model"
@@ -468,7 +484,7 @@ def policy_gradient_pass(config: RLStageConfig, session: TrainingSession, policy
         comp_ids = [c.token_ids for c in completions[mb]]
         score = functools.partial(score_completions, prompt_ids=seq_prompts[mb], completion_ids=comp_ids,
                                   temperature=config.temperature, pad_token_id=pad_id, group_size=group_size,
-                                  chunk_size=config.logprob_chunk_size)
+                                  chunk_size=_chunk_size(config, policy))
         with session.autocast():
             logp, mask, entropy = score(policy, with_entropy=True)
             with torch.no_grad():
@@ -495,6 +511,290 @@ def policy_gradient_pass(config: RLStageConfig, session: TrainingSession, policy
                   trainer_lp=[logp[i, :len(c.token_ids)].detach().cpu() for i, c in enumerate(completions[mb])]
                   if keep_logprobs else [])
     return stats, True
+
+
+# --- J-BOND and BOND (algorithm: jbond | bond) --------------------------------------------------
+#
+# Per step, on this rank's prompts (ALGORITHMS.md, section 3; posttrain.losses.bond):
+#
+#     1. sample      one completion per prompt from the policy; k from the EMA anchor (jbond: 2, bond: N)
+#     2. reward      all 1 + k completions of a prompt in one reward call
+#     3. score       without gradient: log pi, log pi_anchor (and log pi_start) of the policy sample,
+#                    its backward reward R = r_J - log(pi/pi_anchor) (bond: log p_le - log(pi/pi_anchor)/(N-1))
+#                    and the leave-one-out baseline over the whole batch (a sum over every rank)
+#     4. loss        (1 - jeffreys_beta) * NLL(best anchor sample) + jeffreys_beta * -(R - b) * log pi(y)
+#                    (+ kl_gamma * KL), one pass with gradient over [policy sample, best anchor sample]
+#     5-7.           step, anchor EMA and weight sync as for rloo
+#
+# Scoring the policy sample twice (3 without gradient, 4 with) is what makes the baseline exact:
+# it is the mean R of the *other* batch items, so every R must be known before the first backward,
+# and under a token budget or data parallelism those items sit in other micro-batches and ranks.
+
+
+class AnchorRollouts:
+    """Samples of the EMA anchor, on the policy's engine (anchor_rollout: swap) or on an engine of its own.
+
+    Measured with bench/bench_bond.py (tiny Gemma3, CPU, transformers and vLLM engines): a weight push
+    costs the same whichever engine receives it, and the anchor changes after every step, so either
+    way a step pushes two weight sets (swap: anchor in, policy back; engine: policy to one, anchor to
+    the other). A second engine adds its start-up (vLLM: seconds; it would also hold a second KV
+    cache) and gains nothing per step, so swap is the default. See the numbers in that script's header.
+    """
+
+    def __init__(self, config: "RLStageConfig", engine, device):
+        self.swap = config.anchor_rollout == "swap"
+        self.engine = engine if self.swap else create_engine(config.model, config.rollout, device=device)
+
+    def resume(self, anchor) -> None:
+        """After a resume the engines were built from the starting weights; a second engine takes the anchor's."""
+        if not self.swap:
+            self.engine.update_weights(weights_for_engine(anchor))
+
+    def generate(self, anchor, prompts, n: int, sampling: SamplingParams):
+        if self.swap:
+            self.engine.update_weights(weights_for_engine(anchor))
+        return self.engine.generate(prompts, n=n, sampling=sampling)
+
+    def sync(self, policy_engine, policy, anchor) -> None:
+        """After the step: the policy engine gets the new policy; a second engine the new anchor."""
+        policy_engine.update_weights(weights_for_engine(policy))
+        if not self.swap:
+            self.engine.update_weights(weights_for_engine(anchor))
+
+    def close(self) -> None:
+        if not self.swap:
+            self.engine.close()
+
+
+def anchor_sampling_seed(seed: int, step: int, rank: int = 0) -> int:
+    """The anchor's sampling seed for a step and rank, apart from the policy's (sampling_seed)."""
+    return random.Random(f"rl-anchor-sampling:{seed}:{step}:{rank}").randrange(2**31)
+
+
+def _bond_step(step, config: RLStageConfig, ctx, session: TrainingSession, engine, anchor_rollouts: AnchorRollouts,
+               reward: CombinedReward, drift, policy, anchor, start_model, rows, prompt_ids, pad_id,
+               nan_streak) -> tuple[dict, int]:
+    """One J-BOND / BOND iteration on this rank's share of the step; returns (metrics record, NaN streak)."""
+    k = config.anchor_samples
+    timer = _Timer()
+
+    # 1. Sample: one policy completion per prompt (the engine holds the policy), then k anchor completions.
+    batch_idx = session.shard(prompt_indices_for_step(len(rows), step, config.prompts_per_step, ctx.seed), "prompts_per_step")
+    batch_rows = [rows[i] for i in batch_idx]
+    batch_prompts = [prompt_ids[i] for i in batch_idx]
+    check_drift = step % config.rollout.drift_check_every == 0
+    sampling = SamplingParams(temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,
+                              seed=sampling_seed(ctx.seed, step, session.rank),
+                              logprobs=check_drift or config.importance_clip is not None)
+    with timer("generate"):
+        policy_samples = [g[0] for g in engine.generate(batch_prompts, n=1, sampling=sampling)]
+    with timer("generate_anchor"):
+        anchor_sampling = sampling.model_copy(update={"seed": anchor_sampling_seed(ctx.seed, step, session.rank),
+                                                      "logprobs": False})
+        anchor_groups = anchor_rollouts.generate(anchor, batch_prompts, k, anchor_sampling)
+
+    # 2. Reward: per prompt [policy sample, anchor samples...], one call.
+    with timer("reward"):
+        texts = [c.text for p, group in zip(policy_samples, anchor_groups) for c in [p, *group]]
+        scored = reward.compute([r["prompt"] for r in batch_rows for _ in range(1 + k)], texts,
+                                columns_from_rows(batch_rows, 1 + k))
+
+    # 3-4. Score, losses, backward; the engine sleeps meanwhile when asked to.
+    with timer("train"), engine_asleep(engine, config.rollout.enable_sleep_mode):
+        stats, finite = bond_gradient_pass(config, session, policy, anchor, start_model, batch_prompts, policy_samples,
+                                           anchor_groups, scored.rewards, pad_id, keep_logprobs=check_drift)
+        finite = session.all_sum(0.0 if finite else 1.0) == 0
+        result = session.step(config.max_grad_norm) if finite else None
+        if not finite:
+            session.zero_grad()
+    local = _local_step_values(_policy_part(scored, 1 + k), policy_samples)
+    tie_metrics = {"ties/prompt_fraction": session.all_sum(stats.ties) / max(1.0, session.all_sum(stats.prompts))}
+    tie_metrics["ties/step"] = float(tie_metrics["ties/prompt_fraction"] > 0)
+    if result is None or not result.finite:
+        if anchor_rollouts.swap:  # the engine holds the anchor's weights; the next samples are the policy's
+            engine.update_weights(weights_for_engine(policy))
+        nan_streak += 1
+        log.warning("step %d: non-finite loss or gradient; skipped the update (%d in a row, limit %d)",
+                    step + 1, nan_streak, config.max_nan_steps)
+        if nan_streak >= config.max_nan_steps:
+            raise StageError(f"rl: {nan_streak} steps in a row had a non-finite loss or gradient (max_nan_steps="
+                             f"{config.max_nan_steps}); check the rewards for NaN/inf and lower learning_rate")
+        return {"skipped_nonfinite": 1, "nan_streak": nan_streak, **tie_metrics,
+                **_reward_metrics(session, local)}, nan_streak
+    nan_streak = 0
+
+    # 5. Anchor EMA (identical on every rank, as for rloo), then 6. both weight sets to their engines.
+    with timer("anchor"):
+        ema_update_(anchor, {kname: v.to(anchor.device) for kname, v in weights_for_engine(policy)}, config.anchor_ema)
+    with timer("sync"):
+        anchor_rollouts.sync(engine, policy, anchor)
+
+    drift_metrics = drift.check(stats.engine_lp, stats.trainer_lp, step=step + 1) if check_drift else {}
+    anchor_rewards = [v for i, v in enumerate(scored.rewards) if i % (1 + k)]
+    record = {
+        **_reward_metrics(session, local),
+        "reward_anchor/mean": _mean(session.gather_lists(anchor_rewards)),
+        "backward_reward/mean": _mean(session.gather_lists(stats.backward_reward)),
+        "loss": session.all_sum(stats.loss), "loss/forward": session.all_sum(stats.forward),
+        "loss/backward": session.all_sum(stats.backward), "grad_norm": result.grad_norm, "lr": session.learning_rate,
+        "kl_anchor": _mean(session.gather_lists(stats.kl_anchor)), "kl_start": _mean(session.gather_lists(stats.kl_start)),
+        "entropy": session.all_sum(stats.entropy_sum) / max(1.0, session.all_sum(stats.entropy_count)),
+        **tie_metrics, "micro_batches": stats.micro_batches, **drift_metrics, "skipped_nonfinite": 0,
+    }
+    if config.kl_gamma:
+        record["loss/kl"] = session.all_sum(stats.kl_term)
+    record.update(timer.report())
+    return record, nan_streak
+
+
+def _policy_part(scored, per_prompt: int):
+    """The reward batch restricted to the policy samples (the first of every prompt's completions)."""
+    from types import SimpleNamespace
+
+    keep = range(0, len(scored.rewards), per_prompt)
+    return SimpleNamespace(rewards=[scored.rewards[i] for i in keep],
+                           skipped=[scored.skipped[i] for i in keep],
+                           per_reward={name: [v[i] for i in keep] for name, v in scored.per_reward.items()},
+                           faults=scored.faults)
+
+
+def bond_gradient_pass(config: RLStageConfig, session: TrainingSession, policy, anchor, start_model,
+                       batch_prompts: list[list[int]], policy_samples, anchor_groups, rewards: list, pad_id: int,
+                       keep_logprobs: bool = False) -> tuple["_BondStats", bool]:
+    """Steps 3-4 of J-BOND / BOND on this rank's prompts: accumulate the gradient of this rank's share
+    of (1 - jeffreys_beta) * forward + jeffreys_beta * backward (+ kl_gamma * KL).
+
+    rewards: per prompt [policy sample, k anchor samples], flat; a None anywhere (a skipped reward)
+    leaves the whole prompt out. Every normaliser (token or sequence counts, the baseline's sum and
+    count) is summed over the ranks, so the ranks' gradients add up to the single-process one.
+    """
+    k = config.anchor_samples
+    per_prompt = 1 + k
+    num = len(batch_prompts)
+    valid = torch.tensor([all(v is not None for v in rewards[i * per_prompt:(i + 1) * per_prompt]) for i in range(num)],
+                         dtype=torch.bool)
+    r = torch.tensor([0.0 if v is None else float(v) for v in rewards], dtype=torch.float32).view(num, per_prompt)
+    policy_r, anchor_r = r[:, 0], r[:, 1:]
+    if config.algorithm == "jbond":
+        quantile_reward, kl_coef = jbond_rewards(policy_r, anchor_r), 1.0
+    else:
+        quantile_reward, kl_coef = log_quantile_rewards(policy_r, anchor_r), 1.0 / (k - 1)
+    best = better_sample_index(anchor_r)
+    targets = [anchor_groups[i][int(best[i])] for i in range(num)]
+    stats = _BondStats()
+    stats.ties = float((ties(policy_r, anchor_r) & valid).sum())
+    stats.prompts = float(valid.sum())
+    group_size = 1 if config.gradient_checkpointing else None  # None: share each prompt over its rows
+
+    def micro_batches(sizes: list[int], group: int) -> list[slice]:
+        if config.max_tokens_per_microbatch is not None:
+            return token_budget_batches(sizes, config.max_tokens_per_microbatch, group_size=group)
+        prompts_per_mb = max(1, num // config.grad_accum)
+        return [slice(s * group, (s + prompts_per_mb) * group) for s in range(0, num, prompts_per_mb)]
+
+    def scorer(prompts, completions, group):
+        return functools.partial(score_completions, prompt_ids=prompts, completion_ids=[c.token_ids for c in completions],
+                                 temperature=config.temperature, pad_token_id=pad_id,
+                                 group_size=group if group_size is None else group_size,
+                                 chunk_size=_chunk_size(config, policy))
+
+    # 3. Without gradient: the policy sample's log-probabilities under the policy, anchor and start model.
+    logp_sum, anchor_sum, start_sum = torch.zeros(num), torch.zeros(num), torch.zeros(num)
+    sizes = [len(p) + len(c.token_ids) for p, c in zip(batch_prompts, policy_samples)]
+    for mb in micro_batches(sizes, 1):
+        score = scorer(batch_prompts[mb], policy_samples[mb], 1)
+        with torch.no_grad(), session.autocast():
+            logp, mask, entropy = score(policy, with_entropy=True)
+            logp_sum[mb] = masked_sum(logp, mask).float().cpu()
+            anchor_sum[mb] = masked_sum(score(anchor)[0].to(logp.device), mask).float().cpu()
+            if start_model is not None:
+                start_sum[mb] = masked_sum(score(start_model)[0].to(logp.device), mask).float().cpu()
+        ok = valid[mb].to(mask.device)
+        stats.entropy_sum += float((entropy.sum(dim=-1) * ok).sum())
+        stats.entropy_count += float((mask.sum(dim=-1) * ok).sum())
+        if keep_logprobs:
+            stats.engine_lp += [c.logprobs for c in policy_samples[mb]]
+            stats.trainer_lp += [logp[i, :len(c.token_ids)].cpu() for i, c in enumerate(policy_samples[mb])]
+    if start_model is None:
+        start_sum = anchor_sum
+    big_r = backward_rewards(quantile_reward, logp_sum, anchor_sum, kl_coef)
+    if config.baseline == "rloo":
+        advantages = leave_one_out_advantages(big_r, valid, session.all_sum(float(big_r[valid].sum())),
+                                              session.all_sum(float(valid.sum())))
+    else:
+        advantages = torch.where(valid, big_r, torch.zeros_like(big_r))
+    log_ratio = logp_sum - anchor_sum
+    stats.kl_anchor = log_ratio[valid].tolist()
+    stats.kl_start = (logp_sum - start_sum)[valid].tolist()
+    stats.backward_reward = quantile_reward[valid].tolist()
+
+    # 4. With gradient: [policy sample, best anchor sample] of each prompt, sharing the prompt's pass.
+    #    A term whose weight is 0 is not scored (jeffreys_beta 1: backward only; 0 with kl_gamma 0: forward only).
+    use_policy = config.jeffreys_beta > 0 or config.kl_gamma > 0
+    use_target = config.jeffreys_beta < 1
+    kinds = ["policy"] * use_policy + ["target"] * use_target
+    per = len(kinds)
+    seq_prompts = [p for p in batch_prompts for _ in kinds]
+    seqs = [policy_samples[i] if kind == "policy" else targets[i] for i in range(num) for kind in kinds]
+    weight = valid.float()
+    counts = {kind: [len(seqs[i * per + j].token_ids) * float(weight[i]) for i in range(num)]
+              for j, kind in enumerate(kinds)}
+    normalizer = {kind: max(1.0, session.all_sum(sum(c))) if config.loss_aggregation == "token_mean"
+                  else max(1.0, session.all_sum(float(weight.sum()))) for kind, c in counts.items()}
+    mbs = micro_batches([len(p) + len(c.token_ids) for p, c in zip(seq_prompts, seqs)], per)
+    stats.micro_batches = len(mbs)
+    for mb in mbs:
+        rows_mb = range(mb.start // per, min(num, mb.stop // per))
+        score = scorer(seq_prompts[mb], seqs[mb], per)
+        with session.autocast():
+            logp, mask, _ = score(policy)
+        ok = weight[rows_mb.start:rows_mb.stop].to(logp.device)[:, None]
+        zero = logp.sum() * 0.0
+        forward = backward = kl_term = zero
+        if use_policy:
+            j = kinds.index("policy")
+            lp, m = logp[j::per], mask[j::per] * ok
+            adv = advantages[rows_mb.start:rows_mb.stop].to(logp.device)
+            old = (_pad_engine_logprobs([policy_samples[i] for i in rows_mb], mask[j::per])
+                   if config.importance_clip is not None else None)
+            backward = reinforce_loss(lp, adv, m, old_logprobs=old, clip=config.importance_clip,
+                                      aggregation=config.loss_aggregation, normalizer=normalizer["policy"])
+            if config.kl_gamma:
+                # Score-function gradient of KL(pi || pi_anchor): E[log(pi/pi_anchor) * grad log pi].
+                ratio = log_ratio[rows_mb.start:rows_mb.stop].to(logp.device)
+                kl_term = reinforce_loss(lp, -ratio, m, aggregation=config.loss_aggregation,
+                                         normalizer=normalizer["policy"])
+        if use_target:
+            j = kinds.index("target")
+            forward = forward_nll_loss(logp[j::per], mask[j::per] * ok, config.loss_aggregation,
+                                       normalizer=normalizer["target"])
+        loss = jeffreys_loss(forward, backward, config.jeffreys_beta, kl_term, config.kl_gamma)
+        if not torch.isfinite(loss):
+            return stats, False
+        loss.backward()
+        stats.loss += loss.item()
+        stats.forward += forward.item()
+        stats.backward += backward.item()
+        stats.kl_term += kl_term.item()
+    return stats, True
+
+
+class _BondStats:
+    """A J-BOND / BOND step's statistics, over its micro-batches."""
+
+    def __init__(self):
+        self.loss = self.forward = self.backward = self.kl_term = 0.0
+        self.kl_anchor, self.kl_start, self.backward_reward = [], [], []
+        self.entropy_sum = self.entropy_count = 0.0
+        self.engine_lp, self.trainer_lp = [], []
+        self.ties = self.prompts = 0.0
+        self.micro_batches = 0
+
+
+def _chunk_size(config: RLStageConfig, policy) -> int | None:
+    """logprob_chunk_size with "auto" resolved for the policy's vocabulary (run_rl resolves it once;
+    the passes resolve it again so callers that build a config themselves get the same numbers)."""
+    return resolve_chunk_size(config.logprob_chunk_size, policy.get_output_embeddings().weight.shape[0])
 
 
 def _local_step_values(scored, completions) -> dict:
