@@ -14,6 +14,7 @@ conversation, never from `ids != pad_id`).
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -325,21 +326,6 @@ def load_eval_rows(path: str, limit: int) -> list[dict]:
     return rows
 
 
-def toy_correct(engine, rows: list[dict], reward_name: str, max_new_tokens: int) -> list[int]:
-    """1 for each greedy answer the reward scores above 0.5, else 0."""
-    from posttrain.rollout import SamplingParams
-    from rewards.registry import load_reward
-
-    if not rows:
-        return []
-    reward_fn = load_reward(reward_name)
-    groups = engine.generate([r["prompt"] for r in rows], n=1, sampling=SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens))
-    completions = [g[0].text for g in groups]
-    columns = {k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"}
-    scores = reward_fn(prompts=[r["prompt"] for r in rows], completions=completions, **columns)
-    return [int(s is not None and s > 0.5) for s in scores]
-
-
 @torch.no_grad()
 def kl_on_student_samples(engine, student, teacher, prompt_ids: list[list[int]], pad_id: int, temperature: float,
                           max_new_tokens: int, seed: int, chunk_size: int | None, batch_size: int = 16,
@@ -405,8 +391,10 @@ def _to_device(logits, device: torch.device):
 @register_stage("distill", DistillStageConfig, outputs=("model",), distributed=True)
 def run_distill(cfg: DistillStageConfig, ctx: StageContext) -> StageResult:
     """On-policy distillation from a teacher (GKD, Gemma 3 sampled-logit targets, offline teacher cache)."""
+    from posttrain.evaluation import evaluate_prompts
     from posttrain.modeling import load_causal_lm, load_policy, load_tokenizer
     from posttrain.rollout import DriftMonitor, SamplingParams, create_engine, weights_for_engine
+    from rewards.combine import CombinedReward
     from posttrain.teacher_cache import TeacherCache, TeacherCacheError, scatter_targets, tokenizer_fingerprint
 
     retain_freed_memory()  # see posttrain.allocator: steps stop page-faulting their activations
@@ -467,14 +455,22 @@ def run_distill(cfg: DistillStageConfig, ctx: StageContext) -> StageResult:
     eval_rows = load_eval_rows(cfg.eval_dataset, cfg.eval_limit) if cfg.eval_dataset else []
     eval_prompt_ids = [tokenize_prompt(tokenizer, r["prompt"]) for r in eval_rows]
 
+    eval_scorer = CombinedReward([{"name": cfg.eval_reward}]) if eval_rows else None
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=cfg.max_new_tokens)
+    correct_above = math.nextafter(0.5, 1.0)  # a greedy answer counts as correct when its reward is above 0.5
+
     def evaluate(tag: str) -> None:
-        # Each rank answers every W-th held-out prompt; the figures are gathered over all of them.
+        # posttrain.evaluation: each rank answers every W-th held-out prompt; the figures (with their
+        # 95% intervals) are gathered over all of them.
         student.eval()
-        mine = slice(session.rank, None, session.world_size)
-        correct = toy_correct(engine, eval_rows[mine], cfg.eval_reward, cfg.max_new_tokens)
-        correct = session.gather_lists(correct)
-        summary[f"accuracy_{tag}"] = sum(correct) / max(1, len(correct))
+        result = evaluate_prompts(engine, eval_rows, task="reward", scorer=eval_scorer, sampling=greedy,
+                                  success_threshold=correct_above, rank=session.rank, world_size=session.world_size,
+                                  gather=session.gather_lists)
+        accuracy = result.metrics["accuracy"]
+        summary[f"accuracy_{tag}"] = accuracy.value
+        summary[f"accuracy_{tag}_ci_low"], summary[f"accuracy_{tag}_ci_high"] = accuracy.low, accuracy.high
         if teacher is not None:
+            mine = slice(session.rank, None, session.world_size)
             kls = kl_on_student_samples(engine, student, teacher, eval_prompt_ids[mine], pad_id, cfg.temperature,
                                         cfg.max_new_tokens, ctx.seed, cfg.chunk_size, width=width)
             tokens = session.all_sum(kls.pop("tokens"))
@@ -486,8 +482,9 @@ def run_distill(cfg: DistillStageConfig, ctx: StageContext) -> StageResult:
         evaluate("before")
         if cfg.eval_teacher and cfg.teacher is not None and session.is_main:
             with create_engine(cfg.teacher, cfg.rollout, device=session.device) as teacher_engine:
-                correct = toy_correct(teacher_engine, eval_rows, cfg.eval_reward, cfg.max_new_tokens)
-                summary["accuracy_teacher"] = sum(correct) / max(1, len(correct))
+                result = evaluate_prompts(teacher_engine, eval_rows, task="reward", scorer=eval_scorer,
+                                          sampling=greedy, success_threshold=correct_above)
+                summary["accuracy_teacher"] = result.metrics["accuracy"].value
 
     sampling = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
     on_policy_steps = 0
