@@ -21,12 +21,11 @@ hold at this scale, the summary says so (it does not assert).
     python bench/bench_bond.py                              # all parts, transformers engine
     python bench/bench_bond.py --parts cost,anchor --engines transformers,vllm
 
-Measured on a 2-core CPU box (tiny Gemma3 hidden 128 / 2 layers, 8 prompts per step, 8 new
-tokens; numbers from one run of this script, see the README's BOND section for the latest):
-the anchor's weight push is the same whichever engine receives it, and the anchor moves every
-step, so swap and a second engine both push two weight sets per step and run at the same
-per-step time within noise; the second engine costs its start-up (transformers ~0.3 s, vLLM
-~5-10 s on the CPU) and a second copy of the weights and KV cache. Hence `anchor_rollout: swap`.
+Why `anchor_rollout: swap` is the default: the anchor moves after every step (EMA), so both
+ways push two weight sets per step (swap: anchor in, policy back; engine: policy to one engine,
+anchor to the other) and generate the same samples; a second engine adds its start-up and a
+second copy of the weights and KV cache. The `anchor` part measures both; numbers in the
+README's BOND section.
 """
 
 from __future__ import annotations

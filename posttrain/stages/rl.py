@@ -534,11 +534,11 @@ def policy_gradient_pass(config: RLStageConfig, session: TrainingSession, policy
 class AnchorRollouts:
     """Samples of the EMA anchor, on the policy's engine (anchor_rollout: swap) or on an engine of its own.
 
-    Measured with bench/bench_bond.py (tiny Gemma3, CPU, transformers and vLLM engines): a weight push
-    costs the same whichever engine receives it, and the anchor changes after every step, so either
-    way a step pushes two weight sets (swap: anchor in, policy back; engine: policy to one, anchor to
-    the other). A second engine adds its start-up (vLLM: seconds; it would also hold a second KV
-    cache) and gains nothing per step, so swap is the default. See the numbers in that script's header.
+    The anchor changes after every step (EMA), so either way a step pushes two weight sets (swap:
+    anchor in, policy back; engine: policy to one engine, anchor to the other) and generates the
+    same samples; a second engine adds its start-up and a second copy of weights and KV cache.
+    Measured with bench/bench_bond.py --parts anchor (numbers in the README's BOND section), swap
+    is the default.
     """
 
     def __init__(self, config: "RLStageConfig", engine, device):
