@@ -54,6 +54,14 @@ class ToyDatasetSpec(_Strict):
     format: Literal["chat", "prompt", "preference"] = Field("chat", description="Row format.")
     seed: int | None = Field(None, description="Defaults to the recipe seed.")
     mix: dict[str, float] | None = Field(None, description="Task weights when task is 'mix'.")
+    flip_rate: float = Field(0.0, ge=0, le=1, description="Preference rows: the fraction whose chosen and rejected "
+                             "are swapped (label noise; the toy world still knows the true preference).")
+
+    @model_validator(mode="after")
+    def _flip_only_for_preferences(self):
+        if self.flip_rate and self.format != "preference":
+            raise ValueError(f"flip_rate: only preference rows have labels to flip (format is {self.format!r})")
+        return self
 
 
 class ToyDirtySpec(_Strict):
