@@ -239,7 +239,8 @@ def evaluate_prompts(engine, rows: Sequence[dict], *, sampling, samples: int = 1
         groups = engine.generate([inputs[i] for i in mine], n=samples, sampling=sampling)
         flat_rows = [rows[i] for i, g in zip(mine, groups) for _ in g]
         completions = [c for g in groups for c in g]
-        batch = scorer.compute([r["prompt"] for r in flat_rows], [c.text for c in completions], columns_from_rows(flat_rows))
+        batch = scorer.compute([r["prompt"] for r in flat_rows], [c.text for c in completions], columns_from_rows(flat_rows),
+                               completion_ids=[c.token_ids for c in completions])
         flags = safety.flags([c.text for c in completions]) if safety is not None else {}
         pos = 0
         for i, group in zip(mine, groups):

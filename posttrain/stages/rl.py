@@ -236,26 +236,19 @@ def sampling_seed(seed: int, step: int, rank: int = 0) -> int:
 
 def evaluate(engine, reward: CombinedReward, rows: list[dict], prompt_ids: list[list[int]], max_new_tokens: int,
              session: TrainingSession | None = None) -> dict:
-    """Greedy completions of held-out prompts, scored with the training rewards (e.g. accuracy for math).
+    """Greedy completions of held-out prompts, scored with the training rewards (e.g. accuracy for math),
+    through posttrain.evaluation: each rank answers every W-th prompt and the records are gathered,
+    so the figures (with 95% intervals) cover the whole held-out set whatever the number of ranks."""
+    from posttrain.evaluation import evaluate_prompts
 
-    Under data parallelism each rank answers every W-th prompt and the scores are gathered, so the
-    figures are over the whole held-out set whatever the number of ranks.
-    """
     rank, world = (session.rank, session.world_size) if session is not None else (0, 1)
-    rows, prompt_ids = rows[rank::world], prompt_ids[rank::world]
-    per_reward: dict[str, list] = {}
-    totals: list = []
-    if rows:
-        groups = engine.generate(prompt_ids, n=1, sampling=SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens))
-        batch = reward.compute([r["prompt"] for r in rows], [g[0].text for g in groups], columns_from_rows(rows))
-        totals, per_reward = list(batch.rewards), {k: list(v) for k, v in batch.per_reward.items()}
-    if session is not None:
-        totals = session.gather_lists(totals)
-        names = sorted(set(session.gather_lists(list(per_reward))))
-        per_reward = {name: session.gather_lists(per_reward.get(name, [])) for name in names}
-    out = {"eval/reward": _mean(totals)}
-    for name, values in per_reward.items():
-        out[f"eval/{name}"] = _mean(values)
+    result = evaluate_prompts(engine, rows, task="reward", scorer=reward, prompt_inputs=prompt_ids,
+                              sampling=SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens),
+                              rank=rank, world_size=world, gather=session.gather_lists if session is not None else None)
+    out = {"eval/reward": result.metrics["mean_reward"].value}
+    for name in sorted({n for record in result.records for n in record.get("per_reward", {})}):
+        out[f"eval/{name}"] = result.metrics.get(f"reward/{name}", result.metrics["mean_reward"]).value
+    out.update(result.flat("eval/"))  # eval/accuracy, eval/stop_rate, ... with _ci_low, _ci_high, _n
     return out
 
 
@@ -405,7 +398,7 @@ def _rl_step(step, config: RLStageConfig, ctx, session: TrainingSession, engine,
     # 2. Reward: every reward function on every completion, combined with the recipe's weights.
     with timer("reward"):
         scored = reward.compute([r["prompt"] for r in batch_rows for _ in range(n)], [c.text for c in completions],
-                                columns_from_rows(batch_rows, n))
+                                columns_from_rows(batch_rows, n), completion_ids=[c.token_ids for c in completions])
 
     # 3-5. Forward, advantages, loss and backward; the engine sleeps meanwhile when asked to.
     with timer("train"), engine_asleep(engine, config.rollout.enable_sleep_mode):
@@ -595,9 +588,9 @@ def _bond_step(step, config: RLStageConfig, ctx, session: TrainingSession, engin
 
     # 2. Reward: per prompt [policy sample, anchor samples...], one call.
     with timer("reward"):
-        texts = [c.text for p, group in zip(policy_samples, anchor_groups) for c in [p, *group]]
-        scored = reward.compute([r["prompt"] for r in batch_rows for _ in range(1 + k)], texts,
-                                columns_from_rows(batch_rows, 1 + k))
+        samples = [c for p, group in zip(policy_samples, anchor_groups) for c in [p, *group]]
+        scored = reward.compute([r["prompt"] for r in batch_rows for _ in range(1 + k)], [c.text for c in samples],
+                                columns_from_rows(batch_rows, 1 + k), completion_ids=[c.token_ids for c in samples])
 
     # 3-4. Score, losses, backward; the engine sleeps meanwhile when asked to.
     with timer("train"), engine_asleep(engine, config.rollout.enable_sleep_mode):
