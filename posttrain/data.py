@@ -203,3 +203,33 @@ def materialize_dataset(source: str, options: dict[str, Any], out: str | Path, w
         raise DataError(f"{where}: no rows left from {source!r}" + (" after the filter" if row_filter else ""))
     write_json(marker, spec)
     return fingerprint
+
+
+def load_prompts(path: str, tokenizer, max_prompt_tokens: int) -> tuple[list[dict], list[list[int]], int]:
+    """Prompt rows for RL-style loops: (rows, prompt token ids, number dropped as too long).
+
+    Rows keep every column for the rewards; `prompt` is text or messages, tokenised in the Gemma IT
+    format (posttrain.chat). A row without a prompt is an error naming its file and line.
+    """
+    import logging
+
+    from posttrain.chat import ChatFormatError, tokenize_prompt
+
+    rows, ids, too_long = [], [], 0
+    for where, row in iter_rows(path):
+        if "prompt" not in row:
+            raise DataError(f"{where}: expected a 'prompt' (text or messages) for RL; the row has {sorted(row)}")
+        try:
+            prompt_ids = tokenize_prompt(tokenizer, row["prompt"], where=f"{where}: prompt")
+        except ChatFormatError as e:
+            raise DataError(str(e)) from None
+        if len(prompt_ids) > max_prompt_tokens:
+            too_long += 1
+            continue
+        rows.append(row)
+        ids.append(prompt_ids)
+    if not rows:
+        raise DataError(f"{path}: no usable prompt ({too_long} longer than max_prompt_tokens={max_prompt_tokens})")
+    if too_long:
+        logging.getLogger(__name__).warning("%s: dropped %d prompts longer than max_prompt_tokens=%d", path, too_long, max_prompt_tokens)
+    return rows, ids, too_long

@@ -351,3 +351,21 @@ def side_by_side(prompts: Sequence, completions_a: Sequence, completions_b: Sequ
     wins, ties = sum(o == 1.0 for o in outcomes), sum(o == 0.5 for o in outcomes)
     return {"win_rate": mean(outcomes), "wins": proportion(wins, n), "ties": proportion(ties, n),
             "losses": proportion(n - wins - ties, n)}
+
+
+def evaluate_with_rewards(engine, reward, rows: list[dict], prompt_ids: list[list[int]], max_new_tokens: int,
+                          session=None) -> dict:
+    """Greedy completions of held-out prompts, scored with a training loop's rewards (a CombinedReward;
+    e.g. accuracy for math), as `eval/...` metrics; `session` is the loop's posttrain.training.TrainingSession: each rank answers every W-th prompt and the records are gathered,
+    so the figures (with 95% intervals) cover the whole held-out set whatever the number of ranks."""
+    from posttrain.rollout import SamplingParams
+
+    rank, world = (session.rank, session.world_size) if session is not None else (0, 1)
+    result = evaluate_prompts(engine, rows, task="reward", scorer=reward, prompt_inputs=prompt_ids,
+                              sampling=SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens),
+                              rank=rank, world_size=world, gather=session.gather_lists if session is not None else None)
+    out = {"eval/reward": result.metrics["mean_reward"].value}
+    for name in sorted({n for record in result.records for n in record.get("per_reward", {})}):
+        out[f"eval/{name}"] = result.metrics.get(f"reward/{name}", result.metrics["mean_reward"]).value
+    out.update(result.flat("eval/"))  # eval/accuracy, eval/stop_rate, ... with _ci_low, _ci_high, _n
+    return out

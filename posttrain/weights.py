@@ -444,3 +444,16 @@ def merge_checkpoints(init_dir: str | Path | None, model_dirs: Sequence[str | Pa
         if f.is_file() and not f.name.endswith(_NOT_COPIED) and not f.name.startswith("."):
             shutil.copy2(f, out_dir / f.name)
     return stats.report() if stats is not None else {}
+
+
+def flat_task_vector_metrics(report: dict[str, dict]) -> dict[str, float]:
+    """The statistics as flat manifest metrics: task_vectors/<group>/{angle_deg,cosine,norm_m}."""
+    out: dict[str, float] = {}
+    for group, values in report.items():
+        prefix = "task_vectors" if group == "all" else f"task_vectors/{group}"
+        if values["angle_deg"] is not None:
+            out[f"{prefix}/angle_deg"] = values["angle_deg"]
+            out[f"{prefix}/cosine"] = values["cosine"]
+        for m, norm in enumerate(values["norms"]):
+            out[f"{prefix}/norm_{m}"] = norm
+    return out

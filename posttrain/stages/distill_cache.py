@@ -14,7 +14,7 @@ import torch
 from pydantic import Field
 
 from posttrain.stages.base import StageConfig, StageContext, StageError, StageResult, register_stage
-from posttrain.stages.distill import check_same_tokenizer, load_distill_rows, logit_mask, pad_batch
+from posttrain.sequences import check_same_tokenizer, load_distill_rows, logit_mask, pad_batch
 
 
 class DistillCacheStageConfig(StageConfig):

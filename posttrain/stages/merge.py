@@ -18,7 +18,7 @@ from pydantic import Field, model_validator
 
 from posttrain.data import write_json
 from posttrain.stages.base import StageConfig, StageContext, StageResult, register_stage
-from posttrain.weights import merge_checkpoints
+from posttrain.weights import flat_task_vector_metrics, merge_checkpoints
 
 
 class MergeStageConfig(StageConfig):
@@ -46,19 +46,6 @@ class MergeStageConfig(StageConfig):
         if self.init is None and self.eta < 1.0:
             raise ValueError(f"init: LITI with eta={self.eta} interpolates towards init; name the common start model")
         return self
-
-
-def flat_task_vector_metrics(report: dict[str, dict]) -> dict[str, float]:
-    """The statistics as flat manifest metrics: task_vectors/<group>/{angle_deg,cosine,norm_m}."""
-    out: dict[str, float] = {}
-    for group, values in report.items():
-        prefix = "task_vectors" if group == "all" else f"task_vectors/{group}"
-        if values["angle_deg"] is not None:
-            out[f"{prefix}/angle_deg"] = values["angle_deg"]
-            out[f"{prefix}/cosine"] = values["cosine"]
-        for m, norm in enumerate(values["norms"]):
-            out[f"{prefix}/norm_{m}"] = norm
-    return out
 
 
 @register_stage("merge", MergeStageConfig, outputs=("model",))

@@ -34,8 +34,8 @@ import torch
 from pydantic import Field, model_validator
 
 from posttrain.allocator import retain_freed_memory
-from posttrain.chat import ChatFormatError, tokenize_prompt
-from posttrain.data import DataError, iter_rows
+from posttrain.evaluation import evaluate_with_rewards
+from posttrain.data import load_prompts
 from posttrain.losses.token_logprobs import resolve_chunk_size
 from posttrain.losses.bond import (backward_rewards, better_sample_index, forward_nll_loss, jbond_rewards, jeffreys_loss,
                                    leave_one_out_advantages, log_quantile_rewards, ties)
@@ -186,28 +186,6 @@ class RLStageConfig(StageConfig):
 
 # --- data ---------------------------------------------------------------------------------------
 
-def load_prompts(path: str, tokenizer, max_prompt_tokens: int) -> tuple[list[dict], list[list[int]], int]:
-    """(rows, prompt token ids, number dropped as too long). Rows keep every column for the rewards."""
-    rows, ids, too_long = [], [], 0
-    for where, row in iter_rows(path):
-        if "prompt" not in row:
-            raise DataError(f"{where}: expected a 'prompt' (text or messages) for RL; the row has {sorted(row)}")
-        try:
-            prompt_ids = tokenize_prompt(tokenizer, row["prompt"], where=f"{where}: prompt")
-        except ChatFormatError as e:
-            raise DataError(str(e)) from None
-        if len(prompt_ids) > max_prompt_tokens:
-            too_long += 1
-            continue
-        rows.append(row)
-        ids.append(prompt_ids)
-    if not rows:
-        raise DataError(f"{path}: no usable prompt ({too_long} longer than max_prompt_tokens={max_prompt_tokens})")
-    if too_long:
-        log.warning("%s: dropped %d prompts longer than max_prompt_tokens=%d", path, too_long, max_prompt_tokens)
-    return rows, ids, too_long
-
-
 @functools.lru_cache(maxsize=4)
 def _epoch_order(num_rows: int, seed: int, epoch: int) -> tuple[int, ...]:
     order = list(range(num_rows))
@@ -233,24 +211,6 @@ def sampling_seed(seed: int, step: int, rank: int = 0) -> int:
 
 
 # --- evaluation ---------------------------------------------------------------------------------
-
-def evaluate(engine, reward: CombinedReward, rows: list[dict], prompt_ids: list[list[int]], max_new_tokens: int,
-             session: TrainingSession | None = None) -> dict:
-    """Greedy completions of held-out prompts, scored with the training rewards (e.g. accuracy for math),
-    through posttrain.evaluation: each rank answers every W-th prompt and the records are gathered,
-    so the figures (with 95% intervals) cover the whole held-out set whatever the number of ranks."""
-    from posttrain.evaluation import evaluate_prompts
-
-    rank, world = (session.rank, session.world_size) if session is not None else (0, 1)
-    result = evaluate_prompts(engine, rows, task="reward", scorer=reward, prompt_inputs=prompt_ids,
-                              sampling=SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens),
-                              rank=rank, world_size=world, gather=session.gather_lists if session is not None else None)
-    out = {"eval/reward": result.metrics["mean_reward"].value}
-    for name in sorted({n for record in result.records for n in record.get("per_reward", {})}):
-        out[f"eval/{name}"] = result.metrics.get(f"reward/{name}", result.metrics["mean_reward"]).value
-    out.update(result.flat("eval/"))  # eval/accuracy, eval/stop_rate, ... with _ci_low, _ci_high, _n
-    return out
-
 
 def _mean(values) -> float:
     vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
@@ -334,7 +294,7 @@ def run_rl(config: RLStageConfig, ctx: StageContext) -> StageResult:
         with ctx.metrics(config.report_to) as metrics, ctx.progress(config.max_steps, "RL steps") as advance:
             advance(start_step)
             if eval_rows and start_step == 0:
-                before = evaluate(engine, reward, eval_rows, eval_ids, config.max_new_tokens, session)
+                before = evaluate_with_rewards(engine, reward, eval_rows, eval_ids, config.max_new_tokens, session)
                 metrics.log(0, **before)
                 summary.update({k + "_before": v for k, v in before.items()})
             for step in range(start_step, config.max_steps):
@@ -347,7 +307,7 @@ def run_rl(config: RLStageConfig, ctx: StageContext) -> StageResult:
                     tie_steps.append(record["ties/step"])
                 record["prompts_dropped_too_long"] = dropped
                 if config.eval_every and eval_rows and (step + 1) % config.eval_every == 0 and step + 1 < config.max_steps:
-                    record.update(evaluate(engine, reward, eval_rows, eval_ids, config.max_new_tokens, session))
+                    record.update(evaluate_with_rewards(engine, reward, eval_rows, eval_ids, config.max_new_tokens, session))
                 metrics.log(step + 1, **record)
                 advance(1)
                 if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.max_steps:
@@ -357,7 +317,7 @@ def run_rl(config: RLStageConfig, ctx: StageContext) -> StageResult:
             if tie_steps:  # the share of this run's steps where the tie rule decided something
                 summary["ties/step_fraction"] = sum(tie_steps) / len(tie_steps)
             if eval_rows:
-                after = evaluate(engine, reward, eval_rows, eval_ids, config.max_new_tokens, session)
+                after = evaluate_with_rewards(engine, reward, eval_rows, eval_ids, config.max_new_tokens, session)
                 metrics.log(config.max_steps, **after)
                 summary.update({k + "_after": v for k, v in after.items()})
     finally:

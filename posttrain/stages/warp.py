@@ -34,16 +34,17 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
-from posttrain.data import write_json, write_jsonl
+from posttrain.data import load_prompts, write_json, write_jsonl
 from posttrain.losses.token_logprobs import resolve_chunk_size
 from posttrain.modeling import load_causal_lm, load_tokenizer
 from posttrain.rollout import SamplingParams, create_engine, weights_for_engine
+from posttrain.evaluation import evaluate_with_rewards
 from posttrain.scoring import score_completions
 from posttrain.stages.base import StageContext, StageResult, register_stage
-from posttrain.stages.merge import flat_task_vector_metrics
-from posttrain.stages.rl import RLStageConfig, evaluate, load_prompts, run_rl
+# warp composes the rl stage itself (its config and its loop), as WARP's first stage; nothing else of rl.
+from posttrain.stages.rl import RLStageConfig, run_rl
 from posttrain.training import latest_checkpoint, place_frozen, resolve_placement
-from posttrain.weights import CheckpointReader, liti_tensor, merge_checkpoints
+from posttrain.weights import CheckpointReader, flat_task_vector_metrics, liti_tensor, merge_checkpoints
 from rewards.combine import CombinedReward
 
 log = logging.getLogger(__name__)
@@ -153,7 +154,7 @@ class PointEvaluator:
     def score(self, weights: dict[str, torch.Tensor]) -> dict[str, float]:
         self.load(weights)
         c = self.config
-        out = evaluate(self.engine, self.reward, self.rows, self.ids, c.max_new_tokens)
+        out = evaluate_with_rewards(self.engine, self.reward, self.rows, self.ids, c.max_new_tokens)
         sampling = SamplingParams(temperature=c.temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens,
                                   seed=0, logprobs=False)
         n = c.front_kl_samples

@@ -14,7 +14,8 @@ import torch
 
 from posttrain.data import DataError, write_jsonl
 from posttrain.stages.base import StageContext, StageError
-from posttrain.stages.rl import RLStageConfig, load_prompts, prompt_indices_for_step, run_rl
+from posttrain.data import load_prompts
+from posttrain.stages.rl import RLStageConfig, prompt_indices_for_step, run_rl
 from posttrain.toy.tasks import generate
 
 REWARDS = str(Path(__file__).with_name("toy_rewards.py"))
