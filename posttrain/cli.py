@@ -48,7 +48,7 @@ def _key_metrics(metrics: dict, limit: int = 4) -> str:
     if acc:
         return "accuracy " + ", ".join(f"{name} {_fmt_metric(v)}" for name, v in acc.items())
     preferred = ("kept_rows", "rejected_rows", "loss_last", "reward/mean", "kl_start", "kl_teacher_student_last",
-                 "probe_answer")
+                 "front/eta_1/reward", "front/eta_1/kl", "probe_answer")
     keys = [k for k in preferred if k in metrics][:limit]
     return ", ".join(f"{k}={_fmt_metric(metrics[k])}" for k in keys)
 
