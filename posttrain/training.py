@@ -27,8 +27,10 @@ all-reduce of the accumulated gradients per step has neither constraint, and mov
 
 DeepSpeed ZeRO and FSDP: `sft` runs under them through TRL. The hand-written loops need every rank
 to hold the full policy weights (each rank's rollout engine is pushed the whole model after every
-step, and the EMA anchor is a full copy), so they run under plain data parallelism; asked to run
-under a DeepSpeed or FSDP launch they stop with a clear error instead of training wrongly.
+step, and the EMA anchor is a full copy), so they shard what ZeRO stage 1 shards, AdamW's state,
+with torch's ZeroRedundancyOptimizer (`shard_optimizer`, and automatically under a DeepSpeed
+ZeRO-1/2 launch); under ZeRO-3 or FSDP, which shard the weights, they stop with a clear error
+instead of training wrongly.
 """
 
 from __future__ import annotations
@@ -74,10 +76,21 @@ class LoraSpec(BaseModel):
                           target_modules=self.target_modules, task_type="CAUSAL_LM")
 
 
-def adamw_with_warmup(params, learning_rate: float, weight_decay: float, warmup_steps: int):
+def adamw_with_warmup(params, learning_rate: float, weight_decay: float, warmup_steps: int, shard: bool = False):
     """AdamW with a linear warm-up to a constant rate: the optimizer of the hand-written loops
-    (distill, rl); SFT uses the Trainer's own schedules."""
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+    (distill, rl); SFT uses the Trainer's own schedules.
+
+    `shard`: ZeRO stage 1 through torch's ZeroRedundancyOptimizer: each data-parallel rank keeps
+    AdamW's two moment buffers for its own share of the parameters only, steps that share, and
+    broadcasts the updated values; the weights themselves stay whole on every rank (its rollout
+    engine and EMA anchor need them). Needs an initialised process group."""
+    if shard:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        optimizer = ZeroRedundancyOptimizer(list(params), optimizer_class=torch.optim.AdamW, lr=learning_rate,
+                                            weight_decay=weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0)
     return optimizer, scheduler
@@ -162,14 +175,20 @@ class TrainingSession:
         # rl, after a TRL sft that set its own); asking accelerate for a different one would fail.
         self.accelerator = Accelerator(cpu=not cuda)
         kind = self.accelerator.distributed_type
-        if kind in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        self._zero_stage_from_launch = None
+        if kind == DistributedType.DEEPSPEED:
+            self._zero_stage_from_launch = int(getattr(self.accelerator.state.deepspeed_plugin, "zero_stage", 0) or 0)
+        if kind == DistributedType.FSDP or (self._zero_stage_from_launch or 0) >= 3:
             raise TrainingSetupError(
-                f"this launch uses {kind.value}, which shards the policy across ranks; the distill and rl loops need "
-                "the full policy on every rank (each rank's rollout engine receives it after every step). Launch them "
-                "data-parallel (plain `accelerate launch` / `torchrun`, or an accelerate config with "
-                "distributed_type: MULTI_GPU); sft runs under DeepSpeed/FSDP as configured.")
+                f"this launch uses {'FSDP' if kind == DistributedType.FSDP else 'DeepSpeed ZeRO-3'}, which shards the "
+                "policy's weights across ranks; the distill and rl loops need the whole policy on every rank (each "
+                "rank's rollout engine receives it after every step). Launch them data-parallel (accelerate config "
+                "recipes/accelerate/multi_gpu.yaml, or torchrun), with `shard_optimizer: true` to shard AdamW's state "
+                "as ZeRO-1 does, or under a DeepSpeed ZeRO-1/2 config (the loops then shard the optimizer state "
+                "themselves); sft runs under ZeRO-3/FSDP as configured.")
         self.precision = precision
         self.seed = seed
+        self.sharded_optimizer = False
         self.model = None
         self.optimizer = None
         self.scheduler = None
@@ -201,9 +220,11 @@ class TrainingSession:
 
     # -- setting up --
     def prepare(self, model, learning_rate: float, weight_decay: float = 0.0, warmup_steps: int = 0,
-                gradient_checkpointing: bool = False):
+                gradient_checkpointing: bool = False, shard_optimizer: bool = False):
         """Move the policy to the device, build AdamW + warm-up over its trainable parameters and
-        note the parameters whose gradients `step` all-reduces. Returns the model itself (unwrapped), for saving and syncing."""
+        note the parameters whose gradients `step` all-reduces. `shard_optimizer` (or a DeepSpeed
+        ZeRO-1/2 launch) shards AdamW's state over the ranks (see adamw_with_warmup). Returns the
+        model itself (unwrapped), for saving and syncing."""
         model = model.to(self.device)
         if gradient_checkpointing:
             # Non-reentrant checkpointing works with peft's frozen inputs.
@@ -212,7 +233,9 @@ class TrainingSession:
                 model.enable_input_require_grads()
         model.train()
         self._params = [p for p in model.parameters() if p.requires_grad]
-        optimizer, scheduler = adamw_with_warmup(self._params, learning_rate, weight_decay, warmup_steps)
+        self.sharded_optimizer = self.world_size > 1 and (shard_optimizer or self._zero_stage_from_launch in (1, 2))
+        optimizer, scheduler = adamw_with_warmup(self._params, learning_rate, weight_decay, warmup_steps,
+                                                 shard=self.sharded_optimizer)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         return model
 
@@ -360,6 +383,8 @@ def save_checkpoint(session: TrainingSession, stage_dir: Path, step: int, models
     rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     all_rng = session.gather_lists([rng])
+    if session.sharded_optimizer:
+        session.optimizer.consolidate_state_dict(to=0)  # collective: rank 0 receives every rank's shard
     final = None
     if session.is_main:
         root = Path(stage_dir) / "checkpoints"

@@ -93,6 +93,9 @@ class DistillStageConfig(StageConfig):
     max_tokens_per_microbatch: int | None = Field(
         None, ge=1, description="Bound each forward/backward micro-batch by this many tokens (whole sequences) and "
         "accumulate them into the step's update; null: the whole batch at once.")
+    shard_optimizer: bool = Field(False, description="Data-parallel launches: shard AdamW's state over the ranks "
+                                  "(ZeRO stage 1, torch's ZeroRedundancyOptimizer); the weights stay whole on every "
+                                  "rank. On automatically under a DeepSpeed ZeRO-1/2 launch.")
     gradient_checkpointing: bool = Field(False, description="Recompute the student's activations in backward.")
     checkpoint_every: int = Field(0, ge=0, description="Save a resumable checkpoint every this many steps (0: never); "
                                   "re-running the stage resumes from the newest.")
@@ -341,7 +344,8 @@ def run_distill(cfg: DistillStageConfig, ctx: StageContext) -> StageResult:
 
         student = get_peft_model(student, cfg.lora.to_peft_config())
     student = session.prepare(student, cfg.learning_rate, cfg.weight_decay, cfg.warmup_steps,
-                              gradient_checkpointing=cfg.gradient_checkpointing)
+                              gradient_checkpointing=cfg.gradient_checkpointing,
+                              shard_optimizer=cfg.shard_optimizer)
     cfg = cfg.model_copy(update={"chunk_size": resolve_chunk_size(
         cfg.chunk_size, width or student.get_output_embeddings().weight.shape[0])})
 

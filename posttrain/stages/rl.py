@@ -107,6 +107,9 @@ class RLStageConfig(StageConfig):
         "backward), so no [batch, length, vocabulary] tensor is ever built. auto: as many as fit 2**25 logits "
         "(128 MiB in float32), which keeps a chunk's memory the same whatever the vocabulary; null: the model's "
         "full logits at once.")
+    shard_optimizer: bool = Field(False, description="Data-parallel launches: shard AdamW's state over the ranks "
+                                  "(ZeRO stage 1, torch's ZeroRedundancyOptimizer); the weights stay whole on every "
+                                  "rank. On automatically under a DeepSpeed ZeRO-1/2 launch.")
     gradient_checkpointing: bool = Field(False, description="Recompute the policy's activations in backward (less "
                                          "memory, about a third more compute); scoring then runs each sequence's "
                                          "prompt with it instead of once per group.")
@@ -263,7 +266,8 @@ def run_rl(config: RLStageConfig, ctx: StageContext) -> StageResult:
                    if (config.log_kl_to_start and config.anchor_ema > 0) else None)
     del plain
     policy = session.prepare(policy, config.learning_rate, config.weight_decay, config.warmup_steps,
-                             gradient_checkpointing=config.gradient_checkpointing)
+                             gradient_checkpointing=config.gradient_checkpointing,
+                             shard_optimizer=config.shard_optimizer)
     vocab = policy.get_output_embeddings().weight.shape[0]
     config = config.model_copy(update={"logprob_chunk_size": resolve_chunk_size(config.logprob_chunk_size, vocab)})
 

@@ -1,6 +1,6 @@
 """One `rl` update on fixed completions, run by test_data_parallel.py under torchrun and alone.
 
-    python dp_step.py MODEL_DIR OUT_DIR [TOKEN_BUDGET]
+    python dp_step.py MODEL_DIR OUT_DIR [TOKEN_BUDGET|-] [sgd|adamw|adamw-sharded]
 
 Every rank takes its share of the same global batch (4 prompts x 4 completions with fixed token
 ids and rewards), runs the rl stage's policy-gradient pass and one optimizer step through
@@ -41,18 +41,19 @@ def fixed_batch(tokenizer):
     return prompts, completions, rewards
 
 
-def main(model_dir: str, out_dir: str, budget: int | None) -> None:
+def main(model_dir: str, out_dir: str, budget: int | None, optimizer: str = "sgd") -> None:
     out = Path(out_dir)
     session = TrainingSession("fp32", seed=0)
     tokenizer = load_tokenizer(model_dir)
     policy = load_causal_lm(model_dir)
     anchor = place_frozen(copy.deepcopy(policy), session.device)
-    policy = session.prepare(policy, learning_rate=1e-2)
-    # Plain SGD for the comparison: the update is then proportional to the summed gradient, so the
-    # two launches differ only by float rounding. (Adam's first step divides each gradient by its
-    # own magnitude and blows rounding differences on near-zero gradients up to a full step.)
-    session.optimizer = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=1.0)
-    session.scheduler = torch.optim.lr_scheduler.LambdaLR(session.optimizer, lambda step: 1.0)
+    policy = session.prepare(policy, learning_rate=1e-2, shard_optimizer=optimizer == "adamw-sharded")
+    if optimizer == "sgd":
+        # Plain SGD for comparisons across launches: the update is then proportional to the summed
+        # gradient, so they differ only by float rounding. (Adam's first step divides each gradient
+        # by its own magnitude and blows rounding differences on near-zero gradients up to a step.)
+        session.optimizer = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=1.0)
+        session.scheduler = torch.optim.lr_scheduler.LambdaLR(session.optimizer, lambda step: 1.0)
     config = RLStageConfig(model=model_dir, dataset="unused.jsonl", rewards=[{"name": "math"}], num_generations=N,
                            prompts_per_step=PROMPTS, beta=0.1, max_tokens_per_microbatch=budget)
     prompts, completions, rewards = fixed_batch(tokenizer)
@@ -69,10 +70,23 @@ def main(model_dir: str, out_dir: str, budget: int | None) -> None:
     (out / f"stats_rank{session.rank}.json").write_text(json.dumps({
         "grad_norm": result.grad_norm, "loss": session.all_sum(stats.loss), "micro_batches": stats.micro_batches,
         "world_size": session.world_size}))
+    if optimizer != "sgd":
+        # A checkpoint of the (possibly sharded) optimizer, restored into a fresh one.
+        from posttrain.training import load_checkpoint, save_checkpoint
+
+        save_checkpoint(session, out, 1, {"policy": policy}, {}, keep=1)
+        before = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+        session.prepare(policy, learning_rate=1e-2, shard_optimizer=optimizer == "adamw-sharded")
+        load_checkpoint(session, out / "checkpoints" / "step_000001", {"policy": policy})
+        assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items())
+        state = session.optimizer.state_dict() if not session.sharded_optimizer else None
+        if state is not None:
+            assert len(state["state"]) > 0  # the moments came back
     session.barrier()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else None)
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 and sys.argv[3] != "-" else None,
+         sys.argv[4] if len(sys.argv) > 4 else "sgd")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
