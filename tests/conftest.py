@@ -56,3 +56,23 @@ def tiny_qwen2_dir(tmp_path_factory, toy_tokenizer):
 def tiny_reward_model_dir(tmp_path_factory, toy_tokenizer):
     """Gemma3 sequence classifier with one output (a reward model)."""
     return _tiny(tmp_path_factory, toy_tokenizer, "tiny_rm", arch="gemma3", head="sequence_classification")
+
+
+@pytest.fixture(scope="session")
+def launch_ranks():
+    """Run `python ARGS...` as `ranks` real processes (torchrun, gloo on the CPU) or, for one rank,
+    as a plain process outside any launcher; asserts it exits 0 and returns the CompletedProcess."""
+    import subprocess
+    import sys
+
+    def launch(args: list[str], ranks: int, cwd, timeout: int = 300):
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(key, None)  # a launch from inside a launched process starts its own world
+        launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
+                    if ranks > 1 else [sys.executable])
+        done = subprocess.run(launcher + list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done
+
+    return launch

@@ -338,6 +338,22 @@ def run_rl(config: RLStageConfig, ctx: StageContext) -> StageResult:
     return StageResult(outputs={"model": str(out_dir)}, metrics=summary)
 
 
+def _step_prompts(step, config: RLStageConfig, ctx, session: TrainingSession, rows, prompt_ids):
+    """This rank's prompts of step `step` (rows, token ids), whether the step checks drift, and its sampling.
+
+    The step's prompts are a function of (seed, step) and each rank takes its share. The engine's
+    logprobs feed importance weights (every step) and the drift check (every
+    rollout.drift_check_every steps, from the first); other steps sample without them, which is cheaper.
+    """
+    batch_idx = session.shard(prompt_indices_for_step(len(rows), step, config.prompts_per_step, ctx.seed),
+                              "prompts_per_step")
+    check_drift = step % config.rollout.drift_check_every == 0
+    sampling = SamplingParams(temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,
+                              seed=sampling_seed(ctx.seed, step, session.rank),
+                              logprobs=check_drift or config.importance_clip is not None)
+    return [rows[i] for i in batch_idx], [prompt_ids[i] for i in batch_idx], check_drift, sampling
+
+
 def _rl_step(step, config: RLStageConfig, ctx, session: TrainingSession, engine, reward: CombinedReward, drift, policy,
              anchor, start_model, rows, prompt_ids, pad_id, nan_streak) -> tuple[dict, int]:
     """One iteration of the loop on this rank's share of the step; returns (metrics record, NaN streak)."""
@@ -346,15 +362,7 @@ def _rl_step(step, config: RLStageConfig, ctx, session: TrainingSession, engine,
 
     # 1. Sample: the step's prompts are a function of (seed, step); this rank takes its share of
     #    them and samples n completions each on its own engine.
-    batch_idx = session.shard(prompt_indices_for_step(len(rows), step, config.prompts_per_step, ctx.seed), "prompts_per_step")
-    batch_rows = [rows[i] for i in batch_idx]
-    batch_prompts = [prompt_ids[i] for i in batch_idx]
-    # The engine's logprobs feed importance weights (every step) and the drift check (every
-    # rollout.drift_check_every steps, from the first); other steps sample without them, which is cheaper.
-    check_drift = step % config.rollout.drift_check_every == 0
-    sampling = SamplingParams(temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,
-                              seed=sampling_seed(ctx.seed, step, session.rank),
-                              logprobs=check_drift or config.importance_clip is not None)
+    batch_rows, batch_prompts, check_drift, sampling = _step_prompts(step, config, ctx, session, rows, prompt_ids)
     with timer("generate"):
         groups = engine.generate(batch_prompts, n=n, sampling=sampling)
     completions = [c for group in groups for c in group]
@@ -536,13 +544,7 @@ def _bond_step(step, config: RLStageConfig, ctx, session: TrainingSession, engin
     timer = _Timer()
 
     # 1. Sample: one policy completion per prompt (the engine holds the policy), then k anchor completions.
-    batch_idx = session.shard(prompt_indices_for_step(len(rows), step, config.prompts_per_step, ctx.seed), "prompts_per_step")
-    batch_rows = [rows[i] for i in batch_idx]
-    batch_prompts = [prompt_ids[i] for i in batch_idx]
-    check_drift = step % config.rollout.drift_check_every == 0
-    sampling = SamplingParams(temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,
-                              seed=sampling_seed(ctx.seed, step, session.rank),
-                              logprobs=check_drift or config.importance_clip is not None)
+    batch_rows, batch_prompts, check_drift, sampling = _step_prompts(step, config, ctx, session, rows, prompt_ids)
     with timer("generate"):
         policy_samples = [g[0] for g in engine.generate(batch_prompts, n=1, sampling=sampling)]
     with timer("generate_anchor"):

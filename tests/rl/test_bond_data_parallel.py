@@ -8,9 +8,6 @@ the single-process gradient whatever the split and the micro-batching.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,24 +16,15 @@ import torch
 SCRIPT = str(Path(__file__).with_name("bond_dp_step.py"))
 
 
-def _run(args: list[str], ranks: int, cwd: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
-                if ranks > 1 else [sys.executable])
-    done = subprocess.run(launcher + [SCRIPT] + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-
-
 @pytest.mark.parametrize("algorithm,budget", [("jbond", "60"), ("bond", None)])
-def test_one_bond_step_on_two_ranks_equals_one_single_process_step(tiny_gemma3_dir, tmp_path, algorithm, budget):
+def test_one_bond_step_on_two_ranks_equals_one_single_process_step(tiny_gemma3_dir, tmp_path, algorithm, budget,
+                                                                   launch_ranks):
     single, double = tmp_path / "single", tmp_path / "double"
     single.mkdir()
     double.mkdir()
     extra = [] if budget is None else [budget]
-    _run([str(tiny_gemma3_dir), str(single), algorithm] + extra, 1, tmp_path)
-    _run([str(tiny_gemma3_dir), str(double), algorithm] + extra, 2, tmp_path)
+    launch_ranks([SCRIPT, str(tiny_gemma3_dir), str(single), algorithm] + extra, 1, tmp_path)
+    launch_ranks([SCRIPT, str(tiny_gemma3_dir), str(double), algorithm] + extra, 2, tmp_path)
 
     from safetensors.torch import load_file
 

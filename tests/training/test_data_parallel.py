@@ -7,9 +7,6 @@ normalises its loss by the global count and posttrain.training sums the gradient
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,29 +15,19 @@ import torch
 SCRIPT = str(Path(__file__).with_name("dp_step.py"))
 
 
-def _run(args: list[str], ranks: int, cwd: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
-                if ranks > 1 else [sys.executable])
-    done = subprocess.run(launcher + [SCRIPT] + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-
-
 def _close(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
 
 @pytest.mark.parametrize("budget", [None, 100], ids=["one-micro-batch", "token-budget"])
-def test_one_step_on_two_ranks_equals_one_single_process_step(tiny_gemma3_dir, tmp_path, budget):
+def test_one_step_on_two_ranks_equals_one_single_process_step(tiny_gemma3_dir, tmp_path, budget, launch_ranks):
     single, double = tmp_path / "single", tmp_path / "double"
     single.mkdir()
     double.mkdir()
     extra = [] if budget is None else [str(budget)]
-    _run([str(tiny_gemma3_dir), str(single)] + extra, 1, tmp_path)
-    _run([str(tiny_gemma3_dir), str(double)] + extra, 2, tmp_path)
+    launch_ranks([SCRIPT, str(tiny_gemma3_dir), str(single)] + extra, 1, tmp_path)
+    launch_ranks([SCRIPT, str(tiny_gemma3_dir), str(double)] + extra, 2, tmp_path)
 
     from safetensors.torch import load_file
 
@@ -65,14 +52,14 @@ def test_one_step_on_two_ranks_equals_one_single_process_step(tiny_gemma3_dir, t
         assert s2[0]["micro_batches"] != s2[1]["micro_batches"]
 
 
-def test_sharded_adamw_state_trains_like_whole_adamw(tiny_gemma3_dir, tmp_path):
+def test_sharded_adamw_state_trains_like_whole_adamw(tiny_gemma3_dir, tmp_path, launch_ranks):
     """ZeRO-1 (shard_optimizer): each rank holds AdamW's moments for a share of the parameters; the
     update equals the one with whole optimizer state on every rank, and checkpoints round-trip."""
     whole, sharded = tmp_path / "whole", tmp_path / "sharded"
     whole.mkdir()
     sharded.mkdir()
-    _run([str(tiny_gemma3_dir), str(whole), "-", "adamw"], 2, tmp_path)
-    _run([str(tiny_gemma3_dir), str(sharded), "-", "adamw-sharded"], 2, tmp_path)
+    launch_ranks([SCRIPT, str(tiny_gemma3_dir), str(whole), "-", "adamw"], 2, tmp_path)
+    launch_ranks([SCRIPT, str(tiny_gemma3_dir), str(sharded), "-", "adamw-sharded"], 2, tmp_path)
     a = torch.load(whole / "policy_rank0.pt")
     for r in (0, 1):
         b = torch.load(sharded / f"policy_rank{r}.pt")

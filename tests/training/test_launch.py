@@ -8,9 +8,6 @@ an rl stage trains on 2 ranks with a rollout engine on each and records its laun
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -52,18 +49,11 @@ stages:
 """
 
 
-def _run(tmp_path: Path, ranks: int) -> Path:
+def _run(tmp_path: Path, ranks: int, launch_ranks) -> Path:
     tmp_path.mkdir(parents=True, exist_ok=True)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(RECIPE)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
-                if ranks > 1 else [sys.executable])
-    done = subprocess.run(launcher + ["-m", "posttrain.cli", "run", str(recipe)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    launch_ranks(["-m", "posttrain.cli", "run", str(recipe)], ranks, tmp_path, timeout=600)
     return tmp_path / "run"
 
 
@@ -71,9 +61,9 @@ def _rows(stage_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_distill_and_rl_train_data_parallel_on_two_ranks(tmp_path):
-    one = _run(tmp_path / "one", 1)
-    two = _run(tmp_path / "two", 2)
+def test_distill_and_rl_train_data_parallel_on_two_ranks(tmp_path, launch_ranks):
+    one = _run(tmp_path / "one", 1, launch_ranks)
+    two = _run(tmp_path / "two", 2, launch_ranks)
     for stage in ("distill", "rl"):
         manifest = json.loads((two / stage / "manifest.json").read_text())
         assert manifest["status"] == "complete"
