@@ -299,8 +299,8 @@ def main() -> None:
             print(f"{step}: 'after' peak beyond the output layer's gradient: "
                   + ", ".join(f"V={v}: {_fmt_gb(b)}" for (v, _), b in zip(after, beyond))
                   + f" (x{beyond[-1] / beyond[0]:.2f} from V={v0} to V={v1}, while the vocabulary grows "
-                  f"x{v1 / v0:.0f}); the full-logits path needs ~{full * COPIES[step] / GB:.3f} GB per 1k rows "
-                  f"x 1k ({COPIES[step]:.1f} float32 copies of the batch's logits).")
+                  f"x{v1 / v0:.0f}); the full-logits path needs ~{full * COPIES[step] * 1000 / GB:.1f} GB per "
+                  f"1,000 vocabulary rows ({COPIES[step]:.1f} float32 copies of the batch's logits).")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
