@@ -356,8 +356,11 @@ def side_by_side(prompts: Sequence, completions_a: Sequence, completions_b: Sequ
 def evaluate_with_rewards(engine, reward, rows: list[dict], prompt_ids: list[list[int]], max_new_tokens: int,
                           session=None) -> dict:
     """Greedy completions of held-out prompts, scored with a training loop's rewards (a CombinedReward;
-    e.g. accuracy for math), as `eval/...` metrics; `session` is the loop's posttrain.training.TrainingSession: each rank answers every W-th prompt and the records are gathered,
-    so the figures (with 95% intervals) cover the whole held-out set whatever the number of ranks."""
+    e.g. accuracy for math), as `eval/...` metrics for rl and warp.
+
+    `session` is the loop's posttrain.training.TrainingSession: each rank answers every W-th prompt
+    and the records are gathered, so the figures (with 95% intervals) cover the whole held-out set
+    whatever the number of ranks."""
     from posttrain.rollout import SamplingParams
 
     rank, world = (session.rank, session.world_size) if session is not None else (0, 1)
