@@ -199,13 +199,28 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"posttrain: invalid recipe:\n{e}", file=sys.stderr)
-        return EXIT_BAD_RECIPE
+        code = EXIT_BAD_RECIPE
     except DataError as e:
         if args.debug:
             raise
         print(f"posttrain: bad data: {e}", file=sys.stderr)
-        return EXIT_BAD_RECIPE
+        code = EXIT_BAD_RECIPE
+    if args.command == "run" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _leave_launched_rank(code)
     return code
+
+
+def _leave_launched_rank(code: int) -> None:
+    """End a rank of a multi-process launch once the run is over and its process groups are torn
+    down (posttrain.distributed.ControlChannel.close). Left to the interpreter's exit, a gloo
+    thread still unwinding can make C++ abort the process ("terminate called without an active
+    exception") after all the work is done and written, and the launcher then reports a failure."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
