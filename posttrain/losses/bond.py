@@ -35,7 +35,7 @@ import math
 
 import torch
 
-from posttrain.losses.policy import Aggregation
+from posttrain.losses.policy import Aggregation, aggregate_token_losses
 
 # -log(16): makes E[r_J] = log(0.5) at the median, p_le = 0.5 (see the module docstring).
 JBOND_PENALTY = -math.log(16.0)
@@ -162,16 +162,7 @@ def forward_nll_loss(logprobs: torch.Tensor, mask: torch.Tensor, aggregation: Ag
     if logprobs.shape != mask.shape:
         raise ValueError(f"forward_nll_loss: logprobs {tuple(logprobs.shape)} and mask {tuple(mask.shape)} differ in shape")
     mask = mask.to(logprobs.dtype)
-    per_token = -logprobs * mask
-    if aggregation == "token_mean":
-        return per_token.sum() / (normalizer if normalizer is not None else mask.sum().clamp(min=1.0))
-    if aggregation == "sequence_mean":
-        per_seq = per_token.sum(dim=-1) / mask.sum(dim=-1).clamp(min=1.0)
-    elif aggregation == "sequence_sum":
-        per_seq = per_token.sum(dim=-1)
-    else:
-        raise ValueError(f"forward_nll_loss: aggregation must be token_mean, sequence_mean or sequence_sum; got {aggregation!r}")
-    return per_seq.sum() / (normalizer if normalizer is not None else per_seq.shape[0])
+    return aggregate_token_losses(-logprobs * mask, mask, aggregation, normalizer, "forward_nll_loss")
 
 
 def jeffreys_loss(forward: torch.Tensor, backward: torch.Tensor, beta: float = 0.5,

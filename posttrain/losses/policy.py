@@ -110,17 +110,24 @@ def reinforce_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch
         if clip is not None:
             weight = weight.clamp(max=clip)
     per_token = -weight * advantages[:, None] * logprobs * mask
+    return aggregate_token_losses(per_token, mask, aggregation, normalizer, "reinforce_loss")
+
+
+def aggregate_token_losses(per_token: torch.Tensor, mask: torch.Tensor, aggregation: Aggregation,
+                           normalizer: float | None = None, who: str = "loss") -> torch.Tensor:
+    """Reduce masked per-token losses [B, T] to a scalar: token_mean (over all counted tokens),
+    sequence_mean (each sequence's token mean, then over sequences) or sequence_sum. `normalizer`
+    replaces the final denominator (a global token or sequence count), so micro-batches and
+    data-parallel ranks add up to the full-batch loss."""
     if aggregation == "token_mean":
-        denom = normalizer if normalizer is not None else mask.sum().clamp(min=1.0)
-        return per_token.sum() / denom
+        return per_token.sum() / (normalizer if normalizer is not None else mask.sum().clamp(min=1.0))
     if aggregation == "sequence_mean":
         per_seq = per_token.sum(dim=-1) / mask.sum(dim=-1).clamp(min=1.0)
     elif aggregation == "sequence_sum":
         per_seq = per_token.sum(dim=-1)
     else:
-        raise ValueError(f"reinforce_loss: aggregation must be token_mean, sequence_mean or sequence_sum; got {aggregation!r}")
-    denom = normalizer if normalizer is not None else per_seq.shape[0]
-    return per_seq.sum() / denom
+        raise ValueError(f"{who}: aggregation must be token_mean, sequence_mean or sequence_sum; got {aggregation!r}")
+    return per_seq.sum() / (normalizer if normalizer is not None else per_seq.shape[0])
 
 
 def token_logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,

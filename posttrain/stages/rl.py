@@ -268,8 +268,6 @@ def run_rl(config: RLStageConfig, ctx: StageContext) -> StageResult:
     policy = session.prepare(policy, config.learning_rate, config.weight_decay, config.warmup_steps,
                              gradient_checkpointing=config.gradient_checkpointing,
                              shard_optimizer=config.shard_optimizer)
-    vocab = policy.get_output_embeddings().weight.shape[0]
-    config = config.model_copy(update={"logprob_chunk_size": resolve_chunk_size(config.logprob_chunk_size, vocab)})
 
     start_step, nan_streak = 0, 0
     checkpoint = latest_checkpoint(stage_dir)
@@ -383,12 +381,7 @@ def _rl_step(step, config: RLStageConfig, ctx, session: TrainingSession, engine,
             session.zero_grad()
     local = _local_step_values(scored, completions)
     if result is None or not result.finite:
-        nan_streak += 1
-        log.warning("step %d: non-finite loss or gradient; skipped the update (%d in a row, limit %d)",
-                    step + 1, nan_streak, config.max_nan_steps)
-        if nan_streak >= config.max_nan_steps:
-            raise StageError(f"rl: {nan_streak} steps in a row had a non-finite loss or gradient (max_nan_steps="
-                             f"{config.max_nan_steps}); check the rewards for NaN/inf and lower learning_rate")
+        nan_streak = _skipped_nonfinite_step(step, config, nan_streak)
         return {"skipped_nonfinite": 1, "nan_streak": nan_streak, **_reward_metrics(session, local)}, nan_streak
     nan_streak = 0
 
@@ -572,12 +565,7 @@ def _bond_step(step, config: RLStageConfig, ctx, session: TrainingSession, engin
     if result is None or not result.finite:
         if anchor_rollouts.swap:  # the engine holds the anchor's weights; the next samples are the policy's
             engine.update_weights(weights_for_engine(policy))
-        nan_streak += 1
-        log.warning("step %d: non-finite loss or gradient; skipped the update (%d in a row, limit %d)",
-                    step + 1, nan_streak, config.max_nan_steps)
-        if nan_streak >= config.max_nan_steps:
-            raise StageError(f"rl: {nan_streak} steps in a row had a non-finite loss or gradient (max_nan_steps="
-                             f"{config.max_nan_steps}); check the rewards for NaN/inf and lower learning_rate")
+        nan_streak = _skipped_nonfinite_step(step, config, nan_streak)
         return {"skipped_nonfinite": 1, "nan_streak": nan_streak, **tie_metrics,
                 **_reward_metrics(session, local)}, nan_streak
     nan_streak = 0
@@ -751,9 +739,21 @@ class _BondStats:
 
 
 def _chunk_size(config: RLStageConfig, policy) -> int | None:
-    """logprob_chunk_size with "auto" resolved for the policy's vocabulary (run_rl resolves it once;
-    the passes resolve it again so callers that build a config themselves get the same numbers)."""
+    """logprob_chunk_size with "auto" resolved for the policy's vocabulary (by each pass, so callers
+    that build a config themselves get the same numbers as the stage)."""
     return resolve_chunk_size(config.logprob_chunk_size, policy.get_output_embeddings().weight.shape[0])
+
+
+def _skipped_nonfinite_step(step: int, config: RLStageConfig, nan_streak: int) -> int:
+    """Count a step whose update was skipped for a non-finite loss or gradient; stop the run after
+    max_nan_steps in a row. Returns the new streak."""
+    nan_streak += 1
+    log.warning("step %d: non-finite loss or gradient; skipped the update (%d in a row, limit %d)",
+                step + 1, nan_streak, config.max_nan_steps)
+    if nan_streak >= config.max_nan_steps:
+        raise StageError(f"rl: {nan_streak} steps in a row had a non-finite loss or gradient (max_nan_steps="
+                         f"{config.max_nan_steps}); check the rewards for NaN/inf and lower learning_rate")
+    return nan_streak
 
 
 def _local_step_values(scored, completions) -> dict:
