@@ -160,12 +160,12 @@ class _Zygote:
             self._cond.wait_for(lambda: self.netns is not None or not self.alive, timeout)
             return self.alive and self.netns is not None
 
-    def spawn(self, workdir: str, fds: list[int], timeout: float = 30.0) -> int:
+    def spawn(self, workdir: str, fds: list[int], pid_ns: bool, timeout: float = 30.0) -> int:
         with self._cond:
             self._next += 1
             rid = self._next
         with self._send_lock:
-            self._socket_mod.send_fds(self.sock, [json.dumps({"id": rid, "workdir": workdir}).encode()], fds)
+            self._socket_mod.send_fds(self.sock, [json.dumps({"id": rid, "workdir": workdir, "pid_ns": pid_ns}).encode()], fds)
         with self._cond:
             if not self._cond.wait_for(lambda: rid in self._pids or not self.alive, timeout):
                 raise RuntimeError("sandbox fork server did not answer")
@@ -357,7 +357,7 @@ class Sandbox:
                 fd = os.open(os.path.join(workdir, "job.json"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 with os.fdopen(fd, "wb") as f:
                     f.write(json.dumps(job).encode())
-                pid = zyg.spawn(job["workdir"], writers)
+                pid = zyg.spawn(job["workdir"], writers, pid_ns=bool(iso.get("pid_ns")))
             else:
                 job["result_fd"] = writers[2]
                 proc = subprocess.Popen(

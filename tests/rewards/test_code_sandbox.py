@@ -273,6 +273,16 @@ def test_background_processes_do_not_survive(strong):
     assert _no_strays("sleep 31.5")
 
 
+def test_each_execution_gets_a_fresh_pid_namespace():
+    """The judging harness is init of a new PID namespace per execution (so everything the
+    program starts dies with it) and the fork server keeps making fresh ones."""
+    if not isolation_report()["settings"].get("pid_ns"):
+        pytest.skip("PID namespaces are not available at this isolation level")
+    probe = "import os\npids = sorted(int(p) for p in os.listdir('/proc') if p.isdigit())\nme = os.getpid()"
+    for r in run_many([probe] * 6, [["assert me == 2, me", "assert pids == [1, 2], pids"]] * 6):
+        assert r.status == "passed", r.error
+
+
 def test_ctypes_and_rlimits(strong):
     r = _hostile("""
         import ctypes, resource
