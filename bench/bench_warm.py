@@ -4,14 +4,18 @@
    labels and their weight average (WARM), then RL from the SFT model against the single best
    member and against WARM (same seed, same steps), each logging the learned reward ("proxy")
    and the toy world's true preference ("gold") per step.
-2. Trains the same three members again on clean labels (from the same SFT model), for the
-   clean half of the accuracy claims.
-3. Prints held-out pairwise accuracy of every member, their mean, the best member, the weight
-   average and the prediction ensemble, for clean and noisy labels; and, for both RL runs, the
-   step where the smoothed gold reward peaks (RL against WARM should keep it rising longer).
-4. Writes warm_rl.png: proxy and gold reward per step for both RL runs.
+2. Accuracy, over `--repeats` independent repetitions (each with its own label flips, probe and
+   member seeds), for 25% flipped and for clean labels: the recipe's reward_model stage again,
+   its held-out pairs split in two. The validation half is the stage's eval_dataset (it picks
+   the best member, as `best_member` does for RL); the test half, never used for a choice,
+   gives every number printed: each member, their mean, the best member (chosen on
+   validation), the weight average and the prediction ensemble. Choosing and measuring on the
+   same pairs would hand the best member the luck of the draw (the max of noisy estimates).
+3. RL over `--rl-seeds` seeds: both RL stages again with each seed against the same reward
+   models; the step where the smoothed gold reward peaks, and gold at the end, per seed.
+4. Writes warm_rl.png: proxy and gold reward per step for both RL runs of the recipe's seed.
 
-    python bench/bench_warm.py [--out runs/warm_bench] [--set stages.rm.max_steps=80 ...]
+    python bench/bench_warm.py [--out runs/warm_bench] [--repeats 3] [--rl-seeds 3] [--set key=value ...]
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -29,23 +34,79 @@ ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "warm.yaml"
 
 
-def accuracy_row(label: str, metrics: dict, members: int) -> dict:
-    accs = [metrics[f"member_{i}/accuracy"] for i in range(1, members + 1)]
-    return {"labels": label, "members": accs, "mean": sum(accs) / len(accs), "best": max(accs),
-            "average": metrics["average/accuracy"], "ensemble": metrics["ensemble/accuracy"]}
+def held_out_halves(recipe, work: Path, n: int) -> tuple[Path, Path]:
+    """Validation and test preference pairs from the toy world's eval split (never trained on),
+    with the recipe's task mix; two generator seeds, so the halves share no draw."""
+    from posttrain.toy.tasks import generate
+
+    mix = recipe.datasets["prefs"].toy.mix
+    out = []
+    for name, seed in (("validation", 101), ("test", 202)):
+        path = work / f"held_out_{name}.jsonl"
+        rows = generate("mix", n, seed=seed, split="eval", fmt="preference", mix=mix)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        out.append(path)
+    return out[0], out[1]
 
 
-def clean_label_members(manifests: dict, work: Path, seed: int) -> dict:
-    """The reward_model stage of the recipe again, on clean labels, in a directory of its own."""
+def test_accuracies(stage_dir: Path, test_path: Path, model_path: str, seed: int) -> dict:
+    """Pairwise accuracy on the test pairs of every member, the average, the ensemble (mean of
+    the members' rewards) and the best member by validation accuracy."""
+    from posttrain.modeling import load_tokenizer
+    from posttrain.stages.reward_model import load_pairs, load_reward_model, pairwise_accuracy, score_pairs
+    from posttrain.training import TrainingSession
+    from rewards.reward_model import MEMBERS_FILE
+
+    listing = json.loads((stage_dir / "members" / MEMBERS_FILE).read_text())
+    tokenizer = load_tokenizer(model_path)
+    pairs = load_pairs(str(test_path), tokenizer, 128)[0]
+    session = TrainingSession("fp32", seed)
+
+    def scores(path):
+        model = load_reward_model(path, tokenizer.pad_token_id)
+        session.prepare(model, 1e-5)  # on the session's device; no step is taken
+        return score_pairs(session, model, pairs, tokenizer.pad_token_id, 16384)
+
+    members = [scores(path) for path in listing["members"]]
+    chosen = [m for i, m in enumerate(members) if i + 1 in listing["averaged"]]
+    ens_c = [sum(m[0][k] for m in chosen) / len(chosen) for k in range(len(pairs))]
+    ens_r = [sum(m[1][k] for m in chosen) / len(chosen) for k in range(len(pairs))]
+    accs = [pairwise_accuracy(*m) for m in members]
+    session.close()
+    return {"members": accs, "mean": sum(accs) / len(accs), "best": accs[listing["best_member"] - 1],
+            "best_member": listing["best_member"], "average": pairwise_accuracy(*scores(str(stage_dir / "model"))),
+            "ensemble": pairwise_accuracy(ens_c, ens_r)}
+
+
+def reward_model_repeat(manifests: dict, work: Path, seed: int, repeat: int, flip_rate: float,
+                        validation: Path, test: Path) -> dict:
+    """The recipe's reward_model stage with its own seed (label flips, probe) and member seeds."""
     from posttrain.stages.base import StageContext
     from posttrain.stages.reward_model import RewardModelStageConfig, run_reward_model
 
-    config = RewardModelStageConfig.model_validate({**manifests["rm"]["config"], "label_flip_rate": 0.0})
-    stage_dir = work / "rm_clean"
+    base = manifests["rm"]["config"]
+    member_seeds = [s + 1000 * repeat for s in (base.get("seeds") or range(1, int(base["members"]) + 1))]
+    config = RewardModelStageConfig.model_validate({**base, "label_flip_rate": flip_rate, "seeds": member_seeds,
+                                                    "eval_dataset": str(validation), "checkpoint_every": 0})
+    label = "clean" if flip_rate == 0 else f"flip{int(flip_rate * 100)}"
+    stage_dir = work / f"rm_{label}_{repeat}"
     stage_dir.mkdir(parents=True, exist_ok=True)
-    ctx = StageContext(name="rm_clean", kind="reward_model", stage_dir=stage_dir, run_dir=work, seed=seed,
-                       recipe_name="bench_warm")
-    return run_reward_model(config, ctx).metrics
+    ctx = StageContext(name=stage_dir.name, kind="reward_model", stage_dir=stage_dir, run_dir=work,
+                       seed=seed + repeat, recipe_name="bench_warm")
+    run_reward_model(config, ctx)
+    return test_accuracies(stage_dir, test, base["model"], seed + repeat)
+
+
+def rl_repeat(manifests: dict, work: Path, stage: str, seed: int) -> Path:
+    """One of the recipe's RL stages again, with another seed, against the same reward models."""
+    from posttrain.stages.base import StageContext
+    from posttrain.stages.rl import RLStageConfig, run_rl
+
+    stage_dir = work / f"{stage}_seed{seed}"
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    ctx = StageContext(name=stage, kind="rl", stage_dir=stage_dir, run_dir=work, seed=seed, recipe_name="bench_warm")
+    run_rl(RLStageConfig.model_validate(manifests[stage]["config"]), ctx)
+    return stage_dir
 
 
 def smoothed(values: list[float], window: int) -> list[float]:
@@ -81,51 +142,86 @@ def plot(curves: dict[str, tuple], window: int, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def mean_sd(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} +/- {sd:.3f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(ROOT / "runs" / "warm_bench"), help="work directory")
     parser.add_argument("--set", action="append", default=[], dest="overrides", help="recipe override key=value")
     parser.add_argument("--window", type=int, default=5, help="steps averaged in the curves")
+    parser.add_argument("--repeats", type=int, default=3, help="independent reward-model repetitions per label setting")
+    parser.add_argument("--held-out", type=int, default=1000, help="pairs in each held-out half (validation, test)")
+    parser.add_argument("--rl-seeds", type=int, default=3, help="RL seeds (the recipe's, then the next ones)")
     args = parser.parse_args()
     work = Path(args.out).resolve()
     work.mkdir(parents=True, exist_ok=True)
 
+    from posttrain.recipe import load_recipe
     from posttrain.runner import run_recipe
 
     t0 = time.perf_counter()
     manifests = run_recipe(RECIPE, [f"output_dir={work / 'run'}", *args.overrides])
     seconds_recipe = time.perf_counter() - t0
-    from posttrain.recipe import load_recipe
+    recipe = load_recipe(RECIPE, args.overrides)
+    seed = recipe.seed
 
-    clean = clean_label_members(manifests, work, load_recipe(RECIPE).seed)
-    members = int(manifests["rm"]["config"]["members"])
-    rows = [accuracy_row("clean", clean, members), accuracy_row("25% flipped", manifests["rm"]["metrics"], members)]
+    # Accuracy claims, over repetitions, measured on test pairs never used for a choice.
+    validation, test = held_out_halves(recipe, work, args.held_out)
+    flip = float(manifests["rm"]["config"]["label_flip_rate"]) or 0.25
+    table: dict[str, list[dict]] = {}
+    for label, rate in ((f"{int(flip * 100)}% flipped", flip), ("clean", 0.0)):
+        table[label] = [reward_model_repeat(manifests, work, seed, r, rate, validation, test)
+                        for r in range(args.repeats)]
 
-    print(f"\nrecipes/warm.yaml ran in {seconds_recipe:.0f} s\n")
-    print("held-out pairwise accuracy (toy preference pairs never seen in training)")
-    print(f"{'labels':<12} {'members':<24} {'mean':>6} {'best':>6} {'WARM':>6} {'ensemble':>9}")
-    for r in rows:
-        print(f"{r['labels']:<12} {' '.join(f'{a:.3f}' for a in r['members']):<24} {r['mean']:6.3f} {r['best']:6.3f} "
-              f"{r['average']:6.3f} {r['ensemble']:9.3f}")
-    for r in rows:
-        print(f"  {r['labels']}: WARM >= mean of members: {r['average'] >= r['mean']}; "
-              f"WARM >= best member: {r['average'] >= r['best']}")
+    print(f"\nrecipes/warm.yaml ran in {seconds_recipe:.0f} s")
+    print(f"\nheld-out pairwise accuracy on {args.held_out} test pairs (best member chosen on {args.held_out} "
+          f"other validation pairs), {args.repeats} repetitions")
+    print(f"{'labels':<12} {'rep':>3}  {'members':<24} {'mean':>6} {'best':>6} {'WARM':>6} {'ensemble':>9}")
+    claims = {}
+    for label, rows in table.items():
+        for r, row in enumerate(rows):
+            print(f"{label:<12} {r:>3}  {' '.join(f'{a:.3f}' for a in row['members']):<24} {row['mean']:6.3f} "
+                  f"{row['best']:6.3f} {row['average']:6.3f} {row['ensemble']:9.3f}")
+        cols = {k: [row[k] for row in rows] for k in ("mean", "best", "average", "ensemble")}
+        print(f"{label:<12} all  mean {mean_sd(cols['mean'])}, best {mean_sd(cols['best'])}, "
+              f"WARM {mean_sd(cols['average'])}, ensemble {mean_sd(cols['ensemble'])}")
+        gain_mean = [row["average"] - row["mean"] for row in rows]
+        gain_best = [row["average"] - row["best"] for row in rows]
+        claims[label] = {"warm_minus_mean": gain_mean, "warm_minus_best": gain_best,
+                         "warm_ge_mean": statistics.mean(gain_mean) >= 0,
+                         "warm_ge_best": statistics.mean(gain_best) >= 0}
+        print(f"  {label}: WARM - mean of members {mean_sd(gain_mean)} (>= 0 in "
+              f"{sum(g >= 0 for g in gain_mean)}/{len(rows)}); WARM - best member {mean_sd(gain_best)} "
+              f"(>= 0 in {sum(g >= 0 for g in gain_best)}/{len(rows)})")
 
-    curves = {"RL vs best member": rl_curves(work / "run" / "rl_best_member"),
-              "RL vs WARM": rl_curves(work / "run" / "rl_warm")}
-    print("\nRL (same seed, same steps): step where the smoothed gold reward peaks, gold at start/peak/end")
-    summary = {}
-    for label, (steps, proxy, gold) in curves.items():
-        g = smoothed(gold, args.window)
-        p = smoothed(proxy, args.window)
-        peak = max(range(len(g)), key=lambda i: g[i])
-        summary[label] = {"gold_peak_step": steps[peak], "gold_start": g[0], "gold_peak": g[peak], "gold_end": g[-1],
-                          "proxy_start": p[0], "proxy_end": p[-1]}
-        print(f"  {label:<18} peak at step {steps[peak]:>3}; gold {g[0]:.3f} / {g[peak]:.3f} / {g[-1]:.3f}; "
-              f"proxy {p[0]:.3f} -> {p[-1]:.3f}")
+    # RL: the recipe's runs, then the same two stages with further seeds.
+    runs = {"RL vs best member": "rl_best_member", "RL vs WARM": "rl_warm"}
+    dirs = {label: [work / "run" / stage] + [rl_repeat(manifests, work, stage, seed + k)
+                                              for k in range(1, args.rl_seeds)]
+            for label, stage in runs.items()}
+    print(f"\nRL (same seeds, same steps): step where the smoothed gold reward peaks; gold at start/peak/end")
+    summary: dict[str, dict] = {}
+    for label, stage_dirs in dirs.items():
+        per_seed = []
+        for k, stage_dir in enumerate(stage_dirs):
+            steps, proxy, gold = rl_curves(stage_dir)
+            g, p = smoothed(gold, args.window), smoothed(proxy, args.window)
+            peak = max(range(len(g)), key=lambda i: g[i])
+            per_seed.append({"seed": seed + k, "gold_peak_step": steps[peak], "gold_start": g[0], "gold_peak": g[peak],
+                             "gold_end": g[-1], "proxy_start": p[0], "proxy_end": p[-1]})
+            print(f"  {label:<18} seed {seed + k}: peak at step {steps[peak]:>3}; gold {g[0]:.3f} / {g[peak]:.3f} / "
+                  f"{g[-1]:.3f}; proxy {p[0]:.3f} -> {p[-1]:.3f}")
+        summary[label] = {"seeds": per_seed,
+                          "mean_gold_peak_step": statistics.mean(s["gold_peak_step"] for s in per_seed),
+                          "mean_gold_end": statistics.mean(s["gold_end"] for s in per_seed)}
+        print(f"  {label:<18} mean peak step {summary[label]['mean_gold_peak_step']:.1f}, "
+              f"mean gold at the end {summary[label]['mean_gold_end']:.3f}")
     png = work / "warm_rl.png"
-    plot(curves, args.window, png)
-    (work / "bench_warm.json").write_text(json.dumps({"accuracy": rows, "rl": summary}, indent=2))
+    plot({label: rl_curves(stage_dirs[0]) for label, stage_dirs in dirs.items()}, args.window, png)
+    (work / "bench_warm.json").write_text(json.dumps({"accuracy": table, "claims": claims, "rl": summary}, indent=2))
     print(f"\nplot: {png}\nnumbers: {work / 'bench_warm.json'}")
 
 

@@ -167,7 +167,11 @@ def main() -> int:
             failures.append(f"{name}: {row['status']}")
 
     if not args.skip_bench:
-        engines = "vllm-compiled-bf16,transformers" if vllm_available() else "transformers"
+        # TRL generates under bf16 autocast; "transformers-bf16" holds the engine's weights in bf16, the
+        # like-for-like contender ("transformers" keeps fp32 weights, as a reference).
+        engines = "transformers-bf16,transformers"
+        if vllm_available():
+            engines = "vllm-compiled-bf16," + engines
         bench_json = work / "bench_rl.json"
         cmd = [sys.executable, str(ROOT / "bench" / "bench_rl.py"), "--engines", engines, "--json", str(bench_json),
                *args.bench_args.split()]

@@ -18,6 +18,7 @@ over one ignored, working code over broken code. Preference rows can carry label
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 from typing import Callable, Iterator
@@ -123,8 +124,24 @@ def instruction_problem(rng: random.Random, split: str) -> dict:
             break
     text, iid, kwargs, apply = _INSTRUCTIONS[idx]
     prompt = f"Write one sentence about {topic}. {text}"
-    return {"prompt": prompt, "instruction_id_list": [iid], "kwargs": [dict(kwargs)],
-            "solution": apply(_sentence(rng, topic))}
+    # The judge is IFEval's checker, whose case checks also need langdetect to call the text
+    # English; it does not for a few of these sentences (e.g. "i like winter because it is
+    # green and green."), so those are drawn again: the preferred answer must pass the judge.
+    for _ in range(100):
+        solution = apply(_sentence(rng, topic))
+        if _follows(solution, iid):
+            break
+    else:
+        raise RuntimeError(f"toy instructions: no sentence about {topic!r} passes {iid}")
+    return {"prompt": prompt, "instruction_id_list": [iid], "kwargs": [dict(kwargs)], "solution": solution}
+
+
+@functools.lru_cache(maxsize=None)
+def _follows(text: str, iid: str) -> bool:
+    from rewards.instructions import check
+
+    kwargs = next(k for _, i, k, _ in _INSTRUCTIONS if i == iid)
+    return all(check(text, [iid], [dict(kwargs)]))
 
 
 # --- chit-chat, including identity questions ---------------------------------------------------
@@ -186,11 +203,33 @@ def _violate_instruction(iid: str, solution: str) -> str:
     raise ValueError(f"no way to ignore toy instruction {iid!r}")
 
 
+# Wrong math answers come in three kinds, from hard to easy for a small reward model to tell
+# from the right one: a near miss (the sum off by 1 or 2: needs the arithmetic), the wrong
+# operation (the question says "gives away", the working adds), and a final answer that
+# contradicts the working. With near misses only, a small reward model sits at chance on math
+# pairs whatever it is trained on, and no training choice (label noise, averaging) shows.
+MATH_MISTAKES = ("near_miss", "wrong_operation", "inconsistent_answer")
+
+
+def _wrong_math_solution(row: dict, rng: random.Random) -> str:
+    working = row["solution"].split(" = ", 1)[0]  # "a + b"
+    a, op, b = working.split(" ")
+    answer = int(row["answer"])
+    kind = rng.choice(MATH_MISTAKES)
+    if kind == "wrong_operation":
+        other = "-" if op == "+" else "+"
+        wrong = int(a) - int(b) if other == "-" else int(a) + int(b)  # != answer: b >= 1
+        return f"{a} {other} {b} = {wrong}. The answer is {wrong}."
+    wrong = answer + rng.choice([-2, -1, 1, 2])
+    if kind == "inconsistent_answer":
+        return f"{working} = {answer}. The answer is {wrong}."
+    return f"{working} = {wrong}. The answer is {wrong}."
+
+
 def _wrong_solution(row: dict, rng: random.Random) -> str:
     """The answer the toy world ranks below `row['solution']`."""
     if "answer" in row:
-        wrong = int(row["answer"]) + rng.choice([-2, -1, 1, 2])
-        return row["solution"].rsplit("=", 1)[0] + f"= {wrong}. The answer is {wrong}."
+        return _wrong_math_solution(row, rng)
     if "tests" in row:
         return row["solution"].replace("return x", "return 0 * x")
     if "instruction_id_list" in row:

@@ -47,3 +47,23 @@ def test_flip_rate_is_checked():
         generate("math", 4, fmt="preference", flip_rate=1.5)
     with pytest.raises(ValueError, match="flip_rate: label noise applies to preference rows"):
         generate("math", 4, fmt="chat", flip_rate=0.1)
+
+
+def test_wrong_math_answers_come_in_three_kinds():
+    """Near misses, the wrong operation, a final answer contradicting the working: every kind is
+    drawn, and in every kind the final answer is wrong (the gold reward ranks it lower)."""
+    rows = generate("math", 300, seed=5, fmt="preference")
+    kinds = set()
+    for r in rows:
+        working, final = r["rejected"].split(". The answer is ")
+        lhs, result = working.split(" = ")
+        stated, correct_op = int(final.rstrip(".")), r["chosen"].split(" ")[1]
+        assert stated != int(r["answer"]), r
+        if lhs.split(" ")[1] != correct_op:
+            kinds.add("wrong_operation")
+        elif int(result) != stated:
+            kinds.add("inconsistent_answer")
+        else:
+            kinds.add("near_miss")
+            assert abs(stated - int(r["answer"])) <= 2
+    assert kinds == {"near_miss", "wrong_operation", "inconsistent_answer"}
