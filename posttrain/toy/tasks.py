@@ -127,10 +127,13 @@ def instruction_problem(rng: random.Random, split: str) -> dict:
     # The judge is IFEval's checker, whose case checks also need langdetect to call the text
     # English; it does not for a few of these sentences (e.g. "i like winter because it is
     # green and green."), so those are drawn again: the preferred answer must pass the judge.
+    # Redraws come from a stream of their own, so every other row stays what it was.
+    solution = apply(_sentence(rng, topic))
+    redraw = random.Random(f"redraw:{solution}")
     for _ in range(100):
-        solution = apply(_sentence(rng, topic))
         if _follows(solution, iid):
             break
+        solution = apply(_sentence(redraw, topic))
     else:
         raise RuntimeError(f"toy instructions: no sentence about {topic!r} passes {iid}")
     return {"prompt": prompt, "instruction_id_list": [iid], "kwargs": [dict(kwargs)], "solution": solution}
