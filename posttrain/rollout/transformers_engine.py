@@ -17,7 +17,9 @@ from typing import Iterable, Sequence
 
 import torch
 
+from posttrain.losses.token_logprobs import resolve_chunk_size
 from posttrain.modeling import load_causal_lm, load_tokenizer, stop_token_ids
+from posttrain.rollout.logprobs import sequence_logprobs
 from posttrain.rollout.prompts import fit_prompts, render_prompts
 from posttrain.rollout.parallel import current_launch, request_seed_offset
 from posttrain.rollout.types import Completion, Prompt, RolloutConfig, RolloutEngine, RolloutError, SamplingParams
@@ -117,7 +119,7 @@ class TransformersEngine(RolloutEngine):
         # do) would make transformers torch.compile the decoder on CUDA, and recompile it for every new
         # batch or prompt shape; RL batches change shape every step. (TRL's GRPOTrainer does the same.)
         kwargs = dict(max_new_tokens=sampling.max_new_tokens, eos_token_id=stops, pad_token_id=pad,
-                      return_dict_in_generate=True, output_logits=sampling.logprobs, disable_compile=True)
+                      return_dict_in_generate=True, disable_compile=True)
         if sampling.greedy:
             kwargs.update(do_sample=False)
         else:
@@ -125,21 +127,21 @@ class TransformersEngine(RolloutEngine):
                           top_k=sampling.top_k)  # 0 disables top-k (the model's generation_config may default to 50)
         out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
         new_tokens = out.sequences[:, width:].cpu()
-        token_logprobs = None
-        if sampling.logprobs:
-            # Raw logits (before temperature and warpers), so the convention log_softmax(logits / T) is exact.
-            logprobs = torch.log_softmax(torch.stack(out.logits, dim=1).float().cpu() / sampling.logprob_temperature,
-                                         dim=-1)
-            token_logprobs = logprobs.gather(-1, new_tokens[:, :, None]).squeeze(-1)
         stop_set = set(stops)
-        completions = []
-        for i in range(len(rows)):
-            ids, reason = cut_at_stop(new_tokens[i].tolist(), stop_set, sampling.max_new_tokens)
-            completions.append(Completion(
-                token_ids=ids, text=decode_completion(self.tokenizer, ids, reason == "stop"),
-                logprobs=token_logprobs[i, :len(ids)].tolist() if token_logprobs is not None else [],
-                finish_reason=reason))
-        return completions
+        cut = [cut_at_stop(new_tokens[i].tolist(), stop_set, sampling.max_new_tokens) for i in range(len(rows))]
+        token_logprobs: list[list[float]] = [[] for _ in rows]
+        if sampling.logprobs:
+            # One scoring forward over the finished sequences, projected to the vocabulary a chunk
+            # at a time, instead of generate's output_logits: those keep [rows, new tokens, vocab]
+            # float logits (64 x 1024 x 262,144 is 68 GB) and would be the one log-prob path whose
+            # memory grows with the vocabulary. Raw logits / T: the project-wide convention.
+            chunk = resolve_chunk_size("auto", int(self.model.get_output_embeddings().weight.shape[0]))
+            scored = sequence_logprobs(self.model, rows, [ids for ids, _ in cut], sampling.logprob_temperature,
+                                       pad_token_id=pad, chunk_size=chunk)
+            token_logprobs = [lp.tolist() for lp in scored]
+        return [Completion(token_ids=ids, text=decode_completion(self.tokenizer, ids, reason == "stop"),
+                           logprobs=token_logprobs[i], finish_reason=reason)
+                for i, (ids, reason) in enumerate(cut)]
 
     @torch.no_grad()
     def update_weights(self, named_tensors: Iterable[tuple]) -> None:
