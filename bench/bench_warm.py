@@ -53,7 +53,8 @@ def test_accuracies(stage_dir: Path, test_path: Path, model_path: str, seed: int
     """Pairwise accuracy on the test pairs of every member, the average, the ensemble (mean of
     the members' rewards) and the best member by validation accuracy."""
     from posttrain.modeling import load_tokenizer
-    from posttrain.stages.reward_model import load_pairs, load_reward_model, pairwise_accuracy, score_pairs
+    from posttrain.stages.reward_model import (ensemble_scores, load_pairs, load_reward_model, pairwise_accuracy,
+                                               score_pairs)
     from posttrain.training import TrainingSession
     from rewards.reward_model import MEMBERS_FILE
 
@@ -69,13 +70,11 @@ def test_accuracies(stage_dir: Path, test_path: Path, model_path: str, seed: int
 
     members = [scores(path) for path in listing["members"]]
     chosen = [m for i, m in enumerate(members) if i + 1 in listing["averaged"]]
-    ens_c = [sum(m[0][k] for m in chosen) / len(chosen) for k in range(len(pairs))]
-    ens_r = [sum(m[1][k] for m in chosen) / len(chosen) for k in range(len(pairs))]
     accs = [pairwise_accuracy(*m) for m in members]
     session.close()
     return {"members": accs, "mean": sum(accs) / len(accs), "best": accs[listing["best_member"] - 1],
             "best_member": listing["best_member"], "average": pairwise_accuracy(*scores(str(stage_dir / "model"))),
-            "ensemble": pairwise_accuracy(ens_c, ens_r)}
+            "ensemble": pairwise_accuracy(*ensemble_scores(chosen))}
 
 
 def reward_model_repeat(manifests: dict, work: Path, seed: int, repeat: int, flip_rate: float,

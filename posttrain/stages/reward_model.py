@@ -305,6 +305,13 @@ def score_pairs(session: TrainingSession, model, pairs, pad_id: int, budget: int
     return [c for _, c, _ in everything], [r for _, _, r in everything]
 
 
+def ensemble_scores(members: list[tuple[list[float], list[float]]]) -> tuple[list[float], list[float]]:
+    """The prediction ensemble's (r_chosen, r_rejected) per pair: the mean of the members' rewards."""
+    chosen = [sum(values) / len(members) for values in zip(*(c for c, _ in members))]
+    rejected = [sum(values) / len(members) for values in zip(*(r for _, r in members))]
+    return chosen, rejected
+
+
 def pairwise_accuracy(r_chosen, r_rejected) -> float:
     """Fraction of pairs ranked right; a tie counts half."""
     if not r_chosen:
@@ -465,11 +472,10 @@ def run_reward_model(config: RewardModelStageConfig, ctx: StageContext) -> Stage
     if eval_pairs:
         session.prepare(model, config.learning_rate)  # on the device; no step is taken
         r_c, r_r = score_pairs(session, model, eval_pairs, pad_id, budget)
-        ens_c = [sum(done[i]["eval_chosen"][k] for i in chosen) / len(chosen) for k in range(len(eval_pairs))]
-        ens_r = [sum(done[i]["eval_rejected"][k] for i in chosen) / len(chosen) for k in range(len(eval_pairs))]
+        ensemble = ensemble_scores([(done[i]["eval_chosen"], done[i]["eval_rejected"]) for i in chosen])
         member_accs = [accuracies[i] for i in chosen]
         summary.update({"average/accuracy": pairwise_accuracy(r_c, r_r),
-                        "ensemble/accuracy": pairwise_accuracy(ens_c, ens_r),
+                        "ensemble/accuracy": pairwise_accuracy(*ensemble),
                         "members/accuracy_mean": sum(member_accs) / len(member_accs),
                         "members/accuracy_best": max(accuracies)})
     session.barrier()

@@ -49,7 +49,7 @@ from posttrain.training import (PLACEMENT_HELP, ChunkSize, LoraSpec, TrainingSes
                                 load_checkpoint, place_frozen, resolve_placement, save_checkpoint, save_model,
                                 token_budget_batches, truncate_metrics)
 from posttrain.weights import ema_update_
-from rewards.combine import CombinedReward, FaultPolicy, RewardSpec, columns_from_rows
+from rewards.combine import CombinedReward, FaultPolicy, RewardBatch, RewardSpec, columns_from_rows
 
 log = logging.getLogger(__name__)
 
@@ -594,15 +594,12 @@ def _bond_step(step, config: RLStageConfig, ctx, session: TrainingSession, engin
     return record, nan_streak
 
 
-def _policy_part(scored, per_prompt: int):
+def _policy_part(scored: RewardBatch, per_prompt: int) -> RewardBatch:
     """The reward batch restricted to the policy samples (the first of every prompt's completions)."""
-    from types import SimpleNamespace
-
     keep = range(0, len(scored.rewards), per_prompt)
-    return SimpleNamespace(rewards=[scored.rewards[i] for i in keep],
-                           skipped=[scored.skipped[i] for i in keep],
-                           per_reward={name: [v[i] for i in keep] for name, v in scored.per_reward.items()},
-                           faults=scored.faults)
+    return RewardBatch(rewards=[scored.rewards[i] for i in keep], skipped=[scored.skipped[i] for i in keep],
+                       per_reward={name: [v[i] for i in keep] for name, v in scored.per_reward.items()},
+                       faults=scored.faults)
 
 
 def bond_gradient_pass(config: RLStageConfig, session: TrainingSession, policy, anchor, start_model,

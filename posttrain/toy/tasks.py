@@ -131,7 +131,7 @@ def instruction_problem(rng: random.Random, split: str) -> dict:
     solution = apply(_sentence(rng, topic))
     redraw = random.Random(f"redraw:{solution}")
     for _ in range(100):
-        if _follows(solution, iid):
+        if _follows(solution, idx):
             break
         solution = apply(_sentence(redraw, topic))
     else:
@@ -140,10 +140,11 @@ def instruction_problem(rng: random.Random, split: str) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def _follows(text: str, iid: str) -> bool:
+def _follows(text: str, instruction: int) -> bool:
+    """Whether `text` follows _INSTRUCTIONS[instruction] by the judge's verdict (cached: few texts recur)."""
     from rewards.instructions import check
 
-    kwargs = next(k for _, i, k, _ in _INSTRUCTIONS if i == iid)
+    _, iid, kwargs, _ = _INSTRUCTIONS[instruction]
     return all(check(text, [iid], [dict(kwargs)]))
 
 
