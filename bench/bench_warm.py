@@ -12,8 +12,12 @@
    validation), the weight average and the prediction ensemble. Choosing and measuring on the
    same pairs would hand the best member the luck of the draw (the max of noisy estimates).
 3. RL over `--rl-seeds` seeds: both RL stages again with each seed against the same reward
-   models; the step where the smoothed gold reward peaks, and gold at the end, per seed.
-4. Writes warm_rl.png: proxy and gold reward per step for both RL runs of the recipe's seed.
+   models, plus RL against WARM with its reward scaled to the best member's spread (RLOO follows
+   the raw reward, so a reward model with a smaller spread also pulls the policy more gently);
+   per seed the step where the smoothed gold reward peaks, gold at the end and over the second
+   half of the run, and the KL to the SFT model.
+4. Writes warm_rl.png for the recipe's seed: proxy and gold reward per step, and gold against
+   the KL to the SFT model (where the comparison no longer depends on the reward's scale).
 
     python bench/bench_warm.py [--out runs/warm_bench] [--repeats 3] [--rl-seeds 3] [--set key=value ...]
 """
@@ -96,16 +100,31 @@ def reward_model_repeat(manifests: dict, work: Path, seed: int, repeat: int, fli
     return test_accuracies(stage_dir, test, base["model"], seed + repeat)
 
 
-def rl_repeat(manifests: dict, work: Path, stage: str, seed: int) -> Path:
-    """One of the recipe's RL stages again, with another seed, against the same reward models."""
+def rl_repeat(manifests: dict, work: Path, stage: str, seed: int, proxy_weight: float | None = None,
+              label: str | None = None) -> Path:
+    """One of the recipe's RL stages again, with another seed, against the same reward models;
+    `proxy_weight` rescales the proxy reward (the scale-matched run)."""
     from posttrain.stages.base import StageContext
     from posttrain.stages.rl import RLStageConfig, run_rl
 
-    stage_dir = work / f"{stage}_seed{seed}"
+    config = dict(manifests[stage]["config"])
+    if proxy_weight is not None:
+        config["rewards"] = [{**r, "weight": proxy_weight} if r["name"] == "proxy" else r for r in config["rewards"]]
+    stage_dir = work / f"{label or stage}_seed{seed}"
     stage_dir.mkdir(parents=True, exist_ok=True)
     ctx = StageContext(name=stage, kind="rl", stage_dir=stage_dir, run_dir=work, seed=seed, recipe_name="bench_warm")
-    run_rl(RLStageConfig.model_validate(manifests[stage]["config"]), ctx)
+    run_rl(RLStageConfig.model_validate(config), ctx)
     return stage_dir
+
+
+def first_step_proxy_std(stage_dir: Path) -> float:
+    """The proxy reward's spread over the first step's samples. Both RL stages start from the
+    same policy with the same seed, so their first steps score the very same completions."""
+    for line in (stage_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "reward/proxy/std" in row:
+            return row["reward/proxy/std"]
+    raise RuntimeError(f"{stage_dir}: no RL step in metrics.jsonl")
 
 
 def smoothed(values: list[float], window: int) -> list[float]:
@@ -116,26 +135,35 @@ def smoothed(values: list[float], window: int) -> list[float]:
     return out
 
 
-def rl_curves(stage_dir: Path) -> tuple[list[int], list[float], list[float]]:
+def rl_curves(stage_dir: Path) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Per RL step: the step, proxy and gold reward, and the KL to the start (SFT) model."""
     rows = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "reward/proxy/mean" in r]
-    return [r["step"] for r in rows], [r["reward/proxy/mean"] for r in rows], [r["reward/gold/mean"] for r in rows]
+    return ([r["step"] for r in rows], [r["reward/proxy/mean"] for r in rows], [r["reward/gold/mean"] for r in rows],
+            [r.get("kl_start", float("nan")) for r in rows])
 
 
 def plot(curves: dict[str, tuple], window: int, path: Path) -> None:
+    """Proxy and gold reward per step, and gold against the KL to the start model: a reward model
+    with a smaller reward scale pulls the policy away more slowly, so per-step curves alone would
+    credit its scale; at equal KL the comparison is of the rewards' quality."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for label, (steps, proxy, gold) in curves.items():
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    for label, (steps, proxy, gold, kl) in curves.items():
         axes[0].plot(steps, smoothed(proxy, window), label=label)
         axes[1].plot(steps, smoothed(gold, window), label=label)
+        axes[2].plot(smoothed(kl, window), smoothed(gold, window), label=label)
     axes[0].set_title(f"proxy reward (its own reward model), mean of {window} steps")
     axes[1].set_title(f"gold reward (true preference), mean of {window} steps")
-    for ax in axes:
+    axes[2].set_title("gold reward against KL(policy || SFT model)")
+    for ax in axes[:2]:
         ax.set_xlabel("RL step")
+    axes[2].set_xlabel("KL to the SFT model (nats per sequence)")
+    for ax in axes:
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -150,7 +178,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(ROOT / "runs" / "warm_bench"), help="work directory")
     parser.add_argument("--set", action="append", default=[], dest="overrides", help="recipe override key=value")
-    parser.add_argument("--window", type=int, default=5, help="steps averaged in the curves")
+    parser.add_argument("--window", type=int, default=10, help="steps averaged in the curves")
     parser.add_argument("--repeats", type=int, default=3, help="independent reward-model repetitions per label setting")
     parser.add_argument("--held-out", type=int, default=1000, help="pairs in each held-out half (validation, test)")
     parser.add_argument("--rl-seeds", type=int, default=3, help="RL seeds (the recipe's, then the next ones)")
@@ -196,28 +224,41 @@ def main() -> None:
               f"{sum(g >= 0 for g in gain_mean)}/{len(rows)}); WARM - best member {mean_sd(gain_best)} "
               f"(>= 0 in {sum(g >= 0 for g in gain_best)}/{len(rows)})")
 
-    # RL: the recipe's runs, then the same two stages with further seeds.
+    # RL: the recipe's runs, then the same two stages with further seeds. RLOO follows the raw
+    # reward, so a reward model with a smaller spread pulls the policy more gently: a third run
+    # scales WARM's reward to the best member's spread on the same first-step samples, so that
+    # "hacks later" cannot come from the scale alone.
     runs = {"RL vs best member": "rl_best_member", "RL vs WARM": "rl_warm"}
     dirs = {label: [work / "run" / stage] + [rl_repeat(manifests, work, stage, seed + k)
                                               for k in range(1, args.rl_seeds)]
             for label, stage in runs.items()}
-    print(f"\nRL (same seeds, same steps): step where the smoothed gold reward peaks; gold at start/peak/end")
+    scale = first_step_proxy_std(work / "run" / "rl_best_member") / first_step_proxy_std(work / "run" / "rl_warm")
+    dirs["RL vs WARM x scale"] = [rl_repeat(manifests, work, "rl_warm", seed + k, proxy_weight=scale,
+                                            label="rl_warm_scaled") for k in range(args.rl_seeds)]
+    print(f"\nWARM's reward scaled by {scale:.2f} in 'RL vs WARM x scale' (the best member's spread over WARM's, "
+          "on the first step's samples)")
+    print(f"\nRL (same seeds, same steps): step where the smoothed gold reward peaks; gold at start/peak/end and its "
+          f"mean over the second half of the run; proxy; KL to the SFT model at the end")
     summary: dict[str, dict] = {}
     for label, stage_dirs in dirs.items():
         per_seed = []
         for k, stage_dir in enumerate(stage_dirs):
-            steps, proxy, gold = rl_curves(stage_dir)
-            g, p = smoothed(gold, args.window), smoothed(proxy, args.window)
+            steps, proxy, gold, kl = rl_curves(stage_dir)
+            g, p, d = smoothed(gold, args.window), smoothed(proxy, args.window), smoothed(kl, args.window)
             peak = max(range(len(g)), key=lambda i: g[i])
+            late = gold[len(gold) // 2:]
             per_seed.append({"seed": seed + k, "gold_peak_step": steps[peak], "gold_start": g[0], "gold_peak": g[peak],
-                             "gold_end": g[-1], "proxy_start": p[0], "proxy_end": p[-1]})
+                             "gold_end": g[-1], "gold_second_half": sum(late) / len(late), "proxy_start": p[0],
+                             "proxy_end": p[-1], "kl_end": d[-1]})
             print(f"  {label:<18} seed {seed + k}: peak at step {steps[peak]:>3}; gold {g[0]:.3f} / {g[peak]:.3f} / "
-                  f"{g[-1]:.3f}; proxy {p[0]:.3f} -> {p[-1]:.3f}")
-        summary[label] = {"seeds": per_seed,
-                          "mean_gold_peak_step": statistics.mean(s["gold_peak_step"] for s in per_seed),
-                          "mean_gold_end": statistics.mean(s["gold_end"] for s in per_seed)}
-        print(f"  {label:<18} mean peak step {summary[label]['mean_gold_peak_step']:.1f}, "
-              f"mean gold at the end {summary[label]['mean_gold_end']:.3f}")
+                  f"{g[-1]:.3f}, second half {per_seed[-1]['gold_second_half']:.3f}; proxy {p[0]:.3f} -> {p[-1]:.3f}; "
+                  f"KL {d[-1]:.2f}")
+        summary[label] = {"seeds": per_seed, **({"proxy_weight": scale} if label.endswith("scale") else {}),
+                          **{f"mean_{key}": statistics.mean(s[key] for s in per_seed)
+                             for key in ("gold_peak_step", "gold_end", "gold_second_half", "kl_end")}}
+        print(f"  {label:<18} mean over seeds: peak step {summary[label]['mean_gold_peak_step']:.1f}, gold at the end "
+              f"{summary[label]['mean_gold_end']:.3f}, gold in the second half {summary[label]['mean_gold_second_half']:.3f}, "
+              f"KL at the end {summary[label]['mean_kl_end']:.2f}")
     png = work / "warm_rl.png"
     plot({label: rl_curves(stage_dirs[0]) for label, stage_dirs in dirs.items()}, args.window, png)
     (work / "bench_warm.json").write_text(json.dumps({"accuracy": table, "claims": claims, "rl": summary}, indent=2))
