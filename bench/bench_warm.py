@@ -117,14 +117,19 @@ def rl_repeat(manifests: dict, work: Path, stage: str, seed: int, proxy_weight: 
     return stage_dir
 
 
+def rl_steps(stage_dir: Path) -> list[dict]:
+    """The RL steps' rows of a stage's metrics.jsonl (evaluation rows left out)."""
+    rows = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "reward/proxy/mean" in r]
+
+
 def first_step_proxy_std(stage_dir: Path) -> float:
     """The proxy reward's spread over the first step's samples. Both RL stages start from the
     same policy with the same seed, so their first steps score the very same completions."""
-    for line in (stage_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if "reward/proxy/std" in row:
-            return row["reward/proxy/std"]
-    raise RuntimeError(f"{stage_dir}: no RL step in metrics.jsonl")
+    steps = rl_steps(stage_dir)
+    if not steps:
+        raise RuntimeError(f"{stage_dir}: no RL step in metrics.jsonl")
+    return steps[0]["reward/proxy/std"]
 
 
 def smoothed(values: list[float], window: int) -> list[float]:
@@ -137,8 +142,7 @@ def smoothed(values: list[float], window: int) -> list[float]:
 
 def rl_curves(stage_dir: Path) -> tuple[list[int], list[float], list[float], list[float]]:
     """Per RL step: the step, proxy and gold reward, and the KL to the start (SFT) model."""
-    rows = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if "reward/proxy/mean" in r]
+    rows = rl_steps(stage_dir)
     return ([r["step"] for r in rows], [r["reward/proxy/mean"] for r in rows], [r["reward/gold/mean"] for r in rows],
             [r.get("kl_start", float("nan")) for r in rows])
 
@@ -233,11 +237,12 @@ def main() -> None:
                                               for k in range(1, args.rl_seeds)]
             for label, stage in runs.items()}
     scale = first_step_proxy_std(work / "run" / "rl_best_member") / first_step_proxy_std(work / "run" / "rl_warm")
-    dirs["RL vs WARM x scale"] = [rl_repeat(manifests, work, "rl_warm", seed + k, proxy_weight=scale,
-                                            label="rl_warm_scaled") for k in range(args.rl_seeds)]
-    print(f"\nWARM's reward scaled by {scale:.2f} in 'RL vs WARM x scale' (the best member's spread over WARM's, "
+    scaled = "RL vs WARM x scale"
+    dirs[scaled] = [rl_repeat(manifests, work, "rl_warm", seed + k, proxy_weight=scale, label="rl_warm_scaled")
+                    for k in range(args.rl_seeds)]
+    print(f"\nWARM's reward scaled by {scale:.2f} in '{scaled}' (the best member's spread over WARM's, "
           "on the first step's samples)")
-    print(f"\nRL (same seeds, same steps): step where the smoothed gold reward peaks; gold at start/peak/end and its "
+    print("\nRL (same seeds, same steps): step where the smoothed gold reward peaks; gold at start/peak/end and its "
           f"mean over the second half of the run; proxy; KL to the SFT model at the end")
     summary: dict[str, dict] = {}
     for label, stage_dirs in dirs.items():
@@ -253,7 +258,7 @@ def main() -> None:
             print(f"  {label:<18} seed {seed + k}: peak at step {steps[peak]:>3}; gold {g[0]:.3f} / {g[peak]:.3f} / "
                   f"{g[-1]:.3f}, second half {per_seed[-1]['gold_second_half']:.3f}; proxy {p[0]:.3f} -> {p[-1]:.3f}; "
                   f"KL {d[-1]:.2f}")
-        summary[label] = {"seeds": per_seed, **({"proxy_weight": scale} if label.endswith("scale") else {}),
+        summary[label] = {"seeds": per_seed, **({"proxy_weight": scale} if label == scaled else {}),
                           **{f"mean_{key}": statistics.mean(s[key] for s in per_seed)
                              for key in ("gold_peak_step", "gold_end", "gold_second_half", "kl_end")}}
         print(f"  {label:<18} mean over seeds: peak step {summary[label]['mean_gold_peak_step']:.1f}, gold at the end "
