@@ -243,7 +243,7 @@ def main() -> None:
     print(f"\nWARM's reward scaled by {scale:.2f} in '{scaled}' (the best member's spread over WARM's, "
           "on the first step's samples)")
     print("\nRL (same seeds, same steps): step where the smoothed gold reward peaks; gold at start/peak/end and its "
-          f"mean over the second half of the run; proxy; KL to the SFT model at the end")
+          "mean over the second half of the run; proxy; KL to the SFT model at the end")
     summary: dict[str, dict] = {}
     for label, stage_dirs in dirs.items():
         per_seed = []
