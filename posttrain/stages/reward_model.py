@@ -415,6 +415,10 @@ def run_reward_model(config: RewardModelStageConfig, ctx: StageContext) -> Stage
         # 1. The linear probe: the head alone on the frozen SFT features, shared by every member.
         probe_file = stage_dir / "probe" / "head.pt"
         if not probe_file.exists():
+            # The fresh head is initialised from torch's global generator: seed it here, so the
+            # probe (and every member built on it) depends on the stage's seed alone, not on what
+            # ran before in this process.
+            torch.manual_seed(ctx.seed)
             model = load_reward_model(config.model, pad_id)
             if config.probe_steps:
                 model.requires_grad_(False)

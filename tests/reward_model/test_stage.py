@@ -155,3 +155,27 @@ def test_kill_9_during_member_2_resumes_at_member_2(finished, tmp_path):
     steps = [json.loads(line)["step"] for line in (stage_dir / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(line)]
     assert steps == sorted(steps) and len(steps) == len(set(steps))  # no step logged twice
+
+
+def test_the_probe_depends_on_the_stage_seed_not_on_what_ran_before(finished, tmp_path):
+    """Called directly (as a bench or another tool does, without the runner's seeding), the stage
+    gives the same probed head whatever state torch's global generator was left in."""
+    from posttrain.stages.base import StageContext
+    from posttrain.stages.reward_model import RewardModelStageConfig, run_reward_model
+
+    _, manifest = finished
+    config = RewardModelStageConfig.model_validate({**manifest["config"], "members": 1, "seeds": [1],
+                                                    "learning_rates": None, "average_best": None,
+                                                    "probe_steps": 1, "max_steps": 1, "checkpoint_every": 0})
+    heads = []
+    for prior_seed in (123, 456):
+        torch.manual_seed(prior_seed)
+        torch.rand(1000)  # some earlier work drew from the global generator
+        stage_dir = tmp_path / f"after_{prior_seed}"
+        stage_dir.mkdir()
+        run_reward_model(config, StageContext(name="rm", kind="reward_model", stage_dir=stage_dir, run_dir=tmp_path,
+                                              seed=7, recipe_name="test"))
+        heads.append(torch.load(stage_dir / "probe" / "head.pt", weights_only=True))
+    assert heads[0].keys() == heads[1].keys()
+    for name in heads[0]:
+        assert torch.equal(heads[0][name], heads[1][name])
