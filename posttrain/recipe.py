@@ -56,11 +56,16 @@ class ToyDatasetSpec(_Strict):
     mix: dict[str, float] | None = Field(None, description="Task weights when task is 'mix'.")
     flip_rate: float = Field(0.0, ge=0, le=1, description="Preference rows: the fraction whose chosen and rejected "
                              "are swapped (label noise; the toy world still knows the true preference).")
+    ignore_instruction_rate: float = Field(0.0, ge=0, le=1, description="Chat rows: the fraction of instruction "
+                                           "rows answered with the instruction ignored (imperfect demonstrations).")
 
     @model_validator(mode="after")
     def _flip_only_for_preferences(self):
         if self.flip_rate and self.format != "preference":
             raise ValueError(f"flip_rate: only preference rows have labels to flip (format is {self.format!r})")
+        if self.ignore_instruction_rate and self.format != "chat":
+            raise ValueError("ignore_instruction_rate: only chat rows are demonstrations to spoil "
+                             f"(format is {self.format!r})")
         return self
 
 

@@ -160,7 +160,8 @@ class Inputs:
             spec = entry.toy.model_dump()
             seed = spec["seed"] if spec["seed"] is not None else self.recipe.seed
             make = lambda: (tasks.generate(spec["task"], spec["n"], seed=seed, split=spec["split"],  # noqa: E731
-                                           fmt=spec["format"], mix=spec["mix"], flip_rate=spec["flip_rate"]), None)
+                                           fmt=spec["format"], mix=spec["mix"], flip_rate=spec["flip_rate"],
+                                           ignore_instruction_rate=spec["ignore_instruction_rate"]), None)
         else:
             spec = entry.toy_dirty.model_dump()
             seed = spec["seed"] if spec["seed"] is not None else self.recipe.seed

@@ -252,12 +252,18 @@ def _as_preference(row: dict, task: str, rng: random.Random, flip: bool) -> dict
 
 
 def generate(task: str, n: int, seed: int = 0, split: str = "train", fmt: str = "chat",
-             mix: dict[str, float] | None = None, flip_rate: float = 0.0) -> list[dict]:
+             mix: dict[str, float] | None = None, flip_rate: float = 0.0,
+             ignore_instruction_rate: float = 0.0) -> list[dict]:
     """`n` rows of a toy task (`task` in TASKS, or "mix" with `mix` weights) in format `fmt`.
 
     Preference rows (`fmt="preference"`) carry `prompt`, `chosen`, `rejected`, the `task` and
     `label_flipped`: a fraction `flip_rate` of them has chosen and rejected swapped. The flips
     come from a random stream of their own, so the same seed gives the same pairs at any rate.
+
+    Chat rows: a fraction `ignore_instruction_rate` of the instruction rows answers with the
+    instruction ignored (imperfect demonstrations: a model finetuned on them follows
+    instructions only sometimes, so RL has instruction following to gain). Also a stream of its
+    own: every other row stays what it was.
     """
     _check_split(split)
     if fmt not in FORMATS:
@@ -268,8 +274,13 @@ def generate(task: str, n: int, seed: int = 0, split: str = "train", fmt: str = 
         raise ValueError(f"flip_rate: expected a fraction in [0, 1], got {flip_rate!r}")
     if flip_rate and fmt != "preference":
         raise ValueError(f"flip_rate: label noise applies to preference rows only, but format is {fmt!r}")
+    if not 0.0 <= ignore_instruction_rate <= 1.0:
+        raise ValueError(f"ignore_instruction_rate: expected a fraction in [0, 1], got {ignore_instruction_rate!r}")
+    if ignore_instruction_rate and fmt != "chat":
+        raise ValueError(f"ignore_instruction_rate: applies to chat rows (demonstrations) only, but format is {fmt!r}")
     rng = random.Random(f"{task}:{seed}:{split}")
     flips = random.Random(f"flip:{task}:{seed}:{split}")
+    ignores = random.Random(f"ignore:{task}:{seed}:{split}")
     weights = mix or {t: 1.0 for t in _TASKS}
     for name in weights:
         if name not in _TASKS:
@@ -279,6 +290,8 @@ def generate(task: str, n: int, seed: int = 0, split: str = "train", fmt: str = 
         name = task if task != "mix" else rng.choices(list(weights), weights=list(weights.values()))[0]
         row = _TASKS[name](rng, split)
         if fmt == "chat":
+            if "instruction_id_list" in row and ignores.random() < ignore_instruction_rate:
+                row = {**row, "solution": _violate_instruction(row["instruction_id_list"][0], row["solution"])}
             rows.append(_as_chat(row))
         elif fmt == "prompt":
             rows.append(_as_prompt(row))

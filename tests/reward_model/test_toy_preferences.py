@@ -67,3 +67,33 @@ def test_wrong_math_answers_come_in_three_kinds():
             kinds.add("near_miss")
             assert abs(stated - int(r["answer"])) <= 2
     assert kinds == {"near_miss", "wrong_operation", "inconsistent_answer"}
+
+
+def test_ignore_instruction_rate_spoils_that_fraction_of_instruction_demonstrations_only():
+    """Imperfect demonstrations: the spoiled answers fail the instruction's judge, every other row
+    (math, chat, the other instruction rows) is exactly the clean row."""
+    clean = generate("mix", 1200, seed=4, fmt="chat")
+    spoiled = generate("mix", 1200, seed=4, fmt="chat", ignore_instruction_rate=0.5)
+    by_prompt = generate("mix", 1200, seed=4, fmt="prompt")
+    changed = instruction_rows = 0
+    for c, s, p in zip(clean, spoiled, by_prompt):
+        assert s["messages"][0] == c["messages"][0]
+        answer = s["messages"][1]["content"]
+        if "instruction_id_list" not in p:
+            assert answer == c["messages"][1]["content"]
+            continue
+        instruction_rows += 1
+        followed = _gold([{**p, "chosen": answer}], "chosen")[0]
+        if answer != c["messages"][1]["content"]:
+            changed += 1
+            assert followed == 0.0, answer
+        else:
+            assert followed == 1.0, answer
+    assert instruction_rows > 200 and 0.4 < changed / instruction_rows < 0.6
+
+
+def test_ignore_instruction_rate_is_checked():
+    with pytest.raises(ValueError, match="ignore_instruction_rate"):
+        generate("instructions", 4, ignore_instruction_rate=-0.1)
+    with pytest.raises(ValueError, match="ignore_instruction_rate: applies to chat rows"):
+        generate("instructions", 4, fmt="preference", ignore_instruction_rate=0.1)
