@@ -60,7 +60,7 @@ class ToyDatasetSpec(_Strict):
                                            "rows answered with the instruction ignored (imperfect demonstrations).")
 
     @model_validator(mode="after")
-    def _flip_only_for_preferences(self):
+    def _each_rate_fits_the_format(self):
         if self.flip_rate and self.format != "preference":
             raise ValueError(f"flip_rate: only preference rows have labels to flip (format is {self.format!r})")
         if self.ignore_instruction_rate and self.format != "chat":
