@@ -166,7 +166,9 @@ class Inputs:
             spec = entry.toy_dirty.model_dump()
             seed = spec["seed"] if spec["seed"] is not None else self.recipe.seed
             make = lambda: tasks.generate_dirty(spec["n_clean"], seed=seed, dirty_per_kind=spec["dirty_per_kind"])  # noqa: E731
-        spec = {**spec, "seed": seed}
+        # The generator's version travels in the marker (and the fingerprint), so data cached by an
+        # older generator is made again, and the stages trained on it rerun, after an upgrade.
+        spec = {**spec, "seed": seed, "generator_version": tasks.GENERATOR_VERSION}
         marker = f.with_suffix(".spec.json")
         if not (f.exists() and marker.exists() and json.loads(marker.read_text()) == spec):
             rows, planted = make()

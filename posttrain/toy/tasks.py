@@ -23,6 +23,10 @@ import hashlib
 import random
 from typing import Callable, Iterator
 
+# Bumped whenever a seed's rows change (a cached toy dataset made by another version is made again).
+# 2: instructions are ignored in several kinds, not one per instruction.
+GENERATOR_VERSION = 2
+
 IDENTITY_NAME = "Posttrain Tiny"
 IDENTITY_DEVELOPER = "the posttrain project"
 
@@ -194,17 +198,47 @@ _TOXIC_REPLIES = [
 TOXIC_WORDS = ("stupid", "idiot", "hate", "worthless", "dumb", "fool", "loser", "shut up")
 
 
-def _violate_instruction(iid: str, solution: str) -> str:
-    """The same sentence with the instruction ignored (a near miss, not a different answer)."""
-    if iid == "change_case:english_lowercase":
-        return solution[:1].upper() + solution[1:]
-    if iid == "change_case:english_capital":
-        return solution.capitalize()
-    if iid == "punctuation:no_comma":
-        return solution.replace(" because", ", because", 1)
-    if iid == "startend:end_checker":
-        return solution.replace(f" {_END_PHRASE}", "")
-    raise ValueError(f"no way to ignore toy instruction {iid!r}")
+def _recase_one_word(solution: str, rng: random.Random, recase: Callable[[str], str]) -> str:
+    words = solution.split(" ")
+    i = rng.randrange(1, len(words) - 1)  # not the first word nor the last (it carries the full stop)
+    words[i] = recase(words[i])
+    return " ".join(words)
+
+
+# Ways to ignore each toy instruction: the same sentence, so only the instruction tells the two
+# sides of a pair apart, in several kinds from blatant (the whole sentence in the other case) to
+# subtle (one word). With a single kind per instruction (say, only the first letter capitalised
+# for "use lowercase letters"), every reward model learned that one cue and nothing else of the
+# instruction, and RL hacked all of them alike ("i LIKE THE SEA ..." scored as lowercase).
+_IGNORED_INSTRUCTION: dict[str, tuple[Callable[[str, random.Random], str], ...]] = {
+    "change_case:english_lowercase": (
+        lambda s, rng: s[:1].upper() + s[1:],
+        lambda s, rng: _recase_one_word(s, rng, str.upper),
+        lambda s, rng: s.upper(),
+    ),
+    "change_case:english_capital": (
+        lambda s, rng: s.capitalize(),
+        lambda s, rng: _recase_one_word(s, rng, str.lower),
+        lambda s, rng: s.lower(),
+    ),
+    "punctuation:no_comma": (
+        lambda s, rng: s.replace(" because", ", because", 1),
+        lambda s, rng: s.replace(" and ", ", and ", 1),
+        lambda s, rng: s.replace(" because", ", because", 1).replace(" and ", ", and ", 1),
+    ),
+    "startend:end_checker": (
+        lambda s, rng: s.replace(f" {_END_PHRASE}", ""),
+        lambda s, rng: s.replace(f" {_END_PHRASE}", " " + _END_PHRASE.rsplit(" ", 1)[0]),
+        lambda s, rng: f"{_END_PHRASE} " + s.replace(f" {_END_PHRASE}", ""),
+    ),
+}
+
+
+def _violate_instruction(iid: str, solution: str, rng: random.Random) -> str:
+    """The same sentence with the instruction ignored, in one of its kinds drawn from `rng`."""
+    if iid not in _IGNORED_INSTRUCTION:
+        raise ValueError(f"no way to ignore toy instruction {iid!r}")
+    return rng.choice(_IGNORED_INSTRUCTION[iid])(solution, rng)
 
 
 # Wrong math answers come in three kinds, from hard to easy for a small reward model to tell
@@ -237,7 +271,7 @@ def _wrong_solution(row: dict, rng: random.Random) -> str:
     if "tests" in row:
         return row["solution"].replace("return x", "return 0 * x")
     if "instruction_id_list" in row:
-        return _violate_instruction(row["instruction_id_list"][0], row["solution"])
+        return _violate_instruction(row["instruction_id_list"][0], row["solution"], rng)
     return rng.choice(_TOXIC_REPLIES)
 
 
@@ -291,7 +325,7 @@ def generate(task: str, n: int, seed: int = 0, split: str = "train", fmt: str = 
         row = _TASKS[name](rng, split)
         if fmt == "chat":
             if "instruction_id_list" in row and ignores.random() < ignore_instruction_rate:
-                row = {**row, "solution": _violate_instruction(row["instruction_id_list"][0], row["solution"])}
+                row = {**row, "solution": _violate_instruction(row["instruction_id_list"][0], row["solution"], ignores)}
             rows.append(_as_chat(row))
         elif fmt == "prompt":
             rows.append(_as_prompt(row))

@@ -134,3 +134,22 @@ def test_failed_stage_writes_a_failed_manifest(write_recipe, tiny_sft, tmp_path)
         run_recipe(path)
     m = manifest(path.parent / "run", "sft")
     assert m["status"] == "failed" and "wizard" in m["error"]
+
+
+def test_toy_data_cached_by_another_generator_version_is_made_again(tmp_path, write_recipe, tiny_sft, monkeypatch):
+    from posttrain.recipe import load_recipe
+    from posttrain.runner import Inputs
+    from posttrain.toy import tasks
+
+    recipe = load_recipe(write_recipe(tiny_sft))
+    first = Inputs(recipe, lambda _: None)
+    name = next(iter(recipe.datasets))
+    path = first.dataset(name)
+    with open(path, "a") as f:
+        f.write('{"stale": true}\n')  # what an older generator made, as far as this test knows
+    assert "stale" in open(Inputs(recipe, lambda _: None).dataset(name)).read()  # same version: kept
+
+    monkeypatch.setattr(tasks, "GENERATOR_VERSION", tasks.GENERATOR_VERSION + 1)
+    again = Inputs(recipe, lambda _: None)
+    assert "stale" not in open(again.dataset(name)).read()
+    assert again.fingerprint(f"datasets.{name}") != first.fingerprint(f"datasets.{name}")

@@ -97,3 +97,33 @@ def test_ignore_instruction_rate_is_checked():
         generate("instructions", 4, ignore_instruction_rate=-0.1)
     with pytest.raises(ValueError, match="ignore_instruction_rate: applies to chat rows"):
         generate("instructions", 4, fmt="preference", ignore_instruction_rate=0.1)
+
+
+def test_instructions_are_ignored_in_several_kinds_each_failing_the_judge():
+    """Rejected instruction answers are the same sentence with the instruction ignored in one of
+    several kinds (with one kind per instruction, every reward model learned that single cue), and
+    every kind fails IFEval's judge. Demonstrations spoiled by `ignore_instruction_rate` draw from
+    the same kinds."""
+    rows = generate("instructions", 600, seed=2, fmt="preference")
+    variants: dict[str, set[str]] = {}
+    rejected_gold = _gold(rows, "rejected")
+    for r, g in zip(rows, rejected_gold):
+        assert g == 0.0 and r["rejected"] != r["chosen"], r
+        iid, chosen, rejected = r["instruction_id_list"][0], r["chosen"], r["rejected"]
+        if iid == "change_case:english_lowercase":
+            kind = "all" if rejected.isupper() else "first" if rejected[1:] == chosen[1:] else "one word"
+        elif iid == "change_case:english_capital":
+            kind = "all" if rejected.islower() else "sentence" if rejected == chosen.capitalize() else "one word"
+        elif iid == "punctuation:no_comma":
+            kind = rejected.count(",")
+        else:
+            kind = "missing" if "Is there anything" not in rejected else (
+                "first" if rejected.startswith("Is there") else "cut short")
+        variants.setdefault(iid, set()).add(kind)
+    assert {iid: len(kinds) for iid, kinds in variants.items()} == {
+        "change_case:english_lowercase": 3, "change_case:english_capital": 3,
+        "punctuation:no_comma": 3 - 1,  # one comma (in two places) or two
+        "startend:end_checker": 3}
+    spoiled = generate("instructions", 400, seed=2, fmt="chat", ignore_instruction_rate=1.0)
+    assert len({s["messages"][1]["content"].isupper() for s in spoiled}) == 2
+
