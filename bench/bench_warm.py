@@ -147,7 +147,17 @@ def rl_curves(stage_dir: Path) -> tuple[list[int], list[float], list[float], lis
             [r.get("kl_start", float("nan")) for r in rows])
 
 
-def plot(curves: dict[str, tuple], window: int, path: Path) -> None:
+def mean_curves(stage_dirs: list[Path]) -> tuple[list[int], list[float], list[float], list[float]]:
+    """`rl_curves` averaged step by step over seeds (runs of the same length): one seed's curve
+    swings by more than the difference the plot is meant to show."""
+    runs = [rl_curves(d) for d in stage_dirs]
+    steps = runs[0][0]
+    if any(run[0] != steps for run in runs):
+        raise RuntimeError(f"RL runs of different steps cannot be averaged: {', '.join(map(str, stage_dirs))}")
+    return (steps, *([statistics.fmean(values) for values in zip(*(run[i] for run in runs))] for i in (1, 2, 3)))
+
+
+def plot(curves: dict[str, tuple], window: int, path: Path, seeds: int = 1) -> None:
     """Proxy and gold reward per step, and gold against the KL to the start model: a reward model
     with a smaller reward scale pulls the policy away more slowly, so per-step curves alone would
     credit its scale; at equal KL the comparison is of the rewards' quality."""
@@ -161,6 +171,8 @@ def plot(curves: dict[str, tuple], window: int, path: Path) -> None:
         axes[0].plot(steps, smoothed(proxy, window), label=label)
         axes[1].plot(steps, smoothed(gold, window), label=label)
         axes[2].plot(smoothed(kl, window), smoothed(gold, window), label=label)
+    if seeds > 1:
+        fig.suptitle(f"RL on the toy world: each curve is the mean of {seeds} seeds")
     axes[0].set_title(f"proxy reward (its own reward model), mean of {window} steps")
     axes[1].set_title(f"gold reward (true preference), mean of {window} steps")
     axes[2].set_title("gold reward against KL(policy || SFT model)")
@@ -265,7 +277,7 @@ def main() -> None:
               f"{summary[label]['mean_gold_end']:.3f}, gold in the second half {summary[label]['mean_gold_second_half']:.3f}, "
               f"KL at the end {summary[label]['mean_kl_end']:.2f}")
     png = work / "warm_rl.png"
-    plot({label: rl_curves(stage_dirs[0]) for label, stage_dirs in dirs.items()}, args.window, png)
+    plot({label: mean_curves(stage_dirs) for label, stage_dirs in dirs.items()}, args.window, png, args.rl_seeds)
     (work / "bench_warm.json").write_text(json.dumps({"accuracy": table, "claims": claims, "rl": summary}, indent=2))
     print(f"\nplot: {png}\nnumbers: {work / 'bench_warm.json'}")
 
