@@ -16,8 +16,9 @@
    the raw reward, so a reward model with a smaller spread also pulls the policy more gently);
    per seed the step where the smoothed gold reward peaks, gold at the end and over the second
    half of the run, and the KL to the SFT model.
-4. Writes warm_rl.png for the recipe's seed: proxy and gold reward per step, and gold against
-   the KL to the SFT model (where the comparison no longer depends on the reward's scale).
+4. Writes warm_rl.png, each curve the step-by-step mean over the RL seeds: proxy and gold reward
+   per step, and gold against the KL to the SFT model (where the comparison no longer depends on
+   the reward's scale).
 
     python bench/bench_warm.py [--out runs/warm_bench] [--repeats 3] [--rl-seeds 3] [--set key=value ...]
 """
