@@ -126,4 +126,3 @@ def test_instructions_are_ignored_in_several_kinds_each_failing_the_judge():
         "startend:end_checker": 3}
     spoiled = generate("instructions", 400, seed=2, fmt="chat", ignore_instruction_rate=1.0)
     assert len({s["messages"][1]["content"].isupper() for s in spoiled}) == 2
-
