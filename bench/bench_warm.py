@@ -56,7 +56,8 @@ def held_out_halves(recipe, work: Path, n: int) -> tuple[Path, Path]:
 
 def test_accuracies(stage_dir: Path, test_path: Path, model_path: str, seed: int) -> dict:
     """Pairwise accuracy on the test pairs of every member, the average, the ensemble (mean of
-    the members' rewards) and the best member by validation accuracy."""
+    the members' rewards) and the best member by validation accuracy; `by_task` splits the
+    members', the average's and the ensemble's by the pairs' toy task (math, instructions, chat)."""
     from posttrain.modeling import load_tokenizer
     from posttrain.stages.reward_model import (ensemble_scores, load_pairs, load_reward_model, pairwise_accuracy,
                                                score_pairs)
@@ -75,11 +76,20 @@ def test_accuracies(stage_dir: Path, test_path: Path, model_path: str, seed: int
 
     members = [scores(path) for path in listing["members"]]
     chosen = [m for i, m in enumerate(members) if i + 1 in listing["averaged"]]
+    average, ensemble = scores(str(stage_dir / "model")), ensemble_scores(chosen)
     accs = [pairwise_accuracy(*m) for m in members]
     session.close()
+    tasks = [json.loads(line)["task"] for line in test_path.read_text().splitlines()]
+
+    def on(task, chosen_and_rejected):
+        keep = [i for i, t in enumerate(tasks) if t == task]
+        return pairwise_accuracy(*([side[i] for i in keep] for side in chosen_and_rejected))
+
+    by_task = {task: {"members": [on(task, m) for m in members], "average": on(task, average),
+                      "ensemble": on(task, ensemble)} for task in sorted(set(tasks))}
     return {"members": accs, "mean": sum(accs) / len(accs), "best": accs[listing["best_member"] - 1],
-            "best_member": listing["best_member"], "average": pairwise_accuracy(*scores(str(stage_dir / "model"))),
-            "ensemble": pairwise_accuracy(*ensemble_scores(chosen))}
+            "best_member": listing["best_member"], "average": pairwise_accuracy(*average),
+            "ensemble": pairwise_accuracy(*ensemble), "by_task": by_task}
 
 
 def reward_model_repeat(manifests: dict, work: Path, seed: int, repeat: int, flip_rate: float,
@@ -240,6 +250,12 @@ def main() -> None:
         print(f"  {label}: WARM - mean of members {mean_sd(gain_mean)} (>= 0 in "
               f"{sum(g >= 0 for g in gain_mean)}/{len(rows)}); WARM - best member {mean_sd(gain_best)} "
               f"(>= 0 in {sum(g >= 0 for g in gain_best)}/{len(rows)})")
+        for task in rows[0]["by_task"]:
+            of_task = [row["by_task"][task] for row in rows]
+            members_mean = statistics.mean(statistics.mean(t["members"]) for t in of_task)
+            warm = statistics.mean(t["average"] for t in of_task)
+            print(f"    on {task} pairs: members' mean {members_mean:.3f}, WARM {warm:.3f} ({warm - members_mean:+.3f}), "
+                  f"ensemble {statistics.mean(t['ensemble'] for t in of_task):.3f}")
 
     # RL: the recipe's runs, then the same two stages with further seeds. RLOO follows the raw
     # reward, so a reward model with a smaller spread pulls the policy more gently: a third run

@@ -2,6 +2,8 @@
 
     1. probe    the SFT model with a scalar head; the head alone is trained on the preference
                 pairs (a linear probe: the backbone is frozen), once, and shared by every member
+       shared   optional (`shared_steps`, not in the WARM paper): one reward model fine-tuned
+                from the probe for a few steps, the common start the members then split from
     2. members  M reward models, each from the SFT weights and the probed head, fine-tuned on
                 -log sigmoid(r(x, y_chosen) - r(x, y_rejected)) with its own data order and seed,
                 learning rate, dropout or SFT checkpoint (list options; member i takes entry
@@ -28,7 +30,7 @@ import logging
 import math
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -71,6 +73,12 @@ class RewardModelStageConfig(StageConfig):
     probe_steps: int = Field(50, ge=0, description="Steps training the head alone (backbone frozen) before the members; "
                              "0 keeps the freshly initialised head.")
     probe_learning_rate: float = Field(1e-3, gt=0, description="Learning rate of the linear probe.")
+    shared_steps: int = Field(0, ge=0, description="Steps fine-tuning one reward model (all weights, from the SFT "
+                              "weights and the probed head, at learning_rate with the first dropout) that every "
+                              "member then starts from, instead of the SFT weights: members spawned from a shared "
+                              "start stay linearly connected, so their average keeps what each learned. Not in the "
+                              "WARM paper (whose members start from pretrained features); for small or weak start "
+                              "models. 0: none. Not with member_models.")
     max_steps: int = Field(100, ge=1, description="Optimizer steps per member.")
     batch_size: int = Field(16, ge=1, description="Preference pairs per step (over all processes).")
     learning_rate: float = Field(1e-5, gt=0, description="AdamW learning rate of a member unless learning_rates says.")
@@ -106,6 +114,9 @@ class RewardModelStageConfig(StageConfig):
             raise ValueError(f"learning_rates: every rate must be > 0, got {self.learning_rates}")
         if self.dropouts and any(not 0 <= p < 1 for p in self.dropouts):
             raise ValueError(f"dropouts: every dropout must lie in [0, 1), got {self.dropouts}")
+        if self.shared_steps and self.member_models:
+            raise ValueError("shared_steps: the members start from the shared fine-tune, so they cannot also start "
+                             "from member_models; use one or the other")
         if self.average_best is not None:
             if self.eval_dataset is None:
                 raise ValueError("average_best: choosing the best members needs eval_dataset (held-out pairs)")
@@ -116,15 +127,15 @@ class RewardModelStageConfig(StageConfig):
 
 @dataclass
 class MemberPlan:
-    index: int  # 0-based
+    """One fine-tuning from the probed head: a member, or the shared start (`shared_steps`)."""
+
+    name: str  # member_1, ... or shared
     seed: int
     learning_rate: float
     dropout: float
-    start: str  # SFT checkpoint
-
-    @property
-    def name(self) -> str:
-        return f"member_{self.index + 1}"
+    start: str  # SFT checkpoint (or the shared fine-tune)
+    steps: int
+    step_offset: int  # global step of its step 0 in metrics.jsonl
 
 
 def member_plans(config: RewardModelStageConfig, seed: int) -> list[MemberPlan]:
@@ -132,9 +143,18 @@ def member_plans(config: RewardModelStageConfig, seed: int) -> list[MemberPlan]:
     def pick(values, i, default):
         return values[i % len(values)] if values else default
 
-    return [MemberPlan(i, pick(config.seeds, i, seed + i), pick(config.learning_rates, i, config.learning_rate),
-                       pick(config.dropouts, i, 0.0), pick(config.member_models, i, config.model))
+    first = config.probe_steps + config.shared_steps
+    return [MemberPlan(f"member_{i + 1}", pick(config.seeds, i, seed + i),
+                       pick(config.learning_rates, i, config.learning_rate), pick(config.dropouts, i, 0.0),
+                       pick(config.member_models, i, config.model), config.max_steps, first + i * config.max_steps)
             for i in range(config.members)]
+
+
+def shared_plan(config: RewardModelStageConfig, seed: int) -> MemberPlan:
+    """The shared fine-tune: the stage's learning rate and first dropout, a data order of its own."""
+    own_seed = random.Random(f"rm-shared:{seed}").randrange(2**31)
+    return MemberPlan("shared", own_seed, config.learning_rate, (config.dropouts or [0.0])[0], config.model,
+                      config.shared_steps, config.probe_steps)
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -406,7 +426,7 @@ def run_reward_model(config: RewardModelStageConfig, ctx: StageContext) -> Stage
     pairs, flipped = flip_labels(pairs, config.label_flip_rate, ctx.seed)
     eval_pairs = load_pairs(config.eval_dataset, tokenizer, config.max_length)[0] if config.eval_dataset else None
     plans = member_plans(config, ctx.seed)
-    total_steps = config.probe_steps + config.members * config.max_steps
+    total_steps = config.probe_steps + config.shared_steps + config.members * config.max_steps
     budget = config.max_tokens_per_microbatch
     summary: dict[str, Any] = {"pairs": len(pairs), "pairs_truncated": truncated, "labels_flipped": flipped,
                                **session.describe(config.batch_size, "pairs")}
@@ -439,6 +459,22 @@ def run_reward_model(config: RewardModelStageConfig, ctx: StageContext) -> Stage
             advance(config.probe_steps)
         head = torch.load(probe_file, weights_only=True, map_location="cpu")
 
+        # 1b. The shared fine-tune, if any: the members start from it (its weights and its head).
+        if config.shared_steps:
+            plan = shared_plan(config, ctx.seed)
+            shared_dir = stage_dir / "shared"
+            record = _read_done(shared_dir)
+            if record is None:
+                record = _train_member(config, ctx, session, plan, head, pairs, eval_pairs, tokenizer, pad_id,
+                                       shared_dir, metrics, advance, budget)
+            else:
+                advance(plan.steps)
+            if "eval_accuracy" in record:
+                summary["shared/accuracy"] = record["eval_accuracy"]
+            head = {k: v.detach().cpu() for k, v in
+                    head_of(load_reward_model(str(shared_dir / "model"), pad_id)).state_dict().items()}
+            plans = [replace(p, start=str(shared_dir / "model")) for p in plans]
+
         # 2. The members, one after the other; a finished one is kept (done.json) and never redone.
         done: list[dict] = []
         for plan in plans:
@@ -448,7 +484,7 @@ def run_reward_model(config: RewardModelStageConfig, ctx: StageContext) -> Stage
                 record = _train_member(config, ctx, session, plan, head, pairs, eval_pairs, tokenizer, pad_id,
                                        member_dir, metrics, advance, budget)
             else:
-                advance(config.max_steps)
+                advance(plan.steps)
             done.append(record)
 
     # 3. The average (of all members, or of the best k on held-out pairs).
@@ -490,32 +526,31 @@ def run_reward_model(config: RewardModelStageConfig, ctx: StageContext) -> Stage
 
 def _train_member(config, ctx, session, plan: MemberPlan, head, pairs, eval_pairs, tokenizer, pad_id, member_dir: Path,
                   metrics, advance, budget) -> dict:
-    """Fine-tune one member from the start checkpoint and the probed head; save it and its record."""
+    """Fine-tune one member (or the shared start) from its start checkpoint and `head`; save it and its record."""
     torch.manual_seed(plan.seed)
     model = load_reward_model(plan.start, pad_id, plan.dropout)
     try:
         head_of(model).load_state_dict(head)
     except RuntimeError as e:
-        raise StageError(f"member_models[{plan.index}]: {plan.start!r} does not fit the probed head ({e}); the "
+        raise StageError(f"{plan.name}: {plan.start!r} does not fit the probed head ({e}); the "
                          "members must share the architecture of `model`") from None
     hook = _head_input_dropout(model, plan.dropout, plan.seed)
     trained = _lora(model, config.lora) if config.lora is not None else model
     session.prepare(trained, plan.learning_rate, config.weight_decay, config.warmup_steps,
                     gradient_checkpointing=config.gradient_checkpointing)
-    run = _Run(plan.name, config.max_steps, plan.learning_rate, plan.seed,
-               config.probe_steps + plan.index * config.max_steps)
+    run = _Run(plan.name, plan.steps, plan.learning_rate, plan.seed, plan.step_offset)
     last = _train(config, ctx, session, trained, run, pairs, pad_id, member_dir, metrics, advance, resumable=True)
     if hook is not None:
         hook.remove()
     final = trained.merge_and_unload() if config.lora is not None else trained
     if hasattr(final.config, "attention_dropout"):
         final.config.attention_dropout = 0.0  # the saved reward model scores without dropout
-    record: dict[str, Any] = {"member": plan.index + 1, "seed": plan.seed, "learning_rate": plan.learning_rate,
+    record: dict[str, Any] = {"name": plan.name, "seed": plan.seed, "learning_rate": plan.learning_rate,
                               "dropout": plan.dropout, "start": plan.start, "train": last}
     if eval_pairs:
         r_c, r_r = score_pairs(session, final, eval_pairs, pad_id, budget)
         record.update(eval_accuracy=pairwise_accuracy(r_c, r_r), eval_chosen=r_c, eval_rejected=r_r)
-        metrics.log(run.step_offset + config.max_steps, phase=plan.name, eval_accuracy=record["eval_accuracy"])
+        metrics.log(run.step_offset + plan.steps, phase=plan.name, eval_accuracy=record["eval_accuracy"])
     if ctx.is_main:
         save_model(final, tokenizer, member_dir / "model")
         write_json(member_dir / DONE, record)  # last: from here on the member is finished

@@ -179,3 +179,34 @@ def test_the_probe_depends_on_the_stage_seed_not_on_what_ran_before(finished, tm
     assert heads[0].keys() == heads[1].keys()
     for name in heads[0]:
         assert torch.equal(heads[0][name], heads[1][name])
+
+
+def test_shared_steps_members_split_from_one_fine_tune(finished, tmp_path):
+    """With shared_steps the members start from one fine-tune of the probed head (its weights and
+    its head), logged as its own phase between the probe and member 1; without it, from the SFT
+    weights. The shared fine-tune is refused together with member_models."""
+    from pydantic import ValidationError
+
+    from posttrain.stages.base import StageContext
+    from posttrain.stages.reward_model import RewardModelStageConfig, run_reward_model
+
+    _, manifest = finished
+    base = {**manifest["config"], "members": 2, "seeds": [1, 2], "learning_rates": None, "average_best": None,
+            "probe_steps": 2, "max_steps": 2, "checkpoint_every": 0}
+    config = RewardModelStageConfig.model_validate({**base, "shared_steps": 3})
+    stage_dir = tmp_path / "rm"
+    result = run_reward_model(config, StageContext(name="rm", kind="reward_model", stage_dir=stage_dir,
+                                                   run_dir=tmp_path, seed=0, recipe_name="test"))
+    shared = stage_dir / "shared" / "model"
+    records = [json.loads((stage_dir / "members" / f"member_{i}" / "done.json").read_text()) for i in (1, 2)]
+    assert [r["start"] for r in records] == [str(shared)] * 2
+    assert 0.0 <= result.metrics["shared/accuracy"] <= 1.0
+    # The shared fine-tune moved every weight off the SFT start, and it is not a member.
+    sft, trunk = _weights(manifest["config"]["model"]), _weights(shared)
+    assert not torch.equal(sft["model.embed_tokens.weight"], trunk["model.embed_tokens.weight"])
+    phases = [(row["phase"], row["step"]) for row in map(json.loads, (stage_dir / "metrics.jsonl").read_text().splitlines())
+              if "loss" in row]
+    assert [p for p, _ in phases] == ["probe", "shared", "member_1", "member_2"]
+    assert [s for _, s in phases] == [2, 5, 7, 9]
+    with pytest.raises(ValidationError, match="shared_steps"):
+        RewardModelStageConfig.model_validate({**base, "shared_steps": 3, "member_models": [base["model"]]})
