@@ -204,8 +204,8 @@ def test_shared_steps_members_split_from_one_fine_tune(finished, tmp_path):
     # The shared fine-tune moved every weight off the SFT start, and it is not a member.
     sft, trunk = _weights(manifest["config"]["model"]), _weights(shared)
     assert not torch.equal(sft["model.embed_tokens.weight"], trunk["model.embed_tokens.weight"])
-    phases = [(row["phase"], row["step"]) for row in map(json.loads, (stage_dir / "metrics.jsonl").read_text().splitlines())
-              if "loss" in row]
+    rows = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+    phases = [(row["phase"], row["step"]) for row in rows if "loss" in row]
     assert [p for p, _ in phases] == ["probe", "shared", "member_1", "member_2"]
     assert [s for _, s in phases] == [2, 5, 7, 9]
     with pytest.raises(ValidationError, match="shared_steps"):
