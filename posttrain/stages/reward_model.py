@@ -463,12 +463,8 @@ def run_reward_model(config: RewardModelStageConfig, ctx: StageContext) -> Stage
         if config.shared_steps:
             plan = shared_plan(config, ctx.seed)
             shared_dir = stage_dir / "shared"
-            record = _read_done(shared_dir)
-            if record is None:
-                record = _train_member(config, ctx, session, plan, head, pairs, eval_pairs, tokenizer, pad_id,
-                                       shared_dir, metrics, advance, budget)
-            else:
-                advance(plan.steps)
+            record = _train_member(config, ctx, session, plan, head, pairs, eval_pairs, tokenizer, pad_id,
+                                   shared_dir, metrics, advance, budget)
             if "eval_accuracy" in record:
                 summary["shared/accuracy"] = record["eval_accuracy"]
             head = {k: v.detach().cpu() for k, v in
@@ -478,14 +474,8 @@ def run_reward_model(config: RewardModelStageConfig, ctx: StageContext) -> Stage
         # 2. The members, one after the other; a finished one is kept (done.json) and never redone.
         done: list[dict] = []
         for plan in plans:
-            member_dir = stage_dir / "members" / plan.name
-            record = _read_done(member_dir)
-            if record is None:
-                record = _train_member(config, ctx, session, plan, head, pairs, eval_pairs, tokenizer, pad_id,
-                                       member_dir, metrics, advance, budget)
-            else:
-                advance(plan.steps)
-            done.append(record)
+            done.append(_train_member(config, ctx, session, plan, head, pairs, eval_pairs, tokenizer, pad_id,
+                                      stage_dir / "members" / plan.name, metrics, advance, budget))
 
     # 3. The average (of all members, or of the best k on held-out pairs).
     accuracies = [d.get("eval_accuracy") for d in done]
@@ -526,7 +516,12 @@ def run_reward_model(config: RewardModelStageConfig, ctx: StageContext) -> Stage
 
 def _train_member(config, ctx, session, plan: MemberPlan, head, pairs, eval_pairs, tokenizer, pad_id, member_dir: Path,
                   metrics, advance, budget) -> dict:
-    """Fine-tune one member (or the shared start) from its start checkpoint and `head`; save it and its record."""
+    """Fine-tune one member (or the shared start) from its start checkpoint and `head`; save it and its record.
+    One finished before (done.json) is kept as it is and never redone."""
+    record = _read_done(member_dir)
+    if record is not None:
+        advance(plan.steps)
+        return record
     torch.manual_seed(plan.seed)
     model = load_reward_model(plan.start, pad_id, plan.dropout)
     try:
