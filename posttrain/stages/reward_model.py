@@ -527,8 +527,8 @@ def _train_member(config, ctx, session, plan: MemberPlan, head, pairs, eval_pair
     try:
         head_of(model).load_state_dict(head)
     except RuntimeError as e:
-        raise StageError(f"{plan.name}: {plan.start!r} does not fit the probed head ({e}); the "
-                         "members must share the architecture of `model`") from None
+        raise StageError(f"member_models: {plan.name} starts from {plan.start!r}, which does not fit the probed "
+                         f"head ({e}); the members must share the architecture of `model`") from None
     hook = _head_input_dropout(model, plan.dropout, plan.seed)
     trained = _lora(model, config.lora) if config.lora is not None else model
     session.prepare(trained, plan.learning_rate, config.weight_decay, config.warmup_steps,
