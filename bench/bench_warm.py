@@ -6,9 +6,9 @@
    and the toy world's true preference ("gold") per step.
 2. Accuracy, over `--repeats` independent repetitions (each with its own label flips, probe and
    member seeds), for 25% flipped and for clean labels: the recipe's reward_model stage again,
-   its held-out pairs split in two. The validation half is the stage's eval_dataset (it picks
-   the best member, as `best_member` does for RL); the test half, never used for a choice,
-   gives every number printed: each member, their mean, the best member (chosen on
+   with two sets of held-out pairs. The validation pairs are the stage's eval_dataset (they
+   pick the best member, as `best_member` does for RL); the test pairs, never used for a choice,
+   give every number printed: each member, their mean, the best member (chosen on
    validation), the weight average and the prediction ensemble. Choosing and measuring on the
    same pairs would hand the best member the luck of the draw (the max of noisy estimates).
 3. RL over `--rl-seeds` seeds: both RL stages again with each seed against the same reward
@@ -20,7 +20,8 @@
    per step, and gold against the KL to the SFT model (where the comparison no longer depends on
    the reward's scale).
 
-    python bench/bench_warm.py [--out runs/warm_bench] [--repeats 3] [--rl-seeds 3] [--set key=value ...]
+    python bench/bench_warm.py [--out runs/warm_bench] [--repeats 3] [--rl-seeds 3] [--test-pairs 5000]
+                               [--set key=value ...]
 """
 
 from __future__ import annotations
@@ -39,14 +40,14 @@ ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "warm.yaml"
 
 
-def held_out_halves(recipe, work: Path, n: int) -> tuple[Path, Path]:
+def held_out_halves(recipe, work: Path, n_validation: int, n_test: int) -> tuple[Path, Path]:
     """Validation and test preference pairs from the toy world's eval split (never trained on),
     with the recipe's task mix; two generator seeds, so the halves share no draw."""
     from posttrain.toy.tasks import generate
 
     mix = recipe.datasets["prefs"].toy.mix
     out = []
-    for name, seed in (("validation", 101), ("test", 202)):
+    for name, seed, n in (("validation", 101, n_validation), ("test", 202, n_test)):
         path = work / f"held_out_{name}.jsonl"
         rows = generate("mix", n, seed=seed, split="eval", fmt="preference", mix=mix)
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -57,7 +58,11 @@ def held_out_halves(recipe, work: Path, n: int) -> tuple[Path, Path]:
 def test_accuracies(stage_dir: Path, test_path: Path, model_path: str, seed: int) -> dict:
     """Pairwise accuracy on the test pairs of every member, the average, the ensemble (mean of
     the members' rewards) and the best member by validation accuracy; `by_task` splits the
-    members', the average's and the ensemble's by the pairs' toy task (math, instructions, chat)."""
+    members', the average's and the ensemble's by the pairs' toy task (math, instructions, chat).
+    `average_vs_ensemble`: how closely the weight average behaves like the prediction ensemble,
+    the correlation of their margins (r_chosen - r_rejected) and the fraction of pairs where the
+    two margins agree in sign; WARM's argument is that fine-tuned members close to a shared start
+    average in weights as they would in predictions."""
     from posttrain.modeling import load_tokenizer
     from posttrain.stages.reward_model import (ensemble_scores, load_pairs, load_reward_model, pairwise_accuracy,
                                                score_pairs)
@@ -87,9 +92,12 @@ def test_accuracies(stage_dir: Path, test_path: Path, model_path: str, seed: int
 
     by_task = {task: {"members": [on(task, m) for m in members], "average": on(task, average),
                       "ensemble": on(task, ensemble)} for task in sorted(set(tasks))}
+    margins = [[c - r for c, r in zip(*scored)] for scored in (average, ensemble)]
+    agree = statistics.fmean((a > 0) == (e > 0) for a, e in zip(*margins))
     return {"members": accs, "mean": sum(accs) / len(accs), "best": accs[listing["best_member"] - 1],
             "best_member": listing["best_member"], "average": pairwise_accuracy(*average),
-            "ensemble": pairwise_accuracy(*ensemble), "by_task": by_task}
+            "ensemble": pairwise_accuracy(*ensemble), "by_task": by_task,
+            "average_vs_ensemble": {"margin_correlation": statistics.correlation(*margins), "sign_agreement": agree}}
 
 
 def reward_model_repeat(manifests: dict, work: Path, seed: int, repeat: int, flip_rate: float,
@@ -207,7 +215,12 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], dest="overrides", help="recipe override key=value")
     parser.add_argument("--window", type=int, default=10, help="steps averaged in the curves")
     parser.add_argument("--repeats", type=int, default=3, help="independent reward-model repetitions per label setting")
-    parser.add_argument("--held-out", type=int, default=1000, help="pairs in each held-out half (validation, test)")
+    parser.add_argument("--validation-pairs", type=int, default=1000,
+                        help="held-out pairs that choose the best member (the stage's eval_dataset)")
+    # Math near misses (about a sixth of the toy mix) are at chance for every reward model, so
+    # each model's accuracy carries coin-flip noise: about +/-0.006 on 1,000 pairs, the size of
+    # the WARM-minus-members differences measured; 5,000 pairs bring it to +/-0.003.
+    parser.add_argument("--test-pairs", type=int, default=5000, help="held-out pairs that every number is measured on")
     parser.add_argument("--rl-seeds", type=int, default=3, help="RL seeds (the recipe's, then the next ones)")
     args = parser.parse_args()
     work = Path(args.out).resolve()
@@ -223,7 +236,7 @@ def main() -> None:
     seed = recipe.seed
 
     # Accuracy claims, over repetitions, measured on test pairs never used for a choice.
-    validation, test = held_out_halves(recipe, work, args.held_out)
+    validation, test = held_out_halves(recipe, work, args.validation_pairs, args.test_pairs)
     flip = float(manifests["rm"]["config"]["label_flip_rate"]) or 0.25
     table: dict[str, list[dict]] = {}
     for label, rate in ((f"{int(flip * 100)}% flipped", flip), ("clean", 0.0)):
@@ -231,8 +244,8 @@ def main() -> None:
                         for r in range(args.repeats)]
 
     print(f"\nrecipes/warm.yaml ran in {seconds_recipe:.0f} s")
-    print(f"\nheld-out pairwise accuracy on {args.held_out} test pairs (best member chosen on {args.held_out} "
-          f"other validation pairs), {args.repeats} repetitions")
+    print(f"\nheld-out pairwise accuracy on {args.test_pairs} test pairs (best member chosen on "
+          f"{args.validation_pairs} other validation pairs), {args.repeats} repetitions")
     print(f"{'labels':<12} {'rep':>3}  {'members':<24} {'mean':>6} {'best':>6} {'WARM':>6} {'ensemble':>9}")
     claims = {}
     for label, rows in table.items():
@@ -250,6 +263,10 @@ def main() -> None:
         print(f"  {label}: WARM - mean of members {mean_sd(gain_mean)} (>= 0 in "
               f"{sum(g >= 0 for g in gain_mean)}/{len(rows)}); WARM - best member {mean_sd(gain_best)} "
               f"(>= 0 in {sum(g >= 0 for g in gain_best)}/{len(rows)})")
+        closeness = [row["average_vs_ensemble"] for row in rows]
+        print(f"    WARM against the ensemble: margins correlate at "
+              f"{mean_sd([c['margin_correlation'] for c in closeness])}, same sign on "
+              f"{mean_sd([c['sign_agreement'] for c in closeness])} of the pairs")
         for task in rows[0]["by_task"]:
             of_task = [row["by_task"][task] for row in rows]
             members_mean = statistics.mean(statistics.mean(t["members"]) for t in of_task)
