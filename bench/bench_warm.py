@@ -40,9 +40,9 @@ ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "warm.yaml"
 
 
-def held_out_halves(recipe, work: Path, n_validation: int, n_test: int) -> tuple[Path, Path]:
+def held_out_sets(recipe, work: Path, n_validation: int, n_test: int) -> tuple[Path, Path]:
     """Validation and test preference pairs from the toy world's eval split (never trained on),
-    with the recipe's task mix; two generator seeds, so the halves share no draw."""
+    with the recipe's task mix; two generator seeds, so the two sets share no draw."""
     from posttrain.toy.tasks import generate
 
     mix = recipe.datasets["prefs"].toy.mix
@@ -236,7 +236,7 @@ def main() -> None:
     seed = recipe.seed
 
     # Accuracy claims, over repetitions, measured on test pairs never used for a choice.
-    validation, test = held_out_halves(recipe, work, args.validation_pairs, args.test_pairs)
+    validation, test = held_out_sets(recipe, work, args.validation_pairs, args.test_pairs)
     flip = float(manifests["rm"]["config"]["label_flip_rate"]) or 0.25
     table: dict[str, list[dict]] = {}
     for label, rate in ((f"{int(flip * 100)}% flipped", flip), ("clean", 0.0)):
