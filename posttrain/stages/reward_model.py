@@ -256,6 +256,43 @@ def load_reward_model(path: str, pad_token_id: int, dropout: float = 0.0):
     return model
 
 
+def parameter_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """Every tensor's name and shape of the reward model a checkpoint would become, built on the
+    meta device from its config alone (no weights are read)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(path)
+    config.num_labels = 1
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def check_member_models(model: str, member_models: list[str]) -> None:
+    """Refuse, before anything trains, a `member_models` entry whose reward model would not have
+    exactly the tensors of `model`'s: its members could not be averaged with the others (the head
+    fitting is not enough: a deeper model of the same width takes the probed head)."""
+    expected = parameter_shapes(model)
+    for i, path in enumerate(member_models):
+        if path == model:
+            continue
+        try:
+            shapes = parameter_shapes(path)
+        except (OSError, ValueError) as e:
+            raise StageError(f"member_models[{i}]: {path!r} is not a loadable checkpoint ({e})") from None
+        missing, extra = sorted(expected.keys() - shapes.keys()), sorted(shapes.keys() - expected.keys())
+        resized = [f"{k} {shapes[k]} instead of {expected[k]}" for k in expected if k in shapes
+                   and shapes[k] != expected[k]]
+        if missing or extra or resized:
+            what = "; ".join(part for part in (
+                f"{len(missing)} tensors missing (first: {missing[0]})" if missing else "",
+                f"{len(extra)} tensors not in `model` (first: {extra[0]})" if extra else "",
+                f"{len(resized)} of another shape (first: {resized[0]})" if resized else "") if part)
+            raise StageError(f"member_models[{i}]: {path!r} does not have the architecture of `model` ({model!r}): "
+                             f"{what}; members are averaged tensor by tensor, so every entry must be a checkpoint "
+                             "of the same architecture (e.g. of the same SFT run)")
+
+
 def head_of(model) -> torch.nn.Module:
     """The scalar head of a sequence classifier (`score` in Llama/Gemma/Qwen, `classifier` elsewhere)."""
     for name in ("score", "classifier"):
@@ -363,7 +400,9 @@ def _train(config: RewardModelStageConfig, ctx: StageContext, session: TrainingS
     if ctx.is_main:
         truncate_metrics(ctx.stage_dir / "metrics.jsonl", run.step_offset + start)
     advance(start)
-    torch.manual_seed(run.seed * 1_000_003 + start)  # dropout masks continue from a function of (seed, step)
+    # Dropout masks continue from a function of (seed, step), and differ between ranks: each rank
+    # holds other pairs, whose masks should be drawn independently, not repeated rank to rank.
+    torch.manual_seed(run.seed * 1_000_003 + start + 7_919 * session.rank)
     budget = config.max_tokens_per_microbatch
     last: dict[str, float] = {"resumed_from_step": start}
     window: list[tuple[float, float, int]] = []
@@ -425,6 +464,8 @@ def run_reward_model(config: RewardModelStageConfig, ctx: StageContext) -> Stage
     pairs, truncated = load_pairs(config.dataset, tokenizer, config.max_length)
     pairs, flipped = flip_labels(pairs, config.label_flip_rate, ctx.seed)
     eval_pairs = load_pairs(config.eval_dataset, tokenizer, config.max_length)[0] if config.eval_dataset else None
+    if config.member_models:
+        check_member_models(config.model, config.member_models)
     plans = member_plans(config, ctx.seed)
     total_steps = config.probe_steps + config.shared_steps + config.members * config.max_steps
     budget = config.max_tokens_per_microbatch
@@ -529,7 +570,7 @@ def _train_member(config, ctx, session, plan: MemberPlan, head, pairs, eval_pair
     except RuntimeError as e:
         raise StageError(f"member_models: {plan.name} starts from {plan.start!r}, which does not fit the probed "
                          f"head ({e}); the members must share the architecture of `model`") from None
-    hook = _head_input_dropout(model, plan.dropout, plan.seed)
+    hook = _head_input_dropout(model, plan.dropout, plan.seed + 7_919 * session.rank)  # per rank, as in _train
     trained = _lora(model, config.lora) if config.lora is not None else model
     session.prepare(trained, plan.learning_rate, config.weight_decay, config.warmup_steps,
                     gradient_checkpointing=config.gradient_checkpointing)
