@@ -76,9 +76,15 @@ class LoraSpec(BaseModel):
                           target_modules=self.target_modules, task_type="CAUSAL_LM")
 
 
-def adamw_with_warmup(params, learning_rate: float, weight_decay: float, warmup_steps: int, shard: bool = False):
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def adamw_with_warmup(params, learning_rate: float, weight_decay: float, warmup_steps: int, shard: bool = False,
+                      schedule: str = "constant", total_steps: int | None = None):
     """AdamW with a linear warm-up to a constant rate: the optimizer of the hand-written loops
-    (distill, rl); SFT uses the Trainer's own schedules.
+    (distill, rl, reward_model); SFT uses the Trainer's own schedules. `schedule` linear or cosine
+    instead decays the rate to 0 at `total_steps` after the warm-up (transformers' schedules, as
+    the Trainer's `lr_scheduler_type`).
 
     `shard`: ZeRO stage 1 through torch's ZeroRedundancyOptimizer: each data-parallel rank keeps
     AdamW's two moment buffers for its own share of the parameters only, steps that share, and
@@ -91,9 +97,19 @@ def adamw_with_warmup(params, learning_rate: float, weight_decay: float, warmup_
                                             weight_decay=weight_decay)
     else:
         optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0)
-    return optimizer, scheduler
+    if schedule == "constant":
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0)
+        return optimizer, scheduler
+    if schedule not in LR_SCHEDULES:
+        raise TrainingSetupError(f"lr_scheduler: {schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
+    if not total_steps or total_steps <= warmup_steps:
+        raise TrainingSetupError(f"lr_scheduler {schedule}: the rate decays to 0 at the last step, so it needs the "
+                                 f"number of steps (got {total_steps}, with {warmup_steps} warm-up steps)")
+    from transformers import get_scheduler
+
+    return optimizer, get_scheduler(schedule, optimizer, num_warmup_steps=warmup_steps,
+                                    num_training_steps=total_steps)
 
 
 def save_model(model, tokenizer, out_dir: Path) -> None:
@@ -220,11 +236,13 @@ class TrainingSession:
 
     # -- setting up --
     def prepare(self, model, learning_rate: float, weight_decay: float = 0.0, warmup_steps: int = 0,
-                gradient_checkpointing: bool = False, shard_optimizer: bool = False):
-        """Move the policy to the device, build AdamW + warm-up over its trainable parameters and
-        note the parameters whose gradients `step` all-reduces. `shard_optimizer` (or a DeepSpeed
-        ZeRO-1/2 launch) shards AdamW's state over the ranks (see adamw_with_warmup). Returns the
-        model itself (unwrapped), for saving and syncing."""
+                gradient_checkpointing: bool = False, shard_optimizer: bool = False, schedule: str = "constant",
+                total_steps: int | None = None):
+        """Move the policy to the device, build AdamW + warm-up (and the `schedule` over
+        `total_steps`) over its trainable parameters and note the parameters whose gradients `step`
+        all-reduces. `shard_optimizer` (or a DeepSpeed ZeRO-1/2 launch) shards AdamW's state over
+        the ranks (see adamw_with_warmup). Returns the model itself (unwrapped), for saving and
+        syncing."""
         model = model.to(self.device)
         if gradient_checkpointing:
             # Non-reentrant checkpointing works with peft's frozen inputs.
@@ -235,7 +253,8 @@ class TrainingSession:
         self._params = [p for p in model.parameters() if p.requires_grad]
         self.sharded_optimizer = self.world_size > 1 and (shard_optimizer or self._zero_stage_from_launch in (1, 2))
         optimizer, scheduler = adamw_with_warmup(self._params, learning_rate, weight_decay, warmup_steps,
-                                                 shard=self.sharded_optimizer)
+                                                 shard=self.sharded_optimizer, schedule=schedule,
+                                                 total_steps=total_steps)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         return model
 

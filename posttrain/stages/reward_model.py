@@ -83,6 +83,10 @@ class RewardModelStageConfig(StageConfig):
     batch_size: int = Field(16, ge=1, description="Preference pairs per step (over all processes).")
     learning_rate: float = Field(1e-5, gt=0, description="AdamW learning rate of a member unless learning_rates says.")
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps of each member's learning rate.")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="Each member's (and the shared fine-tune's) learning rate after the warm-up: "
+        "constant, or decayed to 0 at its last step (linear, as TRL's RewardTrainer by default; cosine). "
+        "The linear probe keeps a constant rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this (None: no clipping).")
     max_length: int = Field(512, ge=8, description="Pairs longer than this keep <bos> and their end (counted).")
@@ -114,6 +118,11 @@ class RewardModelStageConfig(StageConfig):
             raise ValueError(f"learning_rates: every rate must be > 0, got {self.learning_rates}")
         if self.dropouts and any(not 0 <= p < 1 for p in self.dropouts):
             raise ValueError(f"dropouts: every dropout must lie in [0, 1), got {self.dropouts}")
+        if self.lr_scheduler != "constant":
+            for key, steps in (("max_steps", self.max_steps), ("shared_steps", self.shared_steps)):
+                if steps and self.warmup_steps >= steps:
+                    raise ValueError(f"warmup_steps: {self.warmup_steps} is not below {key} ({steps}); lr_scheduler "
+                                     f"{self.lr_scheduler} decays the rate after the warm-up, so it needs steps after it")
         if self.shared_steps and self.member_models:
             raise ValueError("shared_steps: the members start from the shared fine-tune, so they cannot also start "
                              "from member_models; use one or the other")
@@ -573,7 +582,8 @@ def _train_member(config, ctx, session, plan: MemberPlan, head, pairs, eval_pair
     hook = _head_input_dropout(model, plan.dropout, plan.seed + 7_919 * session.rank)  # per rank, as in _train
     trained = _lora(model, config.lora) if config.lora is not None else model
     session.prepare(trained, plan.learning_rate, config.weight_decay, config.warmup_steps,
-                    gradient_checkpointing=config.gradient_checkpointing)
+                    gradient_checkpointing=config.gradient_checkpointing, schedule=config.lr_scheduler,
+                    total_steps=plan.steps)
     run = _Run(plan.name, plan.steps, plan.learning_rate, plan.seed, plan.step_offset)
     last = _train(config, ctx, session, trained, run, pairs, pad_id, member_dir, metrics, advance, resumable=True)
     if hook is not None:

@@ -16,14 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from posttrain.data import DataError, write_jsonl
 from posttrain.runner import run_recipe
-from posttrain.stages.reward_model import load_pairs, load_reward_model, pair_indices_for_step
+from posttrain.stages.reward_model import load_pairs, pair_indices_for_step
+from rm_helpers import weights, write_recipe
 
-TINY = {"arch": "gemma3", "hidden_size": 64, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
-        "intermediate_size": 128}
 # m1 vs m2: only the seed (data order) differs; m1 vs m3: only the learning rate.
 STAGE = {"name": "rm", "kind": "reward_model", "model": "${models.base}", "dataset": "${datasets.prefs}",
          "eval_dataset": "${datasets.held_out}", "members": 3, "seeds": [1, 2, 1],
@@ -32,18 +30,7 @@ STAGE = {"name": "rm", "kind": "reward_model", "model": "${models.base}", "datas
 
 
 def _recipe(root: Path) -> Path:
-    recipe = {"name": "rm-test", "output_dir": "run", "seed": 0, "models": {"base": {"tiny": TINY}},
-              "datasets": {"prefs": {"toy": {"task": "math", "n": 64, "format": "preference"}},
-                           "held_out": {"toy": {"task": "math", "n": 32, "split": "eval", "format": "preference"}}},
-              "stages": [STAGE]}
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    return path
-
-
-def _weights(model_dir) -> dict[str, torch.Tensor]:
-    return load_reward_model(str(model_dir), pad_token_id=0).state_dict()
+    return write_recipe(root, STAGE, "rm-test", pairs=64, held_out=32)
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +47,8 @@ def test_output_is_the_uniform_mean_of_the_averaged_members_head_included(finish
     acc = listing["eval_accuracy"]
     best_two = sorted(sorted(range(3), key=lambda i: -acc[i])[:2])
     assert listing["averaged"] == [i + 1 for i in best_two] == manifest["metrics"]["averaged_members"]
-    members = [_weights(listing["members"][i]) for i in best_two]
-    average = _weights(manifest["outputs"]["model"])
+    members = [weights(listing["members"][i]) for i in best_two]
+    average = weights(manifest["outputs"]["model"])
     assert "score.weight" in average
     assert set(average) == set(members[0])
     for name, tensor in average.items():
@@ -73,7 +60,7 @@ def test_output_is_the_uniform_mean_of_the_averaged_members_head_included(finish
 def test_members_really_differ_by_data_order_and_learning_rate(finished):
     stage_dir, _ = finished
     assert pair_indices_for_step(64, 0, 8, seed=1) != pair_indices_for_step(64, 0, 8, seed=2)
-    m1, m2, m3 = (_weights(stage_dir / "members" / f"member_{i}" / "model") for i in (1, 2, 3))
+    m1, m2, m3 = (weights(stage_dir / "members" / f"member_{i}" / "model") for i in (1, 2, 3))
     for other in (m2, m3):  # seed alone, learning rate alone
         assert any(not torch.equal(m1[k], other[k]) for k in m1)
         assert not torch.equal(m1["score.weight"], other["score.weight"])
@@ -106,7 +93,7 @@ def test_rl_reward_scores_with_the_stage_outputs_and_logs_gold_next_to_it(finish
         batch = reward.compute([r["prompt"] for r in rows], completions, cols)
         assert batch.rewards == pytest.approx(batch.per_reward["proxy"])  # weight 0: logged, not optimised
         assert all(v in (0.0, 1.0) for v in batch.per_reward["gold"])
-        assert f"rewards/gold/mean" in batch.metrics()
+        assert "rewards/gold/mean" in batch.metrics()
 
 
 @pytest.mark.parametrize("row, message", [
@@ -149,7 +136,7 @@ def test_kill_9_during_member_2_resumes_at_member_2(finished, tmp_path):
     assert record["train"]["resumed_from_step"] >= 2
     # The resumed run ends where the uninterrupted one did.
     for name in ("member_1", "member_2", "member_3"):
-        a, b = (_weights(d / "members" / name / "model") for d in (stage_dir, reference_dir))
+        a, b = (weights(d / "members" / name / "model") for d in (stage_dir, reference_dir))
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     steps = [json.loads(line)["step"] for line in (stage_dir / "metrics.jsonl").read_text().splitlines()
@@ -202,7 +189,7 @@ def test_shared_steps_members_split_from_one_fine_tune(finished, tmp_path):
     assert [r["start"] for r in records] == [str(shared)] * 2
     assert 0.0 <= result.metrics["shared/accuracy"] <= 1.0
     # The shared fine-tune trained the backbone too, not only the head.
-    sft, trunk = _weights(manifest["config"]["model"]), _weights(shared)
+    sft, trunk = weights(manifest["config"]["model"]), weights(shared)
     assert not torch.equal(sft["model.embed_tokens.weight"], trunk["model.embed_tokens.weight"])
     rows = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
     phases = [(row["phase"], row["step"]) for row in rows if "loss" in row]

@@ -16,38 +16,23 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from posttrain.runner import run_recipe
 from posttrain.stages.base import StageError
-from posttrain.stages.reward_model import load_reward_model
+from rm_helpers import TINY, weights, write_recipe
 
-TINY = {"arch": "gemma3", "hidden_size": 64, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
-        "intermediate_size": 128}
 STAGE = {"name": "rm", "kind": "reward_model", "model": "${models.base}", "dataset": "${datasets.prefs}",
          "eval_dataset": "${datasets.held_out}", "members": 2, "seeds": [1, 2], "learning_rate": 1.0e-3,
          "probe_steps": 2, "max_steps": 3, "batch_size": 8, "checkpoint_every": 0}
 
 
 def _recipe(root: Path, stage: dict | None = None, models: dict | None = None) -> Path:
-    recipe = {"name": "rm-modes", "output_dir": "run", "seed": 0,
-              "models": {"base": {"tiny": TINY}, **(models or {})},
-              "datasets": {"prefs": {"toy": {"task": "math", "n": 32, "format": "preference"}},
-                           "held_out": {"toy": {"task": "math", "n": 16, "split": "eval", "format": "preference"}}},
-              "stages": [{**STAGE, **(stage or {})}]}
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    return path
-
-
-def _weights(model_dir) -> dict[str, torch.Tensor]:
-    return load_reward_model(str(model_dir), pad_token_id=0).state_dict()
+    return write_recipe(root, {**STAGE, **(stage or {})}, "rm-modes", pairs=32, held_out=16, models=models)
 
 
 def _start(stage_dir: Path, sft_dir) -> dict[str, torch.Tensor]:
     """Where every member began: the SFT weights and the probed head."""
-    start = _weights(sft_dir)
+    start = weights(sft_dir)
     start.update({f"score.{k}": v for k, v in torch.load(stage_dir / "probe" / "head.pt", weights_only=True).items()})
     return start
 
@@ -89,7 +74,7 @@ def test_two_processes_train_the_same_members_and_average_as_one(tmp_path):
     # Both runs built the same tiny model and probed the same head (the probe is data-parallel too).
     assert _distance(start, _start(two_dir, two["config"]["model"])) < 1e-6
     for name in ("members/member_1/model", "members/member_2/model", "model"):
-        a, b = _weights(one_dir / name), _weights(two_dir / name)
+        a, b = weights(one_dir / name), weights(two_dir / name)
         assert a.keys() == b.keys() == start.keys()
         moved = _distance(a, start)
         assert moved > 1e-2  # training did something
@@ -123,7 +108,7 @@ def test_lora_members_are_saved_merged_and_train_only_the_targeted_projections_a
         # A plain checkpoint: exactly the tensors of a reward model of this architecture, no
         # adapters and no peft wrapper names, so members average (and load) as plain weights.
         assert _saved_keys(model_dir) == set(start), _saved_keys(model_dir) ^ set(start)
-        members.append(_weights(model_dir))
+        members.append(weights(model_dir))
     targeted = [k for k in start if k.endswith(("q_proj.weight", "v_proj.weight"))]
     assert len(targeted) == 2
     for k in targeted + ["score.weight"]:  # the adapters (merged) and the head trained
@@ -135,7 +120,7 @@ def test_lora_members_are_saved_merged_and_train_only_the_targeted_projections_a
     for k in frozen:  # everything LoRA does not target stays the SFT model's, bit for bit
         for m in members:
             assert torch.equal(m[k], start[k]), k
-    average = _weights(manifest["outputs"]["model"])
+    average = weights(manifest["outputs"]["model"])
     assert _saved_keys(Path(manifest["outputs"]["model"])) == set(start)
     for k, tensor in average.items():
         torch.testing.assert_close(tensor, (members[0][k] + members[1][k]) / 2, rtol=0, atol=1e-7)
@@ -161,7 +146,7 @@ def test_each_member_starts_from_its_own_sft_checkpoint(tmp_path):
     apart = _distance({k: starts[other_dir][k] for k in backbone}, starts[base_dir])
     assert apart > 1.0  # two genuinely different checkpoints
     for i, (own, elsewhere) in enumerate([(other_dir, base_dir), (base_dir, other_dir), (other_dir, base_dir)]):
-        member = _weights(stage_dir / "members" / f"member_{i + 1}" / "model")
+        member = weights(stage_dir / "members" / f"member_{i + 1}" / "model")
         near = _distance({k: member[k] for k in backbone}, starts[own])
         far = _distance({k: member[k] for k in backbone}, starts[elsewhere])
         assert 0 < near < 0.1 * apart < far, (i + 1, near, far, apart)
@@ -184,3 +169,32 @@ def test_a_member_model_of_another_architecture_is_refused_before_anything_train
                                          rf"`model` .*{problem}"):
         run_recipe(recipe)
     assert not (recipe.parent / "run" / "rm" / "probe").exists()
+
+
+# --- learning-rate schedule ---------------------------------------------------------------------
+
+def test_linear_schedule_decays_every_members_rate_to_zero_and_the_probe_keeps_its_own(tmp_path):
+    """lr_scheduler linear: each member's rate falls from learning_rate to 0 at its own last step
+    (the logged rate is the one for the next step), starting afresh for member 2; the probe stays
+    constant at probe_learning_rate."""
+    recipe = _recipe(tmp_path, {"lr_scheduler": "linear", "max_steps": 4, "probe_steps": 2, "logging_steps": 1,
+                                "eval_dataset": None, "probe_learning_rate": 2.0e-3})
+    run_recipe(recipe)
+    rows = [json.loads(line) for line in (recipe.parent / "run" / "rm" / "metrics.jsonl").read_text().splitlines()]
+    rates = {}
+    for row in rows:
+        if "lr" in row:
+            rates.setdefault(row["phase"], []).append(row["lr"])
+    assert rates["probe"] == pytest.approx([2.0e-3, 2.0e-3])
+    for member in ("member_1", "member_2"):
+        assert rates[member] == pytest.approx([7.5e-4, 5.0e-4, 2.5e-4, 0.0]), member
+
+
+def test_a_decaying_schedule_needs_steps_after_the_warm_up():
+    from posttrain.stages.reward_model import RewardModelStageConfig
+
+    base = {"model": "m", "dataset": "d", "max_steps": 10, "lr_scheduler": "cosine"}
+    RewardModelStageConfig.model_validate({**base, "warmup_steps": 9})
+    with pytest.raises(ValueError, match=r"warmup_steps: 10 is not below max_steps \(10\)"):
+        RewardModelStageConfig.model_validate({**base, "warmup_steps": 10})
+    RewardModelStageConfig.model_validate({**base, "warmup_steps": 10, "lr_scheduler": "constant"})

@@ -1,0 +1,33 @@
+"""What the reward_model stage's tests share: a one-stage recipe on a tiny Gemma3 and toy math
+preference pairs, and a checkpoint's weights as a reward model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+from posttrain.stages.reward_model import load_reward_model
+
+TINY = {"arch": "gemma3", "hidden_size": 64, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
+        "intermediate_size": 128}
+
+
+def write_recipe(root: Path, stage: dict, name: str, pairs: int, held_out: int, models: dict | None = None) -> Path:
+    """root/recipe.yaml: models.base (TINY, plus `models`), datasets.prefs (`pairs` toy math
+    preference rows) and datasets.held_out (`held_out` rows of the eval split), and `stage`."""
+    recipe = {"name": name, "output_dir": "run", "seed": 0,
+              "models": {"base": {"tiny": TINY}, **(models or {})},
+              "datasets": {"prefs": {"toy": {"task": "math", "n": pairs, "format": "preference"}},
+                           "held_out": {"toy": {"task": "math", "n": held_out, "split": "eval",
+                                                "format": "preference"}}},
+              "stages": [stage]}
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def weights(model_dir) -> dict[str, torch.Tensor]:
+    return load_reward_model(str(model_dir), pad_token_id=0).state_dict()
