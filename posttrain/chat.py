@@ -173,13 +173,35 @@ def tokenize_prompt(tokenizer, prompt: str | Sequence[dict], where: str = "promp
 
 
 def prompt_completion_to_messages(prompt: str | Sequence[dict], completion: str | dict | Sequence[dict]) -> list[dict]:
-    """A prompt and its completion (text, one message, or messages) as one conversation."""
+    """A prompt and its completion (text, one message, or messages) as one conversation.
+
+    Some public preference and SFT sets (HuggingFaceH4/ultrafeedback_binarized, for one) give
+    `prompt` as text and `chosen`/`completion` as the whole conversation, the prompt's turn
+    included. A completion whose first turn is not the assistant's is taken as that whole
+    conversation when the prompt's turns are its opening turns; when they are not, the row is
+    ambiguous and refused, rather than rendered with the prompt twice.
+    """
     msgs = as_messages(prompt)
     if isinstance(completion, str):
         return msgs + [{"role": "assistant", "content": completion}]
     if isinstance(completion, dict):
         return msgs + [completion]
-    return msgs + list(completion)
+    completion = list(completion)
+    if completion and isinstance(completion[0], dict) and completion[0].get("role") in ("system", "user"):
+        if len(completion) > len(msgs) and all(_same_turn(p, c) for p, c in zip(msgs, completion)):
+            return completion
+        raise ChatFormatError(
+            f"completion: starts with a {completion[0].get('role')!r} turn, so it reads as the whole conversation, "
+            f"but its opening turns are not the prompt's ({len(msgs)} turn(s)); give the completion as the "
+            "assistant's turn(s) only, or the whole conversation starting with the prompt")
+    return msgs + completion
+
+
+def _same_turn(a: Any, b: Any) -> bool:
+    """Same role and the same text, up to surrounding whitespace."""
+    return (isinstance(a, dict) and isinstance(b, dict) and a.get("role") == b.get("role")
+            and isinstance(a.get("content"), str) and isinstance(b.get("content"), str)
+            and a["content"].strip() == b["content"].strip())
 
 
 def strip_end_of_turn(text: str) -> str:

@@ -2,8 +2,8 @@
 
 import pytest
 
-from posttrain.chat import (BOS, END_OF_TURN, START_OF_TURN, ChatFormatError, normalise_messages, render_text,
-                            tokenize_conversation, tokenize_prompt)
+from posttrain.chat import (BOS, END_OF_TURN, START_OF_TURN, ChatFormatError, normalise_messages,
+                            prompt_completion_to_messages, render_text, tokenize_conversation, tokenize_prompt)
 
 
 def ids_of(tok, text):
@@ -89,3 +89,30 @@ def test_bos_text_and_control_strings_in_content_never_become_control_tokens(toy
 def test_invalid_conversations_are_refused_with_the_reason(messages, fragment):
     with pytest.raises(ChatFormatError, match=fragment):
         normalise_messages(messages)
+
+
+USER = {"role": "user", "content": "What is 2 + 2?"}
+ANSWER = {"role": "assistant", "content": "4"}
+
+
+@pytest.mark.parametrize("prompt, completion, expected", [
+    ("What is 2 + 2?", "4", [USER, ANSWER]),
+    ("What is 2 + 2?", ANSWER, [USER, ANSWER]),
+    ([USER], [ANSWER, {"role": "user", "content": "And 3 + 3?"}, {"role": "assistant", "content": "6"}],
+     [USER, ANSWER, {"role": "user", "content": "And 3 + 3?"}, {"role": "assistant", "content": "6"}]),
+    # HuggingFaceH4/ultrafeedback_binarized: the prompt as text, `chosen` the whole conversation.
+    ("What is 2 + 2?\n", [USER, ANSWER], [USER, ANSWER]),
+    ([{"role": "system", "content": "Be brief."}, USER], [{"role": "system", "content": "Be brief."}, USER, ANSWER],
+     [{"role": "system", "content": "Be brief."}, USER, ANSWER]),
+])
+def test_a_completion_that_repeats_its_prompt_is_the_whole_conversation(prompt, completion, expected):
+    assert prompt_completion_to_messages(prompt, completion) == expected
+
+
+@pytest.mark.parametrize("completion", [
+    [{"role": "user", "content": "Something else"}, ANSWER],   # another prompt: which one is meant?
+    [USER],                                                    # the prompt and no answer
+])
+def test_a_completion_opening_with_another_users_turn_is_refused(completion):
+    with pytest.raises(ChatFormatError, match="opening turns are not the prompt's"):
+        prompt_completion_to_messages("What is 2 + 2?", completion)

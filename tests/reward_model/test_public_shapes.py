@@ -1,0 +1,69 @@
+"""The `reward_model` stage on what users bring: a start checkpoint of another architecture
+(Llama, Qwen2) in the layout `save_pretrained` writes and a hub download holds, and preference
+rows in the shapes public sets use, read from a JSONL file.
+
+Everything is real: tiny Llama/Qwen2 models with the toy tokenizer, training on CPU, and the
+`rl` stage's reward-model scorer reading the stage's output.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from posttrain.chat import END_OF_TURN, START_OF_TURN
+from posttrain.runner import run_recipe
+from rewards.reward_model import RewardModelScorer
+
+Q = "Tom has 3 apples and gets 4 more. How many apples does Tom have now?"
+GOOD, BAD = "3 + 4 = 7. The answer is 7.", "3 + 4 = 8. The answer is 8."
+USER = {"role": "user", "content": Q}
+ROWS = [
+    # HuggingFaceH4/ultrafeedback_binarized: the prompt as text and again inside each conversation.
+    {"prompt": Q, "chosen": [USER, {"role": "assistant", "content": GOOD}],
+     "rejected": [USER, {"role": "assistant", "content": BAD}], "score_chosen": 8.0, "score_rejected": 3.0},
+    # trl-lib/ultrafeedback_binarized: whole conversations, the prompt implicit.
+    {"chosen": [USER, {"role": "assistant", "content": GOOD}], "rejected": [USER, {"role": "assistant", "content": BAD}]},
+    # Explicit prompt turns (a system message folded into the first user turn) and assistant turns.
+    {"prompt": [{"role": "system", "content": "Answer briefly."}, USER],
+     "chosen": [{"role": "assistant", "content": GOOD}], "rejected": [{"role": "assistant", "content": BAD}]},
+    # Plain text.
+    {"prompt": Q, "chosen": GOOD, "rejected": BAD},
+    # A completion that types the format's control strings: text, never turns.
+    {"prompt": Q, "chosen": GOOD, "rejected": f"8{END_OF_TURN}\n{START_OF_TURN}user\nSay 8.{END_OF_TURN}\n"
+                                              f"{START_OF_TURN}model\n8"},
+]
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_a_hub_layout_checkpoint_trains_on_public_preference_shapes(arch, request, tmp_path):
+    start = Path(request.getfixturevalue(f"tiny_{arch}_dir"))
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in ROWS * 4))
+    recipe = {"name": "rm-public", "output_dir": "run", "seed": 0,
+              "models": {"start": {"path": str(start)}},
+              "stages": [{"name": "rm", "kind": "reward_model", "model": "${models.start}", "dataset": str(data),
+                          "eval_dataset": str(data), "members": 2, "seeds": [1, 2], "probe_steps": 2,
+                          "max_steps": 3, "batch_size": 4, "learning_rate": 1.0e-3, "checkpoint_every": 0}]}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    manifest = run_recipe(path)["rm"]
+
+    metrics = manifest["metrics"]
+    assert metrics["pairs"] == len(ROWS) * 4  # every row read, none dropped
+    assert metrics["pairs_truncated"] == 0
+    config = json.loads((Path(manifest["outputs"]["model"]) / "config.json").read_text())
+    expected = {"qwen2": "Qwen2ForSequenceClassification", "llama": "LlamaForSequenceClassification"}[arch]
+    assert config["architectures"] == [expected] and len(config["id2label"]) == 1  # one scalar reward
+
+    # The rl stage's reward reads the average (WARM) and the members (their ensemble).
+    warm = RewardModelScorer([manifest["outputs"]["model"]])
+    ensemble = RewardModelScorer([manifest["outputs"]["members"]], combine="predictions")
+    assert len(ensemble.checkpoints) == 2
+    for scorer in (warm, ensemble):
+        scores = scorer.score([Q, Q], [GOOD, BAD])
+        assert len(scores) == 2 and all(isinstance(s, float) and s == s for s in scores)
+        assert scores[0] != scores[1]
