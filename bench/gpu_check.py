@@ -1,7 +1,8 @@
 """One command that proves the GPU path on any CUDA machine, with or without vLLM installed.
 
     python bench/gpu_check.py                       # the checks below, then bench_rl against TRL
-    python bench/gpu_check.py --skip-bench          # the recipe only
+    python bench/gpu_check.py --skip-bench          # the recipes only
+    python bench/gpu_check.py --skip-warm           # without the reward-model (WARM) recipe
     python bench/gpu_check.py --cpu                 # the same steps on the CPU (to try the script itself)
 
 1. Runs the quickstart recipe, shortened, so that every stage kind runs (filter, sft, evaluate,
@@ -10,6 +11,9 @@
 2. Reports, per stage: wall time, peak GPU memory (the runner records it in the manifest) and
    GPU utilisation sampled with nvidia-smi while the stage ran; asserts the GPU was busy during
    `distill` and `rl`.
+2b. Runs recipes/warm.yaml, shortened (SFT, three reward models and their average in bf16, RL
+   against the best member and against WARM), and asserts that the `reward_model` stage and
+   both RL stages trained on `cuda` and that RL against WARM logged proxy and gold per step.
 3. Runs bench/bench_rl.py with both contenders on the same GPU: posttrain's `rl` (each engine
    available: vLLM when installed, else transformers) against TRL's GRPOTrainer, and prints the
    tokens/s ratio (target: 1.5x or more).
@@ -35,6 +39,13 @@ SHORT = [
     "stages.teacher.max_steps=150", "stages.sft.max_steps=100", "stages.distill.max_steps=40",
     "stages.rl.max_steps=30", "stages.rl.checkpoint_every=10",
     "datasets.chat_dirty.toy_dirty.n_clean=600", "datasets.math_eval.toy.n=50",
+]
+
+# recipes/warm.yaml cut to a few minutes: every stage kind of it runs, on the device, in bf16.
+WARM_SHORT = [
+    "stages.sft.max_steps=100", "stages.rm.max_steps=60", "stages.rm.probe_steps=10", "stages.rm.precision=bf16",
+    "stages.rm.checkpoint_every=30", "stages.rl_best_member.max_steps=10", "stages.rl_warm.max_steps=10",
+    "stages.rl_best_member.precision=bf16", "stages.rl_warm.precision=bf16",
 ]
 
 
@@ -89,11 +100,40 @@ def run_recipe(work: Path, extra: list[str], use_cpu: bool) -> dict[str, dict]:
     return run(ROOT / "recipes" / "quickstart.yaml", overrides)
 
 
+def run_warm_recipe(work: Path) -> tuple[dict[str, dict], list[str]]:
+    """recipes/warm.yaml, shortened: (its manifests, what failed). The reward_model stage and both
+    RL stages must have trained on the expected device, and RL against WARM must log its proxy
+    (the averaged reward model) and gold reward at every step."""
+    import torch
+
+    from posttrain.runner import run_recipe as run
+
+    failures: list[str] = []
+    try:
+        manifests = run(ROOT / "recipes" / "warm.yaml", WARM_SHORT + [f"output_dir={work / 'warm'}"])
+    except Exception as e:  # noqa: BLE001 - reported with the rest
+        return {}, [f"warm recipe: {type(e).__name__}: {e}"]
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    for name in ("rm", "rl_best_member", "rl_warm"):
+        device = str(manifests[name]["metrics"].get("device"))
+        if not device.startswith(expected):
+            failures.append(f"warm/{name}: trained on {device}, expected {expected}")
+    rm = manifests["rm"]["metrics"]
+    print("warm/rm held-out accuracy: " + ", ".join(f"{k} {rm[k]:.3f}" for k in (
+        "members/accuracy_mean", "members/accuracy_best", "average/accuracy", "ensemble/accuracy") if k in rm), flush=True)
+    rows = [json.loads(line) for line in (work / "warm" / "rl_warm" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "reward/proxy/mean" in r and "reward/gold/mean" in r]
+    if len(steps) < 10:
+        failures.append(f"warm/rl_warm: {len(steps)} steps logged proxy and gold reward, expected 10")
+    return manifests, failures
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="gpu_check.json", help="JSON summary")
     ap.add_argument("--work", default=None, help="working directory (default: a new temporary one)")
     ap.add_argument("--skip-bench", action="store_true", help="skip bench_rl against TRL")
+    ap.add_argument("--skip-warm", action="store_true", help="skip the shortened recipes/warm.yaml")
     ap.add_argument("--cpu", action="store_true", help="run the steps on the CPU (tries the script; proves nothing)")
     ap.add_argument("--set", action="append", default=[], help="extra recipe overrides")
     ap.add_argument("--bench-args", default="--hidden 768 --layers 12 --steps 6 --prompts 8 --group 8 --length 128",
@@ -129,8 +169,14 @@ def main() -> int:
         manifests = {}
         for m in (work / "run").glob("*/manifest.json"):
             manifests[m.parent.name] = json.loads(m.read_text())
-    sampler.stop()
     summary["recipe_seconds"] = round(time.time() - t0, 1)
+    if not args.skip_warm:
+        t0 = time.time()
+        warm, warm_failures = run_warm_recipe(work)
+        failures += warm_failures
+        manifests.update({f"warm/{name}": m for name, m in warm.items()})
+        summary["warm_recipe_seconds"] = round(time.time() - t0, 1)
+    sampler.stop()
 
     stages = {}
     print(f"\n{'stage':14s} {'kind':9s} {'status':9s} {'s':>7s} {'peak GiB':>9s} {'util %':>7s} {'busy':>6s} device")
