@@ -67,3 +67,30 @@ def test_a_hub_layout_checkpoint_trains_on_public_preference_shapes(arch, reques
         scores = scorer.score([Q, Q], [GOOD, BAD])
         assert len(scores) == 2 and all(isinstance(s, float) and s == s for s in scores)
         assert scores[0] != scores[1]
+
+
+def test_a_local_copy_of_a_hub_preference_set_in_its_own_layout(tiny_gemma3_dir, tmp_path):
+    """HuggingFaceH4/ultrafeedback_binarized as a hub download lays it out: parquet files per split
+    under data/ (train_prefs, test_prefs), `prompt` text, `chosen`/`rejected` whole conversations
+    and extra columns; read with `path` + `split`, as a user's offline copy would be."""
+    import datasets
+
+    data = tmp_path / "ultrafeedback_binarized" / "data"
+    data.mkdir(parents=True)
+    row = {**ROWS[0], "prompt_id": "p0", "messages": ROWS[0]["chosen"]}
+    for split, n in (("train_prefs", 24), ("test_prefs", 8)):
+        datasets.Dataset.from_list([row] * n).to_parquet(str(data / f"{split}-00000-of-00001.parquet"))
+    root = data.parent
+    recipe = {"name": "rm-hub-copy", "output_dir": "run", "seed": 0,
+              "models": {"start": {"path": str(tiny_gemma3_dir)}},
+              "datasets": {"prefs": {"path": str(root), "split": "train_prefs"},
+                           "held_out": {"path": str(root), "split": "test_prefs"}},
+              "stages": [{"name": "rm", "kind": "reward_model", "model": "${models.start}",
+                          "dataset": "${datasets.prefs}", "eval_dataset": "${datasets.held_out}", "members": 2,
+                          "probe_steps": 2, "max_steps": 2, "batch_size": 8, "learning_rate": 1.0e-3,
+                          "checkpoint_every": 0}]}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    manifest = run_recipe(path)["rm"]
+    assert manifest["metrics"]["pairs"] == 24
+    assert 0.0 <= manifest["metrics"]["average/accuracy"] <= 1.0
