@@ -1,11 +1,14 @@
 """The row shapes filters understand, and the decision a filter returns for a row.
 
-Three shapes are accepted (extra keys are kept untouched):
+Four shapes are accepted (extra keys are kept untouched):
 
-- chat:        {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+- chat:        {"messages": [{"role": "system"|"user"|"assistant", "content": str | text parts}, ...]}
 - completion:  {"prompt": str | messages, "completion": str | messages}
 - preference:  {"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}
 - prompt only: {"prompt": str | messages}   (RL and distillation prompts)
+
+A message's content is a string or a list of text parts, `[{"type": "text", "text": str}]`;
+any other part (an image) makes the row invalid.
 
 A filter sees a row as a list of `Turn`s (role, text, where it lives in the row), so the same
 filter code serves every shape, and a redaction can write text back in place.
@@ -74,10 +77,24 @@ def _message_turns(messages: Any, key: str, out: list[Turn], default_role: str |
         if default_role == MODEL_ROLE and role != MODEL_ROLE:
             raise InvalidRow("wrong_role", f"`{key}[{i}].role` is {role!r}; completions are assistant turns")
         content = msg["content"]
-        if not isinstance(content, str):
-            raise InvalidRow("non_string_content",
-                             f"`{key}[{i}].content` is {type(content).__name__}, expected a string")
-        out.append(_new_turn(Turn, (role, content, (key, i, "content"))))
+        if isinstance(content, str):
+            out.append(_new_turn(Turn, (role, content, (key, i, "content"))))
+        elif isinstance(content, list) and content:
+            # Content parts (`[{"type": "text", "text": ...}]`, the chat templates' shape): each
+            # text part is a turn of its own, so a redaction writes back into that part. Blank
+            # parts beside text are left out (nothing to filter, and they are not an empty
+            # answer); a message of blank parts only stays one blank turn, for the empty check.
+            parts = []
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type", "text") != "text" or not isinstance(part.get("text"), str):
+                    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                    raise InvalidRow("non_string_content",
+                                     f"`{key}[{i}].content[{j}]` is a {kind!r} part; only text parts are read")
+                parts.append(_new_turn(Turn, (role, part["text"], (key, i, "content", j, "text"))))
+            out.extend([t for t in parts if t.text.strip()] or parts[:1])
+        else:
+            raise InvalidRow("non_string_content", f"`{key}[{i}].content` is {type(content).__name__}"
+                             f"{' (empty)' if isinstance(content, list) else ''}, expected a string or text parts")
 
 
 def _field_turns(row: dict, key: str, role: str, out: list[Turn]) -> None:
@@ -142,11 +159,18 @@ def rewrite_texts(row: dict, turns: list[Turn], fn: Callable[[Turn], str]) -> di
         path = turn.path
         if len(path) == 1:
             new_row[path[0]] = new_text
-        else:
-            key, i, field_name = path
-            if new_row[key] is row[key]:
-                new_row[key] = list(row[key])
-            msg = dict(new_row[key][i])
+            continue
+        key, i, field_name, *part = path  # part: (j, "text") inside a list of content parts
+        if new_row[key] is row[key]:
+            new_row[key] = list(row[key])
+        if new_row[key][i] is row[key][i]:
+            new_row[key][i] = dict(row[key][i])
+        msg = new_row[key][i]
+        if not part:
             msg[field_name] = new_text
-            new_row[key][i] = msg
+            continue
+        j, text_key = part
+        if msg[field_name] is row[key][i][field_name]:
+            msg[field_name] = list(msg[field_name])
+        msg[field_name][j] = {**msg[field_name][j], text_key: new_text}
     return new_row

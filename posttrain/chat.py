@@ -63,11 +63,35 @@ class TokenizedConversation:
     loss_mask: list[int]  # 1 where the token is trained on (model turns and their <end_of_turn>)
 
 
-def as_messages(prompt: str | Sequence[dict]) -> list[dict]:
+def as_messages(prompt: str | Sequence[dict], where: str = "prompt") -> list[dict]:
     """A prompt given as plain text becomes a single user turn."""
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, (list, tuple)):
+        raise ChatFormatError(f"{where}: expected text or a list of {{role, content}} turns, got {_describe(prompt)}")
     return list(prompt)
+
+
+def message_text(content: Any, where: str = "content") -> str:
+    """The text of a message's `content`: a string, or a list of content parts, the shape
+    transformers' chat templates and OpenAI-style datasets use
+    (`[{"type": "text", "text": ...}, ...]`), whose text parts are joined as those templates
+    render them (back to back). posttrain trains text-only models, so any other part (an
+    image, audio) is refused rather than silently dropped from what the model sees."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, (list, tuple)) and content:
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type", "text") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else None
+                raise ChatFormatError(
+                    f"{where}[{j}]: expected a text part {{'type': 'text', 'text': str}}, got "
+                    + (f"a {kind!r} part; posttrain trains text-only models" if kind not in (None, "text")
+                       else _describe(part)))
+            texts.append(part["text"])
+        return "".join(texts)
+    raise ChatFormatError(f"{where}: expected a string or a list of text parts, got {_describe(content)}")
 
 
 def normalise_messages(messages: Any, where: str = "messages") -> list[dict]:
@@ -85,8 +109,7 @@ def normalise_messages(messages: Any, where: str = "messages") -> list[dict]:
         role, content = m["role"], m["content"]
         if role not in ROLES:
             raise ChatFormatError(f"{where}[{i}].role: expected one of {', '.join(ROLES)}, got {role!r}")
-        if not isinstance(content, str):
-            raise ChatFormatError(f"{where}[{i}].content: expected a string, got {_describe(content)}")
+        content = message_text(content, f"{where}[{i}].content")
         if role == "system":
             if i != 0:
                 raise ChatFormatError(f"{where}[{i}].role: a system message may only come first")
@@ -166,8 +189,8 @@ def tokenize_conversation(tokenizer, messages: Sequence[dict], add_generation_pr
 
 def tokenize_prompt(tokenizer, prompt: str | Sequence[dict], where: str = "prompt") -> list[int]:
     """Prompt ids ending with the model-turn header, ready for generation."""
-    messages = as_messages(prompt)
-    if messages and messages[-1].get("role") == "assistant":
+    messages = as_messages(prompt, where)
+    if messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
         raise ChatFormatError(f"{where}: a generation prompt must end with a user turn")
     return tokenize_conversation(tokenizer, messages, add_generation_prompt=True, where=where).input_ids
 
@@ -186,6 +209,8 @@ def prompt_completion_to_messages(prompt: str | Sequence[dict], completion: str 
         return msgs + [{"role": "assistant", "content": completion}]
     if isinstance(completion, dict):
         return msgs + [completion]
+    if not isinstance(completion, (list, tuple)):
+        raise ChatFormatError(f"completion: expected text, one message or a list of messages, got {_describe(completion)}")
     completion = list(completion)
     if completion and isinstance(completion[0], dict) and completion[0].get("role") in ("system", "user"):
         if len(completion) > len(msgs) and all(_same_turn(p, c) for p, c in zip(msgs, completion)):
@@ -198,10 +223,14 @@ def prompt_completion_to_messages(prompt: str | Sequence[dict], completion: str 
 
 
 def _same_turn(a: Any, b: Any) -> bool:
-    """Same role and the same text, up to surrounding whitespace."""
-    return (isinstance(a, dict) and isinstance(b, dict) and a.get("role") == b.get("role")
-            and isinstance(a.get("content"), str) and isinstance(b.get("content"), str)
-            and a["content"].strip() == b["content"].strip())
+    """Same role and the same text, up to surrounding whitespace (a string and the same text
+    given as content parts are the same turn)."""
+    if not (isinstance(a, dict) and isinstance(b, dict) and a.get("role") == b.get("role")):
+        return False
+    try:
+        return message_text(a.get("content")).strip() == message_text(b.get("content")).strip()
+    except ChatFormatError:
+        return False
 
 
 def strip_end_of_turn(text: str) -> str:

@@ -37,7 +37,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
-from posttrain.chat import ChatFormatError
+from posttrain.chat import ChatFormatError, message_text
 from posttrain.data import DataError, iter_rows, write_json
 from posttrain.stages.base import StageConfig, StageContext, StageError, StageResult, register_stage
 from posttrain.trackers import ReportTo
@@ -169,15 +169,28 @@ def shared_plan(config: RewardModelStageConfig, seed: int) -> MemberPlan:
 # --- data ---------------------------------------------------------------------------------------
 
 def _side_is_empty(value: Any) -> bool:
+    """No text at all: None, blank text, or messages whose contents are all blank. A side of
+    the wrong shape is not "empty": the format check then says what is wrong with it."""
     if value is None:
         return True
     if isinstance(value, str):
         return not value.strip()
     if isinstance(value, dict):
-        return _side_is_empty(value.get("content"))
-    if isinstance(value, (list, tuple)):
-        return not value or all(isinstance(m, dict) and _side_is_empty(m.get("content")) for m in value)
-    return False
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        return False
+    for message in value:
+        if not isinstance(message, dict):
+            return False
+        content = message.get("content")
+        if content is None:
+            continue
+        try:
+            if message_text(content).strip():
+                return False
+        except ChatFormatError:
+            return False
+    return True
 
 
 def load_pairs(path: str, tokenizer, max_length: int) -> tuple[list[tuple[list[int], list[int]]], int]:
@@ -200,11 +213,13 @@ def load_pairs(path: str, tokenizer, max_length: int) -> tuple[list[tuple[list[i
                             "conversations (lists of {role, content})")
         if prompt is not None and _side_is_empty(prompt):
             raise DataError(f"{where}: 'prompt' is empty")
-        try:
-            chosen = encode_pair(tokenizer, prompt, row["chosen"], max_length=10**9)
-            rejected = encode_pair(tokenizer, prompt, row["rejected"], max_length=10**9)
-        except ChatFormatError as e:
-            raise DataError(f"{where}: {e}") from None
+        encoded = {}
+        for side in ("chosen", "rejected"):
+            try:
+                encoded[side] = encode_pair(tokenizer, prompt, row[side], max_length=10**9)
+            except ChatFormatError as e:  # says which side, as the message names only the turn
+                raise DataError(f"{where}: '{side}' (with the prompt): {e}") from None
+        chosen, rejected = encoded["chosen"], encoded["rejected"]
         if len(chosen) > max_length or len(rejected) > max_length:
             truncated += 1
             chosen, rejected = (ids[:1] + ids[len(ids) - max_length + 1:] if len(ids) > max_length else ids

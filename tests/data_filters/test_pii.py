@@ -125,3 +125,23 @@ def test_numbers_joined_by_dashes_outside_phone_contexts_are_not_phones(text):
 ])
 def test_phones_written_with_dashes_are_still_found(text):
     assert "phone" in [k for k, _ in kinds(text)], text
+
+
+def test_redaction_writes_back_into_the_text_part_it_found_pii_in():
+    import copy
+
+    from data_filters.config import PiiConfig
+    from data_filters.pii import PiiFilter
+    from data_filters.rows import row_turns
+
+    row = {"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "Mail me at "}, {"type": "text", "text": "ana@example.org"},
+                                     {"type": "text", "text": " or call +1 415 555 2671"}]},
+        {"role": "assistant", "content": "Done."}]}
+    original = copy.deepcopy(row)
+    rewrite = PiiFilter(PiiConfig())(row, row_turns(row))
+    assert rewrite.row["messages"][0]["content"] == [
+        {"type": "text", "text": "Mail me at "}, {"type": "text", "text": "<EMAIL>"}, {"type": "text", "text": " or call <PHONE>"}]
+    assert rewrite.row["messages"][1] == {"role": "assistant", "content": "Done."}
+    assert row == original  # the input row is not changed in place
+    assert rewrite.changes == {"email": 1, "phone": 1}

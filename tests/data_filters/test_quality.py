@@ -12,6 +12,8 @@ from filters_testutil import chat
     (b'{"messages": [{"role": "user"}]}', "missing_field"),
     (b'{"messages": [{"role": "bot", "content": "x"}]}', "wrong_role"),
     (b'{"messages": [{"role": "user", "content": 3}]}', "non_string_content"),
+    (b'{"messages": [{"role": "user", "content": [{"type": "image", "url": "a.png"}]}]}', "non_string_content"),
+    (b'{"messages": [{"role": "user", "content": []}]}', "non_string_content"),
     (b'{"messages": []}', "missing_field"),
     (b'{"text": "no known fields"}', "missing_field"),
     (b'{"prompt": "p", "chosen": "a"}', "missing_field"),
@@ -31,6 +33,7 @@ def test_invalid_rows_are_rejected_with_a_reason(raw, reason):
     b'{"prompt": "p", "completion": "c"}',
     b'{"prompt": "p", "chosen": "a", "rejected": "b", "score": 3}',
     b'{"prompt": [{"role": "user", "content": "p"}]}',
+    b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "u"}]}, {"role": "assistant", "content": "a"}]}',
 ])
 def test_valid_rows_of_every_shape_parse(raw):
     assert parse_line(raw)[2] is None
@@ -71,3 +74,13 @@ def test_ascii_fast_tokeniser_matches_the_unicode_one():
     text = string.printable + "\x00\x01\x1c\x1d\x1e\x1f\x7f A_b C-d E'f"
     assert list(words(text)) == text.lower().translate(_TO_SPACE).split()
     assert words("Hello, World! foo_bar\x1cbaz") == ("hello", "world", "foo_bar", "baz")
+
+
+def test_text_parts_are_turns_and_a_blank_part_beside_text_is_not_an_empty_answer():
+    row = {"messages": [{"role": "user", "content": "hi"},
+                        {"role": "assistant", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": " "}]}]}
+    assert [t.text for t in row_turns(row)] == ["hi", "Hello"]
+    assert check(row) is None
+    blank = {"messages": [{"role": "user", "content": "hi"},
+                          {"role": "assistant", "content": [{"type": "text", "text": "  "}]}]}
+    assert check(blank).reason == "empty_model_turn"

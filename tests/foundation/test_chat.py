@@ -116,3 +116,46 @@ def test_a_completion_that_repeats_its_prompt_is_the_whole_conversation(prompt, 
 def test_a_completion_opening_with_another_users_turn_is_refused(completion):
     with pytest.raises(ChatFormatError, match="opening turns are not the prompt's"):
         prompt_completion_to_messages("What is 2 + 2?", completion)
+
+
+def parts(*texts):
+    return [{"type": "text", "text": t} for t in texts]
+
+
+def test_content_given_as_text_parts_renders_as_the_joined_text(toy_tokenizer):
+    # The shape transformers' chat templates and OpenAI-style datasets use; the templates
+    # render the text parts back to back.
+    as_parts = [{"role": "user", "content": parts("What is ", "2 + 2?")}, {"role": "assistant", "content": parts("4")}]
+    as_text = [USER, ANSWER]
+    assert normalise_messages(as_parts) == as_text
+    assert tokenize_conversation(toy_tokenizer, as_parts).input_ids == tokenize_conversation(toy_tokenizer, as_text).input_ids
+    # The H4 shape with parts: the repeated prompt is recognised whatever shape its content takes.
+    assert prompt_completion_to_messages("What is 2 + 2?", as_parts) == as_parts
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ([{"type": "image", "url": "cat.png"}, {"type": "text", "text": "What is this?"}], r"content\[0\]: .*'image' part; .*text-only"),
+    ([{"type": "text", "text": 3}], r"content\[0\]: expected a text part"),
+    (["plain string in a list"], r"content\[0\]: expected a text part"),
+    ([], "content: expected a string or a list of text parts"),
+    (None, "content: expected a string or a list of text parts"),
+])
+def test_content_that_is_not_text_is_refused_with_the_part(content, fragment):
+    with pytest.raises(ChatFormatError, match=rf"messages\[0\]\.{fragment}"):
+        normalise_messages([{"role": "user", "content": content}])
+
+
+@pytest.mark.parametrize("prompt, completion, fragment", [
+    (float("nan"), "4", "prompt: expected text or a list"),
+    (7, "4", "prompt: expected text or a list"),
+    ("What is 2 + 2?", 4, "completion: expected text, one message or a list"),
+    ("What is 2 + 2?", None, "completion: expected text, one message or a list"),
+])
+def test_a_prompt_or_completion_of_another_type_is_refused_not_crashed_on(prompt, completion, fragment):
+    with pytest.raises(ChatFormatError, match=fragment):
+        prompt_completion_to_messages(prompt, completion)
+
+
+def test_a_generation_prompt_of_another_type_is_refused(toy_tokenizer):
+    with pytest.raises(ChatFormatError, match="row 3 prompt: expected text"):
+        tokenize_prompt(toy_tokenizer, 12, where="row 3 prompt")

@@ -101,12 +101,31 @@ def test_rl_reward_scores_with_the_stage_outputs_and_logs_gold_next_to_it(finish
     ({"prompt": "Hi", "chosen": "  ", "rejected": "Go away."}, "'chosen' is empty"),
     ({"prompt": "Hi", "chosen": "Hello.", "rejected": [{"role": "assistant", "content": ""}]}, "'rejected' is empty"),
     ({"chosen": "Hello.", "rejected": "Go away."}, "'prompt' is missing"),
+    ({"prompt": "Hi", "chosen": [{"role": "assistant", "content": [{"type": "text", "text": " "}]}],
+      "rejected": "Go away."}, "'chosen' is empty"),
+    # Sides of another shape name the side and what was expected, rather than crash.
+    ({"prompt": "Hi", "chosen": 3, "rejected": "Go away."}, "'chosen' .*expected text, one message or a list"),
+    ({"prompt": "Hi", "chosen": "Hello.", "rejected": [{"role": "assistant", "content": [{"type": "image"}]}]},
+     r"'rejected' .*content\[0\].*'image' part"),
+    ({"prompt": 2.5, "chosen": "Hello.", "rejected": "Go away."}, "prompt: expected text"),
 ])
 def test_a_pair_with_a_missing_or_empty_side_is_refused_with_file_and_line(toy_tokenizer, tmp_path, row, message):
     path = tmp_path / "prefs.jsonl"
     write_jsonl(path, [{"prompt": "Hi", "chosen": "Hello.", "rejected": "Go away."}, row])
     with pytest.raises(DataError, match=rf"prefs.jsonl:2: .*{message}"):
         load_pairs(str(path), toy_tokenizer, 64)
+
+
+def test_sides_given_as_text_parts_score_the_same_ids_as_text(toy_tokenizer, tmp_path):
+    path = tmp_path / "prefs.jsonl"
+    write_jsonl(path, [
+        {"prompt": "Hi", "chosen": "Hello.", "rejected": "Go away."},
+        {"prompt": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+         "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo."}]}],
+         "rejected": [{"role": "assistant", "content": [{"type": "text", "text": "Go away."}]}]},
+    ])
+    pairs, _ = load_pairs(str(path), toy_tokenizer, 64)
+    assert pairs[0] == pairs[1]
 
 
 def test_kill_9_during_member_2_resumes_at_member_2(finished, tmp_path):
