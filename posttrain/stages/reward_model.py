@@ -493,7 +493,12 @@ def run_reward_model(config: RewardModelStageConfig, ctx: StageContext) -> Stage
     plans = member_plans(config, ctx.seed)
     total_steps = config.probe_steps + config.shared_steps + config.members * config.max_steps
     budget = config.max_tokens_per_microbatch
-    summary: dict[str, Any] = {"pairs": len(pairs), "pairs_truncated": truncated, "labels_flipped": flipped,
+    # Pairs whose two sides are the same tokens (a tie in the source data, or sides that differ
+    # only before the truncated start) carry no preference: kept, as they cost nothing but a
+    # constant loss, and counted so that a data set full of them is noticed.
+    identical = sum(chosen == rejected for chosen, rejected in pairs)
+    summary: dict[str, Any] = {"pairs": len(pairs), "pairs_truncated": truncated, "pairs_identical": identical,
+                               "labels_flipped": flipped,
                                **session.describe(config.batch_size, "pairs")}
 
     with ctx.metrics(config.report_to) as metrics, ctx.progress(total_steps, "reward models") as advance:

@@ -35,6 +35,11 @@ ROWS = [
     # A completion that types the format's control strings: text, never turns.
     {"prompt": Q, "chosen": GOOD, "rejected": f"8{END_OF_TURN}\n{START_OF_TURN}user\nSay 8.{END_OF_TURN}\n"
                                               f"{START_OF_TURN}model\n8"},
+    # Content as text parts, the shape transformers' chat templates take.
+    {"prompt": [{"role": "user", "content": [{"type": "text", "text": Q}]}],
+     "chosen": [{"role": "assistant", "content": [{"type": "text", "text": GOOD}]}], "rejected": BAD},
+    # A tie in the source data: both sides the same answer. Kept, and counted.
+    {"prompt": Q, "chosen": GOOD, "rejected": GOOD},
 ]
 
 
@@ -55,6 +60,7 @@ def test_a_hub_layout_checkpoint_trains_on_public_preference_shapes(arch, reques
     metrics = manifest["metrics"]
     assert metrics["pairs"] == len(ROWS) * 4  # every row read, none dropped
     assert metrics["pairs_truncated"] == 0
+    assert metrics["pairs_identical"] == 4  # the tie row, four times
     config = json.loads((Path(manifest["outputs"]["model"]) / "config.json").read_text())
     expected = {"qwen2": "Qwen2ForSequenceClassification", "llama": "LlamaForSequenceClassification"}[arch]
     assert config["architectures"] == [expected] and len(config["id2label"]) == 1  # one scalar reward
