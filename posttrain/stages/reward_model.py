@@ -269,12 +269,19 @@ def load_reward_model(path: str, pad_token_id: int, dropout: float = 0.0):
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     config = AutoConfig.from_pretrained(path)
-    extra = {"attention_dropout": dropout} if hasattr(config, "attention_dropout") else {}
+    config.num_labels = 1
+    # Set on the config, not passed as keyword arguments: a composite checkpoint (Gemma 3 4B and
+    # up: a language model with a vision tower) hands unknown keywords to the model's __init__,
+    # and its classifier reads the pad id and the attention dropout from the text part.
+    text = config.get_text_config()
+    for part in {id(config): config, id(text): text}.values():
+        part.pad_token_id = pad_token_id
+    if hasattr(text, "attention_dropout"):
+        text.attention_dropout = dropout
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # a causal LM checkpoint has no head: expected, not news
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, pad_token_id=pad_token_id,
-                                                                   dtype=torch.float32, **extra)
+        model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=torch.float32)
     finally:
         transformers.logging.set_verbosity(verbosity)
     return model

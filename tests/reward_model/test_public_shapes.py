@@ -1,5 +1,6 @@
 """The `reward_model` stage on what users bring: a start checkpoint of another architecture
-(Llama, Qwen2) in the layout `save_pretrained` writes and a hub download holds, and preference
+(Llama, Qwen2, Gemma 3 with its vision tower) in the layout `save_pretrained` writes and a hub
+download holds, and preference
 rows in the shapes public sets use, read from a JSONL file.
 
 Everything is real: tiny Llama/Qwen2 models with the toy tokenizer, training on CPU, and the
@@ -43,7 +44,27 @@ ROWS = [
 ]
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.fixture(scope="module")
+def tiny_gemma3_vision_dir(tmp_path_factory, toy_tokenizer):
+    """A tiny Gemma 3 of the 4B-and-up layout: the language model with a SigLIP vision tower
+    (Gemma3ForConditionalGeneration, a composite config whose text part holds the sizes)."""
+    import torch
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+
+    torch.manual_seed(0)
+    text = Gemma3TextConfig(vocab_size=len(toy_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                            pad_token_id=toy_tokenizer.pad_token_id)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=32, patch_size=8)
+    d = tmp_path_factory.mktemp("gemma3_vision")
+    Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)) \
+        .save_pretrained(d)
+    toy_tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "gemma3_vision"])
 def test_a_hub_layout_checkpoint_trains_on_public_preference_shapes(arch, request, tmp_path):
     start = Path(request.getfixturevalue(f"tiny_{arch}_dir"))
     data = tmp_path / "prefs.jsonl"
@@ -62,7 +83,8 @@ def test_a_hub_layout_checkpoint_trains_on_public_preference_shapes(arch, reques
     assert metrics["pairs_truncated"] == 0
     assert metrics["pairs_identical"] == 4  # the tie row, four times
     config = json.loads((Path(manifest["outputs"]["model"]) / "config.json").read_text())
-    expected = {"qwen2": "Qwen2ForSequenceClassification", "llama": "LlamaForSequenceClassification"}[arch]
+    expected = {"qwen2": "Qwen2ForSequenceClassification", "llama": "LlamaForSequenceClassification",
+                "gemma3_vision": "Gemma3ForSequenceClassification"}[arch]
     assert config["architectures"] == [expected] and len(config["id2label"]) == 1  # one scalar reward
 
     # The rl stage's reward reads the average (WARM) and the members (their ensemble).
