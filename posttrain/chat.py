@@ -14,6 +14,7 @@ carries `{% generation %}` markers so TRL's assistant-only loss works with it to
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -185,6 +186,64 @@ def tokenize_conversation(tokenizer, messages: Sequence[dict], add_generation_pr
         input_ids.extend(head)
         mask.extend([0] * (1 + len(head)))
     return TokenizedConversation(input_ids, mask)
+
+
+def has_gemma_control_tokens(tokenizer) -> bool:
+    """Whether the tokenizer carries the Gemma IT format's control tokens (every tokenizer this
+    project writes does; a third party's reward model of another family may not)."""
+    try:
+        control_token_ids(tokenizer)
+    except ChatFormatError:
+        return False
+    return True
+
+
+# Stands in for a message's text while the tokenizer's own chat template renders the structure.
+_MESSAGE_MARKER = "\x00posttrain-message-{}\x00"
+_MESSAGE_MARKER_RE = re.compile("\x00posttrain-message-(\\d+)\x00")
+
+
+def tokenize_with_chat_template(tokenizer, messages: Sequence[dict], where: str = "messages") -> list[int]:
+    """Token ids of a conversation in the tokenizer's own chat template (a reward model of another
+    family, such as a Llama 3 one, scores text in the format it was trained on).
+
+    The template renders the structure with a marker in place of each message's text; the
+    template's pieces are tokenised with their special tokens and each message's text with
+    special tokens split, so a completion that types "<|eot_id|>" stays text and cannot forge a
+    turn, as in the Gemma format. (transformers' apply_chat_template tokenises the rendered
+    string whole, which would make such text a control token.) Text is tokenised apart from the
+    template's pieces, so ids at a boundary may split differently than a tokenisation of the
+    whole string; the decoded text is the same.
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise ChatFormatError(f"the tokenizer has neither the Gemma control tokens ({', '.join(CONTROL_TOKENS)}) "
+                              "nor a chat template, so a conversation cannot be rendered for it")
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ChatFormatError(f"{where}: expected a non-empty list of {{role, content}} turns, got {_describe(messages)}")
+    texts, structure = [], []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ChatFormatError(f"{where}[{i}]: expected a mapping with 'role' and 'content', got {_describe(m)}")
+        if m["role"] not in ROLES:
+            raise ChatFormatError(f"{where}[{i}].role: expected one of {', '.join(ROLES)}, got {m['role']!r}")
+        texts.append(message_text(m["content"], f"{where}[{i}].content"))
+        structure.append({"role": m["role"], "content": _MESSAGE_MARKER.format(i)})
+    try:
+        rendered = tokenizer.apply_chat_template(structure, tokenize=False)
+    except Exception as e:  # a template's own refusal (raise_exception), e.g. roles it does not take
+        raise ChatFormatError(f"{where}: the tokenizer's chat template refused the conversation: {e}") from None
+    pieces = _MESSAGE_MARKER_RE.split(rendered)
+    if [int(i) for i in pieces[1::2]] != list(range(len(messages))):
+        raise ChatFormatError(f"{where}: the tokenizer's chat template drops, repeats or reorders message text, "
+                              "so it cannot be rendered with the text kept apart from the structure")
+    ids: list[int] = []
+    for k, piece in enumerate(pieces):
+        if k % 2:
+            ids.extend(_encode_text(tokenizer, texts[int(piece)])[0])
+        elif piece:
+            ids.extend(tokenizer(piece, add_special_tokens=False)["input_ids"])
+    return ids
 
 
 def tokenize_prompt(tokenizer, prompt: str | Sequence[dict], where: str = "prompt") -> list[int]:

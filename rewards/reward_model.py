@@ -9,9 +9,10 @@ Scorers are cached per (checkpoints, combination, device, dtype), so a list of c
 loaded once per process however many batches are scored.
 
 Pairs are rendered in the Gemma IT format, ``<bos>`` added as a token:
-``<bos><start_of_turn>user\\n{prompt}<end_of_turn>\\n<start_of_turn>model\\n{completion}<end_of_turn>\\n``
-through the tokenizer's chat template when it has one, otherwise directly. A system message is
-prepended to the first user turn (Gemma has no system role).
+``<bos><start_of_turn>user\\n{prompt}<end_of_turn>\\n<start_of_turn>model\\n{completion}<end_of_turn>\\n``,
+a system message prepended to the first user turn (Gemma has no system role). A checkpoint
+whose tokenizer lacks the Gemma control tokens (a hub reward model of another family) is scored
+in its own chat template instead (``encode_pair``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from __future__ import annotations
 import threading
 from typing import Any, Sequence
 
-from posttrain.chat import prompt_completion_to_messages, tokenize_conversation
+from posttrain.chat import (ChatFormatError, has_gemma_control_tokens, prompt_completion_to_messages,
+                            tokenize_conversation, tokenize_with_chat_template)
 
 __all__ = ["RewardModelScorer", "encode_pair", "expand_checkpoints", "get_scorer", "reward_model_reward", "load_count"]
 
@@ -56,16 +58,29 @@ def expand_checkpoints(checkpoints: Sequence[str] | str) -> list[str]:
 
 
 def encode_pair(tokenizer, prompt: Any, completion: Any, max_length: int) -> list[int]:
-    """Token ids a reward model scores for (prompt, completion), in the Gemma IT format.
+    """Token ids a reward model scores for (prompt, completion).
 
-    The project's one tokenisation of the format (posttrain.chat): control tokens as ids, text
-    as text, so a completion that writes "<end_of_turn>" cannot forge the structure the model
+    In the Gemma IT format when the tokenizer has its control tokens (the project's one
+    tokenisation of it, posttrain.chat), otherwise in the tokenizer's own chat template (a
+    third party's reward model of another family scores the format it was trained on). Either
+    way control tokens come from the structure only and message text stays text, so a
+    completion that writes "<end_of_turn>" or "<|eot_id|>" cannot forge the turns the model
     scores. ``prompt`` None: ``completion`` is the whole conversation. Over-long pairs keep
-    ``<bos>`` and their end (the completion, where the score is read). Training (the
-    ``reward_model`` stage) and scoring share this function, so they see the same ids.
+    their first token (``<bos>``) and their end (the completion, where the score is read).
+    Training (the ``reward_model`` stage) and scoring share this function, so they see the
+    same ids.
     """
-    messages = list(completion) if prompt is None else prompt_completion_to_messages(prompt, completion)
-    ids = tokenize_conversation(tokenizer, messages).input_ids
+    if prompt is None:
+        if not isinstance(completion, (list, tuple)):
+            raise ChatFormatError(f"completion: without a prompt it must be the whole conversation (a list of "
+                                  f"messages), got {type(completion).__name__}")
+        messages = list(completion)
+    else:
+        messages = prompt_completion_to_messages(prompt, completion)
+    if has_gemma_control_tokens(tokenizer):
+        ids = tokenize_conversation(tokenizer, messages).input_ids
+    else:
+        ids = tokenize_with_chat_template(tokenizer, messages)
     if len(ids) > max_length:
         ids = ids[:1] + ids[len(ids) - max_length + 1:]
     return ids
@@ -114,9 +129,12 @@ class RewardModelScorer:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         for m in self.models:
-            if m.config.pad_token_id is None:
-                m.config.pad_token_id = self.tokenizer.pad_token_id
-        self.max_length = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
+            for config in {id(c): c for c in (m.config, m.config.get_text_config())}.values():
+                if getattr(config, "pad_token_id", None) is None:  # the classifier reads the last non-pad token
+                    config.pad_token_id = self.tokenizer.pad_token_id
+        # A composite config (Gemma 3 4B and up) keeps the context length in its text part.
+        text_config = self.model.config.get_text_config()
+        self.max_length = int(getattr(text_config, "max_position_embeddings", 2048) or 2048)
         self._lock = threading.Lock()
         _loads += 1
 

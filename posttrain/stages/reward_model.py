@@ -18,8 +18,9 @@ pairwise accuracy (how often r(chosen) > r(rejected) on `eval_dataset`).
 Why the shared training module (posttrain.training) rather than TRL's RewardTrainer: both give
 data parallelism, bf16, LoRA and resume, but WARM needs a head probed once and then shared by M
 fine-tunings, a resume point *inside* the member sequence (member 2 at step s), and the same
-tokenisation as the scorer (rewards.reward_model.encode_pair, Gemma IT format through
-posttrain.chat). With the Trainer each member would be a separate trainer whose checkpoints know
+tokenisation as the scorer (rewards.reward_model.encode_pair: the Gemma IT format through
+posttrain.chat, or the start checkpoint's own chat template when its tokenizer has no Gemma
+control tokens). With the Trainer each member would be a separate trainer whose checkpoints know
 nothing of the others; with the session the whole WARM procedure is one resumable loop.
 """
 
