@@ -127,6 +127,18 @@ class RewardModelStageConfig(StageConfig):
         if self.shared_steps and self.member_models:
             raise ValueError("shared_steps: the members start from the shared fine-tune, so they cannot also start "
                              "from member_models; use one or the other")
+        # Lists cycle (member i takes entry i mod len), so short lists can give two members the
+        # very same run: identical weights, no diversity for the average, twice the compute.
+        seen: dict[tuple, int] = {}
+        for i, plan in enumerate(member_plans(self, seed=0)):  # the recipe seed only shifts default seeds
+            key = (plan.seed, plan.learning_rate, plan.dropout, plan.start)
+            if key in seen:
+                raise ValueError(
+                    f"members: member {seen[key] + 1} and member {i + 1} would be the same run (seed {plan.seed}, "
+                    f"learning rate {plan.learning_rate}, dropout {plan.dropout}, start {plan.start}), as the "
+                    "lists cycle (member i takes entry i mod len); give more seeds (or leave seeds out), or "
+                    "other learning_rates, dropouts or member_models")
+            seen[key] = i
         if self.average_best is not None:
             if self.eval_dataset is None:
                 raise ValueError("average_best: choosing the best members needs eval_dataset (held-out pairs)")

@@ -216,3 +216,15 @@ def test_shared_steps_members_split_from_one_fine_tune(finished, tmp_path):
     assert [s for _, s in phases] == [2, 5, 7, 9]
     with pytest.raises(ValidationError, match="shared_steps"):
         RewardModelStageConfig.model_validate({**base, "shared_steps": 3, "member_models": [base["model"]]})
+
+
+def test_two_members_that_would_be_the_same_run_are_refused_at_load(tmp_path):
+    from posttrain.recipe import RecipeError, load_recipe
+
+    # Lists cycle: with seeds [1, 2] the third member would repeat the first one exactly.
+    same = {"name": "rm", "kind": "reward_model", "model": "${models.base}", "dataset": "${datasets.prefs}",
+            "members": 3, "seeds": [1, 2]}
+    with pytest.raises(RecipeError, match=r"recipe.yaml:\d+: stages\[0\].*member 1 and member 3 would be the same run"):
+        load_recipe(write_recipe(tmp_path / "same", same, "rm-same", pairs=8, held_out=4))
+    # A third list that differs where the seeds repeat makes them different runs.
+    load_recipe(write_recipe(tmp_path / "differ", {**same, "dropouts": [0.0, 0.0, 0.1]}, "rm-differ", pairs=8, held_out=4))
