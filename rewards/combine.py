@@ -91,6 +91,11 @@ class RewardSpec(BaseModel):
     def _need_one(self) -> "RewardSpec":
         if not (self.name or self.fn):
             raise ValueError("a reward needs `name` or `fn`")
+        if (self.fn or self.name) == "reward_model":
+            # Its options are known here: a typo fails when the recipe loads, not once RL starts.
+            from rewards.reward_model import check_recipe_kwargs
+
+            check_recipe_kwargs(self.kwargs)
         return self
 
     @property

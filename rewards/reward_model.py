@@ -178,6 +178,36 @@ def get_scorer(checkpoints: Sequence[str] | str, device: str | None = None, dtyp
         return _cache[key]
 
 
+# What a recipe may set in the reward's kwargs (dataset columns also arrive as keywords at call
+# time, which is why the function itself takes **_ and cannot catch a misspelt option).
+RECIPE_KWARGS = {"checkpoints": "one path, a list, or ${stages.NAME.model} / ${stages.NAME.members}",
+                 "combine": "weights (WARM) or predictions (ensemble)", "batch_size": "pairs per forward pass",
+                 "device": "cuda, cuda:N or cpu", "dtype": "float32, bfloat16 or float16",
+                 "tokenizer": "a tokenizer path other than the first checkpoint's"}
+
+
+def check_recipe_kwargs(kwargs: dict) -> None:
+    """Refuse, when the recipe loads, reward_model kwargs that would fail (or be ignored) only once
+    RL starts: unknown or misspelt keys, no checkpoints, an unknown combine or dtype."""
+    import difflib
+
+    for key in kwargs:
+        if key not in RECIPE_KWARGS:
+            close = difflib.get_close_matches(key, RECIPE_KWARGS, n=1)
+            raise ValueError(f"kwargs.{key}: not an option of the reward_model reward"
+                             + (f" (did you mean {close[0]!r}?)" if close else "")
+                             + f"; its options: {', '.join(RECIPE_KWARGS)}")
+    if not kwargs.get("checkpoints"):
+        raise ValueError(f"kwargs.checkpoints: the reward_model reward needs it ({RECIPE_KWARGS['checkpoints']})")
+    if kwargs.get("combine", "weights") not in ("weights", "predictions"):
+        raise ValueError(f"kwargs.combine: expected weights (WARM) or predictions (ensemble), got {kwargs['combine']!r}")
+    if kwargs.get("dtype", "float32") not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"kwargs.dtype: expected float32, bfloat16 or float16, got {kwargs['dtype']!r}")
+    batch_size = kwargs.get("batch_size", 8)
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"kwargs.batch_size: expected a whole number >= 1, got {batch_size!r}")
+
+
 def reward_model_reward(prompts, completions, *, checkpoints: Sequence[str] | str | None = None,
                         batch_size: int = 8, device: str | None = None, dtype: str = "float32",
                         tokenizer: str | None = None, combine: str = "weights", **_: Any) -> list[float | None]:

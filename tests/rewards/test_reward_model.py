@@ -81,3 +81,21 @@ def test_mismatched_architectures_rejected(checkpoints, tmp_path):
                                    head="sequence_classification"), tok, tmp_path / "other")
     with pytest.raises(ValueError, match="identical shapes"):
         RewardModelScorer([checkpoints[0][0], str(tmp_path / "other")])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"checkpoint": "rm/model"}, r"kwargs.checkpoint: not an option .*did you mean 'checkpoints'"),
+    ({}, "kwargs.checkpoints: the reward_model reward needs it"),
+    ({"checkpoints": "rm/model", "combine": "mean"}, "kwargs.combine: expected weights .* got 'mean'"),
+    ({"checkpoints": "rm/model", "dtype": "fp16"}, "kwargs.dtype: expected float32, bfloat16 or float16"),
+    ({"checkpoints": "rm/model", "batch_size": 0}, "kwargs.batch_size: expected a whole number"),
+])
+def test_the_reward_model_rewards_options_are_checked_when_the_recipe_loads(kwargs, message):
+    from pydantic import ValidationError
+
+    from rewards.combine import RewardSpec
+
+    with pytest.raises(ValidationError, match=message):
+        RewardSpec(name="proxy", fn="reward_model", kwargs=kwargs)
+    RewardSpec(name="proxy", fn="reward_model", kwargs={"checkpoints": ["a", "b"], "combine": "predictions",
+                                                        "dtype": "bfloat16", "batch_size": 4})
