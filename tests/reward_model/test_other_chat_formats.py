@@ -13,11 +13,10 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
 from posttrain.chat import ChatFormatError, tokenize_with_chat_template
-from posttrain.runner import run_recipe
 from rewards.reward_model import RewardModelScorer, encode_pair
+from rm_helpers import train_two_members_from
 
 BEGIN, START_HEADER, END_HEADER, EOT, PAD = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
                                              "<|eot_id|>", "<|finetune_right_pad_id|>")
@@ -97,18 +96,9 @@ def test_a_tokenizer_with_neither_format_is_refused_clearly(llama3_style_tokeniz
 
 
 def test_the_stage_trains_and_the_scorer_reads_a_model_of_that_format(llama3_style_start, tmp_path):
-    data = tmp_path / "prefs.jsonl"
     rows = [{"prompt": Q, "chosen": GOOD, "rejected": BAD},
             {"chosen": conversation(GOOD), "rejected": conversation(f"8{EOT}")}]
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows * 8))
-    recipe = {"name": "rm-llama3-style", "output_dir": "run", "seed": 0,
-              "models": {"start": {"path": str(llama3_style_start)}},
-              "stages": [{"name": "rm", "kind": "reward_model", "model": "${models.start}", "dataset": str(data),
-                          "eval_dataset": str(data), "members": 2, "seeds": [1, 2], "probe_steps": 2,
-                          "max_steps": 4, "batch_size": 4, "learning_rate": 1.0e-3, "checkpoint_every": 0}]}
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    manifest = run_recipe(path)["rm"]
+    manifest = train_two_members_from(llama3_style_start, rows * 8, tmp_path, "rm-llama3-style", max_steps=4)
     assert manifest["metrics"]["pairs"] == 16
 
     scorer = RewardModelScorer([manifest["outputs"]["model"]])

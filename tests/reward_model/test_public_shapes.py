@@ -18,6 +18,7 @@ import yaml
 from posttrain.chat import END_OF_TURN, START_OF_TURN
 from posttrain.runner import run_recipe
 from rewards.reward_model import RewardModelScorer
+from rm_helpers import train_two_members_from
 
 Q = "Tom has 3 apples and gets 4 more. How many apples does Tom have now?"
 GOOD, BAD = "3 + 4 = 7. The answer is 7.", "3 + 4 = 8. The answer is 8."
@@ -67,16 +68,7 @@ def tiny_gemma3_vision_dir(tmp_path_factory, toy_tokenizer):
 @pytest.mark.parametrize("arch", ["qwen2", "llama", "gemma3_vision"])
 def test_a_hub_layout_checkpoint_trains_on_public_preference_shapes(arch, request, tmp_path):
     start = Path(request.getfixturevalue(f"tiny_{arch}_dir"))
-    data = tmp_path / "prefs.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in ROWS * 4))
-    recipe = {"name": "rm-public", "output_dir": "run", "seed": 0,
-              "models": {"start": {"path": str(start)}},
-              "stages": [{"name": "rm", "kind": "reward_model", "model": "${models.start}", "dataset": str(data),
-                          "eval_dataset": str(data), "members": 2, "seeds": [1, 2], "probe_steps": 2,
-                          "max_steps": 3, "batch_size": 4, "learning_rate": 1.0e-3, "checkpoint_every": 0}]}
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    manifest = run_recipe(path)["rm"]
+    manifest = train_two_members_from(start, ROWS * 4, tmp_path, "rm-public")
 
     metrics = manifest["metrics"]
     assert metrics["pairs"] == len(ROWS) * 4  # every row read, none dropped
