@@ -346,7 +346,8 @@ def substitute_references(value: Any, lookup) -> Any:
     return value
 
 
-def _check_reference(ref: str, top: RecipeTop, earlier: dict[str, str], all_stages: list[str]) -> str | None:
+def _check_reference(ref: str, top: RecipeTop, earlier: dict[str, str], all_stages: list[str],
+                     earlier_configs: dict[str, dict] | None = None) -> str | None:
     parts = ref.split(".")
     head = parts[0]
     if head == "models":
@@ -370,6 +371,9 @@ def _check_reference(ref: str, top: RecipeTop, earlier: dict[str, str], all_stag
         kind = STAGE_KINDS.get(earlier[name])
         if kind is not None and out not in kind.outputs:
             return f"stage {name!r} ({kind.kind}) has no output {out!r}{_suggest(out, kind.outputs)}; it has: {', '.join(kind.outputs)}"
+        needs = (kind.output_requires or {}).get(out) if kind is not None else None
+        if needs and (earlier_configs or {}).get(name, {}).get(needs[0]) is None:
+            return f"stage {name!r} ({kind.kind}) gives {out!r} only with {needs[0]} set: {needs[1]}"
         return None
     return f"unknown reference root {head!r}; expected models, datasets or stages"
 
@@ -435,6 +439,7 @@ def recipe_from_dict(raw: Any, source: Path | None = None, lines: dict | None = 
     errors: list[str] = []
     stages: list[StageEntry] = []
     names_seen: dict[str, str] = {}
+    configs_seen: dict[str, dict] = {}
     all_names = [s.get("name") for s in top.stages if isinstance(s, dict)]
     for i, entry in enumerate(top.stages):
         where_path = ("stages", i)
@@ -454,8 +459,9 @@ def recipe_from_dict(raw: Any, source: Path | None = None, lines: dict | None = 
             names_seen[name] = kind
             continue
         cfg_raw = {k: v for k, v in entry.items() if k not in ("name", "kind")}
+        configs_seen[name] = cfg_raw
         for rpath, ref in iter_references(cfg_raw):
-            problem = _check_reference(ref, top, names_seen, all_names)
+            problem = _check_reference(ref, top, names_seen, all_names, configs_seen)
             if problem:
                 full = where_path + rpath
                 errors.append(f"{_where(src, lines, full)}: {_path_str(full)}: ${{{ref}}}: {problem}")

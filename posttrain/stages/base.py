@@ -43,13 +43,19 @@ class StageKind:
     outputs: tuple[str, ...]
     summary: str
     distributed: bool = False  # runs on every process of a multi-process launch (see posttrain.distributed)
+    # Outputs that mean something only when a config key is set: {output: (key, why)}.
+    output_requires: dict[str, tuple[str, str]] | None = None
 
 
 STAGE_KINDS: dict[str, StageKind] = {}
 
 
-def register_stage(kind: str, config_cls: type[StageConfig], outputs: tuple[str, ...], distributed: bool = False):
+def register_stage(kind: str, config_cls: type[StageConfig], outputs: tuple[str, ...], distributed: bool = False,
+                   output_requires: dict[str, tuple[str, str]] | None = None):
     """Register a stage kind; `outputs` are the keys other stages may reference as ${stages.NAME.KEY}.
+
+    `output_requires`: {output: (config key, why)} for an output that another stage may only
+    reference when the key is set in this stage (the recipe is refused at load otherwise).
 
     `distributed`: under a multi-process launch, every process runs the stage (which must then
     coordinate itself, as TRL trainers do, and write files only where `ctx.is_main`); otherwise
@@ -58,7 +64,8 @@ def register_stage(kind: str, config_cls: type[StageConfig], outputs: tuple[str,
 
     def decorate(fn):
         doc = (fn.__doc__ or config_cls.__doc__ or "").strip().splitlines()
-        STAGE_KINDS[kind] = StageKind(kind, config_cls, fn, tuple(outputs), doc[0] if doc else "", distributed)
+        STAGE_KINDS[kind] = StageKind(kind, config_cls, fn, tuple(outputs), doc[0] if doc else "", distributed,
+                                      output_requires)
         return fn
 
     return decorate

@@ -494,7 +494,9 @@ def _lora(model, spec: LoraSpec):
 
 # --- the stage ----------------------------------------------------------------------------------
 
-@register_stage("reward_model", RewardModelStageConfig, outputs=("model", "members", "best_member"), distributed=True)
+@register_stage("reward_model", RewardModelStageConfig, outputs=("model", "members", "best_member"), distributed=True,
+                output_requires={"best_member": ("eval_dataset", "held-out pairs choose the best member; "
+                                                 "without them it would be member 1")})
 def run_reward_model(config: RewardModelStageConfig, ctx: StageContext) -> StageResult:
     """Bradley-Terry reward models: a linear-probed head, M fine-tuned members, their weight average (WARM)."""
     from posttrain.modeling import load_tokenizer
