@@ -95,6 +95,15 @@ def message_text(content: Any, where: str = "content") -> str:
     raise ChatFormatError(f"{where}: expected a string or a list of text parts, got {_describe(content)}")
 
 
+def _role_and_text(message: Any, where: str) -> tuple[str, str]:
+    """One message's role (checked) and text (see message_text)."""
+    if not isinstance(message, dict) or "role" not in message or "content" not in message:
+        raise ChatFormatError(f"{where}: expected a mapping with 'role' and 'content', got {_describe(message)}")
+    if message["role"] not in ROLES:
+        raise ChatFormatError(f"{where}.role: expected one of {', '.join(ROLES)}, got {message['role']!r}")
+    return message["role"], message_text(message["content"], f"{where}.content")
+
+
 def normalise_messages(messages: Any, where: str = "messages") -> list[dict]:
     """Validate a conversation and fold a leading system message into the first user turn.
 
@@ -105,12 +114,7 @@ def normalise_messages(messages: Any, where: str = "messages") -> list[dict]:
     turns: list[dict] = []
     system: str | None = None
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise ChatFormatError(f"{where}[{i}]: expected a mapping with 'role' and 'content', got {_describe(m)}")
-        role, content = m["role"], m["content"]
-        if role not in ROLES:
-            raise ChatFormatError(f"{where}[{i}].role: expected one of {', '.join(ROLES)}, got {role!r}")
-        content = message_text(content, f"{where}[{i}].content")
+        role, content = _role_and_text(m, f"{where}[{i}]")
         if role == "system":
             if i != 0:
                 raise ChatFormatError(f"{where}[{i}].role: a system message may only come first")
@@ -223,12 +227,9 @@ def tokenize_with_chat_template(tokenizer, messages: Sequence[dict], where: str 
         raise ChatFormatError(f"{where}: expected a non-empty list of {{role, content}} turns, got {_describe(messages)}")
     texts, structure = [], []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise ChatFormatError(f"{where}[{i}]: expected a mapping with 'role' and 'content', got {_describe(m)}")
-        if m["role"] not in ROLES:
-            raise ChatFormatError(f"{where}[{i}].role: expected one of {', '.join(ROLES)}, got {m['role']!r}")
-        texts.append(message_text(m["content"], f"{where}[{i}].content"))
-        structure.append({"role": m["role"], "content": _MESSAGE_MARKER.format(i)})
+        role, text = _role_and_text(m, f"{where}[{i}]")
+        texts.append(text)
+        structure.append({"role": role, "content": _MESSAGE_MARKER.format(i)})
     try:
         rendered = tokenizer.apply_chat_template(structure, tokenize=False)
     except Exception as e:  # a template's own refusal (raise_exception), e.g. roles it does not take

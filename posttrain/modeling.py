@@ -16,6 +16,14 @@ def load_tokenizer(path: str | Path):
     return tok
 
 
+def config_parts(config) -> list:
+    """The config and, for a composite model (Gemma 3 4B and up: a language model with a vision
+    tower), its text part, where the language model's settings (pad id, context length, dropout)
+    live; one entry when they are the same object."""
+    text = config.get_text_config()
+    return [config] if text is config else [config, text]
+
+
 def load_causal_lm(path: str | Path, dtype: str = "float32", device: str | None = None):
     """A causal LM in training-ready form (eval mode off, requested dtype)."""
     import torch

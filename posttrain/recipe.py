@@ -347,7 +347,7 @@ def substitute_references(value: Any, lookup) -> Any:
 
 
 def _check_reference(ref: str, top: RecipeTop, earlier: dict[str, str], all_stages: list[str],
-                     earlier_configs: dict[str, dict] | None = None) -> str | None:
+                     earlier_configs: dict[str, dict]) -> str | None:
     parts = ref.split(".")
     head = parts[0]
     if head == "models":
@@ -372,7 +372,7 @@ def _check_reference(ref: str, top: RecipeTop, earlier: dict[str, str], all_stag
         if kind is not None and out not in kind.outputs:
             return f"stage {name!r} ({kind.kind}) has no output {out!r}{_suggest(out, kind.outputs)}; it has: {', '.join(kind.outputs)}"
         needs = (kind.output_requires or {}).get(out) if kind is not None else None
-        if needs and (earlier_configs or {}).get(name, {}).get(needs[0]) is None:
+        if needs and earlier_configs.get(name, {}).get(needs[0]) is None:
             return f"stage {name!r} ({kind.kind}) gives {out!r} only with {needs[0]} set: {needs[1]}"
         return None
     return f"unknown reference root {head!r}; expected models, datasets or stages"

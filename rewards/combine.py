@@ -42,7 +42,7 @@ from typing import Any, Callable, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from rewards.registry import load_reward
+from rewards.registry import check_reward_kwargs, load_reward
 
 log = logging.getLogger("rewards")
 
@@ -91,11 +91,8 @@ class RewardSpec(BaseModel):
     def _need_one(self) -> "RewardSpec":
         if not (self.name or self.fn):
             raise ValueError("a reward needs `name` or `fn`")
-        if (self.fn or self.name) == "reward_model":
-            # Its options are known here: a typo fails when the recipe loads, not once RL starts.
-            from rewards.reward_model import check_recipe_kwargs
-
-            check_recipe_kwargs(self.kwargs)
+        # A built-in reward's options are known: a typo fails when the recipe loads, not once RL starts.
+        check_reward_kwargs(self.fn or self.name, self.kwargs)
         return self
 
     @property

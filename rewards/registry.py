@@ -21,7 +21,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["load_reward", "register_reward", "registered_rewards", "RewardLoadError"]
+__all__ = ["check_reward_kwargs", "load_reward", "register_reward", "registered_rewards", "RewardLoadError"]
 
 RewardFn = Callable[..., object]
 
@@ -32,6 +32,11 @@ _BUILTIN = {
     "code": "rewards.code:code_reward",
     "instructions": "rewards.instructions:instructions_reward",
     "reward_model": "rewards.reward_model:reward_model_reward",
+}
+# Built-in rewards whose options are known: a checker of the recipe's kwargs, run when the recipe
+# loads (the functions themselves take **columns at call time, so a misspelt option would pass).
+_BUILTIN_KWARGS_CHECKS = {
+    "reward_model": "rewards.reward_model:check_recipe_kwargs",
 }
 _lock = threading.Lock()
 
@@ -75,6 +80,14 @@ def _from_module(spec: str, module, attr: str) -> RewardFn:
     if not callable(obj):
         raise _fail(spec, f"{attr!r} is a {type(obj).__name__}, not a function")
     return obj
+
+
+def check_reward_kwargs(spec: str, kwargs: dict) -> None:
+    """Raise ValueError for kwargs a built-in reward does not take or cannot use; other rewards
+    (user functions, TRL's) are not checked here."""
+    if isinstance(spec, str) and spec.strip() in _BUILTIN_KWARGS_CHECKS and spec.strip() not in _REGISTRY:
+        mod, _, attr = _BUILTIN_KWARGS_CHECKS[spec.strip()].partition(":")
+        getattr(importlib.import_module(mod), attr)(kwargs)
 
 
 def load_reward(spec: str, base_dir: str | Path | None = None) -> RewardFn:

@@ -57,7 +57,7 @@ def expand_checkpoints(checkpoints: Sequence[str] | str) -> list[str]:
     return out
 
 
-def encode_pair(tokenizer, prompt: Any, completion: Any, max_length: int) -> list[int]:
+def encode_pair(tokenizer, prompt: Any, completion: Any, max_length: int, gemma_format: bool | None = None) -> list[int]:
     """Token ids a reward model scores for (prompt, completion).
 
     In the Gemma IT format when the tokenizer has its control tokens (the project's one
@@ -68,7 +68,8 @@ def encode_pair(tokenizer, prompt: Any, completion: Any, max_length: int) -> lis
     scores. ``prompt`` None: ``completion`` is the whole conversation. Over-long pairs keep
     their first token (``<bos>``) and their end (the completion, where the score is read).
     Training (the ``reward_model`` stage) and scoring share this function, so they see the
-    same ids.
+    same ids. ``gemma_format``: which of the two, when the caller has looked it up once for the
+    tokenizer (callers encoding many pairs do; None looks it up here).
     """
     if prompt is None:
         if not isinstance(completion, (list, tuple)):
@@ -77,7 +78,9 @@ def encode_pair(tokenizer, prompt: Any, completion: Any, max_length: int) -> lis
         messages = list(completion)
     else:
         messages = prompt_completion_to_messages(prompt, completion)
-    if has_gemma_control_tokens(tokenizer):
+    if gemma_format is None:
+        gemma_format = has_gemma_control_tokens(tokenizer)
+    if gemma_format:
         ids = tokenize_conversation(tokenizer, messages).input_ids
     else:
         ids = tokenize_with_chat_template(tokenizer, messages)
@@ -95,6 +98,7 @@ class RewardModelScorer:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from posttrain.modeling import config_parts
         from posttrain.weights import linear_average
 
         global _loads
@@ -128,8 +132,9 @@ class RewardModelScorer:
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or self.checkpoints[0])
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.gemma_format = has_gemma_control_tokens(self.tokenizer)  # looked up once, not per scored pair
         for m in self.models:
-            for config in {id(c): c for c in (m.config, m.config.get_text_config())}.values():
+            for config in config_parts(m.config):
                 if getattr(config, "pad_token_id", None) is None:  # the classifier reads the last non-pad token
                     config.pad_token_id = self.tokenizer.pad_token_id
         # A composite config (Gemma 3 4B and up) keeps the context length in its text part.
@@ -140,7 +145,7 @@ class RewardModelScorer:
 
     def encode(self, prompt: Any, completion: Any) -> list[int]:
         """Token ids of the pair in the Gemma IT format, starting with the ``<bos>`` token."""
-        return encode_pair(self.tokenizer, prompt, completion, self.max_length)
+        return encode_pair(self.tokenizer, prompt, completion, self.max_length, self.gemma_format)
 
     def score(self, prompts: Sequence, completions: Sequence, batch_size: int = 8) -> list[float]:
         import torch

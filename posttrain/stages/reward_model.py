@@ -38,7 +38,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
-from posttrain.chat import ChatFormatError, message_text
+from posttrain.chat import ChatFormatError, has_gemma_control_tokens, message_text
 from posttrain.data import DataError, iter_rows, write_json
 from posttrain.stages.base import StageConfig, StageContext, StageError, StageResult, register_stage
 from posttrain.trackers import ReportTo
@@ -213,6 +213,7 @@ def load_pairs(path: str, tokenizer, max_length: int) -> tuple[list[tuple[list[i
     the Gemma IT format, is refused with its file and line.
     """
     pairs, truncated = [], 0
+    gemma_format = has_gemma_control_tokens(tokenizer)
     for where, row in iter_rows(path):
         for side in ("chosen", "rejected"):
             if side not in row:
@@ -229,7 +230,7 @@ def load_pairs(path: str, tokenizer, max_length: int) -> tuple[list[tuple[list[i
         encoded = {}
         for side in ("chosen", "rejected"):
             try:
-                encoded[side] = encode_pair(tokenizer, prompt, row[side], max_length=10**9)
+                encoded[side] = encode_pair(tokenizer, prompt, row[side], 10**9, gemma_format)
             except ChatFormatError as e:  # says which side, as the message names only the turn
                 raise DataError(f"{where}: '{side}' (with the prompt): {e}") from None
         chosen, rejected = encoded["chosen"], encoded["rejected"]
@@ -281,14 +282,16 @@ def load_reward_model(path: str, pad_token_id: int, dropout: float = 0.0):
     import transformers
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    from posttrain.modeling import config_parts
+
     config = AutoConfig.from_pretrained(path)
     config.num_labels = 1
     # Set on the config, not passed as keyword arguments: a composite checkpoint (Gemma 3 4B and
     # up: a language model with a vision tower) hands unknown keywords to the model's __init__,
     # and its classifier reads the pad id and the attention dropout from the text part.
-    text = config.get_text_config()
-    for part in {id(config): config, id(text): text}.values():
+    for part in config_parts(config):
         part.pad_token_id = pad_token_id
+    text = config.get_text_config()
     if hasattr(text, "attention_dropout"):
         text.attention_dropout = dropout
     verbosity = transformers.logging.get_verbosity()
