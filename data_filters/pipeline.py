@@ -18,6 +18,7 @@ task then deduplicates globally and writes the same outputs as `run_filters`.
 from __future__ import annotations
 
 import base64
+import codecs
 import gzip
 import heapq
 import json
@@ -106,6 +107,8 @@ def _read_chunks(paths: list[Path], chunk_size: int) -> Iterator[list[tuple[int,
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rb") as f:
             for lineno, raw in enumerate(f, 1):
+                if lineno == 1 and raw.startswith(codecs.BOM_UTF8):  # an editor's byte-order mark, not row data
+                    raw = raw[len(codecs.BOM_UTF8):]
                 if not raw.strip():
                     continue
                 chunk.append((index, lineno, str(path), raw))

@@ -282,6 +282,51 @@ def prompt_completion_to_messages(prompt: str | Sequence[dict], completion: str 
     return msgs + completion
 
 
+def preference_conversations(prompt: str | Sequence[dict] | None, chosen: Any, rejected: Any) -> tuple[list[dict], list[dict]]:
+    """The two whole conversations of a preference pair, checked to be two answers to one prompt.
+
+    ``prompt`` None: ``chosen`` and ``rejected`` are whole conversations (the shape of
+    trl-lib/ultrafeedback_binarized or a conversational Anthropic HH). Each side must end with the
+    assistant's turn (a reward model scores an answer), and the two may differ only from an
+    assistant turn on: a pair whose prompts differ (columns shifted against each other, a join
+    gone wrong) compares answers to different questions, and Bradley-Terry would learn from it
+    without complaint. Identical sides (a tie in the source data) are allowed.
+    """
+    sides = {}
+    for side, completion in (("chosen", chosen), ("rejected", rejected)):
+        if prompt is None:
+            if not isinstance(completion, (list, tuple)):
+                raise ChatFormatError(f"'{side}': without a prompt it must be the whole conversation (a list of "
+                                      f"messages), got {_describe(completion)}")
+            messages = list(completion)
+        else:
+            try:
+                messages = prompt_completion_to_messages(prompt, completion)
+            except ChatFormatError as e:
+                raise ChatFormatError(f"'{side}' (with the prompt): {e}") from None
+        for i, message in enumerate(messages):
+            _role_and_text(message, f"{side}[{i}]")
+        if not messages or messages[-1]["role"] != "assistant":
+            last = messages[-1]["role"] if messages else "nothing"
+            raise ChatFormatError(f"'{side}': the conversation ends with {last!r}, not with the assistant's answer "
+                                  "that a reward model scores")
+        sides[side] = messages
+    chosen_msgs, rejected_msgs = sides["chosen"], sides["rejected"]
+    for i, (a, b) in enumerate(zip(chosen_msgs, rejected_msgs)):
+        if not _same_turn(a, b):
+            if a["role"] != "assistant" or b["role"] != "assistant":
+                raise ChatFormatError(
+                    f"chosen[{i}] ({a['role']}) and rejected[{i}] ({b['role']}) differ before the answers do: a "
+                    "preference pair is two answers to the same conversation, and these two answer different ones")
+            break
+    else:
+        if len(chosen_msgs) != len(rejected_msgs):
+            longer, shorter = ("chosen", "rejected") if len(chosen_msgs) > len(rejected_msgs) else ("rejected", "chosen")
+            raise ChatFormatError(f"'{longer}' goes on where '{shorter}' ends (after turn {min(len(chosen_msgs), len(rejected_msgs)) - 1}): "
+                                  "a preference pair is two answers to the same conversation")
+    return chosen_msgs, rejected_msgs
+
+
 def _same_turn(a: Any, b: Any) -> bool:
     """Same role and the same text, up to surrounding whitespace (a string and the same text
     given as content parts are the same turn)."""

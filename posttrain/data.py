@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import codecs
+import csv
 import json
 import os
 from pathlib import Path
@@ -13,14 +15,25 @@ class DataError(ValueError):
 
 
 def iter_rows(path: str | Path) -> Iterator[tuple[str, dict]]:
-    """Yield (location, row) pairs, streaming; location is `file:line` for JSONL, `file[row i]` otherwise."""
+    """Yield (location, row) pairs, streaming; location is `file:line` for JSONL, `file[row i]` otherwise.
+
+    JSONL (`.jsonl`, or `.json` with an object per line), a `.json` file holding one array of
+    objects (what many tools export), `.csv` with a header line, Parquet, Arrow or a saved
+    `datasets` directory. A UTF-8 byte-order mark (Windows editors and spreadsheet exports
+    write one) is skipped rather than taken for broken JSON.
+    """
     p = Path(path)
     if not p.exists():
         raise DataError(f"{p}: file not found")
     suffix = p.suffix.lower()
     if suffix in (".jsonl", ".json") and p.is_file():
+        if suffix == ".json" and _first_byte(p) == b"[":
+            yield from _json_array_rows(p)
+            return
         with open(p, "rb") as fh:
             for lineno, raw in enumerate(fh, 1):
+                if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                    raw = raw[len(codecs.BOM_UTF8):]
                 if not raw.strip():
                     continue
                 try:
@@ -28,8 +41,13 @@ def iter_rows(path: str | Path) -> Iterator[tuple[str, dict]]:
                 except (UnicodeDecodeError, json.JSONDecodeError) as e:
                     raise DataError(f"{p}:{lineno}: not a valid JSON object ({e})") from None
                 if not isinstance(row, dict):
-                    raise DataError(f"{p}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+                    hint = (" (a .jsonl file holds one object per line; a JSON array belongs in a .json file)"
+                            if isinstance(row, list) and lineno == 1 else "")
+                    raise DataError(f"{p}:{lineno}: expected a JSON object per line, got {type(row).__name__}{hint}")
                 yield f"{p}:{lineno}", row
+        return
+    if suffix == ".csv" and p.is_file():
+        yield from _csv_rows(p)
         return
     if suffix == ".parquet" or suffix == ".arrow" or p.is_dir():
         import datasets
@@ -43,7 +61,58 @@ def iter_rows(path: str | Path) -> Iterator[tuple[str, dict]]:
         for i, row in enumerate(ds):
             yield f"{p}[row {i}]", dict(row)
         return
-    raise DataError(f"{p}: unsupported data file; expected .jsonl, .parquet, .arrow or a saved datasets directory")
+    raise DataError(f"{p}: unsupported data file; expected .jsonl, .json, .csv, .parquet, .arrow or a saved "
+                    "datasets directory")
+
+
+def _first_byte(path: Path) -> bytes:
+    """The file's first byte that is not whitespace (after a byte-order mark), b"" when empty."""
+    with open(path, "rb") as fh:
+        head = fh.read(4096)
+        while head:
+            stripped = head.removeprefix(codecs.BOM_UTF8).lstrip()
+            if stripped:
+                return stripped[:1]
+            head = fh.read(4096)
+    return b""
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[str, dict]]:
+    """Rows of a CSV file with a header line, every cell as text. The standard library's reader,
+    not `datasets`: that one guesses column types (an answer column of numbers becomes integers,
+    an empty cell NaN), and loses the line a row started on."""
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        reader = csv.reader(fh)
+        try:
+            header = next(reader, None)
+            if header is None:
+                return
+            start = reader.line_num + 1
+            for cells in reader:
+                where = f"{path}:{start}"
+                if not any(cell.strip() for cell in cells):
+                    start = reader.line_num + 1
+                    continue
+                if len(cells) != len(header):
+                    raise DataError(f"{where}: {len(cells)} fields, but the header line has {len(header)} "
+                                    f"({', '.join(header)})")
+                yield where, dict(zip(header, cells))
+                start = reader.line_num + 1
+        except (csv.Error, UnicodeDecodeError) as e:
+            raise DataError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None
+
+
+def _json_array_rows(path: Path) -> Iterator[tuple[str, dict]]:
+    """Rows of a .json file holding one array of objects (read whole: JSON has no streaming form
+    in the standard library, and such files are exports small enough to be written whole)."""
+    try:
+        data = json.loads(path.read_bytes().removeprefix(codecs.BOM_UTF8).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    for i, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}[row {i}]: expected a JSON object per array element, got {type(row).__name__}")
+        yield f"{path}[row {i}]", row
 
 
 def read_rows(path: str | Path) -> list[dict]:

@@ -93,7 +93,7 @@ class ColumnSource(_Strict):
 
 
 class DatasetEntry(_Strict):
-    """A dataset: a local file (`path`: .jsonl, .parquet, .arrow, a saved `datasets` directory, or a data
+    """A dataset: a local file (`path`: .jsonl, .json, .csv, .parquet, .arrow, a saved `datasets` directory, or a data
     directory `datasets.load_dataset` reads), a Hugging Face hub dataset (`hub`), or a toy generator.
     Hub datasets, and local ones with `columns`, `filter` or `limit`, are loaded through the `datasets`
     library (hub cache and offline mode as usual), mapped into the data contract and written once

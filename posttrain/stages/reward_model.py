@@ -38,7 +38,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
-from posttrain.chat import ChatFormatError, has_gemma_control_tokens, message_text
+from posttrain.chat import ChatFormatError, has_gemma_control_tokens, message_text, preference_conversations
 from posttrain.data import DataError, iter_rows, write_json
 from posttrain.stages.base import StageConfig, StageContext, StageError, StageResult, register_stage
 from posttrain.trackers import ReportTo
@@ -227,13 +227,12 @@ def load_pairs(path: str, tokenizer, max_length: int) -> tuple[list[tuple[list[i
                             "conversations (lists of {role, content})")
         if prompt is not None and _side_is_empty(prompt):
             raise DataError(f"{where}: 'prompt' is empty")
-        encoded = {}
-        for side in ("chosen", "rejected"):
-            try:
-                encoded[side] = encode_pair(tokenizer, prompt, row[side], 10**9, gemma_format)
-            except ChatFormatError as e:  # says which side, as the message names only the turn
-                raise DataError(f"{where}: '{side}' (with the prompt): {e}") from None
-        chosen, rejected = encoded["chosen"], encoded["rejected"]
+        try:
+            conversations = preference_conversations(prompt, row["chosen"], row["rejected"])
+            chosen, rejected = (encode_pair(tokenizer, None, messages, 10**9, gemma_format)
+                                for messages in conversations)
+        except ChatFormatError as e:
+            raise DataError(f"{where}: {e}") from None
         if len(chosen) > max_length or len(rejected) > max_length:
             truncated += 1
             chosen, rejected = (ids[:1] + ids[len(ids) - max_length + 1:] if len(ids) > max_length else ids

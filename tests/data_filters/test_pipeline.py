@@ -92,3 +92,13 @@ def test_bad_config_names_the_key_and_what_was_expected():
 def test_missing_input_names_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         run_filters(tmp_path / "nope.jsonl", tmp_path / "out")
+
+
+def test_a_byte_order_mark_before_the_first_row_does_not_cost_that_row(tmp_path):
+    # Windows editors and spreadsheet exports start UTF-8 files with one; it is not row data.
+    path = tmp_path / "exported.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": "2+2?", "completion": "4"}).encode() + b"\n"
+                     + json.dumps({"prompt": "3+3?", "completion": "6"}).encode() + b"\n")
+    report = run_filters(path, tmp_path / "out")
+    assert report.kept_rows == 2 and report.rejected_rows == 0
+    assert read_jsonl(tmp_path / "out" / "kept.jsonl")[0] == {"prompt": "2+2?", "completion": "4"}

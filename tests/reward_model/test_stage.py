@@ -106,14 +106,45 @@ def test_rl_reward_scores_with_the_stage_outputs_and_logs_gold_next_to_it(finish
     # Sides of another shape name the side and what was expected, rather than crash.
     ({"prompt": "Hi", "chosen": 3, "rejected": "Go away."}, "'chosen' .*expected text, one message or a list"),
     ({"prompt": "Hi", "chosen": "Hello.", "rejected": [{"role": "assistant", "content": [{"type": "image"}]}]},
-     r"'rejected' .*content\[0\].*'image' part"),
+     r"rejected\[1\]\.content\[0\].*'image' part"),
     ({"prompt": 2.5, "chosen": "Hello.", "rejected": "Go away."}, "prompt: expected text"),
+    # Two answers to different conversations, or a side that is not an answer: refused, not learnt from.
+    ({"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}],
+      "rejected": [{"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Go away."}]},
+     r"chosen\[0\] \(user\) and rejected\[0\] \(user\) differ before the answers do"),
+    ({"chosen": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
+                 {"role": "assistant", "content": "Hello."}],
+      "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Go away."}]},
+     r"chosen\[0\] \(system\) and rejected\[0\] \(user\) differ"),
+    ({"prompt": "Hi", "chosen": [{"role": "assistant", "content": "Hello."}, {"role": "user", "content": "And?"}],
+      "rejected": "Go away."}, "'chosen': the conversation ends with 'user', not with the assistant's answer"),
+    ({"prompt": "Hi", "chosen": "Hello.", "rejected": [{"role": "assistant", "content": "Hello."},
+                                                       {"role": "user", "content": "More."},
+                                                       {"role": "assistant", "content": "No."}]},
+     "'rejected' goes on where 'chosen' ends"),
 ])
 def test_a_pair_with_a_missing_or_empty_side_is_refused_with_file_and_line(toy_tokenizer, tmp_path, row, message):
     path = tmp_path / "prefs.jsonl"
     write_jsonl(path, [{"prompt": "Hi", "chosen": "Hello.", "rejected": "Go away."}, row])
     with pytest.raises(DataError, match=rf"prefs.jsonl:2: .*{message}"):
         load_pairs(str(path), toy_tokenizer, 64)
+
+
+def test_multi_turn_pairs_that_differ_from_an_assistant_turn_on_are_kept(toy_tokenizer, tmp_path):
+    # Conversational HH-style rows: both sides share the conversation up to the answers.
+    opening = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+               {"role": "user", "content": "Tell me a fact."}]
+    path = tmp_path / "prefs.jsonl"
+    write_jsonl(path, [
+        {"chosen": opening + [{"role": "assistant", "content": "Water boils at 100 C at sea level."}],
+         "rejected": opening + [{"role": "assistant", "content": "No."}]},
+        # An earlier assistant turn may differ too: two trajectories from one opening question.
+        {"chosen": opening[:1] + [{"role": "assistant", "content": "Hello!"}] + opening[2:]
+                   + [{"role": "assistant", "content": "Snow is cold."}],
+         "rejected": opening + [{"role": "assistant", "content": "No."}]},
+    ])
+    pairs, _ = load_pairs(str(path), toy_tokenizer, 128)
+    assert len(pairs) == 2 and all(chosen != rejected for chosen, rejected in pairs)
 
 
 def test_sides_given_as_text_parts_score_the_same_ids_as_text(toy_tokenizer, tmp_path):

@@ -1,0 +1,58 @@
+"""Row files as users bring them: JSONL with a byte-order mark, a .json array, CSV; and the errors
+for files that are none of those name the file and line."""
+
+import json
+
+import pytest
+
+from posttrain.data import DataError, iter_rows, read_rows
+
+ROWS = [{"prompt": "What is 2 + 2?", "completion": "4"}, {"prompt": "Say hi, politely.", "completion": "Hello!"}]
+
+
+def test_jsonl_with_a_byte_order_mark_reads_its_first_row(tmp_path):
+    path = tmp_path / "exported.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\r\n" for r in ROWS).encode())
+    assert read_rows(path) == ROWS
+    assert [where for where, _ in iter_rows(path)] == [f"{path}:1", f"{path}:2"]
+
+
+def test_a_json_file_holding_one_array_reads_as_rows(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text("\ufeff  \n" + json.dumps(ROWS, indent=2), encoding="utf-8")
+    assert read_rows(path) == ROWS
+    assert [where for where, _ in iter_rows(path)][1] == f"{path}[row 1]"
+
+
+def test_a_json_file_with_an_object_per_line_still_reads_as_jsonl(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    assert read_rows(path) == ROWS
+
+
+def test_csv_cells_stay_text_and_rows_are_numbered_by_the_line_they_start_on(tmp_path):
+    path = tmp_path / "prefs.csv"
+    path.write_text('\ufeffprompt,chosen,rejected\n"Add 2, then 3",5,\n\n"Say hi,\non two lines",Hello!,NA\n'
+                    'Say bye,Bye!,go away\n', encoding="utf-8")
+    rows = list(iter_rows(path))
+    assert [where for where, _ in rows] == [f"{path}:2", f"{path}:4", f"{path}:6"]
+    # An answer of digits stays the text "5", an empty cell the empty text, "NA" the letters.
+    assert rows[0][1] == {"prompt": "Add 2, then 3", "chosen": "5", "rejected": ""}
+    assert rows[1][1] == {"prompt": "Say hi,\non two lines", "chosen": "Hello!", "rejected": "NA"}
+
+
+@pytest.mark.parametrize("name,text,expected", [
+    ("broken.jsonl", '{"prompt": "a"}\n{"prompt": \n', ":2: not a valid JSON object"),
+    ("array.jsonl", json.dumps(ROWS) + "\n", ":1: expected a JSON object per line, got list (a .jsonl file holds one "
+                                             "object per line; a JSON array belongs in a .json file)"),
+    ("numbers.json", "[1, 2]", "[row 0]: expected a JSON object per array element, got int"),
+    ("cut.json", '[{"prompt": "a"},', ": not valid JSON"),
+    ("short.csv", "prompt,completion\nhi,hello\nbye\n", ":3: 1 fields, but the header line has 2 (prompt, completion)"),
+    ("rows.txt", "prompt\n", "unsupported data file; expected .jsonl, .json, .csv"),
+])
+def test_files_that_are_not_rows_are_refused_with_file_and_line(tmp_path, name, text, expected):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(DataError) as e:
+        read_rows(path)
+    assert str(e.value).startswith(str(path)) and expected in str(e.value)
