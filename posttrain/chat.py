@@ -104,6 +104,31 @@ def _role_and_text(message: Any, where: str) -> tuple[str, str]:
     return message["role"], message_text(message["content"], f"{where}.content")
 
 
+def is_blank(value: Any) -> bool:
+    """No text at all: None, blank text, or messages whose contents are all blank. A value of the
+    wrong shape is not "blank": the format checks then say what is wrong with it."""
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return not value.strip()
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        return False
+    for message in value:
+        if not isinstance(message, dict):
+            return False
+        content = message.get("content")
+        if content is None:
+            continue
+        try:
+            if message_text(content).strip():
+                return False
+        except ChatFormatError:
+            return False
+    return True
+
+
 def normalise_messages(messages: Any, where: str = "messages") -> list[dict]:
     """Validate a conversation and fold a leading system message into the first user turn.
 
@@ -252,6 +277,10 @@ def tokenize_prompt(tokenizer, prompt: str | Sequence[dict], where: str = "promp
     messages = as_messages(prompt, where)
     if messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
         raise ChatFormatError(f"{where}: a generation prompt must end with a user turn")
+    # A blank prompt is a data bug (an unmapped or empty column), not a question: sampling
+    # answers to nothing would train on them without a word.
+    if is_blank(prompt):
+        raise ChatFormatError(f"{where}: empty; a generation prompt needs text to answer")
     return tokenize_conversation(tokenizer, messages, add_generation_prompt=True, where=where).input_ids
 
 

@@ -38,7 +38,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
-from posttrain.chat import ChatFormatError, has_gemma_control_tokens, message_text, preference_conversations
+from posttrain.chat import ChatFormatError, has_gemma_control_tokens, is_blank, preference_conversations
 from posttrain.data import DataError, iter_rows, write_json
 from posttrain.stages.base import StageConfig, StageContext, StageError, StageResult, register_stage
 from posttrain.trackers import ReportTo
@@ -181,31 +181,6 @@ def shared_plan(config: RewardModelStageConfig, seed: int) -> MemberPlan:
 
 # --- data ---------------------------------------------------------------------------------------
 
-def _side_is_empty(value: Any) -> bool:
-    """No text at all: None, blank text, or messages whose contents are all blank. A side of
-    the wrong shape is not "empty": the format check then says what is wrong with it."""
-    if value is None:
-        return True
-    if isinstance(value, str):
-        return not value.strip()
-    if isinstance(value, dict):
-        value = [value]
-    if not isinstance(value, (list, tuple)):
-        return False
-    for message in value:
-        if not isinstance(message, dict):
-            return False
-        content = message.get("content")
-        if content is None:
-            continue
-        try:
-            if message_text(content).strip():
-                return False
-        except ChatFormatError:
-            return False
-    return True
-
-
 def load_pairs(path: str, tokenizer, max_length: int) -> tuple[list[tuple[list[int], list[int]]], int]:
     """(chosen ids, rejected ids) per preference row, and how many were cut to max_length.
 
@@ -219,13 +194,13 @@ def load_pairs(path: str, tokenizer, max_length: int) -> tuple[list[tuple[list[i
             if side not in row:
                 raise DataError(f"{where}: a preference row needs 'prompt', 'chosen' and 'rejected'; "
                                 f"'{side}' is missing (the row has {sorted(row)})")
-            if _side_is_empty(row[side]):
+            if is_blank(row[side]):
                 raise DataError(f"{where}: '{side}' is empty; a preference pair needs two non-empty answers")
         prompt = row.get("prompt")
         if prompt is None and not all(isinstance(row[s], list) for s in ("chosen", "rejected")):
             raise DataError(f"{where}: 'prompt' is missing; without it, 'chosen' and 'rejected' must be whole "
                             "conversations (lists of {role, content})")
-        if prompt is not None and _side_is_empty(prompt):
+        if prompt is not None and is_blank(prompt):
             raise DataError(f"{where}: 'prompt' is empty")
         try:
             conversations = preference_conversations(prompt, row["chosen"], row["rejected"])

@@ -159,3 +159,11 @@ def test_a_prompt_or_completion_of_another_type_is_refused_not_crashed_on(prompt
 def test_a_generation_prompt_of_another_type_is_refused(toy_tokenizer):
     with pytest.raises(ChatFormatError, match="row 3 prompt: expected text"):
         tokenize_prompt(toy_tokenizer, 12, where="row 3 prompt")
+
+
+@pytest.mark.parametrize("prompt", ["", "  \n", [{"role": "user", "content": ""}],
+                                    [{"role": "system", "content": " "}, {"role": "user", "content": [{"type": "text", "text": " "}]}]])
+def test_a_blank_generation_prompt_is_refused(toy_tokenizer, prompt):
+    # An unmapped or empty prompt column: RL and distillation would sample answers to nothing.
+    with pytest.raises(ChatFormatError, match="row 3 prompt: empty; a generation prompt needs text"):
+        tokenize_prompt(toy_tokenizer, prompt, where="row 3 prompt")

@@ -56,3 +56,13 @@ def test_files_that_are_not_rows_are_refused_with_file_and_line(tmp_path, name, 
     with pytest.raises(DataError) as e:
         read_rows(path)
     assert str(e.value).startswith(str(path)) and expected in str(e.value)
+
+
+def test_a_blank_rl_prompt_is_refused_with_its_line(toy_tokenizer, tmp_path):
+    from posttrain.data import load_prompts
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"prompt": "What is 2 + 2?", "answer": "4"}) + "\n"
+                    + json.dumps({"prompt": " ", "answer": "6"}) + "\n")
+    with pytest.raises(DataError, match=r"prompts.jsonl:2: prompt: empty"):
+        load_prompts(str(path), toy_tokenizer, 64)
