@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import gzip
 import json
 import os
 from pathlib import Path
@@ -26,25 +27,33 @@ def iter_rows(path: str | Path) -> Iterator[tuple[str, dict]]:
     if not p.exists():
         raise DataError(f"{p}: file not found")
     suffix = p.suffix.lower()
+    compressed = suffix == ".gz" and p.is_file()
+    if compressed:  # data.jsonl.gz: read as the file inside
+        suffix = Path(p.stem).suffix.lower()
+        if suffix not in (".jsonl", ".json"):
+            raise DataError(f"{p}: unsupported data file; a compressed file must be .jsonl.gz or .json.gz")
     if suffix in (".jsonl", ".json") and p.is_file():
-        if suffix == ".json" and _first_byte(p) == b"[":
-            yield from _json_array_rows(p)
-            return
-        with open(p, "rb") as fh:
-            for lineno, raw in enumerate(fh, 1):
-                if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
-                    raw = raw[len(codecs.BOM_UTF8):]
-                if not raw.strip():
-                    continue
-                try:
-                    row = json.loads(raw.decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                    raise DataError(f"{p}:{lineno}: not a valid JSON object ({e})") from None
-                if not isinstance(row, dict):
-                    hint = (" (a .jsonl file holds one object per line; a JSON array belongs in a .json file)"
-                            if isinstance(row, list) and lineno == 1 else "")
-                    raise DataError(f"{p}:{lineno}: expected a JSON object per line, got {type(row).__name__}{hint}")
-                yield f"{p}:{lineno}", row
+        try:
+            if suffix == ".json" and _first_byte(p, compressed) == b"[":
+                yield from _json_array_rows(p, compressed)
+                return
+            with (gzip.open if compressed else open)(p, "rb") as fh:
+                for lineno, raw in enumerate(fh, 1):
+                    if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                        raw = raw[len(codecs.BOM_UTF8):]
+                    if not raw.strip():
+                        continue
+                    try:
+                        row = json.loads(raw.decode("utf-8"))
+                    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                        raise DataError(f"{p}:{lineno}: not a valid JSON object ({e})") from None
+                    if not isinstance(row, dict):
+                        hint = (" (a .jsonl file holds one object per line; a JSON array belongs in a .json file)"
+                                if isinstance(row, list) and lineno == 1 else "")
+                        raise DataError(f"{p}:{lineno}: expected a JSON object per line, got {type(row).__name__}{hint}")
+                    yield f"{p}:{lineno}", row
+        except (OSError, EOFError) as e:  # a gzip file cut short or not gzip at all, a failing disk
+            raise DataError(f"{p}: cannot read{' the compressed file' if compressed else ''} ({e})") from None
         return
     if suffix == ".csv" and p.is_file():
         yield from _csv_rows(p)
@@ -53,7 +62,16 @@ def iter_rows(path: str | Path) -> Iterator[tuple[str, dict]]:
         import datasets
 
         if p.is_dir():
+            if not is_saved_dataset(p):
+                raise DataError(f"{p}: a directory, but not one written by datasets' save_to_disk; name it as a "
+                                "recipe dataset (`path:`) to read the data files inside it through "
+                                "datasets.load_dataset")
             ds = datasets.load_from_disk(str(p))
+            if isinstance(ds, datasets.DatasetDict):
+                if len(ds) != 1:
+                    raise DataError(f"{p}: a saved dataset with splits {', '.join(ds)}; name one (`split:` in "
+                                    "the recipe's dataset entry)")
+                ds = next(iter(ds.values()))
         elif suffix == ".parquet":
             ds = datasets.Dataset.from_parquet(str(p))
         else:
@@ -61,13 +79,19 @@ def iter_rows(path: str | Path) -> Iterator[tuple[str, dict]]:
         for i, row in enumerate(ds):
             yield f"{p}[row {i}]", dict(row)
         return
-    raise DataError(f"{p}: unsupported data file; expected .jsonl, .json, .csv, .parquet, .arrow or a saved "
-                    "datasets directory")
+    raise DataError(f"{p}: unsupported data file; expected .jsonl, .json (either may be gzipped), .csv, .parquet, "
+                    ".arrow or a saved datasets directory")
 
 
-def _first_byte(path: Path) -> bytes:
+def is_saved_dataset(path: Path) -> bool:
+    """A directory written by `datasets`' save_to_disk (a Dataset or a DatasetDict)."""
+    return path.is_dir() and any((path / name).exists() for name in ("dataset_info.json", "dataset_dict.json",
+                                                                      "state.json"))
+
+
+def _first_byte(path: Path, compressed: bool = False) -> bytes:
     """The file's first byte that is not whitespace (after a byte-order mark), b"" when empty."""
-    with open(path, "rb") as fh:
+    with (gzip.open if compressed else open)(path, "rb") as fh:
         head = fh.read(4096)
         while head:
             stripped = head.removeprefix(codecs.BOM_UTF8).lstrip()
@@ -102,11 +126,12 @@ def _csv_rows(path: Path) -> Iterator[tuple[str, dict]]:
             raise DataError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None
 
 
-def _json_array_rows(path: Path) -> Iterator[tuple[str, dict]]:
+def _json_array_rows(path: Path, compressed: bool = False) -> Iterator[tuple[str, dict]]:
     """Rows of a .json file holding one array of objects (read whole: JSON has no streaming form
     in the standard library, and such files are exports small enough to be written whole)."""
     try:
-        data = json.loads(path.read_bytes().removeprefix(codecs.BOM_UTF8).decode("utf-8"))
+        raw = gzip.decompress(path.read_bytes()) if compressed else path.read_bytes()
+        data = json.loads(raw.removeprefix(codecs.BOM_UTF8).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"{path}: not valid JSON ({e})") from None
     for i, row in enumerate(data):
@@ -164,8 +189,7 @@ def load_table(source: str, *, hub: bool, config: str | None = None, split: str 
 
     p = Path(source)
     try:
-        if not hub and p.is_dir() and ((p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists()
-                                       or (p / "state.json").exists()):
+        if not hub and is_saved_dataset(p):
             ds = datasets.load_from_disk(str(p))
         elif not hub and p.is_file():
             builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}.get(p.suffix.lower())

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from posttrain.data import write_json, write_jsonl
+from posttrain.data import is_saved_dataset, write_json, write_jsonl
 from posttrain.distributed import (ControlChannel, StageFailedInChild, is_main, run_in_clean_process,
                                    world_size)
 from posttrain.recipe import Recipe, RecipeError, load_recipe, substitute_references
@@ -140,19 +140,21 @@ class Inputs:
 
     def dataset(self, name: str) -> str:
         entry = self.recipe.datasets[name]
-        if entry.loads_through_datasets:  # hub, or mapped/filtered: loaded by posttrain.data, written once here
+        # A directory of data files (a clone of a hub dataset's repository, say) is read through
+        # `datasets` too; a saved dataset directory and single files are read in place.
+        local = None if entry.path is None else self._local(entry.path, f"datasets.{name}.path", must_exist=True)
+        if entry.loads_through_datasets or (local is not None and Path(local).is_dir() and not is_saved_dataset(Path(local))):
             from posttrain.data import materialize_dataset
 
-            source = entry.hub or self._local(entry.path, f"datasets.{name}.path", must_exist=True)
+            source = entry.hub or local
             identity = entry.revision or "" if entry.hub else fingerprint_path(Path(source))
             out = self.root / "datasets" / f"{name}.jsonl"
             self._fingerprints[f"datasets.{name}"] = materialize_dataset(
                 source, entry.load_options(), out, f"datasets.{name}", identity)
             return str(out)
-        if entry.path is not None:
-            out = self._local(entry.path, f"datasets.{name}.path", must_exist=True)
-            self._fingerprints[f"datasets.{name}"] = fingerprint_path(Path(out))
-            return out
+        if local is not None:
+            self._fingerprints[f"datasets.{name}"] = fingerprint_path(Path(local))
+            return local
         from posttrain.toy import tasks
 
         f = self.root / "datasets" / f"{name}.jsonl"

@@ -117,3 +117,26 @@ def test_recipe_checks_dataset_entries(tmp_path, gsm_like):
     recipe.write_text(recipe_text(gsm_like).replace("{from: answer, after: \"####\"}}", "{template: x, from: answer}}", 1))
     with pytest.raises(RecipeError, match="exactly one of 'from' or 'template'"):
         load_recipe(recipe)
+
+
+def test_a_directory_of_data_files_is_read_through_datasets(tmp_path):
+    # The layout of a hub dataset's repository cloned to disk: data files, no save_to_disk metadata.
+    clone = tmp_path / "clone"
+    (clone / "data").mkdir(parents=True)
+    rows = [{"prompt": f"What is {a} plus 1?", "completion": str(a + 1)} for a in range(8)]
+    (clone / "data" / "train-00000-of-00001.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"""
+name: clone
+output_dir: run
+models:
+  student: {{tiny: {{arch: gemma3, hidden_size: 64, num_heads: 2, num_kv_heads: 1, intermediate_size: 128}}}}
+datasets:
+  chat: {{path: {clone}}}
+stages:
+  - {{name: sft, kind: sft, model: "${{models.student}}", dataset: "${{datasets.chat}}", max_steps: 1, batch_size: 4}}
+""")
+    manifests = run_recipe(recipe)
+    assert manifests["sft"]["status"] == "complete"
+    written = tmp_path / "run" / "_inputs" / "datasets" / "chat.jsonl"
+    assert [json.loads(line) for line in written.open()] == rows

@@ -48,7 +48,7 @@ def test_csv_cells_stay_text_and_rows_are_numbered_by_the_line_they_start_on(tmp
     ("numbers.json", "[1, 2]", "[row 0]: expected a JSON object per array element, got int"),
     ("cut.json", '[{"prompt": "a"},', ": not valid JSON"),
     ("short.csv", "prompt,completion\nhi,hello\nbye\n", ":3: 1 fields, but the header line has 2 (prompt, completion)"),
-    ("rows.txt", "prompt\n", "unsupported data file; expected .jsonl, .json, .csv"),
+    ("rows.txt", "prompt\n", "unsupported data file; expected .jsonl, .json (either may be gzipped), .csv"),
 ])
 def test_files_that_are_not_rows_are_refused_with_file_and_line(tmp_path, name, text, expected):
     path = tmp_path / name
@@ -66,3 +66,43 @@ def test_a_blank_rl_prompt_is_refused_with_its_line(toy_tokenizer, tmp_path):
                     + json.dumps({"prompt": " ", "answer": "6"}) + "\n")
     with pytest.raises(DataError, match=r"prompts.jsonl:2: prompt: empty"):
         load_prompts(str(path), toy_tokenizer, 64)
+
+
+def test_gzipped_jsonl_and_json_arrays_read_as_the_files_inside(tmp_path):
+    import gzip
+
+    lines = tmp_path / "data.jsonl.gz"
+    lines.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in ROWS).encode()))
+    array = tmp_path / "data.json.gz"
+    array.write_bytes(gzip.compress(json.dumps(ROWS).encode()))
+    assert read_rows(lines) == ROWS == read_rows(array)
+    assert [where for where, _ in iter_rows(lines)] == [f"{lines}:1", f"{lines}:2"]
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(gzip.compress(json.dumps(ROWS[0]).encode() * 50)[:40])
+    with pytest.raises(DataError, match=rf"{cut.name}: cannot read the compressed file"):
+        read_rows(cut)
+    other = tmp_path / "data.csv.gz"
+    other.write_bytes(gzip.compress(b"prompt\nhi\n"))
+    with pytest.raises(DataError, match="a compressed file must be .jsonl.gz or .json.gz"):
+        read_rows(other)
+
+
+def test_saved_dataset_directories_read_in_place_and_other_directories_are_explained(tmp_path):
+    import datasets
+
+    single = tmp_path / "single"
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(single))
+    assert read_rows(single) == ROWS
+    one_split = tmp_path / "one_split"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS)}).save_to_disk(str(one_split))
+    assert read_rows(one_split) == ROWS  # not the split names
+    two = tmp_path / "two_splits"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS),
+                          "test": datasets.Dataset.from_list(ROWS[:1])}).save_to_disk(str(two))
+    with pytest.raises(DataError, match="a saved dataset with splits train, test; name one"):
+        read_rows(two)
+    plain = tmp_path / "clone"
+    (plain / "data").mkdir(parents=True)
+    (plain / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    with pytest.raises(DataError, match="not one written by datasets' save_to_disk"):
+        read_rows(plain)
