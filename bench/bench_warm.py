@@ -21,7 +21,7 @@
    the reward's scale).
 
     python bench/bench_warm.py [--out runs/warm_bench] [--repeats 3] [--rl-seeds 3] [--test-pairs 5000]
-                               [--set key=value ...]
+                               [--no-rl] [--labels both|flipped|clean] [--set key=value ...]
 """
 
 from __future__ import annotations
@@ -222,6 +222,10 @@ def main() -> None:
     # the WARM-minus-members differences measured; 5,000 pairs bring it to +/-0.003.
     parser.add_argument("--test-pairs", type=int, default=5000, help="held-out pairs that every number is measured on")
     parser.add_argument("--rl-seeds", type=int, default=3, help="RL seeds (the recipe's, then the next ones)")
+    parser.add_argument("--no-rl", action="store_true",
+                        help="accuracy only: run the recipe's sft and rm stages, skip every RL run and the plot")
+    parser.add_argument("--labels", choices=("both", "flipped", "clean"), default="both",
+                        help="which label settings the accuracy repetitions use")
     args = parser.parse_args()
     work = Path(args.out).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -230,7 +234,11 @@ def main() -> None:
     from posttrain.runner import run_recipe
 
     t0 = time.perf_counter()
-    manifests = run_recipe(RECIPE, [f"output_dir={work / 'run'}", *args.overrides])
+    run_args = [f"output_dir={work / 'run'}", *args.overrides]
+    if args.no_rl:  # the two stages the accuracy repetitions build on, one after the other
+        manifests = {**run_recipe(RECIPE, run_args, only="sft"), **run_recipe(RECIPE, run_args, only="rm")}
+    else:
+        manifests = run_recipe(RECIPE, run_args)
     seconds_recipe = time.perf_counter() - t0
     recipe = load_recipe(RECIPE, args.overrides)
     seed = recipe.seed
@@ -239,7 +247,8 @@ def main() -> None:
     validation, test = held_out_sets(recipe, work, args.validation_pairs, args.test_pairs)
     flip = float(manifests["rm"]["config"]["label_flip_rate"]) or 0.25
     table: dict[str, list[dict]] = {}
-    for label, rate in ((f"{int(flip * 100)}% flipped", flip), ("clean", 0.0)):
+    settings = [(f"{int(flip * 100)}% flipped", flip)] * (args.labels != "clean") + [("clean", 0.0)] * (args.labels != "flipped")
+    for label, rate in settings:
         table[label] = [reward_model_repeat(manifests, work, seed, r, rate, validation, test)
                         for r in range(args.repeats)]
 
@@ -273,6 +282,11 @@ def main() -> None:
             warm = statistics.mean(t["average"] for t in of_task)
             print(f"    on {task} pairs: members' mean {members_mean:.3f}, WARM {warm:.3f} ({warm - members_mean:+.3f}), "
                   f"ensemble {statistics.mean(t['ensemble'] for t in of_task):.3f}")
+
+    if args.no_rl:
+        (work / "bench_warm.json").write_text(json.dumps({"accuracy": table, "claims": claims}, indent=2))
+        print(f"\nnumbers: {work / 'bench_warm.json'}")
+        return
 
     # RL: the recipe's runs, then the same two stages with further seeds. RLOO follows the raw
     # reward, so a reward model with a smaller spread pulls the policy more gently: a third run
