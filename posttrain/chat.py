@@ -311,6 +311,17 @@ def prompt_completion_to_messages(prompt: str | Sequence[dict], completion: str 
     return msgs + completion
 
 
+def conversation_of(prompt: str | Sequence[dict] | None, completion: Any) -> list[dict]:
+    """The whole conversation of a prompt and its completion; ``prompt`` None: the completion is
+    that whole conversation already (a list of messages)."""
+    if prompt is None:
+        if not isinstance(completion, (list, tuple)):
+            raise ChatFormatError(f"completion: without a prompt it must be the whole conversation (a list of "
+                                  f"messages), got {_describe(completion)}")
+        return list(completion)
+    return prompt_completion_to_messages(prompt, completion)
+
+
 def preference_conversations(prompt: str | Sequence[dict] | None, chosen: Any, rejected: Any) -> tuple[list[dict], list[dict]]:
     """The two whole conversations of a preference pair, checked to be two answers to one prompt.
 
@@ -323,16 +334,10 @@ def preference_conversations(prompt: str | Sequence[dict] | None, chosen: Any, r
     """
     sides = {}
     for side, completion in (("chosen", chosen), ("rejected", rejected)):
-        if prompt is None:
-            if not isinstance(completion, (list, tuple)):
-                raise ChatFormatError(f"'{side}': without a prompt it must be the whole conversation (a list of "
-                                      f"messages), got {_describe(completion)}")
-            messages = list(completion)
-        else:
-            try:
-                messages = prompt_completion_to_messages(prompt, completion)
-            except ChatFormatError as e:
-                raise ChatFormatError(f"'{side}' (with the prompt): {e}") from None
+        try:
+            messages = conversation_of(prompt, completion)
+        except ChatFormatError as e:
+            raise ChatFormatError(f"'{side}'{' (with the prompt)' if prompt is not None else ''}: {e}") from None
         for i, message in enumerate(messages):
             _role_and_text(message, f"{side}[{i}]")
         if not messages or messages[-1]["role"] != "assistant":

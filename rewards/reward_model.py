@@ -20,8 +20,8 @@ from __future__ import annotations
 import threading
 from typing import Any, Sequence
 
-from posttrain.chat import (ChatFormatError, has_gemma_control_tokens, prompt_completion_to_messages,
-                            tokenize_conversation, tokenize_with_chat_template)
+from posttrain.chat import (conversation_of, has_gemma_control_tokens, tokenize_conversation,
+                            tokenize_with_chat_template)
 
 __all__ = ["RewardModelScorer", "encode_pair", "expand_checkpoints", "get_scorer", "reward_model_reward", "load_count"]
 
@@ -71,13 +71,7 @@ def encode_pair(tokenizer, prompt: Any, completion: Any, max_length: int, gemma_
     same ids. ``gemma_format``: which of the two, when the caller has looked it up once for the
     tokenizer (callers encoding many pairs do; None looks it up here).
     """
-    if prompt is None:
-        if not isinstance(completion, (list, tuple)):
-            raise ChatFormatError(f"completion: without a prompt it must be the whole conversation (a list of "
-                                  f"messages), got {type(completion).__name__}")
-        messages = list(completion)
-    else:
-        messages = prompt_completion_to_messages(prompt, completion)
+    messages = conversation_of(prompt, completion)
     if gemma_format is None:
         gemma_format = has_gemma_control_tokens(tokenizer)
     if gemma_format:
