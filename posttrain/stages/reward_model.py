@@ -39,7 +39,7 @@ import torch
 from pydantic import Field, model_validator
 
 from posttrain.chat import ChatFormatError, has_gemma_control_tokens, is_blank, preference_conversations
-from posttrain.data import DataError, iter_rows, write_json
+from posttrain.data import DataError, iter_rows, write_json, write_jsonl
 from posttrain.stages.base import StageConfig, StageContext, StageError, StageResult, register_stage
 from posttrain.trackers import ReportTo
 from posttrain.training import (LoraSpec, TrainingSession, latest_checkpoint, load_checkpoint, save_checkpoint,
@@ -94,6 +94,9 @@ class RewardModelStageConfig(StageConfig):
     max_tokens_per_microbatch: int | None = Field(
         None, ge=1, description="Bound each forward/backward micro-batch by this many tokens (chosen + rejected of "
         "whole pairs) and accumulate: memory per micro-batch is set by the budget, not batch_size.")
+    on_invalid_row: Literal["error", "skip"] = Field(
+        "error", description="An invalid preference row stops the stage with its file and line, or is skipped, "
+        "written to skipped.jsonl with the reason and counted (pairs_skipped).")
     label_flip_rate: float = Field(0.0, ge=0, le=1, description="Swap chosen and rejected in this fraction of the "
                                    "training pairs (seeded): label-noise experiments such as WARM's 25%.")
     average_best: int | None = Field(None, ge=1, description="Average only the best k members by held-out accuracy "
@@ -181,41 +184,54 @@ def shared_plan(config: RewardModelStageConfig, seed: int) -> MemberPlan:
 
 # --- data ---------------------------------------------------------------------------------------
 
-def load_pairs(path: str, tokenizer, max_length: int) -> tuple[list[tuple[list[int], list[int]]], int]:
+def load_pairs(path: str, tokenizer, max_length: int,
+               skipped: list[dict] | None = None) -> tuple[list[tuple[list[int], list[int]]], int]:
     """(chosen ids, rejected ids) per preference row, and how many were cut to max_length.
 
-    A row without a non-empty `chosen` and `rejected`, or whose conversation is not valid in
-    the Gemma IT format, is refused with its file and line.
+    A row without a non-empty `chosen` and `rejected`, whose two sides are not two answers to
+    one conversation, or whose conversation is not valid in the chat format, is refused with its
+    file and line; with `skipped` given it is recorded there instead ({where, reason, row}).
     """
     pairs, truncated = [], 0
     gemma_format = has_gemma_control_tokens(tokenizer)
     for where, row in iter_rows(path):
-        for side in ("chosen", "rejected"):
-            if side not in row:
-                raise DataError(f"{where}: a preference row needs 'prompt', 'chosen' and 'rejected'; "
-                                f"'{side}' is missing (the row has {sorted(row)})")
-            if is_blank(row[side]):
-                raise DataError(f"{where}: '{side}' is empty; a preference pair needs two non-empty answers")
-        prompt = row.get("prompt")
-        if prompt is None and not all(isinstance(row[s], list) for s in ("chosen", "rejected")):
-            raise DataError(f"{where}: 'prompt' is missing; without it, 'chosen' and 'rejected' must be whole "
-                            "conversations (lists of {role, content})")
-        if prompt is not None and is_blank(prompt):
-            raise DataError(f"{where}: 'prompt' is empty")
         try:
-            conversations = preference_conversations(prompt, row["chosen"], row["rejected"])
-            chosen, rejected = (encode_pair(tokenizer, None, messages, 10**9, gemma_format)
-                                for messages in conversations)
-        except ChatFormatError as e:
-            raise DataError(f"{where}: {e}") from None
+            chosen, rejected = _encode_row(where, row, tokenizer, gemma_format)
+        except DataError as e:
+            if skipped is None:
+                raise
+            skipped.append({"where": where, "reason": str(e).removeprefix(f"{where}: "), "row": row})
+            continue
         if len(chosen) > max_length or len(rejected) > max_length:
             truncated += 1
             chosen, rejected = (ids[:1] + ids[len(ids) - max_length + 1:] if len(ids) > max_length else ids
                                 for ids in (chosen, rejected))
         pairs.append((chosen, rejected))
     if not pairs:
-        raise DataError(f"{path}: no preference rows")
+        raise DataError(f"{path}: no preference rows" + (f" ({len(skipped)} invalid, skipped)" if skipped else ""))
     return pairs, truncated
+
+
+def _encode_row(where: str, row: dict, tokenizer, gemma_format: bool) -> tuple[list[int], list[int]]:
+    """One preference row's two token sequences, whole; DataError naming `where` when it is not a pair."""
+    for side in ("chosen", "rejected"):
+        if side not in row:
+            raise DataError(f"{where}: a preference row needs 'prompt', 'chosen' and 'rejected'; "
+                            f"'{side}' is missing (the row has {sorted(row)})")
+        if is_blank(row[side]):
+            raise DataError(f"{where}: '{side}' is empty; a preference pair needs two non-empty answers")
+    prompt = row.get("prompt")
+    if prompt is None and not all(isinstance(row[s], list) for s in ("chosen", "rejected")):
+        raise DataError(f"{where}: 'prompt' is missing; without it, 'chosen' and 'rejected' must be whole "
+                        "conversations (lists of {role, content})")
+    if prompt is not None and is_blank(prompt):
+        raise DataError(f"{where}: 'prompt' is empty")
+    try:
+        conversations = preference_conversations(prompt, row["chosen"], row["rejected"])
+        chosen, rejected = (encode_pair(tokenizer, None, messages, 10**9, gemma_format) for messages in conversations)
+    except ChatFormatError as e:
+        raise DataError(f"{where}: {e}") from None
+    return chosen, rejected
 
 
 def flip_labels(pairs: list, rate: float, seed: int) -> tuple[list, int]:
@@ -484,9 +500,16 @@ def run_reward_model(config: RewardModelStageConfig, ctx: StageContext) -> Stage
     session.shard(range(config.batch_size), "batch_size")  # fails early unless it splits over the ranks
     tokenizer = load_tokenizer(config.model)
     pad_id = tokenizer.pad_token_id
-    pairs, truncated = load_pairs(config.dataset, tokenizer, config.max_length)
+    skip = config.on_invalid_row == "skip"
+    skipped, eval_skipped = ([], []) if skip else (None, None)
+    pairs, truncated = load_pairs(config.dataset, tokenizer, config.max_length, skipped)
     pairs, flipped = flip_labels(pairs, config.label_flip_rate, ctx.seed)
-    eval_pairs = load_pairs(config.eval_dataset, tokenizer, config.max_length)[0] if config.eval_dataset else None
+    eval_pairs = (load_pairs(config.eval_dataset, tokenizer, config.max_length, eval_skipped)[0]
+                  if config.eval_dataset else None)
+    skipped = (skipped or []) + (eval_skipped or [])  # each record names its file
+    if skipped and ctx.is_main:
+        write_jsonl(stage_dir / "skipped.jsonl", skipped)
+        log.warning("%s: skipped %d invalid preference rows; see %s", ctx.name, len(skipped), stage_dir / "skipped.jsonl")
     if config.member_models:
         check_member_models(config.model, config.member_models)
     plans = member_plans(config, ctx.seed)
@@ -497,6 +520,7 @@ def run_reward_model(config: RewardModelStageConfig, ctx: StageContext) -> Stage
     # constant loss, and counted so that a data set full of them is noticed.
     identical = sum(chosen == rejected for chosen, rejected in pairs)
     summary: dict[str, Any] = {"pairs": len(pairs), "pairs_truncated": truncated, "pairs_identical": identical,
+                               "pairs_skipped": len(skipped),
                                "labels_flipped": flipped,
                                **session.describe(config.batch_size, "pairs")}
 

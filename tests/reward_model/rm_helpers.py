@@ -33,9 +33,10 @@ def weights(model_dir) -> dict[str, torch.Tensor]:
     return load_reward_model(str(model_dir), pad_token_id=0).state_dict()
 
 
-def train_two_members_from(start: Path, rows: list[dict], tmp_path: Path, name: str, max_steps: int = 3) -> dict:
+def train_two_members_from(start: Path, rows: list[dict], tmp_path: Path, name: str, max_steps: int = 3,
+                           **options) -> dict:
     """The stage from a user's start checkpoint on a JSONL of `rows` (also the held-out pairs):
-    two short members. Returns the stage's manifest."""
+    two short members, with further stage `options`. Returns the stage's manifest."""
     import json
 
     from posttrain.runner import run_recipe
@@ -45,7 +46,8 @@ def train_two_members_from(start: Path, rows: list[dict], tmp_path: Path, name: 
     recipe = {"name": name, "output_dir": "run", "seed": 0, "models": {"start": {"path": str(start)}},
               "stages": [{"name": "rm", "kind": "reward_model", "model": "${models.start}", "dataset": str(data),
                           "eval_dataset": str(data), "members": 2, "seeds": [1, 2], "probe_steps": 2,
-                          "max_steps": max_steps, "batch_size": 4, "learning_rate": 1.0e-3, "checkpoint_every": 0}]}
+                          "max_steps": max_steps, "batch_size": 4, "learning_rate": 1.0e-3, "checkpoint_every": 0,
+                          **options}]}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return run_recipe(path)["rm"]

@@ -278,3 +278,35 @@ def test_best_member_is_referenced_only_from_a_stage_with_held_out_pairs(tmp_pat
     recipe["stages"][0]["eval_dataset"] = "${datasets.held_out}"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     load_recipe(path)
+
+
+def test_on_invalid_row_skip_records_each_refused_row_and_trains_on_the_rest(toy_tokenizer, tmp_path):
+    good = {"prompt": "Hi", "chosen": "Hello.", "rejected": "Go away."}
+    shifted = {"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}],
+               "rejected": [{"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Go away."}]}
+    path = tmp_path / "prefs.jsonl"
+    write_jsonl(path, [good, shifted, {"prompt": "Hi", "chosen": " ", "rejected": "No."}, good])
+    skipped: list = []
+    pairs, _ = load_pairs(str(path), toy_tokenizer, 64, skipped)
+    assert len(pairs) == 2
+    assert [s["where"] for s in skipped] == [f"{path}:2", f"{path}:3"]
+    assert skipped[0]["reason"].startswith("chosen[0] (user) and rejected[0] (user) differ")
+    assert skipped[1]["row"]["chosen"] == " "
+    write_jsonl(path, [shifted])
+    with pytest.raises(DataError, match=r"no preference rows \(1 invalid, skipped\)"):
+        load_pairs(str(path), toy_tokenizer, 64, [])
+
+
+def test_the_stage_skips_invalid_rows_when_told_and_writes_them_down(tmp_path, tiny_gemma3_dir):
+    from rm_helpers import train_two_members_from
+
+    rows = [{"prompt": f"What is {a} + 1?", "chosen": str(a + 1), "rejected": str(a + 2)} for a in range(8)]
+    rows.insert(3, {"prompt": "What is 9 + 1?", "chosen": [{"role": "assistant", "content": "10"},
+                                                            {"role": "user", "content": "Sure?"}], "rejected": "11"})
+    manifest = train_two_members_from(tiny_gemma3_dir, rows, tmp_path, "skip", max_steps=1, on_invalid_row="skip")
+    assert manifest["metrics"]["pairs"] == 8
+    # Training and held-out pairs are the same file here: the row is recorded once per reading.
+    assert manifest["metrics"]["pairs_skipped"] == 2
+    recorded = [json.loads(line) for line in (tmp_path / "run" / "rm" / "skipped.jsonl").open()]
+    assert {r["where"] for r in recorded} == {f"{tmp_path / 'prefs.jsonl'}:4"}
+    assert "ends with 'user'" in recorded[0]["reason"]
