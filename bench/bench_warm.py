@@ -247,8 +247,8 @@ def main() -> None:
     validation, test = held_out_sets(recipe, work, args.validation_pairs, args.test_pairs)
     flip = float(manifests["rm"]["config"]["label_flip_rate"]) or 0.25
     table: dict[str, list[dict]] = {}
-    settings = [(f"{int(flip * 100)}% flipped", flip)] * (args.labels != "clean") + [("clean", 0.0)] * (args.labels != "flipped")
-    for label, rate in settings:
+    settings = {"flipped": (f"{int(flip * 100)}% flipped", flip), "clean": ("clean", 0.0)}
+    for label, rate in (settings.values() if args.labels == "both" else [settings[args.labels]]):
         table[label] = [reward_model_repeat(manifests, work, seed, r, rate, validation, test)
                         for r in range(args.repeats)]
 

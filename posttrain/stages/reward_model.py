@@ -500,8 +500,7 @@ def run_reward_model(config: RewardModelStageConfig, ctx: StageContext) -> Stage
     session.shard(range(config.batch_size), "batch_size")  # fails early unless it splits over the ranks
     tokenizer = load_tokenizer(config.model)
     pad_id = tokenizer.pad_token_id
-    skip = config.on_invalid_row == "skip"
-    skipped, eval_skipped = ([], []) if skip else (None, None)
+    skipped, eval_skipped = ([], []) if config.on_invalid_row == "skip" else (None, None)
     pairs, truncated = load_pairs(config.dataset, tokenizer, config.max_length, skipped)
     pairs, flipped = flip_labels(pairs, config.label_flip_rate, ctx.seed)
     eval_pairs = (load_pairs(config.eval_dataset, tokenizer, config.max_length, eval_skipped)[0]
