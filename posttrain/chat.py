@@ -54,6 +54,12 @@ GEMMA_CHAT_TEMPLATE = (
 )
 
 
+# What a conversation given as one text without a prompt is told (the data's column mapping splits it).
+TRANSCRIPT_HINT = ("a transcript kept as one text (\"Human: ... Assistant: ...\", as in Anthropic/hh-rlhf) is split "
+                   "into messages by the dataset's column mapping, e.g. columns: {chosen: {from: chosen, turns: "
+                   "{\"Human:\": user, \"Assistant:\": assistant}}, rejected: ...}")
+
+
 class ChatFormatError(ValueError):
     """A conversation that cannot be rendered in the Gemma IT format."""
 
@@ -317,7 +323,8 @@ def conversation_of(prompt: str | Sequence[dict] | None, completion: Any) -> lis
     if prompt is None:
         if not isinstance(completion, (list, tuple)):
             raise ChatFormatError(f"completion: without a prompt it must be the whole conversation (a list of "
-                                  f"messages), got {_describe(completion)}")
+                                  f"messages), got {_describe(completion)}"
+                                  + (f"; {TRANSCRIPT_HINT}" if isinstance(completion, str) else ""))
         return list(completion)
     return prompt_completion_to_messages(prompt, completion)
 
@@ -344,6 +351,9 @@ def preference_conversations(prompt: str | Sequence[dict] | None, chosen: Any, r
             last = messages[-1]["role"] if messages else "nothing"
             raise ChatFormatError(f"'{side}': the conversation ends with {last!r}, not with the assistant's answer "
                                   "that a reward model scores")
+        if is_blank(messages[-1]):
+            raise ChatFormatError(f"'{side}': the assistant's answer (turn {len(messages) - 1}) is empty; a "
+                                  "preference pair needs two non-empty answers")
         sides[side] = messages
     chosen_msgs, rejected_msgs = sides["chosen"], sides["rejected"]
     for i, (a, b) in enumerate(zip(chosen_msgs, rejected_msgs)):

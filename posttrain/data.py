@@ -7,6 +7,7 @@ import csv
 import gzip
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -256,8 +257,30 @@ def map_row(row: dict, columns: dict[str, Any] | None, where: str) -> dict:
             if marker not in text:
                 raise DataError(f"{key}.after: {marker!r} not found in column {name!r}: {text[:80]!r}")
             value = text.rsplit(marker, 1)[1].strip()
+        if source.get("turns"):
+            value = split_transcript(value, source["turns"], f"{key}.turns (column {name!r})")
         out[target] = value
     return out
+
+
+def split_transcript(text: Any, turns: dict[str, str], where: str) -> list[dict]:
+    """A conversation kept as one text ("\\n\\nHuman: ...\\n\\nAssistant: ...", Anthropic/hh-rlhf's
+    shape) as messages: each marker that starts a line opens a turn of its role, running to the
+    next marker; the turn's text is stripped. Neither datasets nor transformers parse such
+    transcripts, hence this. A marker inside a line is text ("... the Human: ..."), and text
+    before the first marker is refused rather than dropped."""
+    if not isinstance(text, str):
+        raise DataError(f"{where}: expected the transcript as text, got {type(text).__name__}")
+    markers = sorted(turns, key=len, reverse=True)  # the longest first, should one marker begin another
+    opener = re.compile(r"(?:^|\n)[ \t]*(" + "|".join(re.escape(m) for m in markers) + ")")
+    found = list(opener.finditer(text))
+    if not found:
+        raise DataError(f"{where}: no line starts with a marker of {list(turns)}: {text[:80]!r}")
+    head = text[:found[0].start()]
+    if head.strip():
+        raise DataError(f"{where}: text before the first marker {found[0].group(1)!r}: {head[:80]!r}")
+    ends = [m.start() for m in found[1:]] + [len(text)]
+    return [{"role": turns[m.group(1)], "content": text[m.end():end].strip()} for m, end in zip(found, ends)]
 
 
 def materialize_dataset(source: str, options: dict[str, Any], out: str | Path, where: str, source_identity: str) -> str:
@@ -283,13 +306,16 @@ def materialize_dataset(source: str, options: dict[str, Any], out: str | Path, w
 
     def rows():
         n = 0
-        for row in ds:
+        for index, row in enumerate(ds):
             if limit is not None and n >= limit:
                 return
             if row_filter and not _keep(row, row_filter, where):
                 continue
             n += 1
-            yield map_row(row, columns, where)
+            try:
+                yield map_row(row, columns, where)
+            except DataError as e:
+                raise DataError(f"{e} (source row {index})") from None
 
     written = write_jsonl(out, rows())
     if written == 0:

@@ -77,18 +77,33 @@ class ToyDirtySpec(_Strict):
 
 class ColumnSource(_Strict):
     """Where an output column comes from: a source column (`from`, optionally the text `after` a
-    marker), or a `template` formatted over the source row."""
+    marker, or a transcript split into messages at its `turns` markers), or a `template` formatted
+    over the source row."""
 
     from_: str | None = Field(None, alias="from", description="Source column.")
     after: str | None = Field(None, description="Keep the text after the last occurrence of this marker (GSM8K: '####').")
     template: str | None = Field(None, description="Python format string over the source row, e.g. '{text}\\n{test_list[0]}'.")
+    turns: dict[str, Literal["system", "user", "assistant"]] | None = Field(
+        None, description="Split a transcript into messages: marker -> role, a marker starting a line opens a turn "
+        "(Anthropic/hh-rlhf: {'Human:': user, 'Assistant:': assistant}).")
 
     @model_validator(mode="after")
     def _one_source(self):
         if (self.from_ is None) == (self.template is None):
             raise ValueError("give exactly one of 'from' or 'template'")
-        if self.after is not None and self.from_ is None:
-            raise ValueError("'after' applies to a 'from' column")
+        for option in ("after", "turns"):
+            if getattr(self, option) is not None and self.from_ is None:
+                raise ValueError(f"'{option}' applies to a 'from' column")
+        if self.after is not None and self.turns is not None:
+            raise ValueError("give 'after' or 'turns', not both: one keeps a text's end, the other splits all of it")
+        if self.turns is not None:
+            if not self.turns:
+                raise ValueError("'turns' needs at least one marker -> role")
+            blank = [m for m in self.turns if not m.strip()]
+            if blank:
+                raise ValueError(f"'turns': a marker must have visible text, got {blank[0]!r}")
+            if "assistant" not in self.turns.values():
+                raise ValueError("'turns': no marker opens an 'assistant' turn, so no answer would be kept")
         return self
 
 

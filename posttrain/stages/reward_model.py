@@ -38,7 +38,8 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
-from posttrain.chat import ChatFormatError, has_gemma_control_tokens, is_blank, preference_conversations
+from posttrain.chat import (TRANSCRIPT_HINT, ChatFormatError, has_gemma_control_tokens, is_blank,
+                           preference_conversations)
 from posttrain.data import DataError, iter_rows, write_json, write_jsonl
 from posttrain.stages.base import StageConfig, StageContext, StageError, StageResult, register_stage
 from posttrain.trackers import ReportTo
@@ -223,7 +224,8 @@ def _encode_row(where: str, row: dict, tokenizer, gemma_format: bool) -> tuple[l
     prompt = row.get("prompt")
     if prompt is None and not all(isinstance(row[s], list) for s in ("chosen", "rejected")):
         raise DataError(f"{where}: 'prompt' is missing; without it, 'chosen' and 'rejected' must be whole "
-                        "conversations (lists of {role, content})")
+                        "conversations (lists of {role, content})"
+                        + (f"; {TRANSCRIPT_HINT}" if any(isinstance(row[s], str) for s in ("chosen", "rejected")) else ""))
     if prompt is not None and is_blank(prompt):
         raise DataError(f"{where}: 'prompt' is empty")
     try:

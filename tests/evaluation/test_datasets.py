@@ -117,6 +117,12 @@ def test_recipe_checks_dataset_entries(tmp_path, gsm_like):
     recipe.write_text(recipe_text(gsm_like).replace("{from: answer, after: \"####\"}}", "{template: x, from: answer}}", 1))
     with pytest.raises(RecipeError, match="exactly one of 'from' or 'template'"):
         load_recipe(recipe)
+    for turns, expected in (("{from: answer, after: x, turns: {'A:': assistant}}}", "'after' or 'turns', not both"),
+                            ("{from: answer, turns: {'H:': user}}}", "no marker opens an 'assistant' turn"),
+                            ("{from: answer, turns: {'H:': human}}}", "turns.H:.*'system', 'user' or 'assistant'")):
+        recipe.write_text(recipe_text(gsm_like).replace("{from: answer, after: \"####\"}}", turns, 1))
+        with pytest.raises(RecipeError, match=expected):
+            load_recipe(recipe)
 
 
 def test_a_directory_of_data_files_is_read_through_datasets(tmp_path):

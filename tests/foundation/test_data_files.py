@@ -1,11 +1,12 @@
 """Row files as users bring them: JSONL with a byte-order mark, a .json array, CSV; and the errors
-for files that are none of those name the file and line."""
+for files that are none of those name the file and line; transcripts kept as one text split into
+messages."""
 
 import json
 
 import pytest
 
-from posttrain.data import DataError, iter_rows, read_rows
+from posttrain.data import DataError, iter_rows, read_rows, split_transcript
 
 ROWS = [{"prompt": "What is 2 + 2?", "completion": "4"}, {"prompt": "Say hi, politely.", "completion": "Hello!"}]
 
@@ -106,3 +107,30 @@ def test_saved_dataset_directories_read_in_place_and_other_directories_are_expla
     (plain / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     with pytest.raises(DataError, match="not one written by datasets' save_to_disk"):
         read_rows(plain)
+
+
+HH_TURNS = {"Human:": "user", "Assistant:": "assistant"}
+
+
+def test_a_transcript_splits_into_turns_at_markers_that_start_a_line():
+    text = ("\n\nHuman: What are some words for rude?\n\nAssistant: Here is a list.\n\nAss, boor, churl\n\n"
+            "Human: Is Human: a word?\n\nAssistant: Yes.")
+    assert split_transcript(text, HH_TURNS, "k") == [
+        {"role": "user", "content": "What are some words for rude?"},
+        # "Ass, ..." starts a line but is not a marker; "Human:" inside a line is text.
+        {"role": "assistant", "content": "Here is a list.\n\nAss, boor, churl"},
+        {"role": "user", "content": "Is Human: a word?"},
+        {"role": "assistant", "content": "Yes."},
+    ]
+    # An empty last answer stays an (empty) turn: the pair check refuses it with the row, nothing is dropped here.
+    assert split_transcript("Human: hi\nAssistant:", HH_TURNS, "k")[-1] == {"role": "assistant", "content": ""}
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("Summarise this.\n\nHuman: hi\n\nAssistant: yo", r"k: text before the first marker 'Human:': 'Summarise this."),
+    ("User: hi\nBot: yo", r"k: no line starts with a marker of \['Human:', 'Assistant:'\]"),
+    (["Human: hi"], r"k: expected the transcript as text, got list"),
+])
+def test_a_transcript_that_does_not_split_is_refused(value, expected):
+    with pytest.raises(DataError, match=expected):
+        split_transcript(value, HH_TURNS, "k")

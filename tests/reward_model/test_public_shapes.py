@@ -114,3 +114,44 @@ def test_a_local_copy_of_a_hub_preference_set_in_its_own_layout(tiny_gemma3_dir,
     manifest = run_recipe(path)["rm"]
     assert manifest["metrics"]["pairs"] == 24
     assert 0.0 <= manifest["metrics"]["average/accuracy"] <= 1.0
+
+
+def test_a_local_copy_of_anthropic_hh_with_transcripts_split_by_the_column_mapping(tiny_gemma3_dir, tmp_path):
+    """Anthropic/hh-rlhf as its repository lays it out (helpful-base/train.jsonl.gz, test.jsonl.gz),
+    each side one transcript ("\\n\\nHuman: ...\\n\\nAssistant: ...") and no `prompt`: the columns'
+    `turns` split them into messages. A transcript whose last answer is empty (the set has some)
+    is skipped with its reason when the stage is told to, not trained on and not lost."""
+    import gzip
+
+    def side(answer: str, follow_up: bool = False) -> str:
+        text = f"\n\nHuman: {Q}\n\nAssistant: {answer}"
+        return text + ("\n\nHuman: And with one more?\n\nAssistant: " + answer.replace("7", "8") if follow_up else "")
+
+    rows = [{"chosen": side(GOOD), "rejected": side(BAD)},
+            {"chosen": side(GOOD, follow_up=True), "rejected": side(GOOD) + "\n\nHuman: And with one more?\n\nAssistant: 9"},
+            {"chosen": side(GOOD), "rejected": f"\n\nHuman: {Q}\n\nAssistant:"}]  # an empty answer
+    base = tmp_path / "hh-rlhf" / "helpful-base"
+    base.mkdir(parents=True)
+    for split, n in (("train", 8), ("test", 2)):
+        with gzip.open(base / f"{split}.jsonl.gz", "wt") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows * n)
+    turns = {"Human:": "user", "Assistant:": "assistant"}
+    columns = {"chosen": {"from": "chosen", "turns": turns}, "rejected": {"from": "rejected", "turns": turns}}
+    recipe = {"name": "rm-hh", "output_dir": "run", "seed": 0,
+              "models": {"start": {"path": str(tiny_gemma3_dir)}},
+              "datasets": {"prefs": {"path": str(base), "split": "train", "columns": columns},
+                           "held_out": {"path": str(base), "split": "test", "columns": columns}},
+              "stages": [{"name": "rm", "kind": "reward_model", "model": "${models.start}",
+                          "dataset": "${datasets.prefs}", "eval_dataset": "${datasets.held_out}", "members": 2,
+                          "probe_steps": 2, "max_steps": 2, "batch_size": 8, "learning_rate": 1.0e-3,
+                          "checkpoint_every": 0, "on_invalid_row": "skip"}]}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    manifest = run_recipe(path)["rm"]
+    assert manifest["metrics"]["pairs"] == 16 and manifest["metrics"]["pairs_skipped"] == 8 + 2
+    skipped = [json.loads(line) for line in (Path(manifest["outputs"]["model"]).parent / "skipped.jsonl").read_text().splitlines()]
+    assert all("rejected" in s["reason"] and "empty" in s["reason"] for s in skipped), skipped[0]
+    # What trained is the split conversation: two turns, or four for the follow-up pair.
+    mapped = [json.loads(line) for line in Path(manifest["config"]["dataset"]).read_text().splitlines()]
+    assert [len(r["chosen"]) for r in mapped[:3]] == [2, 4, 2]
+    assert mapped[1]["rejected"][-1] == {"role": "assistant", "content": "9"}

@@ -101,6 +101,13 @@ def test_rl_reward_scores_with_the_stage_outputs_and_logs_gold_next_to_it(finish
     ({"prompt": "Hi", "chosen": "  ", "rejected": "Go away."}, "'chosen' is empty"),
     ({"prompt": "Hi", "chosen": "Hello.", "rejected": [{"role": "assistant", "content": ""}]}, "'rejected' is empty"),
     ({"chosen": "Hello.", "rejected": "Go away."}, "'prompt' is missing"),
+    # A transcript kept as one text (Anthropic/hh-rlhf) is told how the column mapping splits it.
+    ({"chosen": "\n\nHuman: Hi\n\nAssistant: Hello.", "rejected": "\n\nHuman: Hi\n\nAssistant: Go away."},
+     "'prompt' is missing.*columns: {chosen: {from: chosen, turns: "),
+    # A conversation whose last answer is empty, though its user turn is not.
+    ({"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}],
+      "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " "}]},
+     r"'rejected': the assistant's answer \(turn 1\) is empty"),
     ({"prompt": "Hi", "chosen": [{"role": "assistant", "content": [{"type": "text", "text": " "}]}],
       "rejected": "Go away."}, "'chosen' is empty"),
     # Sides of another shape name the side and what was expected, rather than crash.
