@@ -104,7 +104,11 @@ def message_text(content: Any, where: str = "content") -> str:
 def _role_and_text(message: Any, where: str) -> tuple[str, str]:
     """One message's role (checked) and text (see message_text)."""
     if not isinstance(message, dict) or "role" not in message or "content" not in message:
-        raise ChatFormatError(f"{where}: expected a mapping with 'role' and 'content', got {_describe(message)}")
+        hint = ""
+        if isinstance(message, dict) and "from" in message and "value" in message:
+            hint = ("; ShareGPT's {from, value} messages are read through the dataset's column mapping, e.g. "
+                    "columns: {messages: {from: conversations, roles: {human: user, gpt: assistant}}}")
+        raise ChatFormatError(f"{where}: expected a mapping with 'role' and 'content', got {_describe(message)}{hint}")
     if message["role"] not in ROLES:
         raise ChatFormatError(f"{where}.role: expected one of {', '.join(ROLES)}, got {message['role']!r}")
     return message["role"], message_text(message["content"], f"{where}.content")

@@ -233,7 +233,9 @@ def _keep(row: dict, where_filter: dict[str, Any], where: str) -> bool:
 def map_row(row: dict, columns: dict[str, Any] | None, where: str) -> dict:
     """One row in the data contract. `columns` maps each output column to its source: a column name,
     `{from: NAME, after: MARKER}` (the text after the last MARKER, stripped: GSM8K's `#### 42`),
-    or `{template: "...{question}..."}` (str.format over the row). No mapping keeps the row."""
+    `{from: NAME, turns: {MARKER: ROLE}}` (a transcript split into messages), `{from: NAME, roles:
+    {SOURCE: ROLE}}` (messages' roles renamed) or `{template: "...{question}..."}` (str.format over
+    the row). No mapping keeps the row."""
     if not columns:
         return dict(row)
     out = {}
@@ -259,6 +261,8 @@ def map_row(row: dict, columns: dict[str, Any] | None, where: str) -> dict:
             value = text.rsplit(marker, 1)[1].strip()
         if source.get("turns"):
             value = split_transcript(value, source["turns"], f"{key}.turns (column {name!r})")
+        if source.get("roles"):
+            value = rename_roles(value, source["roles"], f"{key}.roles (column {name!r})")
         out[target] = value
     return out
 
@@ -281,6 +285,32 @@ def split_transcript(text: Any, turns: dict[str, str], where: str) -> list[dict]
         raise DataError(f"{where}: text before the first marker {found[0].group(1)!r}: {head[:80]!r}")
     ends = [m.start() for m in found[1:]] + [len(text)]
     return [{"role": turns[m.group(1)], "content": text[m.end():end].strip()} for m, end in zip(found, ends)]
+
+
+def rename_roles(messages: Any, roles: dict[str, str], where: str) -> list[dict]:
+    """A list of messages with their roles renamed by `roles`, as {role, content}. A message may
+    also be ShareGPT's {from, value} (`from`: human, gpt, system), the shape of many public chat
+    sets; a role neither renamed nor already system, user or assistant is refused with its index,
+    rather than dropped or guessed."""
+    from posttrain.chat import ROLES
+
+    if not isinstance(messages, list):
+        raise DataError(f"{where}: expected a list of messages, got {type(messages).__name__}")
+    out = []
+    for i, message in enumerate(messages):
+        if isinstance(message, dict) and "role" in message:
+            role, content = message["role"], message.get("content")
+        elif isinstance(message, dict) and "from" in message:
+            role, content = message["from"], message.get("value")
+        else:
+            raise DataError(f"{where}[{i}]: expected a message with 'role' (or ShareGPT's 'from' and 'value'), got "
+                            f"{sorted(message) if isinstance(message, dict) else type(message).__name__}")
+        renamed = roles.get(role, role if role in ROLES else None)
+        if renamed is None:
+            raise DataError(f"{where}[{i}]: role {role!r} is not renamed (roles: {sorted(roles)}) and is not one of "
+                            f"{', '.join(ROLES)}")
+        out.append({"role": renamed, "content": content})
+    return out
 
 
 def materialize_dataset(source: str, options: dict[str, Any], out: str | Path, where: str, source_identity: str) -> str:

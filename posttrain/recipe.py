@@ -86,16 +86,23 @@ class ColumnSource(_Strict):
     turns: dict[str, Literal["system", "user", "assistant"]] | None = Field(
         None, description="Split a transcript into messages: marker -> role, a marker starting a line opens a turn "
         "(Anthropic/hh-rlhf: {'Human:': user, 'Assistant:': assistant}).")
+    roles: dict[str, Literal["system", "user", "assistant"]] | None = Field(
+        None, description="Rename the roles of a list of messages, which may also be ShareGPT's {from, value} "
+        "(e.g. {human: user, gpt: assistant}); roles already system, user or assistant stay as they are.")
 
     @model_validator(mode="after")
     def _one_source(self):
         if (self.from_ is None) == (self.template is None):
             raise ValueError("give exactly one of 'from' or 'template'")
-        for option in ("after", "turns"):
+        for option in ("after", "turns", "roles"):
             if getattr(self, option) is not None and self.from_ is None:
                 raise ValueError(f"'{option}' applies to a 'from' column")
-        if self.after is not None and self.turns is not None:
-            raise ValueError("give 'after' or 'turns', not both: one keeps a text's end, the other splits all of it")
+        given = [option for option in ("after", "turns", "roles") if getattr(self, option) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of 'after' (a text's end), 'turns' (a transcript split into messages) or "
+                             f"'roles' (messages' roles renamed), not {' and '.join(repr(g) for g in given)}")
+        if self.roles is not None and not self.roles:
+            raise ValueError("'roles' needs at least one source role -> role")
         if self.turns is not None:
             if not self.turns:
                 raise ValueError("'turns' needs at least one marker -> role")

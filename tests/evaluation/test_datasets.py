@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.data import DataError
+from posttrain.data import DataError, write_jsonl
 from posttrain.recipe import RecipeError, load_recipe
 from posttrain.runner import run_recipe
 
@@ -117,9 +117,11 @@ def test_recipe_checks_dataset_entries(tmp_path, gsm_like):
     recipe.write_text(recipe_text(gsm_like).replace("{from: answer, after: \"####\"}}", "{template: x, from: answer}}", 1))
     with pytest.raises(RecipeError, match="exactly one of 'from' or 'template'"):
         load_recipe(recipe)
-    for turns, expected in (("{from: answer, after: x, turns: {'A:': assistant}}}", "'after' or 'turns', not both"),
+    for turns, expected in (("{from: answer, after: x, turns: {'A:': assistant}}}", "not 'after' and 'turns'"),
                             ("{from: answer, turns: {'H:': user}}}", "no marker opens an 'assistant' turn"),
-                            ("{from: answer, turns: {'H:': human}}}", "turns.H:.*'system', 'user' or 'assistant'")):
+                            ("{from: answer, turns: {'H:': human}}}", "turns.H:.*'system', 'user' or 'assistant'"),
+                            ("{from: answer, roles: {}}}", "'roles' needs at least one"),
+                            ("{from: answer, after: x, roles: {gpt: assistant}}}", "not 'after' and 'roles'")):
         recipe.write_text(recipe_text(gsm_like).replace("{from: answer, after: \"####\"}}", turns, 1))
         with pytest.raises(RecipeError, match=expected):
             load_recipe(recipe)
@@ -146,3 +148,44 @@ stages:
     assert manifests["sft"]["status"] == "complete"
     written = tmp_path / "run" / "_inputs" / "datasets" / "chat.jsonl"
     assert [json.loads(line) for line in written.open()] == rows
+
+
+def test_sharegpt_conversations_train_sft_through_the_roles_mapping(tmp_path):
+    # ShareGPT's shape (many public chat sets): `conversations` of {from: human|gpt|system, value}.
+    rows = [{"id": str(a), "conversations": [{"from": "system", "value": "Be brief."},
+                                             {"from": "human", "value": f"What is {a} plus 1?"},
+                                             {"from": "gpt", "value": str(a + 1)}]} for a in range(8)]
+    data = tmp_path / "sharegpt.jsonl"
+    write_jsonl(data, rows)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"""
+name: sharegpt
+output_dir: run
+models:
+  student: {{tiny: {{arch: gemma3, hidden_size: 64, num_heads: 2, num_kv_heads: 1, intermediate_size: 128}}}}
+datasets:
+  chat: {{path: {data}, columns: {{messages: {{from: conversations, roles: {{human: user, gpt: assistant}}}}}}}}
+stages:
+  - {{name: sft, kind: sft, model: "${{models.student}}", dataset: "${{datasets.chat}}", max_steps: 1, batch_size: 4}}
+""")
+    manifests = run_recipe(recipe)
+    assert manifests["sft"]["status"] == "complete"
+    written = [json.loads(line) for line in (tmp_path / "run" / "_inputs" / "datasets" / "chat.jsonl").open()]
+    assert written[3] == {"messages": [{"role": "system", "content": "Be brief."},
+                                       {"role": "user", "content": "What is 3 plus 1?"},
+                                       {"role": "assistant", "content": "4"}]}
+
+    # A role the mapping does not name is refused with the source row and the message's index.
+    rows[5]["conversations"].append({"from": "tool", "value": "{}"})
+    write_jsonl(data, rows)
+    with pytest.raises(DataError, match=r"datasets\.chat\.columns\.messages\.roles \(column 'conversations'\)\[3\]: "
+                                        r"role 'tool' is not renamed .* \(source row 5\)"):
+        run_recipe(recipe)
+
+
+def test_sharegpt_messages_without_a_mapping_are_told_how_to_map_them():
+    from posttrain.chat import ChatFormatError, normalise_messages
+
+    with pytest.raises(ChatFormatError, match=r"messages\[0\]: expected a mapping with 'role' and 'content'.*"
+                                              r"roles: {human: user, gpt: assistant}"):
+        normalise_messages([{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}])
