@@ -55,9 +55,9 @@ GEMMA_CHAT_TEMPLATE = (
 
 
 # What a conversation given as one text without a prompt is told (the data's column mapping splits it).
-TRANSCRIPT_HINT = ("a transcript kept as one text (\"Human: ... Assistant: ...\", as in Anthropic/hh-rlhf) is split "
-                   "into messages by the dataset's column mapping, e.g. columns: {chosen: {from: chosen, turns: "
-                   "{\"Human:\": user, \"Assistant:\": assistant}}, rejected: ...}")
+TRANSCRIPT_HINT = ("a transcript kept as one text (\"\\n\\nHuman: ...\\n\\nAssistant: ...\", as in Anthropic/hh-rlhf) "
+                   "is split into messages by the dataset's column mapping, e.g. columns: {chosen: {from: chosen, "
+                   "turns: {\"\\n\\nHuman:\": user, \"\\n\\nAssistant:\": assistant}}, rejected: ...}")
 
 
 class ChatFormatError(ValueError):

@@ -268,23 +268,24 @@ def map_row(row: dict, columns: dict[str, Any] | None, where: str) -> dict:
 
 
 def split_transcript(text: Any, turns: dict[str, str], where: str) -> list[dict]:
-    """A conversation kept as one text ("\\n\\nHuman: ...\\n\\nAssistant: ...", Anthropic/hh-rlhf's
-    shape) as messages: each marker that starts a line opens a turn of its role, running to the
-    next marker; the turn's text is stripped. Neither datasets nor transformers parse such
-    transcripts, hence this. A marker inside a line is text ("... the Human: ..."), and text
-    before the first marker is refused rather than dropped."""
+    """A conversation kept as one text as messages: each occurrence of a marker opens a turn of its
+    role, running to the next marker; the turn's text is stripped. Markers carry the separators the
+    source uses, so that a marker word inside a turn stays text: Anthropic/hh-rlhf's
+    "\\n\\nHuman: ...\\n\\nAssistant: ..." splits at "\\n\\nHuman:" and "\\n\\nAssistant:", guanaco's
+    "### Human: ...### Assistant: ..." at "### Human:" and "### Assistant:". Neither datasets nor
+    transformers parse such transcripts, hence this. Text before the first marker is refused
+    rather than dropped."""
     if not isinstance(text, str):
         raise DataError(f"{where}: expected the transcript as text, got {type(text).__name__}")
     markers = sorted(turns, key=len, reverse=True)  # the longest first, should one marker begin another
-    opener = re.compile(r"(?:^|\n)[ \t]*(" + "|".join(re.escape(m) for m in markers) + ")")
-    found = list(opener.finditer(text))
+    found = list(re.finditer("|".join(re.escape(m) for m in markers), text))
     if not found:
-        raise DataError(f"{where}: no line starts with a marker of {list(turns)}: {text[:80]!r}")
+        raise DataError(f"{where}: none of the markers {list(turns)} occurs in {text[:80]!r}")
     head = text[:found[0].start()]
     if head.strip():
-        raise DataError(f"{where}: text before the first marker {found[0].group(1)!r}: {head[:80]!r}")
+        raise DataError(f"{where}: text before the first marker {found[0].group()!r}: {head[:80]!r}")
     ends = [m.start() for m in found[1:]] + [len(text)]
-    return [{"role": turns[m.group(1)], "content": text[m.end():end].strip()} for m, end in zip(found, ends)]
+    return [{"role": turns[m.group()], "content": text[m.end():end].strip()} for m, end in zip(found, ends)]
 
 
 def rename_roles(messages: Any, roles: dict[str, str], where: str) -> list[dict]:

@@ -84,8 +84,8 @@ class ColumnSource(_Strict):
     after: str | None = Field(None, description="Keep the text after the last occurrence of this marker (GSM8K: '####').")
     template: str | None = Field(None, description="Python format string over the source row, e.g. '{text}\\n{test_list[0]}'.")
     turns: dict[str, Literal["system", "user", "assistant"]] | None = Field(
-        None, description="Split a transcript into messages: marker -> role, a marker starting a line opens a turn "
-        "(Anthropic/hh-rlhf: {'Human:': user, 'Assistant:': assistant}).")
+        None, description="Split a transcript into messages: marker -> role, each occurrence of a marker opens a "
+        "turn (Anthropic/hh-rlhf: {'\\n\\nHuman:': user, '\\n\\nAssistant:': assistant}).")
     roles: dict[str, Literal["system", "user", "assistant"]] | None = Field(
         None, description="Rename the roles of a list of messages, which may also be ShareGPT's {from, value} "
         "(e.g. {human: user, gpt: assistant}); roles already system, user or assistant stay as they are.")

@@ -109,26 +109,31 @@ def test_saved_dataset_directories_read_in_place_and_other_directories_are_expla
         read_rows(plain)
 
 
-HH_TURNS = {"Human:": "user", "Assistant:": "assistant"}
+HH_TURNS = {"\n\nHuman:": "user", "\n\nAssistant:": "assistant"}
 
 
-def test_a_transcript_splits_into_turns_at_markers_that_start_a_line():
+def test_a_transcript_splits_into_turns_at_its_markers():
     text = ("\n\nHuman: What are some words for rude?\n\nAssistant: Here is a list.\n\nAss, boor, churl\n\n"
             "Human: Is Human: a word?\n\nAssistant: Yes.")
     assert split_transcript(text, HH_TURNS, "k") == [
         {"role": "user", "content": "What are some words for rude?"},
-        # "Ass, ..." starts a line but is not a marker; "Human:" inside a line is text.
+        # "Ass, ..." after a blank line is not a marker; "Human:" inside a line is text.
         {"role": "assistant", "content": "Here is a list.\n\nAss, boor, churl"},
         {"role": "user", "content": "Is Human: a word?"},
         {"role": "assistant", "content": "Yes."},
     ]
     # An empty last answer stays an (empty) turn: the pair check refuses it with the row, nothing is dropped here.
-    assert split_transcript("Human: hi\nAssistant:", HH_TURNS, "k")[-1] == {"role": "assistant", "content": ""}
+    assert split_transcript("\n\nHuman: hi\n\nAssistant:", HH_TURNS, "k")[-1] == {"role": "assistant", "content": ""}
+    # Markers inside a line, as timdettmers/openassistant-guanaco writes them; the longer marker wins.
+    guanaco = {"### Human:": "user", "### Assistant:": "assistant", "### Assistant (edited):": "assistant"}
+    assert split_transcript("### Human: Hi.### Assistant (edited): Hello!### Human: Bye.", guanaco, "k") == [
+        {"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Bye."}]
 
 
 @pytest.mark.parametrize("value, expected", [
-    ("Summarise this.\n\nHuman: hi\n\nAssistant: yo", r"k: text before the first marker 'Human:': 'Summarise this."),
-    ("User: hi\nBot: yo", r"k: no line starts with a marker of \['Human:', 'Assistant:'\]"),
+    ("Summarise this.\n\nHuman: hi\n\nAssistant: yo", r"k: text before the first marker '\\n\\nHuman:': 'Summarise this."),
+    ("User: hi\nBot: yo", r"k: none of the markers \['\\n\\nHuman:', '\\n\\nAssistant:'\] occurs in 'User: hi"),
     (["Human: hi"], r"k: expected the transcript as text, got list"),
 ])
 def test_a_transcript_that_does_not_split_is_refused(value, expected):

@@ -135,7 +135,7 @@ def test_a_local_copy_of_anthropic_hh_with_transcripts_split_by_the_column_mappi
     for split, n in (("train", 8), ("test", 2)):
         with gzip.open(base / f"{split}.jsonl.gz", "wt") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows * n)
-    turns = {"Human:": "user", "Assistant:": "assistant"}
+    turns = {"\n\nHuman:": "user", "\n\nAssistant:": "assistant"}
     columns = {"chosen": {"from": "chosen", "turns": turns}, "rejected": {"from": "rejected", "turns": turns}}
     recipe = {"name": "rm-hh", "output_dir": "run", "seed": 0,
               "models": {"start": {"path": str(tiny_gemma3_dir)}},

@@ -103,7 +103,7 @@ def test_rl_reward_scores_with_the_stage_outputs_and_logs_gold_next_to_it(finish
     ({"chosen": "Hello.", "rejected": "Go away."}, "'prompt' is missing"),
     # A transcript kept as one text (Anthropic/hh-rlhf) is told how the column mapping splits it.
     ({"chosen": "\n\nHuman: Hi\n\nAssistant: Hello.", "rejected": "\n\nHuman: Hi\n\nAssistant: Go away."},
-     "'prompt' is missing.*columns: {chosen: {from: chosen, turns: "),
+     r"'prompt' is missing.*columns: {chosen: {from: chosen, turns: {\"\\n\\nHuman:\": user"),
     # A conversation whose last answer is empty, though its user turn is not.
     ({"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}],
       "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " "}]},
