@@ -133,18 +133,7 @@ def test_a_directory_of_data_files_is_read_through_datasets(tmp_path):
     (clone / "data").mkdir(parents=True)
     rows = [{"prompt": f"What is {a} plus 1?", "completion": str(a + 1)} for a in range(8)]
     (clone / "data" / "train-00000-of-00001.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"""
-name: clone
-output_dir: run
-models:
-  student: {{tiny: {{arch: gemma3, hidden_size: 64, num_heads: 2, num_kv_heads: 1, intermediate_size: 128}}}}
-datasets:
-  chat: {{path: {clone}}}
-stages:
-  - {{name: sft, kind: sft, model: "${{models.student}}", dataset: "${{datasets.chat}}", max_steps: 1, batch_size: 4}}
-""")
-    manifests = run_recipe(recipe)
+    manifests = run_recipe(one_step_sft_recipe(tmp_path, f"{{path: {clone}}}"))
     assert manifests["sft"]["status"] == "complete"
     written = tmp_path / "run" / "_inputs" / "datasets" / "chat.jsonl"
     assert [json.loads(line) for line in written.open()] == rows
@@ -157,17 +146,8 @@ def test_sharegpt_conversations_train_sft_through_the_roles_mapping(tmp_path):
                                              {"from": "gpt", "value": str(a + 1)}]} for a in range(8)]
     data = tmp_path / "sharegpt.jsonl"
     write_jsonl(data, rows)
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"""
-name: sharegpt
-output_dir: run
-models:
-  student: {{tiny: {{arch: gemma3, hidden_size: 64, num_heads: 2, num_kv_heads: 1, intermediate_size: 128}}}}
-datasets:
-  chat: {{path: {data}, columns: {{messages: {{from: conversations, roles: {{human: user, gpt: assistant}}}}}}}}
-stages:
-  - {{name: sft, kind: sft, model: "${{models.student}}", dataset: "${{datasets.chat}}", max_steps: 1, batch_size: 4}}
-""")
+    recipe = one_step_sft_recipe(
+        tmp_path, f"{{path: {data}, columns: {{messages: {{from: conversations, roles: {{human: user, gpt: assistant}}}}}}}}")
     manifests = run_recipe(recipe)
     assert manifests["sft"]["status"] == "complete"
     written = [json.loads(line) for line in (tmp_path / "run" / "_inputs" / "datasets" / "chat.jsonl").open()]
@@ -189,3 +169,19 @@ def test_sharegpt_messages_without_a_mapping_are_told_how_to_map_them():
     with pytest.raises(ChatFormatError, match=r"messages\[0\]: expected a mapping with 'role' and 'content'.*"
                                               r"roles: {human: user, gpt: assistant}"):
         normalise_messages([{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}])
+
+
+def one_step_sft_recipe(tmp_path: Path, chat_dataset: str) -> Path:
+    """A recipe that trains a tiny model one SFT step on `chat_dataset` (a datasets: entry in YAML)."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"""
+name: one-step
+output_dir: run
+models:
+  student: {{tiny: {{arch: gemma3, hidden_size: 64, num_heads: 2, num_kv_heads: 1, intermediate_size: 128}}}}
+datasets:
+  chat: {chat_dataset}
+stages:
+  - {{name: sft, kind: sft, model: "${{models.student}}", dataset: "${{datasets.chat}}", max_steps: 1, batch_size: 4}}
+""")
+    return recipe
