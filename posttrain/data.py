@@ -182,23 +182,30 @@ def require_columns(row: dict, columns: Iterable[str], where: str) -> None:
 # --- datasets through the `datasets` library: hub or local, mapped into the data contract ------
 
 def load_table(source: str, *, hub: bool, config: str | None = None, split: str | None = None,
-               revision: str | None = None, where: str = "dataset"):
+               revision: str | None = None, data_dir: str | None = None, where: str = "dataset"):
     """A `datasets.Dataset` from the hub (`hub=True`: `datasets.load_dataset`, so the hub cache and
     HF_DATASETS_OFFLINE behave as usual) or from a local path: a `save_to_disk` directory, a data
-    directory or file `load_dataset` understands. `split` picks one split of a dataset dict."""
+    directory or file `load_dataset` understands (gzipped JSON too). `split` picks one split of a
+    dataset dict; `data_dir` one folder of a repository."""
     import datasets
 
     p = Path(source)
+    if data_dir is not None and not hub and (p.is_file() or is_saved_dataset(p)):
+        raise DataError(f"{where}.data_dir: applies to a repository's folder of data files; {p} is "
+                        f"{'a file' if p.is_file() else 'a saved dataset'}")
     try:
         if not hub and is_saved_dataset(p):
             ds = datasets.load_from_disk(str(p))
         elif not hub and p.is_file():
-            builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}.get(p.suffix.lower())
-            if builder is None:
-                raise DataError(f"{where}: {p}: unsupported file; expected .jsonl, .json, .parquet, .csv or .arrow")
+            suffixes = [x.lower() for x in p.suffixes]
+            kind = suffixes[-2] if suffixes[-1:] == [".gz"] and len(suffixes) > 1 else suffixes[-1] if suffixes else ""
+            builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}.get(kind)
+            if builder is None or (suffixes[-1] == ".gz" and builder != "json"):
+                raise DataError(f"{where}: {p}: unsupported file; expected .jsonl, .json (either may be gzipped), "
+                                ".parquet, .csv or .arrow")
             ds = datasets.load_dataset(builder, data_files=str(p), split=split or "train")
         else:
-            ds = datasets.load_dataset(source, config, split=split, revision=revision)
+            ds = datasets.load_dataset(source, config, split=split, revision=revision, data_dir=data_dir)
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - the library's many error types, reported with the entry's key path
@@ -332,6 +339,7 @@ def materialize_dataset(source: str, options: dict[str, Any], out: str | Path, w
         except json.JSONDecodeError:
             pass
     ds = load_table(source, hub=bool(options.get("hub")), config=options.get("config"), split=options.get("split"),
+                    data_dir=options.get("data_dir"),
                     revision=options.get("revision"), where=where)
     row_filter, columns, limit = options.get("filter") or {}, options.get("columns"), options.get("limit")
 

@@ -124,6 +124,8 @@ class DatasetEntry(_Strict):
     path: str | None = None
     hub: str | None = Field(None, description="Hub dataset name, e.g. openai/gsm8k.")
     config: str | None = Field(None, description="Dataset configuration (hub or load_dataset directory), e.g. main.")
+    data_dir: str | None = Field(None, description="A folder of the dataset's repository to read (hub or load_dataset "
+                                 "directory), e.g. helpful-base of Anthropic/hh-rlhf.")
     split: str | None = Field(None, description="Split to read, e.g. test; needed when there are several.")
     revision: str | None = Field(None, description="Hub revision (a commit sha pins the data).")
     columns: dict[str, str | ColumnSource] | None = Field(
@@ -140,7 +142,7 @@ class DatasetEntry(_Strict):
         if self.hub is None and self.revision is not None:
             raise ValueError("'revision' applies to hub datasets only")
         if self.path is None and self.hub is None:
-            extra = [k for k in ("config", "split", "columns", "filter", "limit") if getattr(self, k) is not None]
+            extra = [k for k in ("config", "data_dir", "split", "columns", "filter", "limit") if getattr(self, k) is not None]
             if extra:
                 raise ValueError(f"{', '.join(repr(k) for k in extra)}: only for 'path' and 'hub' datasets, not toy ones")
         return self
@@ -149,15 +151,18 @@ class DatasetEntry(_Strict):
     def loads_through_datasets(self) -> bool:
         """Whether the rows are loaded, mapped and written into the run directory (else read in place)."""
         return self.hub is not None or any(getattr(self, k) is not None
-                                           for k in ("config", "split", "columns", "filter", "limit"))
+                                           for k in ("config", "data_dir", "split", "columns", "filter", "limit"))
 
     def load_options(self) -> dict:
         cols = None
         if self.columns is not None:
             cols = {k: ({"from": v} if isinstance(v, str) else v.model_dump(by_alias=True, exclude_none=True))
                     for k, v in self.columns.items()}
-        return {"hub": self.hub is not None, "config": self.config, "split": self.split, "revision": self.revision,
-                "columns": cols, "filter": self.filter, "limit": self.limit}
+        options = {"hub": self.hub is not None, "config": self.config, "split": self.split, "revision": self.revision,
+                   "columns": cols, "filter": self.filter, "limit": self.limit}
+        if self.data_dir is not None:  # only when given, so that the fingerprints of other entries stay as they were
+            options["data_dir"] = self.data_dir
+        return options
 
 
 class StageEntry(_Strict):

@@ -139,3 +139,19 @@ def test_a_transcript_splits_into_turns_at_its_markers():
 def test_a_transcript_that_does_not_split_is_refused(value, expected):
     with pytest.raises(DataError, match=expected):
         split_transcript(value, HH_TURNS, "k")
+
+
+def test_load_table_reads_gzipped_json_and_refuses_data_dir_on_a_file(tmp_path):
+    import gzip
+
+    from posttrain.data import load_table
+
+    path = tmp_path / "rows.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in ROWS)
+    assert list(load_table(str(path), hub=False)) == ROWS
+    with pytest.raises(DataError, match=r"prefs\.data_dir: applies to a repository's folder .* is a file"):
+        load_table(str(path), hub=False, data_dir="helpful-base", where="prefs")
+    (tmp_path / "rows.txt.gz").write_bytes(path.read_bytes())
+    with pytest.raises(DataError, match=r"rows\.txt\.gz: unsupported file; expected .jsonl, .json \(either may be gzipped\)"):
+        load_table(str(tmp_path / "rows.txt.gz"), hub=False)

@@ -117,9 +117,9 @@ def test_a_local_copy_of_a_hub_preference_set_in_its_own_layout(tiny_gemma3_dir,
 
 
 def test_a_local_copy_of_anthropic_hh_with_transcripts_split_by_the_column_mapping(tiny_gemma3_dir, tmp_path):
-    """Anthropic/hh-rlhf as its repository lays it out (helpful-base/train.jsonl.gz, test.jsonl.gz),
-    each side one transcript ("\\n\\nHuman: ...\\n\\nAssistant: ...") and no `prompt`: the columns'
-    `turns` split them into messages. A transcript whose last answer is empty (the set has some)
+    """Anthropic/hh-rlhf as its repository lays it out (helpful-base/train.jsonl.gz, test.jsonl.gz,
+    and other folders), each side one transcript ("\\n\\nHuman: ...\\n\\nAssistant: ...") and no
+    `prompt`: the columns' `turns` split them into messages. A transcript whose last answer is empty (the set has some)
     is skipped with its reason when the stage is told to, not trained on and not lost."""
     import gzip
 
@@ -130,17 +130,19 @@ def test_a_local_copy_of_anthropic_hh_with_transcripts_split_by_the_column_mappi
     rows = [{"chosen": side(GOOD), "rejected": side(BAD)},
             {"chosen": side(GOOD, follow_up=True), "rejected": side(GOOD) + "\n\nHuman: And with one more?\n\nAssistant: 9"},
             {"chosen": side(GOOD), "rejected": f"\n\nHuman: {Q}\n\nAssistant:"}]  # an empty answer
-    base = tmp_path / "hh-rlhf" / "helpful-base"
-    base.mkdir(parents=True)
-    for split, n in (("train", 8), ("test", 2)):
-        with gzip.open(base / f"{split}.jsonl.gz", "wt") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows * n)
+    root = tmp_path / "hh-rlhf"
+    for folder, n_train in (("helpful-base", 8), ("harmless-base", 5)):
+        (root / folder).mkdir(parents=True)
+        for split, n in (("train", n_train), ("test", 2)):
+            with gzip.open(root / folder / f"{split}.jsonl.gz", "wt") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows * n)
     turns = {"\n\nHuman:": "user", "\n\nAssistant:": "assistant"}
     columns = {"chosen": {"from": "chosen", "turns": turns}, "rejected": {"from": "rejected", "turns": turns}}
     recipe = {"name": "rm-hh", "output_dir": "run", "seed": 0,
               "models": {"start": {"path": str(tiny_gemma3_dir)}},
-              "datasets": {"prefs": {"path": str(base), "split": "train", "columns": columns},
-                           "held_out": {"path": str(base), "split": "test", "columns": columns}},
+              # One folder of the repository (data_dir), and one gzipped file read directly.
+              "datasets": {"prefs": {"path": str(root), "data_dir": "helpful-base", "split": "train", "columns": columns},
+                           "held_out": {"path": str(root / "helpful-base" / "test.jsonl.gz"), "columns": columns}},
               "stages": [{"name": "rm", "kind": "reward_model", "model": "${models.start}",
                           "dataset": "${datasets.prefs}", "eval_dataset": "${datasets.held_out}", "members": 2,
                           "probe_steps": 2, "max_steps": 2, "batch_size": 8, "learning_rate": 1.0e-3,
