@@ -323,7 +323,7 @@ def rename_roles(messages: Any, roles: dict[str, str], where: str) -> list[dict]
 
 def materialize_dataset(source: str, options: dict[str, Any], out: str | Path, where: str, source_identity: str) -> str:
     """Load `source` (hub name or local path) with `options` (hub, config, split, revision, columns,
-    filter, limit), map it into the data contract and write it as JSONL at `out`, once: a marker
+    filter, limit, and data_dir when given), map it into the data contract and write it as JSONL at `out`, once: a marker
     file remembers what was written, and the same options and source identity reuse it. Returns a
     fingerprint of the written rows' origin (for the stage hash)."""
     import hashlib

@@ -77,8 +77,8 @@ class ToyDirtySpec(_Strict):
 
 class ColumnSource(_Strict):
     """Where an output column comes from: a source column (`from`, optionally the text `after` a
-    marker, or a transcript split into messages at its `turns` markers), or a `template` formatted
-    over the source row."""
+    marker, a transcript split into messages at its `turns` markers, or messages whose `roles` are
+    renamed), or a `template` formatted over the source row."""
 
     from_: str | None = Field(None, alias="from", description="Source column.")
     after: str | None = Field(None, description="Keep the text after the last occurrence of this marker (GSM8K: '####').")
