@@ -203,7 +203,10 @@ def load_table(source: str, *, hub: bool, config: str | None = None, split: str 
             if builder is None or (suffixes[-1] == ".gz" and builder != "json"):
                 raise DataError(f"{where}: {p}: unsupported file; expected .jsonl, .json (either may be gzipped), "
                                 ".parquet, .csv or .arrow")
-            ds = datasets.load_dataset(builder, data_files=str(p), split=split or "train")
+            if builder == "csv":
+                ds = _csv_table(p, split or "train")
+            else:
+                ds = datasets.load_dataset(builder, data_files=str(p), split=split or "train")
         else:
             ds = datasets.load_dataset(source, config, split=split, revision=revision, data_dir=data_dir)
     except DataError:
@@ -222,6 +225,21 @@ def load_table(source: str, *, hub: bool, config: str | None = None, split: str 
         else:
             raise DataError(f"{where}.split: {source!r} has splits {', '.join(ds)}; name one")
     return ds
+
+
+def _csv_table(path: Path, split: str):
+    """A CSV file through `datasets` with every cell as text, as `iter_rows` reads it: the csv
+    builder would otherwise make an answer column of digits integers ("02139" becomes 2139) and an
+    empty cell missing, so that the same file would read differently once a recipe maps it."""
+    import datasets
+
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        header = next(csv.reader(f), None)
+    if not header:
+        raise DataError(f"{path}: empty CSV; expected a header line")
+    features = datasets.Features({name: datasets.Value("string") for name in header})
+    return datasets.load_dataset("csv", data_files=str(path), split=split, features=features, keep_default_na=False,
+                                 encoding="utf-8-sig")
 
 
 def _keep(row: dict, where_filter: dict[str, Any], where: str) -> bool:

@@ -155,3 +155,14 @@ def test_load_table_reads_gzipped_json_and_refuses_data_dir_on_a_file(tmp_path):
     (tmp_path / "rows.txt.gz").write_bytes(path.read_bytes())
     with pytest.raises(DataError, match=r"rows\.txt\.gz: unsupported file; expected .jsonl, .json \(either may be gzipped\)"):
         load_table(str(tmp_path / "rows.txt.gz"), hub=False)
+
+
+def test_a_mapped_csv_keeps_every_cell_as_text_as_the_unmapped_one_does(tmp_path):
+    from posttrain.data import load_table
+
+    path = tmp_path / "zip.csv"
+    path.write_bytes(b'\xef\xbb\xbfquestion,answer,note\n"What is 2+2?",4,\n"Zip, code?",02139,x\n')
+    expected = [{"question": "What is 2+2?", "answer": "4", "note": ""},
+                {"question": "Zip, code?", "answer": "02139", "note": "x"}]
+    assert [row for _, row in iter_rows(path)] == expected
+    assert list(load_table(str(path), hub=False)) == expected
