@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from posttrain.stages import STAGE_KINDS
 from posttrain.toy.models import TinyModelSpec
@@ -128,12 +128,26 @@ class DatasetEntry(_Strict):
                                  "directory), e.g. helpful-base of Anthropic/hh-rlhf.")
     split: str | None = Field(None, description="Split to read, e.g. test; needed when there are several.")
     revision: str | None = Field(None, description="Hub revision (a commit sha pins the data).")
-    columns: dict[str, str | ColumnSource] | None = Field(
-        None, description="Output column -> source column name, {from, after} or {template}; only mapped columns are kept.")
+    columns: dict[str, ColumnSource] | None = Field(
+        None, description="Output column -> source column name, {from, after|turns|roles} or {template}; only mapped "
+        "columns are kept.")
     filter: dict[str, Any] | None = Field(None, description="Keep rows whose column equals the value (or is in the list).")
     limit: int | None = Field(None, gt=0, description="Keep the first N rows (after the filter).")
     toy: ToyDatasetSpec | None = None
     toy_dirty: ToyDirtySpec | None = None
+
+    @field_validator("columns", mode="before")
+    @classmethod
+    def _column_names_are_sources(cls, columns):
+        # A bare name is {from: NAME}; read as one shape, a mistake is reported once, under its key path,
+        # not once per shape a union would try.
+        if isinstance(columns, dict):
+            for k, v in columns.items():
+                if not isinstance(v, (str, dict)):
+                    raise ValueError(f"{k}: expected a source column's name, {{from: NAME, ...}} or {{template: ...}}, "
+                                     f"got {type(v).__name__} {v!r}")
+            return {k: {"from": v} if isinstance(v, str) else v for k, v in columns.items()}
+        return columns
 
     @model_validator(mode="after")
     def _exactly_one(self):
@@ -156,8 +170,7 @@ class DatasetEntry(_Strict):
     def load_options(self) -> dict:
         cols = None
         if self.columns is not None:
-            cols = {k: ({"from": v} if isinstance(v, str) else v.model_dump(by_alias=True, exclude_none=True))
-                    for k, v in self.columns.items()}
+            cols = {k: v.model_dump(by_alias=True, exclude_none=True) for k, v in self.columns.items()}
         options = {"hub": self.hub is not None, "config": self.config, "split": self.split, "revision": self.revision,
                    "columns": cols, "filter": self.filter, "limit": self.limit}
         if self.data_dir is not None:  # only when given, so that the fingerprints of other entries stay as they were

@@ -123,8 +123,12 @@ def test_recipe_checks_dataset_entries(tmp_path, gsm_like):
                             ("{from: answer, roles: {}}}", "'roles' needs at least one"),
                             ("{from: answer, after: x, roles: {gpt: assistant}}}", "not 'after' and 'roles'")):
         recipe.write_text(recipe_text(gsm_like).replace("{from: answer, after: \"####\"}}", turns, 1))
-        with pytest.raises(RecipeError, match=expected):
+        with pytest.raises(RecipeError, match=expected) as refused:
             load_recipe(recipe)
+        assert ".str:" not in str(refused.value)  # one message, not one per shape a column may take
+    recipe.write_text(recipe_text(gsm_like).replace("{from: answer, after: \"####\"}}", "3}", 1))
+    with pytest.raises(RecipeError, match=r"columns: .*answer: expected a source column's name, .* got int 3"):
+        load_recipe(recipe)
 
 
 def test_a_directory_of_data_files_is_read_through_datasets(tmp_path):
