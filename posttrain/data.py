@@ -259,8 +259,9 @@ def map_row(row: dict, columns: dict[str, Any] | None, where: str) -> dict:
     """One row in the data contract. `columns` maps each output column to its source: a column name,
     `{from: NAME, after: MARKER}` (the text after the last MARKER, stripped: GSM8K's `#### 42`),
     `{from: NAME, turns: {MARKER: ROLE}}` (a transcript split into messages), `{from: NAME, roles:
-    {SOURCE: ROLE}}` (messages' roles renamed) or `{template: "...{question}..."}` (str.format over
-    the row). No mapping keeps the row."""
+    {SOURCE: ROLE}}` (messages' roles renamed), either with `drop_last_answer` (the prompt before
+    the last answer), or `{template: "...{question}..."}` (str.format over the row). No mapping
+    keeps the row."""
     if not columns:
         return dict(row)
     out = {}
@@ -288,6 +289,8 @@ def map_row(row: dict, columns: dict[str, Any] | None, where: str) -> dict:
             value = split_transcript(value, source["turns"], f"{key}.turns (column {name!r})")
         if source.get("roles"):
             value = rename_roles(value, source["roles"], f"{key}.roles (column {name!r})")
+        if source.get("drop_last_answer"):
+            value = without_last_answer(value, f"{key}.drop_last_answer (column {name!r})")
         out[target] = value
     return out
 
@@ -337,6 +340,20 @@ def rename_roles(messages: Any, roles: dict[str, str], where: str) -> list[dict]
                             f"{', '.join(ROLES)}")
         out.append({"role": renamed, "content": content})
     return out
+
+
+def without_last_answer(messages: Any, where: str) -> list[dict]:
+    """A conversation without its last (assistant) turn: the prompt that answer was given to."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: expected a non-empty list of messages, got {type(messages).__name__}"
+                        + (" (a text: split it with 'turns' first)" if isinstance(messages, str) else ""))
+    last = messages[-1]
+    if not isinstance(last, dict) or last.get("role") != "assistant":
+        role = last.get("role") if isinstance(last, dict) else type(last).__name__
+        raise DataError(f"{where}: the conversation ends with {role!r}, not with an assistant answer to drop")
+    if len(messages) == 1:
+        raise DataError(f"{where}: the conversation is one assistant answer, with no prompt before it")
+    return messages[:-1]
 
 
 def materialize_dataset(source: str, options: dict[str, Any], out: str | Path, where: str, source_identity: str) -> str:

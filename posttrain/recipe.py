@@ -89,6 +89,9 @@ class ColumnSource(_Strict):
     roles: dict[str, Literal["system", "user", "assistant"]] | None = Field(
         None, description="Rename the roles of a list of messages, which may also be ShareGPT's {from, value} "
         "(e.g. {human: user, gpt: assistant}); roles already system, user or assistant stay as they are.")
+    drop_last_answer: bool | None = Field(  # None, not False: a mapping without it keeps the fingerprint it had
+        None, description="Keep a conversation up to its last assistant turn, the prompt that answer was given to "
+        "(RL or distillation prompts from a preference set's `chosen`); after `turns` or `roles` when given.")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -101,6 +104,9 @@ class ColumnSource(_Strict):
         if len(given) > 1:
             raise ValueError(f"give one of 'after' (a text's end), 'turns' (a transcript split into messages) or "
                              f"'roles' (messages' roles renamed), not {' and '.join(repr(g) for g in given)}")
+        if self.drop_last_answer and (self.from_ is None or self.after is not None):
+            raise ValueError("'drop_last_answer' applies to a 'from' column of messages (or one split by 'turns'), "
+                             "not to text cut by 'after' or a template")
         if self.roles is not None and not self.roles:
             raise ValueError("'roles' needs at least one source role -> role")
         if self.turns is not None:

@@ -121,7 +121,8 @@ def test_recipe_checks_dataset_entries(tmp_path, gsm_like):
                             ("{from: answer, turns: {'H:': user}}}", "no marker opens an 'assistant' turn"),
                             ("{from: answer, turns: {'H:': human}}}", "turns.H:.*'system', 'user' or 'assistant'"),
                             ("{from: answer, roles: {}}}", "'roles' needs at least one"),
-                            ("{from: answer, after: x, roles: {gpt: assistant}}}", "not 'after' and 'roles'")):
+                            ("{from: answer, after: x, roles: {gpt: assistant}}}", "not 'after' and 'roles'"),
+                            ("{template: x, drop_last_answer: true}}", "'drop_last_answer' applies to a 'from' column")):
         recipe.write_text(recipe_text(gsm_like).replace("{from: answer, after: \"####\"}}", turns, 1))
         with pytest.raises(RecipeError, match=expected) as refused:
             load_recipe(recipe)
@@ -189,3 +190,27 @@ stages:
   - {{name: sft, kind: sft, model: "${{models.student}}", dataset: "${{datasets.chat}}", max_steps: 1, batch_size: 4}}
 """)
     return recipe
+
+
+def test_prompts_from_a_preference_set_drop_the_last_answer(tmp_path):
+    # RL prompts from Anthropic HH's `chosen` transcripts: the conversation before its last answer.
+    rows = [{"chosen": f"\n\nHuman: What is {a} plus 1?\n\nAssistant: {a + 1}.\n\nHuman: And plus 2?\n\nAssistant: "
+                       f"{a + 2}.", "rejected": "..."} for a in range(4)]
+    data = tmp_path / "hh.jsonl"
+    write_jsonl(data, rows)
+    from posttrain.data import materialize_dataset
+
+    turns = {"\n\nHuman:": "user", "\n\nAssistant:": "assistant"}
+    out = tmp_path / "prompts.jsonl"
+    materialize_dataset(str(data), {"columns": {"prompt": {"from": "chosen", "turns": turns, "drop_last_answer": True}}},
+                        out, "datasets.prompts", "local")
+    first = json.loads(out.read_text().splitlines()[0])
+    assert first == {"prompt": [{"role": "user", "content": "What is 0 plus 1?"}, {"role": "assistant", "content": "1."},
+                                {"role": "user", "content": "And plus 2?"}]}
+
+    rows[2]["chosen"] += "\n\nHuman: Thanks!"  # ends with the user: no answer to drop, refused with its row
+    write_jsonl(data, rows)
+    with pytest.raises(DataError, match=r"datasets\.prompts\.columns\.prompt\.drop_last_answer \(column 'chosen'\): "
+                                        r"the conversation ends with 'user', not with an assistant answer .*\(source row 2\)"):
+        materialize_dataset(str(data), {"columns": {"prompt": {"from": "chosen", "turns": turns, "drop_last_answer": True}}},
+                            tmp_path / "again.jsonl", "datasets.prompts", "local")
