@@ -192,7 +192,7 @@ stages:
     return recipe
 
 
-def test_prompts_from_a_preference_set_drop_the_last_answer(tmp_path):
+def test_prompts_from_a_preference_set_drop_the_last_answer(tmp_path, toy_tokenizer):
     # RL prompts from Anthropic HH's `chosen` transcripts: the conversation before its last answer.
     rows = [{"chosen": f"\n\nHuman: What is {a} plus 1?\n\nAssistant: {a + 1}.\n\nHuman: And plus 2?\n\nAssistant: "
                        f"{a + 2}.", "rejected": "..."} for a in range(4)]
@@ -207,6 +207,12 @@ def test_prompts_from_a_preference_set_drop_the_last_answer(tmp_path):
     first = json.loads(out.read_text().splitlines()[0])
     assert first == {"prompt": [{"role": "user", "content": "What is 0 plus 1?"}, {"role": "assistant", "content": "1."},
                                 {"role": "user", "content": "And plus 2?"}]}
+    # ... a generation prompt, as rl, BOND and distillation tokenise it: the model's turn comes next.
+    from posttrain.chat import render_text, tokenize_prompt
+
+    ids = tokenize_prompt(toy_tokenizer, first["prompt"])
+    assert toy_tokenizer.decode(ids) == render_text(first["prompt"], add_generation_prompt=True)
+    assert render_text(first["prompt"], add_generation_prompt=True).endswith("And plus 2?<end_of_turn>\n<start_of_turn>model\n")
 
     rows[2]["chosen"] += "\n\nHuman: Thanks!"  # ends with the user: no answer to drop, refused with its row
     write_jsonl(data, rows)
