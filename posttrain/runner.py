@@ -246,6 +246,18 @@ class Runner:
         digest = _sha({"kind": entry.kind, "config": resolved, "inputs": fingerprints, "seed": self.recipe.seed})
         return cfg, digest, resolved
 
+    def _load_datasets(self, stages) -> None:
+        """Load and map every dataset these stages read, before the first of them trains: a mapping
+        mistake or an unreachable hub set in the last stage's data fails in seconds, not after the
+        stages before it have trained for hours. Each is written once and reused when its stage runs."""
+        from posttrain.recipe import iter_references
+
+        for entry in stages:
+            for _, ref in iter_references(entry.config.model_dump(mode="json", exclude_unset=False)):
+                kind, name = ref.split(".")[:2]
+                if kind == "datasets":
+                    self.inputs.dataset(name)
+
     # -- running ------------------------------------------------------------------------------
     def run(self, from_stage: str | None = None, only: str | None = None, dry_run: bool = False,
             progress_factory=None, on_stage_start=None) -> list[StageOutcome]:
@@ -288,6 +300,7 @@ class Runner:
             m = read_manifest(recipe.output_dir / s.name)
             if m is not None:
                 self.manifests[s.name] = m
+        self._load_datasets([s for s in recipe.stages if only is None or s.name == only])
         outcomes: list[StageOutcome] = []
         force = False
         resolved_all: dict[str, dict] = {}

@@ -220,3 +220,15 @@ def test_prompts_from_a_preference_set_drop_the_last_answer(tmp_path, toy_tokeni
                                         r"the conversation ends with 'user', not with an assistant answer .*\(source row 2\)"):
         materialize_dataset(str(data), {"columns": {"prompt": {"from": "chosen", "turns": turns, "drop_last_answer": True}}},
                             tmp_path / "again.jsonl", "datasets.prompts", "local")
+
+
+def test_a_later_stage_s_bad_mapping_fails_before_the_first_stage_trains(tmp_path):
+    good = tmp_path / "good.jsonl"
+    write_jsonl(good, [{"prompt": f"What is {a} plus 1?", "completion": str(a + 1)} for a in range(8)])
+    recipe = one_step_sft_recipe(tmp_path, f"{{path: {good}}}")
+    text = recipe.read_text().replace("datasets:\n", f"datasets:\n  later: {{path: {good}, columns: {{prompt: questoin}}}}\n")
+    recipe.write_text(text + '  - {name: sft2, kind: sft, model: "${stages.sft.model}", dataset: "${datasets.later}", '
+                             'max_steps: 1, batch_size: 4}\n')
+    with pytest.raises(DataError, match=r"datasets\.later\.columns\.prompt: column 'questoin' is not in the dataset"):
+        run_recipe(recipe)
+    assert not (tmp_path / "run" / "sft").exists()  # nothing trained before the mistake was found
