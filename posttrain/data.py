@@ -27,10 +27,8 @@ def iter_rows(path: str | Path) -> Iterator[tuple[str, dict]]:
     p = Path(path)
     if not p.exists():
         raise DataError(f"{p}: file not found")
-    suffix = p.suffix.lower()
-    compressed = suffix == ".gz" and p.is_file()
+    suffix, compressed = _data_suffix(p) if p.is_file() else (p.suffix.lower(), False)
     if compressed:  # data.jsonl.gz: read as the file inside
-        suffix = Path(p.stem).suffix.lower()
         if suffix not in (".jsonl", ".json"):
             raise DataError(f"{p}: unsupported data file; a compressed file must be .jsonl.gz or .json.gz")
     if suffix in (".jsonl", ".json") and p.is_file():
@@ -82,6 +80,14 @@ def iter_rows(path: str | Path) -> Iterator[tuple[str, dict]]:
         return
     raise DataError(f"{p}: unsupported data file; expected .jsonl, .json (either may be gzipped), .csv, .parquet, "
                     ".arrow or a saved datasets directory")
+
+
+def _data_suffix(path: Path) -> tuple[str, bool]:
+    """A data file's own suffix (for `.gz`, that of the file inside) and whether it is gzipped."""
+    suffix = path.suffix.lower()
+    if suffix == ".gz":
+        return Path(path.stem).suffix.lower(), True
+    return suffix, False
 
 
 def is_saved_dataset(path: Path) -> bool:
@@ -197,10 +203,9 @@ def load_table(source: str, *, hub: bool, config: str | None = None, split: str 
         if not hub and is_saved_dataset(p):
             ds = datasets.load_from_disk(str(p))
         elif not hub and p.is_file():
-            suffixes = [x.lower() for x in p.suffixes]
-            kind = suffixes[-2] if suffixes[-1:] == [".gz"] and len(suffixes) > 1 else suffixes[-1] if suffixes else ""
+            kind, compressed = _data_suffix(p)
             builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}.get(kind)
-            if builder is None or (suffixes[-1] == ".gz" and builder != "json"):
+            if builder is None or (compressed and builder != "json"):
                 raise DataError(f"{where}: {p}: unsupported file; expected .jsonl, .json (either may be gzipped), "
                                 ".parquet, .csv or .arrow")
             if builder == "csv":
@@ -358,8 +363,9 @@ def without_last_answer(messages: Any, where: str) -> list[dict]:
 
 def materialize_dataset(source: str, options: dict[str, Any], out: str | Path, where: str, source_identity: str) -> str:
     """Load `source` (hub name or local path) with `options` (hub, config, split, revision, columns,
-    filter, limit, and data_dir when given), map it into the data contract and write it as JSONL at `out`, once: a marker
-    file remembers what was written, and the same options and source identity reuse it. Returns a
+    filter, limit, and data_dir when given), map it into the data contract and write it as JSONL at
+    `out`, once: a marker file remembers what was written, and the same options and source identity
+    reuse it. Returns a
     fingerprint of the written rows' origin (for the stage hash)."""
     import hashlib
 
