@@ -253,11 +253,20 @@ def _keep(row: dict, where_filter: dict[str, Any], where: str) -> bool:
             raise DataError(f"{where}.filter.{column}: no such column; the rows have {sorted(row)}")
         value = row[column]
         if isinstance(wanted, list) and not isinstance(value, list):
-            if value not in wanted:
+            if not any(_same_value(value, w) for w in wanted):
                 return False
-        elif value != wanted:
+        elif not _same_value(value, wanted):
             return False
     return True
+
+
+def _same_value(value: Any, wanted: Any) -> bool:
+    """A filter's value against a row's: equal, or the same scalar label in another spelling (a
+    CSV cell "1" against YAML's 1, a parquet 1.0 against 1), as `cases` compares them."""
+    if value == wanted:
+        return True
+    scalars = (str, int, float, bool)
+    return isinstance(value, scalars) and isinstance(wanted, scalars) and case_label(value) == case_label(wanted)
 
 
 def map_row(row: dict, columns: dict[str, Any] | None, where: str) -> dict:
@@ -265,8 +274,9 @@ def map_row(row: dict, columns: dict[str, Any] | None, where: str) -> dict:
     `{from: NAME, after: MARKER}` (the text after the last MARKER, stripped: GSM8K's `#### 42`),
     `{from: NAME, turns: {MARKER: ROLE}}` (a transcript split into messages), `{from: NAME, roles:
     {SOURCE: ROLE}}` (messages' roles renamed), either with `drop_last_answer` (the prompt before
-    the last answer), or `{template: "...{question}..."}` (str.format over the row). No mapping
-    keeps the row."""
+    the last answer), `{by: LABEL, cases: {VALUE: NAME}}` in place of `from` (the column named by
+    this row's label: which of two answers won), or `{template: "...{question}..."}` (str.format
+    over the row). No mapping keeps the row."""
     if not columns:
         return dict(row)
     out = {}
@@ -280,7 +290,10 @@ def map_row(row: dict, columns: dict[str, Any] | None, where: str) -> dict:
             except (KeyError, IndexError, AttributeError) as e:
                 raise DataError(f"{key}.template: {type(e).__name__}: {e}; the rows have {sorted(row)}") from None
             continue
-        name = source["from"]
+        if "by" in source:
+            name = _picked_column(row, source["by"], source["cases"], key)
+        else:
+            name = source["from"]
         if name not in row:
             raise DataError(f"{key}: column {name!r} is not in the dataset; the rows have {sorted(row)}")
         value = row[name]
@@ -298,6 +311,28 @@ def map_row(row: dict, columns: dict[str, Any] | None, where: str) -> dict:
             value = without_last_answer(value, f"{key}.drop_last_answer (column {name!r})")
         out[target] = value
     return out
+
+
+def case_label(value: Any) -> str:
+    """A label as `cases` keys and row values are compared: YAML reads `1:` as an int and `true:` as
+    a bool, a label column may hold 1, 1.0, true, or (from CSV) "1"; all meet as "1" or "true"."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+def _picked_column(row: dict, by: str, cases: dict[str, str], key: str) -> str:
+    """The source column `cases` names for this row's value of its label column `by`. A value no
+    case names (a tie, say) is refused, not guessed: `filter:` keeps only the rows meant to be read."""
+    if by not in row:
+        raise DataError(f"{key}.by: column {by!r} is not in the dataset; the rows have {sorted(row)}")
+    label = case_label(row[by])
+    if label not in cases:
+        raise DataError(f"{key}.cases: {by!r} is {row[by]!r}, which no case names (cases: {sorted(cases)}); "
+                        f"keep only the rows to read with `filter: {{{by}: [...]}}`")
+    return cases[label]
 
 
 def split_transcript(text: Any, turns: dict[str, str], where: str) -> list[dict]:

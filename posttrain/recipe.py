@@ -76,11 +76,17 @@ class ToyDirtySpec(_Strict):
 
 
 class ColumnSource(_Strict):
-    """Where an output column comes from: a source column (`from`, optionally the text `after` a
-    marker, a transcript split into messages at its `turns` markers, or messages whose `roles` are
-    renamed), or a `template` formatted over the source row."""
+    """Where an output column comes from: a source column (`from`, or one picked per row `by` a
+    label column's value among `cases`; optionally the text `after` a marker, a transcript split into
+    messages at its `turns` markers, or messages whose `roles` are renamed), or a `template`
+    formatted over the source row."""
 
     from_: str | None = Field(None, alias="from", description="Source column.")
+    by: str | None = Field(None, description="A label column whose value picks this row's source column among "
+                           "`cases`: preference sets that keep two answers and which one won (stanfordnlp/SHP, "
+                           "PKU-SafeRLHF, lmsys/chatbot_arena_conversations).")
+    cases: dict[str, str] | None = Field(None, description="With `by`: the label's value -> the source column to read "
+                                         "for rows with that value (SHP's chosen: {1: human_ref_A, 0: human_ref_B}).")
     after: str | None = Field(None, description="Keep the text after the last occurrence of this marker (GSM8K: '####').")
     template: str | None = Field(None, description="Python format string over the source row, e.g. '{text}\\n{test_list[0]}'.")
     turns: dict[str, Literal["system", "user", "assistant"]] | None = Field(
@@ -93,18 +99,41 @@ class ColumnSource(_Strict):
         None, description="Keep a conversation up to its last assistant turn, the prompt that answer was given to "
         "(RL or distillation prompts from a preference set's `chosen`); after `turns` or `roles` when given.")
 
+    @field_validator("cases", mode="before")
+    @classmethod
+    def _case_values_as_text(cls, cases):
+        # YAML reads `1:` as an int and `true:` as a bool; a JSON or parquet label may be 1, 1.0 or
+        # true, and a CSV cell "1". Keys and row values meet as one spelling (data.case_label).
+        from posttrain.data import case_label
+
+        if isinstance(cases, dict):
+            labels = [case_label(k) for k in cases]
+            repeated = sorted({label for label in labels if labels.count(label) > 1})
+            if repeated:
+                raise ValueError(f"the label {repeated[0]!r} is given twice")
+            return dict(zip(labels, cases.values()))
+        return cases
+
     @model_validator(mode="after")
     def _one_source(self):
-        if (self.from_ is None) == (self.template is None):
-            raise ValueError("give exactly one of 'from' or 'template'")
+        if sum(x is not None for x in (self.from_, self.template, self.by)) != 1:
+            raise ValueError("give exactly one of 'from', 'template' or 'by' (with 'cases')")
+        if (self.by is None) != (self.cases is None):
+            raise ValueError("'by' (the label column) and 'cases' (label -> source column) go together")
+        if self.cases is not None:
+            if not self.cases:
+                raise ValueError("'cases' needs at least one label -> source column")
+            blank = [label for label, column in self.cases.items() if not column.strip()]
+            if blank:
+                raise ValueError(f"'cases': the label {blank[0]!r} names no source column")
         for option in ("after", "turns", "roles"):
-            if getattr(self, option) is not None and self.from_ is None:
-                raise ValueError(f"'{option}' applies to a 'from' column")
+            if getattr(self, option) is not None and self.template is not None:
+                raise ValueError(f"'{option}' applies to a 'from' (or 'by') column, not to a template")
         given = [option for option in ("after", "turns", "roles") if getattr(self, option) is not None]
         if len(given) > 1:
             raise ValueError(f"give one of 'after' (a text's end), 'turns' (a transcript split into messages) or "
                              f"'roles' (messages' roles renamed), not {' and '.join(repr(g) for g in given)}")
-        if self.drop_last_answer and (self.from_ is None or self.after is not None):
+        if self.drop_last_answer and (self.template is not None or self.after is not None):
             raise ValueError("'drop_last_answer' applies to a 'from' column of messages (or one split by 'turns'), "
                              "not to text cut by 'after' or a template")
         if self.roles is not None and not self.roles:
@@ -135,7 +164,7 @@ class DatasetEntry(_Strict):
     split: str | None = Field(None, description="Split to read, e.g. test; needed when there are several.")
     revision: str | None = Field(None, description="Hub revision (a commit sha pins the data).")
     columns: dict[str, ColumnSource] | None = Field(
-        None, description="Output column -> source column name, {from, after|turns|roles} or {template}; only mapped "
+        None, description="Output column -> source column name, {from|by+cases, after|turns|roles} or {template}; only mapped "
         "columns are kept.")
     filter: dict[str, Any] | None = Field(None, description="Keep rows whose column equals the value (or is in the list).")
     limit: int | None = Field(None, gt=0, description="Keep the first N rows (after the filter).")
@@ -161,11 +190,28 @@ class DatasetEntry(_Strict):
             raise ValueError("give exactly one of 'path', 'hub', 'toy' or 'toy_dirty'")
         if self.hub is None and self.revision is not None:
             raise ValueError("'revision' applies to hub datasets only")
+        self._check_picked_sides()
         if self.path is None and self.hub is None:
             extra = [k for k in ("config", "data_dir", "split", "columns", "filter", "limit") if getattr(self, k) is not None]
             if extra:
                 raise ValueError(f"{', '.join(repr(k) for k in extra)}: only for 'path' and 'hub' datasets, not toy ones")
         return self
+
+    def _check_picked_sides(self) -> None:
+        # `chosen` and `rejected` picked by one label must name different columns for every label,
+        # or each such row would become a pair of one answer against itself (kept, teaching nothing).
+        columns = self.columns or {}
+        chosen, rejected = columns.get("chosen"), columns.get("rejected")
+        if chosen is None or rejected is None or chosen.by is None or chosen.by != rejected.by:
+            return
+        for label in sorted(set(chosen.cases) & set(rejected.cases)):
+            if chosen.cases[label] == rejected.cases[label]:
+                raise ValueError(f"columns: for {chosen.by} = {label!r}, 'chosen' and 'rejected' both read "
+                                 f"{chosen.cases[label]!r}; the two sides must be different answers")
+        one_sided = sorted(set(chosen.cases) ^ set(rejected.cases))
+        if one_sided:
+            raise ValueError(f"columns: {chosen.by} = {one_sided[0]!r} is a case of only one of 'chosen' and "
+                             f"'rejected'; give both sides for every label")
 
     @property
     def loads_through_datasets(self) -> bool:

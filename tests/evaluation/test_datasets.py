@@ -115,7 +115,7 @@ def test_recipe_checks_dataset_entries(tmp_path, gsm_like):
     with pytest.raises(RecipeError, match="datasets.chat.*exactly one of 'path', 'hub'"):
         load_recipe(recipe)
     recipe.write_text(recipe_text(gsm_like).replace("{from: answer, after: \"####\"}}", "{template: x, from: answer}}", 1))
-    with pytest.raises(RecipeError, match="exactly one of 'from' or 'template'"):
+    with pytest.raises(RecipeError, match="exactly one of 'from', 'template' or 'by'"):
         load_recipe(recipe)
     for turns, expected in (("{from: answer, after: x, turns: {'A:': assistant}}}", "not 'after' and 'turns'"),
                             ("{from: answer, turns: {'H:': user}}}", "no marker opens an 'assistant' turn"),
@@ -232,3 +232,86 @@ def test_a_later_stage_s_bad_mapping_fails_before_the_first_stage_trains(tmp_pat
     with pytest.raises(DataError, match=r"datasets\.later\.columns\.prompt: column 'questoin' is not in the dataset"):
         run_recipe(recipe)
     assert not (tmp_path / "run" / "sft").exists()  # nothing trained before the mistake was found
+
+
+def test_preference_sets_that_keep_two_answers_and_a_label_pick_each_side_by_the_label(tmp_path):
+    """stanfordnlp/SHP (human_ref_A/B, labels 1 when A won), PKU-SafeRLHF (response_0/1,
+    better_response_id) and lmsys/chatbot_arena_conversations (conversation_a/b, winner, with ties
+    kept out by the filter): `by` and `cases` read the winning answer as `chosen`."""
+    from posttrain.data import materialize_dataset
+
+    def mapped(rows, columns, row_filter=None, name="rows.jsonl"):
+        data = tmp_path / name
+        if name.endswith(".csv"):
+            import csv
+            with data.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+        else:
+            write_jsonl(data, rows)
+        out = tmp_path / f"out-{name}.jsonl"
+        materialize_dataset(str(data), {"columns": columns, "filter": row_filter}, out, "datasets.prefs", "local")
+        return [json.loads(line) for line in out.read_text().splitlines()]
+
+    shp = [{"history": "Why is the sky blue?", "human_ref_A": "Rayleigh scattering.", "human_ref_B": "It is not.",
+            "labels": 1},
+           {"history": "Is 7 prime?", "human_ref_A": "No.", "human_ref_B": "Yes, 7 is prime.", "labels": 0}]
+    shp_columns = {"prompt": {"from": "history"},
+                   "chosen": {"by": "labels", "cases": {"1": "human_ref_A", "0": "human_ref_B"}},
+                   "rejected": {"by": "labels", "cases": {"1": "human_ref_B", "0": "human_ref_A"}}}
+    expected = [{"prompt": "Why is the sky blue?", "chosen": "Rayleigh scattering.", "rejected": "It is not."},
+                {"prompt": "Is 7 prime?", "chosen": "Yes, 7 is prime.", "rejected": "No."}]
+    assert mapped(shp, shp_columns) == expected
+    # The same rows as CSV (the label is the text "1") and as floats (a parquet column with a gap).
+    assert mapped(shp, shp_columns, name="shp.csv") == expected
+    assert mapped([{**r, "labels": float(r["labels"])} for r in shp], shp_columns, name="float.jsonl") == expected
+
+    pku = [{"prompt": "How do I pick a lock?", "response_0": "I can't help with that.", "response_1": "Use a pin.",
+            "better_response_id": 0}]
+    assert mapped(pku, {"prompt": "prompt",
+                        "chosen": {"by": "better_response_id", "cases": {"0": "response_0", "1": "response_1"}},
+                        "rejected": {"by": "better_response_id", "cases": {"0": "response_1", "1": "response_0"}}},
+                  name="pku.jsonl")[0]["chosen"] == "I can't help with that."
+
+    def talk(answer):
+        return [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": answer}]
+    arena = [{"conversation_a": talk("Hello!"), "conversation_b": talk("Go away."), "winner": "model_a"},
+             {"conversation_a": talk("Hm."), "conversation_b": talk("Hi there!"), "winner": "tie"},
+             {"conversation_a": talk("Go away."), "conversation_b": talk("Hey, how can I help?"), "winner": "model_b"}]
+    arena_columns = {"chosen": {"by": "winner", "cases": {"model_a": "conversation_a", "model_b": "conversation_b"}},
+                     "rejected": {"by": "winner", "cases": {"model_a": "conversation_b", "model_b": "conversation_a"}}}
+    rows = mapped(arena, arena_columns, row_filter={"winner": ["model_a", "model_b"]}, name="arena.jsonl")
+    assert [r["chosen"][-1]["content"] for r in rows] == ["Hello!", "Hey, how can I help?"]
+    assert [r["rejected"][-1]["content"] for r in rows] == ["Go away.", "Go away."]
+    # Without the filter the tie is refused with its row and told how to keep such rows out, not guessed or dropped.
+    with pytest.raises(DataError, match=r"datasets\.prefs\.columns\.chosen\.cases: 'winner' is 'tie', which no case "
+                                        r"names \(cases: \['model_a', 'model_b'\]\); keep only the rows to read with "
+                                        r"`filter: \{winner: \[\.\.\.\]\}` \(source row 1\)"):
+        mapped(arena, arena_columns, name="arena-ties.jsonl")
+    # A filter on a CSV's text label matches the recipe's number, as the cases do.
+    assert mapped(shp, shp_columns, row_filter={"labels": 1}, name="shp-filtered.csv") == expected[:1]
+
+
+def test_recipe_checks_label_picked_columns(tmp_path, gsm_like):
+    recipe = tmp_path / "recipe.yaml"
+    prefs = "    columns: {prompt: question, completion: answer}"
+    for columns, expected in (
+            ("{prompt: question, chosen: {by: labels}, rejected: answer}", "'by' .* and 'cases' .* go together"),
+            ("{prompt: question, chosen: {by: labels, cases: {}}, rejected: answer}", "'cases' needs at least one"),
+            ("{prompt: question, chosen: {from: a, by: labels, cases: {1: a}}, rejected: answer}",
+             "exactly one of 'from', 'template' or 'by'"),
+            ("{prompt: question, chosen: {by: labels, cases: {1: a, '1': b}}, rejected: answer}",
+             "the label '1' is given twice"),
+            ("{prompt: question, chosen: {by: labels, cases: {1: a, 0: b}}, rejected: {by: labels, cases: {1: b, 0: b}}}",
+             r"for labels = '0', 'chosen' and 'rejected' both read 'b'"),
+            ("{prompt: question, chosen: {by: labels, cases: {1: a, 0: b}}, rejected: {by: labels, cases: {1: b}}}",
+             r"labels = '0' is a case of only one of 'chosen' and 'rejected'"),
+            ("{prompt: question, chosen: {by: labels, cases: {true: a, false: b}, after: x}, rejected: answer}", None)):
+        recipe.write_text(recipe_text(gsm_like).replace(prefs, f"    columns: {columns}", 1))
+        if expected is None:  # a valid mapping; YAML's true is the label "true"
+            entry = load_recipe(recipe).datasets["chat"].columns["chosen"]
+            assert entry.cases == {"true": "a", "false": "b"}
+            continue
+        with pytest.raises(RecipeError, match=expected):
+            load_recipe(recipe)

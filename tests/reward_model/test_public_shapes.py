@@ -157,3 +157,33 @@ def test_a_local_copy_of_anthropic_hh_with_transcripts_split_by_the_column_mappi
     mapped = [json.loads(line) for line in Path(manifest["config"]["dataset"]).read_text().splitlines()]
     assert [len(r["chosen"]) for r in mapped[:3]] == [2, 4, 2]
     assert mapped[1]["rejected"][-1] == {"role": "assistant", "content": "9"}
+
+
+def test_a_local_copy_of_shp_picks_chosen_and_rejected_by_its_label(tiny_gemma3_dir, tmp_path):
+    """stanfordnlp/SHP as its repository lays it out (one folder per subreddit, each with
+    train.json and test.json of one JSON object per line): two human answers `human_ref_A`/`B` and
+    `labels` (1 when A won). The column mapping's `by`/`cases` make the winner `chosen`."""
+    rows = [{"post_id": f"p{i}", "history": Q, "human_ref_A": GOOD if i % 2 else BAD,
+             "human_ref_B": BAD if i % 2 else GOOD, "labels": i % 2, "score_ratio": 2.0 + i} for i in range(6)]
+    root = tmp_path / "SHP"
+    for folder in ("askscience", "askculinary"):
+        (root / folder).mkdir(parents=True)
+        for split in ("train", "test"):
+            (root / folder / f"{split}.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    columns = {"prompt": "history",
+               "chosen": {"by": "labels", "cases": {1: "human_ref_A", 0: "human_ref_B"}},
+               "rejected": {"by": "labels", "cases": {1: "human_ref_B", 0: "human_ref_A"}}}
+    recipe = {"name": "rm-shp", "output_dir": "run", "seed": 0,
+              "models": {"start": {"path": str(tiny_gemma3_dir)}},
+              "datasets": {name: {"path": str(root), "data_dir": "askscience", "split": split, "columns": columns}
+                           for name, split in (("prefs", "train"), ("held_out", "test"))},
+              "stages": [{"name": "rm", "kind": "reward_model", "model": "${models.start}",
+                          "dataset": "${datasets.prefs}", "eval_dataset": "${datasets.held_out}", "members": 2,
+                          "probe_steps": 2, "max_steps": 2, "batch_size": 4, "learning_rate": 1.0e-3,
+                          "checkpoint_every": 0}]}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    manifest = run_recipe(path)["rm"]
+    assert manifest["metrics"]["pairs"] == 6
+    mapped = [json.loads(line) for line in Path(manifest["config"]["dataset"]).read_text().splitlines()]
+    assert all(r == {"prompt": Q, "chosen": GOOD, "rejected": BAD} for r in mapped), mapped
