@@ -332,6 +332,9 @@ def _picked_column(row: dict, by: str, cases: dict[str, str], key: str) -> str:
     if label not in cases:
         raise DataError(f"{key}.cases: {by!r} is {row[by]!r}, which no case names (cases: {sorted(cases)}); "
                         f"keep only the rows to read with `filter: {{{by}: [...]}}`")
+    if cases[label] not in row:
+        raise DataError(f"{key}.cases.{label}: column {cases[label]!r} is not in the dataset; the rows have "
+                        f"{sorted(row)}")
     return cases[label]
 
 

@@ -289,6 +289,10 @@ def test_preference_sets_that_keep_two_answers_and_a_label_pick_each_side_by_the
                                         r"names \(cases: \['model_a', 'model_b'\]\); keep only the rows to read with "
                                         r"`filter: \{winner: \[\.\.\.\]\}` \(source row 1\)"):
         mapped(arena, arena_columns, name="arena-ties.jsonl")
+    # A case naming a column the rows lack is reported under the case's key path.
+    typo = {**shp_columns, "chosen": {"by": "labels", "cases": {"1": "human_ref_a", "0": "human_ref_B"}}}
+    with pytest.raises(DataError, match=r"columns\.chosen\.cases\.1: column 'human_ref_a' is not in the dataset"):
+        mapped(shp, typo, name="typo.jsonl")
     # A filter on a CSV's text label matches the recipe's number, as the cases do.
     assert mapped(shp, shp_columns, row_filter={"labels": 1}, name="shp-filtered.csv") == expected[:1]
 
