@@ -98,6 +98,11 @@ class RewardModelStageConfig(StageConfig):
     on_invalid_row: Literal["error", "skip"] = Field(
         "error", description="An invalid preference row stops the stage with its file and line, or is skipped, "
         "written to skipped.jsonl with the reason and counted (pairs_skipped).")
+    center_rewards_coefficient: float | None = Field(
+        None, ge=0, description="Add this times (r_chosen + r_rejected)^2 per pair to the loss, which keeps rewards "
+        "centred on 0 (Eisenstein et al. 2023; TRL's option of the same name): the Bradley-Terry loss sees only "
+        "differences, so a reward's offset otherwise drifts freely, and RL and merges read raw rewards. "
+        "None: no such term.")
     label_flip_rate: float = Field(0.0, ge=0, le=1, description="Swap chosen and rejected in this fraction of the "
                                    "training pairs (seeded): label-noise experiments such as WARM's 25%.")
     average_best: int | None = Field(None, ge=1, description="Average only the best k members by held-out accuracy "
@@ -185,19 +190,21 @@ def shared_plan(config: RewardModelStageConfig, seed: int) -> MemberPlan:
 
 # --- data ---------------------------------------------------------------------------------------
 
-def load_pairs(path: str, tokenizer, max_length: int,
-               skipped: list[dict] | None = None) -> tuple[list[tuple[list[int], list[int]]], int]:
+def load_pairs(path: str, tokenizer, max_length: int, skipped: list[dict] | None = None,
+               margins: list[float] | None = None) -> tuple[list[tuple[list[int], list[int]]], int]:
     """(chosen ids, rejected ids) per preference row, and how many were cut to max_length.
 
     A row without a non-empty `chosen` and `rejected`, whose two sides are not two answers to
     one conversation, or whose conversation is not valid in the chat format, is refused with its
     file and line; with `skipped` given it is recorded there instead ({where, reason, row}).
+    With `margins` given, each kept pair's `margin` (0.0 for a row without one) is appended to it.
     """
     pairs, truncated = [], 0
     gemma_format = has_gemma_control_tokens(tokenizer)
     for where, row in iter_rows(path):
         try:
             chosen, rejected = _encode_row(where, row, tokenizer, gemma_format)
+            margin = _margin_of(where, row)
         except DataError as e:
             if skipped is None:
                 raise
@@ -208,6 +215,8 @@ def load_pairs(path: str, tokenizer, max_length: int,
             chosen, rejected = (ids[:1] + ids[len(ids) - max_length + 1:] if len(ids) > max_length else ids
                                 for ids in (chosen, rejected))
         pairs.append((chosen, rejected))
+        if margins is not None:
+            margins.append(margin)
     if not pairs:
         raise DataError(f"{path}: no preference rows" + (f" ({len(skipped)} invalid, skipped)" if skipped else ""))
     return pairs, truncated
@@ -234,6 +243,17 @@ def _encode_row(where: str, row: dict, tokenizer, gemma_format: bool) -> tuple[l
     except ChatFormatError as e:
         raise DataError(f"{where}: {e}") from None
     return chosen, rejected
+
+
+def _margin_of(where: str, row: dict) -> float:
+    """The row's `margin` (how much better chosen is, e.g. a rating difference; Llama 2's margin
+    loss, TRL's `margin` column), 0.0 without one; anything but a finite number is refused."""
+    margin = row.get("margin")
+    if margin is None:
+        return 0.0
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+        raise DataError(f"{where}: 'margin' must be a finite number (how much chosen is preferred), got {margin!r}")
+    return float(margin)
 
 
 def flip_labels(pairs: list, rate: float, seed: int) -> tuple[list, int]:
@@ -377,9 +397,15 @@ def rewards_of(model, seqs: list[list[int]], pad_id: int, device) -> torch.Tenso
     return model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
 
 
-def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
-    """Per pair: -log sigmoid(r_chosen - r_rejected) (summed by the caller)."""
-    return -torch.nn.functional.logsigmoid(r_chosen - r_rejected)
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None,
+                       center_coefficient: float | None = None) -> torch.Tensor:
+    """Per pair: -log sigmoid(r_chosen - r_rejected - margin) (summed by the caller; margin 0 is
+    the plain Bradley-Terry loss), plus center_coefficient * (r_chosen + r_rejected)^2 when given."""
+    difference = r_chosen - r_rejected if margin is None else r_chosen - r_rejected - margin
+    loss = -torch.nn.functional.logsigmoid(difference)
+    if center_coefficient:
+        loss = loss + center_coefficient * (r_chosen + r_rejected) ** 2
+    return loss
 
 
 @torch.no_grad()
@@ -429,8 +455,9 @@ class _Run:
 
 
 def _train(config: RewardModelStageConfig, ctx: StageContext, session: TrainingSession, model, run: _Run,
-           pairs, pad_id: int, run_dir: Path, metrics, advance, resumable: bool) -> dict:
-    """Bradley-Terry steps on `pairs` with the session's model; resumes from run_dir's checkpoint."""
+           pairs, margins: list[float] | None, pad_id: int, run_dir: Path, metrics, advance, resumable: bool) -> dict:
+    """Bradley-Terry steps on `pairs` (with per-pair `margins`, or None) with the session's model;
+    resumes from run_dir's checkpoint."""
     start = 0
     checkpoint = latest_checkpoint(run_dir) if resumable else None
     if checkpoint is not None:
@@ -456,7 +483,9 @@ def _train(config: RewardModelStageConfig, ctx: StageContext, session: TrainingS
             with session.autocast():
                 r = rewards_of(model, seqs, pad_id, session.device)
             r_c, r_r = r[:len(chunk)], r[len(chunk):]
-            loss = bradley_terry_loss(r_c, r_r).sum() / total
+            margin = (torch.tensor([margins[i] for i in chunk], dtype=r.dtype, device=r.device)
+                      if margins is not None else None)
+            loss = bradley_terry_loss(r_c, r_r, margin, config.center_rewards_coefficient).sum() / total
             loss.backward()
             loss_sum += loss.item()
             correct += int((r_c > r_r).sum())
@@ -503,7 +532,12 @@ def run_reward_model(config: RewardModelStageConfig, ctx: StageContext) -> Stage
     tokenizer = load_tokenizer(config.model)
     pad_id = tokenizer.pad_token_id
     skipped, eval_skipped = ([], []) if config.on_invalid_row == "skip" else (None, None)
-    pairs, truncated = load_pairs(config.dataset, tokenizer, config.max_length, skipped)
+    margins: list[float] | None = []
+    pairs, truncated = load_pairs(config.dataset, tokenizer, config.max_length, skipped, margins)
+    with_margin = sum(m != 0.0 for m in margins)
+    if not with_margin:
+        margins = None  # the plain Bradley-Terry loss
+    # A flipped pair keeps its margin: the noise is in which side was preferred, not in by how much.
     pairs, flipped = flip_labels(pairs, config.label_flip_rate, ctx.seed)
     eval_pairs = (load_pairs(config.eval_dataset, tokenizer, config.max_length, eval_skipped)[0]
                   if config.eval_dataset else None)
@@ -521,7 +555,7 @@ def run_reward_model(config: RewardModelStageConfig, ctx: StageContext) -> Stage
     # constant loss, and counted so that a data set full of them is noticed.
     identical = sum(chosen == rejected for chosen, rejected in pairs)
     summary: dict[str, Any] = {"pairs": len(pairs), "pairs_truncated": truncated, "pairs_identical": identical,
-                               "pairs_skipped": len(skipped),
+                               "pairs_skipped": len(skipped), "pairs_with_margin": with_margin,
                                "labels_flipped": flipped,
                                **session.describe(config.batch_size, "pairs")}
 
@@ -539,9 +573,9 @@ def run_reward_model(config: RewardModelStageConfig, ctx: StageContext) -> Stage
                 head_of(model).requires_grad_(True)
                 session.prepare(model, config.probe_learning_rate)
                 probe = _Run("probe", config.probe_steps, config.probe_learning_rate, ctx.seed, 0)
-                summary.update({f"probe/{k}": v for k, v in _train(config, ctx, session, model, probe, pairs, pad_id,
-                                                                    stage_dir / "probe", metrics, advance,
-                                                                    resumable=False).items()})
+                probed = _train(config, ctx, session, model, probe, pairs, margins, pad_id, stage_dir / "probe",
+                                metrics, advance, resumable=False)
+                summary.update({f"probe/{k}": v for k, v in probed.items()})
             if ctx.is_main:
                 probe_file.parent.mkdir(parents=True, exist_ok=True)
                 tmp = probe_file.with_suffix(".tmp")
@@ -557,7 +591,7 @@ def run_reward_model(config: RewardModelStageConfig, ctx: StageContext) -> Stage
         if config.shared_steps:
             plan = shared_plan(config, ctx.seed)
             shared_dir = stage_dir / "shared"
-            record = _train_member(config, ctx, session, plan, head, pairs, eval_pairs, tokenizer, pad_id,
+            record = _train_member(config, ctx, session, plan, head, pairs, margins, eval_pairs, tokenizer, pad_id,
                                    shared_dir, metrics, advance, budget)
             if "eval_accuracy" in record:
                 summary["shared/accuracy"] = record["eval_accuracy"]
@@ -568,7 +602,7 @@ def run_reward_model(config: RewardModelStageConfig, ctx: StageContext) -> Stage
         # 2. The members, one after the other; a finished one is kept (done.json) and never redone.
         done: list[dict] = []
         for plan in plans:
-            done.append(_train_member(config, ctx, session, plan, head, pairs, eval_pairs, tokenizer, pad_id,
+            done.append(_train_member(config, ctx, session, plan, head, pairs, margins, eval_pairs, tokenizer, pad_id,
                                       stage_dir / "members" / plan.name, metrics, advance, budget))
 
     # 3. The average (of all members, or of the best k on held-out pairs).
@@ -608,8 +642,8 @@ def run_reward_model(config: RewardModelStageConfig, ctx: StageContext) -> Stage
                                 "best_member": member_dirs[best]}, metrics=summary)
 
 
-def _train_member(config, ctx, session, plan: MemberPlan, head, pairs, eval_pairs, tokenizer, pad_id, member_dir: Path,
-                  metrics, advance, budget) -> dict:
+def _train_member(config, ctx, session, plan: MemberPlan, head, pairs, margins, eval_pairs, tokenizer, pad_id,
+                  member_dir: Path, metrics, advance, budget) -> dict:
     """Fine-tune one member (or the shared start) from its start checkpoint and `head`; save it and its record.
     One finished before (done.json) is kept as it is and never redone."""
     record = _read_done(member_dir)
@@ -629,7 +663,8 @@ def _train_member(config, ctx, session, plan: MemberPlan, head, pairs, eval_pair
                     gradient_checkpointing=config.gradient_checkpointing, schedule=config.lr_scheduler,
                     total_steps=plan.steps)
     run = _Run(plan.name, plan.steps, plan.learning_rate, plan.seed, plan.step_offset)
-    last = _train(config, ctx, session, trained, run, pairs, pad_id, member_dir, metrics, advance, resumable=True)
+    last = _train(config, ctx, session, trained, run, pairs, margins, pad_id, member_dir, metrics, advance,
+                  resumable=True)
     if hook is not None:
         hook.remove()
     final = trained.merge_and_unload() if config.lora is not None else trained

@@ -317,3 +317,54 @@ def test_the_stage_skips_invalid_rows_when_told_and_writes_them_down(tmp_path, t
     recorded = [json.loads(line) for line in (tmp_path / "run" / "rm" / "skipped.jsonl").open()]
     assert {r["where"] for r in recorded} == {f"{tmp_path / 'prefs.jsonl'}:4"}
     assert "ends with 'user'" in recorded[0]["reason"]
+
+
+def test_the_loss_subtracts_a_margin_and_adds_the_centring_term():
+    from posttrain.stages.reward_model import bradley_terry_loss
+
+    r_c, r_r = torch.tensor([2.0, -1.0]), torch.tensor([0.5, 1.0])
+    plain = -torch.nn.functional.logsigmoid(r_c - r_r)
+    assert torch.allclose(bradley_terry_loss(r_c, r_r), plain)
+    margin = torch.tensor([1.0, 0.0])
+    assert torch.allclose(bradley_terry_loss(r_c, r_r, margin), -torch.nn.functional.logsigmoid(r_c - r_r - margin))
+    assert torch.allclose(bradley_terry_loss(r_c, r_r, None, 0.01), plain + 0.01 * torch.tensor([6.25, 0.0]))
+
+
+def test_margins_are_read_per_row_and_a_margin_that_is_not_a_number_is_refused(toy_tokenizer, tmp_path):
+    path = tmp_path / "prefs.jsonl"
+    write_jsonl(path, [{"prompt": "Hi", "chosen": "Hello.", "rejected": "Go away.", "margin": 2},
+                       {"prompt": "Hi", "chosen": "Hello!", "rejected": "No."}])
+    margins: list = []
+    pairs, _ = load_pairs(str(path), toy_tokenizer, 64, None, margins)
+    assert len(pairs) == 2 and margins == [2.0, 0.0]
+    for bad in ("2", float("nan"), True):
+        write_jsonl(path, [{"prompt": "Hi", "chosen": "Hello.", "rejected": "Go away."},
+                           {"prompt": "Hi", "chosen": "Hello.", "rejected": "Go away.", "margin": bad}])
+        with pytest.raises(DataError, match=rf"{path}:2: 'margin' must be a finite number"):
+            load_pairs(str(path), toy_tokenizer, 64, None, [])
+
+
+def test_margins_raise_the_loss_and_centring_pulls_rewards_towards_zero(tiny_gemma3_dir, tmp_path):
+    """The same run three times (same seed, data and steps): with a margin of 3 on every pair the
+    first step's loss is higher (the same rewards must now differ by 3 more); with
+    center_rewards_coefficient the members' held-out rewards sit closer to 0."""
+    from rm_helpers import train_two_members_from
+
+    rows = [{"prompt": f"What is {a} + 1?", "chosen": str(a + 1), "rejected": str(a + 2)} for a in range(8)]
+
+    def run(name, rows, **options):
+        (tmp_path / name).mkdir()
+        manifest = train_two_members_from(tiny_gemma3_dir, rows, tmp_path / name, name, max_steps=12,
+                                          logging_steps=1, **options)
+        stage_dir = Path(manifest["outputs"]["model"]).parent
+        first = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()][0]
+        done = [json.loads((stage_dir / "members" / m / "done.json").read_text()) for m in ("member_1", "member_2")]
+        offset = sum(abs(c + r) / 2 for d in done for c, r in zip(d["eval_chosen"], d["eval_rejected"]))
+        return manifest["metrics"], first["loss"], offset / (2 * len(rows))
+
+    plain, plain_loss, plain_offset = run("plain", rows)
+    margin, margin_loss, _ = run("margin", [{**r, "margin": 3.0} for r in rows])
+    assert plain["pairs_with_margin"] == 0 and margin["pairs_with_margin"] == 8
+    assert margin_loss > plain_loss + 1.0
+    _, _, centred_offset = run("centred", rows, center_rewards_coefficient=1.0)
+    assert centred_offset < 0.5 * plain_offset, (centred_offset, plain_offset)
