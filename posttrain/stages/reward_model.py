@@ -13,7 +13,8 @@
                 members by held-out pairwise accuracy.
 
 The manifest reports each member's, the average's and the prediction ensemble's held-out
-pairwise accuracy (how often r(chosen) > r(rejected) on `eval_dataset`).
+pairwise accuracy (how often r(chosen) > r(rejected) on `eval_dataset`, and on each of
+`eval_datasets`).
 
 Why the shared training module (posttrain.training) rather than TRL's RewardTrainer: both give
 data parallelism, bf16, LoRA and resume, but WARM needs a head probed once and then shared by M
@@ -30,6 +31,7 @@ import json
 import logging
 import math
 import random
+import re
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -62,6 +64,10 @@ class RewardModelStageConfig(StageConfig):
                          "assistant messages); without `prompt`, chosen and rejected are whole conversations.")
     eval_dataset: str | None = Field(None, description="Held-out preference rows: pairwise accuracy of every member, "
                                      "the average and the ensemble; needed by average_best and best_member.")
+    eval_datasets: dict[str, str] | None = Field(
+        None, description="Further held-out preference sets by name (another domain, a benchmark's subsets), each "
+        "reported for every member, the average and the ensemble (NAME/member_1/accuracy, NAME/average/accuracy, "
+        "...); only eval_dataset chooses the best member.")
     members: int = Field(1, ge=1, description="Number of reward models M fine-tuned from the probed head and averaged.")
     seeds: list[int] | None = Field(None, description="Per-member seed of data order, dropout and head-input noise "
                                     "(member i takes seeds[i mod len]); default: recipe seed + i.")
@@ -133,6 +139,10 @@ class RewardModelStageConfig(StageConfig):
                 if steps and self.warmup_steps >= steps:
                     raise ValueError(f"warmup_steps: {self.warmup_steps} is not below {key} ({steps}); lr_scheduler "
                                      f"{self.lr_scheduler} decays the rate after the warm-up, so it needs steps after it")
+        for name in self.eval_datasets or {}:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+                raise ValueError(f"eval_datasets: {name!r} is not a usable set name (letters, digits, '_', '.', '-'); "
+                                 f"it becomes part of the manifest's metric names")
         if self.shared_steps and self.member_models:
             raise ValueError("shared_steps: the members start from the shared fine-tune, so they cannot also start "
                              "from member_models; use one or the other")
@@ -541,6 +551,9 @@ def run_reward_model(config: RewardModelStageConfig, ctx: StageContext) -> Stage
     pairs, flipped = flip_labels(pairs, config.label_flip_rate, ctx.seed)
     eval_pairs = (load_pairs(config.eval_dataset, tokenizer, config.max_length, eval_skipped)[0]
                   if config.eval_dataset else None)
+    # Every further held-out set is read now, so that a bad row in one stops the stage before anything trains.
+    further_sets = {name: load_pairs(path, tokenizer, config.max_length, eval_skipped)[0]
+                    for name, path in (config.eval_datasets or {}).items()}
     skipped = (skipped or []) + (eval_skipped or [])  # each record names its file
     if skipped and ctx.is_main:
         write_jsonl(stage_dir / "skipped.jsonl", skipped)
@@ -627,8 +640,9 @@ def run_reward_model(config: RewardModelStageConfig, ctx: StageContext) -> Stage
         summary.update({f"{p.name}/accuracy": a for p, a in zip(plans, accuracies)})
     summary.update({f"{p.name}/{k}": v for p, d in zip(plans, done) for k, v in d.get("train", {}).items()})
     summary.update({"averaged_members": [i + 1 for i in chosen], "best_member": best + 1})
-    if eval_pairs:
+    if eval_pairs or further_sets:
         session.prepare(model, config.learning_rate)  # on the device; no step is taken
+    if eval_pairs:
         r_c, r_r = score_pairs(session, model, eval_pairs, pad_id, budget)
         ensemble = ensemble_scores([(done[i]["eval_chosen"], done[i]["eval_rejected"]) for i in chosen])
         member_accs = [accuracies[i] for i in chosen]
@@ -636,6 +650,9 @@ def run_reward_model(config: RewardModelStageConfig, ctx: StageContext) -> Stage
                         "ensemble/accuracy": pairwise_accuracy(*ensemble),
                         "members/accuracy_mean": sum(member_accs) / len(member_accs),
                         "members/accuracy_best": max(accuracies)})
+    if further_sets:
+        summary.update(_further_accuracies(session, further_sets, plans, member_dirs, chosen, model, pad_id, budget,
+                                           config.learning_rate))
     session.barrier()
     session.close()
     return StageResult(outputs={"model": str(average_dir), "members": str(stage_dir / "members"),
@@ -682,6 +699,27 @@ def _train_member(config, ctx, session, plan: MemberPlan, head, pairs, margins, 
         shutil.rmtree(member_dir / "checkpoints", ignore_errors=True)
     session.barrier()
     return record
+
+
+def _further_accuracies(session: TrainingSession, sets: dict[str, list], plans: list[MemberPlan],
+                        member_dirs: list[str], averaged: list[int], average, pad_id: int, budget: int | None,
+                        learning_rate: float) -> dict[str, Any]:
+    """Pairwise accuracy on each further held-out set of every member, the average and the
+    ensemble of the averaged members, each member loaded once for all sets."""
+    scored: dict[str, list] = {name: [] for name in sets}
+    for member_dir in member_dirs:
+        member = load_reward_model(member_dir, pad_id)
+        session.prepare(member, learning_rate)  # on the session's device; no step is taken
+        for name, pairs in sets.items():
+            scored[name].append(score_pairs(session, member, pairs, pad_id, budget))
+        del member
+    out: dict[str, Any] = {}
+    for name, pairs in sets.items():
+        out[f"{name}/pairs"] = len(pairs)
+        out.update({f"{name}/{plan.name}/accuracy": pairwise_accuracy(*s) for plan, s in zip(plans, scored[name])})
+        out[f"{name}/average/accuracy"] = pairwise_accuracy(*score_pairs(session, average, pairs, pad_id, budget))
+        out[f"{name}/ensemble/accuracy"] = pairwise_accuracy(*ensemble_scores([scored[name][i] for i in averaged]))
+    return out
 
 
 def _read_done(member_dir: Path) -> dict | None:

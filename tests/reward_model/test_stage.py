@@ -368,3 +368,34 @@ def test_margins_raise_the_loss_and_centring_pulls_rewards_towards_zero(tiny_gem
     assert margin_loss > plain_loss + 1.0
     _, _, centred_offset = run("centred", rows, center_rewards_coefficient=1.0)
     assert centred_offset < 0.5 * plain_offset, (centred_offset, plain_offset)
+
+
+def test_further_held_out_sets_are_reported_for_every_member_the_average_and_the_ensemble(tiny_gemma3_dir, tmp_path):
+    """`eval_datasets`: the same pairs as eval_dataset give the same accuracies (members are scored
+    from their saved checkpoints, as RL would load them); another set gets its own figures; a bad
+    row in a further set stops the stage before anything trains."""
+    from rm_helpers import train_two_members_from
+
+    rows = [{"prompt": f"What is {a} + 1?", "chosen": str(a + 1), "rejected": str(a + 2)} for a in range(8)]
+    other = tmp_path / "other.jsonl"
+    write_jsonl(other, [{"prompt": f"What is {a} + 2?", "chosen": str(a + 2), "rejected": str(a + 5)} for a in range(6)])
+    manifest = train_two_members_from(tiny_gemma3_dir, rows, tmp_path, "further", max_steps=4,
+                                      eval_datasets={"again": str(tmp_path / "prefs.jsonl"), "other": str(other)})
+    m = manifest["metrics"]
+    for name in ("member_1", "member_2", "average", "ensemble"):
+        assert m[f"again/{name}/accuracy"] == pytest.approx(m[f"{name}/accuracy"]), name
+        assert 0.0 <= m[f"other/{name}/accuracy"] <= 1.0
+    assert m["again/pairs"] == 8 and m["other/pairs"] == 6
+
+    write_jsonl(other, [{"prompt": "Hi", "chosen": "Hello."}])
+    (tmp_path / "bad").mkdir()
+    with pytest.raises(Exception, match=rf"{other}:1: a preference row needs .*'rejected' is missing"):
+        train_two_members_from(tiny_gemma3_dir, rows, tmp_path / "bad", "bad", eval_datasets={"other": str(other)})
+    assert not (tmp_path / "bad" / "run" / "rm" / "members").exists()
+
+
+def test_a_further_set_name_that_cannot_be_a_metric_name_is_refused():
+    from posttrain.stages.reward_model import RewardModelStageConfig
+
+    with pytest.raises(ValueError, match=r"eval_datasets: 'held out/v2' is not a usable set name"):
+        RewardModelStageConfig(model="m", dataset="d", eval_datasets={"held out/v2": "x.jsonl"})
