@@ -45,6 +45,20 @@ ROWS = [
 ]
 
 
+def run_two_members_on(start: Path, datasets: dict, tmp_path: Path, name: str, **options) -> dict:
+    """A one-stage recipe: two short members from `start` on `datasets`' prefs (held_out picks
+    the best member); returns the stage's manifest."""
+    recipe = {"name": name, "output_dir": "run", "seed": 0, "models": {"start": {"path": str(start)}},
+              "datasets": datasets,
+              "stages": [{"name": "rm", "kind": "reward_model", "model": "${models.start}",
+                          "dataset": "${datasets.prefs}", "eval_dataset": "${datasets.held_out}", "members": 2,
+                          "probe_steps": 2, "max_steps": 2, "batch_size": 8, "learning_rate": 1.0e-3,
+                          "checkpoint_every": 0, **options}]}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return run_recipe(path)["rm"]
+
+
 @pytest.fixture(scope="module")
 def tiny_gemma3_vision_dir(tmp_path_factory, toy_tokenizer):
     """A tiny Gemma 3 of the 4B-and-up layout: the language model with a SigLIP vision tower
@@ -101,17 +115,9 @@ def test_a_local_copy_of_a_hub_preference_set_in_its_own_layout(tiny_gemma3_dir,
     for split, n in (("train_prefs", 24), ("test_prefs", 8)):
         datasets.Dataset.from_list([row] * n).to_parquet(str(data / f"{split}-00000-of-00001.parquet"))
     root = data.parent
-    recipe = {"name": "rm-hub-copy", "output_dir": "run", "seed": 0,
-              "models": {"start": {"path": str(tiny_gemma3_dir)}},
-              "datasets": {"prefs": {"path": str(root), "split": "train_prefs"},
-                           "held_out": {"path": str(root), "split": "test_prefs"}},
-              "stages": [{"name": "rm", "kind": "reward_model", "model": "${models.start}",
-                          "dataset": "${datasets.prefs}", "eval_dataset": "${datasets.held_out}", "members": 2,
-                          "probe_steps": 2, "max_steps": 2, "batch_size": 8, "learning_rate": 1.0e-3,
-                          "checkpoint_every": 0}]}
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    manifest = run_recipe(path)["rm"]
+    manifest = run_two_members_on(tiny_gemma3_dir, {"prefs": {"path": str(root), "split": "train_prefs"},
+                                                    "held_out": {"path": str(root), "split": "test_prefs"}},
+                                  tmp_path, "rm-hub-copy")
     assert manifest["metrics"]["pairs"] == 24
     assert 0.0 <= manifest["metrics"]["average/accuracy"] <= 1.0
 
@@ -138,18 +144,10 @@ def test_a_local_copy_of_anthropic_hh_with_transcripts_split_by_the_column_mappi
                 f.writelines(json.dumps(r) + "\n" for r in rows * n)
     turns = {"\n\nHuman:": "user", "\n\nAssistant:": "assistant"}
     columns = {"chosen": {"from": "chosen", "turns": turns}, "rejected": {"from": "rejected", "turns": turns}}
-    recipe = {"name": "rm-hh", "output_dir": "run", "seed": 0,
-              "models": {"start": {"path": str(tiny_gemma3_dir)}},
-              # One folder of the repository (data_dir), and one gzipped file read directly.
-              "datasets": {"prefs": {"path": str(root), "data_dir": "helpful-base", "split": "train", "columns": columns},
-                           "held_out": {"path": str(root / "helpful-base" / "test.jsonl.gz"), "columns": columns}},
-              "stages": [{"name": "rm", "kind": "reward_model", "model": "${models.start}",
-                          "dataset": "${datasets.prefs}", "eval_dataset": "${datasets.held_out}", "members": 2,
-                          "probe_steps": 2, "max_steps": 2, "batch_size": 8, "learning_rate": 1.0e-3,
-                          "checkpoint_every": 0, "on_invalid_row": "skip"}]}
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    manifest = run_recipe(path)["rm"]
+    # One folder of the repository (data_dir), and one gzipped file read directly.
+    datasets = {"prefs": {"path": str(root), "data_dir": "helpful-base", "split": "train", "columns": columns},
+                "held_out": {"path": str(root / "helpful-base" / "test.jsonl.gz"), "columns": columns}}
+    manifest = run_two_members_on(tiny_gemma3_dir, datasets, tmp_path, "rm-hh", on_invalid_row="skip")
     assert manifest["metrics"]["pairs"] == 16 and manifest["metrics"]["pairs_skipped"] == 8 + 2
     skipped = [json.loads(line) for line in (Path(manifest["outputs"]["model"]).parent / "skipped.jsonl").read_text().splitlines()]
     assert all("rejected" in s["reason"] and "empty" in s["reason"] for s in skipped), skipped[0]
@@ -173,17 +171,9 @@ def test_a_local_copy_of_shp_picks_chosen_and_rejected_by_its_label(tiny_gemma3_
     columns = {"prompt": "history",
                "chosen": {"by": "labels", "cases": {1: "human_ref_A", 0: "human_ref_B"}},
                "rejected": {"by": "labels", "cases": {1: "human_ref_B", 0: "human_ref_A"}}}
-    recipe = {"name": "rm-shp", "output_dir": "run", "seed": 0,
-              "models": {"start": {"path": str(tiny_gemma3_dir)}},
-              "datasets": {name: {"path": str(root), "data_dir": "askscience", "split": split, "columns": columns}
-                           for name, split in (("prefs", "train"), ("held_out", "test"))},
-              "stages": [{"name": "rm", "kind": "reward_model", "model": "${models.start}",
-                          "dataset": "${datasets.prefs}", "eval_dataset": "${datasets.held_out}", "members": 2,
-                          "probe_steps": 2, "max_steps": 2, "batch_size": 4, "learning_rate": 1.0e-3,
-                          "checkpoint_every": 0}]}
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    manifest = run_recipe(path)["rm"]
+    datasets = {name: {"path": str(root), "data_dir": "askscience", "split": split, "columns": columns}
+                for name, split in (("prefs", "train"), ("held_out", "test"))}
+    manifest = run_two_members_on(tiny_gemma3_dir, datasets, tmp_path, "rm-shp", batch_size=4)
     assert manifest["metrics"]["pairs"] == 6
     mapped = [json.loads(line) for line in Path(manifest["config"]["dataset"]).read_text().splitlines()]
     assert all(r == {"prompt": Q, "chosen": GOOD, "rejected": BAD} for r in mapped), mapped
