@@ -16,6 +16,14 @@ EXIT_STAGE_FAILED = 1
 EXIT_BAD_RECIPE = 2
 
 
+def escape(text: str) -> str:
+    """Text shown as it is: rich reads "[word]" as markup and drops it ("data.json[row 3]" would
+    print as "data.json"), and messages, descriptions and defaults hold such brackets."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
 def _console():
     from rich.console import Console
 
@@ -65,8 +73,8 @@ def _summary(console, outcomes, run_dir: Path) -> None:
         if out and Path(out).is_relative_to(run_dir):
             out = str(Path(out).relative_to(run_dir))
         wall = f"{o.seconds:.1f}s" + (" (earlier run)" if o.status == "skipped" and o.seconds else "")
-        table.add_row(o.name, o.kind, f"[{style}]{o.status}[/{style}]" if style else o.status, wall,
-                      o.error or _key_metrics(o.metrics), str(out))
+        table.add_row(escape(o.name), o.kind, f"[{style}]{o.status}[/{style}]" if style else o.status, wall,
+                      escape(o.error or _key_metrics(o.metrics)), escape(str(out)))
     console.print(table)
 
 
@@ -81,20 +89,22 @@ def cmd_run(args) -> int:
         console.quiet = True  # multi-process launch: rank 0 reports for the run
     recipe = load_recipe(args.recipe, args.set or [])
     runner = Runner(recipe, console=console, debug=args.debug)
-    console.print(f"[bold]posttrain[/bold] {recipe.name}: {len(recipe.stages)} stages -> {recipe.output_dir}")
+    console.print(f"[bold]posttrain[/bold] {escape(recipe.name)}: {len(recipe.stages)} stages -> "
+                  f"{escape(str(recipe.output_dir))}")
     outcomes = runner.run(from_stage=args.from_stage, only=args.only, dry_run=args.dry_run,
                           progress_factory=_progress_factory(console),
-                          on_stage_start=lambda e: console.rule(f"{e.name} ({e.kind})"))
+                          on_stage_start=lambda e: console.rule(escape(f"{e.name} ({e.kind})")))
     if not is_main():
         return 0
     _summary(console, outcomes, recipe.output_dir)
     if runner.report_path is not None:
-        console.print(f"report: {runner.report_path}")
+        console.print(f"report: {escape(str(runner.report_path))}")
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:
         f = failed[0]
-        console.print(f"[red]stage {f.name!r} failed:[/red] {f.error}\n(details: {recipe.output_dir / f.name / 'manifest.json'}; "
-                      "re-run with --debug for a traceback)")
+        details = recipe.output_dir / f.name / "manifest.json"
+        console.print(f"[red]stage {escape(repr(f.name))} failed:[/red] {escape(f.error or '')}\n"
+                      f"(details: {escape(str(details))}; re-run with --debug for a traceback)")
         return EXIT_STAGE_FAILED
     return 0
 
@@ -128,7 +138,7 @@ def cmd_stages(args) -> int:
         if args.kind and kind != args.kind:
             continue
         console.rule(f"[bold]{kind}[/bold]")
-        console.print(k.summary)
+        console.print(escape(k.summary))
         console.print(f"outputs: {', '.join('${stages.NAME.' + o + '}' for o in k.outputs)}")
         _print_fields(console, k.config_cls, "  ")
     if args.kind and args.kind not in STAGE_KINDS:
@@ -150,7 +160,8 @@ def _print_fields(console, cls, indent: str) -> None:
         else:
             default = f"default {f.default!r}" if f.default is not PydanticUndefined else ""
         ann = getattr(f.annotation, "__name__", None) or str(f.annotation).replace("typing.", "")
-        console.print(f"{indent}[bold]{name}[/bold] ({ann}, {default}): {f.description or ''}", soft_wrap=True)
+        console.print(f"{indent}[bold]{name}[/bold] {escape(f'({ann}, {default}): {f.description or str()}')}",
+                      soft_wrap=True)
         sub = _model_in(f.annotation)
         if sub is not None and sub is not cls:
             _print_fields(console, sub, indent + "    ")

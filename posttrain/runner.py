@@ -214,7 +214,9 @@ class Runner:
 
     def _log(self, msg: str) -> None:
         if self.console is not None:
-            self.console.print(f"[dim]{msg}[/dim]")
+            from rich.markup import escape
+
+            self.console.print(f"[dim]{escape(msg)}[/dim]")
 
     # -- references ---------------------------------------------------------------------------
     def _resolve(self, ref: str) -> str:

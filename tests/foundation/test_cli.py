@@ -1,11 +1,13 @@
 """The posttrain command: exit codes, one-paragraph errors, stage reference."""
 
+import os
 import subprocess
 import sys
 
 
-def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "posttrain.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+def cli(*args, cwd=None, env=None):
+    return subprocess.run([sys.executable, "-m", "posttrain.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=600, env=None if env is None else {**os.environ, **env})
 
 
 def test_validate_accepts_a_valid_recipe(write_recipe, tiny_sft):
@@ -38,6 +40,19 @@ def test_stage_failure_exits_1_with_the_data_location(write_recipe, tiny_sft, tm
     r = cli("run", str(write_recipe(tiny_sft.replace("mix: {toy: {task: chat, n: 64, format: chat}}", f"mix: {{path: {bad}}}"))))
     assert r.returncode == 1
     assert "bad.jsonl:1" in r.stdout and "Traceback" not in r.stdout + r.stderr
+
+
+def test_bracketed_text_in_errors_and_descriptions_is_shown_as_it_is(write_recipe, tiny_sft, tmp_path):
+    """The console's markup must not eat "[row 1]" from an error, nor "[i mod len]" or "[int]" from
+    the stage reference."""
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}, 3]')
+    r = cli("run", str(write_recipe(tiny_sft.replace("mix: {toy: {task: chat, n: 64, format: chat}}", f"mix: {{path: {bad}}}"))),
+            env={"COLUMNS": "400"})
+    assert r.returncode == 1
+    assert "bad.json[row 1]: expected a JSON object per array element" in r.stdout, r.stdout
+    r = cli("stages", "reward_model", env={"COLUMNS": "400"})
+    assert "seeds (list[int] | None, default None)" in r.stdout and "takes seeds[i mod len]" in r.stdout
 
 
 def test_missing_dataset_file_is_a_recipe_error(write_recipe, tiny_sft):
