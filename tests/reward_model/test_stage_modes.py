@@ -59,9 +59,10 @@ def test_two_processes_train_the_same_members_and_average_as_one(tmp_path):
     accuracies equal a single-process run's up to the order of float sums. Dropout is 0 (the
     default) here: masks are drawn per rank for the rank's share of the batch, so under dropout two
     processes cannot reproduce one process's masks, by design."""
-    single = _recipe(tmp_path / "single")
+    further = {"eval_datasets": {"again": "${datasets.held_out}"}}  # scored from the saved members, over both ranks
+    single = _recipe(tmp_path / "single", further)
     one = run_recipe(single)["rm"]
-    double = _recipe(tmp_path / "double")
+    double = _recipe(tmp_path / "double", further)
     done = _torchrun(double, 2)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     two = json.loads((double.parent / "run" / "rm" / "manifest.json").read_text())
@@ -83,7 +84,7 @@ def test_two_processes_train_the_same_members_and_average_as_one(tmp_path):
         # of a step (seen: 3e-4 of the largest movement on one entry, 4e-6 over the whole model).
         assert _distance(a, b) <= 1e-4 * moved, name
     for key in ("member_1/accuracy", "member_2/accuracy", "average/accuracy", "ensemble/accuracy"):
-        assert one["metrics"][key] == two["metrics"][key], key
+        assert one["metrics"][key] == two["metrics"][key] == two["metrics"][f"again/{key}"], key
 
 
 # --- LoRA ---------------------------------------------------------------------------------------
