@@ -257,10 +257,16 @@ def _encode_row(where: str, row: dict, tokenizer, gemma_format: bool) -> tuple[l
 
 def _margin_of(where: str, row: dict) -> float:
     """The row's `margin` (how much better chosen is, e.g. a rating difference; Llama 2's margin
-    loss, TRL's `margin` column), 0.0 without one; anything but a finite number is refused."""
+    loss, TRL's `margin` column), 0.0 without one; anything but a finite number (or a number's
+    text, as a CSV cell holds it) is refused."""
     margin = row.get("margin")
     if margin is None:
         return 0.0
+    if isinstance(margin, str):
+        try:
+            margin = float(margin.strip())
+        except ValueError:
+            pass
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
         raise DataError(f"{where}: 'margin' must be a finite number (how much chosen is preferred), got {margin!r}")
     return float(margin)

@@ -333,11 +333,12 @@ def test_the_loss_subtracts_a_margin_and_adds_the_centring_term():
 def test_margins_are_read_per_row_and_a_margin_that_is_not_a_number_is_refused(toy_tokenizer, tmp_path):
     path = tmp_path / "prefs.jsonl"
     write_jsonl(path, [{"prompt": "Hi", "chosen": "Hello.", "rejected": "Go away.", "margin": 2},
-                       {"prompt": "Hi", "chosen": "Hello!", "rejected": "No."}])
+                       {"prompt": "Hi", "chosen": "Hello!", "rejected": "No."},
+                       {"prompt": "Hi", "chosen": "Hello!", "rejected": "No.", "margin": " 1.5"}])  # a CSV cell
     margins: list = []
     pairs, _ = load_pairs(str(path), toy_tokenizer, 64, None, margins)
-    assert len(pairs) == 2 and margins == [2.0, 0.0]
-    for bad in ("2", float("nan"), True):
+    assert len(pairs) == 3 and margins == [2.0, 0.0, 1.5]
+    for bad in ("two", "inf", float("nan"), True, [1]):
         write_jsonl(path, [{"prompt": "Hi", "chosen": "Hello.", "rejected": "Go away."},
                            {"prompt": "Hi", "chosen": "Hello.", "rejected": "Go away.", "margin": bad}])
         with pytest.raises(DataError, match=rf"{path}:2: 'margin' must be a finite number"):
