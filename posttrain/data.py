@@ -328,10 +328,14 @@ def _picked_column(row: dict, by: str, cases: dict[str, str], key: str) -> str:
     case names (a tie, say) is refused, not guessed: `filter:` keeps only the rows meant to be read."""
     if by not in row:
         raise DataError(f"{key}.by: column {by!r} is not in the dataset; the rows have {sorted(row)}")
+    cases = {case_label(k): v for k, v in cases.items()}  # as the recipe keeps them; a caller's raw keys too
     label = case_label(row[by])
     if label not in cases:
+        hint = ""
+        if {"true", "false"} & set(cases) and label.lower() in ("yes", "no", "on", "off", "y", "n"):
+            hint = f"; YAML reads an unquoted {label} as a boolean, so quote the recipe's key ('{label}':)"
         raise DataError(f"{key}.cases: {by!r} is {row[by]!r}, which no case names (cases: {sorted(cases)}); "
-                        f"keep only the rows to read with `filter: {{{by}: [...]}}`")
+                        f"keep only the rows to read with `filter: {{{by}: [...]}}`{hint}")
     if cases[label] not in row:
         raise DataError(f"{key}.cases.{label}: column {cases[label]!r} is not in the dataset; the rows have "
                         f"{sorted(row)}")

@@ -293,6 +293,11 @@ def test_preference_sets_that_keep_two_answers_and_a_label_pick_each_side_by_the
     typo = {**shp_columns, "chosen": {"by": "labels", "cases": {"1": "human_ref_a", "0": "human_ref_B"}}}
     with pytest.raises(DataError, match=r"columns\.chosen\.cases\.1: column 'human_ref_a' is not in the dataset"):
         mapped(shp, typo, name="typo.jsonl")
+    # YAML's unquoted yes/no are booleans: the refusal says so.
+    voted = [{"a": "Sure.", "b": "No.", "a_better": "yes"}]
+    with pytest.raises(DataError, match=r"YAML reads an unquoted yes as a boolean, so quote the recipe's key"):
+        mapped(voted, {"chosen": {"by": "a_better", "cases": {True: "a", False: "b"}},
+                       "rejected": {"by": "a_better", "cases": {True: "b", False: "a"}}}, name="voted.jsonl")
     # A filter on a CSV's text label matches the recipe's number, as the cases do.
     assert mapped(shp, shp_columns, row_filter={"labels": 1}, name="shp-filtered.csv") == expected[:1]
 
