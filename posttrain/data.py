@@ -324,11 +324,11 @@ def case_label(value: Any) -> str:
 
 
 def _picked_column(row: dict, by: str, cases: dict[str, str], key: str) -> str:
-    """The source column `cases` names for this row's value of its label column `by`. A value no
-    case names (a tie, say) is refused, not guessed: `filter:` keeps only the rows meant to be read."""
+    """The source column `cases` (keyed by case_label) names for this row's value of its label
+    column `by`. A value no case names (a tie, say) is refused, not guessed: `filter:` keeps only
+    the rows meant to be read."""
     if by not in row:
         raise DataError(f"{key}.by: column {by!r} is not in the dataset; the rows have {sorted(row)}")
-    cases = {case_label(k): v for k, v in cases.items()}  # as the recipe keeps them; a caller's raw keys too
     label = case_label(row[by])
     if label not in cases:
         hint = ""
@@ -425,6 +425,10 @@ def materialize_dataset(source: str, options: dict[str, Any], out: str | Path, w
                     data_dir=options.get("data_dir"),
                     revision=options.get("revision"), where=where)
     row_filter, columns, limit = options.get("filter") or {}, options.get("columns"), options.get("limit")
+    if columns:  # `cases` keys as the recipe keeps them (case_label), once, whoever built the options
+        columns = {target: ({**source, "cases": {case_label(k): v for k, v in source["cases"].items()}}
+                            if isinstance(source, dict) and source.get("cases") else source)
+                   for target, source in columns.items()}
 
     def rows():
         n = 0

@@ -647,7 +647,7 @@ def run_reward_model(config: RewardModelStageConfig, ctx: StageContext) -> Stage
     summary.update({f"{p.name}/{k}": v for p, d in zip(plans, done) for k, v in d.get("train", {}).items()})
     summary.update({"averaged_members": [i + 1 for i in chosen], "best_member": best + 1})
     if eval_pairs or further_sets:
-        session.prepare(model, config.learning_rate)  # on the device; no step is taken
+        model.to(session.device)  # scored only
     if eval_pairs:
         r_c, r_r = score_pairs(session, model, eval_pairs, pad_id, budget)
         ensemble = ensemble_scores([(done[i]["eval_chosen"], done[i]["eval_rejected"]) for i in chosen])
@@ -657,8 +657,7 @@ def run_reward_model(config: RewardModelStageConfig, ctx: StageContext) -> Stage
                         "members/accuracy_mean": sum(member_accs) / len(member_accs),
                         "members/accuracy_best": max(accuracies)})
     if further_sets:
-        summary.update(_further_accuracies(session, further_sets, plans, member_dirs, chosen, model, pad_id, budget,
-                                           config.learning_rate))
+        summary.update(_further_accuracies(session, further_sets, plans, member_dirs, chosen, model, pad_id, budget))
     session.barrier()
     session.close()
     return StageResult(outputs={"model": str(average_dir), "members": str(stage_dir / "members"),
@@ -708,14 +707,13 @@ def _train_member(config, ctx, session, plan: MemberPlan, head, pairs, margins, 
 
 
 def _further_accuracies(session: TrainingSession, sets: dict[str, list], plans: list[MemberPlan],
-                        member_dirs: list[str], averaged: list[int], average, pad_id: int, budget: int | None,
-                        learning_rate: float) -> dict[str, Any]:
+                        member_dirs: list[str], averaged: list[int], average, pad_id: int,
+                        budget: int | None) -> dict[str, Any]:
     """Pairwise accuracy on each further held-out set of every member, the average and the
     ensemble of the averaged members, each member loaded once for all sets."""
     scored: dict[str, list] = {name: [] for name in sets}
     for member_dir in member_dirs:
-        member = load_reward_model(member_dir, pad_id)
-        session.prepare(member, learning_rate)  # on the session's device; no step is taken
+        member = load_reward_model(member_dir, pad_id).to(session.device)
         for name, pairs in sets.items():
             scored[name].append(score_pairs(session, member, pairs, pad_id, budget))
         del member
