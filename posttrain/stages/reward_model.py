@@ -491,7 +491,9 @@ def _train(config: RewardModelStageConfig, ctx: StageContext, session: TrainingS
     for step in range(start, run.steps):
         rows = session.shard(pair_indices_for_step(len(pairs), step, config.batch_size, run.seed), "batch_size")
         total = session.all_sum(len(rows))  # the global number of pairs: the loss is their mean
-        loss_sum, correct = 0.0, 0
+        # Summed on the device and read once per step: a read per micro-batch would wait for the GPU each time.
+        loss_sum = torch.zeros((), device=session.device)
+        correct = torch.zeros((), dtype=torch.long, device=session.device)
         sizes = [len(pairs[i][0]) + len(pairs[i][1]) for i in rows]
         for mb in token_budget_batches(sizes, budget):
             chunk = rows[mb]
@@ -503,14 +505,14 @@ def _train(config: RewardModelStageConfig, ctx: StageContext, session: TrainingS
                       if margins is not None else None)
             loss = bradley_terry_loss(r_c, r_r, margin, config.center_rewards_coefficient).sum() / total
             loss.backward()
-            loss_sum += loss.item()
-            correct += int((r_c > r_r).sum())
+            loss_sum += loss.detach()
+            correct += (r_c > r_r).sum()
         result = session.step(config.max_grad_norm)
-        loss_all = session.all_sum(loss_sum)
+        loss_all = session.all_sum(float(loss_sum))
         if not math.isfinite(loss_all) or not result.finite:
             raise StageError(f"reward_model: {run.label} step {step + 1}: non-finite loss or gradient "
                              f"(loss {loss_all}); lower the learning rate")
-        window.append((loss_all, session.all_sum(correct), total))
+        window.append((loss_all, session.all_sum(int(correct)), total))
         advance(1)
         if (step + 1) % config.logging_steps == 0 or step + 1 == run.steps:
             last = {"resumed_from_step": start, "loss": sum(w[0] for w in window) / len(window),
