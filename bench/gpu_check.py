@@ -3,6 +3,7 @@
     python bench/gpu_check.py                       # the checks below, then bench_rl against TRL
     python bench/gpu_check.py --skip-bench          # the recipes only
     python bench/gpu_check.py --skip-warm           # without the reward-model (WARM) recipe
+    python bench/gpu_check.py --skip-rm-bench       # without bench_reward_model against TRL
     python bench/gpu_check.py --cpu                 # the same steps on the CPU (to try the script itself)
 
 1. Runs the quickstart recipe, shortened, so that every stage kind runs (filter, sft, evaluate,
@@ -17,6 +18,8 @@
 3. Runs bench/bench_rl.py with both contenders on the same GPU: posttrain's `rl` (each engine
    available: vLLM when installed, else transformers) against TRL's GRPOTrainer, and prints the
    tokens/s ratio (target: 1.5x or more).
+4. Runs bench/bench_reward_model.py on the same GPU: the `reward_model` stage against TRL's
+   RewardTrainer on the same token ids, in bf16, and prints the seconds-per-step ratio.
 
 Everything prints as it goes and a JSON summary is written to --out.
 """
@@ -134,6 +137,10 @@ def main() -> int:
     ap.add_argument("--work", default=None, help="working directory (default: a new temporary one)")
     ap.add_argument("--skip-bench", action="store_true", help="skip bench_rl against TRL")
     ap.add_argument("--skip-warm", action="store_true", help="skip the shortened recipes/warm.yaml")
+    ap.add_argument("--skip-rm-bench", action="store_true", help="skip bench_reward_model against TRL")
+    ap.add_argument("--rm-bench-args", default="--hidden 768 --layers 12 --sft-steps 0 --steps 60 --batch-size 32 "
+                    "--precision bf16 --rounds 2",
+                    help="arguments for bench/bench_reward_model.py (default: a Gemma3 of bench_rl's size, untrained)")
     ap.add_argument("--cpu", action="store_true", help="run the steps on the CPU (tries the script; proves nothing)")
     ap.add_argument("--set", action="append", default=[], help="extra recipe overrides")
     ap.add_argument("--bench-args", default="--hidden 768 --layers 12 --steps 6 --prompts 8 --group 8 --length 128",
@@ -234,6 +241,21 @@ def main() -> int:
             best = max(r["tokens_per_s"] for r in results[:-1]) / trl
             summary["rl_vs_trl_best"] = round(best, 2)
             print(f"\nposttrain rl against TRL GRPOTrainer on the same device: {best:.2f}x (target 1.5x)")
+
+    if not args.skip_rm_bench:
+        out = work / "bench_reward_model"
+        cmd = [sys.executable, str(ROOT / "bench" / "bench_reward_model.py"), "--out", str(out),
+               *args.rm_bench_args.split()]
+        print("\n" + " ".join(cmd), flush=True)
+        done = subprocess.run(cmd)
+        numbers = out / "bench_reward_model.json"
+        if done.returncode != 0 or not numbers.exists():
+            failures.append(f"bench_reward_model exited with {done.returncode}")
+        else:
+            results = json.loads(numbers.read_text())
+            summary["bench_reward_model"] = results
+            print(f"\nposttrain reward_model against TRL RewardTrainer on the same device: {results['ratio']:.2f}x "
+                  "(TRL's seconds per step over posttrain's)")
 
     summary["failures"] = failures
     Path(args.out).write_text(json.dumps(summary, indent=2, default=str))
