@@ -119,8 +119,9 @@ def adamw_with_warmup(params, learning_rate: float, weight_decay: float, warmup_
 
 
 def _fused_adamw_supported(params: list) -> bool:
-    """Whether torch's fused AdamW takes these parameters (floating point, on a device type with the
-    kernel); asked of torch by building one on a stand-in tensor, as the list of such devices is private."""
+    """Whether torch's fused AdamW takes these parameters: floating point, all on one device, of a
+    type with the kernel (asked of torch by building one on a stand-in tensor, as its list of such
+    devices is private)."""
     devices = {p.device for p in params}
     if not params or len(devices) != 1 or not all(p.is_floating_point() for p in params):
         return False
