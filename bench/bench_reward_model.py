@@ -167,7 +167,7 @@ def held_out_accuracy(model_dir: str, pairs, pad_id: int, precision: str, seed: 
 
     session = TrainingSession(precision, seed)
     model = load_reward_model(model_dir, pad_id).to(session.device)
-    accuracy = pairwise_accuracy(*score_pairs(session, model, pairs, pad_id, None))
+    accuracy = pairwise_accuracy(*score_pairs(session, model, pairs, pad_id, None, 64))
     session.close()
     return accuracy
 

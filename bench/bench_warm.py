@@ -77,7 +77,7 @@ def test_accuracies(stage_dir: Path, test_path: Path, model_path: str, seed: int
     def scores(path):
         model = load_reward_model(path, tokenizer.pad_token_id)
         session.prepare(model, 1e-5)  # on the session's device; no step is taken
-        return score_pairs(session, model, pairs, tokenizer.pad_token_id, 16384)
+        return score_pairs(session, model, pairs, tokenizer.pad_token_id, 16384, 64)
 
     members = [scores(path) for path in listing["members"]]
     chosen = [m for i, m in enumerate(members) if i + 1 in listing["averaged"]]

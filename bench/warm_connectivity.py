@@ -62,7 +62,7 @@ def main() -> None:
 
     def scores_at(state: dict) -> tuple[list[float], list[float]]:
         model.load_state_dict(state)
-        return score_pairs(session, model, pairs, tokenizer.pad_token_id, 16384)
+        return score_pairs(session, model, pairs, tokenizer.pad_token_id, 16384, 64)
 
     ends = [scores_at(w) for w in weights]
     print(f"{len(pairs)} held-out pairs; accuracy at a = {', '.join(map(str, ALPHAS))}")

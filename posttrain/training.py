@@ -35,6 +35,7 @@ instead of training wrongly.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -371,8 +372,20 @@ class TrainingSession:
     def learning_rate(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
+    def release(self) -> None:
+        """Drop the model, optimizer and schedule this session holds and hand their memory back to
+        the device. Between models trained one after another in one session (the reward-model
+        members), so that the next is not loaded while the last still holds its weights and AdamW
+        state."""
+        self.model = self.optimizer = self.scheduler = None
+        self._params = []
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def close(self) -> None:
-        """Drop accelerate's references to the models (its process group stays for the runner)."""
+        """Drop the session's and accelerate's references to the models (its process group stays for the runner)."""
+        self.release()
         self.accelerator.free_memory()
 
 

@@ -9,7 +9,7 @@
                 learning rate, dropout or SFT checkpoint (list options; member i takes entry
                 i mod the list's length)
     3. average  the uniform mean of the members' weights, head included (posttrain.weights.
-                linear_average): one reward model at inference. Optionally only the best k
+                merge_checkpoints, linear): one reward model at inference. Optionally only the best k
                 members by held-out pairwise accuracy.
 
 The manifest reports each member's, the average's and the prediction ensemble's held-out
@@ -47,7 +47,7 @@ from posttrain.stages.base import StageConfig, StageContext, StageError, StageRe
 from posttrain.trackers import ReportTo
 from posttrain.training import (LoraSpec, TrainingSession, latest_checkpoint, load_checkpoint, save_checkpoint,
                                 save_model, token_budget_batches, truncate_metrics)
-from posttrain.weights import linear_average
+from posttrain.weights import merge_checkpoints
 from rewards.reward_model import MEMBERS_FILE, encode_pair
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,8 @@ class RewardModelStageConfig(StageConfig):
     max_length: int = Field(512, ge=8, description="Pairs longer than this keep <bos> and their end (counted).")
     max_tokens_per_microbatch: int | None = Field(
         None, ge=1, description="Bound each forward/backward micro-batch by this many tokens (chosen + rejected of "
-        "whole pairs) and accumulate: memory per micro-batch is set by the budget, not batch_size.")
+        "whole pairs) and accumulate: memory per micro-batch is set by the budget, not batch_size. Held-out "
+        "pairs are scored within the same budget, or batch_size pairs at a time without one.")
     on_invalid_row: Literal["error", "skip"] = Field(
         "error", description="An invalid preference row stops the stage with its file and line, or is skipped, "
         "written to skipped.jsonl with the reason and counted (pairs_skipped).")
@@ -425,14 +426,21 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin:
 
 
 @torch.no_grad()
-def score_pairs(session: TrainingSession, model, pairs, pad_id: int, budget: int) -> tuple[list[float], list[float]]:
-    """(r_chosen, r_rejected) of every pair, over all ranks: each scores every W-th pair."""
+def score_pairs(session: TrainingSession, model, pairs, pad_id: int, budget: int | None,
+                pairs_per_batch: int) -> tuple[list[float], list[float]]:
+    """(r_chosen, r_rejected) of every pair, over all ranks: each scores every W-th pair, in
+    micro-batches of `budget` tokens, or of `pairs_per_batch` pairs without a budget (a held-out
+    set in one forward pass would not fit in memory). Longest pairs first, so that pairs of like
+    length share a batch (less padding) and a batch too large for memory fails at once."""
     was_training = model.training
     model.eval()
     idx = list(range(session.rank, len(pairs), session.world_size))
+    idx.sort(key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
     local: list[tuple[int, float, float]] = []
     sizes = [len(pairs[i][0]) + len(pairs[i][1]) for i in idx]
-    for mb in token_budget_batches(sizes, budget):
+    batches = (token_budget_batches(sizes, budget) if budget is not None
+               else [slice(start, start + pairs_per_batch) for start in range(0, len(idx), pairs_per_batch)])
+    for mb in batches:
         chunk = idx[mb]
         seqs = [pairs[i][0] for i in chunk] + [pairs[i][1] for i in chunk]
         with session.autocast():
@@ -604,6 +612,7 @@ def run_reward_model(config: RewardModelStageConfig, ctx: StageContext) -> Stage
                 tmp.replace(probe_file)
             session.barrier()
             del model
+            session.release()
         else:
             advance(config.probe_steps)
         head = torch.load(probe_file, weights_only=True, map_location="cpu")
@@ -634,13 +643,11 @@ def run_reward_model(config: RewardModelStageConfig, ctx: StageContext) -> Stage
     member_dirs = [str(stage_dir / "members" / p.name / "model") for p in plans]
     best = max(range(len(done)), key=lambda i: accuracies[i]) if eval_pairs else 0
     average_dir = stage_dir / "model"
-    model = load_reward_model(member_dirs[chosen[0]], pad_id)
-    # Every tensor, the head included, is the uniform mean over the averaged members.
-    model.load_state_dict(linear_average([load_reward_model(member_dirs[i], pad_id) for i in chosen]))
-    if hasattr(model.config, "attention_dropout"):
-        model.config.attention_dropout = 0.0
     if ctx.is_main:
-        save_model(model, tokenizer, average_dir)
+        # Every tensor, the head included, is the uniform mean over the averaged members, read from
+        # their checkpoints and written one tensor at a time: memory for one tensor per member, not
+        # for M whole models (members keep dropout 0 in their configs, which the average copies).
+        merge_checkpoints(None, [member_dirs[i] for i in chosen], average_dir, "linear")
         write_json(stage_dir / "members" / MEMBERS_FILE,
                    {"members": member_dirs, "averaged": [i + 1 for i in chosen], "best_member": best + 1,
                     "eval_accuracy": accuracies})
@@ -648,10 +655,11 @@ def run_reward_model(config: RewardModelStageConfig, ctx: StageContext) -> Stage
         summary.update({f"{p.name}/accuracy": a for p, a in zip(plans, accuracies)})
     summary.update({f"{p.name}/{k}": v for p, d in zip(plans, done) for k, v in d.get("train", {}).items()})
     summary.update({"averaged_members": [i + 1 for i in chosen], "best_member": best + 1})
+    session.barrier()  # the average is on disk
     if eval_pairs or further_sets:
-        model.to(session.device)  # scored only
+        model = load_reward_model(str(average_dir), pad_id).to(session.device)  # scored only
     if eval_pairs:
-        r_c, r_r = score_pairs(session, model, eval_pairs, pad_id, budget)
+        r_c, r_r = score_pairs(session, model, eval_pairs, pad_id, budget, config.batch_size)
         ensemble = ensemble_scores([(done[i]["eval_chosen"], done[i]["eval_rejected"]) for i in chosen])
         member_accs = [accuracies[i] for i in chosen]
         summary.update({"average/accuracy": pairwise_accuracy(r_c, r_r),
@@ -659,7 +667,8 @@ def run_reward_model(config: RewardModelStageConfig, ctx: StageContext) -> Stage
                         "members/accuracy_mean": sum(member_accs) / len(member_accs),
                         "members/accuracy_best": max(accuracies)})
     if further_sets:
-        summary.update(_further_accuracies(session, further_sets, plans, member_dirs, chosen, model, pad_id, budget))
+        summary.update(_further_accuracies(session, further_sets, plans, member_dirs, chosen, model, pad_id, budget,
+                                           config.batch_size))
     session.barrier()
     session.close()
     return StageResult(outputs={"model": str(average_dir), "members": str(stage_dir / "members"),
@@ -697,7 +706,7 @@ def _train_member(config, ctx, session, plan: MemberPlan, head, pairs, margins, 
     record: dict[str, Any] = {"name": plan.name, "seed": plan.seed, "learning_rate": plan.learning_rate,
                               "dropout": plan.dropout, "start": plan.start, "train": last}
     if eval_pairs:
-        r_c, r_r = score_pairs(session, final, eval_pairs, pad_id, budget)
+        r_c, r_r = score_pairs(session, final, eval_pairs, pad_id, budget, config.batch_size)
         record.update(eval_accuracy=pairwise_accuracy(r_c, r_r), eval_chosen=r_c, eval_rejected=r_r)
         metrics.log(run.step_offset + plan.steps, phase=plan.name, eval_accuracy=record["eval_accuracy"])
     if ctx.is_main:
@@ -705,25 +714,28 @@ def _train_member(config, ctx, session, plan: MemberPlan, head, pairs, margins, 
         write_json(member_dir / DONE, record)  # last: from here on the member is finished
         shutil.rmtree(member_dir / "checkpoints", ignore_errors=True)
     session.barrier()
+    del model, trained, final
+    session.release()  # before the next member is loaded
     return record
 
 
 def _further_accuracies(session: TrainingSession, sets: dict[str, list], plans: list[MemberPlan],
                         member_dirs: list[str], averaged: list[int], average, pad_id: int,
-                        budget: int | None) -> dict[str, Any]:
+                        budget: int | None, pairs_per_batch: int) -> dict[str, Any]:
     """Pairwise accuracy on each further held-out set of every member, the average and the
     ensemble of the averaged members, each member loaded once for all sets."""
     scored: dict[str, list] = {name: [] for name in sets}
     for member_dir in member_dirs:
         member = load_reward_model(member_dir, pad_id).to(session.device)
         for name, pairs in sets.items():
-            scored[name].append(score_pairs(session, member, pairs, pad_id, budget))
+            scored[name].append(score_pairs(session, member, pairs, pad_id, budget, pairs_per_batch))
         del member
     out: dict[str, Any] = {}
     for name, pairs in sets.items():
         out[f"{name}/pairs"] = len(pairs)
         out.update({f"{name}/{plan.name}/accuracy": pairwise_accuracy(*s) for plan, s in zip(plans, scored[name])})
-        out[f"{name}/average/accuracy"] = pairwise_accuracy(*score_pairs(session, average, pairs, pad_id, budget))
+        out[f"{name}/average/accuracy"] = pairwise_accuracy(*score_pairs(session, average, pairs, pad_id, budget,
+                                                                          pairs_per_batch))
         out[f"{name}/ensemble/accuracy"] = pairwise_accuracy(*ensemble_scores([scored[name][i] for i in averaged]))
     return out
 

@@ -400,3 +400,65 @@ def test_a_further_set_name_that_cannot_be_a_metric_name_is_refused():
 
     with pytest.raises(ValueError, match=r"eval_datasets: 'held out/v2' is not a usable set name"):
         RewardModelStageConfig(model="m", dataset="d", eval_datasets={"held out/v2": "x.jsonl"})
+
+
+def test_held_out_pairs_are_scored_in_batches_and_returned_in_their_order(tiny_gemma3_dir, toy_tokenizer, tmp_path):
+    # Without a token budget, a whole held-out set went through one forward pass: fine for 200 toy
+    # pairs, out of memory for a real set. Now batch_size pairs at a time, longest first.
+    from posttrain.stages.reward_model import load_reward_model, score_pairs
+    from posttrain.toy.tasks import generate
+    from posttrain.training import TrainingSession
+
+    path = tmp_path / "held.jsonl"
+    write_jsonl(path, generate("mix", 37, seed=3, split="eval", fmt="preference"))
+    pairs = load_pairs(str(path), toy_tokenizer, 128)[0]
+    pad = toy_tokenizer.pad_token_id
+    torch.manual_seed(0)
+    model = load_reward_model(tiny_gemma3_dir, pad)
+    rows_per_forward: list[int] = []
+    hook = model.register_forward_pre_hook(lambda _m, _a, kw: rows_per_forward.append(len(kw["input_ids"])),
+                                           with_kwargs=True)
+    session = TrainingSession("fp32", 0)
+    chosen, rejected = score_pairs(session, model, pairs, pad, None, 8)
+    hook.remove()
+    assert rows_per_forward == [16, 16, 16, 16, 10]  # 8 pairs (16 sequences) a pass; 37 pairs in 5 passes
+    with torch.no_grad():  # each pair alone, in the file's order: the same rewards, in the same order
+        alone = [model(input_ids=torch.tensor([side])).logits[0, 0].item() for pair in pairs for side in pair]
+    torch.testing.assert_close(torch.tensor(chosen), torch.tensor(alone[0::2]), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.tensor(rejected), torch.tensor(alone[1::2]), rtol=1e-4, atol=1e-4)
+    budgeted: list[int] = []
+    hook = model.register_forward_pre_hook(lambda _m, _a, kw: budgeted.append(int(kw["attention_mask"].sum())),
+                                           with_kwargs=True)
+    score_pairs(session, model, pairs, pad, 400, 8)  # a token budget takes precedence over the pair count
+    hook.remove()
+    session.close()
+    assert len(budgeted) > 1 and max(budgeted) <= 400
+
+
+def test_each_model_is_gone_before_the_next_is_loaded(tiny_gemma3_dir, tmp_path, monkeypatch):
+    # Members train one after another: the probe's model, then each member's, must be dropped
+    # (weights and AdamW state) before the next is loaded, or a large reward model needs twice its
+    # memory. The average is built from the checkpoints on disk, not from M models in memory.
+    import gc
+    import weakref
+
+    from posttrain.stages import reward_model as stage
+    from rm_helpers import train_two_members_from
+
+    loaded: list[weakref.ref] = []
+    alive_at_each_load: list[int] = []
+    real_load = stage.load_reward_model
+
+    def load(path, *args, **kwargs):
+        gc.collect()
+        alive_at_each_load.append(sum(ref() is not None for ref in loaded))
+        model = real_load(path, *args, **kwargs)
+        loaded.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(stage, "load_reward_model", load)
+    rows = [{"prompt": f"What is {a} + 1?", "chosen": str(a + 1), "rejected": str(a + 2)} for a in range(8)]
+    manifest = train_two_members_from(tiny_gemma3_dir, rows, tmp_path, "memory", max_steps=2)
+    # probe, member 1, member 2, then the average (scored): none of the earlier ones still alive
+    assert alive_at_each_load == [0, 0, 0, 0]
+    assert manifest["metrics"]["average/accuracy"] >= 0.0
