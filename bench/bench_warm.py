@@ -11,17 +11,22 @@
    give every number printed: each member, their mean, the best member (chosen on
    validation), the weight average and the prediction ensemble. Choosing and measuring on the
    same pairs would hand the best member the luck of the draw (the max of noisy estimates).
-3. RL over `--rl-seeds` seeds: both RL stages again with each seed against the same reward
-   models, plus RL against WARM with its reward scaled to the best member's spread (RLOO follows
-   the raw reward, so a reward model with a smaller spread also pulls the policy more gently);
-   per seed the step where the smoothed gold reward peaks, gold at the end and over the second
-   half of the run, and the KL to the SFT model.
-4. Writes warm_rl.png, each curve the step-by-step mean over the RL seeds: proxy and gold reward
+3. RL over reward-model draws and seeds: both RL stages (same seed, same steps) against the
+   recipe's reward models and against the best member and average of `--rl-draws` further
+   flipped-label repetitions (repetition 0 repeats the recipe's own stage): one draw of reward
+   models decides which quirks the best member has and how much of them the average keeps.
+   Each draw with `--rl-seeds` seeds; plus RL against the recipe's WARM with its reward scaled
+   to the best member's spread (RLOO follows the raw reward, so a reward model with a smaller
+   spread also pulls the policy more gently). Per run: the step where the smoothed gold reward
+   peaks, gold at the end and over the second half of the run, and the KL to the SFT model;
+   and in how many runs RL against WARM kept more gold over the second half than RL against
+   the best member.
+4. Writes warm_rl.png, each curve the step-by-step mean over the runs: proxy and gold reward
    per step, and gold against the KL to the SFT model (where the comparison no longer depends on
    the reward's scale).
 
-    python bench/bench_warm.py [--out runs/warm_bench] [--repeats 3] [--rl-seeds 3] [--test-pairs 5000]
-                               [--no-rl] [--labels both|flipped|clean] [--set key=value ...]
+    python bench/bench_warm.py [--out runs/warm_bench] [--repeats 3] [--rl-seeds 3] [--rl-draws 3]
+                               [--test-pairs 5000] [--no-rl] [--labels both|flipped|clean] [--set key=value ...]
 """
 
 from __future__ import annotations
@@ -120,16 +125,23 @@ def reward_model_repeat(manifests: dict, work: Path, seed: int, repeat: int, fli
 
 
 def rl_repeat(manifests: dict, work: Path, stage: str, seed: int, proxy_weight: float | None = None,
-              label: str | None = None) -> Path:
-    """One of the recipe's RL stages again, with another seed, against the same reward models;
-    `proxy_weight` rescales the proxy reward (the scale-matched run)."""
+              label: str | None = None, proxy_checkpoints: str | None = None, draw: str = "") -> Path:
+    """One of the recipe's RL stages again, with another seed; against the same reward models, or
+    against `proxy_checkpoints` (another draw of them: `draw` names it); `proxy_weight` rescales
+    the proxy reward (the scale-matched run)."""
     from posttrain.stages.base import StageContext
     from posttrain.stages.rl import RLStageConfig, run_rl
 
     config = dict(manifests[stage]["config"])
-    if proxy_weight is not None:
-        config["rewards"] = [{**r, "weight": proxy_weight} if r["name"] == "proxy" else r for r in config["rewards"]]
-    stage_dir = work / f"{label or stage}_seed{seed}"
+    rewards = []
+    for r in config["rewards"]:
+        if r["name"] == "proxy":
+            r = {**r, **({"weight": proxy_weight} if proxy_weight is not None else {})}
+            if proxy_checkpoints is not None:
+                r["kwargs"] = {**r.get("kwargs", {}), "checkpoints": proxy_checkpoints}
+        rewards.append(r)
+    config["rewards"] = rewards
+    stage_dir = work / f"{label or stage}{'_' + draw if draw else ''}_seed{seed}"
     stage_dir.mkdir(parents=True, exist_ok=True)
     ctx = StageContext(name=stage, kind="rl", stage_dir=stage_dir, run_dir=work, seed=seed, recipe_name="bench_warm")
     run_rl(RLStageConfig.model_validate(config), ctx)
@@ -191,7 +203,7 @@ def plot(curves: dict[str, tuple], window: int, path: Path, seeds: int = 1) -> N
         axes[1].plot(steps, smoothed(gold, window), label=label)
         axes[2].plot(smoothed(kl, window), smoothed(gold, window), label=label)
     if seeds > 1:
-        fig.suptitle(f"RL on the toy world: each curve is the mean of {seeds} seeds")
+        fig.suptitle(f"RL on the toy world: each curve is the mean of {seeds} runs (reward-model draws x seeds)")
     axes[0].set_title(f"proxy reward (its own reward model), mean of {window} steps")
     axes[1].set_title(f"gold reward (true preference), mean of {window} steps")
     axes[2].set_title("gold reward against KL(policy || SFT model)")
@@ -222,6 +234,10 @@ def main() -> None:
     # the WARM-minus-members differences measured; 5,000 pairs bring it to +/-0.003.
     parser.add_argument("--test-pairs", type=int, default=5000, help="held-out pairs that every number is measured on")
     parser.add_argument("--rl-seeds", type=int, default=3, help="RL seeds (the recipe's, then the next ones)")
+    parser.add_argument("--rl-draws", type=int, default=2,
+                        help="besides the recipe's reward models, RL also against the best member and average of N "
+                             "further flipped-label repetitions (other draws of the reward models; repetition 0 "
+                             "repeats the recipe's own)")
     parser.add_argument("--no-rl", action="store_true",
                         help="accuracy only: run the recipe's sft and rm stages, skip every RL run and the plot")
     parser.add_argument("--labels", choices=("both", "flipped", "clean"), default="both",
@@ -293,39 +309,66 @@ def main() -> None:
     # scales WARM's reward to the best member's spread on the same first-step samples, so that
     # "hacks later" cannot come from the scale alone.
     runs = {"RL vs best member": "rl_best_member", "RL vs WARM": "rl_warm"}
-    dirs = {label: [work / "run" / stage] + [rl_repeat(manifests, work, stage, seed + k)
-                                              for k in range(1, args.rl_seeds)]
-            for label, stage in runs.items()}
+    # Reward-model draws: the recipe's rm stage, then each flipped-label repetition's (its own label
+    # flips, probe and member seeds). One draw decides which quirks the best member has and how
+    # much of them the average keeps, so the RL claim is measured over draws as well as seeds.
+    draws = [("recipe", work / "run" / "rm")]
+    if settings["flipped"][0] in table:
+        # Repetition 0 has the recipe's seeds and flips: the recipe's draw again. The later ones are new draws.
+        draws += [(f"rep{r}", work / f"rm_flip{int(flip * 100)}_{r}") for r in range(1, min(args.rl_draws + 1,
+                                                                                            args.repeats))]
+
+    def best_member_of(stage_dir: Path) -> str:
+        listing = json.loads((stage_dir / "members" / "members.json").read_text())
+        return listing["members"][listing["best_member"] - 1]
+
+    dirs: dict[str, list[tuple[str, int, Path]]] = {label: [] for label in runs}
+    for draw, rm_dir in draws:
+        for k in range(args.rl_seeds):
+            for label, stage in runs.items():
+                if draw == "recipe" and k == 0:
+                    dirs[label].append((draw, seed, work / "run" / stage))
+                    continue
+                proxy = None if draw == "recipe" else (best_member_of(rm_dir) if stage == "rl_best_member"
+                                                       else str(rm_dir / "model"))
+                dirs[label].append((draw, seed + k, rl_repeat(manifests, work, stage, seed + k,
+                                                              proxy_checkpoints=proxy, draw=draw)))
     scale = first_step_proxy_std(work / "run" / "rl_best_member") / first_step_proxy_std(work / "run" / "rl_warm")
     scaled = "RL vs WARM x scale"
-    dirs[scaled] = [rl_repeat(manifests, work, "rl_warm", seed + k, proxy_weight=scale, label="rl_warm_scaled")
-                    for k in range(args.rl_seeds)]
+    dirs[scaled] = [("recipe", seed + k, rl_repeat(manifests, work, "rl_warm", seed + k, proxy_weight=scale,
+                                                   label="rl_warm_scaled")) for k in range(args.rl_seeds)]
     print(f"\nWARM's reward scaled by {scale:.2f} in '{scaled}' (the best member's spread over WARM's, "
-          "on the first step's samples)")
-    print("\nRL (same seeds, same steps): step where the smoothed gold reward peaks; gold at start/peak/end and its "
-          "mean over the second half of the run; proxy; KL to the SFT model at the end")
+          "on the first step's samples of the recipe's reward models)")
+    print(f"\nRL over {len(draws)} reward-model draws x {args.rl_seeds} seeds (same seeds, same steps): step where "
+          "the smoothed gold reward peaks; gold at start/peak/end and its mean over the second half of the run; proxy; "
+          "KL to the SFT model at the end")
     summary: dict[str, dict] = {}
-    for label, stage_dirs in dirs.items():
-        per_seed = []
-        for k, stage_dir in enumerate(stage_dirs):
+    for label, runs_of_label in dirs.items():
+        per_run = []
+        for draw, run_seed, stage_dir in runs_of_label:
             steps, proxy, gold, kl = rl_curves(stage_dir)
             g, p, d = smoothed(gold, args.window), smoothed(proxy, args.window), smoothed(kl, args.window)
             peak = max(range(len(g)), key=lambda i: g[i])
             late = gold[len(gold) // 2:]
-            per_seed.append({"seed": seed + k, "gold_peak_step": steps[peak], "gold_start": g[0], "gold_peak": g[peak],
-                             "gold_end": g[-1], "gold_second_half": sum(late) / len(late), "proxy_start": p[0],
-                             "proxy_end": p[-1], "kl_end": d[-1]})
-            print(f"  {label:<18} seed {seed + k}: peak at step {steps[peak]:>3}; gold {g[0]:.3f} / {g[peak]:.3f} / "
-                  f"{g[-1]:.3f}, second half {per_seed[-1]['gold_second_half']:.3f}; proxy {p[0]:.3f} -> {p[-1]:.3f}; "
-                  f"KL {d[-1]:.2f}")
-        summary[label] = {"seeds": per_seed, **({"proxy_weight": scale} if label == scaled else {}),
-                          **{f"mean_{key}": statistics.mean(s[key] for s in per_seed)
+            per_run.append({"draw": draw, "seed": run_seed, "gold_peak_step": steps[peak], "gold_start": g[0],
+                            "gold_peak": g[peak], "gold_end": g[-1], "gold_second_half": sum(late) / len(late),
+                            "proxy_start": p[0], "proxy_end": p[-1], "kl_end": d[-1]})
+            print(f"  {label:<18} {draw:<6} seed {run_seed}: peak at step {steps[peak]:>3}; gold {g[0]:.3f} / "
+                  f"{g[peak]:.3f} / {g[-1]:.3f}, second half {per_run[-1]['gold_second_half']:.3f}; "
+                  f"proxy {p[0]:.3f} -> {p[-1]:.3f}; KL {d[-1]:.2f}")
+        summary[label] = {"runs": per_run, **({"proxy_weight": scale} if label == scaled else {}),
+                          **{f"mean_{key}": statistics.mean(s[key] for s in per_run)
                              for key in ("gold_peak_step", "gold_end", "gold_second_half", "kl_end")}}
-        print(f"  {label:<18} mean over seeds: peak step {summary[label]['mean_gold_peak_step']:.1f}, gold at the end "
+        print(f"  {label:<18} mean over runs: peak step {summary[label]['mean_gold_peak_step']:.1f}, gold at the end "
               f"{summary[label]['mean_gold_end']:.3f}, gold in the second half {summary[label]['mean_gold_second_half']:.3f}, "
               f"KL at the end {summary[label]['mean_kl_end']:.2f}")
+    pairs = list(zip(summary["RL vs WARM"]["runs"], summary["RL vs best member"]["runs"]))
+    longer = sum(w["gold_second_half"] >= b["gold_second_half"] for w, b in pairs)
+    print(f"\nRL against WARM kept more gold over the second half than against the best member in {longer} of "
+          f"{len(pairs)} runs (same draw, same seed)")
     png = work / "warm_rl.png"
-    plot({label: mean_curves(stage_dirs) for label, stage_dirs in dirs.items()}, args.window, png, args.rl_seeds)
+    plot({label: mean_curves([d for _, _, d in runs_of_label]) for label, runs_of_label in dirs.items()},
+         args.window, png, len(dirs["RL vs WARM"]))
     (work / "bench_warm.json").write_text(json.dumps({"accuracy": table, "claims": claims, "rl": summary}, indent=2))
     print(f"\nplot: {png}\nnumbers: {work / 'bench_warm.json'}")
 
