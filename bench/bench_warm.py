@@ -25,7 +25,7 @@
    per step, and gold against the KL to the SFT model (where the comparison no longer depends on
    the reward's scale).
 
-    python bench/bench_warm.py [--out runs/warm_bench] [--repeats 3] [--rl-seeds 3] [--rl-draws 3]
+    python bench/bench_warm.py [--out runs/warm_bench] [--repeats 3] [--rl-seeds 3] [--rl-draws 2]
                                [--test-pairs 5000] [--no-rl] [--labels both|flipped|clean] [--set key=value ...]
 """
 
@@ -188,7 +188,7 @@ def mean_curves(stage_dirs: list[Path]) -> tuple[list[int], list[float], list[fl
     return (steps, *([statistics.fmean(values) for values in zip(*(run[i] for run in runs))] for i in (1, 2, 3)))
 
 
-def plot(curves: dict[str, tuple], window: int, path: Path, seeds: int = 1) -> None:
+def plot(curves: dict[str, tuple], window: int, path: Path, title: str = "") -> None:
     """Proxy and gold reward per step, and gold against the KL to the start model: a reward model
     with a smaller reward scale pulls the policy away more slowly, so per-step curves alone would
     credit its scale; at equal KL the comparison is of the rewards' quality."""
@@ -202,8 +202,8 @@ def plot(curves: dict[str, tuple], window: int, path: Path, seeds: int = 1) -> N
         axes[0].plot(steps, smoothed(proxy, window), label=label)
         axes[1].plot(steps, smoothed(gold, window), label=label)
         axes[2].plot(smoothed(kl, window), smoothed(gold, window), label=label)
-    if seeds > 1:
-        fig.suptitle(f"RL on the toy world: each curve is the mean of {seeds} runs (reward-model draws x seeds)")
+    if title:
+        fig.suptitle(title)
     axes[0].set_title(f"proxy reward (its own reward model), mean of {window} steps")
     axes[1].set_title(f"gold reward (true preference), mean of {window} steps")
     axes[2].set_title("gold reward against KL(policy || SFT model)")
@@ -368,7 +368,8 @@ def main() -> None:
           f"{len(pairs)} runs (same draw, same seed)")
     png = work / "warm_rl.png"
     plot({label: mean_curves([d for _, _, d in runs_of_label]) for label, runs_of_label in dirs.items()},
-         args.window, png, len(dirs["RL vs WARM"]))
+         args.window, png, f"RL on the toy world: each curve is the mean of its runs ({len(dirs['RL vs WARM'])} "
+         f"reward-model draws x seeds; x scale: the recipe's reward models, {args.rl_seeds} seeds)")
     (work / "bench_warm.json").write_text(json.dumps({"accuracy": table, "claims": claims, "rl": summary}, indent=2))
     print(f"\nplot: {png}\nnumbers: {work / 'bench_warm.json'}")
 
