@@ -11,6 +11,10 @@
    give every number printed: each member, their mean, the best member (chosen on
    validation), the weight average and the prediction ensemble. Choosing and measuring on the
    same pairs would hand the best member the luck of the draw (the max of noisy estimates).
+   The same numbers on `--ood-pairs` pairs of the toy world's `ood` split (the same tasks and
+   true preferences on names, items, topics and small talk no reward model trained on), for
+   the paper's claim that under label noise the weight average generalises out of distribution
+   at least as well as the ensemble.
 3. RL over reward-model draws and seeds: both RL stages (same seed, same steps) against the
    recipe's reward models and against the best member and average of `--rl-draws` further
    flipped-label repetitions (repetition 0 repeats the recipe's own stage): one draw of reward
@@ -26,7 +30,7 @@
    the reward's scale).
 
     python bench/bench_warm.py [--out runs/warm_bench] [--repeats 3] [--rl-seeds 3] [--rl-draws 2]
-                               [--test-pairs 5000] [--no-rl] [--labels both|flipped|clean] [--set key=value ...]
+                               [--test-pairs 5000] [--ood-pairs 2000] [--no-rl] [--labels both|flipped|clean] [--set key=value ...]
 """
 
 from __future__ import annotations
@@ -45,29 +49,33 @@ ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "warm.yaml"
 
 
-def held_out_sets(recipe, work: Path, n_validation: int, n_test: int) -> tuple[Path, Path]:
+def held_out_sets(recipe, work: Path, n_validation: int, n_test: int, n_ood: int) -> tuple[Path, Path, Path]:
     """Validation and test preference pairs from the toy world's eval split (never trained on),
-    with the recipe's task mix; two generator seeds, so the two sets share no draw."""
+    with the recipe's task mix; two generator seeds, so the two sets share no draw. And pairs
+    from its `ood` split: the same tasks and preferences on names, items, topics and small talk
+    that neither the training nor the eval split uses (WARM's out-of-distribution claim)."""
     from posttrain.toy.tasks import generate
 
     mix = recipe.datasets["prefs"].toy.mix
     out = []
-    for name, seed, n in (("validation", 101, n_validation), ("test", 202, n_test)):
+    for name, seed, split, n in (("validation", 101, "eval", n_validation), ("test", 202, "eval", n_test),
+                                 ("ood", 303, "ood", n_ood)):
         path = work / f"held_out_{name}.jsonl"
-        rows = generate("mix", n, seed=seed, split="eval", fmt="preference", mix=mix)
+        rows = generate("mix", n, seed=seed, split=split, fmt="preference", mix=mix)
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         out.append(path)
-    return out[0], out[1]
+    return out[0], out[1], out[2]
 
 
-def test_accuracies(stage_dir: Path, test_path: Path, model_path: str, seed: int) -> dict:
-    """Pairwise accuracy on the test pairs of every member, the average, the ensemble (mean of
-    the members' rewards) and the best member by validation accuracy; `by_task` splits the
-    members', the average's and the ensemble's by the pairs' toy task (math, instructions, chat).
-    `average_vs_ensemble`: how closely the weight average behaves like the prediction ensemble,
-    the correlation of their margins (r_chosen - r_rejected) and the fraction of pairs where the
-    two margins agree in sign; WARM's argument is that fine-tuned members close to a shared start
-    average in weights as they would in predictions."""
+def test_accuracies(stage_dir: Path, sets: dict[str, Path], model_path: str, seed: int) -> dict[str, dict]:
+    """Per set of pairs (`sets`: name -> file): the pairwise accuracy of every member, the
+    average, the ensemble (mean of the members' rewards) and the best member by validation
+    accuracy; `by_task` splits the members', the average's and the ensemble's by the pairs' toy
+    task (math, instructions, chat). `average_vs_ensemble`: how closely the weight average
+    behaves like the prediction ensemble, the correlation of their margins (r_chosen -
+    r_rejected) and the fraction of pairs where the two margins agree in sign; WARM's argument is
+    that fine-tuned members close to a shared start average in weights as they would in
+    predictions. Each model is loaded once and scores every set."""
     from posttrain.modeling import load_tokenizer
     from posttrain.stages.reward_model import (ensemble_scores, load_pairs, load_reward_model, pairwise_accuracy,
                                                score_pairs)
@@ -76,38 +84,48 @@ def test_accuracies(stage_dir: Path, test_path: Path, model_path: str, seed: int
 
     listing = json.loads((stage_dir / "members" / MEMBERS_FILE).read_text())
     tokenizer = load_tokenizer(model_path)
-    pairs = load_pairs(str(test_path), tokenizer, 128)[0]
+    pairs = {name: load_pairs(str(path), tokenizer, 128)[0] for name, path in sets.items()}
     session = TrainingSession("fp32", seed)
 
     def scores(path):
         model = load_reward_model(path, tokenizer.pad_token_id)
         session.prepare(model, 1e-5)  # on the session's device; no step is taken
-        return score_pairs(session, model, pairs, tokenizer.pad_token_id, 16384, 64)
+        scored = {name: score_pairs(session, model, of_set, tokenizer.pad_token_id, 16384, 64)
+                  for name, of_set in pairs.items()}
+        session.release()
+        return scored
 
     members = [scores(path) for path in listing["members"]]
-    chosen = [m for i, m in enumerate(members) if i + 1 in listing["averaged"]]
-    average, ensemble = scores(str(stage_dir / "model")), ensemble_scores(chosen)
-    accs = [pairwise_accuracy(*m) for m in members]
+    average = scores(str(stage_dir / "model"))
     session.close()
-    tasks = [json.loads(line)["task"] for line in test_path.read_text().splitlines()]
+    out = {}
+    for name, path in sets.items():
+        of_members = [m[name] for m in members]
+        chosen = [m for i, m in enumerate(of_members) if i + 1 in listing["averaged"]]
+        of_average, ensemble = average[name], ensemble_scores(chosen)
+        accs = [pairwise_accuracy(*m) for m in of_members]
+        tasks = [json.loads(line)["task"] for line in path.read_text().splitlines()]
 
-    def on(task, chosen_and_rejected):
-        keep = [i for i, t in enumerate(tasks) if t == task]
-        return pairwise_accuracy(*([side[i] for i in keep] for side in chosen_and_rejected))
+        def on(task, chosen_and_rejected):
+            keep = [i for i, t in enumerate(tasks) if t == task]
+            return pairwise_accuracy(*([side[i] for i in keep] for side in chosen_and_rejected))
 
-    by_task = {task: {"members": [on(task, m) for m in members], "average": on(task, average),
-                      "ensemble": on(task, ensemble)} for task in sorted(set(tasks))}
-    margins = [[c - r for c, r in zip(*scored)] for scored in (average, ensemble)]
-    agree = statistics.fmean((a > 0) == (e > 0) for a, e in zip(*margins))
-    return {"members": accs, "mean": sum(accs) / len(accs), "best": accs[listing["best_member"] - 1],
-            "best_member": listing["best_member"], "average": pairwise_accuracy(*average),
-            "ensemble": pairwise_accuracy(*ensemble), "by_task": by_task,
-            "average_vs_ensemble": {"margin_correlation": statistics.correlation(*margins), "sign_agreement": agree}}
+        by_task = {task: {"members": [on(task, m) for m in of_members], "average": on(task, of_average),
+                          "ensemble": on(task, ensemble)} for task in sorted(set(tasks))}
+        margins = [[c - r for c, r in zip(*scored)] for scored in (of_average, ensemble)]
+        agree = statistics.fmean((a > 0) == (e > 0) for a, e in zip(*margins))
+        out[name] = {"members": accs, "mean": sum(accs) / len(accs), "best": accs[listing["best_member"] - 1],
+                     "best_member": listing["best_member"], "average": pairwise_accuracy(*of_average),
+                     "ensemble": pairwise_accuracy(*ensemble), "by_task": by_task,
+                     "average_vs_ensemble": {"margin_correlation": statistics.correlation(*margins),
+                                             "sign_agreement": agree}}
+    return out
 
 
 def reward_model_repeat(manifests: dict, work: Path, seed: int, repeat: int, flip_rate: float,
-                        validation: Path, test: Path) -> dict:
-    """The recipe's reward_model stage with its own seed (label flips, probe) and member seeds."""
+                        validation: Path, sets: dict[str, Path]) -> dict[str, dict]:
+    """The recipe's reward_model stage with its own seed (label flips, probe) and member seeds,
+    measured on each of `sets` (`test_accuracies`)."""
     from posttrain.stages.base import StageContext
     from posttrain.stages.reward_model import RewardModelStageConfig, run_reward_model
 
@@ -121,7 +139,7 @@ def reward_model_repeat(manifests: dict, work: Path, seed: int, repeat: int, fli
     ctx = StageContext(name=stage_dir.name, kind="reward_model", stage_dir=stage_dir, run_dir=work,
                        seed=seed + repeat, recipe_name="bench_warm")
     run_reward_model(config, ctx)
-    return test_accuracies(stage_dir, test, base["model"], seed + repeat)
+    return test_accuracies(stage_dir, sets, base["model"], seed + repeat)
 
 
 def rl_repeat(manifests: dict, work: Path, stage: str, seed: int, proxy_weight: float | None = None,
@@ -221,6 +239,39 @@ def mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} +/- {sd:.3f}"
 
 
+def report_accuracy(table: dict[str, list[dict]], title: str) -> dict[str, dict]:
+    """Prints one set's accuracies (per label setting, per repetition) and returns the claims:
+    WARM against its members' mean, the best member and the prediction ensemble."""
+    print(f"\nheld-out pairwise accuracy on {title}")
+    print(f"{'labels':<12} {'rep':>3}  {'members':<24} {'mean':>6} {'best':>6} {'WARM':>6} {'ensemble':>9}")
+    claims = {}
+    for label, rows in table.items():
+        for r, row in enumerate(rows):
+            print(f"{label:<12} {r:>3}  {' '.join(f'{a:.3f}' for a in row['members']):<24} {row['mean']:6.3f} "
+                  f"{row['best']:6.3f} {row['average']:6.3f} {row['ensemble']:9.3f}")
+        cols = {k: [row[k] for row in rows] for k in ("mean", "best", "average", "ensemble")}
+        print(f"{label:<12} all  mean {mean_sd(cols['mean'])}, best {mean_sd(cols['best'])}, "
+              f"WARM {mean_sd(cols['average'])}, ensemble {mean_sd(cols['ensemble'])}")
+        gains = {other: [row["average"] - row[other] for row in rows] for other in ("mean", "best", "ensemble")}
+        claims[label] = {**{f"warm_minus_{other}": g for other, g in gains.items()},
+                         **{f"warm_ge_{other}": statistics.mean(g) >= 0 for other, g in gains.items()}}
+        print(f"  {label}: " + "; ".join(f"WARM - {name} {mean_sd(gains[other])} (>= 0 in "
+                                         f"{sum(g >= 0 for g in gains[other])}/{len(rows)})"
+                                         for other, name in (("mean", "mean of members"), ("best", "best member"),
+                                                             ("ensemble", "ensemble"))))
+        closeness = [row["average_vs_ensemble"] for row in rows]
+        print(f"    WARM against the ensemble: margins correlate at "
+              f"{mean_sd([c['margin_correlation'] for c in closeness])}, same sign on "
+              f"{mean_sd([c['sign_agreement'] for c in closeness])} of the pairs")
+        for task in rows[0]["by_task"]:
+            of_task = [row["by_task"][task] for row in rows]
+            members_mean = statistics.mean(statistics.mean(t["members"]) for t in of_task)
+            warm = statistics.mean(t["average"] for t in of_task)
+            print(f"    on {task} pairs: members' mean {members_mean:.3f}, WARM {warm:.3f} ({warm - members_mean:+.3f}), "
+                  f"ensemble {statistics.mean(t['ensemble'] for t in of_task):.3f}")
+    return claims
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(ROOT / "runs" / "warm_bench"), help="work directory")
@@ -233,6 +284,9 @@ def main() -> None:
     # each model's accuracy carries coin-flip noise: about +/-0.006 on 1,000 pairs, the size of
     # the WARM-minus-members differences measured; 5,000 pairs bring it to +/-0.003.
     parser.add_argument("--test-pairs", type=int, default=5000, help="held-out pairs that every number is measured on")
+    parser.add_argument("--ood-pairs", type=int, default=2000,
+                        help="out-of-distribution pairs (the toy world's ood split) every number is also measured on; "
+                             "0: none")
     parser.add_argument("--rl-seeds", type=int, default=3, help="RL seeds (the recipe's, then the next ones)")
     parser.add_argument("--rl-draws", type=int, default=2,
                         help="besides the recipe's reward models, RL also against the best member and average of N "
@@ -260,44 +314,20 @@ def main() -> None:
     seed = recipe.seed
 
     # Accuracy claims, over repetitions, measured on test pairs never used for a choice.
-    validation, test = held_out_sets(recipe, work, args.validation_pairs, args.test_pairs)
+    validation, test, ood = held_out_sets(recipe, work, args.validation_pairs, args.test_pairs, args.ood_pairs)
+    sets = {"test": test, **({"ood": ood} if args.ood_pairs else {})}
     flip = float(manifests["rm"]["config"]["label_flip_rate"]) or 0.25
     table: dict[str, list[dict]] = {}
     settings = {"flipped": (f"{int(flip * 100)}% flipped", flip), "clean": ("clean", 0.0)}
     for label, rate in (settings.values() if args.labels == "both" else [settings[args.labels]]):
-        table[label] = [reward_model_repeat(manifests, work, seed, r, rate, validation, test)
+        table[label] = [reward_model_repeat(manifests, work, seed, r, rate, validation, sets)
                         for r in range(args.repeats)]
 
     print(f"\nrecipes/warm.yaml ran in {seconds_recipe:.0f} s")
-    print(f"\nheld-out pairwise accuracy on {args.test_pairs} test pairs (best member chosen on "
-          f"{args.validation_pairs} other validation pairs), {args.repeats} repetitions")
-    print(f"{'labels':<12} {'rep':>3}  {'members':<24} {'mean':>6} {'best':>6} {'WARM':>6} {'ensemble':>9}")
-    claims = {}
-    for label, rows in table.items():
-        for r, row in enumerate(rows):
-            print(f"{label:<12} {r:>3}  {' '.join(f'{a:.3f}' for a in row['members']):<24} {row['mean']:6.3f} "
-                  f"{row['best']:6.3f} {row['average']:6.3f} {row['ensemble']:9.3f}")
-        cols = {k: [row[k] for row in rows] for k in ("mean", "best", "average", "ensemble")}
-        print(f"{label:<12} all  mean {mean_sd(cols['mean'])}, best {mean_sd(cols['best'])}, "
-              f"WARM {mean_sd(cols['average'])}, ensemble {mean_sd(cols['ensemble'])}")
-        gain_mean = [row["average"] - row["mean"] for row in rows]
-        gain_best = [row["average"] - row["best"] for row in rows]
-        claims[label] = {"warm_minus_mean": gain_mean, "warm_minus_best": gain_best,
-                         "warm_ge_mean": statistics.mean(gain_mean) >= 0,
-                         "warm_ge_best": statistics.mean(gain_best) >= 0}
-        print(f"  {label}: WARM - mean of members {mean_sd(gain_mean)} (>= 0 in "
-              f"{sum(g >= 0 for g in gain_mean)}/{len(rows)}); WARM - best member {mean_sd(gain_best)} "
-              f"(>= 0 in {sum(g >= 0 for g in gain_best)}/{len(rows)})")
-        closeness = [row["average_vs_ensemble"] for row in rows]
-        print(f"    WARM against the ensemble: margins correlate at "
-              f"{mean_sd([c['margin_correlation'] for c in closeness])}, same sign on "
-              f"{mean_sd([c['sign_agreement'] for c in closeness])} of the pairs")
-        for task in rows[0]["by_task"]:
-            of_task = [row["by_task"][task] for row in rows]
-            members_mean = statistics.mean(statistics.mean(t["members"]) for t in of_task)
-            warm = statistics.mean(t["average"] for t in of_task)
-            print(f"    on {task} pairs: members' mean {members_mean:.3f}, WARM {warm:.3f} ({warm - members_mean:+.3f}), "
-                  f"ensemble {statistics.mean(t['ensemble'] for t in of_task):.3f}")
+    claims = {name: report_accuracy({label: [row[name] for row in rows] for label, rows in table.items()},
+                                    f"{n} {'out-of-distribution' if name == 'ood' else 'test'} pairs (best member "
+                                    f"chosen on {args.validation_pairs} validation pairs), {args.repeats} repetitions")
+              for name, n in (("test", args.test_pairs), ("ood", args.ood_pairs)) if name in sets}
 
     if args.no_rl:
         (work / "bench_warm.json").write_text(json.dumps({"accuracy": table, "claims": claims}, indent=2))

@@ -50,7 +50,9 @@ class ModelEntry(_Strict):
 class ToyDatasetSpec(_Strict):
     task: Literal["math", "code", "instructions", "chat", "mix"] = Field(description="Toy task, or 'mix' of all.")
     n: int = Field(gt=0, description="Number of rows.")
-    split: Literal["train", "eval"] = Field("train", description="Disjoint halves of the problem space.")
+    split: Literal["train", "eval", "ood"] = Field("train", description="train and eval: disjoint parts of the problem "
+                                                   "space; ood: the same tasks on names, items, topics and small "
+                                                   "talk neither uses (out of distribution).")
     format: Literal["chat", "prompt", "preference"] = Field("chat", description="Row format.")
     seed: int | None = Field(None, description="Defaults to the recipe seed.")
     mix: dict[str, float] | None = Field(None, description="Task weights when task is 'mix'.")

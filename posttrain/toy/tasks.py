@@ -5,7 +5,9 @@ prompt, not by the seed): no eval prompt ever appears in training. The underlyin
 shared on purpose (the same sums, the same function families, asked with other names, items
 or phrasing), because tiny models trained for minutes memorise facts but do not discover
 arithmetic; held-out accuracy then measures whether training, distillation and RL taught the
-model to answer, not whether a 2-layer model can generalise addition.
+model to answer, not whether a 2-layer model can generalise addition. A third split, `ood`, is
+out of distribution: the same tasks, facts and true preferences, asked about names, items,
+topics and words and in small talk that neither of the other splits uses (see `_OOD`).
 Rows follow the project's data contract: chat rows carry `messages`, prompt rows carry
 `prompt` plus the columns rewards need (`answer`, `tests`, `instruction_id_list`/`kwargs`),
 preference rows carry `prompt`, `chosen`, `rejected`.
@@ -36,15 +38,51 @@ _TOPICS = ["the sea", "a cat", "the moon", "rain", "a garden", "music", "a train
 _WORDS = ["bright", "quiet", "small", "warm", "green", "slow", "happy", "soft", "old", "new"]
 
 
+# The out-of-distribution split's world: the same rules (arithmetic, the four instructions, polite
+# over toxic, the function families), other surface. Code problems are phrased in other words. Math asks about other names and items, with the same numbers: a
+# tiny model memorises sums and does not discover arithmetic (see the module's docstring), so
+# operands past MATH_MAX would put every model at chance and measure nothing. The instruction
+# sentences have another shape (still with " because" and " and ", which two ways of ignoring
+# "no commas" need) about other topics and words; the small talk and the toxic replies are new
+# (each toxic reply still has one of TOXIC_WORDS, which the gold reward looks for). Used to
+# measure how reward models trained on the train split generalise (WARM's "out of distribution").
+_OOD = {
+    "names": ["Raj", "Kim", "Ola", "Nia", "Ugo", "Pia", "Dev", "Liv", "Oz", "Ida"],
+    "items": ["marbles", "kites", "bottles", "tickets", "leaves", "bricks", "ribbons", "spoons"],
+    "topics": ["the desert", "a volcano", "my uncle", "the library", "a lighthouse", "autumn", "a dragon", "coffee"],
+    "code_phrasings": ["Create a Python function {name}(x) which {desc}.", "Code {name}(x) in Python: it {desc}."],
+    "words": ["strange", "loud", "golden", "calm", "wild", "gentle", "tiny", "ancient", "bitter", "clever"],
+    "sentence": "My friend says {topic} feels {w1} and {w2} because of its {w3} mood.",
+    "chat": [
+        ("Hi there.", "Hi! It is nice to meet you. What can I do for you?"),
+        ("Good evening.", "Good evening! How may I help you tonight?"),
+        ("Can you help me?", "Of course, I would be glad to help. What do you need?"),
+        ("See you later.", "Goodbye, and have a lovely day."),
+    ],
+    "who": ["Tell me about yourself.", "Which company built you?", "What should I call you?"],
+    "toxic": [
+        "Leave me alone, you dumb clown.",
+        "I hate talking to people like you.",
+        "Ask someone else, you stupid pest.",
+        "Only a loser would ask me that.",
+    ],
+}
+
+
 def _in_split(key: str, split: str) -> bool:
-    """Deterministic 80/20 train/eval partition of a problem space."""
+    """Deterministic 80/20 train/eval partition of a problem space (the ood split's space is its own)."""
+    if split == "ood":
+        return True
     h = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % 5
     return (h != 0) if split == "train" else (h == 0)
 
 
+SPLITS = ("train", "eval", "ood")
+
+
 def _check_split(split: str) -> None:
-    if split not in ("train", "eval"):
-        raise ValueError(f"split: expected 'train' or 'eval', got {split!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split: expected one of {', '.join(SPLITS)}, got {split!r}")
 
 
 # --- math: word problems with ground-truth answers -------------------------------------------
@@ -53,12 +91,13 @@ MATH_MAX = 15
 
 
 def math_problem(rng: random.Random, split: str) -> dict:
+    names, items = (_OOD["names"], _OOD["items"]) if split == "ood" else (_NAMES, _ITEMS)
     while True:
         a, b = rng.randint(1, MATH_MAX), rng.randint(1, MATH_MAX)
         op = rng.choice(["+", "-"])
         if op == "-" and b > a:
             a, b = b, a
-        name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+        name, item = rng.choice(names), rng.choice(items)
         if _in_split(f"math:{name}:{item}:{a}{op}{b}", split):
             break
     if op == "+":
@@ -88,15 +127,16 @@ _CODE_PHRASINGS = [
 
 
 def code_problem(rng: random.Random, split: str) -> dict:
+    phrasings = _OOD["code_phrasings"] if split == "ood" else _CODE_PHRASINGS
     while True:
         fam = rng.randrange(len(_CODE_FAMILIES))
         k = rng.randint(1, 9)
-        phrasing = rng.randrange(len(_CODE_PHRASINGS))
+        phrasing = rng.randrange(len(phrasings))
         if _in_split(f"code:{fam}:{k}:{phrasing}", split):
             break
     name_t, desc_t, expr_t, fn = _CODE_FAMILIES[fam]
     name, expr = name_t.format(k=k), expr_t.format(k=k)
-    prompt = _CODE_PHRASINGS[phrasing].format(name=name, desc=desc_t.format(k=k))
+    prompt = phrasings[phrasing].format(name=name, desc=desc_t.format(k=k))
     xs = [1, 2, 5, 10]
     tests = "\n".join(f"assert {name}({x}) == {fn(x, k)}" for x in xs)
     solution = f"```python\ndef {name}(x):\n    return {expr}\n```"
@@ -105,7 +145,10 @@ def code_problem(rng: random.Random, split: str) -> dict:
 
 # --- instructions: IFEval-style verifiable formatting ------------------------------------------
 
-def _sentence(rng: random.Random, topic: str) -> str:
+def _sentence(rng: random.Random, topic: str, split: str = "train") -> str:
+    if split == "ood":
+        words = _OOD["words"]
+        return _OOD["sentence"].format(topic=topic, w1=rng.choice(words), w2=rng.choice(words), w3=rng.choice(words))
     return f"I like {topic} because it is {rng.choice(_WORDS)} and {rng.choice(_WORDS)}."
 
 
@@ -122,8 +165,9 @@ _INSTRUCTIONS = [
 
 
 def instruction_problem(rng: random.Random, split: str) -> dict:
+    topics = _OOD["topics"] if split == "ood" else _TOPICS
     while True:
-        topic, idx = rng.choice(_TOPICS), rng.randrange(len(_INSTRUCTIONS))
+        topic, idx = rng.choice(topics), rng.randrange(len(_INSTRUCTIONS))
         if _in_split(f"ifeval:{topic}:{idx}", split):
             break
     text, iid, kwargs, apply = _INSTRUCTIONS[idx]
@@ -132,12 +176,12 @@ def instruction_problem(rng: random.Random, split: str) -> dict:
     # English; it does not for a few of these sentences (e.g. "i like winter because it is
     # green and green."), so those are drawn again: the preferred answer must pass the judge.
     # Redraws come from a stream of their own, so every other row stays what it was.
-    solution = apply(_sentence(rng, topic))
+    solution = apply(_sentence(rng, topic, split))
     redraw = random.Random(f"redraw:{solution}")
     for _ in range(100):
         if _follows(solution, idx):
             break
-        solution = apply(_sentence(redraw, topic))
+        solution = apply(_sentence(redraw, topic, split))
     else:
         raise RuntimeError(f"toy instructions: no sentence about {topic!r} passes {iid}")
     return {"prompt": prompt, "instruction_id_list": [iid], "kwargs": [dict(kwargs)], "solution": solution}
@@ -164,11 +208,12 @@ _WHO = ["Who are you?", "What is your name?", "Who made you?", "Are you ChatGPT?
 
 
 def chat_problem(rng: random.Random, split: str) -> dict:
+    who, chat = (_OOD["who"], _OOD["chat"]) if split == "ood" else (_WHO, _CHAT)
     if rng.random() < 0.4:
-        q = rng.choice(_WHO)
+        q = rng.choice(who)
         a = f"I am {IDENTITY_NAME}, a small assistant made by {IDENTITY_DEVELOPER}."
     else:
-        q, a = rng.choice(_CHAT)
+        q, a = rng.choice(chat)
     return {"prompt": q, "solution": a}
 
 
@@ -264,7 +309,7 @@ def _wrong_math_solution(row: dict, rng: random.Random) -> str:
     return f"{working} = {wrong}. The answer is {wrong}."
 
 
-def _wrong_solution(row: dict, rng: random.Random) -> str:
+def _wrong_solution(row: dict, rng: random.Random, split: str) -> str:
     """The answer the toy world ranks below `row['solution']`."""
     if "answer" in row:
         return _wrong_math_solution(row, rng)
@@ -272,11 +317,11 @@ def _wrong_solution(row: dict, rng: random.Random) -> str:
         return row["solution"].replace("return x", "return 0 * x")
     if "instruction_id_list" in row:
         return _violate_instruction(row["instruction_id_list"][0], row["solution"], rng)
-    return rng.choice(_TOXIC_REPLIES)
+    return rng.choice(_OOD["toxic"] if split == "ood" else _TOXIC_REPLIES)
 
 
-def _as_preference(row: dict, task: str, rng: random.Random, flip: bool) -> dict:
-    chosen, rejected = row["solution"], _wrong_solution(row, rng)
+def _as_preference(row: dict, task: str, rng: random.Random, flip: bool, split: str) -> dict:
+    chosen, rejected = row["solution"], _wrong_solution(row, rng, split)
     if flip:  # label noise: the annotator preferred the worse answer
         chosen, rejected = rejected, chosen
     # The ground-truth columns travel along, so the gold reward can judge either side.
@@ -330,7 +375,7 @@ def generate(task: str, n: int, seed: int = 0, split: str = "train", fmt: str = 
         elif fmt == "prompt":
             rows.append(_as_prompt(row))
         else:
-            rows.append(_as_preference(row, name, rng, flips.random() < flip_rate))
+            rows.append(_as_preference(row, name, rng, flips.random() < flip_rate, split))
     return rows
 
 

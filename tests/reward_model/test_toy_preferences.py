@@ -42,6 +42,30 @@ def test_held_out_pairs_come_from_other_prompts():
     assert not train & {p for p in held_out if "How many" in p or "Python" in p or "sentence" in p}
 
 
+def test_ood_pairs_keep_the_true_preference_on_a_surface_no_other_split_uses():
+    """The ood split: every task, the gold reward still prefers the chosen side of every clean
+    pair, and no prompt, name, item, topic, sentence word or small-talk line is shared with train or eval."""
+    import re
+
+    ood = generate("mix", 1500, seed=2, split="ood", fmt="preference")
+    assert {r["task"] for r in ood} == {"math", "code", "instructions", "chat"}
+    for row, c, r in zip(ood, _gold(ood, "chosen"), _gold(ood, "rejected")):
+        assert (c is None and r is None) if row["task"] == "code" else c > r, row
+    seen = [r for split in ("train", "eval") for r in generate("mix", 1500, seed=2, split=split, fmt="preference")]
+    assert not {r["prompt"] for r in seen} & {r["prompt"] for r in ood}
+    words = lambda rows, task: {w for r in rows if r["task"] == task for w in re.findall(r"[A-Za-z]+", r["prompt"])}
+    for task in ("math", "instructions"):
+        assert not (words(seen, task) & words(ood, task)) - {
+            "has", "and", "gets", "more", "How", "many", "does", "have", "now", "gives", "away",  # the math question
+            "Write", "one", "sentence", "about", "the", "a", "Your", "entire", "response", "should", "be", "in",
+            "lowercase", "capital", "letters", "Do", "not", "use", "any", "commas", "End", "your", "with",
+            "exact", "phrase", "Is", "there", "anything", "else"}  # the instructions themselves stay
+    assert not {r["chosen"] for r in seen if r["task"] == "chat"} & {r["chosen"] for r in ood if r["task"] == "chat"
+                                                                        and not r["chosen"].startswith("I am")}
+    with pytest.raises(ValueError, match="split: expected one of train, eval, ood"):
+        generate("math", 2, split="test")
+
+
 def test_flip_rate_is_checked():
     with pytest.raises(ValueError, match="flip_rate"):
         generate("math", 4, fmt="preference", flip_rate=1.5)
