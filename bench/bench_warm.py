@@ -30,7 +30,8 @@
    the reward's scale).
 
     python bench/bench_warm.py [--out runs/warm_bench] [--repeats 3] [--rl-seeds 3] [--rl-draws 2]
-                               [--test-pairs 5000] [--ood-pairs 2000] [--no-rl] [--labels both|flipped|clean] [--set key=value ...]
+                               [--test-pairs 5000] [--ood-pairs 2000] [--no-rl] [--labels both|flipped|clean]
+                               [--set key=value ...]
 """
 
 from __future__ import annotations

@@ -39,13 +39,14 @@ _WORDS = ["bright", "quiet", "small", "warm", "green", "slow", "happy", "soft", 
 
 
 # The out-of-distribution split's world: the same rules (arithmetic, the four instructions, polite
-# over toxic, the function families), other surface. Code problems are phrased in other words. Math asks about other names and items, with the same numbers: a
-# tiny model memorises sums and does not discover arithmetic (see the module's docstring), so
-# operands past MATH_MAX would put every model at chance and measure nothing. The instruction
-# sentences have another shape (still with " because" and " and ", which two ways of ignoring
-# "no commas" need) about other topics and words; the small talk and the toxic replies are new
-# (each toxic reply still has one of TOXIC_WORDS, which the gold reward looks for). Used to
-# measure how reward models trained on the train split generalise (WARM's "out of distribution").
+# over toxic, the function families), other surface. Math asks about other names and items with
+# the same numbers: a tiny model memorises sums and does not discover arithmetic (see the
+# module's docstring), so operands past MATH_MAX would put every model at chance and measure
+# nothing. The instruction sentences have another shape (still with " because" and " and ", which
+# two ways of ignoring "no commas" need) about other topics and words; code problems are phrased
+# in other words; the small talk and the toxic replies are new (each toxic reply still has one of
+# TOXIC_WORDS, which the gold reward looks for). Used to measure how reward models trained on the
+# train split generalise (WARM's "out of distribution").
 _OOD = {
     "names": ["Raj", "Kim", "Ola", "Nia", "Ugo", "Pia", "Dev", "Liv", "Oz", "Ida"],
     "items": ["marbles", "kites", "bottles", "tickets", "leaves", "bricks", "ribbons", "spoons"],
