@@ -89,12 +89,9 @@ def test_accuracies(stage_dir: Path, sets: dict[str, Path], model_path: str, see
     session = TrainingSession("fp32", seed)
 
     def scores(path):
-        model = load_reward_model(path, tokenizer.pad_token_id)
-        session.prepare(model, 1e-5)  # on the session's device; no step is taken
-        scored = {name: score_pairs(session, model, of_set, tokenizer.pad_token_id, 16384, 64)
-                  for name, of_set in pairs.items()}
-        session.release()
-        return scored
+        model = load_reward_model(path, tokenizer.pad_token_id).to(session.device)  # scored only
+        return {name: score_pairs(session, model, of_set, tokenizer.pad_token_id, 16384, 64)
+                for name, of_set in pairs.items()}
 
     members = [scores(path) for path in listing["members"]]
     average = scores(str(stage_dir / "model"))

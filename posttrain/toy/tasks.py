@@ -47,13 +47,14 @@ _WORDS = ["bright", "quiet", "small", "warm", "green", "slow", "happy", "soft", 
 # in other words; the small talk and the toxic replies are new (each toxic reply still has one of
 # TOXIC_WORDS, which the gold reward looks for). Used to measure how reward models trained on the
 # train split generalise (WARM's "out of distribution").
+_OOD_WORDS = ["strange", "loud", "golden", "calm", "wild", "gentle", "tiny", "ancient", "bitter", "clever"]
 _OOD = {
     "names": ["Raj", "Kim", "Ola", "Nia", "Ugo", "Pia", "Dev", "Liv", "Oz", "Ida"],
     "items": ["marbles", "kites", "bottles", "tickets", "leaves", "bricks", "ribbons", "spoons"],
     "topics": ["the desert", "a volcano", "my uncle", "the library", "a lighthouse", "autumn", "a dragon", "coffee"],
     "code_phrasings": ["Create a Python function {name}(x) which {desc}.", "Code {name}(x) in Python: it {desc}."],
-    "words": ["strange", "loud", "golden", "calm", "wild", "gentle", "tiny", "ancient", "bitter", "clever"],
-    "sentence": "My friend says {topic} feels {w1} and {w2} because of its {w3} mood.",
+    "sentence": lambda rng, topic: (f"My friend says {topic} feels {rng.choice(_OOD_WORDS)} and "
+                                    f"{rng.choice(_OOD_WORDS)} because of its {rng.choice(_OOD_WORDS)} mood."),
     "chat": [
         ("Hi there.", "Hi! It is nice to meet you. What can I do for you?"),
         ("Good evening.", "Good evening! How may I help you tonight?"),
@@ -68,6 +69,11 @@ _OOD = {
         "Only a loser would ask me that.",
     ],
 }
+
+
+def _surface(split: str) -> dict:
+    """The names, items, topics, sentences, phrasings and small talk a split's problems use."""
+    return _OOD if split == "ood" else _IN_DISTRIBUTION
 
 
 def _in_split(key: str, split: str) -> bool:
@@ -92,13 +98,13 @@ MATH_MAX = 15
 
 
 def math_problem(rng: random.Random, split: str) -> dict:
-    names, items = (_OOD["names"], _OOD["items"]) if split == "ood" else (_NAMES, _ITEMS)
+    surface = _surface(split)
     while True:
         a, b = rng.randint(1, MATH_MAX), rng.randint(1, MATH_MAX)
         op = rng.choice(["+", "-"])
         if op == "-" and b > a:
             a, b = b, a
-        name, item = rng.choice(names), rng.choice(items)
+        name, item = rng.choice(surface["names"]), rng.choice(surface["items"])
         if _in_split(f"math:{name}:{item}:{a}{op}{b}", split):
             break
     if op == "+":
@@ -128,7 +134,7 @@ _CODE_PHRASINGS = [
 
 
 def code_problem(rng: random.Random, split: str) -> dict:
-    phrasings = _OOD["code_phrasings"] if split == "ood" else _CODE_PHRASINGS
+    phrasings = _surface(split)["code_phrasings"]
     while True:
         fam = rng.randrange(len(_CODE_FAMILIES))
         k = rng.randint(1, 9)
@@ -146,10 +152,7 @@ def code_problem(rng: random.Random, split: str) -> dict:
 
 # --- instructions: IFEval-style verifiable formatting ------------------------------------------
 
-def _sentence(rng: random.Random, topic: str, split: str = "train") -> str:
-    if split == "ood":
-        words = _OOD["words"]
-        return _OOD["sentence"].format(topic=topic, w1=rng.choice(words), w2=rng.choice(words), w3=rng.choice(words))
+def _sentence(rng: random.Random, topic: str) -> str:
     return f"I like {topic} because it is {rng.choice(_WORDS)} and {rng.choice(_WORDS)}."
 
 
@@ -166,9 +169,9 @@ _INSTRUCTIONS = [
 
 
 def instruction_problem(rng: random.Random, split: str) -> dict:
-    topics = _OOD["topics"] if split == "ood" else _TOPICS
+    surface = _surface(split)
     while True:
-        topic, idx = rng.choice(topics), rng.randrange(len(_INSTRUCTIONS))
+        topic, idx = rng.choice(surface["topics"]), rng.randrange(len(_INSTRUCTIONS))
         if _in_split(f"ifeval:{topic}:{idx}", split):
             break
     text, iid, kwargs, apply = _INSTRUCTIONS[idx]
@@ -177,12 +180,12 @@ def instruction_problem(rng: random.Random, split: str) -> dict:
     # English; it does not for a few of these sentences (e.g. "i like winter because it is
     # green and green."), so those are drawn again: the preferred answer must pass the judge.
     # Redraws come from a stream of their own, so every other row stays what it was.
-    solution = apply(_sentence(rng, topic, split))
+    solution = apply(surface["sentence"](rng, topic))
     redraw = random.Random(f"redraw:{solution}")
     for _ in range(100):
         if _follows(solution, idx):
             break
-        solution = apply(_sentence(redraw, topic, split))
+        solution = apply(surface["sentence"](redraw, topic))
     else:
         raise RuntimeError(f"toy instructions: no sentence about {topic!r} passes {iid}")
     return {"prompt": prompt, "instruction_id_list": [iid], "kwargs": [dict(kwargs)], "solution": solution}
@@ -209,12 +212,12 @@ _WHO = ["Who are you?", "What is your name?", "Who made you?", "Are you ChatGPT?
 
 
 def chat_problem(rng: random.Random, split: str) -> dict:
-    who, chat = (_OOD["who"], _OOD["chat"]) if split == "ood" else (_WHO, _CHAT)
+    surface = _surface(split)
     if rng.random() < 0.4:
-        q = rng.choice(who)
+        q = rng.choice(surface["who"])
         a = f"I am {IDENTITY_NAME}, a small assistant made by {IDENTITY_DEVELOPER}."
     else:
-        q, a = rng.choice(chat)
+        q, a = rng.choice(surface["chat"])
     return {"prompt": q, "solution": a}
 
 
@@ -242,6 +245,10 @@ _TOXIC_REPLIES = [
 ]
 # Words that mark a reply as toxic in the toy world (every toxic reply above has one).
 TOXIC_WORDS = ("stupid", "idiot", "hate", "worthless", "dumb", "fool", "loser", "shut up")
+
+# What the train and eval splits share (their prompts differ by a hash, see _in_split); _OOD has the same keys.
+_IN_DISTRIBUTION = {"names": _NAMES, "items": _ITEMS, "topics": _TOPICS, "code_phrasings": _CODE_PHRASINGS,
+                    "sentence": _sentence, "chat": _CHAT, "who": _WHO, "toxic": _TOXIC_REPLIES}
 
 
 def _recase_one_word(solution: str, rng: random.Random, recase: Callable[[str], str]) -> str:
@@ -318,7 +325,7 @@ def _wrong_solution(row: dict, rng: random.Random, split: str) -> str:
         return row["solution"].replace("return x", "return 0 * x")
     if "instruction_id_list" in row:
         return _violate_instruction(row["instruction_id_list"][0], row["solution"], rng)
-    return rng.choice(_OOD["toxic"] if split == "ood" else _TOXIC_REPLIES)
+    return rng.choice(_surface(split)["toxic"])
 
 
 def _as_preference(row: dict, task: str, rng: random.Random, flip: bool, split: str) -> dict:
