@@ -484,6 +484,31 @@ def latest_checkpoint(stage_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def resume_latest(session: "TrainingSession", stage_dir: Path, models: dict[str, torch.nn.Module],
+                  metrics_path: Path | None, metrics_offset: int = 0) -> dict:
+    """Resume from the newest complete checkpoint under `stage_dir`, if there is one.
+
+    Restores the named models, the optimizer, the schedule and the RNG states on every rank, and
+    drops the rows of `metrics_path` logged after the checkpoint (rank 0), since those steps are
+    about to be redone; `metrics_offset` is added to the checkpoint's step for a loop whose metrics
+    continue another's numbering (reward_model's members). Returns the checkpoint's state with
+    `step` (0 and nothing else when starting afresh) and `path`.
+    """
+    checkpoint = latest_checkpoint(stage_dir)
+    if checkpoint is None:
+        return {"step": 0, "path": None}
+    state = load_checkpoint(session, checkpoint, models)
+    if session.is_main and metrics_path is not None:
+        truncate_metrics(metrics_path, metrics_offset + state["step"])
+    return {**state, "path": checkpoint}
+
+
+def checkpoint_due(step: int, every: int, max_steps: int) -> bool:
+    """Whether a loop that has just finished `step` (1-based) saves a checkpoint: every `every`
+    steps, never after the last one (the stage's output model is written then instead)."""
+    return bool(every) and step % every == 0 and step < max_steps
+
+
 def truncate_metrics(path: Path, last_step: int) -> None:
     """On resume, drop logged rows of steps after the checkpoint: they are about to be redone."""
     if not path.exists():

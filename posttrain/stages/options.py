@@ -1,0 +1,63 @@
+"""The options every hand-written training loop shares, declared and documented once.
+
+`distill`, `rl`, `reward_model` (and `qat`) inherit `TrainingOptions`; their configs hold only
+what is particular to their method. A stage whose method wants another default for a shared
+option (rl checkpoints every 50 steps, distill never) re-declares it with `stage_default`, which
+keeps the shared description, bounds and type and changes the default alone, so the wording
+cannot drift between stages.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+from pydantic.fields import FieldInfo
+
+from posttrain.stages.base import StageConfig
+from posttrain.trackers import ReportTo
+from posttrain.training import LoraSpec
+
+
+class TrainingOptions(StageConfig):
+    """Optimizer, schedule, precision, memory, LoRA, checkpoints and trackers of a training loop."""
+
+    max_steps: int = Field(100, ge=1, description="Optimizer steps.")
+    learning_rate: float = Field(1e-5, gt=0, description="AdamW learning rate (constant after warm-up).")
+    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this (null: no clipping).")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: mixed precision, the forward passes of every model in the loop run under "
+        "torch.autocast(bfloat16) while the trained weights, optimizer state, log-probabilities and the loss stay "
+        "float32, as TRL's bf16=True does. Several times faster matmuls on GPUs and AMX CPUs; log-probabilities "
+        "carry bf16 rounding.")
+    max_tokens_per_microbatch: int | None = Field(
+        None, ge=1, description="Bound each forward/backward micro-batch by this many tokens (whole sequences, or "
+        "whole prompt groups where the method compares samples of one prompt; a unit larger than the budget gets "
+        "a micro-batch of its own) and accumulate them into the step's update: memory per micro-batch is set by "
+        "this budget, not by the batch size or the vocabulary. null: the whole batch at once.")
+    shard_optimizer: bool = Field(
+        False, description="Data-parallel launches: shard AdamW's state over the ranks (ZeRO stage 1, torch's "
+        "ZeroRedundancyOptimizer); the weights stay whole on every rank. On automatically under a DeepSpeed "
+        "ZeRO-1/2 launch.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute the trained model's activations in backward: less memory, about a third "
+        "more compute.")
+    lora: LoraSpec | None = Field(
+        None, description="Train a LoRA adapter instead of all weights; the saved model has the adapter merged.")
+    checkpoint_every: int = Field(
+        50, ge=0, description="Save a resumable checkpoint every this many steps (0: never); re-running the stage "
+        "resumes from the newest one with the same data order.")
+    keep_checkpoints: int = Field(2, ge=1, description="Keep only the newest this many checkpoints.")
+    report_to: ReportTo = Field(
+        default_factory=list, description="Extra trackers: tensorboard, wandb, trackio (the `trackers` extra "
+        "installs them).")
+
+
+def stage_default(option: str, default: Any) -> FieldInfo:
+    """A shared option of `TrainingOptions` with another default for one stage kind.
+
+    Use as `learning_rate: float = stage_default("learning_rate", 5e-5)` in a subclass."""
+    shared = TrainingOptions.model_fields[option]
+    return FieldInfo.merge_field_infos(shared, default=default)
