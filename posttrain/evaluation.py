@@ -4,9 +4,9 @@ Every figure is an `Estimate`: a value, its sample count and a 95% interval, so 
 be compared before anyone reads meaning into their difference. The pieces:
 
 - `evaluate_prompts`: decode a prompt set (greedy or sampled, `samples` per prompt), score it
-  by task, summarise. Under data parallelism each rank passes its `rank` and `world_size`,
-  answers every W-th prompt, and a `gather` callable (e.g. `TrainingSession.gather_lists`)
-  collects the per-prompt records, so the figures cover the whole set on every rank.
+  as its `SetScoring` says, summarise. Under data parallelism each rank passes its training
+  session, answers every W-th prompt, and the per-prompt records are gathered
+  (`TrainingSession.gather_lists`), so the figures cover the whole set on every rank.
 - tasks, chosen from the columns a row carries (`task_for_row`):
   `math` (`answer`: the ground-truth verifier), `code` (`tests`: the sandbox; pass@k with the
   unbiased estimator), `instructions` (`instruction_id_list` + `kwargs`: IFEval's prompt- and
@@ -208,28 +208,40 @@ class EvalResult:
         return flatten(prefix, self.metrics)
 
 
-def evaluate_prompts(engine, rows: Sequence[dict], *, sampling, samples: int = 1, task: str | None = None,
-                     scorer=None, prompt_inputs: Sequence | None = None, success_threshold: float = 1.0,
-                     k_values: Sequence[int] = (1,), safety: SafetyChecks | None = None,
-                     rank: int = 0, world_size: int = 1, gather: Callable[[list], list] | None = None) -> EvalResult:
-    """Decode `samples` answers per row with `engine` (a rollout engine) and score them.
+@dataclass
+class SetScoring:
+    """How a prompt set's answers are judged: its task, the rewards (a `rewards.combine.CombinedReward`;
+    None: the task's verifier), the reward at which an answer counts correct, the k of pass@k
+    (code), and the safety flags to record."""
 
-    `scorer` is a `rewards.combine.CombinedReward`; by default the task's verifier. `prompt_inputs`
-    replaces what the engine is given per row (token ids a loop already made); the rewards always
-    see `row["prompt"]`. With `world_size` > 1 this rank answers rows rank, rank+W, ... and
-    `gather` (required then) concatenates the ranks' record lists; every rank gets all figures.
+    task: str | None = None
+    scorer: Any = None
+    success_threshold: float = 1.0
+    k_values: Sequence[int] = (1,)
+    safety: SafetyChecks | None = None
+
+
+def evaluate_prompts(engine, rows: Sequence[dict], *, sampling, scoring: SetScoring | None = None, samples: int = 1,
+                     prompt_inputs: Sequence | None = None, session=None) -> EvalResult:
+    """Decode `samples` answers per row with `engine` (a rollout engine) and score them as `scoring` says.
+
+    `prompt_inputs` replaces what the engine is given per row (token ids a loop already made); the
+    rewards always see `row["prompt"]`. `session` (a `posttrain.training.TrainingSession`, or
+    anything with `rank`, `world_size` and `gather_lists`) splits the rows over the ranks of a
+    data-parallel launch: this rank answers rows rank, rank+W, ... and the records are gathered, so
+    every rank gets the figures of the whole set.
     """
     from rewards.combine import CombinedReward, columns_from_rows
 
+    scoring = scoring or SetScoring()
     if not rows:
         raise ValueError("no prompts to evaluate")
-    if world_size > 1 and gather is None:
-        raise ValueError(f"world_size={world_size}: pass `gather` so the figures cover every rank's prompts")
-    task = task or task_for_row(rows[0])
+    rank, world_size = (session.rank, session.world_size) if session is not None else (0, 1)
+    task = scoring.task or task_for_row(rows[0])
     if task not in TASKS:
         raise ValueError(f"task: expected one of {', '.join(TASKS)}, got {task!r}")
-    if scorer is None:
-        scorer = CombinedReward(default_reward_specs(task))
+    scorer = scoring.scorer if scoring.scorer is not None else CombinedReward(default_reward_specs(task))
+    safety, success_threshold = scoring.safety, scoring.success_threshold
     inputs = list(prompt_inputs) if prompt_inputs is not None else [r["prompt"] for r in rows]
     if len(inputs) != len(rows):
         raise ValueError(f"prompt_inputs has {len(inputs)} entries for {len(rows)} rows")
@@ -258,10 +270,10 @@ def evaluate_prompts(engine, rows: Sequence[dict], *, sampling, samples: int = 1
             for name, values in flags.items():
                 rec[name] = values[span]
             records.append(rec)
-    if gather is not None:
-        records = gather(records)
+    if world_size > 1:
+        records = session.gather_lists(records)
     records.sort(key=lambda r: r["index"])
-    return EvalResult(summarize(records, task, k_values=k_values), records)
+    return EvalResult(summarize(records, task, k_values=scoring.k_values), records)
 
 
 def _ifeval_record(row: dict, texts: list[str]) -> dict:
@@ -363,10 +375,8 @@ def evaluate_with_rewards(engine, reward, rows: list[dict], prompt_ids: list[lis
     whatever the number of ranks."""
     from posttrain.rollout import SamplingParams
 
-    rank, world = (session.rank, session.world_size) if session is not None else (0, 1)
-    result = evaluate_prompts(engine, rows, task="reward", scorer=reward, prompt_inputs=prompt_ids,
-                              sampling=SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens),
-                              rank=rank, world_size=world, gather=session.gather_lists if session is not None else None)
+    result = evaluate_prompts(engine, rows, scoring=SetScoring(task="reward", scorer=reward), prompt_inputs=prompt_ids,
+                              sampling=SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens), session=session)
     out = {"eval/reward": result.metrics["mean_reward"].value}
     for name in sorted({n for record in result.records for n in record.get("per_reward", {})}):
         out[f"eval/{name}"] = result.metrics.get(f"reward/{name}", result.metrics["mean_reward"]).value

@@ -15,7 +15,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from posttrain.data import DataError, iter_rows, write_json, write_jsonl
-from posttrain.evaluation import TASK_BY_COLUMN, SafetyChecks, default_reward_specs, evaluate_prompts, side_by_side, task_for_row
+from posttrain.evaluation import (TASK_BY_COLUMN, SafetyChecks, SetScoring, default_reward_specs, evaluate_prompts,
+                                  side_by_side, task_for_row)
 from posttrain.rollout import RolloutConfig, SamplingParams, create_engine
 from posttrain.stages.base import StageConfig, StageContext, StageResult, register_stage
 from rewards.combine import CombinedReward, FaultPolicy, RewardSpec
@@ -107,9 +108,10 @@ def run_evaluate(cfg: EvaluateStageConfig, ctx: StageContext) -> StageResult:
             for name, rows in sets.items():
                 specs = cfg.rewards or [RewardSpec(**s) for s in default_reward_specs(tasks[name])]
                 scorer = CombinedReward(specs, fault_policy=cfg.fault_policy, base_dir=base_dir)
-                result = evaluate_prompts(engine, rows, sampling=cfg.sampling, samples=cfg.samples_per_prompt,
-                                          task=tasks[name], scorer=scorer, success_threshold=cfg.success_threshold,
-                                          k_values=cfg.pass_k, safety=safety)
+                scoring = SetScoring(task=tasks[name], scorer=scorer, success_threshold=cfg.success_threshold,
+                                     k_values=cfg.pass_k, safety=safety)
+                result = evaluate_prompts(engine, rows, sampling=cfg.sampling, scoring=scoring,
+                                          samples=cfg.samples_per_prompt)
                 metrics.update(result.flat(f"{name}/"))
                 figures[name] = {"task": tasks[name], "prompts": len(rows),
                                  "figures": {k: e.as_dict() for k, e in result.metrics.items()}}

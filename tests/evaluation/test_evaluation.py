@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 
 from posttrain.evaluation import (
     Estimate,
+    SetScoring,
     evaluate_prompts,
     flatten,
     ifeval_from_responses,
@@ -117,7 +119,8 @@ def test_math_set_every_figure_has_n_and_an_interval(engine):
     from posttrain.toy.tasks import generate
 
     rows = generate("math", 6, seed=0, split="eval", fmt="prompt")
-    res = evaluate_prompts(engine, rows, sampling=SamplingParams(temperature=0.0, max_new_tokens=6), safety=SafetyChecks())
+    res = evaluate_prompts(engine, rows, sampling=SamplingParams(temperature=0.0, max_new_tokens=6),
+                           scoring=SetScoring(safety=SafetyChecks()))
     for key in ("accuracy", "mean_reward", "stop_rate", "length_tokens", "safety/toxic_rate", "safety/pii_rate",
                 "safety/misidentification_rate"):
         e = res.metrics[key]
@@ -132,7 +135,7 @@ def test_code_pass_at_k_from_sampled_answers(engine):
 
     rows = generate("code", 3, seed=0, split="eval", fmt="prompt")
     res = evaluate_prompts(engine, rows, sampling=SamplingParams(temperature=1.0, max_new_tokens=8, seed=0),
-                           samples=4, k_values=(1, 4))
+                           samples=4, scoring=SetScoring(k_values=(1, 4)))
     assert res.metrics["pass@1"].n == 3 and "pass@4" in res.metrics
     assert all(len(r["completions"]) == 4 for r in res.records)
     expected = sum(pass_at_k(4, sum(r["correct"]), 4) for r in res.records) / 3
@@ -157,11 +160,18 @@ def test_ranks_answer_their_share_and_the_gathered_figures_equal_one_process(eng
     rows = generate("math", 5, seed=1, split="eval", fmt="prompt")
     greedy = SamplingParams(temperature=0.0, max_new_tokens=6)
     single = evaluate_prompts(engine, rows, sampling=greedy)
-    # Two ranks in turn (no process group needed): rank 1's records reach rank 0 through `gather`.
-    rank1 = evaluate_prompts(engine, rows, sampling=greedy, rank=1, world_size=2, gather=lambda recs: recs)
+    # Two ranks in turn (no process group needed): rank 1's records reach rank 0 through its
+    # session's gather_lists, as a TrainingSession's all-gather would bring them.
+    rank1 = evaluate_prompts(engine, rows, sampling=greedy, session=_Rank(1, 2, lambda recs: recs))
     assert [r["index"] for r in rank1.records] == [1, 3]
-    rank0 = evaluate_prompts(engine, rows, sampling=greedy, rank=0, world_size=2,
-                             gather=lambda recs: recs + rank1.records)
+    rank0 = evaluate_prompts(engine, rows, sampling=greedy, session=_Rank(0, 2, lambda recs: recs + rank1.records))
     assert rank0.records == single.records and rank0.metrics == single.metrics
-    with pytest.raises(ValueError, match="pass `gather`"):
-        evaluate_prompts(engine, rows, sampling=greedy, rank=0, world_size=2)
+
+
+@dataclass
+class _Rank:
+    """What evaluate_prompts reads of a TrainingSession: its place in the launch and its all-gather."""
+
+    rank: int
+    world_size: int
+    gather_lists: object
