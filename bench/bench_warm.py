@@ -298,8 +298,8 @@ def main() -> None:
     work = Path(args.out).resolve()
     work.mkdir(parents=True, exist_ok=True)
 
-    from posttrain.recipe import load_recipe
-    from posttrain.runner import run_recipe
+    from posttrain.pipeline.recipe import load_recipe
+    from posttrain.pipeline.runner import run_recipe
 
     t0 = time.perf_counter()
     run_args = [f"output_dir={work / 'run'}", *args.overrides]

@@ -45,8 +45,8 @@ def main() -> None:
     ap.add_argument("--stage", default="warp", help="name of the warp stage in the recipe")
     args = ap.parse_args()
 
-    from posttrain.recipe import load_recipe
-    from posttrain.runner import run_recipe
+    from posttrain.pipeline.recipe import load_recipe
+    from posttrain.pipeline.runner import run_recipe
     from posttrain.stages.warp import PointEvaluator, WarpStageConfig, read_weights
     from posttrain.weights import merge_checkpoints
     import torch

@@ -95,7 +95,7 @@ class UtilisationSampler:
 
 
 def run_recipe(work: Path, extra: list[str], use_cpu: bool) -> dict[str, dict]:
-    from posttrain.runner import run_recipe as run
+    from posttrain.pipeline.runner import run_recipe as run
 
     overrides = SHORT + [f"output_dir={work / 'run'}"] + extra
     if not use_cpu:
@@ -109,7 +109,7 @@ def run_warm_recipe(work: Path) -> tuple[dict[str, dict], list[str]]:
     (the averaged reward model) and gold reward at every step."""
     import torch
 
-    from posttrain.runner import run_recipe as run
+    from posttrain.pipeline.runner import run_recipe as run
 
     failures: list[str] = []
     try:

@@ -79,10 +79,10 @@ def _summary(console, outcomes, run_dir: Path) -> None:
 
 
 def cmd_run(args) -> int:
-    from posttrain.recipe import load_recipe
-    from posttrain.runner import Runner
+    from posttrain.pipeline.recipe import load_recipe
+    from posttrain.pipeline.runner import Runner
 
-    from posttrain.distributed import is_main
+    from posttrain.pipeline.processes import is_main
 
     console = _console()
     if not is_main():
@@ -110,7 +110,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from posttrain.report import write_report
+    from posttrain.pipeline.report import write_report
 
     try:
         path = write_report(args.run_dir, args.out)
@@ -122,7 +122,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from posttrain.recipe import load_recipe
+    from posttrain.pipeline.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.set or [])
     print(f"{args.recipe}: valid ({len(recipe.stages)} stages: {', '.join(f'{s.name}:{s.kind}' for s in recipe.stages)})")
@@ -150,7 +150,7 @@ def cmd_stages(args) -> int:
 def _print_fields(console, cls, indent: str) -> None:
     from pydantic_core import PydanticUndefined
 
-    from posttrain.recipe import _model_in
+    from posttrain.pipeline.recipe import _model_in
 
     for name, f in cls.model_fields.items():
         if f.is_required():
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 
         retain_freed_memory()  # training steps reuse freed heap memory instead of page-faulting it back
     from posttrain.data import DataError
-    from posttrain.recipe import RecipeError
+    from posttrain.pipeline.recipe import RecipeError
 
     try:
         code = {"run": cmd_run, "validate": cmd_validate, "stages": cmd_stages, "report": cmd_report}[args.command](args)
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _leave_launched_rank(code: int) -> None:
     """End a rank of a multi-process launch once the run is over and its process groups are torn
-    down (posttrain.distributed.ControlChannel.close). Left to the interpreter's exit, a gloo
+    down (posttrain.pipeline.processes.ControlChannel.close). Left to the interpreter's exit, a gloo
     thread still unwinding can make C++ abort the process ("terminate called without an active
     exception") after all the work is done and written, and the launcher then reports a failure."""
     import logging

@@ -42,7 +42,7 @@ class StageKind:
     run: Callable[[Any, "StageContext"], StageResult]
     outputs: tuple[str, ...]
     summary: str
-    distributed: bool = False  # runs on every process of a multi-process launch (see posttrain.distributed)
+    distributed: bool = False  # runs on every process of a multi-process launch (see posttrain.pipeline.processes)
     # Outputs that mean something only when a config key is set: {output: (key, why)}.
     output_requires: dict[str, tuple[str, str]] | None = None
 

@@ -17,7 +17,7 @@ from pydantic import Field
 
 from posttrain.chat import ChatFormatError, normalise_messages, prompt_completion_to_messages, tokenize_conversation
 from posttrain.data import DataError, iter_rows, write_jsonl
-from posttrain.distributed import world_size
+from posttrain.rollout.parallel import current_launch
 from posttrain.stages.base import StageConfig, StageContext, StageError, StageResult, register_stage
 from posttrain.trackers import ReportTo
 from posttrain.training import LoraSpec, save_model, save_tokenizer
@@ -141,7 +141,7 @@ def run_sft(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
     if losses and not all(math.isfinite(x) for x in losses):
         raise StageError(f"training loss became non-finite ({losses[-5:]}); lower learning_rate or check the data")
     out = ctx.stage_dir / "model"
-    if world_size() > 1 and cfg.lora is None:
+    if current_launch().world_size > 1 and cfg.lora is None:
         # Every rank takes part: under ZeRO-3 or FSDP the weights are gathered from all of them;
         # the trainer writes on the main process only.
         trainer.save_model(str(out))

@@ -149,7 +149,7 @@ def test_end_of_turn_counts_when_pad_is_the_same_id_and_prompt_never_does(toy_to
 
 
 def test_distill_stage_inside_a_recipe(tmp_path, tiny_gemma3_dir, math_teacher_dir):
-    from posttrain.runner import run_recipe
+    from posttrain.pipeline.runner import run_recipe
 
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"""

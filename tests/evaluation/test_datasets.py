@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from posttrain.data import DataError, write_jsonl
-from posttrain.recipe import RecipeError, load_recipe
-from posttrain.runner import run_recipe
+from posttrain.pipeline.recipe import RecipeError, load_recipe
+from posttrain.pipeline.runner import run_recipe
 
 
 @pytest.fixture

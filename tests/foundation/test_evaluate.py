@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.runner import run_recipe
+from posttrain.pipeline.runner import run_recipe
 
 EVAL = """
   - name: eval

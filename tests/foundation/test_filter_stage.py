@@ -4,7 +4,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from posttrain.runner import run_recipe
+from posttrain.pipeline.runner import run_recipe
 
 RECIPE = """
 name: f

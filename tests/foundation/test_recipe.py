@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from posttrain.recipe import RecipeError, load_recipe
+from posttrain.pipeline.recipe import RecipeError, load_recipe
 
 
 def error_of(write_recipe, text, overrides=()):

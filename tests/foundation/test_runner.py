@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.recipe import load_recipe
-from posttrain.runner import Runner, run_recipe
+from posttrain.pipeline.recipe import load_recipe
+from posttrain.pipeline.runner import Runner, run_recipe
 
 EXPORT = """
   - name: export
@@ -137,8 +137,8 @@ def test_failed_stage_writes_a_failed_manifest(write_recipe, tiny_sft, tmp_path)
 
 
 def test_toy_data_cached_by_another_generator_version_is_made_again(tmp_path, write_recipe, tiny_sft, monkeypatch):
-    from posttrain.recipe import load_recipe
-    from posttrain.runner import Inputs
+    from posttrain.pipeline.recipe import load_recipe
+    from posttrain.pipeline.runner import Inputs
     from posttrain.toy import tasks
 
     recipe = load_recipe(write_recipe(tiny_sft))

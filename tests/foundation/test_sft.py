@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from posttrain.runner import run_recipe
+from posttrain.pipeline.runner import run_recipe
 
 
 def test_loss_falls_on_a_learnable_task(write_recipe, tiny_sft):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.recipe import load_recipe
+from posttrain.pipeline.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))

@@ -39,7 +39,7 @@ def train_two_members_from(start: Path, rows: list[dict], tmp_path: Path, name: 
     two short members, with further stage `options`. Returns the stage's manifest."""
     import json
 
-    from posttrain.runner import run_recipe
+    from posttrain.pipeline.runner import run_recipe
 
     data = tmp_path / "prefs.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))

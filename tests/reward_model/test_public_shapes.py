@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from posttrain.chat import END_OF_TURN, START_OF_TURN
-from posttrain.runner import run_recipe
+from posttrain.pipeline.runner import run_recipe
 from rewards.reward_model import RewardModelScorer
 from rm_helpers import train_two_members_from
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from posttrain.data import DataError, write_jsonl
-from posttrain.runner import run_recipe
+from posttrain.pipeline.runner import run_recipe
 from posttrain.stages.reward_model import load_pairs, pair_indices_for_step
 from rm_helpers import weights, write_recipe
 
@@ -257,7 +257,7 @@ def test_shared_steps_members_split_from_one_fine_tune(finished, tmp_path):
 
 
 def test_two_members_that_would_be_the_same_run_are_refused_at_load(tmp_path):
-    from posttrain.recipe import RecipeError, load_recipe
+    from posttrain.pipeline.recipe import RecipeError, load_recipe
 
     # Lists cycle: with seeds [1, 2] the third member would repeat the first one exactly.
     same = {"name": "rm", "kind": "reward_model", "model": "${models.base}", "dataset": "${datasets.prefs}",
@@ -271,7 +271,7 @@ def test_two_members_that_would_be_the_same_run_are_refused_at_load(tmp_path):
 def test_best_member_is_referenced_only_from_a_stage_with_held_out_pairs(tmp_path):
     import yaml
 
-    from posttrain.recipe import RecipeError, load_recipe
+    from posttrain.pipeline.recipe import RecipeError, load_recipe
 
     rm = {"name": "rm", "kind": "reward_model", "model": "${models.base}", "dataset": "${datasets.prefs}", "members": 2}
     path = write_recipe(tmp_path, rm, "rm-best", pairs=8, held_out=4)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from posttrain.runner import run_recipe
+from posttrain.pipeline.runner import run_recipe
 from posttrain.stages.base import StageError
 from rm_helpers import TINY, weights, write_recipe
 

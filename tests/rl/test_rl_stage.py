@@ -151,7 +151,7 @@ def test_config_errors_name_the_key():
 
 
 def test_rl_stage_runs_inside_a_recipe(tmp_path):
-    from posttrain.runner import run_recipe
+    from posttrain.pipeline.runner import run_recipe
 
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"""

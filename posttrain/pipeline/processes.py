@@ -1,10 +1,11 @@
-"""Runs launched as several processes (`torchrun`, `accelerate launch` on a GPU node).
+"""The processes of a run: multi-process launches (`torchrun`, `accelerate launch`) and clean children.
 
 Every process runs `posttrain run`, but only one of them, rank 0, owns the run directory. Rank 0
 resolves the recipe, builds inputs, writes manifests and runs the stages that are
-single-process (filter, distill, rl, evaluate, export...). The other ranks take part only in
-the stages registered as `distributed` (sft: TRL/accelerate spread one training over all the
-processes). Rank 0 tells them what to run over a control channel.
+single-process (filter, evaluate, export, merge...) in a clean child process. Every rank takes
+part in the stages registered as `distributed` (sft through TRL/accelerate; distill, rl,
+reward_model and warp data-parallel on `posttrain.training`). Rank 0 tells the others what to
+run over a control channel.
 
 The channel is a gloo process group with a long timeout. While rank 0 spends hours on a
 single-process stage, the other ranks wait on it, and the default group's timeout (10-30 min)
@@ -16,6 +17,7 @@ reuses it.
 from __future__ import annotations
 
 import os
+import random
 from datetime import timedelta
 from typing import Any
 
@@ -119,8 +121,7 @@ def _stage_child(kind: str, config: dict, ctx_fields: dict, plugins: list[str], 
     import traceback
     from pathlib import Path
 
-    from posttrain.recipe import import_plugin
-    from posttrain.runner import run_stage_by_kind
+    from posttrain.pipeline.recipe import import_plugin
 
     try:
         for plugin in plugins:
@@ -130,3 +131,24 @@ def _stage_child(kind: str, config: dict, ctx_fields: dict, plugins: list[str], 
         sender.send(("error", (f"{type(e).__name__}: {e}", traceback.format_exc())))
     finally:
         sender.close()
+
+
+def seed_everything(seed: int) -> None:
+    """Python, numpy and torch RNGs; deterministic algorithms where torch has them cheaply."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    os.environ["PYTHONHASHSEED"] = str(seed)
+
+
+def run_stage_by_kind(kind: str, config: dict, ctx_fields: dict, is_main: bool = True):
+    """Run a stage in a process that received it by message (another rank, a clean child)."""
+    from posttrain.stages import STAGE_KINDS, StageContext
+
+    stage = STAGE_KINDS[kind]
+    ctx = StageContext(**ctx_fields, is_main=is_main)
+    seed_everything(ctx.seed)
+    return stage.run(stage.config_cls.model_validate(config), ctx)

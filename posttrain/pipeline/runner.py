@@ -28,24 +28,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from posttrain.data import is_saved_dataset, write_json, write_jsonl
-from posttrain.distributed import (ControlChannel, StageFailedInChild, is_main, run_in_clean_process,
-                                   world_size)
-from posttrain.recipe import Recipe, RecipeError, load_recipe, substitute_references
+from posttrain.pipeline.processes import (ControlChannel, StageFailedInChild, is_main, run_in_clean_process,
+                                          run_stage_by_kind, seed_everything, world_size)
+from posttrain.pipeline.recipe import Recipe, RecipeError, load_recipe, substitute_references
 from posttrain.stages import STAGE_KINDS, StageContext, StageError
 
 MANIFEST = "manifest.json"
 ATTEMPT = "attempt.json"
-
-
-def seed_everything(seed: int) -> None:
-    """Python, numpy and torch RNGs; deterministic algorithms where torch has them cheaply."""
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-    os.environ["PYTHONHASHSEED"] = str(seed)
 
 
 def _sha(obj: Any) -> str:
@@ -238,7 +227,7 @@ class Runner:
 
     def resolve_stage(self, entry) -> tuple[Any, str, dict]:
         """(config with references resolved, stage hash, resolved config dict)."""
-        from posttrain.recipe import iter_references
+        from posttrain.pipeline.recipe import iter_references
 
         raw_cfg = entry.config.model_dump(mode="json", exclude_unset=False)
         resolved = substitute_references(raw_cfg, self._resolve)
@@ -252,7 +241,7 @@ class Runner:
         """Load and map every dataset these stages read, before the first of them trains: a mapping
         mistake or an unreachable hub set in the last stage's data fails in seconds, not after the
         stages before it have trained for hours. Each is written once and reused when its stage runs."""
-        from posttrain.recipe import iter_references
+        from posttrain.pipeline.recipe import iter_references
 
         for entry in stages:
             for _, ref in iter_references(entry.config.model_dump(mode="json", exclude_unset=False)):
@@ -265,7 +254,7 @@ class Runner:
             progress_factory=None, on_stage_start=None) -> list[StageOutcome]:
         """Run the recipe's stages that need it. Under a multi-process launch (torchrun, accelerate
         launch) rank 0 does this and returns the outcomes; the other ranks run the distributed
-        stages rank 0 hands them and return an empty list (see posttrain.distributed)."""
+        stages rank 0 hands them and return an empty list (see posttrain.pipeline.processes)."""
         if world_size() == 1:
             return self._run(from_stage, only, dry_run, progress_factory, on_stage_start)
         self._channel = ControlChannel()
@@ -344,8 +333,8 @@ class Runner:
         return outcomes
 
     def _write_report(self) -> Path | None:
-        """The run's HTML report (posttrain.report); a report that cannot be drawn never fails the run."""
-        from posttrain.report import write_report
+        """The run's HTML report (posttrain.pipeline.report); a report that cannot be drawn never fails the run."""
+        from posttrain.pipeline.report import write_report
 
         try:
             return write_report(self.recipe.output_dir)
@@ -417,7 +406,7 @@ class Runner:
 
     def _run_isolated(self, entry, resolved: dict, ctx: StageContext):
         """Rank 0 of a multi-process launch: a single-process stage runs in a clean child process
-        (see posttrain.distributed.run_in_clean_process); its progress shows as its own output."""
+        (see posttrain.pipeline.processes.run_in_clean_process); its progress shows as its own output."""
         plugin_dir = self.recipe.source.parent if self.recipe.source else Path.cwd()
         return run_in_clean_process(entry.kind, resolved, _portable(ctx), list(self.recipe.raw.get("plugins") or []),
                                     str(plugin_dir))
@@ -456,14 +445,6 @@ def _portable(ctx: StageContext) -> dict:
     """The context's fields another process needs to rebuild it (not the live progress bar)."""
     return {"name": ctx.name, "kind": ctx.kind, "stage_dir": ctx.stage_dir, "run_dir": ctx.run_dir, "seed": ctx.seed,
             "recipe_name": ctx.recipe_name, "lineage": ctx.lineage, "recipe_dir": ctx.recipe_dir}
-
-
-def run_stage_by_kind(kind: str, config: dict, ctx_fields: dict, is_main: bool = True):
-    """Run a stage in a process that received it by message (another rank, a clean child)."""
-    stage = STAGE_KINDS[kind]
-    ctx = StageContext(**ctx_fields, is_main=is_main)
-    seed_everything(ctx.seed)
-    return stage.run(stage.config_cls.model_validate(config), ctx)
 
 
 def run_recipe(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = (), **kwargs) -> dict[str, dict]:
