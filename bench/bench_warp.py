@@ -1,4 +1,4 @@
-"""WARP's claims (ALGORITHMS.md section 4) checked at toy scale on a run of recipes/warp.yaml.
+"""WARP's claims (docs/algorithms.md#warp) checked at toy scale on a run of recipes/warp.yaml.
 
     python bench/bench_warp.py                       # runs the recipe if its warp stage is not complete
     python bench/bench_warp.py --run-dir runs/warp   # an existing run directory

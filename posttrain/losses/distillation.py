@@ -8,7 +8,7 @@ Conventions shared by every function here:
   when pad and end-of-turn share an id that test would drop the stop token and the student
   would never learn to stop.
 - `temperature` divides both student and teacher logits before the softmax. Samples for the
-  loss must be drawn at the same temperature (ALGORITHMS.md section 1).
+  loss must be drawn at the same temperature (docs/algorithms.md#gkd).
 - `reduction`: "token_mean" (sum over counted positions / their number, the TRL convention),
   "sequence_mean" (per sequence (1/L) * sum_n, then mean over sequences: the GKD paper's
   D(x, y)), "sum", or "none" (per-position values, zero where masked).
@@ -393,7 +393,7 @@ def sampled_target_loss(student_logits: LogitsLike, ids: torch.Tensor, probs: to
     """Cross-entropy of the student against a sparse teacher target: -sum_{v in S} q(v) log p_S(v).
 
     `ids`/`probs` come from `sample_teacher_targets`, `top_k_teacher_targets` or a teacher cache
-    (EMPTY_SLOT ids are ignored). `normalise_over="vocab"` (the default, ALGORITHMS.md section 2)
+    (EMPTY_SLOT ids are ignored). `normalise_over="vocab"` (the default, docs/algorithms.md#sampled-logits)
     takes log p_S from the softmax over the whole vocabulary; "set" renormalises the student over
     the ids of S only. The value is a cross-entropy (it includes the target's entropy), as in the
     Gemma 3 report; its gradient equals that of KL(q || p_S).

@@ -1,6 +1,6 @@
 """Policy-gradient pieces of RL finetuning, as pure functions on tensors.
 
-WARP's first stage (ALGORITHMS.md, section 4) reads, per prompt x and sampled completion y:
+WARP's first stage (docs/algorithms.md#rloo) reads, per prompt x and sampled completion y:
 
     r_beta(x, y) = r(x, y) - beta * log(pi(y|x) / pi_anchor(y|x))         kl_regularised_rewards
     A(x, y_i)    = r_beta(x, y_i) - mean_{j != i} r_beta(x, y_j)           rloo_advantages

@@ -1,6 +1,6 @@
 """`distill`: on-policy knowledge distillation from a teacher (GKD) with Gemma 3 sampled-logit targets.
 
-The loop, per step (ALGORITHMS.md sections 1 and 2):
+The loop, per step (docs/algorithms.md#gkd and #sampled-logits):
     with probability lambda_on_policy: the student samples completions for a batch of prompts
         through the rollout engine (no gradient flows through the sampling);
     otherwise: a batch of (prompt, completion) sequences from the dataset or the teacher cache;

@@ -1,4 +1,4 @@
-"""`reward_model`: Bradley-Terry reward models and WARM, their weight average (ALGORITHMS.md, section 5).
+"""`reward_model`: Bradley-Terry reward models and WARM, their weight average (docs/algorithms.md#bradley-terry, #warm).
 
     1. probe    the SFT model with a scalar head; the head alone is trained on the preference
                 pairs (a linear probe: the backbone is frozen), once, and shared by every member

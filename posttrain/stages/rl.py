@@ -1,7 +1,7 @@
 """`rl`: REINFORCE with a leave-one-out baseline and a KL penalty to an EMA anchor (WARP, stage 1),
-or J-BOND / BOND (`algorithm: jbond | bond`, ALGORITHMS.md section 3: see `_bond_step` below).
+or J-BOND / BOND (`algorithm: jbond | bond`, docs/algorithms.md#bond: see `_bond_step` below).
 
-Every step of `algorithm: rloo`, written out in `run_rl` top to bottom (ALGORITHMS.md, section 4):
+Every step of `algorithm: rloo`, written out in `run_rl` top to bottom (docs/algorithms.md#rloo):
 
     1. sample      a batch of prompts; n completions each from the rollout engine (temperature T)
     2. reward      r(x, y): the recipe's rewards, combined with weights (rewards.combine)
@@ -473,7 +473,7 @@ def policy_gradient_pass(config: RLStageConfig, session: TrainingSession, policy
 
 # --- J-BOND and BOND (algorithm: jbond | bond) --------------------------------------------------
 #
-# Per step, on this rank's prompts (ALGORITHMS.md, section 3; posttrain.losses.bond):
+# Per step, on this rank's prompts (docs/algorithms.md#bond; posttrain.losses.bond):
 #
 #     1. sample      one completion per prompt from the policy; k from the EMA anchor (jbond: 2, bond: N)
 #     2. reward      all 1 + k completions of a prompt in one reward call

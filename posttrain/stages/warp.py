@@ -1,4 +1,4 @@
-"""`warp`: Weight Averaged Rewarded Policies (Rame et al. 2024; ALGORITHMS.md section 4).
+"""`warp`: Weight Averaged Rewarded Policies (Rame et al. 2024; docs/algorithms.md#warp).
 
 One iteration, from a start point theta_init (the SFT model at first):
 

@@ -51,7 +51,7 @@ def test_best_of_n_kl_stays_below_the_bound_and_approaches_it_as_the_categorical
         assert all(kl <= bound + 1e-12 for kl in kls), (n, kls, bound)
         assert kls == sorted(kls)  # finer categoricals come closer
         assert bound - kls[-1] < 0.01 * bound, (n, kls, bound)
-    # The numbers ALGORITHMS.md quotes: N = 2 over two equally likely outcomes 0.131 vs 0.193; N = 8 ~ 1.20.
+    # The numbers docs/algorithms.md#bond quotes: N = 2 over two equally likely outcomes 0.131 vs 0.193; N = 8 ~ 1.20.
     two = torch.tensor([0.5, 0.5], dtype=torch.float64)
     assert float(categorical_kl(best_of_n_probs(two, torch.tensor([0.0, 1.0]).double(), 2), two)) == pytest.approx(0.131, abs=1e-3)
     assert best_of_n_kl_bound(2) == pytest.approx(0.193, abs=1e-3) and best_of_n_kl_bound(8) == pytest.approx(1.204, abs=1e-3)
