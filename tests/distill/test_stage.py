@@ -8,11 +8,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from posttrain.data import read_rows, write_jsonl
+from posttrain.data import TokenSequence, read_rows, write_jsonl
 from posttrain.modeling import end_of_turn_id
+from posttrain.sequences import TokenizerMismatchError, logit_mask, pad_batch
 from posttrain.stages.base import StageContext, StageError
-from posttrain.stages.distill import (DistillStageConfig, TokenizerMismatchError, TokenSequence, distillation_loss,
-                                      logit_mask, pad_batch, run_distill)
+from posttrain.stages.distill import DistillStageConfig, distillation_loss, run_distill
 from posttrain.stages.distill_cache import DistillCacheStageConfig, run_distill_cache
 from posttrain.toy import tasks
 
