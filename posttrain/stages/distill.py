@@ -138,6 +138,8 @@ class DistillStageConfig(TrainingOptions):
                                      self.with_replacement, self.student_normalisation, self.reduction, chunk_size)
 
 
+# --- the models' logits -----------------------------------------------------------------------------
+
 def shifted_logits(model, batch: dict[str, torch.Tensor], chunk_size: int | None, width: int | None = None):
     """The model's logits at positions 0..L-2 (position n predicts token n + 1).
 
@@ -156,6 +158,36 @@ def shifted_logits(model, batch: dict[str, torch.Tensor], chunk_size: int | None
                                       use_cache=False)
     return ProjectedLogits(decoder_out.last_hidden_state[:, :-1], vocabulary_projection(model, width))
 
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _on(batch: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+    """The batch on the model's device (the teacher may live elsewhere than the student)."""
+    device = _device_of(model)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _same_device(a, b) -> bool:
+    a, b = torch.device(a), torch.device(b)
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
+
+
+def _to_device(logits, device: torch.device):
+    """Teacher logits (or its ProjectedLogits) where the student's are, for the loss."""
+    if isinstance(logits, ProjectedLogits):
+        if _same_device(logits.device, device):
+            return logits
+        # A teacher placed elsewhere projects its hidden states on its own device, chunk by chunk
+        # inside the loss; the per-chunk logits then move to the student's device.
+        home, head = logits.device, logits.head
+
+        def project_here(hidden):
+            return head(hidden.to(home)).to(device)
+
+        return ProjectedLogits(logits.hidden.to(device), project_here)
+    return logits.to(device)
 
 
 # --- one loss evaluation -------------------------------------------------------------------------
@@ -548,37 +580,6 @@ def kl_on_student_samples(run: DistillRun, prompt_ids: list[list[int]], batch_si
 def _sampled_sequences(prompts: list[list[int]], completions) -> list[TokenSequence]:
     """Prompt + sampled completion, the loss mask on the completion's tokens (its stop token included)."""
     return [TokenSequence(p + c.token_ids, [0] * len(p) + [1] * len(c.token_ids)) for p, c in zip(prompts, completions)]
-
-
-def _device_of(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _on(batch: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
-    """The batch on the model's device (the teacher may live elsewhere than the student)."""
-    device = _device_of(model)
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def _same_device(a, b) -> bool:
-    a, b = torch.device(a), torch.device(b)
-    return a.type == b.type and (a.index or 0) == (b.index or 0)
-
-
-def _to_device(logits, device: torch.device):
-    """Teacher logits (or its ProjectedLogits) where the student's are, for the loss."""
-    if isinstance(logits, ProjectedLogits):
-        if _same_device(logits.device, device):
-            return logits
-        # A teacher placed elsewhere projects its hidden states on its own device, chunk by chunk
-        # inside the loss; the per-chunk logits then move to the student's device.
-        home, head = logits.device, logits.head
-
-        def project_here(hidden):
-            return head(hidden.to(home)).to(device)
-
-        return ProjectedLogits(logits.hidden.to(device), project_here)
-    return logits.to(device)
 
 
 # --- the stage -----------------------------------------------------------------------------------
