@@ -1,4 +1,5 @@
-"""Reading and writing row files (JSONL, Parquet, Arrow) with errors that name file and line."""
+"""Reading and writing row files (JSONL, Parquet, Arrow) with errors that name file and line, and
+the loaders that turn them into the rows each training loop reads."""
 
 from __future__ import annotations
 
@@ -6,10 +7,15 @@ import codecs
 import csv
 import gzip
 import json
+import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
+
+from posttrain.chat import (ROLES, ChatFormatError, normalise_messages, prompt_completion_to_messages,
+                            tokenize_conversation, tokenize_prompt)
 
 
 class DataError(ValueError):
@@ -368,8 +374,6 @@ def rename_roles(messages: Any, roles: dict[str, str], where: str) -> list[dict]
     also be ShareGPT's {from, value} (`from`: human, gpt, system), the shape of many public chat
     sets; a role neither renamed nor already system, user or assistant is refused with its index,
     rather than dropped or guessed."""
-    from posttrain.chat import ROLES
-
     if not isinstance(messages, list):
         raise DataError(f"{where}: expected a list of messages, got {type(messages).__name__}")
     out = []
@@ -450,31 +454,113 @@ def materialize_dataset(source: str, options: dict[str, Any], out: str | Path, w
     return fingerprint
 
 
-def load_prompts(path: str, tokenizer, max_prompt_tokens: int) -> tuple[list[dict], list[list[int]], int]:
-    """Prompt rows for RL-style loops: (rows, prompt token ids, number dropped as too long).
+# --- rows for the training loops: one reading and validation path, one loader per kind of row ------
+#
+# Every training loop reads rows of one kind: prompts (rl, warp, evaluation), distillation rows
+# (distill, distill_cache), conversations (sft), preference pairs (reward_model). Each kind is a
+# `read_row` function of (where, row) on the one path `load_rows`, which owns what they all need:
+# errors that name the file and line, invalid rows refused or recorded with their reason, rows left
+# out on purpose counted, and a file that yields nothing refused with the reason why.
+
+T = TypeVar("T")
+
+
+@dataclass
+class TokenSequence:
+    """A tokenised conversation: ids and the loss mask (1 on tokens the student learns to predict)."""
+
+    input_ids: list[int]
+    loss_mask: list[int]
+
+
+def load_rows(path: str | Path, read_row: Callable[[str, dict], T | None], expected: str, *,
+              left_out_because: str = "", skipped: list[dict] | None = None,
+              limit: int | None = None) -> tuple[list[T], int]:
+    """The rows of `path` as `read_row(where, row)` makes them, and how many it left out.
+
+    `where` is the row's place (`file:line`). `read_row` raises ChatFormatError or DataError for a
+    row that is not of the kind `expected` names, and returns None for a valid row it leaves out on
+    purpose (`left_out_because` says why: a prompt over the length limit). An invalid row is an error
+    naming its file and line or, with `skipped` given, is recorded there as {where, reason, row} and
+    reading goes on: no row disappears without a reason. Reading stops after `limit` rows. A file
+    that yields no row is an error naming the file, what was expected, and where the rows went.
+    """
+    rows: list[T] = []
+    left_out = 0
+    for where, row in iter_rows(path):
+        if limit is not None and len(rows) >= limit:
+            break
+        try:
+            value = read_row(where, row)
+        except (ChatFormatError, DataError) as e:
+            reason = str(e).removeprefix(f"{where}: ")
+            if skipped is None:
+                raise DataError(f"{where}: {reason}") from None
+            skipped.append({"where": where, "reason": reason, "row": row})
+            continue
+        if value is None:
+            left_out += 1
+        else:
+            rows.append(value)
+    if not rows:
+        why = [f"{left_out} {left_out_because}"] if left_out else []
+        why += [f"{len(skipped)} invalid, skipped"] if skipped else []
+        raise DataError(f"{path}: no {expected}" + (f" ({'; '.join(why)})" if why else ""))
+    return rows, left_out
+
+
+def load_prompts(path: str, tokenizer, max_prompt_tokens: int | None = None,
+                 limit: int | None = None) -> tuple[list[dict], list[list[int]], int]:
+    """Prompt rows for RL-style loops and evaluation: (rows, prompt token ids, number dropped as too long).
 
     Rows keep every column for the rewards; `prompt` is text or messages, tokenised in the Gemma IT
-    format (posttrain.chat). A row without a prompt is an error naming its file and line.
+    format (posttrain.chat). A row without a prompt is an error naming its file and line. Prompts
+    longer than `max_prompt_tokens` (None: no limit) are dropped and counted; at most `limit` rows
+    are read.
     """
-    import logging
 
-    from posttrain.chat import ChatFormatError, tokenize_prompt
-
-    rows, ids, too_long = [], [], 0
-    for where, row in iter_rows(path):
+    def read_prompt(where: str, row: dict) -> tuple[dict, list[int]] | None:
         if "prompt" not in row:
-            raise DataError(f"{where}: expected a 'prompt' (text or messages) for RL; the row has {sorted(row)}")
-        try:
-            prompt_ids = tokenize_prompt(tokenizer, row["prompt"], where=f"{where}: prompt")
-        except ChatFormatError as e:
-            raise DataError(str(e)) from None
-        if len(prompt_ids) > max_prompt_tokens:
-            too_long += 1
-            continue
-        rows.append(row)
-        ids.append(prompt_ids)
-    if not rows:
-        raise DataError(f"{path}: no usable prompt ({too_long} longer than max_prompt_tokens={max_prompt_tokens})")
+            raise DataError(f"expected a 'prompt' (text or messages); the row has {sorted(row)}")
+        prompt_ids = tokenize_prompt(tokenizer, row["prompt"])
+        if max_prompt_tokens is not None and len(prompt_ids) > max_prompt_tokens:
+            return None
+        return row, prompt_ids
+
+    read, too_long = load_rows(path, read_prompt, "usable prompt", limit=limit,
+                               left_out_because=f"longer than max_prompt_tokens={max_prompt_tokens}")
     if too_long:
-        logging.getLogger(__name__).warning("%s: dropped %d prompts longer than max_prompt_tokens=%d", path, too_long, max_prompt_tokens)
-    return rows, ids, too_long
+        logging.getLogger(__name__).warning("%s: dropped %d prompts longer than max_prompt_tokens=%d", path, too_long,
+                                            max_prompt_tokens)
+    return [row for row, _ in read], [ids for _, ids in read], too_long
+
+
+def load_distill_rows(path: str, tokenizer, max_length: int) -> tuple[list[list[int]], list[TokenSequence]]:
+    """Distillation rows: prompt ids for on-policy sampling, and whole sequences for off-policy batches.
+
+    A row is `prompt` (text or messages), `prompt` + `completion`, or `messages`; every row gives
+    its prompt (a conversation's turns up to its last user turn), and a row with a completion (or
+    `messages` ending in an assistant turn) also gives its whole sequence, cut to `max_length`
+    tokens, with the loss mask on the model's turns.
+    """
+
+    def read_distill_row(where: str, row: dict) -> tuple[list[int], TokenSequence | None]:
+        if "messages" in row:
+            turns = normalise_messages(row["messages"], where="messages")
+            last_user = max(i for i, t in enumerate(turns) if t["role"] == "user")
+            whole = turns if turns[-1]["role"] == "assistant" else None
+            return tokenize_prompt(tokenizer, turns[:last_user + 1]), _token_sequence(tokenizer, whole, max_length)
+        if "prompt" in row:
+            whole = (prompt_completion_to_messages(row["prompt"], row["completion"]) if "completion" in row else None)
+            return tokenize_prompt(tokenizer, row["prompt"]), _token_sequence(tokenizer, whole, max_length)
+        raise DataError(f"expected 'prompt' (optionally with 'completion') or 'messages'; the row has {sorted(row)}")
+
+    read, _ = load_rows(path, read_distill_row, "prompt or conversation rows")
+    return [prompt for prompt, _ in read], [sequence for _, sequence in read if sequence is not None]
+
+
+def _token_sequence(tokenizer, messages: list[dict] | None, max_length: int) -> TokenSequence | None:
+    if messages is None:
+        return None
+    tc = tokenize_conversation(tokenizer, messages)
+    return TokenSequence(tc.input_ids[:max_length], tc.loss_mask[:max_length])

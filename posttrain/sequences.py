@@ -1,26 +1,23 @@
-"""Tokenised training sequences for the distillation loops: rows to (ids, loss mask), padding,
-the logit mask, and the check that a teacher shares the student's tokenizer.
+"""Tokenised sequences for the distillation loops: padding, the logit mask, and the checks that a
+teacher can be compared with the student token by token (one tokenizer, a shared vocabulary width).
 
 Used by the `distill` stage and by `distill_cache`, which writes the teacher's targets offline
-for the same sequences.
+for the same sequences; the rows themselves are read by `posttrain.data.load_distill_rows`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from posttrain.chat import (ChatFormatError, control_token_ids, normalise_messages, prompt_completion_to_messages,
-                            tokenize_conversation, tokenize_prompt)
-from posttrain.data import DataError, iter_rows
+from posttrain.chat import ChatFormatError, control_token_ids
+from posttrain.data import TokenSequence
 
 
 class TokenizerMismatchError(ValueError):
     """Teacher and student do not share a tokenizer, so their distributions cannot be compared."""
 
 
-# --- tokenizer check -----------------------------------------------------------------------------
+# --- teacher and student compared token by token ------------------------------------------------
 
 def check_same_tokenizer(student_tok, teacher_tok, student_path: str, teacher_path: str) -> None:
     """Refuse a teacher whose vocabulary, special tokens or Gemma control token ids differ."""
@@ -49,44 +46,26 @@ def check_same_tokenizer(student_tok, teacher_tok, student_path: str, teacher_pa
             + ". Distillation compares distributions token by token, so both must use the same tokenizer.")
 
 
-@dataclass
-class TokenSequence:
-    """A tokenised conversation: ids and the loss mask (1 on tokens the student learns to predict)."""
+def shared_vocab_width(student, teacher, tokenizer, student_path: str, teacher_path: str) -> int:
+    """The number of output rows teacher and student are compared over.
 
-    input_ids: list[int]
-    loss_mask: list[int]
-
-
-def load_distill_rows(path: str, tokenizer, max_length: int) -> tuple[list[list[int]], list[TokenSequence]]:
-    """Prompt ids for on-policy sampling and full sequences for off-policy batches."""
-    prompts: list[list[int]] = []
-    sequences: list[TokenSequence] = []
-    for where, row in iter_rows(path):
-        try:
-            if "messages" in row:
-                turns = normalise_messages(row["messages"], where="messages")
-                last_user = max(i for i, t in enumerate(turns) if t["role"] == "user")
-                prompts.append(tokenize_prompt(tokenizer, turns[:last_user + 1]))
-                if turns[-1]["role"] == "assistant":
-                    sequences.append(_tokenized(tokenizer, turns, max_length))
-            elif "prompt" in row:
-                prompts.append(tokenize_prompt(tokenizer, row["prompt"]))
-                if "completion" in row:
-                    sequences.append(_tokenized(tokenizer, prompt_completion_to_messages(row["prompt"], row["completion"]),
-                                                max_length))
-            else:
-                raise ChatFormatError(f"expected 'prompt' (optionally with 'completion') or 'messages'; the row has {sorted(row)}")
-        except ChatFormatError as e:
-            raise DataError(f"{where}: {e}") from None
-    if not prompts:
-        raise DataError(f"{path}: no rows")
-    return prompts, sequences
+    Checkpoints of one model family may pad their output layer beyond the shared tokenizer to a
+    hardware-friendly width (Gemma 3 1B has 262,144 rows, 4B/12B/27B 262,208). Rows past the
+    tokenizer's vocabulary are never a real token, so both sides are compared over the first
+    min(widths) rows, as long as that covers every id of the tokenizer's base vocabulary.
+    """
+    s, t = student.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0]
+    width = min(s, t)
+    needed = int(tokenizer.vocab_size)
+    if width < needed:
+        raise TokenizerMismatchError(
+            f"teacher {teacher_path} has {t} output logits and student {student_path} has {s}, but their shared "
+            f"tokenizer has {needed} ids: the narrower one cannot score every token. Widths may differ only by "
+            "padding rows beyond the tokenizer's vocabulary.")
+    return width
 
 
-def _tokenized(tokenizer, messages, max_length: int) -> TokenSequence:
-    tc = tokenize_conversation(tokenizer, messages)
-    return TokenSequence(tc.input_ids[:max_length], tc.loss_mask[:max_length])
-
+# --- batches -------------------------------------------------------------------------------------
 
 def pad_batch(sequences: list[TokenSequence], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded ids, attention mask and loss mask. Padding never counts, whatever pad_id is."""

@@ -11,14 +11,17 @@ from posttrain.losses.policy import (  # noqa: F401
 )
 from posttrain.losses.distillation import (  # noqa: F401
     EMPTY_SLOT,
+    DistillationObjective,
     ProjectedLogits,
     divergence_loss,
     forward_kl,
     generalized_jsd,
+    gkd_loss,
     reverse_kl,
     sample_teacher_targets,
     sampled_target_loss,
     sparse_target_entropy,
+    teacher_targets,
     token_log_probs,
     top_k_teacher_targets,
 )

@@ -1,4 +1,48 @@
-"""Distillation losses: GKD divergences and Gemma 3 sampled-logit targets, as pure tensor functions.
+"""Knowledge distillation as GKD and the Gemma 3 report define it, as pure tensor functions:
+the divergences, the sparse teacher targets, and the one loss a distillation step evaluates
+(docs/algorithms.md#gkd and #sampled-logits).
+
+The method. GKD (Agarwal et al., "On-Policy Distillation of Language Models", 2024) trains the
+student p_S on a mixture of sequences: with probability lambda (`lambda_on_policy`) the batch is
+the student's own samples y ~ p_S(. | x) (no gradient flows through the sampling), otherwise
+sequences (x, y) from a dataset or a teacher cache. On every completion position n of y the
+teacher p_T is compared with the student:
+
+    L = E_x [ (1 - lambda) E_{y ~ data} D(x, y) + lambda E_{y ~ p_S} D(x, y) ]
+    D(x, y) = (1 / |y|) sum_n  d( p_T(. | x, y_<n) , p_S(. | x, y_<n) )
+
+with p = softmax(logits / T) on both sides and the token-level divergence d one of
+
+    forward KL   KL(p_T || p_S) = sum_v p_T(v) (log p_T(v) - log p_S(v))    supervised KD, mode-covering
+    reverse KL   KL(p_S || p_T) = sum_v p_S(v) (log p_S(v) - log p_T(v))    mode-seeking
+    JSD(beta)    beta KL(p_T || M) + (1 - beta) KL(p_S || M),  M = beta p_T + (1 - beta) p_S;
+                 M collapses into one side at beta in {0, 1}, so (GKD section 3.1) JSD(0) is
+                 defined as forward KL and JSD(1) as reverse KL.
+
+Sparse targets (the Gemma 3 report's distillation) keep K ids S per position instead of the
+teacher's whole distribution, with a target q on S, and train the cross-entropy
+
+    -sum_{v in S} q(v) log p_S(v)        (its gradient is that of KL(q || p_S))
+
+    top_k           S = the teacher's K most likely ids, q = p_T renormalised over S
+    sampled         Gemma 3: S = K ids drawn from p_T (without replacement unless asked),
+                    q = p_T renormalised over S: the target is biased towards p_T's head
+    sampled_counts  K draws with replacement, q(v) = count(v) / K: an unbiased estimate of p_T
+                    (RS-KD, arXiv 2503.16870)
+
+log p_S is the log-softmax over the whole vocabulary ("vocab", the default) or renormalised over
+S alone ("set"). The distill stage's defaults: lambda 0.5, JSD with beta 0.5, T = 1, K = 256.
+`DistillationObjective` names one such choice and `gkd_loss` evaluates it on a batch.
+
+Where the rest of the method lives:
+    posttrain/stages/distill.py        the loop: batch choice (on- or off-policy), teacher scoring,
+                                       micro-batches, optimizer step, weight sync, evaluation
+    posttrain/data.py                  rows to prompt ids and (ids, loss mask) sequences
+                                       (`load_distill_rows`)
+    posttrain/sequences.py             padding, the logit mask, the teacher/student tokenizer check
+    posttrain/teacher_cache.py         the offline cache of sparse targets on disk, written by
+    posttrain/stages/distill_cache.py  the stage that scores a dataset with the teacher once
+    posttrain/losses/token_logprobs.py chunked log-probabilities and the vocabulary projection
 
 Conventions shared by every function here:
 - `student_logits` and `teacher_logits` are `[batch, length, vocab]` (any float dtype) and are
@@ -7,11 +51,12 @@ Conventions shared by every function here:
   conversation's loss mask (model turns and their `<end_of_turn>`), never from `ids != pad_id`:
   when pad and end-of-turn share an id that test would drop the stop token and the student
   would never learn to stop.
-- `temperature` divides both student and teacher logits before the softmax. Samples for the
-  loss must be drawn at the same temperature (docs/algorithms.md#gkd).
+- `temperature` divides both student and teacher logits before the softmax. On-policy samples
+  for the loss must be drawn at the same temperature, or the expectation above is over another
+  distribution than the one the loss compares.
 - `reduction`: "token_mean" (sum over counted positions / their number, the TRL convention),
-  "sequence_mean" (per sequence (1/L) * sum_n, then mean over sequences: the GKD paper's
-  D(x, y)), "sum", or "none" (per-position values, zero where masked).
+  "sequence_mean" (per sequence (1/L) * sum_n, then mean over sequences: GKD's D(x, y) above),
+  "sum", or "none" (per-position values, zero where masked).
 
 Memory: the float32 work (log-softmax over the vocabulary) runs `chunk_size` positions at a
 time under activation checkpointing, so neither a float32 `[batch, length, vocab]` copy of the
@@ -40,6 +85,7 @@ from posttrain.losses.token_logprobs import chunked_token_logprobs
 
 Reduction = Literal["token_mean", "sequence_mean", "sum", "none"]
 Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
+Target = Literal["full", "top_k", "sampled", "sampled_counts"]
 
 # Sparse targets mark unused slots with this id (sampling with replacement draws duplicates,
 # which are merged, so fewer than K distinct ids can fill a row of width K).
@@ -190,22 +236,28 @@ def reduce_positions(values: torch.Tensor, mask: torch.Tensor | None, reduction:
 
 # --- full-distribution divergences ---------------------------------------------------------------
 
+def _divergence(row_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], student_logits: LogitsLike,
+                teacher_logits: LogitsLike, mask: torch.Tensor | None, chunk_size: int | None,
+                reduction: Reduction) -> torch.Tensor:
+    """A per-position divergence `row_fn(student, teacher)` over the counted positions, reduced."""
+    _check_shapes(student_logits, teacher_logits, mask, "teacher_logits")
+    return reduce_positions(_rows(row_fn, (student_logits, teacher_logits), mask, chunk_size), mask, reduction)
+
+
 def forward_kl(student_logits: LogitsLike, teacher_logits: LogitsLike, temperature: float = 1.0,
                mask: torch.Tensor | None = None, chunk_size: int | None = None,
                reduction: Reduction = "token_mean") -> torch.Tensor:
     """KL(teacher || student) over the vocabulary at each position (mode-covering; supervised KD)."""
-    _check_shapes(student_logits, teacher_logits, mask, "teacher_logits")
-    rows = _rows(lambda s, t: _forward_kl_rows(s, t, temperature), (student_logits, teacher_logits), mask, chunk_size)
-    return reduce_positions(rows, mask, reduction)
+    return _divergence(lambda s, t: _forward_kl_rows(s, t, temperature), student_logits, teacher_logits, mask,
+                       chunk_size, reduction)
 
 
 def reverse_kl(student_logits: LogitsLike, teacher_logits: LogitsLike, temperature: float = 1.0,
                mask: torch.Tensor | None = None, chunk_size: int | None = None,
                reduction: Reduction = "token_mean") -> torch.Tensor:
     """KL(student || teacher) over the vocabulary at each position (mode-seeking)."""
-    _check_shapes(student_logits, teacher_logits, mask, "teacher_logits")
-    rows = _rows(lambda s, t: _reverse_kl_rows(s, t, temperature), (student_logits, teacher_logits), mask, chunk_size)
-    return reduce_positions(rows, mask, reduction)
+    return _divergence(lambda s, t: _reverse_kl_rows(s, t, temperature), student_logits, teacher_logits, mask,
+                       chunk_size, reduction)
 
 
 def generalized_jsd(student_logits: LogitsLike, teacher_logits: LogitsLike, beta: float = 0.5,
@@ -218,9 +270,8 @@ def generalized_jsd(student_logits: LogitsLike, teacher_logits: LogitsLike, beta
         return forward_kl(student_logits, teacher_logits, temperature, mask, chunk_size, reduction)
     if beta == 1.0:
         return reverse_kl(student_logits, teacher_logits, temperature, mask, chunk_size, reduction)
-    _check_shapes(student_logits, teacher_logits, mask, "teacher_logits")
-    rows = _rows(lambda s, t: _jsd_rows(s, t, temperature, beta), (student_logits, teacher_logits), mask, chunk_size)
-    return reduce_positions(rows, mask, reduction)
+    return _divergence(lambda s, t: _jsd_rows(s, t, temperature, beta), student_logits, teacher_logits, mask,
+                       chunk_size, reduction)
 
 
 def divergence_loss(divergence: Divergence, student_logits: LogitsLike, teacher_logits: LogitsLike,
@@ -393,7 +444,7 @@ def sampled_target_loss(student_logits: LogitsLike, ids: torch.Tensor, probs: to
     """Cross-entropy of the student against a sparse teacher target: -sum_{v in S} q(v) log p_S(v).
 
     `ids`/`probs` come from `sample_teacher_targets`, `top_k_teacher_targets` or a teacher cache
-    (EMPTY_SLOT ids are ignored). `normalise_over="vocab"` (the default, docs/algorithms.md#sampled-logits)
+    (EMPTY_SLOT ids are ignored). `normalise_over="vocab"` (the default; see the module docstring)
     takes log p_S from the softmax over the whole vocabulary; "set" renormalises the student over
     the ids of S only. The value is a cross-entropy (it includes the target's entropy), as in the
     Gemma 3 report; its gradient equals that of KL(q || p_S).
@@ -417,6 +468,53 @@ def sparse_target_entropy(probs: torch.Tensor, mask: torch.Tensor | None = None,
     return reduce_positions(rows, mask, reduction)
 
 
+# --- one loss evaluation: the objective a distillation step trains --------------------------------
+
+@dataclass(frozen=True)
+class DistillationObjective:
+    """One choice of the method's loss (see the module docstring): the full-distribution divergence
+    or the sparse target, and the settings both share. `chunk_size` counts positions per float32
+    chunk (None: all at once)."""
+
+    divergence: Divergence = "jsd"
+    beta: float = 0.5
+    temperature: float = 1.0
+    target: Target = "full"
+    k: int = 256
+    with_replacement: bool = False
+    student_normalisation: Literal["vocab", "set"] = "vocab"
+    reduction: Reduction = "token_mean"
+    chunk_size: int | None = None
+
+
+def teacher_targets(objective: DistillationObjective, teacher_logits: LogitsLike, mask: torch.Tensor | None = None,
+                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sparse target `objective.target` names (top_k, sampled, sampled_counts), drawn from the
+    teacher's logits: (ids int32 [..., K], probs float16 [..., K])."""
+    if objective.target == "top_k":
+        return top_k_teacher_targets(teacher_logits, objective.k, objective.temperature, objective.chunk_size, mask)
+    if objective.target in ("sampled", "sampled_counts"):
+        counts = objective.target == "sampled_counts"  # counts / K needs draws with replacement
+        return sample_teacher_targets(teacher_logits, objective.k, objective.with_replacement or counts,
+                                      objective.temperature, generator, counts, objective.chunk_size, mask)
+    raise ValueError(f"target: {objective.target!r} is not a sparse target; expected top_k, sampled or sampled_counts")
+
+
+def gkd_loss(objective: DistillationObjective, student_logits: LogitsLike, mask: torch.Tensor,
+             teacher_logits: LogitsLike | None = None, target_ids: torch.Tensor | None = None,
+             target_probs: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The objective's loss on one batch: d(p_T, p_S) over the full distributions for target "full",
+    else the cross-entropy towards a sparse target. The sparse target is drawn here from
+    `teacher_logits` (with `generator`) unless given as `target_ids`/`target_probs` (a teacher cache's)."""
+    if target_ids is None and objective.target != "full":
+        target_ids, target_probs = teacher_targets(objective, teacher_logits, mask, generator)
+    if target_ids is not None:
+        return sampled_target_loss(student_logits, target_ids, target_probs, objective.student_normalisation, mask,
+                                   objective.temperature, objective.chunk_size, objective.reduction)
+    return divergence_loss(objective.divergence, student_logits, teacher_logits, objective.beta, objective.temperature,
+                           mask, objective.chunk_size, objective.reduction)
+
+
 def token_log_probs(logits: LogitsLike, token_ids: torch.Tensor, temperature: float = 1.0,
                     mask: torch.Tensor | None = None, chunk_size: int | None = None) -> torch.Tensor:
     """log_softmax(logits / T) of `token_ids` [batch, length] at each position (zero where masked).
@@ -437,4 +535,5 @@ def token_log_probs(logits: LogitsLike, token_ids: torch.Tensor, temperature: fl
 __all__ = [
     "EMPTY_SLOT", "ProjectedLogits", "token_log_probs", "forward_kl", "reverse_kl", "generalized_jsd", "divergence_loss", "reduce_positions",
     "top_k_teacher_targets", "sample_teacher_targets", "sampled_target_loss", "sparse_target_entropy",
+    "DistillationObjective", "teacher_targets", "gkd_loss",
 ]

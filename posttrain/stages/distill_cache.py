@@ -13,8 +13,10 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from posttrain.data import load_distill_rows
+from posttrain.losses.distillation import DistillationObjective, teacher_targets
+from posttrain.sequences import check_same_tokenizer, logit_mask, pad_batch
 from posttrain.stages.base import StageConfig, StageContext, StageError, StageResult, register_stage
-from posttrain.sequences import check_same_tokenizer, load_distill_rows, logit_mask, pad_batch
 
 
 class DistillCacheStageConfig(StageConfig):
@@ -42,7 +44,6 @@ class DistillCacheStageConfig(StageConfig):
 @register_stage("distill_cache", DistillCacheStageConfig, outputs=("cache",))
 def run_distill_cache(cfg: DistillCacheStageConfig, ctx: StageContext) -> StageResult:
     """Score a dataset with the teacher once into an offline sparse-target cache for `distill`."""
-    from posttrain.losses.distillation import sample_teacher_targets, top_k_teacher_targets
     from posttrain.modeling import load_causal_lm, load_tokenizer
     from posttrain.teacher_cache import (TeacherCacheWriter, bytes_per_token, full_row_bytes,
                                          tokenizer_fingerprint)
@@ -59,6 +60,8 @@ def run_distill_cache(cfg: DistillCacheStageConfig, ctx: StageContext) -> StageR
     teacher = load_causal_lm(cfg.teacher, dtype=cfg.teacher_dtype).eval()
     vocab = teacher.get_output_embeddings().weight.shape[0]
     generator = torch.Generator().manual_seed(ctx.seed)
+    objective = DistillationObjective(target=cfg.target, k=cfg.k, with_replacement=cfg.with_replacement,
+                                      temperature=cfg.temperature, chunk_size=cfg.chunk_size)
     counts = cfg.target == "sampled_counts"
     metadata = {"target": cfg.target, "with_replacement": cfg.with_replacement or counts,
                 "temperature": cfg.temperature, "teacher": cfg.teacher, "seed": ctx.seed,
@@ -77,11 +80,7 @@ def run_distill_cache(cfg: DistillCacheStageConfig, ctx: StageContext) -> StageR
             chunk = sequences[start:start + cfg.batch_size]
             batch = pad_batch(chunk, tokenizer.pad_token_id)
             logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-            if cfg.target == "top_k":
-                ids, probs = top_k_teacher_targets(logits, cfg.k, cfg.temperature, cfg.chunk_size)
-            else:
-                ids, probs = sample_teacher_targets(logits, cfg.k, cfg.with_replacement or counts, cfg.temperature,
-                                                    generator, counts, cfg.chunk_size)
+            ids, probs = teacher_targets(objective, logits, generator=generator)
             mask = logit_mask(batch["loss_mask"])
             for i, seq in enumerate(chunk):
                 keep = mask[i] != 0

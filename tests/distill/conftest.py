@@ -11,7 +11,8 @@ def quick_sft(model_dir, out_dir, steps: int, seed: int = 0, lr: float = 3e-3, b
 
     from posttrain.chat import tokenize_conversation
     from posttrain.modeling import load_policy
-    from posttrain.stages.distill import TokenSequence, pad_batch
+    from posttrain.data import TokenSequence
+    from posttrain.sequences import pad_batch
     from posttrain.toy import tasks
 
     model, tok = load_policy(model_dir)

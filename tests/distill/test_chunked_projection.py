@@ -9,8 +9,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from posttrain.chat import tokenize_conversation
 from posttrain.losses.distillation import ProjectedLogits, sample_teacher_targets, token_log_probs
 from posttrain.modeling import load_policy
-from posttrain.stages.distill import (DistillStageConfig, TokenSequence, distillation_loss, logit_mask, pad_batch,
-                                      shifted_logits)
+from posttrain.data import TokenSequence
+from posttrain.sequences import logit_mask, pad_batch
+from posttrain.stages.distill import DistillStageConfig, distillation_loss, shifted_logits
 from posttrain.toy import tasks
 
 CHUNK = 5  # small, so every batch spans several chunks and one chunk straddles two sequences

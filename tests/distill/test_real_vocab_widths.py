@@ -17,7 +17,8 @@ import torch
 
 from posttrain.data import write_jsonl
 from posttrain.stages.base import StageContext
-from posttrain.stages.distill import DistillStageConfig, TokenizerMismatchError, run_distill
+from posttrain.sequences import TokenizerMismatchError
+from posttrain.stages.distill import DistillStageConfig, run_distill
 from posttrain.toy.tasks import generate
 
 # Fields of the published Gemma 3 1B (text) and 12B (text_config) configs that shape the model;

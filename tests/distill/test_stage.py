@@ -8,11 +8,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from posttrain.data import read_rows, write_jsonl
+from posttrain.data import TokenSequence, read_rows, write_jsonl
 from posttrain.modeling import end_of_turn_id
+from posttrain.sequences import TokenizerMismatchError, logit_mask, pad_batch
 from posttrain.stages.base import StageContext, StageError
-from posttrain.stages.distill import (DistillStageConfig, TokenizerMismatchError, TokenSequence, distillation_loss,
-                                      logit_mask, pad_batch, run_distill)
+from posttrain.stages.distill import DistillStageConfig, distillation_loss, run_distill
 from posttrain.stages.distill_cache import DistillCacheStageConfig, run_distill_cache
 from posttrain.toy import tasks
 
@@ -85,6 +85,39 @@ def test_cache_stage_then_training_from_the_cache_without_a_teacher(tmp_path, da
     run_distill(cfg, ctx)
     losses = [r["loss"] for r in _metrics(ctx.stage_dir)]
     assert sum(losses[-3:]) < sum(losses[:3])
+
+
+def test_a_stage_error_mid_run_still_closes_the_rollout_engine(tmp_path, data, tiny_gemma3_dir, math_teacher_dir,
+                                                               monkeypatch):
+    # A teacher whose final norm is NaN makes every loss NaN: step 1 raises a StageError after the
+    # real engine has sampled. The engine class is spied on (its own __init__ and close still
+    # run), to see that the run released the engine on its way out.
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.modeling import load_tokenizer
+    from posttrain.rollout.transformers_engine import TransformersEngine
+
+    nan_teacher = tmp_path / "nan_teacher"
+    teacher = AutoModelForCausalLM.from_pretrained(math_teacher_dir)
+    with torch.no_grad():
+        teacher.get_decoder().norm.weight.fill_(float("nan"))
+    teacher.save_pretrained(nan_teacher)
+    load_tokenizer(math_teacher_dir).save_pretrained(nan_teacher)
+    opened = []
+    real_init = TransformersEngine.__init__
+
+    def recording_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        opened.append(self)
+
+    monkeypatch.setattr(TransformersEngine, "__init__", recording_init)
+    cfg = DistillStageConfig(model=str(tiny_gemma3_dir), teacher=str(nan_teacher),
+                             dataset=str(data / "math_prompts.jsonl"), lambda_on_policy=1.0, max_steps=2, batch_size=4, max_new_tokens=6,
+                             rollout={"backend": "transformers"})
+    with pytest.raises(StageError, match="step 1: the distillation loss is nan"):
+        run_distill(cfg, _ctx(tmp_path))
+    assert len(opened) == 1
+    assert opened[0].model is None  # closed: the engine let go of its copy of the student
 
 
 def test_tokenizer_mismatch_is_refused_naming_both_models(tmp_path, data, tiny_gemma3_dir):

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from posttrain.losses.distillation import sample_teacher_targets, sampled_target_loss
-from posttrain.stages.distill import TokenSequence, logit_mask, pad_batch
+from posttrain.data import TokenSequence
+from posttrain.sequences import logit_mask, pad_batch
 from posttrain.teacher_cache import (TeacherCache, TeacherCacheError, TeacherCacheWriter, bytes_per_token,
                                      scatter_targets)
 
