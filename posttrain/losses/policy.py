@@ -1,6 +1,6 @@
 """Policy-gradient pieces of RL finetuning, as pure functions on tensors.
 
-WARP's first stage (ALGORITHMS.md, section 4) reads, per prompt x and sampled completion y:
+WARP's first stage (docs/algorithms.md, RLOO with the EMA anchor) reads, per prompt x and sampled completion y:
 
     r_beta(x, y) = r(x, y) - beta * log(pi(y|x) / pi_anchor(y|x))         kl_regularised_rewards
     A(x, y_i)    = r_beta(x, y_i) - mean_{j != i} r_beta(x, y_j)           rloo_advantages
@@ -16,8 +16,6 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-
-from posttrain.losses.token_logprobs import chunked_token_logprobs
 
 Aggregation = Literal["token_mean", "sequence_mean", "sequence_sum"]
 
@@ -128,17 +126,3 @@ def aggregate_token_losses(per_token: torch.Tensor, mask: torch.Tensor, aggregat
     else:
         raise ValueError(f"{who}: aggregation must be token_mean, sequence_mean or sequence_sum; got {aggregation!r}")
     return per_seq.sum() / (normalizer if normalizer is not None else per_seq.shape[0])
-
-
-def token_logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
-                               chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probabilities of `labels` under softmax(logits / temperature), and the entropy.
-
-    logits: [B, T, V] already aligned with labels [B, T] (logits[:, t] predicts labels[:, t]).
-    The temperature is the sampling temperature, so the trainer scores samples under the same
-    distribution the engine drew them from (as TRL does). The entropy is returned detached,
-    for logging only. For logits that already exist; from hidden states (no [B, T, V] tensor
-    at all) use posttrain.losses.token_logprobs.chunked_token_logprobs, which this calls.
-    """
-    logp, entropy = chunked_token_logprobs(logits, None, labels, temperature, chunk_size, with_entropy=True)
-    return logp, entropy
