@@ -9,16 +9,17 @@
 """
 
 from posttrain.stages.base import register_stage
-from posttrain.stages.rl.bond import AnchorRollouts, Bond, BondBatch, BondStats, anchor_sampling_seed, bond_gradient_pass
+from posttrain.stages.rl.bond import (AnchorRollouts, Bond, BondBatch, BondStats, anchor_sampling_seed,
+                                      bond_gradient_pass)
 from posttrain.stages.rl.config import BondOptions, RLStageConfig
 from posttrain.stages.rl.loop import ALGORITHMS, RLRun, run_rl, setup_run, train
 from posttrain.stages.rl.rloo import RLOO, RLOOStats, policy_gradient_pass
-from posttrain.stages.rl.step import Learner, StepState, prompt_indices_for_step, sampling_seed
+from posttrain.stages.rl.step import Learner, RLAlgorithm, StepState, StepStats, prompt_indices_for_step, sampling_seed
 
 register_stage("rl", RLStageConfig, outputs=("model",), distributed=True)(run_rl)
 
 __all__ = [
-    "ALGORITHMS", "AnchorRollouts", "Bond", "BondBatch", "BondOptions", "BondStats", "Learner", "RLOO", "RLOOStats",
-    "RLRun", "RLStageConfig", "StepState", "anchor_sampling_seed", "bond_gradient_pass", "policy_gradient_pass",
+    "ALGORITHMS", "AnchorRollouts", "Bond", "BondBatch", "BondOptions", "BondStats", "Learner", "RLAlgorithm", "RLOO",
+    "RLOOStats", "RLRun", "RLStageConfig", "StepState", "StepStats", "anchor_sampling_seed", "bond_gradient_pass", "policy_gradient_pass",
     "prompt_indices_for_step", "run_rl", "sampling_seed", "setup_run", "train",
 ]

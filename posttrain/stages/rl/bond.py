@@ -29,15 +29,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from posttrain.losses.bond import (backward_rewards, better_sample_index, forward_nll_loss, jbond_rewards, jeffreys_loss,
-                                   leave_one_out_advantages, log_quantile_rewards, ties)
+from posttrain.losses.bond import (backward_rewards, better_sample_index, forward_nll_loss, jbond_rewards,
+                                   jeffreys_loss, leave_one_out_advantages, log_quantile_rewards, ties)
 from posttrain.losses.policy import masked_sum, reinforce_loss
 from posttrain.rollout import SamplingParams, create_engine, weights_for_engine
 from posttrain.stages.rl.config import RLStageConfig
-from posttrain.stages.rl.step import (Learner, StepState, StepTimer, count_skipped_step, engine_logprobs, mean,
-                                      optimizer_step, reward_metrics, step_prompts, update_metrics)
+from posttrain.stages.rl.step import (Learner, RLAlgorithm, StepState, StepStats, StepTimer, compute_rewards,
+                                      count_skipped_step, engine_logprobs, mean, optimizer_step, reward_metrics,
+                                      step_prompts, update_metrics)
 from posttrain.training import engine_asleep
-from rewards.combine import RewardBatch, columns_from_rows
+from rewards.combine import RewardBatch
 
 
 class AnchorRollouts:
@@ -92,27 +93,19 @@ class BondBatch:
 
 
 @dataclass
-class BondStats:
+class BondStats(StepStats):
     """A J-BOND / BOND step's statistics, over its micro-batches."""
 
-    loss: float = 0.0
     forward: float = 0.0
     backward: float = 0.0
     kl_term: float = 0.0
-    kl_anchor: list = field(default_factory=list)
-    kl_start: list = field(default_factory=list)
     backward_reward: list = field(default_factory=list)
-    entropy_sum: float = 0.0
-    entropy_count: float = 0.0
-    engine_lp: list = field(default_factory=list)
-    trainer_lp: list = field(default_factory=list)
     ties: float = 0.0
     prompts: float = 0.0
-    micro_batches: int = 0
 
 
-class Bond:
-    """algorithm: jbond or bond. `step` is looked up on this object by the loop, once per step."""
+class Bond(RLAlgorithm):
+    """algorithm: jbond or bond; the anchor samples on the policy's engine or on one of its own."""
 
     name = "bond"
 
@@ -141,9 +134,7 @@ class Bond:
         # 2. Reward: per prompt [policy sample, anchor samples...], one call.
         with timer("reward"):
             samples = [c for p, group in zip(policy_samples, anchor_groups) for c in [p, *group]]
-            scored = state.reward.compute([r["prompt"] for r in batch.rows for _ in range(1 + k)],
-                                          [c.text for c in samples], columns_from_rows(batch.rows, 1 + k),
-                                          completion_ids=[c.token_ids for c in samples])
+            scored = compute_rewards(state, batch, samples, 1 + k)
 
         # 3-4. Score, losses, backward; the engine sleeps meanwhile when asked to.
         with timer("train"), engine_asleep(state.engine, config.rollout.enable_sleep_mode):

@@ -27,14 +27,14 @@ from posttrain.stages.base import StageContext, StageResult
 from posttrain.stages.rl.bond import Bond
 from posttrain.stages.rl.config import RLStageConfig
 from posttrain.stages.rl.rloo import RLOO
-from posttrain.stages.rl.step import Learner, StepState
+from posttrain.stages.rl.step import Learner, RLAlgorithm, StepState
 from posttrain.training import (TrainingSession, checkpoint_due, place_frozen, resolve_placement, resume_latest,
                                 save_checkpoint, save_model)
 from rewards.combine import CombinedReward
 
 log = logging.getLogger(__name__)
 
-# The loop looks each step up on the algorithm's object: `ALGORITHMS[config.algorithm](state).step(state, step)`.
+# The algorithm of each `algorithm:` value; the loop looks every step up on its object (see RLAlgorithm).
 ALGORITHMS = {"rloo": RLOO, "jbond": Bond, "bond": Bond}
 
 
@@ -135,7 +135,7 @@ def _evaluate(run: RLRun) -> dict:
                                  state.session)
 
 
-def train(run: RLRun, algorithm, ctx: StageContext) -> dict:
+def train(run: RLRun, algorithm: RLAlgorithm, ctx: StageContext) -> dict:
     """Steps start_step..max_steps of `algorithm`, with the held-out evaluations and checkpoints;
     returns the stage's summary metrics."""
     state, config, session = run.state, run.state.config, run.state.session

@@ -23,22 +23,16 @@ import torch
 
 from posttrain.losses.policy import kl_regularised_rewards, masked_sum, reinforce_loss, rloo_advantages
 from posttrain.rollout import weights_for_engine
-from posttrain.stages.rl.step import (Learner, StepState, StepTimer, count_skipped_step, engine_logprobs, mean,
-                                      optimizer_step, reward_metrics, step_prompts, update_metrics)
+from posttrain.stages.rl.step import (Learner, RLAlgorithm, StepState, StepStats, StepTimer, compute_rewards,
+                                      count_skipped_step, engine_logprobs, mean, optimizer_step, reward_metrics,
+                                      step_prompts, update_metrics)
 from posttrain.training import engine_asleep
-from rewards.combine import columns_from_rows
 
 
-class RLOO:
-    """algorithm: rloo. `step` is looked up on this object by the loop, once per step."""
+class RLOO(RLAlgorithm):
+    """algorithm: rloo, sampling from the policy's engine only."""
 
     name = "rloo"
-
-    def __init__(self, state: StepState):
-        del state  # RLOO samples from the policy's engine only
-
-    def resume(self, state: StepState) -> None:
-        """Nothing beyond the policy's weights, which the loop pushes to the engine."""
 
     def step(self, state: StepState, step: int) -> dict:
         """One iteration on this rank's share of step `step`; returns its metrics record."""
@@ -54,9 +48,7 @@ class RLOO:
 
         # 2. Reward: every reward function on every completion, combined with the recipe's weights.
         with timer("reward"):
-            scored = state.reward.compute([r["prompt"] for r in batch.rows for _ in range(n)],
-                                          [c.text for c in completions], columns_from_rows(batch.rows, n),
-                                          completion_ids=[c.token_ids for c in completions])
+            scored = compute_rewards(state, batch, completions, n)
 
         # 3-5. Forward, advantages, loss and backward; the engine sleeps meanwhile when asked to.
         with timer("train"), engine_asleep(state.engine, config.rollout.enable_sleep_mode):
@@ -80,26 +72,12 @@ class RLOO:
                 **update_metrics(state, stats, result), "micro_batches": stats.micro_batches, **drift,
                 "skipped_nonfinite": 0, **timer.report()}
 
-    def summary(self) -> dict:
-        return {}
-
-    def close(self) -> None:
-        """Nothing of its own to release."""
-
 
 @dataclass
-class RLOOStats:
+class RLOOStats(StepStats):
     """A step's statistics, accumulated over its micro-batches."""
 
-    loss: float = 0.0
-    kl_anchor: list = field(default_factory=list)
-    kl_start: list = field(default_factory=list)
     r_beta: list = field(default_factory=list)
-    entropy_sum: float = 0.0
-    entropy_count: float = 0.0
-    engine_lp: list = field(default_factory=list)
-    trainer_lp: list = field(default_factory=list)
-    micro_batches: int = 0
 
 
 def policy_gradient_pass(learner: Learner, prompt_ids: list[list[int]], completions, rewards: list,

@@ -14,7 +14,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,7 +26,7 @@ from posttrain.stages.base import StageError
 from posttrain.stages.rl.config import RLStageConfig
 from posttrain.training import StepResult, TrainingSession, token_budget_batches
 from posttrain.weights import ema_update_
-from rewards.combine import CombinedReward, RewardBatch
+from rewards.combine import CombinedReward, RewardBatch, columns_from_rows
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,29 @@ class StepState:
         return self.learner.session
 
 
+class RLAlgorithm:
+    """One algorithm of the stage. The loop builds it once (`ALGORITHMS[config.algorithm](state)`),
+    calls `resume` after a resume, looks `step` up on it for every step, adds `summary()` to the
+    stage's metrics and calls `close` at the end, also after a failure."""
+
+    def __init__(self, state: StepState):
+        del state  # what the algorithm keeps beyond the step state (a second engine, counts)
+
+    def step(self, state: StepState, step: int) -> dict:
+        """One iteration on this rank's share of step `step` (0-based); returns its metrics record."""
+        raise NotImplementedError
+
+    def resume(self, state: StepState) -> None:
+        """After a resume: restore what the algorithm holds beyond the models (the loop pushes the
+        policy's weights to the engine itself)."""
+
+    def summary(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        """Release what the algorithm started."""
+
+
 @dataclass
 class StepPrompts:
     """This rank's prompts of one step, and how they are sampled."""
@@ -105,6 +128,20 @@ class StepPrompts:
     prompt_ids: list[list[int]]
     check_drift: bool
     sampling: SamplingParams
+
+
+@dataclass
+class StepStats:
+    """What every algorithm's gradient pass accumulates over its micro-batches, for the metrics."""
+
+    loss: float = 0.0
+    kl_anchor: list = field(default_factory=list)  # per sample: log pi(y) - log pi_anchor(y)
+    kl_start: list = field(default_factory=list)  # per sample: log pi(y) - log pi_start(y)
+    entropy_sum: float = 0.0
+    entropy_count: float = 0.0
+    engine_lp: list = field(default_factory=list)  # for the drift check: the engine's and the
+    trainer_lp: list = field(default_factory=list)  # trainer's per-token logprobs of the same samples
+    micro_batches: int = 0
 
 
 # --- data order and seeds -----------------------------------------------------------------------
@@ -149,6 +186,14 @@ def step_prompts(state: StepState, step: int) -> StepPrompts:
                               logprobs=check_drift or config.importance_clip is not None)
     return StepPrompts([state.rows[i] for i in batch_idx], [state.prompt_ids[i] for i in batch_idx], check_drift,
                        sampling)
+
+
+def compute_rewards(state: StepState, batch: StepPrompts, completions, per_prompt: int) -> RewardBatch:
+    """Every reward function on every completion (`per_prompt` consecutive ones per prompt of the
+    batch), combined with the recipe's weights."""
+    return state.reward.compute([r["prompt"] for r in batch.rows for _ in range(per_prompt)],
+                                [c.text for c in completions], columns_from_rows(batch.rows, per_prompt),
+                                completion_ids=[c.token_ids for c in completions])
 
 
 # --- the update ---------------------------------------------------------------------------------
@@ -229,7 +274,7 @@ def reward_metrics(session: TrainingSession, scored: RewardBatch, completions) -
     return out
 
 
-def update_metrics(state: StepState, stats, result: StepResult) -> dict:
+def update_metrics(state: StepState, stats: StepStats, result: StepResult) -> dict:
     """The metrics every algorithm logs about its update: loss, gradient, KLs, entropy, micro-batches."""
     session = state.session
     return {"loss": session.all_sum(stats.loss), "grad_norm": result.grad_norm, "lr": session.learning_rate,
