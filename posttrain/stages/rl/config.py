@@ -96,7 +96,7 @@ class RLStageConfig(TrainingOptions):
         "anchor samples, the forward term on their best and the backward reward log p_le (Monte Carlo quantile over "
         "them) with KL coefficient 1/(bond_n - 1). See posttrain.losses.bond for the tie rule.")
     bond: BondOptions | None = Field(
-        None, description="jbond/bond only: {jeffreys_beta, kl_gamma, bond_n, anchor_rollout} (see BondOptions); "
+        None, description="jbond/bond only: jeffreys_beta, kl_gamma, bond_n, anchor_rollout (below); "
         "left out, the defaults. The keys may also stand directly under the stage, as in older recipes.")
 
     @model_validator(mode="before")
