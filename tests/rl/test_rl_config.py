@@ -7,6 +7,7 @@ import hashlib
 import json
 
 import pytest
+import yaml
 
 from posttrain.recipe import RecipeError, load_recipe
 from posttrain.stages.rl import BondOptions, RLStageConfig
@@ -15,36 +16,30 @@ from posttrain.stages.warp import WarpStageConfig
 BASE = dict(model="m", dataset="d.jsonl", rewards=[{"name": "math"}])
 
 
-def _recipe(tmp_path, stage_lines: str) -> str:
+def _recipe(tmp_path, **stage_keys) -> str:
+    """A recipe file with one rl stage on a tiny model and toy prompts, plus `stage_keys`."""
+    stage = {"name": "rl", "kind": "rl", "model": "${models.student}", "dataset": "${datasets.prompts}",
+             "rewards": [{"name": "math"}], **stage_keys}
+    recipe = {"name": "bond_keys", "output_dir": str(tmp_path / "run"),
+              "models": {"student": {"tiny": {"arch": "gemma3", "hidden_size": 64, "num_layers": 1, "num_heads": 2,
+                                              "num_kv_heads": 1}}},
+              "datasets": {"prompts": {"toy": {"task": "math", "n": 8, "split": "train", "format": "prompt"}}},
+              "stages": [stage]}
     path = tmp_path / "recipe.yaml"
-    path.write_text(f"""
-name: bond_keys
-output_dir: {tmp_path / 'run'}
-models:
-  student: {{tiny: {{arch: gemma3, hidden_size: 64, num_layers: 1, num_heads: 2, num_kv_heads: 1}}}}
-datasets:
-  math_prompts: {{toy: {{task: math, n: 8, split: train, format: prompt}}}}
-stages:
-  - name: rl
-    kind: rl
-    model: ${{models.student}}
-    dataset: ${{datasets.math_prompts}}
-    rewards: [{{name: math}}]
-{stage_lines}
-""")
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return str(path)
 
 
 def test_a_recipe_with_the_old_flat_bond_keys_loads_into_the_bond_block(tmp_path):
-    recipe = load_recipe(_recipe(tmp_path, "    algorithm: bond\n    jeffreys_beta: 0.3\n    bond_n: 4\n"))
+    recipe = load_recipe(_recipe(tmp_path, algorithm="bond", jeffreys_beta=0.3, bond_n=4))
     config = recipe.stages[0].config
     assert config.bond == BondOptions(jeffreys_beta=0.3, bond_n=4)
     assert config.anchor_samples == 4 and config.completions_per_prompt == 5
 
 
 def test_a_recipe_with_the_bond_block_loads(tmp_path):
-    lines = "    algorithm: jbond\n    bond: {jeffreys_beta: 1.0, kl_gamma: 0.1, anchor_rollout: engine}\n"
-    config = load_recipe(_recipe(tmp_path, lines)).stages[0].config
+    bond = {"jeffreys_beta": 1.0, "kl_gamma": 0.1, "anchor_rollout": "engine"}
+    config = load_recipe(_recipe(tmp_path, algorithm="jbond", bond=bond)).stages[0].config
     assert config.bond == BondOptions(jeffreys_beta=1.0, kl_gamma=0.1, anchor_rollout="engine")
     assert config.anchor_samples == 2
 
@@ -57,9 +52,9 @@ def test_a_bond_algorithm_without_options_gets_the_papers_defaults():
 def test_a_bond_option_on_algorithm_rloo_is_refused_with_the_key_and_the_fix(tmp_path):
     with pytest.raises(RecipeError, match="bond: BOND's options apply to algorithm jbond or bond; this stage runs "
                                           "algorithm rloo"):
-        load_recipe(_recipe(tmp_path, "    bond: {jeffreys_beta: 0.3}\n"))
+        load_recipe(_recipe(tmp_path, bond={"jeffreys_beta": 0.3}))
     with pytest.raises(RecipeError, match="kl_gamma: applies to algorithm jbond or bond"):
-        load_recipe(_recipe(tmp_path, "    kl_gamma: 0.1\n"))
+        load_recipe(_recipe(tmp_path, kl_gamma=0.1))
     with pytest.raises(ValueError, match="jeffreys_beta: given both under the stage and in its bond block"):
         RLStageConfig(**BASE, algorithm="jbond", jeffreys_beta=0.2, bond={"jeffreys_beta": 0.3})
     with pytest.raises(ValueError, match="bond.nope"):
