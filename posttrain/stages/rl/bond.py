@@ -107,8 +107,6 @@ class BondStats(StepStats):
 class Bond(RLAlgorithm):
     """algorithm: jbond or bond; the anchor samples on the policy's engine or on one of its own."""
 
-    name = "bond"
-
     def __init__(self, state: StepState):
         self.rollouts = AnchorRollouts(state.config, state.engine, state.session.device)
         self.tie_steps: list[float] = []

@@ -32,8 +32,6 @@ from posttrain.training import engine_asleep
 class RLOO(RLAlgorithm):
     """algorithm: rloo, sampling from the policy's engine only."""
 
-    name = "rloo"
-
     def step(self, state: StepState, step: int) -> dict:
         """One iteration on this rank's share of step `step`; returns its metrics record."""
         config, session, learner = state.config, state.session, state.learner
