@@ -73,8 +73,8 @@ def test_a_resolved_config_written_out_before_the_bond_block_still_validates():
 
 
 def _sha(config) -> str:
-    identity = type(config).identity(config.model_dump(mode="json", exclude_unset=False))
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+    hash_form = type(config).hash_form(config.model_dump(mode="json", exclude_unset=False))
+    return hashlib.sha256(json.dumps(hash_form, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def test_the_runners_hash_of_a_config_is_the_one_before_the_bond_block():

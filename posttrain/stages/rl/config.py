@@ -174,7 +174,7 @@ class RLStageConfig(TrainingOptions):
         return self.num_generations if self.algorithm == "rloo" else 1 + self.anchor_samples
 
     @classmethod
-    def identity(cls, resolved: dict) -> dict:
+    def hash_form(cls, resolved: dict) -> dict:
         """The resolved config in the form the runner hashes: BOND's options written out flat, as
         they were before the `bond` block, so a run directory made then still matches its hash and
         resumes instead of starting over."""
