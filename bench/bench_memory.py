@@ -5,10 +5,10 @@ Model: a tiny Gemma3 (hidden 64, 1 layer, head_dim 32) from posttrain.toy whose 
 has V rows, V in --vocab (Gemma 3 itself has 262,144). Everything except the output layer is
 tiny, so what grows with V is the vocabulary work alone.
 
-- rl: exactly what posttrain/stages/rl.py does per micro-batch: score_completions on the policy
-  (with gradient, with entropy), on the anchor and on the start model (no gradient), shared
-  prompts (group_size samples per prompt), KL-regularised RLOO advantages, reinforce_loss,
-  backward. --seqs completions of --tokens tokens after a --prompt-tokens prompt.
+- rl: the rl stage's own RLOO pass (posttrain.stages.rl.policy_gradient_pass) on one micro-batch:
+  score_completions on the policy (with gradient, with entropy), on the anchor and on the start
+  model (no gradient), shared prompts (group_size samples per prompt), KL-regularised RLOO
+  advantages, reinforce_loss, backward. --seqs completions of --tokens tokens after a --prompt-tokens prompt.
 - distill: the student's and the teacher's logits the way the distill stage gets them (full
   logits, or ProjectedLogits over the decoder's hidden states), the stage's default loss
   (generalised JSD over the full vocabulary, beta 0.5) on --seqs sequences of --tokens tokens
@@ -70,8 +70,12 @@ def _tiny_gemma3(vocab: int, seed: int):
 
 # --- one step of each stage -------------------------------------------------------------------------
 
-def _rl_setup(args, vocab: int, device):
+def _rl_setup(args, vocab: int, device, chunk_size):
     import torch
+
+    from posttrain.rollout.types import Completion
+    from posttrain.stages.rl import Learner, RLStageConfig
+    from posttrain.training import TrainingSession
 
     policy = _tiny_gemma3(vocab, 0).to(device).train()
     anchor = _tiny_gemma3(vocab, 1).to(device).eval().requires_grad_(False)
@@ -80,35 +84,22 @@ def _rl_setup(args, vocab: int, device):
     n = args.group_size
     prompts = [[2] + torch.randint(3, vocab, (args.prompt_tokens - 1,), generator=g).tolist()
                for _ in range(args.seqs // n)]
-    seq_prompts = [p for p in prompts for _ in range(n)]
-    completions = [torch.randint(3, vocab, (args.tokens,), generator=g).tolist() for _ in seq_prompts]
-    rewards = torch.rand(len(completions), generator=g).to(device)
-    return policy, anchor, start_model, seq_prompts, completions, rewards
+    completions = [Completion(token_ids=torch.randint(3, vocab, (args.tokens,), generator=g).tolist(), text="",
+                              logprobs=[], finish_reason="length") for _ in range(len(prompts) * n)]
+    rewards = torch.rand(len(completions), generator=g).tolist()
+    config = RLStageConfig(model="bench", dataset="bench", rewards=[{"name": "math"}], num_generations=n,
+                           prompts_per_step=len(prompts), beta=0.05, logprob_chunk_size=chunk_size)
+    learner = Learner(config, TrainingSession("fp32", seed=0), policy, anchor, start_model, pad_id=0)
+    return learner, prompts, completions, rewards
 
 
-def _rl_step(args, chunk_size, policy, anchor, start_model, seq_prompts, completions, rewards):
-    """One micro-batch of posttrain/stages/rl.py's _rl_step: scoring, advantages, loss, backward."""
-    import functools
+def _rl_step(learner, prompts, completions, rewards):
+    """One micro-batch of the rl stage's RLOO step: scoring, advantages, loss, backward."""
+    from posttrain.stages.rl import policy_gradient_pass
 
-    import torch
-
-    from posttrain.losses.policy import kl_regularised_rewards, masked_sum, reinforce_loss, rloo_advantages
-    from posttrain.scoring import score_completions
-
-    n = args.group_size
-    score = functools.partial(score_completions, prompt_ids=seq_prompts, completion_ids=completions,
-                              temperature=1.0, pad_token_id=0, group_size=n, chunk_size=chunk_size)
-    logp, mask, entropy = score(policy, with_entropy=True)
-    with torch.no_grad():
-        logp_anchor, _, _ = score(anchor)
-        logp_start = score(start_model)[0]
-    logp_sum, anchor_sum = masked_sum(logp.detach(), mask), masked_sum(logp_anchor, mask)
-    r_beta = kl_regularised_rewards(rewards, logp_sum, anchor_sum, 0.05)
-    advantages = rloo_advantages(r_beta.view(-1, n)).view(-1)
-    loss = reinforce_loss(logp, advantages, mask, aggregation="token_mean")
-    loss.backward()
-    return {"loss": loss.item(), "entropy": float(entropy.sum() / mask.sum()),
-            "kl_start": float((logp_sum - masked_sum(logp_start, mask)).mean())}
+    stats, _ = policy_gradient_pass(learner, prompts, completions, rewards)
+    return {"loss": stats.loss, "entropy": stats.entropy_sum / stats.entropy_count,
+            "kl_start": sum(stats.kl_start) / len(stats.kl_start)}
 
 
 def _distill_setup(args, vocab: int, device):
@@ -174,13 +165,14 @@ def worker(args) -> dict:
     chunk_size = None if mode == "before" else resolve_chunk_size(args.chunk_size, vocab)
     device = torch.device(args.device)
     if step == "rl":
-        state = _rl_setup(args, vocab, device)
-        run = lambda: _rl_step(args, chunk_size, *state)  # noqa: E731
+        state = _rl_setup(args, vocab, device, chunk_size)
+        models = (state[0].policy, state[0].anchor, state[0].start_model)
+        run = lambda: _rl_step(*state)  # noqa: E731
     else:
         state = _distill_setup(args, vocab, device)
+        models = tuple(m for m in state if isinstance(m, torch.nn.Module))
         run = lambda: _distill_step(args, chunk_size, *state)  # noqa: E731
-    weights = sum(p.numel() * p.element_size() for m in state if isinstance(m, torch.nn.Module)
-                  for p in m.parameters())
+    weights = sum(p.numel() * p.element_size() for m in models for p in m.parameters())
     if device.type == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()

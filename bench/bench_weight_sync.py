@@ -48,7 +48,8 @@ def main() -> None:
 
     import torch
 
-    from posttrain.rollout import RolloutConfig, SamplingParams, create_engine, sequence_logprobs, weights_for_engine
+    from posttrain.rollout import RolloutConfig, SamplingParams, create_engine, weights_for_engine
+    from posttrain.scoring import sequence_logprobs
     from posttrain.rollout.prompts import prompt_to_ids
     from posttrain.toy.models import TinyModelSpec, build_tiny_model
     from posttrain.toy.tasks import generate as toy_rows

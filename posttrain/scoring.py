@@ -1,8 +1,23 @@
-"""Trainer-side log-probabilities of sampled completions, the way policy-gradient losses need them.
+"""Log-probabilities of sampled completions under a model: the project's one scoring path.
+
+Convention (every rollout engine's `Completion.logprobs` follows it, and the trainer recomputes
+it here for the drift check, RL's losses and evaluation):
+
+    logprob(y_t) = log_softmax(logits_t / T)[y_t]    over the full vocabulary,
+
+with T the sampling temperature, before any top-k/top-p truncation, and T = 1 for greedy
+decoding (temperature 0). This is the quantity a policy gradient differentiates.
+
+vLLM exception: vLLM can report logprobs either before temperature ("raw") or after
+temperature *and* top-k/top-p truncation ("processed"). The vLLM engine uses processed
+logprobs, which equal the convention whenever top_k = 0 and top_p = 1 (the RL default); with
+truncation active its logprobs are those of the truncated, renormalised distribution (the
+distribution actually sampled from) and the engine warns once.
 
 `score_completions(model, prompts, completions, ...)` returns per-token logprobs [B, T] of each
-completion (right-padded to T), its 0/1 mask and optionally the per-token entropy, all under
-log_softmax(logits / temperature) over the full vocabulary, the rollout engines' convention.
+completion (right-padded to T), its 0/1 mask and optionally the per-token entropy, the form a
+loss wants; `sequence_logprobs` gives the same numbers as one 1-D tensor per completion, in
+batches, the form an engine or a drift check wants.
 
 Two layouts give the same numbers (tests compare them):
 
@@ -17,13 +32,11 @@ Two layouts give the same numbers (tests compare them):
 Vocabulary memory: by default the decoder's hidden states of the completion positions go to
 `posttrain.losses.token_logprobs.chunked_token_logprobs`, which projects `chunk_size` tokens at
 a time and recomputes them in backward; no [B, T, V] tensor exists (Gemma 3: V = 262,144).
-
-Why not rollout.sequence_logprobs: the policy's entropy comes from the same forward pass, the
-loss wants padded [B, T] tensors with gradient, and the shared-prompt layout is specific to
-groups of samples.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 
@@ -183,3 +196,25 @@ def score_completions(model, prompt_ids: list[list[int]], completion_ids: list[l
                                                with_entropy=with_entropy, mask=mask)
     mask = mask.to(dtype=logp.dtype)
     return logp * mask, mask, (entropy * mask if with_entropy else None)
+
+
+def sequence_logprobs(model, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
+                      temperature: float = 1.0, requires_grad: bool = False, batch_size: int | None = None,
+                      pad_token_id: int = 0, chunk_size: int | None = 1024) -> list[torch.Tensor]:
+    """Per-token logprobs of each completion given its prompt, one 1-D float32 tensor per pair:
+    `score_completions`' rows without their padding, `batch_size` pairs at a time (None: all at
+    once). `temperature` 0 means greedy and is scored at T = 1."""
+    if len(prompt_ids) != len(completion_ids):
+        raise ValueError(f"sequence_logprobs: {len(prompt_ids)} prompts but {len(completion_ids)} completions")
+    if temperature < 0:
+        raise ValueError(f"sequence_logprobs: temperature must be >= 0, got {temperature}")
+    t = 1.0 if temperature == 0 else float(temperature)
+    batch_size = batch_size or len(prompt_ids) or 1
+    out: list[torch.Tensor] = []
+    with torch.set_grad_enabled(requires_grad):
+        for start in range(0, len(prompt_ids), batch_size):
+            prompts = [list(p) for p in prompt_ids[start:start + batch_size]]
+            completions = [list(c) for c in completion_ids[start:start + batch_size]]
+            logp, _, _ = score_completions(model, prompts, completions, t, pad_token_id, chunk_size=chunk_size)
+            out += [logp[i, :len(c)].float() for i, c in enumerate(completions)]
+    return out

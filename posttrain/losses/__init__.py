@@ -7,7 +7,6 @@ from posttrain.losses.policy import (  # noqa: F401
     masked_sum,
     reinforce_loss,
     rloo_advantages,
-    token_logprobs_and_entropy,
 )
 from posttrain.losses.distillation import (  # noqa: F401
     EMPTY_SLOT,

@@ -234,7 +234,8 @@ class Runner:
         refs = sorted({r for _, r in iter_references(raw_cfg)})
         fingerprints = {r: self._input_fingerprint(r) for r in refs}
         cfg = STAGE_KINDS[entry.kind].config_cls.model_validate(resolved)
-        digest = _sha({"kind": entry.kind, "config": resolved, "inputs": fingerprints, "seed": self.recipe.seed})
+        hash_form = STAGE_KINDS[entry.kind].config_cls.hash_form(resolved)
+        digest = _sha({"kind": entry.kind, "config": hash_form, "inputs": fingerprints, "seed": self.recipe.seed})
         return cfg, digest, resolved
 
     def _load_datasets(self, stages) -> None:

@@ -5,14 +5,12 @@
     ... train ...
     engine.update_weights(weights_for_engine(model))
 
-`Completion.logprobs` follow the convention in `posttrain.rollout.logprobs` and can be
-recomputed on the trainer side with `sequence_logprobs`; `DriftMonitor` compares the two on
-every trained batch.
+`Completion.logprobs` follow the convention in `posttrain.scoring` and are recomputed on the
+trainer side there; `DriftMonitor` compares the two on every trained batch.
 """
 
 from posttrain.rollout.drift import DriftMonitor, RolloutDriftError, RolloutDriftWarning, logprob_drift
 from posttrain.rollout.factory import create_engine, vllm_available
-from posttrain.rollout.logprobs import sequence_logprobs
 from posttrain.rollout.types import (
     Completion,
     OverlongPromptError,
@@ -25,6 +23,6 @@ from posttrain.rollout.weights import weights_for_engine
 
 __all__ = [
     "Completion", "DriftMonitor", "OverlongPromptError", "RolloutConfig", "RolloutDriftError", "RolloutDriftWarning",
-    "RolloutEngine", "RolloutError", "SamplingParams", "create_engine", "logprob_drift", "sequence_logprobs",
-    "vllm_available", "weights_for_engine",
+    "RolloutEngine", "RolloutError", "SamplingParams", "create_engine", "logprob_drift", "vllm_available",
+    "weights_for_engine",
 ]

@@ -19,7 +19,7 @@ import torch
 
 from posttrain.losses.token_logprobs import resolve_chunk_size
 from posttrain.modeling import load_causal_lm, load_tokenizer, stop_token_ids
-from posttrain.rollout.logprobs import sequence_logprobs
+from posttrain.scoring import sequence_logprobs
 from posttrain.rollout.prompts import fit_prompts, render_prompts
 from posttrain.rollout.parallel import current_launch, request_seed_offset
 from posttrain.rollout.types import Completion, Prompt, RolloutConfig, RolloutEngine, RolloutError, SamplingParams

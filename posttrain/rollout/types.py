@@ -1,9 +1,9 @@
 """The rollout interface: sampling parameters, completions, engine configuration, engine protocol.
 
-Logprob convention (shared by every engine and by `sequence_logprobs`): the logprob of a sampled
+Logprob convention (shared by every engine and by `posttrain.scoring`): the logprob of a sampled
 token is `log_softmax(logits / T)[token]` over the full vocabulary, with T the sampling
 temperature, taken before top-k/top-p truncation. Greedy decoding (T = 0) reports logprobs at
-T = 1, i.e. `log_softmax(logits)`. See `posttrain.rollout.logprobs` for the one exception
+T = 1, i.e. `log_softmax(logits)`. See `posttrain.scoring` for the one exception
 (vLLM with top-k/top-p active).
 """
 

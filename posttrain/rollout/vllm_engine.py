@@ -177,7 +177,7 @@ class VLLMEngine(RolloutEngine):
         tp = config.tensor_parallel_size
         kwargs = dict(
             model=model_path, dtype=config.dtype, seed=engine_seed(0, launch, tp), max_model_len=config.max_model_len,
-            # Temperature-scaled logprobs (see posttrain.rollout.logprobs for the convention).
+            # Temperature-scaled logprobs (see posttrain.scoring for the convention).
             logprobs_mode="processed_logprobs",
             tensor_parallel_size=tp, enable_sleep_mode=config.enable_sleep_mode,
             enforce_eager=(not _has_cuda()) if config.enforce_eager is None else config.enforce_eager,

@@ -24,6 +24,13 @@ class StageConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
+    @classmethod
+    def hash_form(cls, resolved: dict) -> dict:
+        """The resolved config (every field written out) in the form the runner hashes to decide
+        whether a finished stage is up to date and a killed one may resume. A stage whose options
+        were regrouped writes them here as they were, so run directories made before still match."""
+        return resolved
+
 
 class StageError(RuntimeError):
     """A stage failed for a reason the user can act on (bad data, failed round trip...)."""

@@ -20,7 +20,7 @@ import torch
 
 from posttrain.modeling import load_causal_lm, load_tokenizer
 from posttrain.rollout.types import Completion
-from posttrain.stages.rl import RLStageConfig, bond_gradient_pass
+from posttrain.stages.rl import BondBatch, Learner, RLStageConfig, bond_gradient_pass
 from posttrain.training import TrainingSession, place_frozen
 
 PROMPTS = 4
@@ -62,10 +62,9 @@ def main(model_dir: str, out_dir: str, algorithm: str, budget: int | None) -> No
     k = config.anchor_samples
     prompts, pol, anchors, rewards = fixed_batch(tokenizer, k)
     mine = session.shard(list(range(PROMPTS)), "prompts")
-    stats, finite = bond_gradient_pass(
-        config, session, policy, anchor, None, [prompts[i] for i in mine], [pol[i] for i in mine],
-        [anchors[i] for i in mine], [rewards[i * (1 + k) + j] for i in mine for j in range(1 + k)],
-        tokenizer.pad_token_id)
+    batch = BondBatch([prompts[i] for i in mine], [pol[i] for i in mine], [anchors[i] for i in mine],
+                      [rewards[i * (1 + k) + j] for i in mine for j in range(1 + k)])
+    stats, finite = bond_gradient_pass(Learner(config, session, policy, anchor, None, tokenizer.pad_token_id), batch)
     assert finite
     result = session.step(config.max_grad_norm)
     torch.save({k: v.detach().cpu() for k, v in policy.state_dict().items()}, out / f"policy_rank{session.rank}.pt")

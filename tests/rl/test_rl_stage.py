@@ -15,7 +15,7 @@ import torch
 from posttrain.data import DataError, write_jsonl
 from posttrain.stages.base import StageContext, StageError
 from posttrain.data import load_prompts
-from posttrain.stages.rl import RLStageConfig, prompt_indices_for_step, run_rl
+from posttrain.stages.rl import RLOO, RLStageConfig, prompt_indices_for_step, run_rl
 from posttrain.toy.tasks import generate
 
 REWARDS = str(Path(__file__).with_name("toy_rewards.py"))
@@ -70,23 +70,21 @@ def test_reward_rises_on_a_trivially_learnable_reward(tiny_gemma3_dir, math_prom
 
 
 def test_resume_after_interruption_gives_the_same_parameters(tiny_gemma3_dir, math_prompts, tmp_path, monkeypatch):
-    import posttrain.stages.rl as rl
-
     cfg = _config(tiny_gemma3_dir, math_prompts, max_steps=4, checkpoint_every=2, anchor_ema=0.5)
     straight = run_rl(cfg, _ctx(tmp_path / "straight"))
 
-    real_step = rl._rl_step
+    real_step = RLOO.step
 
-    def crash_at_step_3(step, *args, **kwargs):
+    def crash_at_step_3(self, state, step):
         if step == 3:
             raise KeyboardInterrupt("simulated crash during step 4")
-        return real_step(step, *args, **kwargs)
+        return real_step(self, state, step)
 
-    monkeypatch.setattr(rl, "_rl_step", crash_at_step_3)
+    monkeypatch.setattr(RLOO, "step", crash_at_step_3)  # the loop looks the step up on the algorithm
     with pytest.raises(KeyboardInterrupt):
         run_rl(cfg, _ctx(tmp_path / "resumed"))
     assert (tmp_path / "resumed" / "checkpoints" / "step_000002" / "state.json").exists()
-    monkeypatch.setattr(rl, "_rl_step", real_step)
+    monkeypatch.setattr(RLOO, "step", real_step)
     resumed = run_rl(cfg, _ctx(tmp_path / "resumed"))
 
     a, b = _weights(straight.outputs["model"]), _weights(resumed.outputs["model"])

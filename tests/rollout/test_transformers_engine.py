@@ -6,7 +6,8 @@ import torch
 from posttrain.chat import tokenize_prompt
 from posttrain.modeling import end_of_turn_id, load_causal_lm
 from posttrain.rollout import (OverlongPromptError, RolloutConfig, RolloutError, SamplingParams, create_engine,
-                               sequence_logprobs, weights_for_engine)
+                               weights_for_engine)
+from posttrain.scoring import sequence_logprobs
 from rollout_helpers import PROMPTS, flat, make_end_of_turn_likely, perturbed, prompt_ids_per_completion
 
 

@@ -9,7 +9,8 @@ import torch
 
 from posttrain.modeling import end_of_turn_id, load_causal_lm
 from posttrain.rollout import (DriftMonitor, OverlongPromptError, RolloutConfig, RolloutDriftError, RolloutError,
-                               SamplingParams, create_engine, sequence_logprobs, vllm_available, weights_for_engine)
+                               SamplingParams, create_engine, vllm_available, weights_for_engine)
+from posttrain.scoring import sequence_logprobs
 from rollout_helpers import PROMPTS, flat, make_end_of_turn_likely, perturbed, prompt_ids_per_completion
 
 pytestmark = pytest.mark.skipif(not vllm_available(), reason="vllm is not installed")

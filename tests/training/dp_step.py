@@ -21,7 +21,7 @@ import torch
 from posttrain.modeling import load_causal_lm, load_tokenizer
 from posttrain.rollout import weights_for_engine
 from posttrain.rollout.types import Completion
-from posttrain.stages.rl import RLStageConfig, policy_gradient_pass
+from posttrain.stages.rl import Learner, RLStageConfig, policy_gradient_pass
 from posttrain.training import TrainingSession, place_frozen
 from posttrain.weights import ema_update_
 
@@ -59,10 +59,10 @@ def main(model_dir: str, out_dir: str, budget: int | None, optimizer: str = "sgd
                            prompts_per_step=PROMPTS, beta=0.1, max_tokens_per_microbatch=budget)
     prompts, completions, rewards = fixed_batch(tokenizer)
     mine = session.shard(list(range(PROMPTS)), "prompts")
+    learner = Learner(config, session, policy, anchor, None, tokenizer.pad_token_id)
     stats, finite = policy_gradient_pass(
-        config, session, policy, anchor, None, [prompts[i] for i in mine],
-        [completions[i * N + j] for i in mine for j in range(N)], [rewards[i * N + j] for i in mine for j in range(N)],
-        tokenizer.pad_token_id)
+        learner, [prompts[i] for i in mine], [completions[i * N + j] for i in mine for j in range(N)],
+        [rewards[i * N + j] for i in mine for j in range(N)])
     assert finite
     result = session.step(config.max_grad_norm)
     ema_update_(anchor, dict(weights_for_engine(policy)), 0.5)

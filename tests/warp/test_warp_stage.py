@@ -86,22 +86,22 @@ def test_merge_and_warp_config_errors_name_the_key(tiny_gemma3_dir, prompts):
 
 
 def test_warp_runs_merges_iterates_scores_the_front_and_resumes(tiny_gemma3_dir, prompts, tmp_path, monkeypatch):
-    import posttrain.stages.rl as rl
     import posttrain.stages.warp as warp
+    from posttrain.stages.rl import RLOO
 
     cfg = _warp_config(tiny_gemma3_dir, prompts)
     stage = tmp_path / "warp"
     # Kill the stage during the second step of iteration 2's first run (the 6th rl step overall),
     # after its step-1 checkpoint; then run it again.
-    real_step, calls = rl._rl_step, {"n": 0}
+    real_step, calls = RLOO.step, {"n": 0}
 
-    def crash_once(step, *args, **kwargs):
+    def crash_once(self, state, step):
         calls["n"] += 1
         if calls["n"] == 6:
             raise KeyboardInterrupt("simulated kill")
-        return real_step(step, *args, **kwargs)
+        return real_step(self, state, step)
 
-    monkeypatch.setattr(rl, "_rl_step", crash_once)
+    monkeypatch.setattr(RLOO, "step", crash_once)  # the loop looks the step up on the algorithm
     with pytest.raises(KeyboardInterrupt):
         warp.run_warp(cfg, _ctx(stage, "warp"))
     assert (stage / "iteration_1" / "liti" / "manifest.json").exists()
