@@ -229,18 +229,16 @@ def check_recipe_kwargs(kwargs: dict) -> None:
 
 def reward_model_reward(prompts, completions, *, checkpoints: Sequence[str] | str | None = None,
                         batch_size: int = 8, device: str | None = None, dtype: str = "float32",
-                        tokenizer: str | None = None, combine: str = "weights", encode_pair: PairEncoder | None = None,
-                        **_: Any) -> list[float | None]:
+                        tokenizer: str | None = None, combine: str = "weights", **_: Any) -> list[float | None]:
     """TRL-style reward: the reward model's score of each pair.
 
     kwargs: ``checkpoints`` (one path, a list of paths of one architecture, or a reward_model
     stage's output: ``${stages.NAME.model}`` for its WARM average, ``${stages.NAME.members}`` for
     its members); ``combine``: ``weights`` (WARM: one averaged model) or ``predictions``
-    (the ensemble: the mean of the members' scores). ``encode_pair``: how pairs become token ids
-    (a Python caller's; default: the one installed with ``use_pair_encoder``).
+    (the ensemble: the mean of the members' scores). Pairs are tokenised by the pair encoder
+    installed with ``use_pair_encoder``.
     """
     if not checkpoints:
         raise ValueError("the reward_model reward needs kwargs: {checkpoints: [path, ...]}")
-    scorer = get_scorer(checkpoints, device=device, dtype=dtype, tokenizer=tokenizer, combine=combine,
-                        encode_pair=encode_pair)
+    scorer = get_scorer(checkpoints, device=device, dtype=dtype, tokenizer=tokenizer, combine=combine)
     return list(scorer.score(prompts, completions, batch_size=batch_size))

@@ -60,7 +60,7 @@ class NoPosttrain(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, NoPosttrain())
 from rewards import load_reward
-from rewards.reward_model import RewardModelScorer
+from rewards.reward_model import RewardModelScorer, use_pair_encoder
 
 checkpoint = sys.argv[1]
 try:
@@ -76,9 +76,11 @@ def chat_template_encoder(tokenizer):
         return tokenizer(text, add_special_tokens=False)["input_ids"][-max_length:]
     return encode
 
+given = RewardModelScorer([checkpoint], encode_pair=chat_template_encoder).score(["Hi"], ["Hello"])
+use_pair_encoder(chat_template_encoder)  # the default of every scorer from here on, the recipe reward's too
 reward = load_reward("reward_model")
-scores = reward(["What is 2+2?", "Hi"], ["4", "Hello"], checkpoints=[checkpoint], encode_pair=chat_template_encoder)
-print(json.dumps({"no_encoder": no_encoder, "scores": scores,
+scores = reward(["What is 2+2?", "Hi"], ["4", "Hello"], checkpoints=[checkpoint])
+print(json.dumps({"no_encoder": no_encoder, "scores": scores, "given": given,
                   "posttrain_loaded": sorted(m for m in sys.modules if m.split(".")[0] == "posttrain")}))
 '''
 
@@ -94,3 +96,4 @@ def test_the_reward_model_reward_scores_where_posttrain_cannot_be_imported(tiny_
     assert result["posttrain_loaded"] == []
     assert "use_pair_encoder" in result["no_encoder"]  # told how to give one, not a crash inside tokenisation
     assert len(result["scores"]) == 2 and all(isinstance(s, float) for s in result["scores"])
+    assert result["given"] == pytest.approx(result["scores"][1:])  # the same encoder, given or installed
