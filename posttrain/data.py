@@ -6,8 +6,8 @@ import codecs
 import csv
 import gzip
 import json
-import os
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -17,8 +17,9 @@ their metrics.jsonl, where the start model is the SFT model).
 
 The RL runs are the rl stage itself (`run_rl`), each with its own directory
 `iteration_<i>/run_<m>/` and seed. Resuming after a kill: a run, merge or LITI directory whose
-`manifest.json` says complete is skipped; a run cut short resumes from its rl checkpoints
-(`checkpoint_every`); evaluated points are kept in `front/points.json`.
+`manifest.json` says complete (posttrain.manifests, as for the runner's stages) is skipped; a run
+cut short resumes from its rl checkpoints (`checkpoint_every`); evaluated points are kept in
+`front/points.json`.
 """
 
 from __future__ import annotations
