@@ -36,10 +36,10 @@ import re
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, model_serializer, model_validator
 
 from posttrain.data import PreferencePairs, load_preference_pairs, write_json, write_jsonl
 from posttrain.losses.preference import bradley_terry_loss, ensemble_scores, pairwise_accuracy
@@ -115,6 +115,20 @@ class RewardModelStageConfig(TrainingOptions):
     average_best: int | None = Field(None, ge=1, description="Average only the best k members by held-out accuracy "
                                      "(needs eval_dataset); default: all members.")
     logging_steps: int = Field(10, ge=1, description="Log loss and batch accuracy every this many steps.")
+
+    # Shared options this stage kind gained with TrainingOptions. The runner hashes the dumped config
+    # to tell whether a finished stage is up to date; left out of the dump while at their default,
+    # they keep the hash of a stage run by an earlier version, so its run directory is still
+    # recognised (and a killed one resumes) rather than trained again. Set, they count as any option.
+    _DUMPED_ONLY_WHEN_SET: ClassVar[tuple[str, ...]] = ("shard_optimizer",)
+
+    @model_serializer(mode="wrap")
+    def _omit_later_options_at_their_default(self, handler):
+        data = handler(self)
+        for key in self._DUMPED_ONLY_WHEN_SET:
+            if key in data and data[key] == type(self).model_fields[key].default:
+                del data[key]
+        return data
 
     @model_validator(mode="after")
     def _check(self):

@@ -63,3 +63,25 @@ def test_a_run_directory_in_the_old_format_resumes_without_retraining_its_finish
     # Member 1's figures come from its old record; the retrained member 2 ends as it did before.
     for key in ("member_1/accuracy", "member_2/accuracy", "average/accuracy"):
         assert resumed["metrics"][key] == first["metrics"][key]
+
+
+# The config as the runner hashed it before the stage inherited TrainingOptions (every default).
+EARLIER_DUMP = {
+    "model": "m", "dataset": "d", "eval_dataset": None, "eval_datasets": None, "members": 1, "seeds": None,
+    "learning_rates": None, "dropouts": None, "member_models": None, "probe_steps": 50, "probe_learning_rate": 1e-3,
+    "shared_steps": 0, "max_steps": 100, "batch_size": 16, "learning_rate": 1e-5, "warmup_steps": 0,
+    "lr_scheduler": "constant", "weight_decay": 0.0, "max_grad_norm": 1.0, "max_length": 512,
+    "max_tokens_per_microbatch": None, "on_invalid_row": "error", "center_rewards_coefficient": None,
+    "label_flip_rate": 0.0, "average_best": None, "precision": "fp32", "lora": None, "gradient_checkpointing": False,
+    "checkpoint_every": 50, "keep_checkpoints": 2, "logging_steps": 10, "report_to": []}
+
+
+def test_the_stage_hashes_as_before_so_earlier_run_directories_stay_up_to_date():
+    from posttrain.stages.reward_model import RewardModelStageConfig
+
+    # Same keys and defaults: the runner's stage hash of an unchanged recipe is unchanged, so a
+    # finished stage is skipped and a killed one resumes instead of being wiped as a new attempt.
+    assert RewardModelStageConfig(model="m", dataset="d").model_dump(mode="json") == EARLIER_DUMP
+    # An option the shared base added counts once it is set.
+    sharded = RewardModelStageConfig(model="m", dataset="d", shard_optimizer=True).model_dump(mode="json")
+    assert sharded == {**EARLIER_DUMP, "shard_optimizer": True}
