@@ -398,7 +398,8 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {text[:60] + '...' if len(text) > 60 else text}"
 
 
-def encode_pair(tokenizer, prompt: Any, completion: Any, max_length: int, gemma_format: bool | None = None) -> list[int]:
+def encode_pair(tokenizer, prompt: Any, completion: Any, max_length: int,
+                gemma_format: bool | None = None) -> list[int]:
     """Token ids a reward model scores for (prompt, completion).
 
     In the Gemma IT format when the tokenizer has its control tokens, otherwise in the

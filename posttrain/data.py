@@ -521,7 +521,8 @@ def load_preference_pairs(path: str, tokenizer, max_length: int, skip_invalid: b
         out.pairs.append(sides)
         out.margins.append(margin)
     if not out.pairs:
-        raise DataError(f"{path}: no preference rows" + (f" ({len(out.skipped)} invalid, skipped)" if out.skipped else ""))
+        skipped = f" ({len(out.skipped)} invalid, skipped)" if out.skipped else ""
+        raise DataError(f"{path}: no preference rows{skipped}")
     return out
 
 
@@ -535,15 +536,15 @@ def _encode_preference_row(where: str, row: dict, tokenizer, gemma_format: bool)
                             f"'{side}' is missing (the row has {sorted(row)})")
         if is_blank(row[side]):
             raise DataError(f"{where}: '{side}' is empty; a preference pair needs two non-empty answers")
-    prompt = row.get("prompt")
-    if prompt is None and not all(isinstance(row[s], list) for s in ("chosen", "rejected")):
+    prompt, sides = row.get("prompt"), (row["chosen"], row["rejected"])
+    if prompt is None and not all(isinstance(side, list) for side in sides):
         raise DataError(f"{where}: 'prompt' is missing; without it, 'chosen' and 'rejected' must be whole "
                         "conversations (lists of {role, content})"
-                        + (f"; {TRANSCRIPT_HINT}" if any(isinstance(row[s], str) for s in ("chosen", "rejected")) else ""))
+                        + (f"; {TRANSCRIPT_HINT}" if any(isinstance(side, str) for side in sides) else ""))
     if prompt is not None and is_blank(prompt):
         raise DataError(f"{where}: 'prompt' is empty")
     try:
-        conversations = preference_conversations(prompt, row["chosen"], row["rejected"])
+        conversations = preference_conversations(prompt, *sides)
         chosen, rejected = (encode_pair(tokenizer, None, messages, 10**9, gemma_format) for messages in conversations)
     except ChatFormatError as e:
         raise DataError(f"{where}: {e}") from None

@@ -92,7 +92,8 @@ def _uniform_average(models: list) -> dict:
     for name, first in states[0].items():
         others = [s.get(name) for s in states[1:]]
         if any(t is None or t.shape != first.shape for t in others):
-            raise ValueError(f"tensor {name!r} is missing from a checkpoint or has another shape than {tuple(first.shape)}")
+            raise ValueError(f"tensor {name!r} is missing from a checkpoint or has another shape than "
+                             f"{tuple(first.shape)}")
         if first.is_floating_point():
             total = sum((t.float() for t in others), first.float())
             averaged[name] = (total / len(states)).to(first.dtype)

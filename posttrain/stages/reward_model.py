@@ -41,7 +41,7 @@ from typing import Any, Callable, ClassVar, Literal
 import torch
 from pydantic import Field, model_serializer, model_validator
 
-from posttrain.data import PreferencePairs, load_preference_pairs, write_json, write_jsonl
+from posttrain.data import load_preference_pairs, write_json, write_jsonl
 from posttrain.losses.preference import bradley_terry_loss, ensemble_scores, pairwise_accuracy
 from posttrain.manifests import completed, mark_complete
 from posttrain.stages.base import StageContext, StageError, StageResult, register_stage
@@ -530,7 +530,8 @@ def _load_data(config: RewardModelStageConfig, ctx: StageContext, tokenizer) -> 
     first), with the counts the manifest reports; refused rows go to skipped.jsonl in skip mode."""
     skip = config.on_invalid_row == "skip"
     train = load_preference_pairs(config.dataset, tokenizer, config.max_length, skip)
-    held_out = load_preference_pairs(config.eval_dataset, tokenizer, config.max_length, skip) if config.eval_dataset else None
+    held_out = (load_preference_pairs(config.eval_dataset, tokenizer, config.max_length, skip)
+                if config.eval_dataset else None)
     further = {name: load_preference_pairs(path, tokenizer, config.max_length, skip)
                for name, path in (config.eval_datasets or {}).items()}
     skipped = [r for loaded in (train, held_out, *further.values()) if loaded is not None for r in loaded.skipped]
