@@ -162,7 +162,8 @@ def run_trl(paths: dict, root: Path, pairs, pad_id: int, args) -> dict:
 
 
 def held_out_accuracy(model_dir: str, pairs, pad_id: int, precision: str, seed: int) -> float:
-    from posttrain.stages.reward_model import load_reward_model, pairwise_accuracy, score_pairs
+    from posttrain.losses.preference import pairwise_accuracy
+    from posttrain.stages.reward_model import load_reward_model, score_pairs
     from posttrain.training import TrainingSession
 
     session = TrainingSession(precision, seed)
@@ -205,14 +206,15 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
 
     from posttrain.modeling import load_tokenizer
-    from posttrain.stages.reward_model import load_pairs
+    from posttrain.data import load_preference_pairs
 
     paths = ({"model": args.model, "dataset": args.dataset, "eval_dataset": args.eval_dataset} if args.model
              else toy_world(root, args.seed, args))
     tokenizer = load_tokenizer(paths["model"])
     pad_id = tokenizer.pad_token_id
-    pairs, truncated = load_pairs(paths["dataset"], tokenizer, args.max_length)
-    eval_pairs = load_pairs(paths["eval_dataset"], tokenizer, args.max_length)[0]
+    loaded = load_preference_pairs(paths["dataset"], tokenizer, args.max_length)
+    pairs, truncated = loaded.pairs, loaded.truncated
+    eval_pairs = load_preference_pairs(paths["eval_dataset"], tokenizer, args.max_length).pairs
     tokens = statistics.mean(len(c) + len(r) for c, r in pairs)
     print(f"{len(pairs)} training pairs ({truncated} cut to {args.max_length} tokens, {tokens:.0f} tokens a pair "
           f"on average), {len(eval_pairs)} held-out pairs; {args.steps} steps of {args.batch_size} pairs, "

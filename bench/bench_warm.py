@@ -78,14 +78,15 @@ def test_accuracies(stage_dir: Path, sets: dict[str, Path], model_path: str, see
     that fine-tuned members close to a shared start average in weights as they would in
     predictions. Each model is loaded once and scores every set."""
     from posttrain.modeling import load_tokenizer
-    from posttrain.stages.reward_model import (ensemble_scores, load_pairs, load_reward_model, pairwise_accuracy,
-                                               score_pairs)
+    from posttrain.data import load_preference_pairs
+    from posttrain.losses.preference import ensemble_scores, pairwise_accuracy
+    from posttrain.stages.reward_model import load_reward_model, score_pairs
     from posttrain.training import TrainingSession
     from rewards.reward_model import MEMBERS_FILE
 
     listing = json.loads((stage_dir / "members" / MEMBERS_FILE).read_text())
     tokenizer = load_tokenizer(model_path)
-    pairs = {name: load_pairs(str(path), tokenizer, 128)[0] for name, path in sets.items()}
+    pairs = {name: load_preference_pairs(str(path), tokenizer, 128).pairs for name, path in sets.items()}
     session = TrainingSession("fp32", seed)
 
     def scores(path):

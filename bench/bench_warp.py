@@ -47,7 +47,7 @@ def main() -> None:
 
     from posttrain.pipeline.recipe import load_recipe
     from posttrain.pipeline.runner import run_recipe
-    from posttrain.stages.warp import PointEvaluator, WarpStageConfig, read_weights
+    from posttrain.stages.rl.warp import PointEvaluator, WarpStageConfig, read_weights
     from posttrain.weights import merge_checkpoints
     import torch
 

@@ -40,8 +40,9 @@ def main() -> None:
     import torch
 
     from posttrain.modeling import load_tokenizer
-    from posttrain.stages.reward_model import (ensemble_scores, load_pairs, load_reward_model, pairwise_accuracy,
-                                               score_pairs)
+    from posttrain.data import load_preference_pairs
+    from posttrain.losses.preference import ensemble_scores, pairwise_accuracy
+    from posttrain.stages.reward_model import load_reward_model, score_pairs
     from posttrain.training import TrainingSession
     from posttrain.weights import linear_average
     from rewards.reward_model import MEMBERS_FILE
@@ -53,7 +54,7 @@ def main() -> None:
     if len(paths) < 2:
         raise SystemExit(f"{listing_path}: {len(paths)} member; a line between members needs at least 2")
     tokenizer = load_tokenizer(paths[0])
-    pairs = load_pairs(str(args.held_out), tokenizer, args.max_length)[0]
+    pairs = load_preference_pairs(str(args.held_out), tokenizer, args.max_length).pairs
     session = TrainingSession("fp32", 0)
     model = load_reward_model(paths[0], tokenizer.pad_token_id)
     session.prepare(model, 1e-5)  # on the session's device; no step is taken

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
+
+from rewards.reward_model import use_pair_encoder
 
 BOS = "<bos>"
 EOS = "<eos>"
@@ -394,3 +396,44 @@ def strip_end_of_turn(text: str) -> str:
 def _describe(value: Any) -> str:
     text = repr(value)
     return f"{type(value).__name__} {text[:60] + '...' if len(text) > 60 else text}"
+
+
+def encode_pair(tokenizer, prompt: Any, completion: Any, max_length: int,
+                gemma_format: bool | None = None) -> list[int]:
+    """Token ids a reward model scores for (prompt, completion).
+
+    In the Gemma IT format when the tokenizer has its control tokens, otherwise in the
+    tokenizer's own chat template (a third party's reward model of another family scores the
+    format it was trained on). Either way control tokens come from the structure only and
+    message text stays text, so a completion that writes "<end_of_turn>" or "<|eot_id|>" cannot
+    forge the turns the model scores. ``prompt`` None: ``completion`` is the whole conversation.
+    Over-long pairs keep their first token (``<bos>``) and their end (the completion, where the
+    score is read). Training (the ``reward_model`` stage) and scoring (``rewards.reward_model``,
+    which is handed this function below) share it, so they see the same ids. ``gemma_format``:
+    which of the two, when the caller has looked it up once for the tokenizer (None looks it up).
+    """
+    messages = conversation_of(prompt, completion)
+    if gemma_format is None:
+        gemma_format = has_gemma_control_tokens(tokenizer)
+    if gemma_format:
+        ids = tokenize_conversation(tokenizer, messages).input_ids
+    else:
+        ids = tokenize_with_chat_template(tokenizer, messages)
+    if len(ids) > max_length:
+        ids = ids[:1] + ids[len(ids) - max_length + 1:]
+    return ids
+
+
+def pair_encoder(tokenizer) -> Callable[[Any, Any, int], list[int]]:
+    """`encode_pair` for one tokenizer, its format looked up once rather than per pair."""
+    gemma_format = has_gemma_control_tokens(tokenizer)
+
+    def encode(prompt: Any, completion: Any, max_length: int) -> list[int]:
+        return encode_pair(tokenizer, prompt, completion, max_length, gemma_format)
+
+    return encode
+
+
+# rewards/ stands alone and knows no chat format; reward models trained here must be scored in
+# the tokenisation they were trained on, so this module hands its encoder to the scorer.
+use_pair_encoder(pair_encoder)

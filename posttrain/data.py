@@ -8,9 +8,10 @@ import csv
 import gzip
 import json
 import logging
+import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
@@ -564,3 +565,89 @@ def _token_sequence(tokenizer, messages: list[dict] | None, max_length: int) -> 
         return None
     tc = tokenize_conversation(tokenizer, messages)
     return TokenSequence(tc.input_ids[:max_length], tc.loss_mask[:max_length])
+
+
+# --- preference pairs (reward models) ------------------------------------------------------------
+
+@dataclass
+class PreferencePairs:
+    """A preference file's pairs as token ids, what was done to them, and what was refused."""
+
+    pairs: list[tuple[list[int], list[int]]]  # (chosen ids, rejected ids), whole conversations
+    margins: list[float]  # per pair: its `margin` column, 0.0 without one
+    truncated: int  # pairs cut to max_length (keeping <bos> and their end)
+    skipped: list[dict] = field(default_factory=list)  # {where, reason, row} per refused row (skip mode)
+
+
+def load_preference_pairs(path: str, tokenizer, max_length: int, skip_invalid: bool = False) -> PreferencePairs:
+    """Preference rows (`prompt`, `chosen`, `rejected`, optional `margin`) as token ids, tokenised
+    by `posttrain.chat.encode_pair`, the tokenisation reward models are scored in.
+
+    A row without a non-empty `chosen` and `rejected`, whose two sides are not two answers to
+    one conversation, or whose conversation is not valid in the chat format, is refused with its
+    file and line; with `skip_invalid` it is recorded in `skipped` instead.
+    """
+    from posttrain.chat import has_gemma_control_tokens
+
+    out = PreferencePairs([], [], 0)
+    gemma_format = has_gemma_control_tokens(tokenizer)
+    for where, row in iter_rows(path):
+        try:
+            sides = _encode_preference_row(where, row, tokenizer, gemma_format)
+            margin = _preference_margin(where, row)
+        except DataError as e:
+            if not skip_invalid:
+                raise
+            out.skipped.append({"where": where, "reason": str(e).removeprefix(f"{where}: "), "row": row})
+            continue
+        if any(len(ids) > max_length for ids in sides):
+            out.truncated += 1
+            sides = tuple(ids[:1] + ids[len(ids) - max_length + 1:] if len(ids) > max_length else ids for ids in sides)
+        out.pairs.append(sides)
+        out.margins.append(margin)
+    if not out.pairs:
+        skipped = f" ({len(out.skipped)} invalid, skipped)" if out.skipped else ""
+        raise DataError(f"{path}: no preference rows{skipped}")
+    return out
+
+
+def _encode_preference_row(where: str, row: dict, tokenizer, gemma_format: bool) -> tuple[list[int], list[int]]:
+    """One preference row's two token sequences, whole; DataError naming `where` when it is not a pair."""
+    from posttrain.chat import TRANSCRIPT_HINT, ChatFormatError, encode_pair, is_blank, preference_conversations
+
+    for side in ("chosen", "rejected"):
+        if side not in row:
+            raise DataError(f"{where}: a preference row needs 'prompt', 'chosen' and 'rejected'; "
+                            f"'{side}' is missing (the row has {sorted(row)})")
+        if is_blank(row[side]):
+            raise DataError(f"{where}: '{side}' is empty; a preference pair needs two non-empty answers")
+    prompt, sides = row.get("prompt"), (row["chosen"], row["rejected"])
+    if prompt is None and not all(isinstance(side, list) for side in sides):
+        raise DataError(f"{where}: 'prompt' is missing; without it, 'chosen' and 'rejected' must be whole "
+                        "conversations (lists of {role, content})"
+                        + (f"; {TRANSCRIPT_HINT}" if any(isinstance(side, str) for side in sides) else ""))
+    if prompt is not None and is_blank(prompt):
+        raise DataError(f"{where}: 'prompt' is empty")
+    try:
+        conversations = preference_conversations(prompt, *sides)
+        chosen, rejected = (encode_pair(tokenizer, None, messages, 10**9, gemma_format) for messages in conversations)
+    except ChatFormatError as e:
+        raise DataError(f"{where}: {e}") from None
+    return chosen, rejected
+
+
+def _preference_margin(where: str, row: dict) -> float:
+    """The row's `margin` (how much better chosen is, e.g. a rating difference; Llama 2's margin
+    loss, TRL's `margin` column), 0.0 without one; anything but a finite number (or a number's
+    text, as a CSV cell holds it) is refused."""
+    margin = row.get("margin")
+    if margin is None:
+        return 0.0
+    if isinstance(margin, str):
+        try:
+            margin = float(margin.strip())
+        except ValueError:
+            pass
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+        raise DataError(f"{where}: 'margin' must be a finite number (how much chosen is preferred), got {margin!r}")
+    return float(margin)

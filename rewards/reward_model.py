@@ -8,22 +8,26 @@ compared with). A checkpoint may also be the ``members`` directory written by th
 Scorers are cached per (checkpoints, combination, device, dtype), so a list of checkpoints is
 loaded once per process however many batches are scored.
 
-Pairs are rendered in the Gemma IT format, ``<bos>`` added as a token:
+How a (prompt, completion) pair becomes token ids is handed in, not defined here: this package
+stands alone (it imports nothing of posttrain), and a reward model must be scored in the
+tokenisation it was trained on. A pair encoder is a function of the tokenizer returning
+``encode(prompt, completion, max_length) -> ids``; pass one as ``encode_pair`` or install the
+default with ``use_pair_encoder``. posttrain installs its own when its chat module is imported
+(``posttrain.chat.pair_encoder``: the Gemma IT format, ``<bos>`` added as a token,
 ``<bos><start_of_turn>user\\n{prompt}<end_of_turn>\\n<start_of_turn>model\\n{completion}<end_of_turn>\\n``,
-a system message prepended to the first user turn (Gemma has no system role). A checkpoint
-whose tokenizer lacks the Gemma control tokens (a hub reward model of another family) is scored
-in its own chat template instead (``encode_pair``).
+or the checkpoint's own chat template when its tokenizer lacks the Gemma control tokens).
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from posttrain.chat import (conversation_of, has_gemma_control_tokens, tokenize_conversation,
-                            tokenize_with_chat_template)
+__all__ = ["PairEncoder", "RewardModelScorer", "expand_checkpoints", "get_scorer", "reward_model_reward", "load_count",
+           "use_pair_encoder"]
 
-__all__ = ["RewardModelScorer", "encode_pair", "expand_checkpoints", "get_scorer", "reward_model_reward", "load_count"]
+# tokenizer -> encode(prompt, completion, max_length) -> token ids
+PairEncoder = Callable[[Any], Callable[[Any, Any, int], list[int]]]
 
 _cache: dict[tuple, "RewardModelScorer"] = {}
 _cache_lock = threading.Lock()
@@ -57,30 +61,45 @@ def expand_checkpoints(checkpoints: Sequence[str] | str) -> list[str]:
     return out
 
 
-def encode_pair(tokenizer, prompt: Any, completion: Any, max_length: int, gemma_format: bool | None = None) -> list[int]:
-    """Token ids a reward model scores for (prompt, completion).
+_default_encoder: PairEncoder | None = None
 
-    In the Gemma IT format when the tokenizer has its control tokens (the project's one
-    tokenisation of it, posttrain.chat), otherwise in the tokenizer's own chat template (a
-    third party's reward model of another family scores the format it was trained on). Either
-    way control tokens come from the structure only and message text stays text, so a
-    completion that writes "<end_of_turn>" or "<|eot_id|>" cannot forge the turns the model
-    scores. ``prompt`` None: ``completion`` is the whole conversation. Over-long pairs keep
-    their first token (``<bos>``) and their end (the completion, where the score is read).
-    Training (the ``reward_model`` stage) and scoring share this function, so they see the
-    same ids. ``gemma_format``: which of the two, when the caller has looked it up once for the
-    tokenizer (callers encoding many pairs do; None looks it up here).
-    """
-    messages = conversation_of(prompt, completion)
-    if gemma_format is None:
-        gemma_format = has_gemma_control_tokens(tokenizer)
-    if gemma_format:
-        ids = tokenize_conversation(tokenizer, messages).input_ids
-    else:
-        ids = tokenize_with_chat_template(tokenizer, messages)
-    if len(ids) > max_length:
-        ids = ids[:1] + ids[len(ids) - max_length + 1:]
-    return ids
+
+def use_pair_encoder(encoder: PairEncoder) -> None:
+    """Make `encoder` the pair encoder of every scorer not given one (see the module docstring)."""
+    global _default_encoder
+    if not callable(encoder):
+        raise TypeError(f"use_pair_encoder: expected a function of the tokenizer, got {type(encoder).__name__}")
+    _default_encoder = encoder
+
+
+def _pair_encoder(encoder: PairEncoder | None) -> PairEncoder:
+    if encoder is not None:
+        return encoder
+    if _default_encoder is None:
+        raise ValueError("reward_model: no pair encoder, so (prompt, completion) cannot be tokenised; pass "
+                         "encode_pair=tokenizer -> encode(prompt, completion, max_length) -> ids, or install one "
+                         "with rewards.reward_model.use_pair_encoder (importing posttrain.chat installs posttrain's)")
+    return _default_encoder
+
+
+def _uniform_average(models: list) -> dict:
+    """Every tensor's uniform mean over `models` (accumulated in float32), the head included.
+    Written here rather than taken from posttrain.weights: this package stands alone."""
+    import torch
+
+    states = [m.state_dict() for m in models]
+    averaged = {}
+    for name, first in states[0].items():
+        others = [s.get(name) for s in states[1:]]
+        if any(t is None or t.shape != first.shape for t in others):
+            raise ValueError(f"tensor {name!r} is missing from a checkpoint or has another shape than "
+                             f"{tuple(first.shape)}")
+        if first.is_floating_point():
+            total = sum((t.float() for t in others), first.float())
+            averaged[name] = (total / len(states)).to(first.dtype)
+        else:
+            averaged[name] = first
+    return averaged
 
 
 class RewardModelScorer:
@@ -88,14 +107,12 @@ class RewardModelScorer:
     ``checkpoints`` (``combine="weights"``) or the ensemble of their predictions."""
 
     def __init__(self, checkpoints: Sequence[str], device: str | None = None, dtype: str = "float32",
-                 tokenizer: str | None = None, combine: str = "weights"):
+                 tokenizer: str | None = None, combine: str = "weights", encode_pair: PairEncoder | None = None):
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from posttrain.modeling import config_parts
-        from posttrain.weights import linear_average
-
         global _loads
+        encoder = _pair_encoder(encode_pair)
         if combine not in ("weights", "predictions"):
             raise ValueError(f"combine: expected 'weights' (WARM) or 'predictions' (ensemble), got {combine!r}")
         self.checkpoints = expand_checkpoints(checkpoints)
@@ -116,7 +133,7 @@ class RewardModelScorer:
         if combine == "weights" and len(loaded) > 1:
             # One model at inference: the uniform average of every tensor, the head included.
             try:
-                averaged = linear_average(loaded)
+                averaged = _uniform_average(loaded)
             except ValueError as e:
                 raise ValueError(f"WARM needs identical shapes across {self.checkpoints}: {e}") from None
             loaded[0].load_state_dict(averaged)
@@ -126,9 +143,10 @@ class RewardModelScorer:
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or self.checkpoints[0])
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.gemma_format = has_gemma_control_tokens(self.tokenizer)  # looked up once, not per scored pair
+        self._encode = encoder(self.tokenizer)
         for m in self.models:
-            for config in config_parts(m.config):
+            # A composite config (Gemma 3 4B and up) has a text part, where its classifier reads the pad id.
+            for config in {id(c): c for c in (m.config, m.config.get_text_config())}.values():
                 if getattr(config, "pad_token_id", None) is None:  # the classifier reads the last non-pad token
                     config.pad_token_id = self.tokenizer.pad_token_id
         # A composite config (Gemma 3 4B and up) keeps the context length in its text part.
@@ -138,8 +156,8 @@ class RewardModelScorer:
         _loads += 1
 
     def encode(self, prompt: Any, completion: Any) -> list[int]:
-        """Token ids of the pair in the Gemma IT format, starting with the ``<bos>`` token."""
-        return encode_pair(self.tokenizer, prompt, completion, self.max_length, self.gemma_format)
+        """Token ids of the pair, by the scorer's pair encoder, at most the model's context length."""
+        return self._encode(prompt, completion, self.max_length)
 
     def score(self, prompts: Sequence, completions: Sequence, batch_size: int = 8) -> list[float]:
         import torch
@@ -167,13 +185,16 @@ class RewardModelScorer:
 
 
 def get_scorer(checkpoints: Sequence[str] | str, device: str | None = None, dtype: str = "float32",
-               tokenizer: str | None = None, combine: str = "weights") -> RewardModelScorer:
+               tokenizer: str | None = None, combine: str = "weights",
+               encode_pair: PairEncoder | None = None) -> RewardModelScorer:
     """The cached scorer for these checkpoints (loaded on first use)."""
-    key = (tuple([checkpoints] if isinstance(checkpoints, str) else checkpoints), device, dtype, tokenizer, combine)
+    encoder = _pair_encoder(encode_pair)
+    key = (tuple([checkpoints] if isinstance(checkpoints, str) else checkpoints), device, dtype, tokenizer, combine,
+           encoder)
     with _cache_lock:
         if key not in _cache:
             _cache[key] = RewardModelScorer(list(key[0]), device=device, dtype=dtype, tokenizer=tokenizer,
-                                            combine=combine)
+                                            combine=combine, encode_pair=encoder)
         return _cache[key]
 
 
@@ -215,7 +236,8 @@ def reward_model_reward(prompts, completions, *, checkpoints: Sequence[str] | st
     kwargs: ``checkpoints`` (one path, a list of paths of one architecture, or a reward_model
     stage's output: ``${stages.NAME.model}`` for its WARM average, ``${stages.NAME.members}`` for
     its members); ``combine``: ``weights`` (WARM: one averaged model) or ``predictions``
-    (the ensemble: the mean of the members' scores).
+    (the ensemble: the mean of the members' scores). Pairs are tokenised by the pair encoder
+    installed with ``use_pair_encoder``.
     """
     if not checkpoints:
         raise ValueError("the reward_model reward needs kwargs: {checkpoints: [path, ...]}")

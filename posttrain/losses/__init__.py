@@ -1,4 +1,4 @@
-"""Training losses as pure functions on tensors (distillation, policy gradient, BOND, per-token log-probs)."""
+"""Training losses as pure functions on tensors (distillation, policy gradient, BOND, Bradley-Terry, log-probs)."""
 
 from posttrain.losses.token_logprobs import chunked_token_logprobs, vocabulary_projection  # noqa: F401
 
@@ -40,3 +40,4 @@ from posttrain.losses.bond import (  # noqa: F401
     reward_quantiles,
     ties,
 )
+from posttrain.losses.preference import bradley_terry_loss, ensemble_scores, pairwise_accuracy  # noqa: F401

@@ -31,9 +31,9 @@ from posttrain.data import is_saved_dataset, write_json, write_jsonl
 from posttrain.pipeline.processes import (ControlChannel, StageFailedInChild, is_main, run_in_clean_process,
                                           run_stage_by_kind, seed_everything, world_size)
 from posttrain.pipeline.recipe import Recipe, RecipeError, load_recipe, substitute_references
+from posttrain.manifests import MANIFEST, read_manifest, write_manifest
 from posttrain.stages import STAGE_KINDS, StageContext, StageError
 
-MANIFEST = "manifest.json"
 ATTEMPT = "attempt.json"
 
 
@@ -56,13 +56,6 @@ def fingerprint_path(path: Path) -> str:
             st = f.stat()
             items.append((str(f.relative_to(path)), st.st_size, st.st_mtime_ns))
     return _sha(items)
-
-
-def read_manifest(stage_dir: Path) -> dict | None:
-    try:
-        return json.loads((stage_dir / MANIFEST).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
 
 
 @dataclass
@@ -386,7 +379,7 @@ class Runner:
             message = str(e) if child else f"{type(e).__name__}: {e}"
             manifest.update(status="failed", ended=ended, seconds=round(ended - started, 3), error=message,
                             traceback=e.child_traceback if child else traceback.format_exc(), outputs={}, metrics={})
-            write_json(stage_dir / MANIFEST, manifest)
+            write_manifest(stage_dir, manifest)
             self.manifests[entry.name] = manifest
             if self.debug:
                 raise
@@ -400,7 +393,7 @@ class Runner:
         peak = _gpu_peak_memory_gib()
         if peak is not None:
             manifest["gpu_peak_memory_gib"] = peak  # this process's GPU, during this stage
-        write_json(stage_dir / MANIFEST, manifest)  # last, atomically: the stage is complete from here on
+        write_manifest(stage_dir, manifest)  # last, atomically: the stage is complete from here on
         (stage_dir / ATTEMPT).unlink(missing_ok=True)
         self.manifests[entry.name] = manifest
         return StageOutcome(entry.name, entry.kind, "complete", ended - started, result.metrics, manifest["outputs"])

@@ -5,8 +5,8 @@
        shared   optional (`shared_steps`, not in the WARM paper): one reward model fine-tuned
                 from the probe for a few steps, the common start the members then split from
     2. members  M reward models, each from the SFT weights and the probed head, fine-tuned on
-                -log sigmoid(r(x, y_chosen) - r(x, y_rejected)) with its own data order and seed,
-                learning rate, dropout or SFT checkpoint (list options; member i takes entry
+                the Bradley-Terry loss (posttrain.losses.preference) with its own data order and
+                seed, learning rate, dropout or SFT checkpoint (list options; member i takes entry
                 i mod the list's length)
     3. average  the uniform mean of the members' weights, head included (posttrain.weights.
                 merge_checkpoints, linear): one reward model at inference. Optionally only the best k
@@ -14,13 +14,14 @@
 
 The manifest reports each member's, the average's and the prediction ensemble's held-out
 pairwise accuracy (how often r(chosen) > r(rejected) on `eval_dataset`, and on each of
-`eval_datasets`).
+`eval_datasets`). A finished member (or shared start) is marked by its own manifest
+(posttrain.manifests, written last), and is never trained again when the stage resumes.
 
 Why the shared training module (posttrain.training) rather than TRL's RewardTrainer: both give
 data parallelism, bf16, LoRA and resume, but WARM needs a head probed once and then shared by M
 fine-tunings, a resume point *inside* the member sequence (member 2 at step s), and the same
-tokenisation as the scorer (rewards.reward_model.encode_pair: the Gemma IT format through
-posttrain.chat, or the start checkpoint's own chat template when its tokenizer has no Gemma
+tokenisation as the scorer (posttrain.chat.encode_pair, which rewards.reward_model is handed:
+the Gemma IT format, or the start checkpoint's own chat template when its tokenizer has no Gemma
 control tokens). With the Trainer each member would be a separate trainer whose checkpoints know
 nothing of the others; with the session the whole WARM procedure is one resumable loop.
 """
@@ -35,28 +36,36 @@ import re
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
 
-from posttrain.chat import (TRANSCRIPT_HINT, ChatFormatError, has_gemma_control_tokens, is_blank,
-                           preference_conversations)
-from posttrain.data import DataError, iter_rows, write_json, write_jsonl
-from posttrain.stages.base import StageConfig, StageContext, StageError, StageResult, register_stage
-from posttrain.trackers import ReportTo
-from posttrain.training import (LoraSpec, TrainingSession, latest_checkpoint, load_checkpoint, save_checkpoint,
+from posttrain.data import load_preference_pairs, write_json, write_jsonl
+from posttrain.losses.preference import bradley_terry_loss, ensemble_scores, pairwise_accuracy
+from posttrain.manifests import completed, mark_complete
+from posttrain.stages.base import StageContext, StageError, StageResult, register_stage
+from posttrain.stages.options import TrainingOptions
+from posttrain.training import (LoraSpec, TrainingSession, checkpoint_due, resume_latest, save_checkpoint,
                                 save_model, token_budget_batches, truncate_metrics)
 from posttrain.weights import merge_checkpoints
-from rewards.reward_model import MEMBERS_FILE, encode_pair
+from rewards.reward_model import MEMBERS_FILE
 
 log = logging.getLogger(__name__)
 
-DONE = "done.json"
+# A member's completion marker before members had manifests; still read, so such runs resume.
+LEGACY_DONE = "done.json"
 
 
-class RewardModelStageConfig(StageConfig):
-    """Bradley-Terry reward models from an SFT checkpoint; M members and their weight average (WARM)."""
+class RewardModelStageConfig(TrainingOptions):
+    """Bradley-Terry reward models from an SFT checkpoint; M members and their weight average (WARM).
+
+    The shared training options (posttrain.stages.options) apply to each member and to the
+    shared fine-tune: `max_steps` optimizer steps each, `learning_rate` unless `learning_rates`
+    says, a checkpoint of the member in training every `checkpoint_every` steps (finished members
+    are kept whole), a `lora` adapter merged into each saved member so that members average as
+    plain weights. The linear probe has its own steps and learning rate.
+    """
 
     model: str = Field(description="SFT checkpoint to start from (a causal LM gets a scalar head): "
                        "${stages.NAME.model}, ${models.NAME} or a path.")
@@ -87,21 +96,12 @@ class RewardModelStageConfig(StageConfig):
                               "start stay linearly connected, so their average keeps what each learned. Not in the "
                               "WARM paper (whose members start from pretrained features); for small or weak start "
                               "models. 0: none. Not with member_models.")
-    max_steps: int = Field(100, ge=1, description="Optimizer steps per member.")
     batch_size: int = Field(16, ge=1, description="Preference pairs per step (over all processes).")
-    learning_rate: float = Field(1e-5, gt=0, description="AdamW learning rate of a member unless learning_rates says.")
-    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps of each member's learning rate.")
     lr_scheduler: Literal["constant", "linear", "cosine"] = Field(
         "constant", description="Each member's (and the shared fine-tune's) learning rate after the warm-up: "
         "constant, or decayed to 0 at its last step (linear, as TRL's RewardTrainer by default; cosine). "
         "The linear probe keeps a constant rate.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this (None: no clipping).")
     max_length: int = Field(512, ge=8, description="Pairs longer than this keep <bos> and their end (counted).")
-    max_tokens_per_microbatch: int | None = Field(
-        None, ge=1, description="Bound each forward/backward micro-batch by this many tokens (chosen + rejected of "
-        "whole pairs) and accumulate: memory per micro-batch is set by the budget, not batch_size. Held-out "
-        "pairs are scored within the same budget, or batch_size pairs at a time without one.")
     on_invalid_row: Literal["error", "skip"] = Field(
         "error", description="An invalid preference row stops the stage with its file and line, or is skipped, "
         "written to skipped.jsonl with the reason and counted (pairs_skipped).")
@@ -114,17 +114,10 @@ class RewardModelStageConfig(StageConfig):
                                    "training pairs (seeded): label-noise experiments such as WARM's 25%.")
     average_best: int | None = Field(None, ge=1, description="Average only the best k members by held-out accuracy "
                                      "(needs eval_dataset); default: all members.")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: forward passes under bfloat16 autocast; "
-                                               "weights, optimizer state and the loss stay float32.")
-    lora: LoraSpec | None = Field(None, description="Train LoRA adapters (and the head) instead of all weights; each "
-                                  "member is saved merged, so members average as plain weights.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (less memory).")
-    checkpoint_every: int = Field(50, ge=0, description="Save a resumable checkpoint of the member in training every "
-                                  "this many steps (0: only finished members are kept).")
-    keep_checkpoints: int = Field(2, ge=1, description="Keep only the newest this many checkpoints of a member.")
     logging_steps: int = Field(10, ge=1, description="Log loss and batch accuracy every this many steps.")
-    report_to: ReportTo = Field(default_factory=list, description="Extra trackers: tensorboard, wandb, trackio "
-                                "(the `trackers` extra installs them).")
+
+    # Gained with TrainingOptions: left out of the hashed config at its default (TrainingOptions.hash_form).
+    _HASHED_ONLY_WHEN_SET: ClassVar[tuple[str, ...]] = ("shard_optimizer",)
 
     @model_validator(mode="after")
     def _check(self):
@@ -200,78 +193,6 @@ def shared_plan(config: RewardModelStageConfig, seed: int) -> MemberPlan:
 
 
 # --- data ---------------------------------------------------------------------------------------
-
-def load_pairs(path: str, tokenizer, max_length: int, skipped: list[dict] | None = None,
-               margins: list[float] | None = None) -> tuple[list[tuple[list[int], list[int]]], int]:
-    """(chosen ids, rejected ids) per preference row, and how many were cut to max_length.
-
-    A row without a non-empty `chosen` and `rejected`, whose two sides are not two answers to
-    one conversation, or whose conversation is not valid in the chat format, is refused with its
-    file and line; with `skipped` given it is recorded there instead ({where, reason, row}).
-    With `margins` given, each kept pair's `margin` (0.0 for a row without one) is appended to it.
-    """
-    pairs, truncated = [], 0
-    gemma_format = has_gemma_control_tokens(tokenizer)
-    for where, row in iter_rows(path):
-        try:
-            chosen, rejected = _encode_row(where, row, tokenizer, gemma_format)
-            margin = _margin_of(where, row)
-        except DataError as e:
-            if skipped is None:
-                raise
-            skipped.append({"where": where, "reason": str(e).removeprefix(f"{where}: "), "row": row})
-            continue
-        if len(chosen) > max_length or len(rejected) > max_length:
-            truncated += 1
-            chosen, rejected = (ids[:1] + ids[len(ids) - max_length + 1:] if len(ids) > max_length else ids
-                                for ids in (chosen, rejected))
-        pairs.append((chosen, rejected))
-        if margins is not None:
-            margins.append(margin)
-    if not pairs:
-        raise DataError(f"{path}: no preference rows" + (f" ({len(skipped)} invalid, skipped)" if skipped else ""))
-    return pairs, truncated
-
-
-def _encode_row(where: str, row: dict, tokenizer, gemma_format: bool) -> tuple[list[int], list[int]]:
-    """One preference row's two token sequences, whole; DataError naming `where` when it is not a pair."""
-    for side in ("chosen", "rejected"):
-        if side not in row:
-            raise DataError(f"{where}: a preference row needs 'prompt', 'chosen' and 'rejected'; "
-                            f"'{side}' is missing (the row has {sorted(row)})")
-        if is_blank(row[side]):
-            raise DataError(f"{where}: '{side}' is empty; a preference pair needs two non-empty answers")
-    prompt = row.get("prompt")
-    if prompt is None and not all(isinstance(row[s], list) for s in ("chosen", "rejected")):
-        raise DataError(f"{where}: 'prompt' is missing; without it, 'chosen' and 'rejected' must be whole "
-                        "conversations (lists of {role, content})"
-                        + (f"; {TRANSCRIPT_HINT}" if any(isinstance(row[s], str) for s in ("chosen", "rejected")) else ""))
-    if prompt is not None and is_blank(prompt):
-        raise DataError(f"{where}: 'prompt' is empty")
-    try:
-        conversations = preference_conversations(prompt, row["chosen"], row["rejected"])
-        chosen, rejected = (encode_pair(tokenizer, None, messages, 10**9, gemma_format) for messages in conversations)
-    except ChatFormatError as e:
-        raise DataError(f"{where}: {e}") from None
-    return chosen, rejected
-
-
-def _margin_of(where: str, row: dict) -> float:
-    """The row's `margin` (how much better chosen is, e.g. a rating difference; Llama 2's margin
-    loss, TRL's `margin` column), 0.0 without one; anything but a finite number (or a number's
-    text, as a CSV cell holds it) is refused."""
-    margin = row.get("margin")
-    if margin is None:
-        return 0.0
-    if isinstance(margin, str):
-        try:
-            margin = float(margin.strip())
-        except ValueError:
-            pass
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
-        raise DataError(f"{where}: 'margin' must be a finite number (how much chosen is preferred), got {margin!r}")
-    return float(margin)
-
 
 def flip_labels(pairs: list, rate: float, seed: int) -> tuple[list, int]:
     """Swap chosen and rejected in a `rate` fraction of the pairs, chosen by a seeded stream."""
@@ -414,17 +335,6 @@ def rewards_of(model, seqs: list[list[int]], pad_id: int, device) -> torch.Tenso
     return model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
 
 
-def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None,
-                       center_coefficient: float | None = None) -> torch.Tensor:
-    """Per pair: -log sigmoid(r_chosen - r_rejected - margin) (summed by the caller; margin 0 is
-    the plain Bradley-Terry loss), plus center_coefficient * (r_chosen + r_rejected)^2 when given."""
-    difference = r_chosen - r_rejected if margin is None else r_chosen - r_rejected - margin
-    loss = -torch.nn.functional.logsigmoid(difference)
-    if center_coefficient:
-        loss = loss + center_coefficient * (r_chosen + r_rejected) ** 2
-    return loss
-
-
 @torch.no_grad()
 def score_pairs(session: TrainingSession, model, pairs, pad_id: int, budget: int | None,
                 pairs_per_batch: int) -> tuple[list[float], list[float]]:
@@ -451,21 +361,39 @@ def score_pairs(session: TrainingSession, model, pairs, pad_id: int, budget: int
     return [c for _, c, _ in everything], [r for _, _, r in everything]
 
 
-def ensemble_scores(members: list[tuple[list[float], list[float]]]) -> tuple[list[float], list[float]]:
-    """The prediction ensemble's (r_chosen, r_rejected) per pair: the mean of the members' rewards."""
-    chosen = [sum(values) / len(members) for values in zip(*(c for c, _ in members))]
-    rejected = [sum(values) / len(members) for values in zip(*(r for _, r in members))]
-    return chosen, rejected
+def _lora(model, spec: LoraSpec):
+    from peft import LoraConfig, get_peft_model
+
+    # SEQ_CLS: peft also trains (and saves) a full copy of the head, next to the adapters.
+    return get_peft_model(model, LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                                            target_modules=spec.target_modules, task_type="SEQ_CLS"))
 
 
-def pairwise_accuracy(r_chosen, r_rejected) -> float:
-    """Fraction of pairs ranked right; a tie counts half."""
-    if not r_chosen:
-        return float("nan")
-    return sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(r_chosen, r_rejected)) / len(r_chosen)
+# --- one training run (the probe, the shared start, or a member) ---------------------------------
+
+@dataclass
+class PreferenceData:
+    """The stage's pairs: training pairs (flipped where label_flip_rate says) and held-out sets."""
+
+    pairs: list[tuple[list[int], list[int]]]
+    margins: list[float] | None  # None: no row has a margin, the plain Bradley-Terry loss
+    eval_pairs: list | None  # eval_dataset's pairs: the members' accuracies and the best member
+    further_sets: dict[str, list]  # eval_datasets' pairs by name
 
 
-# --- one training run (the probe, or a member) --------------------------------------------------
+@dataclass
+class TrainingState:
+    """What every run of the stage (the probe, the shared fine-tune, each member) trains and logs with."""
+
+    config: RewardModelStageConfig
+    ctx: StageContext
+    session: TrainingSession
+    data: PreferenceData
+    tokenizer: Any
+    pad_id: int
+    metrics: Any  # the stage's metrics logger
+    advance: Callable[[int], None]  # the progress bar, in steps
+
 
 @dataclass
 class _Run:
@@ -478,68 +406,76 @@ class _Run:
     step_offset: int  # global step of this run's step 0 in metrics.jsonl
 
 
-def _train(config: RewardModelStageConfig, ctx: StageContext, session: TrainingSession, model, run: _Run,
-           pairs, margins: list[float] | None, pad_id: int, run_dir: Path, metrics, advance, resumable: bool) -> dict:
-    """Bradley-Terry steps on `pairs` (with per-pair `margins`, or None) with the session's model;
-    resumes from run_dir's checkpoint."""
-    start = 0
-    checkpoint = latest_checkpoint(run_dir) if resumable else None
-    if checkpoint is not None:
-        start = load_checkpoint(session, checkpoint, {"model": model})["step"]
-        log.info("%s: resuming %s at step %d from %s", ctx.name, run.label, start, checkpoint)
-    if ctx.is_main:
-        truncate_metrics(ctx.stage_dir / "metrics.jsonl", run.step_offset + start)
-    advance(start)
+def _resume(state: TrainingState, model, run: _Run, run_dir: Path, resumable: bool) -> int:
+    """The step `run` starts at: its newest checkpoint's (model, optimizer, schedule and RNG
+    states restored), or 0. Either way, metrics logged after that step are dropped: they are
+    about to be redone."""
+    metrics_path = Path(state.ctx.stage_dir) / "metrics.jsonl"
+    resumed = (resume_latest(state.session, run_dir, {"model": model}, metrics_path, run.step_offset) if resumable
+               else {"step": 0, "path": None})
+    if resumed["path"] is not None:
+        log.info("%s: resuming %s at step %d from %s", state.ctx.name, run.label, resumed["step"], resumed["path"])
+    elif state.ctx.is_main:
+        truncate_metrics(metrics_path, run.step_offset)
+    return resumed["step"]
+
+
+def _bradley_terry_step(state: TrainingState, model, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Forward and backward of this rank's `rows` (pair indices), in micro-batches within the token
+    budget; returns the summed loss and the pairs ranked right (on the device) and the global pair
+    count, by which the loss is normalised (the loss is the mean over all ranks' pairs)."""
+    config, session, pairs, margins = state.config, state.session, state.data.pairs, state.data.margins
+    total = session.all_sum(len(rows))
+    # Summed on the device and read once per step: a read per micro-batch would wait for the GPU each time.
+    loss_sum = torch.zeros((), device=session.device)
+    correct = torch.zeros((), dtype=torch.long, device=session.device)
+    sizes = [len(pairs[i][0]) + len(pairs[i][1]) for i in rows]
+    for mb in token_budget_batches(sizes, config.max_tokens_per_microbatch):
+        chunk = rows[mb]
+        seqs = [pairs[i][0] for i in chunk] + [pairs[i][1] for i in chunk]
+        with session.autocast():
+            r = rewards_of(model, seqs, state.pad_id, session.device)
+        r_c, r_r = r[:len(chunk)], r[len(chunk):]
+        margin = (torch.tensor([margins[i] for i in chunk], dtype=r.dtype, device=r.device)
+                  if margins is not None else None)
+        loss = bradley_terry_loss(r_c, r_r, margin, config.center_rewards_coefficient).sum() / total
+        loss.backward()
+        loss_sum += loss.detach()
+        correct += (r_c > r_r).sum()
+    return loss_sum, correct, total
+
+
+def _train(state: TrainingState, model, run: _Run, run_dir: Path, resumable: bool) -> dict:
+    """Bradley-Terry steps on the training pairs with the session's model; resumes from run_dir's
+    checkpoint when `resumable`. Returns the last logged figures."""
+    config, ctx, session = state.config, state.ctx, state.session
+    start = _resume(state, model, run, run_dir, resumable)
+    state.advance(start)
     # Dropout masks continue from a function of (seed, step), and differ between ranks: each rank
     # holds other pairs, whose masks should be drawn independently, not repeated rank to rank.
     torch.manual_seed(run.seed * 1_000_003 + start + 7_919 * session.rank)
-    budget = config.max_tokens_per_microbatch
     last: dict[str, float] = {"resumed_from_step": start}
     window: list[tuple[float, float, int]] = []
     for step in range(start, run.steps):
-        rows = session.shard(pair_indices_for_step(len(pairs), step, config.batch_size, run.seed), "batch_size")
-        total = session.all_sum(len(rows))  # the global number of pairs: the loss is their mean
-        # Summed on the device and read once per step: a read per micro-batch would wait for the GPU each time.
-        loss_sum = torch.zeros((), device=session.device)
-        correct = torch.zeros((), dtype=torch.long, device=session.device)
-        sizes = [len(pairs[i][0]) + len(pairs[i][1]) for i in rows]
-        for mb in token_budget_batches(sizes, budget):
-            chunk = rows[mb]
-            seqs = [pairs[i][0] for i in chunk] + [pairs[i][1] for i in chunk]
-            with session.autocast():
-                r = rewards_of(model, seqs, pad_id, session.device)
-            r_c, r_r = r[:len(chunk)], r[len(chunk):]
-            margin = (torch.tensor([margins[i] for i in chunk], dtype=r.dtype, device=r.device)
-                      if margins is not None else None)
-            loss = bradley_terry_loss(r_c, r_r, margin, config.center_rewards_coefficient).sum() / total
-            loss.backward()
-            loss_sum += loss.detach()
-            correct += (r_c > r_r).sum()
+        rows = session.shard(pair_indices_for_step(len(state.data.pairs), step, config.batch_size, run.seed),
+                             "batch_size")
+        loss_sum, correct, total = _bradley_terry_step(state, model, rows)
         result = session.step(config.max_grad_norm)
         loss_all = session.all_sum(float(loss_sum))
         if not math.isfinite(loss_all) or not result.finite:
             raise StageError(f"reward_model: {run.label} step {step + 1}: non-finite loss or gradient "
                              f"(loss {loss_all}); lower the learning rate")
         window.append((loss_all, session.all_sum(int(correct)), total))
-        advance(1)
+        state.advance(1)
         if (step + 1) % config.logging_steps == 0 or step + 1 == run.steps:
             last = {"resumed_from_step": start, "loss": sum(w[0] for w in window) / len(window),
                     "train_accuracy": sum(w[1] for w in window) / sum(w[2] for w in window)}
-            metrics.log(run.step_offset + step + 1, phase=run.label, **last, grad_norm=result.grad_norm,
-                        lr=session.learning_rate)
+            state.metrics.log(run.step_offset + step + 1, phase=run.label, **last, grad_norm=result.grad_norm,
+                              lr=session.learning_rate)
             window = []
-        if (resumable and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0
-                and step + 1 < run.steps):
+        if resumable and checkpoint_due(step + 1, config.checkpoint_every, run.steps):
             save_checkpoint(session, run_dir, step + 1, {"model": model}, {"run": run.label}, config.keep_checkpoints)
     return last
-
-
-def _lora(model, spec: LoraSpec):
-    from peft import LoraConfig, get_peft_model
-
-    # SEQ_CLS: peft also trains (and saves) a full copy of the head, next to the adapters.
-    return get_peft_model(model, LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
-                                            target_modules=spec.target_modules, task_type="SEQ_CLS"))
 
 
 # --- the stage ----------------------------------------------------------------------------------
@@ -556,135 +492,110 @@ def run_reward_model(config: RewardModelStageConfig, ctx: StageContext) -> Stage
     session = TrainingSession(config.precision, ctx.seed)
     session.shard(range(config.batch_size), "batch_size")  # fails early unless it splits over the ranks
     tokenizer = load_tokenizer(config.model)
-    pad_id = tokenizer.pad_token_id
-    skipped, eval_skipped = ([], []) if config.on_invalid_row == "skip" else (None, None)
-    margins: list[float] | None = []
-    pairs, truncated = load_pairs(config.dataset, tokenizer, config.max_length, skipped, margins)
-    with_margin = sum(m != 0.0 for m in margins)
-    if not with_margin:
-        margins = None  # the plain Bradley-Terry loss
-    # A flipped pair keeps its margin: the noise is in which side was preferred, not in by how much.
-    pairs, flipped = flip_labels(pairs, config.label_flip_rate, ctx.seed)
-    eval_pairs = (load_pairs(config.eval_dataset, tokenizer, config.max_length, eval_skipped)[0]
-                  if config.eval_dataset else None)
-    # Every further held-out set is read now, so that a bad row in one stops the stage before anything trains.
-    further_sets = {name: load_pairs(path, tokenizer, config.max_length, eval_skipped)[0]
-                    for name, path in (config.eval_datasets or {}).items()}
-    skipped = (skipped or []) + (eval_skipped or [])  # each record names its file
-    if skipped and ctx.is_main:
-        write_jsonl(stage_dir / "skipped.jsonl", skipped)
-        log.warning("%s: skipped %d invalid preference rows; see %s", ctx.name, len(skipped), stage_dir / "skipped.jsonl")
+    data, summary = _load_data(config, ctx, tokenizer)
     if config.member_models:
         check_member_models(config.model, config.member_models)
     plans = member_plans(config, ctx.seed)
+    summary.update(session.describe(config.batch_size, "pairs"))
     total_steps = config.probe_steps + config.shared_steps + config.members * config.max_steps
-    budget = config.max_tokens_per_microbatch
+
+    with ctx.metrics(config.report_to) as metrics, ctx.progress(total_steps, "reward models") as advance:
+        state = TrainingState(config, ctx, session, data, tokenizer, tokenizer.pad_token_id, metrics, advance)
+        head = _probe(state, summary)  # 1. the linear probe, shared by every member
+        if config.shared_steps:  # 1b. the shared fine-tune: the members start from it
+            head, plans = _shared_start(state, head, plans, summary)
+        # 2. The members, one after the other; a finished one (its manifest says complete) is never redone.
+        records = [_train_member(state, plan, head, stage_dir / "members" / plan.name) for plan in plans]
+
+    summary.update(_average(state, plans, records))  # 3. the weight average of all members, or of the best k
+    session.close()
+    member_dirs = _member_model_dirs(stage_dir, plans)
+    return StageResult(outputs={"model": str(stage_dir / "model"), "members": str(stage_dir / "members"),
+                                "best_member": member_dirs[summary["best_member"] - 1]}, metrics=summary)
+
+
+def _load_data(config: RewardModelStageConfig, ctx: StageContext, tokenizer) -> tuple[PreferenceData, dict]:
+    """Every preference set, read before anything trains (a bad row in any of them stops the stage
+    first), with the counts the manifest reports; refused rows go to skipped.jsonl in skip mode."""
+    skip = config.on_invalid_row == "skip"
+    train = load_preference_pairs(config.dataset, tokenizer, config.max_length, skip)
+    held_out = (load_preference_pairs(config.eval_dataset, tokenizer, config.max_length, skip)
+                if config.eval_dataset else None)
+    further = {name: load_preference_pairs(path, tokenizer, config.max_length, skip)
+               for name, path in (config.eval_datasets or {}).items()}
+    skipped = [r for loaded in (train, held_out, *further.values()) if loaded is not None for r in loaded.skipped]
+    if skipped and ctx.is_main:  # each record names its file
+        path = Path(ctx.stage_dir) / "skipped.jsonl"
+        write_jsonl(path, skipped)
+        log.warning("%s: skipped %d invalid preference rows; see %s", ctx.name, len(skipped), path)
+    with_margin = sum(m != 0.0 for m in train.margins)
+    # A flipped pair keeps its margin: the noise is in which side was preferred, not in by how much.
+    pairs, flipped = flip_labels(train.pairs, config.label_flip_rate, ctx.seed)
+    data = PreferenceData(pairs, train.margins if with_margin else None, held_out.pairs if held_out else None,
+                          {name: loaded.pairs for name, loaded in further.items()})
     # Pairs whose two sides are the same tokens (a tie in the source data, or sides that differ
     # only before the truncated start) carry no preference: kept, as they cost nothing but a
     # constant loss, and counted so that a data set full of them is noticed.
     identical = sum(chosen == rejected for chosen, rejected in pairs)
-    summary: dict[str, Any] = {"pairs": len(pairs), "pairs_truncated": truncated, "pairs_identical": identical,
-                               "pairs_skipped": len(skipped), "pairs_with_margin": with_margin,
-                               "labels_flipped": flipped,
-                               **session.describe(config.batch_size, "pairs")}
+    summary = {"pairs": len(pairs), "pairs_truncated": train.truncated, "pairs_identical": identical,
+               "pairs_skipped": len(skipped), "pairs_with_margin": with_margin, "labels_flipped": flipped}
+    return data, summary
 
-    with ctx.metrics(config.report_to) as metrics, ctx.progress(total_steps, "reward models") as advance:
-        # 1. The linear probe: the head alone on the frozen SFT features, shared by every member.
-        probe_file = stage_dir / "probe" / "head.pt"
-        if not probe_file.exists():
-            # The fresh head is initialised from torch's global generator: seed it here, so the
-            # probe (and every member built on it) depends on the stage's seed alone, not on what
-            # ran before in this process.
-            torch.manual_seed(ctx.seed)
-            model = load_reward_model(config.model, pad_id)
-            if config.probe_steps:
-                model.requires_grad_(False)
-                head_of(model).requires_grad_(True)
-                session.prepare(model, config.probe_learning_rate)
-                probe = _Run("probe", config.probe_steps, config.probe_learning_rate, ctx.seed, 0)
-                probed = _train(config, ctx, session, model, probe, pairs, margins, pad_id, stage_dir / "probe",
-                                metrics, advance, resumable=False)
-                summary.update({f"probe/{k}": v for k, v in probed.items()})
-            if ctx.is_main:
-                probe_file.parent.mkdir(parents=True, exist_ok=True)
-                tmp = probe_file.with_suffix(".tmp")
-                torch.save({k: v.detach().cpu() for k, v in head_of(model).state_dict().items()}, tmp)
-                tmp.replace(probe_file)
-            session.barrier()
-            del model
-            session.release()
-        else:
-            advance(config.probe_steps)
-        head = torch.load(probe_file, weights_only=True, map_location="cpu")
 
-        # 1b. The shared fine-tune, if any: the members start from it (its weights and its head).
-        if config.shared_steps:
-            plan = shared_plan(config, ctx.seed)
-            shared_dir = stage_dir / "shared"
-            record = _train_member(config, ctx, session, plan, head, pairs, margins, eval_pairs, tokenizer, pad_id,
-                                   shared_dir, metrics, advance, budget)
-            if "eval_accuracy" in record:
-                summary["shared/accuracy"] = record["eval_accuracy"]
-            head = {k: v.detach().cpu() for k, v in
-                    head_of(load_reward_model(str(shared_dir / "model"), pad_id)).state_dict().items()}
-            plans = [replace(p, start=str(shared_dir / "model")) for p in plans]
-
-        # 2. The members, one after the other; a finished one is kept (done.json) and never redone.
-        done: list[dict] = []
-        for plan in plans:
-            done.append(_train_member(config, ctx, session, plan, head, pairs, margins, eval_pairs, tokenizer, pad_id,
-                                      stage_dir / "members" / plan.name, metrics, advance, budget))
-
-    # 3. The average (of all members, or of the best k on held-out pairs).
-    accuracies = [d.get("eval_accuracy") for d in done]
-    chosen = list(range(len(done)))
-    if config.average_best is not None:
-        chosen = sorted(sorted(chosen, key=lambda i: -accuracies[i])[:config.average_best])
-    member_dirs = [str(stage_dir / "members" / p.name / "model") for p in plans]
-    best = max(range(len(done)), key=lambda i: accuracies[i]) if eval_pairs else 0
-    average_dir = stage_dir / "model"
+def _probe(state: TrainingState, summary: dict) -> dict[str, torch.Tensor]:
+    """The linear probe: the head alone trained on the frozen SFT features, saved once
+    (probe/head.pt) and read back by every member; a probe saved before is not redone."""
+    config, ctx, session = state.config, state.ctx, state.session
+    probe_file = Path(ctx.stage_dir) / "probe" / "head.pt"
+    if probe_file.exists():
+        state.advance(config.probe_steps)
+        return torch.load(probe_file, weights_only=True, map_location="cpu")
+    # The fresh head is initialised from torch's global generator: seed it here, so the probe (and
+    # every member built on it) depends on the stage's seed alone, not on what ran before in this process.
+    torch.manual_seed(ctx.seed)
+    model = load_reward_model(config.model, state.pad_id)
+    if config.probe_steps:
+        model.requires_grad_(False)
+        head_of(model).requires_grad_(True)
+        session.prepare(model, config.probe_learning_rate)
+        probe = _Run("probe", config.probe_steps, config.probe_learning_rate, ctx.seed, 0)
+        probed = _train(state, model, probe, probe_file.parent, resumable=False)
+        summary.update({f"probe/{k}": v for k, v in probed.items()})
     if ctx.is_main:
-        # Every tensor, the head included, is the uniform mean over the averaged members, read from
-        # their checkpoints and written one tensor at a time: memory for one tensor per member, not
-        # for M whole models (members keep dropout 0 in their configs, which the average copies).
-        merge_checkpoints(None, [member_dirs[i] for i in chosen], average_dir, "linear")
-        write_json(stage_dir / "members" / MEMBERS_FILE,
-                   {"members": member_dirs, "averaged": [i + 1 for i in chosen], "best_member": best + 1,
-                    "eval_accuracy": accuracies})
-    if eval_pairs:  # held-out pairwise accuracy ("/accuracy": the run summary shows these)
-        summary.update({f"{p.name}/accuracy": a for p, a in zip(plans, accuracies)})
-    summary.update({f"{p.name}/{k}": v for p, d in zip(plans, done) for k, v in d.get("train", {}).items()})
-    summary.update({"averaged_members": [i + 1 for i in chosen], "best_member": best + 1})
-    session.barrier()  # the average is on disk
-    if eval_pairs or further_sets:
-        model = load_reward_model(str(average_dir), pad_id).to(session.device)  # scored only
-    if eval_pairs:
-        r_c, r_r = score_pairs(session, model, eval_pairs, pad_id, budget, config.batch_size)
-        ensemble = ensemble_scores([(done[i]["eval_chosen"], done[i]["eval_rejected"]) for i in chosen])
-        member_accs = [accuracies[i] for i in chosen]
-        summary.update({"average/accuracy": pairwise_accuracy(r_c, r_r),
-                        "ensemble/accuracy": pairwise_accuracy(*ensemble),
-                        "members/accuracy_mean": sum(member_accs) / len(member_accs),
-                        "members/accuracy_best": max(accuracies)})
-    if further_sets:
-        summary.update(_further_accuracies(session, further_sets, plans, member_dirs, chosen, model, pad_id, budget,
-                                           config.batch_size))
+        probe_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = probe_file.with_suffix(".tmp")
+        torch.save({k: v.detach().cpu() for k, v in head_of(model).state_dict().items()}, tmp)
+        tmp.replace(probe_file)
     session.barrier()
-    session.close()
-    return StageResult(outputs={"model": str(average_dir), "members": str(stage_dir / "members"),
-                                "best_member": member_dirs[best]}, metrics=summary)
+    del model
+    session.release()
+    return torch.load(probe_file, weights_only=True, map_location="cpu")
 
 
-def _train_member(config, ctx, session, plan: MemberPlan, head, pairs, margins, eval_pairs, tokenizer, pad_id,
-                  member_dir: Path, metrics, advance, budget) -> dict:
-    """Fine-tune one member (or the shared start) from its start checkpoint and `head`; save it and its record.
-    One finished before (done.json) is kept as it is and never redone."""
-    record = _read_done(member_dir)
+def _shared_start(state: TrainingState, head: dict, plans: list[MemberPlan],
+                  summary: dict) -> tuple[dict[str, torch.Tensor], list[MemberPlan]]:
+    """The shared fine-tune (shared_steps), trained like a member; the members then start from its
+    weights and its head."""
+    plan = shared_plan(state.config, state.ctx.seed)
+    shared_dir = Path(state.ctx.stage_dir) / "shared"
+    record = _train_member(state, plan, head, shared_dir)
+    if "eval_accuracy" in record:
+        summary["shared/accuracy"] = record["eval_accuracy"]
+    shared_model = load_reward_model(str(shared_dir / "model"), state.pad_id)
+    head = {k: v.detach().cpu() for k, v in head_of(shared_model).state_dict().items()}
+    return head, [replace(p, start=str(shared_dir / "model")) for p in plans]
+
+
+def _train_member(state: TrainingState, plan: MemberPlan, head: dict, member_dir: Path) -> dict:
+    """Fine-tune one member (or the shared start) from its start checkpoint and `head`; save it and
+    mark it complete. One finished before is kept as it is and never redone."""
+    config, session = state.config, state.session
+    record = finished_member(member_dir)
     if record is not None:
-        advance(plan.steps)
+        state.advance(plan.steps)
         return record
     torch.manual_seed(plan.seed)
-    model = load_reward_model(plan.start, pad_id, plan.dropout)
+    model = load_reward_model(plan.start, state.pad_id, plan.dropout)
     try:
         head_of(model).load_state_dict(head)
     except RuntimeError as e:
@@ -693,25 +604,25 @@ def _train_member(config, ctx, session, plan: MemberPlan, head, pairs, margins, 
     hook = _head_input_dropout(model, plan.dropout, plan.seed + 7_919 * session.rank)  # per rank, as in _train
     trained = _lora(model, config.lora) if config.lora is not None else model
     session.prepare(trained, plan.learning_rate, config.weight_decay, config.warmup_steps,
-                    gradient_checkpointing=config.gradient_checkpointing, schedule=config.lr_scheduler,
-                    total_steps=plan.steps)
+                    gradient_checkpointing=config.gradient_checkpointing, shard_optimizer=config.shard_optimizer,
+                    schedule=config.lr_scheduler, total_steps=plan.steps)
     run = _Run(plan.name, plan.steps, plan.learning_rate, plan.seed, plan.step_offset)
-    last = _train(config, ctx, session, trained, run, pairs, margins, pad_id, member_dir, metrics, advance,
-                  resumable=True)
+    last = _train(state, trained, run, member_dir, resumable=True)
     if hook is not None:
         hook.remove()
     final = trained.merge_and_unload() if config.lora is not None else trained
     if hasattr(final.config, "attention_dropout"):
         final.config.attention_dropout = 0.0  # the saved reward model scores without dropout
-    record: dict[str, Any] = {"name": plan.name, "seed": plan.seed, "learning_rate": plan.learning_rate,
-                              "dropout": plan.dropout, "start": plan.start, "train": last}
-    if eval_pairs:
-        r_c, r_r = score_pairs(session, final, eval_pairs, pad_id, budget, config.batch_size)
+    record = {"name": plan.name, "seed": plan.seed, "learning_rate": plan.learning_rate, "dropout": plan.dropout,
+              "start": plan.start, "train": last}
+    if state.data.eval_pairs:
+        r_c, r_r = score_pairs(session, final, state.data.eval_pairs, state.pad_id, config.max_tokens_per_microbatch,
+                               config.batch_size)
         record.update(eval_accuracy=pairwise_accuracy(r_c, r_r), eval_chosen=r_c, eval_rejected=r_r)
-        metrics.log(run.step_offset + plan.steps, phase=plan.name, eval_accuracy=record["eval_accuracy"])
-    if ctx.is_main:
-        save_model(final, tokenizer, member_dir / "model")
-        write_json(member_dir / DONE, record)  # last: from here on the member is finished
+        state.metrics.log(run.step_offset + plan.steps, phase=plan.name, eval_accuracy=record["eval_accuracy"])
+    if state.ctx.is_main:
+        save_model(final, state.tokenizer, member_dir / "model")
+        mark_complete(member_dir, kind="reward_model member", **record)  # last: from here on the member is finished
         shutil.rmtree(member_dir / "checkpoints", ignore_errors=True)
     session.barrier()
     del model, trained, final
@@ -719,31 +630,97 @@ def _train_member(config, ctx, session, plan: MemberPlan, head, pairs, margins, 
     return record
 
 
-def _further_accuracies(session: TrainingSession, sets: dict[str, list], plans: list[MemberPlan],
-                        member_dirs: list[str], averaged: list[int], average, pad_id: int,
-                        budget: int | None, pairs_per_batch: int) -> dict[str, Any]:
+def finished_member(member_dir: Path) -> dict | None:
+    """The record of a member (or shared start) finished before, None if it is not: its manifest
+    says complete, or, in a run directory from before members had manifests, its done.json holds
+    the record; either way its model must be on disk."""
+    record = completed(member_dir)
+    if record is None:
+        try:
+            record = json.loads((member_dir / LEGACY_DONE).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+    return record if (member_dir / "model").is_dir() else None
+
+
+def _member_model_dirs(stage_dir: Path, plans: list[MemberPlan]) -> list[str]:
+    return [str(stage_dir / "members" / p.name / "model") for p in plans]
+
+
+def _average(state: TrainingState, plans: list[MemberPlan], records: list[dict]) -> dict[str, Any]:
+    """Average the members (all, or the best `average_best` by held-out accuracy) into the stage's
+    model, list them in members/members.json and score the average, the members and the
+    prediction ensemble on the held-out sets."""
+    config, session, data = state.config, state.session, state.data
+    stage_dir = Path(state.ctx.stage_dir)
+    accuracies = [r.get("eval_accuracy") for r in records]
+    chosen = list(range(len(records)))
+    if config.average_best is not None:
+        chosen = sorted(sorted(chosen, key=lambda i: -accuracies[i])[:config.average_best])
+    member_dirs = _member_model_dirs(stage_dir, plans)
+    best = max(range(len(records)), key=lambda i: accuracies[i]) if data.eval_pairs else 0
+    if state.ctx.is_main:
+        # Every tensor, the head included, is the uniform mean over the averaged members, read from
+        # their checkpoints and written one tensor at a time: memory for one tensor per member, not
+        # for M whole models (members keep dropout 0 in their configs, which the average copies).
+        merge_checkpoints(None, [member_dirs[i] for i in chosen], stage_dir / "model", "linear")
+        write_json(stage_dir / "members" / MEMBERS_FILE,
+                   {"members": member_dirs, "averaged": [i + 1 for i in chosen], "best_member": best + 1,
+                    "eval_accuracy": accuracies})
+    summary: dict[str, Any] = {}
+    if data.eval_pairs:  # held-out pairwise accuracy ("/accuracy": the run summary shows these)
+        summary.update({f"{p.name}/accuracy": a for p, a in zip(plans, accuracies)})
+    summary.update({f"{p.name}/{k}": v for p, r in zip(plans, records) for k, v in r.get("train", {}).items()})
+    summary.update({"averaged_members": [i + 1 for i in chosen], "best_member": best + 1})
+    session.barrier()  # the average is on disk
+    if data.eval_pairs or data.further_sets:
+        summary.update(_held_out_accuracies(state, plans, records, chosen))
+    session.barrier()
+    return summary
+
+
+def _held_out_accuracies(state: TrainingState, plans: list[MemberPlan], records: list[dict],
+                         chosen: list[int]) -> dict[str, Any]:
+    """The average's and the ensemble's accuracy on eval_dataset (beside the members' mean and
+    best), and every model's on the further sets."""
+    config, session, data = state.config, state.session, state.data
+    stage_dir = Path(state.ctx.stage_dir)
+    budget = config.max_tokens_per_microbatch
+    average = load_reward_model(str(stage_dir / "model"), state.pad_id).to(session.device)  # scored only
+    out: dict[str, Any] = {}
+    if data.eval_pairs:
+        accuracies = [r.get("eval_accuracy") for r in records]
+        r_c, r_r = score_pairs(session, average, data.eval_pairs, state.pad_id, budget, config.batch_size)
+        ensemble = ensemble_scores([(records[i]["eval_chosen"], records[i]["eval_rejected"]) for i in chosen])
+        member_accs = [accuracies[i] for i in chosen]
+        out.update({"average/accuracy": pairwise_accuracy(r_c, r_r),
+                    "ensemble/accuracy": pairwise_accuracy(*ensemble),
+                    "members/accuracy_mean": sum(member_accs) / len(member_accs),
+                    "members/accuracy_best": max(accuracies)})
+    if data.further_sets:
+        out.update(_further_accuracies(state, plans, chosen, average))
+    return out
+
+
+def _further_accuracies(state: TrainingState, plans: list[MemberPlan], averaged: list[int], average) -> dict[str, Any]:
     """Pairwise accuracy on each further held-out set of every member, the average and the
     ensemble of the averaged members, each member loaded once for all sets."""
+    session, sets = state.session, state.data.further_sets
+
+    def score(model, pairs):
+        return score_pairs(session, model, pairs, state.pad_id, state.config.max_tokens_per_microbatch,
+                           state.config.batch_size)
+
     scored: dict[str, list] = {name: [] for name in sets}
-    for member_dir in member_dirs:
-        member = load_reward_model(member_dir, pad_id).to(session.device)
+    for member_dir in _member_model_dirs(Path(state.ctx.stage_dir), plans):
+        member = load_reward_model(member_dir, state.pad_id).to(session.device)
         for name, pairs in sets.items():
-            scored[name].append(score_pairs(session, member, pairs, pad_id, budget, pairs_per_batch))
+            scored[name].append(score(member, pairs))
         del member
     out: dict[str, Any] = {}
     for name, pairs in sets.items():
         out[f"{name}/pairs"] = len(pairs)
         out.update({f"{name}/{plan.name}/accuracy": pairwise_accuracy(*s) for plan, s in zip(plans, scored[name])})
-        out[f"{name}/average/accuracy"] = pairwise_accuracy(*score_pairs(session, average, pairs, pad_id, budget,
-                                                                          pairs_per_batch))
+        out[f"{name}/average/accuracy"] = pairwise_accuracy(*score(average, pairs))
         out[f"{name}/ensemble/accuracy"] = pairwise_accuracy(*ensemble_scores([scored[name][i] for i in averaged]))
     return out
-
-
-def _read_done(member_dir: Path) -> dict | None:
-    try:
-        record = json.loads((member_dir / DONE).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    return record if (member_dir / "model").is_dir() else None
-

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.chat import ChatFormatError, tokenize_with_chat_template
-from rewards.reward_model import RewardModelScorer, encode_pair
+from posttrain.chat import ChatFormatError, encode_pair, tokenize_with_chat_template
+from rewards.reward_model import RewardModelScorer
 from rm_helpers import train_two_members_from
 
 BEGIN, START_HEADER, END_HEADER, EOT, PAD = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",

@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from posttrain.data import DataError, write_jsonl
+from posttrain.data import DataError, load_preference_pairs, write_jsonl
+from posttrain.manifests import MANIFEST
 from posttrain.pipeline.runner import run_recipe
-from posttrain.stages.reward_model import load_pairs, pair_indices_for_step
+from posttrain.stages.reward_model import pair_indices_for_step
 from rm_helpers import weights, write_recipe
 
 # m1 vs m2: only the seed (data order) differs; m1 vs m3: only the learning rate.
@@ -64,7 +65,7 @@ def test_members_really_differ_by_data_order_and_learning_rate(finished):
     for other in (m2, m3):  # seed alone, learning rate alone
         assert any(not torch.equal(m1[k], other[k]) for k in m1)
         assert not torch.equal(m1["score.weight"], other["score.weight"])
-    records = [json.loads((stage_dir / "members" / f"member_{i}" / "done.json").read_text()) for i in (1, 2, 3)]
+    records = [json.loads((stage_dir / "members" / f"member_{i}" / MANIFEST).read_text()) for i in (1, 2, 3)]
     assert [r["seed"] for r in records] == [1, 2, 1]
     assert [r["learning_rate"] for r in records] == [1e-3, 1e-3, 3e-3]
 
@@ -134,7 +135,7 @@ def test_a_pair_with_a_missing_or_empty_side_is_refused_with_file_and_line(toy_t
     path = tmp_path / "prefs.jsonl"
     write_jsonl(path, [{"prompt": "Hi", "chosen": "Hello.", "rejected": "Go away."}, row])
     with pytest.raises(DataError, match=rf"prefs.jsonl:2: .*{message}"):
-        load_pairs(str(path), toy_tokenizer, 64)
+        load_preference_pairs(str(path), toy_tokenizer, 64)
 
 
 def test_multi_turn_pairs_that_differ_from_an_assistant_turn_on_are_kept(toy_tokenizer, tmp_path):
@@ -150,7 +151,7 @@ def test_multi_turn_pairs_that_differ_from_an_assistant_turn_on_are_kept(toy_tok
                    + [{"role": "assistant", "content": "Snow is cold."}],
          "rejected": opening + [{"role": "assistant", "content": "No."}]},
     ])
-    pairs, _ = load_pairs(str(path), toy_tokenizer, 128)
+    pairs = load_preference_pairs(str(path), toy_tokenizer, 128).pairs
     assert len(pairs) == 2 and all(chosen != rejected for chosen, rejected in pairs)
 
 
@@ -162,7 +163,7 @@ def test_sides_given_as_text_parts_score_the_same_ids_as_text(toy_tokenizer, tmp
          "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo."}]}],
          "rejected": [{"role": "assistant", "content": [{"type": "text", "text": "Go away."}]}]},
     ])
-    pairs, _ = load_pairs(str(path), toy_tokenizer, 64)
+    pairs = load_preference_pairs(str(path), toy_tokenizer, 64).pairs
     assert pairs[0] == pairs[1]
 
 
@@ -183,13 +184,13 @@ def test_kill_9_during_member_2_resumes_at_member_2(finished, tmp_path):
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
-    assert not (member_2 / "done.json").exists(), "member 2 finished before the kill; nothing was tested"
-    member_1_done = (stage_dir / "members" / "member_1" / "done.json").stat().st_mtime_ns
+    assert not (member_2 / MANIFEST).exists(), "member 2 finished before the kill; nothing was tested"
+    member_1_done = (stage_dir / "members" / "member_1" / MANIFEST).stat().st_mtime_ns
 
     manifest = run_recipe(recipe)["rm"]
     assert manifest["status"] == "complete"
-    assert (stage_dir / "members" / "member_1" / "done.json").stat().st_mtime_ns == member_1_done  # not redone
-    record = json.loads((member_2 / "done.json").read_text())
+    assert (stage_dir / "members" / "member_1" / MANIFEST).stat().st_mtime_ns == member_1_done  # not redone
+    record = json.loads((member_2 / MANIFEST).read_text())
     assert record["train"]["resumed_from_step"] >= 2
     # The resumed run ends where the uninterrupted one did.
     for name in ("member_1", "member_2", "member_3"):
@@ -242,7 +243,7 @@ def test_shared_steps_members_split_from_one_fine_tune(finished, tmp_path):
     result = run_reward_model(config, StageContext(name="rm", kind="reward_model", stage_dir=stage_dir,
                                                    run_dir=tmp_path, seed=0, recipe_name="test"))
     shared = stage_dir / "shared" / "model"
-    records = [json.loads((stage_dir / "members" / f"member_{i}" / "done.json").read_text()) for i in (1, 2)]
+    records = [json.loads((stage_dir / "members" / f"member_{i}" / MANIFEST).read_text()) for i in (1, 2)]
     assert [r["start"] for r in records] == [str(shared)] * 2
     assert 0.0 <= result.metrics["shared/accuracy"] <= 1.0
     # The shared fine-tune trained the backbone too, not only the head.
@@ -293,15 +294,15 @@ def test_on_invalid_row_skip_records_each_refused_row_and_trains_on_the_rest(toy
                "rejected": [{"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Go away."}]}
     path = tmp_path / "prefs.jsonl"
     write_jsonl(path, [good, shifted, {"prompt": "Hi", "chosen": " ", "rejected": "No."}, good])
-    skipped: list = []
-    pairs, _ = load_pairs(str(path), toy_tokenizer, 64, skipped)
+    loaded = load_preference_pairs(str(path), toy_tokenizer, 64, skip_invalid=True)
+    pairs, skipped = loaded.pairs, loaded.skipped
     assert len(pairs) == 2
     assert [s["where"] for s in skipped] == [f"{path}:2", f"{path}:3"]
     assert skipped[0]["reason"].startswith("chosen[0] (user) and rejected[0] (user) differ")
     assert skipped[1]["row"]["chosen"] == " "
     write_jsonl(path, [shifted])
     with pytest.raises(DataError, match=r"no preference rows \(1 invalid, skipped\)"):
-        load_pairs(str(path), toy_tokenizer, 64, [])
+        load_preference_pairs(str(path), toy_tokenizer, 64, skip_invalid=True)
 
 
 def test_the_stage_skips_invalid_rows_when_told_and_writes_them_down(tmp_path, tiny_gemma3_dir):
@@ -320,7 +321,7 @@ def test_the_stage_skips_invalid_rows_when_told_and_writes_them_down(tmp_path, t
 
 
 def test_the_loss_subtracts_a_margin_and_adds_the_centring_term():
-    from posttrain.stages.reward_model import bradley_terry_loss
+    from posttrain.losses.preference import bradley_terry_loss
 
     r_c, r_r = torch.tensor([2.0, -1.0]), torch.tensor([0.5, 1.0])
     plain = -torch.nn.functional.logsigmoid(r_c - r_r)
@@ -335,14 +336,14 @@ def test_margins_are_read_per_row_and_a_margin_that_is_not_a_number_is_refused(t
     write_jsonl(path, [{"prompt": "Hi", "chosen": "Hello.", "rejected": "Go away.", "margin": 2},
                        {"prompt": "Hi", "chosen": "Hello!", "rejected": "No."},
                        {"prompt": "Hi", "chosen": "Hello!", "rejected": "No.", "margin": " 1.5"}])  # a CSV cell
-    margins: list = []
-    pairs, _ = load_pairs(str(path), toy_tokenizer, 64, None, margins)
+    loaded = load_preference_pairs(str(path), toy_tokenizer, 64)
+    pairs, margins = loaded.pairs, loaded.margins
     assert len(pairs) == 3 and margins == [2.0, 0.0, 1.5]
     for bad in ("two", "inf", float("nan"), True, [1]):
         write_jsonl(path, [{"prompt": "Hi", "chosen": "Hello.", "rejected": "Go away."},
                            {"prompt": "Hi", "chosen": "Hello.", "rejected": "Go away.", "margin": bad}])
         with pytest.raises(DataError, match=rf"{path}:2: 'margin' must be a finite number"):
-            load_pairs(str(path), toy_tokenizer, 64, None, [])
+            load_preference_pairs(str(path), toy_tokenizer, 64)
 
 
 def test_margins_raise_the_loss_and_centring_pulls_rewards_towards_zero(tiny_gemma3_dir, tmp_path):
@@ -359,7 +360,7 @@ def test_margins_raise_the_loss_and_centring_pulls_rewards_towards_zero(tiny_gem
                                           logging_steps=1, **options)
         stage_dir = Path(manifest["outputs"]["model"]).parent
         first = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()][0]
-        done = [json.loads((stage_dir / "members" / m / "done.json").read_text()) for m in ("member_1", "member_2")]
+        done = [json.loads((stage_dir / "members" / m / MANIFEST).read_text()) for m in ("member_1", "member_2")]
         offset = sum(abs(c + r) / 2 for d in done for c, r in zip(d["eval_chosen"], d["eval_rejected"]))
         return manifest["metrics"], first["loss"], offset / (2 * len(rows))
 
@@ -411,7 +412,7 @@ def test_held_out_pairs_are_scored_in_batches_and_returned_in_their_order(tiny_g
 
     path = tmp_path / "held.jsonl"
     write_jsonl(path, generate("mix", 37, seed=3, split="eval", fmt="preference"))
-    pairs = load_pairs(str(path), toy_tokenizer, 128)[0]
+    pairs = load_preference_pairs(str(path), toy_tokenizer, 128).pairs
     pad = toy_tokenizer.pad_token_id
     torch.manual_seed(0)
     model = load_reward_model(tiny_gemma3_dir, pad)

@@ -151,7 +151,7 @@ def test_each_member_starts_from_its_own_sft_checkpoint(tmp_path):
         near = _distance({k: member[k] for k in backbone}, starts[own])
         far = _distance({k: member[k] for k in backbone}, starts[elsewhere])
         assert 0 < near < 0.1 * apart < far, (i + 1, near, far, apart)
-        record = json.loads((stage_dir / "members" / f"member_{i + 1}" / "done.json").read_text())
+        record = json.loads((stage_dir / "members" / f"member_{i + 1}" / "manifest.json").read_text())
         assert record["start"] == own
 
 

@@ -9,9 +9,9 @@ import json
 import pytest
 import yaml
 
-from posttrain.recipe import RecipeError, load_recipe
+from posttrain.pipeline.recipe import RecipeError, load_recipe
 from posttrain.stages.rl import BondOptions, RLStageConfig
-from posttrain.stages.warp import WarpStageConfig
+from posttrain.stages.rl.warp import WarpStageConfig
 
 BASE = dict(model="m", dataset="d.jsonl", rewards=[{"name": "math"}])
 

@@ -37,7 +37,7 @@ def prompts(tmp_path_factory):
 
 
 def _warp_config(model_dir, prompts, **overrides):
-    from posttrain.stages.warp import WarpStageConfig
+    from posttrain.stages.rl.warp import WarpStageConfig
 
     base = dict(model=str(model_dir), dataset=str(prompts / "train.jsonl"), eval_dataset=str(prompts / "eval.jsonl"),
                 rewards=[{"name": "brevity", "fn": f"{REWARDS}:brevity"}], num_generations=2, prompts_per_step=2,
@@ -86,7 +86,7 @@ def test_merge_and_warp_config_errors_name_the_key(tiny_gemma3_dir, prompts):
 
 
 def test_warp_runs_merges_iterates_scores_the_front_and_resumes(tiny_gemma3_dir, prompts, tmp_path, monkeypatch):
-    import posttrain.stages.warp as warp
+    import posttrain.stages.rl.warp as warp
     from posttrain.stages.rl import RLOO
 
     cfg = _warp_config(tiny_gemma3_dir, prompts)

@@ -178,6 +178,6 @@ class RLStageConfig(TrainingOptions):
         """The resolved config in the form the runner hashes: BOND's options written out flat, as
         they were before the `bond` block, so a run directory made then still matches its hash and
         resumes instead of starting over."""
-        out = {k: v for k, v in resolved.items() if k != "bond"}
+        out = {k: v for k, v in super().hash_form(resolved).items() if k != "bond"}
         out.update(BondOptions.model_validate(resolved.get("bond") or {}).model_dump(mode="json"))
         return out

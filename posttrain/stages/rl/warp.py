@@ -17,8 +17,9 @@ their metrics.jsonl, where the start model is the SFT model).
 
 The RL runs are the rl stage itself (`run_rl`), each with its own directory
 `iteration_<i>/run_<m>/` and seed. Resuming after a kill: a run, merge or LITI directory whose
-`manifest.json` says complete is skipped; a run cut short resumes from its rl checkpoints
-(`checkpoint_every`); evaluated points are kept in `front/points.json`.
+`manifest.json` says complete (posttrain.manifests, as for the runner's stages) is skipped; a run
+cut short resumes from its rl checkpoints (`checkpoint_every`); evaluated points are kept in
+`front/points.json`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import json
 import logging
 import random
 import shutil
-import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,13 +36,15 @@ from pydantic import Field, model_validator
 
 from posttrain.data import load_prompts, write_json, write_jsonl
 from posttrain.losses.token_logprobs import resolve_chunk_size
+from posttrain.manifests import completed, mark_complete
 from posttrain.modeling import load_causal_lm, load_tokenizer
 from posttrain.rollout import SamplingParams, create_engine, weights_for_engine
 from posttrain.evaluation import evaluate_with_rewards
 from posttrain.scoring import score_completions
 from posttrain.stages.base import StageContext, StageResult, register_stage
 # warp composes the rl stage itself (its config and its loop), as WARP's first stage; nothing else of rl.
-from posttrain.stages.rl import RLStageConfig, run_rl
+from posttrain.stages.rl.config import RLStageConfig
+from posttrain.stages.rl.loop import run_rl
 from posttrain.training import latest_checkpoint, place_frozen, resolve_placement
 from posttrain.weights import CheckpointReader, flat_task_vector_metrics, liti_tensor, merge_checkpoints
 from rewards.combine import CombinedReward
@@ -94,20 +96,6 @@ def run_seed(seed: int, iteration: int, run: int) -> int:
     """The seed of run `run` of iteration `iteration`: prompt order, sampling and initial RNG state
     differ between runs and iterations, and are reproducible from the recipe's seed."""
     return random.Random(f"warp:{seed}:{iteration}:{run}").randrange(2**31)
-
-
-# --- completion markers ----------------------------------------------------------------------------
-
-def _done(d: Path) -> dict | None:
-    try:
-        m = json.loads((d / "manifest.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    return m if m.get("status") == "complete" else None
-
-
-def _mark_done(d: Path, **fields) -> None:
-    write_json(d / "manifest.json", {"status": "complete", "ended": time.time(), **fields})  # last, atomically
 
 
 def _barrier() -> None:
@@ -220,7 +208,7 @@ def run_warp(config: WarpStageConfig, ctx: StageContext) -> StageResult:
         for m in range(1, config.runs + 1):
             run_dir = it_dir / f"run_{m}"
             seed = run_seed(ctx.seed, it, m)
-            if _done(run_dir) is None:
+            if completed(run_dir) is None:
                 # A run killed before its first checkpoint starts over (its metrics would repeat steps).
                 if ctx.is_main and run_dir.exists() and latest_checkpoint(run_dir) is None:
                     shutil.rmtree(run_dir)
@@ -231,21 +219,21 @@ def run_warp(config: WarpStageConfig, ctx: StageContext) -> StageResult:
                                    progress_factory=ctx.progress_factory, recipe_dir=ctx.recipe_dir, is_main=ctx.is_main)
                 result = run_rl(config.rl_config(start), sub)
                 if ctx.is_main:
-                    _mark_done(run_dir, kind="rl", seed=seed, start=start, outputs=result.outputs,
-                               metrics=result.metrics)
+                    mark_complete(run_dir, kind="rl", seed=seed, start=start, outputs=result.outputs,
+                                  metrics=result.metrics)
                 _barrier()
             run_models.append(run_dir / "model")
             iteration_points.append((f"iteration_{it}/run_{m}", run_dir / "model"))
         merge_dir, liti_dir = it_dir / "merge", it_dir / "liti"
         if ctx.is_main:
-            if _done(merge_dir) is None:
+            if completed(merge_dir) is None:
                 report = merge_checkpoints(start, run_models, merge_dir / "model", config.merge_method,
                                            scratch_dir=merge_dir / "_merged_adapters")
                 write_json(merge_dir / "task_vectors.json", report)
-                _mark_done(merge_dir, kind="merge", method=config.merge_method, models=[str(p) for p in run_models])
-            if _done(liti_dir) is None:
+                mark_complete(merge_dir, kind="merge", method=config.merge_method, models=[str(p) for p in run_models])
+            if completed(liti_dir) is None:
                 merge_checkpoints(start, [merge_dir / "model"], liti_dir / "model", "linear", eta=config.eta)
-                _mark_done(liti_dir, kind="liti", eta=config.eta, init=start, merged=str(merge_dir / "model"))
+                mark_complete(liti_dir, kind="liti", eta=config.eta, init=start, merged=str(merge_dir / "model"))
             report = json.loads((merge_dir / "task_vectors.json").read_text())
             summary.update({f"iteration_{it}/{k}": v for k, v in flat_task_vector_metrics(report).items()
                             if k.count("/") == 1})  # the whole-model figures; per group in task_vectors.json
@@ -260,9 +248,9 @@ def run_warp(config: WarpStageConfig, ctx: StageContext) -> StageResult:
         front_dir.mkdir(parents=True, exist_ok=True)
         if config.output_eta is not None:
             out_model = stage_dir / "model"
-            if _done(out_model) is None:
+            if completed(out_model) is None:
                 merge_checkpoints(sft, [last_merge], out_model, "linear", eta=config.output_eta)
-                _mark_done(out_model, kind="liti", eta=config.output_eta, init=sft, merged=str(last_merge))
+                mark_complete(out_model, kind="liti", eta=config.output_eta, init=sft, merged=str(last_merge))
         summary.update(_evaluate_and_plot(config, ctx, sft, last_merge, iteration_points, front_dir))
     _barrier()
     return StageResult(outputs={"model": str(out_model), "front": str(front_dir)}, metrics=summary)
