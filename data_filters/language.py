@@ -1,0 +1,60 @@
+"""The language of a turn, for the filters that depend on it (toxicity word lists, phone
+regions): langdetect's guesses with their probabilities, deterministic and cached.
+
+langdetect (a port of Google's language-detection library, 55 languages, offline) costs
+about a millisecond per short text, so the filters ask for a turn's language only when
+the answer changes a decision (a word from a language-specific list matched, a number
+needs a region), and record it as evidence.
+
+    >>> detect_languages("Eres un imbécil inútil.")[0][0]  # doctest: +SKIP
+    'es'
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+# langdetect names Chinese by script; the filters key their lists by language.
+_ALIASES = {"zh-cn": "zh", "zh-tw": "zh"}
+# langdetect's n-gram profiles are noisy on very short texts: guesses below this share
+# are not candidates (two close languages, Spanish and Portuguese, share the mass).
+MIN_PROBABILITY = 0.15
+
+
+def _factory_ready() -> None:
+    from langdetect import DetectorFactory
+    from langdetect.detector_factory import init_factory
+
+    # A fixed seed: langdetect samples n-grams at random, and the same text must get the
+    # same answer in every worker process and every run.
+    DetectorFactory.seed = 0
+    init_factory()
+
+
+@lru_cache(maxsize=4096)
+def detect_languages(text: str) -> tuple[tuple[str, float], ...]:
+    """(ISO 639-1 code, probability) pairs, most probable first; () when langdetect finds no
+    letters to go by (digits, punctuation, empty text)."""
+    from langdetect import detector_factory
+    from langdetect.lang_detect_exception import LangDetectException
+
+    if detector_factory._factory is None:
+        _factory_ready()
+    try:
+        detector = detector_factory._factory.create()
+        detector.append(text)
+        guesses = detector.get_probabilities()
+    except LangDetectException:
+        return ()
+    return tuple((_ALIASES.get(g.lang, g.lang), round(g.prob, 4)) for g in guesses)
+
+
+def language_candidates(text: str, min_probability: float = MIN_PROBABILITY) -> frozenset[str]:
+    """The languages `text` may be in: every guess with at least `min_probability`."""
+    return frozenset(code for code, p in detect_languages(text) if p >= min_probability)
+
+
+def primary_language(text: str) -> str | None:
+    """The most probable language of `text`, or None when it has no letters."""
+    guesses = detect_languages(text)
+    return guesses[0][0] if guesses else None

@@ -1,0 +1,187 @@
+"""Per-language lists of offensive words and phrases, and matching them in text.
+
+Source: the dictionaries shipped inside the `glin-profanity` package (MIT licence; 24
+languages, Latin, Cyrillic, Arabic, CJK, kana, Hangul and Thai scripts; JSON files read
+from the installed package, nothing downloaded). Chosen over the other packaged lists
+because it is maintained (releases through 2026), has no dependencies, and covers the most
+of Gemma 3's widely spoken languages (its Russian list is in Cyrillic, unlike the LDNOOBW
+copies in `expletives`; `safetext` has no Italian and imports `requests`).
+
+Like LDNOOBW, from which most of them descend, these lists were made for blocking search
+terms, and hold everyday and clinical words ("cerveja", "cadavere", "性", "حمام"). The
+project removes those (`toxicity_lexicon_neutral.txt`, per language) and adds hand-written
+threats, self-harm encouragement and insults per language (the `[xx]` sections of
+`toxicity_lexicon.txt`). A term counts only in text whose detected language is the term's
+language: "con" is an insult in French and "with" in Spanish, "kys" a threat in English
+and a kiss in Danish.
+
+File format of the project's lists: one term per line, `#` comments; terms before any
+section apply in every language; terms after a `[xx]` line (ISO 639-1) belong to language
+xx; a term followed by `[not: da no sv]` does not count in text detected as one of those.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Iterable
+
+from data_filters.text import word_set, words
+
+# glin-profanity's file names -> ISO 639-1.
+GLIN_LANGUAGES = {
+    "arabic": "ar", "chinese": "zh", "czech": "cs", "danish": "da", "dutch": "nl",
+    "english": "en", "esperanto": "eo", "finnish": "fi", "french": "fr", "german": "de",
+    "hindi": "hi", "hungarian": "hu", "italian": "it", "japanese": "ja", "korean": "ko",
+    "norwegian": "no", "persian": "fa", "polish": "pl", "portuguese": "pt", "russian": "ru",
+    "spanish": "es", "swedish": "sv", "thai": "th", "turkish": "tr",
+}
+# English is covered by the classifier and the project's own high-precision lexicon; the
+# package's English list (search-blocking terms such as "sex", "drunk") would cost more
+# precision on English data than it adds recall.
+DEFAULT_EXCLUDED_SOURCES = frozenset({"en"})
+
+# Scripts written without spaces between words, or (Hangul) with particles glued to the
+# word: their terms are found as substrings, the others as whole words.
+_UNSPACED_RE = re.compile(r"[\u0e00-\u0e7f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
+_NOT_RE = re.compile(r"\s*\[not:\s*([a-z\s,-]*)\]\s*$")
+_SECTION_RE = re.compile(r"^\[([a-z]{2,3}(?:-[a-z]+)?)\]$")
+
+
+@dataclass(frozen=True, slots=True)
+class Term:
+    text: str  # lower-cased
+    language: str | None  # None: every language
+    not_in: frozenset[str] = frozenset()  # languages in which it is harmless
+    source: str = "project"
+
+
+def parse_terms(text: str, source: str = "project", where: str = "lexicon") -> list[Term]:
+    """Terms of a project-format list (see the module docstring)."""
+    out: list[Term] = []
+    language: str | None = None
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("["):
+            m = _SECTION_RE.match(line.lower())
+            if not m:
+                raise ValueError(f"{where}: line {n}: {line!r} is not a section header; "
+                                 "expected [xx] with an ISO 639-1 language code")
+            language = m.group(1)
+            continue
+        not_in: frozenset[str] = frozenset()
+        m = _NOT_RE.search(line)
+        if m:
+            not_in = frozenset(x for x in re.split(r"[\s,]+", m.group(1)) if x)
+            line = line[:m.start()]
+        out.append(Term(line.lower(), language, not_in, source))
+    return out
+
+
+def read_lexicon_file(path: str | Path) -> list[Term]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"toxicity.lexicon_path: {path} does not exist; expected a "
+                                "text file with one term per line")
+    return parse_terms(path.read_text("utf-8"), "project", str(path))
+
+
+def _shipped(name: str) -> str:
+    return resources.files("data_filters").joinpath(name).read_text("utf-8")
+
+
+@lru_cache(maxsize=1)
+def glin_profanity_terms() -> tuple[Term, ...]:
+    """Every term of glin-profanity's dictionaries, tagged with its language."""
+    root = resources.files("glin_profanity").joinpath("data", "dictionaries")
+    out: list[Term] = []
+    for name, code in GLIN_LANGUAGES.items():
+        entry = root.joinpath(f"{name}.json")
+        if not entry.is_file():
+            continue
+        for w in json.loads(entry.read_text("utf-8")).get("words", []):
+            w = w.strip().lower()
+            if w:
+                out.append(Term(w, code, frozenset(), "glin-profanity"))
+    if not out:
+        raise RuntimeError("glin-profanity's dictionaries were not found in the installed "
+                           "package; expected glin_profanity/data/dictionaries/*.json")
+    return tuple(out)
+
+
+@lru_cache(maxsize=1)
+def neutral_terms() -> frozenset[tuple[str, str]]:
+    """(language, term) pairs of the package lists that are ordinary vocabulary."""
+    return frozenset((t.language or "", t.text) for t in parse_terms(_shipped("toxicity_lexicon_neutral.txt")))
+
+
+def language_terms(languages: Iterable[str] | None = None, use_package: bool = True,
+                   extra: Iterable[Term] = ()) -> list[Term]:
+    """The language-specific terms: the package's (minus neutral words and the excluded
+    sources) and the project's `[xx]` sections, for `languages` (None: all)."""
+    wanted = None if languages is None else frozenset(languages)
+    neutral = neutral_terms()
+    terms: list[Term] = []
+    if use_package:
+        terms += [t for t in glin_profanity_terms()
+                  if t.language not in DEFAULT_EXCLUDED_SOURCES and (t.language, t.text) not in neutral]
+    terms += [t for t in parse_terms(_shipped("toxicity_lexicon.txt")) if t.language]
+    terms += [t for t in extra if t.language]
+    return [t for t in terms if wanted is None or t.language in wanted]
+
+
+@dataclass
+class GuardedLexicon:
+    """Finds language-tagged terms: whole words and phrases in spaced scripts, substrings
+    in unspaced ones. `candidates` returns every hit with its languages; the caller keeps
+    those whose language the text is detected to be in."""
+
+    single: dict[str, set[str]] = field(default_factory=dict)  # word -> languages
+    phrases: dict[str, list[tuple[tuple[str, ...], str]]] = field(default_factory=dict)
+    unspaced: dict[str, set[str]] = field(default_factory=dict)  # substring -> languages
+    _unspaced_re: re.Pattern | None = None
+
+    @classmethod
+    def build(cls, terms: Iterable[Term]) -> "GuardedLexicon":
+        lex = cls()
+        for t in terms:
+            if _UNSPACED_RE.search(t.text):
+                lex.unspaced.setdefault(t.text, set()).add(t.language)
+                continue
+            toks = words(t.text)
+            if len(toks) == 1:
+                lex.single.setdefault(toks[0], set()).add(t.language)
+            elif toks:
+                lex.phrases.setdefault(toks[0], []).append((toks, t.language))
+        if lex.unspaced:
+            # Longest first, so a phrase is reported rather than a word inside it.
+            alt = "|".join(re.escape(s) for s in sorted(lex.unspaced, key=len, reverse=True))
+            lex._unspaced_re = re.compile(alt)
+        return lex
+
+    def candidates(self, text: str) -> list[tuple[str, frozenset[str]]]:
+        """(term, languages it is offensive in) for each term found in `text`."""
+        ws = word_set(text)
+        found: dict[str, set[str]] = {}
+        for w in ws.intersection(self.single):
+            found.setdefault(w, set()).update(self.single[w])
+        starts = ws.intersection(self.phrases)
+        if starts:
+            toks = words(text)
+            joined = " " + " ".join(toks) + " "
+            for w in starts:
+                for phrase, lang in self.phrases[w]:
+                    p = " ".join(phrase)
+                    if f" {p} " in joined:
+                        found.setdefault(p, set()).add(lang)
+        if self._unspaced_re is not None and not text.isascii() and _UNSPACED_RE.search(text):
+            for m in self._unspaced_re.finditer(text.lower()):
+                found.setdefault(m.group(), set()).update(self.unspaced[m.group()])
+        # Longer terms first: evidence names the phrase, not a word inside it.
+        return sorted(((t, frozenset(ls)) for t, ls in found.items()), key=lambda x: (-len(x[0]), x[0]))
