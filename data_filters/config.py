@@ -59,6 +59,24 @@ class PiiConfig(_Section):
     kinds: list[str] = Field(
         list(ALL_KINDS), description=f"Kinds to look for, among {list(ALL_KINDS)}.")
     apply_to_system_turns: bool = Field(True, description="Also scan system turns.")
+    phone_regions: list[str] = Field(
+        [], description="Regions (ISO 3166 alpha-2, e.g. [JP, KR]) whose national phone formats "
+        "are looked for in every turn, besides the common regions always tried.")
+    phone_regions_from_language: bool = Field(
+        True, description="Also look for the national phone formats of the regions that a "
+        "turn's detected language suggests (German: DE, AT, CH; Japanese: JP; ...); the "
+        "language is detected only for turns holding a number that needs it.")
+
+    @field_validator("phone_regions")
+    @classmethod
+    def _known_regions(cls, v: list[str]) -> list[str]:
+        import phonenumbers
+
+        unknown = [r for r in v if r.upper() not in phonenumbers.SUPPORTED_REGIONS]
+        if unknown:
+            raise ValueError(f"unknown region(s) {unknown}; expected ISO 3166 alpha-2 codes "
+                             "that libphonenumber supports, such as DE, JP, BR")
+        return [r.upper() for r in v]
 
     @field_validator("kinds")
     @classmethod
