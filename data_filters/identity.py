@@ -17,6 +17,7 @@ import re
 from functools import lru_cache
 
 from data_filters.config import IdentityConfig
+from data_filters.language import primary_language
 from data_filters.rows import MODEL_ROLE, Decision, Rejection, Turn
 from data_filters.text import word_set, words
 
@@ -225,5 +226,6 @@ class IdentityFilter:
                 continue
             claims = find_misidentification(t.text, self.config.name, self.config.developer)
             if claims:
-                return Rejection(self.name, "misidentification", {"turn": i, "claims": claims})
+                return Rejection(self.name, "misidentification",
+                                 {"turn": i, "claims": claims, "language": primary_language(t.text)})
         return None
