@@ -94,7 +94,7 @@ def _patterns(names: tuple[str, ...], orgs: tuple[str, ...]) -> list[re.Pattern]
         rf"(?i:\bsono|\bmi\s+chiamo)\s+(?i:(?:(?:un|una|l['’])\s*)?(?:(?:assistente|modello|IA)\s+)?(?:(?:chiamat[oa])\s+)?){n}",
         rf"(?i:\bsono\s+(?:stat[oa]\s+)?)(?P<gap>{_GAP})(?i:\b(?:sviluppat[oa]|creat[oa]|addestrat[oa]|progettat[oa])\s+da\s+){o}",
         # Chinese
-        rf"(?:我是|我叫|我的名字是)\s*(?:一个|一款)?(?:由{_GAP})?{n}",
+        rf"(?:我是|我叫|我的名字是)\s*(?:一个|一款|一位)?(?:名叫|叫做|叫|名为)?(?:由{_GAP})?{n}",
         rf"我(?:是|由|被)?{_SENTENCE_END}{{0,12}}?由\s*{o}\s*(?:开发|创建|训练|打造|研发|推出|设计)",
         # Japanese
         rf"(?:私は|僕は|わたしは|俺は)\s*{n}",
@@ -135,7 +135,8 @@ _REPORTED_RE = re.compile(
     r"thought|believe|believes|believed|assume|assumes|assumed|suppose|wonder|wondering|mistake|"
     r"mistaken|confuse|confused|rumou?r|asks?|asked|asking|si|ob|crees|creen|pensez|penses|pensent|"
     r"glaubst|glauben|denkst|если|думаешь|думают|считаешь|считают|ли|apakah|jika|kalau|eğer|sanıyor|"
-    r"sanıyorsun|nếu|hay|agar|اگر|إذا|اذا|هل)\b|अगर|क्या|如果|もし|만약|যদি")
+    r"sanıyorsun|nếu|hay|agar|اگر|إذا|اذا|هل|acham|acha|pensam|pensa|acreditam|pensano|credono|pensi|"
+    r"mengira|kira|nghĩ|tưởng|يظن|يظنون|يعتقد|يعتقدون|सोचते|समझते)\b|अगर|क्या|如果|もし|만약|যদি|以为|认为|觉得|以為|認為")
 _DENIAL_AFTER_RE = re.compile(
     r"(?i)^\s*[,.!?;:—–-]*\s*(?:no|non|nein|nope|nah|não|not|niet|いいえ|不是|不)\b"
     r"|^\s*[,.!?;:—–-]*\s*(?:but\s+)?(?:I\s+am\s+not|I['’]m\s+not|je\s+ne\s+suis\s+pas|"

@@ -49,6 +49,33 @@ def detect_languages(text: str) -> tuple[tuple[str, float], ...]:
     return tuple((_ALIASES.get(g.lang, g.lang), round(g.prob, 4)) for g in guesses)
 
 
+# Languages langdetect confuses on short texts (observed: Spanish and Portuguese insults
+# read as Catalan, French as Italian, Russian as Bulgarian or Macedonian, Danish as
+# Norwegian). A hand-written term that is offensive in one of them is offensive in its
+# relatives too, so it is looked for in all of them; a term of a packaged word list is
+# looked for in its own language only (a word of one language may be harmless in its
+# neighbour's: French "con", Spanish "con").
+_FAMILIES = (
+    frozenset({"es", "pt", "ca", "it", "fr", "ro"}),
+    frozenset({"ru", "uk", "bg", "mk"}),
+    frozenset({"pl", "cs", "sk", "sl", "hr"}),
+    frozenset({"da", "no", "sv"}),
+    frozenset({"de", "nl", "af"}),
+    frozenset({"hi", "mr", "ne", "ur"}),
+    frozenset({"ar", "fa", "ur"}),
+    frozenset({"id", "tl"}),
+)
+
+
+def related_languages(code: str) -> frozenset[str]:
+    """`code` and the languages langdetect confuses it with."""
+    out = {code}
+    for family in _FAMILIES:
+        if code in family:
+            out |= family
+    return frozenset(out)
+
+
 def language_candidates(text: str, min_probability: float = MIN_PROBABILITY) -> frozenset[str]:
     """The languages `text` may be in: every guess with at least `min_probability`."""
     return frozenset(code for code, p in detect_languages(text) if p >= min_probability)

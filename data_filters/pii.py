@@ -65,9 +65,12 @@ class PiiSpan:
 # ---------------------------------------------------------------------------------------
 # e-mail
 
+# Kana, CJK ideographs and Hangul are word characters, but Japanese, Chinese and Korean
+# write addresses and numbers right against them ("tanaka@example.jpです", "010-1234-5678로").
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af"
 _EMAIL_RE = re.compile(
-    r"(?<![\w.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@"
-    r"((?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+([A-Za-z]{2,24}))(?![\w-])"
+    r"(?<![^\W" + _CJK + r"])(?<![.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@"
+    r"((?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+([A-Za-z]{2,24}))(?![^\W" + _CJK + r"])(?!-)"
 )
 # "icon@2x.png" and "lib@1.2.js" are file names, not addresses.
 _NOT_TLDS = frozenset(
@@ -88,9 +91,6 @@ def _find_emails(text: str) -> Iterable[PiiSpan]:
 
 # A run of digits with the separators people write inside numbers; `(?<![\w.])` keeps
 # digits inside hex hashes, identifiers and decimals out.
-# Kana, CJK ideographs and Hangul are word characters, but Japanese, Chinese and Korean
-# write numbers right against them ("090-1234-5678です", "010-1234-5678로").
-_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af"
 _NUMBER_RE = re.compile(
     r"(?<![^\W" + _CJK + r"])(?<![.+/:-])(?:\+|00)?\(?\d[\d().\- \u00a0]{4,24}\d(?:\s?(?:x|ext\.?|#)\s?\d{1,5})?"
     r"(?![^\W" + _CJK + r"])"
@@ -138,6 +138,15 @@ _NOT_PHONE_CONTEXT_RE = re.compile(
     r"between|versions?|v|release[sd]?|builds?|years?|seasons?|rounds?|sets?|games?|matches|"
     r"votes?|ratio|odds|sequence|series|dates?|dated)\b\W{0,6}(?:\w+\W{1,3}){0,2}$"
 )
+# The same for other languages: page ranges, scores, versions ("Seiten 1203-1345",
+# "el marcador final fue 102-98-112", "第1203-1345页", "1203-1345ページ").
+_NOT_PHONE_ML_BEFORE_RE = re.compile(
+    r"(?i)(?:página|páginas|pág|seite|seiten|s\.|pagina|pagine|страница|страницы|стр\.|"
+    r"sayfa|sayfalar|halaman|trang|الصفحات|الصفحة|पृष्ठ|第|marcador|resultado|puntuación|"
+    r"ergebnis|endergebnis|spielstand|punteggio|placar|счёт|счет|比分|スコア|점수|النتيجة|स्कोर|"
+    r"skor|tỉ số|versión|versão|versione|версия|sürüm|versi|phiên bản|版本|バージョン|버전|"
+    r"capítulo|kapitel|capitolo|глава|bölüm)\W{0,6}(?:[^\W\d]+\W{1,3}){0,2}$")
+_NOT_PHONE_ML_AFTER_RE = re.compile(r"^\s*(?:ページ|頁|页|쪽|페이지|sayfa|sayfalar|pp?\.)")
 # Regions tried for numbers written without a country code, most common first.
 _PHONE_REGIONS = ("US", "GB", "DE", "FR", "IN", "CA", "AU", "BR", "IT", "ES", "NL", "BE",
                   "CH", "AT", "SE", "IL")
@@ -362,7 +371,8 @@ def _find_phones(text: str, extra: _LazyRegions | None = None) -> Iterable[PiiSp
             # by dashes are also scores, ranges, dates and versions: after a word saying
             # so they are not phones, and otherwise their groups must be a phone's.
             dashed = "-" in raw and not has_plus
-            if dashed and _NOT_PHONE_CONTEXT_RE.search(before):
+            if dashed and (_NOT_PHONE_CONTEXT_RE.search(before) or _NOT_PHONE_ML_BEFORE_RE.search(before)
+                           or _NOT_PHONE_ML_AFTER_RE.match(text[end:end + 6])):
                 continue
             if _phone_valid(raw, grouping=dashed):
                 yield PiiSpan(PHONE, start, end, raw)

@@ -234,10 +234,10 @@ class ToxicityScorer:
                 # langdetect runs only here, on the few turns that hold a listed word.
                 langs = {code for code, p in detect_languages(text)
                          if p >= self.config.min_language_probability}
-                for t, term_langs in found:
-                    both = term_langs & langs
-                    if both:
-                        return t, min(both)
+                for t, tags in found:
+                    for language, counts_in in sorted(tags):
+                        if counts_in & langs:
+                            return t, language
         return None
 
     def scores_at_least(self, texts: Sequence[str], threshold: float) -> list[float | None]:

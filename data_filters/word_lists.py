@@ -11,9 +11,11 @@ Like LDNOOBW, from which most of them descend, these lists were made for blockin
 terms, and hold everyday and clinical words ("cerveja", "cadavere", "性", "حمام"). The
 project removes those (`toxicity_lexicon_neutral.txt`, per language) and adds hand-written
 threats, self-harm encouragement and insults per language (the `[xx]` sections of
-`toxicity_lexicon.txt`). A term counts only in text whose detected language is the term's
-language: "con" is an insult in French and "with" in Spanish, "kys" a threat in English
-and a kiss in Danish.
+`toxicity_lexicon.txt`). A term of a packaged list counts only in text whose detected
+language is the term's language: "con" is an insult in French and "with" in Spanish, "kys"
+a threat in English and a kiss in Danish. A hand-written term, checked to be offensive in
+the languages close to its own, also counts in those (langdetect often reads a short
+Spanish or Portuguese sentence as Catalan, a Russian one as Bulgarian).
 
 File format of the project's lists: one term per line, `#` comments; terms before any
 section apply in every language; terms after a `[xx]` line (ISO 639-1) belong to language
@@ -30,6 +32,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterable
 
+from data_filters.language import related_languages
 from data_filters.text import word_set, words
 
 # glin-profanity's file names -> ISO 639-1.
@@ -136,52 +139,62 @@ def language_terms(languages: Iterable[str] | None = None, use_package: bool = T
     return [t for t in terms if wanted is None or t.language in wanted]
 
 
+# Punctuation of other scripts that `data_filters.text.words` keeps inside words (Arabic
+# comma and question mark, Devanagari danda, Urdu full stop, Spanish inverted marks).
+_EXTRA_PUNCTUATION = str.maketrans({ch: " " for ch in "\u060c\u061b\u061f\u0964\u0965\u06d4\u00bf\u00a1"})
+
+
 @dataclass
 class GuardedLexicon:
     """Finds language-tagged terms: whole words and phrases in spaced scripts, substrings
-    in unspaced ones. `candidates` returns every hit with its languages; the caller keeps
-    those whose language the text is detected to be in."""
+    in unspaced ones. `candidates` returns every hit with, for each language it belongs
+    to, the detected languages in which it counts: the language alone for a packaged
+    list's term, the language and its close relatives (`related_languages`) for the
+    project's hand-written terms."""
 
-    single: dict[str, set[str]] = field(default_factory=dict)  # word -> languages
-    phrases: dict[str, list[tuple[tuple[str, ...], str]]] = field(default_factory=dict)
-    unspaced: dict[str, set[str]] = field(default_factory=dict)  # substring -> languages
+    single: dict[str, set[tuple[str, frozenset[str]]]] = field(default_factory=dict)
+    phrases: dict[str, list[tuple[tuple[str, ...], tuple[str, frozenset[str]]]]] = field(default_factory=dict)
+    unspaced: dict[str, set[tuple[str, frozenset[str]]]] = field(default_factory=dict)
     _unspaced_re: re.Pattern | None = None
 
     @classmethod
     def build(cls, terms: Iterable[Term]) -> "GuardedLexicon":
         lex = cls()
         for t in terms:
+            counts_in = frozenset({t.language}) if t.source != "project" else related_languages(t.language)
+            tag = (t.language, counts_in)
             if _UNSPACED_RE.search(t.text):
-                lex.unspaced.setdefault(t.text, set()).add(t.language)
+                lex.unspaced.setdefault(t.text, set()).add(tag)
                 continue
-            toks = words(t.text)
+            toks = words(t.text.translate(_EXTRA_PUNCTUATION))
             if len(toks) == 1:
-                lex.single.setdefault(toks[0], set()).add(t.language)
+                lex.single.setdefault(toks[0], set()).add(tag)
             elif toks:
-                lex.phrases.setdefault(toks[0], []).append((toks, t.language))
+                lex.phrases.setdefault(toks[0], []).append((toks, tag))
         if lex.unspaced:
             # Longest first, so a phrase is reported rather than a word inside it.
             alt = "|".join(re.escape(s) for s in sorted(lex.unspaced, key=len, reverse=True))
             lex._unspaced_re = re.compile(alt)
         return lex
 
-    def candidates(self, text: str) -> list[tuple[str, frozenset[str]]]:
-        """(term, languages it is offensive in) for each term found in `text`."""
+    def candidates(self, text: str) -> list[tuple[str, frozenset[tuple[str, frozenset[str]]]]]:
+        """(term, {(its language, detected languages it counts in)}) for each term found."""
+        if not text.isascii():
+            text = text.translate(_EXTRA_PUNCTUATION)
         ws = word_set(text)
-        found: dict[str, set[str]] = {}
+        found: dict[str, set] = {}
         for w in ws.intersection(self.single):
             found.setdefault(w, set()).update(self.single[w])
         starts = ws.intersection(self.phrases)
         if starts:
-            toks = words(text)
-            joined = " " + " ".join(toks) + " "
+            joined = " " + " ".join(words(text)) + " "
             for w in starts:
-                for phrase, lang in self.phrases[w]:
+                for phrase, tag in self.phrases[w]:
                     p = " ".join(phrase)
                     if f" {p} " in joined:
-                        found.setdefault(p, set()).add(lang)
+                        found.setdefault(p, set()).add(tag)
         if self._unspaced_re is not None and not text.isascii() and _UNSPACED_RE.search(text):
             for m in self._unspaced_re.finditer(text.lower()):
                 found.setdefault(m.group(), set()).update(self.unspaced[m.group()])
         # Longer terms first: evidence names the phrase, not a word inside it.
-        return sorted(((t, frozenset(ls)) for t, ls in found.items()), key=lambda x: (-len(x[0]), x[0]))
+        return sorted(((t, frozenset(tags)) for t, tags in found.items()), key=lambda x: (-len(x[0]), x[0]))
