@@ -32,7 +32,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterable
 
-from data_filters.language import related_languages
+from data_filters.language import ENGLISH_FUNCTION_WORDS, related_languages
 from data_filters.text import word_set, words
 
 # glin-profanity's file names -> ISO 639-1.
@@ -124,6 +124,13 @@ def neutral_terms() -> frozenset[tuple[str, str]]:
     return frozenset((t.language or "", t.text) for t in parse_terms(_shipped("toxicity_lexicon_neutral.txt")))
 
 
+def _english_function_words() -> frozenset[str]:
+    """English function words (`data_filters.language.ENGLISH_FUNCTION_WORDS`). A packaged
+    term spelled like one ("it" is an insult in Turkish) would match nearly every English
+    turn and make each of them pay for language detection, to reject none of them."""
+    return ENGLISH_FUNCTION_WORDS
+
+
 def language_terms(languages: Iterable[str] | None = None, use_package: bool = True,
                    extra: Iterable[Term] = ()) -> list[Term]:
     """The language-specific terms: the package's (minus neutral words and the excluded
@@ -132,8 +139,10 @@ def language_terms(languages: Iterable[str] | None = None, use_package: bool = T
     neutral = neutral_terms()
     terms: list[Term] = []
     if use_package:
+        english = _english_function_words()
         terms += [t for t in glin_profanity_terms()
-                  if t.language not in DEFAULT_EXCLUDED_SOURCES and (t.language, t.text) not in neutral]
+                  if t.language not in DEFAULT_EXCLUDED_SOURCES and (t.language, t.text) not in neutral
+                  and t.text not in english]
     terms += [t for t in parse_terms(_shipped("toxicity_lexicon.txt")) if t.language]
     terms += [t for t in extra if t.language]
     return [t for t in terms if wanted is None or t.language in wanted]
@@ -156,6 +165,8 @@ class GuardedLexicon:
     phrases: dict[str, list[tuple[tuple[str, ...], tuple[str, frozenset[str]]]]] = field(default_factory=dict)
     unspaced: dict[str, set[tuple[str, frozenset[str]]]] = field(default_factory=dict)
     _unspaced_re: re.Pattern | None = None
+    _single_keys: frozenset = frozenset()
+    _phrase_keys: frozenset = frozenset()
 
     @classmethod
     def build(cls, terms: Iterable[Term]) -> "GuardedLexicon":
@@ -171,6 +182,10 @@ class GuardedLexicon:
                 lex.single.setdefault(toks[0], set()).add(tag)
             elif toks:
                 lex.phrases.setdefault(toks[0], []).append((toks, tag))
+        # frozenset & frozenset walks the smaller side (a turn's words); intersecting with
+        # the dicts would walk their thousands of keys.
+        lex._single_keys = frozenset(lex.single)
+        lex._phrase_keys = frozenset(lex.phrases)
         if lex.unspaced:
             # Longest first, so a phrase is reported rather than a word inside it.
             alt = "|".join(re.escape(s) for s in sorted(lex.unspaced, key=len, reverse=True))
@@ -183,9 +198,9 @@ class GuardedLexicon:
             text = text.translate(_EXTRA_PUNCTUATION)
         ws = word_set(text)
         found: dict[str, set] = {}
-        for w in ws.intersection(self.single):
+        for w in ws & self._single_keys:
             found.setdefault(w, set()).update(self.single[w])
-        starts = ws.intersection(self.phrases)
+        starts = ws & self._phrase_keys
         if starts:
             joined = " " + " ".join(words(text)) + " "
             for w in starts:
