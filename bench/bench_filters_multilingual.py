@@ -168,7 +168,9 @@ def report(rows: list[dict], today: dict, new: dict) -> dict:
             print(f"{lang:5} {len(group):>4} | {t['precision']:5.2f} {rec(t):>5} {t['fp']:>3} {ff(t):>3} | "
                   f"{n['precision']:5.2f} {rec(n):>5} {n['fp']:>3} {ff(n):>3} | {'met' if ok else 'NOT met'}")
             results["per_language"][f"{flt}/{lang}"] = {"today": t, "new": n, "target_met": ok}
-    print("\nspeed (rows per CPU-second, one process, best of the repeats):")
+    print("\nspeed (rows per CPU-second, one process, best of the repeats; on this set half the rows are\n"
+          "rejected and most are not English, so the new filters run langdetect on most of them: the\n"
+          "throughput on ordinary data is bench_filter_chain.py's):")
     for flt in FILTERS:
         a, b = today["rows_per_cpu_second"][flt], new["rows_per_cpu_second"][flt]
         print(f"  {flt:9} today {a:10,.0f}   new {b:10,.0f}   new/today {b / a:.2f}x")

@@ -96,6 +96,20 @@ def _patterns(names: tuple[str, ...], orgs: tuple[str, ...]) -> list[re.Pattern]
         # Chinese
         rf"(?:我是|我叫|我的名字是)\s*(?:一个|一款|一位)?(?:名叫|叫做|叫|名为)?(?:由{_GAP})?{n}",
         rf"我(?:是|由|被)?{_SENTENCE_END}{{0,12}}?由\s*{o}\s*(?:开发|创建|训练|打造|研发|推出|设计)",
+        # Indonesian
+        rf"(?i:\b(?:saya|aku)\s+(?:adalah\s+)?|\bnama\s+(?:saya|aku)\s+(?:adalah\s+)?)(?i:(?:(?:asisten|model)\s+(?:AI\s+|bahasa\s+)?)?(?:(?:bernama)\s+)?){n}",
+        rf"(?i:\b(?:saya|aku)\s+)(?P<gap>{_GAP})(?i:\b(?:dikembangkan|dibuat|dilatih|dirancang|diciptakan)\s+oleh\s+(?:tim\s+)?){o}",
+        # Turkish
+        rf"(?i:\bben\s+|\b(?:benim\s+)?adım\s+)(?i:(?:(?:bir\s+)?(?:yapay\s+zeka\s+)?(?:asistan[ıi]?|dil\s+modeli)\s+)?){n}",
+        rf"{o}(?:['’]?(?:n[ıi]n)?)?\s+(?i:tarafından\s+(?:geliştirildim|oluşturuldum|eğitildim|yaratıldım|tasarlandım|yapıldım))",
+    )] + [re.compile(p) for p in _non_latin_patterns(n, o)]
+
+
+def _non_latin_patterns(n: str, o: str) -> list[str]:
+    """Claims whose first-person words are written in other scripts (CJK, Cyrillic, Arabic,
+    Devanagari, Bengali, Hangul) or with Vietnamese letters: they cannot match ASCII text,
+    which skips them (`_compiled` counts them)."""
+    return [
         # Japanese
         rf"(?:私は|僕は|わたしは|俺は)\s*{n}",
         rf"(?:私は|僕は|わたしは){_SENTENCE_END}{{0,20}}?{o}\s*(?:によって|が)\s*(?:開発|作成|訓練|トレーニング)",
@@ -112,19 +126,13 @@ def _patterns(names: tuple[str, ...], orgs: tuple[str, ...]) -> list[re.Pattern]
         # Arabic
         rf"(?:(?<!\w)(?:أنا|انا|اسمي)\s+(?:(?:نموذج|مساعد)\s+(?:\S+\s+)?(?:اسمه|يدعى|يُدعى)?\s*)?){n}",
         rf"(?:تم\s+(?:تطويري|إنشائي|انشائي|تدريبي|تصميمي|صنعي)|طورتني|أنشأتني|انشأتني|دربتني|صممتني|صنعتني)\s+(?:(?:من\s+قبل|بواسطة|من|في)\s+)?(?:شركة\s+)?{o}",
-        # Indonesian
-        rf"(?i:\b(?:saya|aku)\s+(?:adalah\s+)?|\bnama\s+(?:saya|aku)\s+(?:adalah\s+)?)(?i:(?:(?:asisten|model)\s+(?:AI\s+|bahasa\s+)?)?(?:(?:bernama)\s+)?){n}",
-        rf"(?i:\b(?:saya|aku)\s+)(?P<gap>{_GAP})(?i:\b(?:dikembangkan|dibuat|dilatih|dirancang|diciptakan)\s+oleh\s+(?:tim\s+)?){o}",
-        # Turkish
-        rf"(?i:\bben\s+|\b(?:benim\s+)?adım\s+)(?i:(?:(?:bir\s+)?(?:yapay\s+zeka\s+)?(?:asistan[ıi]?|dil\s+modeli)\s+)?){n}",
-        rf"{o}(?:['’]?(?:n[ıi]n)?)?\s+(?i:tarafından\s+(?:geliştirildim|oluşturuldum|eğitildim|yaratıldım|tasarlandım|yapıldım))",
         # Korean
         rf"(?:저는|나는|전|제\s*이름은)\s*{n}",
         rf"(?:저는|나는|저를|나를)\s*(?P<gap>{_GAP}){o}\s*(?:에서|가|이|에\s*의해(?:서)?)\s*(?:개발|만든|만들었|만들어|훈련|학습)",
         # Vietnamese
         rf"(?i:\b(?:tôi|mình|tớ)\s+là\s+|\btên\s+(?:tôi|mình)\s+là\s+)(?i:(?:(?:một\s+)?(?:trợ\s+lý|mô\s+hình)\s+(?:AI\s+|ngôn\s+ngữ\s+)?)?){n}",
         rf"(?i:\b(?:tôi|mình)\s+)(?P<gap>{_GAP})(?i:được\s+(?:phát\s+triển|tạo\s+ra|huấn\s+luyện|xây\s+dựng|thiết\s+kế)\s+bởi\s+){o}",
-    )]
+    ]
 
 
 # A claim that is asked, reported or denied is not a claim: "Are you ChatGPT? No, I am Gemma",
@@ -160,6 +168,9 @@ def _not_a_claim(text: str, start: int, end: int) -> bool:
     return bool(_REPORTED_RE.search(clause))
 
 
+_NON_LATIN_COUNT = len(_non_latin_patterns("n", "o"))
+
+
 def _allowed(name: str, developer: str) -> set[str]:
     allowed = {name.casefold(), developer.casefold()}
     allowed.update(w.casefold() for w in re.split(r"[\s,]+", developer) if len(w) > 1)
@@ -167,7 +178,7 @@ def _allowed(name: str, developer: str) -> set[str]:
 
 
 @lru_cache(maxsize=16)
-def _compiled(name: str, developer: str) -> tuple[list[re.Pattern], dict[str, list[str]], re.Pattern]:
+def _compiled(name: str, developer: str) -> tuple[tuple[list[re.Pattern], list[re.Pattern]], dict[str, list[str]], re.Pattern]:
     allowed = _allowed(name, developer)
     names = tuple(x for x in ASSISTANT_NAMES if x.casefold() not in allowed)
     orgs = tuple(x for x in ORGANISATIONS if x.casefold() not in allowed)
@@ -178,7 +189,9 @@ def _compiled(name: str, developer: str) -> tuple[list[re.Pattern], dict[str, li
             by_trigger.setdefault(words(x)[0], []).append(x)
     # Names are written in Latin letters inside text of any script ("ChatGPTです", "我是ChatGPT").
     gate = re.compile(_alt(names + orgs))
-    return _patterns(names, orgs), by_trigger, gate
+    patterns = _patterns(names, orgs)
+    ascii_patterns = patterns[:len(patterns) - _NON_LATIN_COUNT]
+    return (patterns, ascii_patterns), by_trigger, gate
 
 
 
@@ -188,7 +201,8 @@ def find_misidentification(text: str, name: str = "Gemma", developer: str = "Goo
     `name` and `developer` are the allowed identity: "Gemma" and "Google DeepMind" allow
     "Gemma", "Google", "DeepMind" and "Google DeepMind". Returns [] when the text is fine.
     """
-    patterns, by_trigger, gate = _compiled(name, developer)
+    (all_patterns, ascii_patterns), by_trigger, gate = _compiled(name, developer)
+    patterns = ascii_patterns if text.isascii() else all_patterns
     # Only ASCII text is gated: CJK is not split into words by spaces. Every pattern holds
     # a case-sensitive name or organisation group, so a claim needs one of them verbatim:
     # a lower-case word such as "pi" or "meta" alone does not run the regexes.

@@ -201,13 +201,18 @@ class GuardedLexicon:
         for w in ws & self._single_keys:
             found.setdefault(w, set()).update(self.single[w])
         starts = ws & self._phrase_keys
-        if starts:
-            joined = " " + " ".join(words(text)) + " "
-            for w in starts:
-                for phrase, tag in self.phrases[w]:
-                    p = " ".join(phrase)
-                    if f" {p} " in joined:
-                        found.setdefault(p, set()).add(tag)
+        joined = None
+        for w in starts:
+            for phrase, tag in self.phrases[w]:
+                # Most phrases start with a common word ("a", "se", "te"): their other
+                # words, looked up in the set, rule them out before any string search.
+                if not all(x in ws for x in phrase[1:]):
+                    continue
+                if joined is None:
+                    joined = " " + " ".join(words(text)) + " "
+                p = " ".join(phrase)
+                if f" {p} " in joined:
+                    found.setdefault(p, set()).add(tag)
         if self._unspaced_re is not None and not text.isascii() and _UNSPACED_RE.search(text):
             for m in self._unspaced_re.finditer(text.lower()):
                 found.setdefault(m.group(), set()).update(self.unspaced[m.group()])
