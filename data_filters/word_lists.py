@@ -162,11 +162,10 @@ class GuardedLexicon:
     project's hand-written terms."""
 
     single: dict[str, set[tuple[str, frozenset[str]]]] = field(default_factory=dict)
-    phrases: dict[str, list[tuple[tuple[str, ...], tuple[str, frozenset[str]]]]] = field(default_factory=dict)
+    phrases: dict[str, list[tuple[tuple[str, ...], tuple[str, frozenset[str]], frozenset[str]]]] = field(default_factory=dict)
     unspaced: dict[str, set[tuple[str, frozenset[str]]]] = field(default_factory=dict)
     _unspaced_re: re.Pattern | None = None
-    _single_keys: frozenset = frozenset()
-    _phrase_keys: frozenset = frozenset()
+    _keys: frozenset = frozenset()  # single words and phrases' first words
 
     @classmethod
     def build(cls, terms: Iterable[Term]) -> "GuardedLexicon":
@@ -181,11 +180,10 @@ class GuardedLexicon:
             if len(toks) == 1:
                 lex.single.setdefault(toks[0], set()).add(tag)
             elif toks:
-                lex.phrases.setdefault(toks[0], []).append((toks, tag))
+                lex.phrases.setdefault(toks[0], []).append((toks, tag, frozenset(toks[1:])))
         # frozenset & frozenset walks the smaller side (a turn's words); intersecting with
         # the dicts would walk their thousands of keys.
-        lex._single_keys = frozenset(lex.single)
-        lex._phrase_keys = frozenset(lex.phrases)
+        lex._keys = frozenset(lex.single) | frozenset(lex.phrases)
         if lex.unspaced:
             # Longest first, so a phrase is reported rather than a word inside it.
             alt = "|".join(re.escape(s) for s in sorted(lex.unspaced, key=len, reverse=True))
@@ -198,15 +196,14 @@ class GuardedLexicon:
             text = text.translate(_EXTRA_PUNCTUATION)
         ws = word_set(text)
         found: dict[str, set] = {}
-        for w in ws & self._single_keys:
-            found.setdefault(w, set()).update(self.single[w])
-        starts = ws & self._phrase_keys
         joined = None
-        for w in starts:
-            for phrase, tag in self.phrases[w]:
+        for w in ws & self._keys:
+            if w in self.single:
+                found.setdefault(w, set()).update(self.single[w])
+            for phrase, tag, rest in self.phrases.get(w, ()):
                 # Most phrases start with a common word ("a", "se", "te"): their other
-                # words, looked up in the set, rule them out before any string search.
-                if not all(x in ws for x in phrase[1:]):
+                # words, a subset test on the word set, rule them out before any search.
+                if not rest <= ws:
                     continue
                 if joined is None:
                     joined = " " + " ".join(words(text)) + " "
