@@ -26,7 +26,7 @@ def _snippet(raw: str, limit: int = 240) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def write_data_card(report, config, path: Path) -> None:
+def write_data_card(report, config, path: Path, sample_every: int = 500) -> None:
     pct = (lambda n: f"{100 * n / report.input_rows:.2f}%") if report.input_rows else (lambda n: "-")
     lines = [
         "# Data card: filtering",
@@ -47,6 +47,19 @@ def write_data_card(report, config, path: Path) -> None:
     for flt, reasons in sorted(report.rejected_by.items()):
         for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
             lines.append(f"| {flt} | {reason} | {n} | {pct(n)} |")
+    if report.sampled_languages:
+        total = sum(report.sampled_languages.values())
+        lines += ["", "## Languages", "",
+                  f"Detected (langdetect) on a sample of {total} input row(s), every "
+                  f"{sample_every}th:", "", "| language | sampled rows | share |", "|---|---:|---:|"]
+        for lang, n in sorted(report.sampled_languages.items(), key=lambda kv: (-kv[1], kv[0])):
+            lines.append(f"| {lang} | {n} | {100 * n / total:.1f}% |")
+    if report.rejected_by_language:
+        lines += ["", "## Rejections by language of the rejected turn", "",
+                  "| filter | language | rows |", "|---|---|---:|"]
+        for flt, langs in sorted(report.rejected_by_language.items()):
+            for lang, n in sorted(langs.items(), key=lambda kv: (-kv[1], kv[0])):
+                lines.append(f"| {flt} | {lang} | {n} |")
     if report.redactions:
         lines += ["", "## Redactions in kept rows", "", "| kind | spans |", "|---|---:|"]
         for kind, n in sorted(report.redactions.items(), key=lambda kv: -kv[1]):

@@ -59,6 +59,24 @@ class PiiConfig(_Section):
     kinds: list[str] = Field(
         list(ALL_KINDS), description=f"Kinds to look for, among {list(ALL_KINDS)}.")
     apply_to_system_turns: bool = Field(True, description="Also scan system turns.")
+    phone_regions: list[str] = Field(
+        [], description="Regions (ISO 3166 alpha-2, e.g. [JP, KR]) whose national phone formats "
+        "are looked for in every turn, besides the common regions always tried.")
+    phone_regions_from_language: bool = Field(
+        True, description="Also look for the national phone formats of the regions that a "
+        "turn's detected language suggests (German: DE, AT, CH; Japanese: JP; ...); the "
+        "language is detected only for turns holding a number that needs it.")
+
+    @field_validator("phone_regions")
+    @classmethod
+    def _known_regions(cls, v: list[str]) -> list[str]:
+        import phonenumbers
+
+        unknown = [r for r in v if r.upper() not in phonenumbers.SUPPORTED_REGIONS]
+        if unknown:
+            raise ValueError(f"unknown region(s) {unknown}; expected ISO 3166 alpha-2 codes "
+                             "that libphonenumber supports, such as DE, JP, BR")
+        return [r.upper() for r in v]
 
     @field_validator("kinds")
     @classmethod
@@ -82,7 +100,25 @@ class ToxicityConfig(_Section):
         True, description="Also score 1.0 for any lexicon match, whatever the classifier says.")
     lexicon_path: str | None = Field(
         None, description="A text file of extra terms, one per line (# comments), added to "
-        "the shipped lexicon.")
+        "the shipped lexicon; terms after a `[xx]` line count only in text detected as "
+        "language xx (ISO 639-1), and `term [not: da no]` does not count in those languages.")
+    multilingual: bool = Field(
+        True, description="Also match the per-language word lists (glin-profanity's, less "
+        "everyday words, plus the project's threats and insults; see `data_filters.word_lists`), "
+        "each term only in turns whose detected language (langdetect) is the term's.")
+    languages: list[str] | None = Field(
+        None, description="Languages (ISO 639-1) whose word lists are used; null: all the "
+        "lists have (ar cs da de eo es fa fi fr hi hu it ja ko nl no pl pt ru sv th tr zh).")
+    use_package_lists: bool = Field(
+        True, description="Include glin-profanity's lists; false: the project's per-language "
+        "terms only.")
+    language_thresholds: dict[str, float] = Field(
+        {}, description="Classifier threshold per detected language of the turn, where the "
+        "(English-trained) classifier's scores are not comparable; other languages use "
+        "`threshold`. Example: {fr: 0.8}.")
+    min_language_probability: float = Field(
+        0.15, gt=0.0, le=1.0, description="A term of language xx counts when langdetect gives "
+        "the turn at least this probability of being in xx.")
     apply_to_user_turns: bool = Field(
         False, description="Also score user turns (default: model turns only).")
     checkpoint: str | None = Field(
@@ -91,6 +127,14 @@ class ToxicityConfig(_Section):
         ["toxic", "TOXIC", "LABEL_1", "offensive", "hate"],
         description="For classifier: hf, the labels whose probability is the toxicity score.")
     batch_size: int = Field(64, ge=1, description="Texts per classifier call.")
+
+    @field_validator("language_thresholds")
+    @classmethod
+    def _thresholds_in_range(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: x for k, x in v.items() if not 0.0 <= x <= 1.0}
+        if bad:
+            raise ValueError(f"thresholds must lie in [0, 1]; got {bad}")
+        return v
 
 
 class IdentityConfig(_Section):

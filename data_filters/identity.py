@@ -17,6 +17,7 @@ import re
 from functools import lru_cache
 
 from data_filters.config import IdentityConfig
+from data_filters.language import primary_language
 from data_filters.rows import MODEL_ROLE, Decision, Rejection, Turn
 from data_filters.text import word_set, words
 
@@ -43,7 +44,18 @@ _SENTENCE_END = r"[^.!?\n。！？]"
 _GAP = _SENTENCE_END + "{0,60}?"
 # Words a claim's gap may not contain: a negated or reported claim is not a claim.
 _NEGATION_RE = re.compile(
-    r"(?i)\b(?:not|never|no|n't|neither|nor|unlike|like|pas|jamais|nicht|kein|keine|no soy|non)\b|不是|并非|ではない|じゃない")
+    r"(?i)\b(?:not|never|no|n't|neither|nor|unlike|like|pas|jamais|nicht|kein|keine|no soy|non|não|nem|"
+    r"не|нет|bukan|tidak|değil|değilim|không)\b|不是|并非|ではない|じゃない|नहीं|নই|نہیں|لست|ليس|아니")
+# A negation right before the claim: "No soy ChatGPT", "Não sou", "Non sono", "Я не".
+_NEGATED_BEFORE_RE = re.compile(
+    r"(?i)(?:\b(?:no|não|nao|non|nem|not|never|ne|nicht|bukan|tidak|không)|(?<!\w)(?:не|нет)|不|没有|لست|ليس|لا)\s*$")
+# A negation right after the name, where the verb or its negation follows (Japanese,
+# Korean, Turkish, Hindi, Bengali, Urdu): "私はChatGPTではありません", "저는 ChatGPT가
+# 아닙니다", "Ben ChatGPT değilim", "मैं ChatGPT नहीं हूँ".
+_NEGATED_AFTER_RE = re.compile(
+    r"(?i)^(?:\s|[がはでもをの]|이|가|은|는|['’]?(?:y?[ıiuü]m|d[ıiuü]r))*"
+    r"(?:ではない|ではありません|じゃない|じゃありません|ではなく|ではございません|아니|아닙|아냐|"
+    r"नहीं|नही|নই|না|نہیں|değil|bukan)")
 
 
 def _alt(items: tuple[str, ...]) -> str:
@@ -82,12 +94,45 @@ def _patterns(names: tuple[str, ...], orgs: tuple[str, ...]) -> list[re.Pattern]
         rf"(?i:\bsono|\bmi\s+chiamo)\s+(?i:(?:(?:un|una|l['’])\s*)?(?:(?:assistente|modello|IA)\s+)?(?:(?:chiamat[oa])\s+)?){n}",
         rf"(?i:\bsono\s+(?:stat[oa]\s+)?)(?P<gap>{_GAP})(?i:\b(?:sviluppat[oa]|creat[oa]|addestrat[oa]|progettat[oa])\s+da\s+){o}",
         # Chinese
-        rf"(?:我是|我叫|我的名字是)\s*(?:一个|一款)?(?:由{_GAP})?{n}",
+        rf"(?:我是|我叫|我的名字是)\s*(?:一个|一款|一位)?(?:名叫|叫做|叫|名为)?(?:由{_GAP})?{n}",
         rf"我(?:是|由|被)?{_SENTENCE_END}{{0,12}}?由\s*{o}\s*(?:开发|创建|训练|打造|研发|推出|设计)",
+        # Indonesian
+        rf"(?i:\b(?:saya|aku)\s+(?:adalah\s+)?|\bnama\s+(?:saya|aku)\s+(?:adalah\s+)?)(?i:(?:(?:asisten|model)\s+(?:AI\s+|bahasa\s+)?)?(?:(?:bernama)\s+)?){n}",
+        rf"(?i:\b(?:saya|aku)\s+)(?P<gap>{_GAP})(?i:\b(?:dikembangkan|dibuat|dilatih|dirancang|diciptakan)\s+oleh\s+(?:tim\s+)?){o}",
+        # Turkish
+        rf"(?i:\bben\s+|\b(?:benim\s+)?adım\s+)(?i:(?:(?:bir\s+)?(?:yapay\s+zeka\s+)?(?:asistan[ıi]?|dil\s+modeli)\s+)?){n}",
+        rf"{o}(?:['’]?(?:n[ıi]n)?)?\s+(?i:tarafından\s+(?:geliştirildim|oluşturuldum|eğitildim|yaratıldım|tasarlandım|yapıldım))",
+    )] + [re.compile(p) for p in _non_latin_patterns(n, o)]
+
+
+def _non_latin_patterns(n: str, o: str) -> list[str]:
+    """Claims whose first-person words are written in other scripts (CJK, Cyrillic, Arabic,
+    Devanagari, Bengali, Hangul) or with Vietnamese letters: they cannot match ASCII text,
+    which skips them (`_compiled` counts them)."""
+    return [
         # Japanese
-        rf"(?:私は|僕は|わたしは)\s*{n}",
+        rf"(?:私は|僕は|わたしは|俺は)\s*{n}",
         rf"(?:私は|僕は|わたしは){_SENTENCE_END}{{0,20}}?{o}\s*(?:によって|が)\s*(?:開発|作成|訓練|トレーニング)",
-    )]
+        rf"(?:私|僕|わたし)を(?:開発|作成|訓練)した(?:のは)?\s*{o}",
+        # Russian
+        rf"(?i:(?<!\w)(?:я|меня\s+зовут|мо[её]\s+имя)\s*[—–-]?\s+(?:(?:языковая\s+модель|ии-ассистент|ассистент|помощник|чат-бот|модель|бот)\s+)?(?:(?:по\s+имени|под\s+названием)\s+)?){n}",
+        rf"(?i:(?<!\w)(?:я|меня)\s+)(?P<gap>{_GAP})(?i:(?<!\w)(?:был[аои]?\s+)?(?:создан[аоы]?|разработан[аоы]?|обучен[аоы]?|сделан[аоы]?|создали|разработали|обучили|создала|разработала|обучила)\s+(?:(?:в\s+)?(?:компани(?:ей|и)|команд(?:ой|е))\s+)?){o}",
+        # Hindi, Urdu
+        rf"(?:मैं|मेरा\s+नाम|میں|میرا\s+نام)\s+(?:(?:एक|ایک)\s+)?{n}",
+        rf"(?:मैं|मुझे|میں|مجھے)\s+(?P<gap>{_GAP}){o}\s+(?:ने|द्वारा|نے|کے\s+ذریعے)\s+(?:\S+\s+)?(?:बनाया|विकसित|प्रशिक्षित|तैयार|बनाई|بنایا|تیار|تربیت)",
+        # Bengali
+        rf"(?:আমি|আমার\s+নাম)\s+(?:একটি\s+)?{n}",
+        rf"(?:আমি|আমাকে)\s+(?P<gap>{_GAP}){o}\s*(?:দ্বারা|-?এর\s+তৈরি|তৈরি|বানিয়েছে)",
+        # Arabic
+        rf"(?:(?<!\w)(?:أنا|انا|اسمي)\s+(?:(?:نموذج|مساعد)\s+(?:\S+\s+)?(?:اسمه|يدعى|يُدعى)?\s*)?){n}",
+        rf"(?:تم\s+(?:تطويري|إنشائي|انشائي|تدريبي|تصميمي|صنعي)|طورتني|أنشأتني|انشأتني|دربتني|صممتني|صنعتني)\s+(?:(?:من\s+قبل|بواسطة|من|في)\s+)?(?:شركة\s+)?{o}",
+        # Korean
+        rf"(?:저는|나는|전|제\s*이름은)\s*{n}",
+        rf"(?:저는|나는|저를|나를)\s*(?P<gap>{_GAP}){o}\s*(?:에서|가|이|에\s*의해(?:서)?)\s*(?:개발|만든|만들었|만들어|훈련|학습)",
+        # Vietnamese
+        rf"(?i:\b(?:tôi|mình|tớ)\s+là\s+|\btên\s+(?:tôi|mình)\s+là\s+)(?i:(?:(?:một\s+)?(?:trợ\s+lý|mô\s+hình)\s+(?:AI\s+|ngôn\s+ngữ\s+)?)?){n}",
+        rf"(?i:\b(?:tôi|mình)\s+)(?P<gap>{_GAP})(?i:được\s+(?:phát\s+triển|tạo\s+ra|huấn\s+luyện|xây\s+dựng|thiết\s+kế)\s+bởi\s+){o}",
+    ]
 
 
 # A claim that is asked, reported or denied is not a claim: "Are you ChatGPT? No, I am Gemma",
@@ -97,7 +142,9 @@ _REPORTED_RE = re.compile(
     r"(?i)\b(?:if|whether|pretend|pretending|imagine|roleplay|role-play|say|says|said|think|thinks|"
     r"thought|believe|believes|believed|assume|assumes|assumed|suppose|wonder|wondering|mistake|"
     r"mistaken|confuse|confused|rumou?r|asks?|asked|asking|si|ob|crees|creen|pensez|penses|pensent|"
-    r"glaubst|glauben|denkst)\b")
+    r"glaubst|glauben|denkst|если|думаешь|думают|считаешь|считают|ли|apakah|jika|kalau|eğer|sanıyor|"
+    r"sanıyorsun|nếu|hay|agar|اگر|إذا|اذا|هل|acham|acha|pensam|pensa|acreditam|pensano|credono|pensi|"
+    r"mengira|kira|nghĩ|tưởng|يظن|يظنون|يعتقد|يعتقدون|सोचते|समझते)\b|अगर|क्या|如果|もし|만약|যদি|以为|认为|觉得|以為|認為")
 _DENIAL_AFTER_RE = re.compile(
     r"(?i)^\s*[,.!?;:—–-]*\s*(?:no|non|nein|nope|nah|não|not|niet|いいえ|不是|不)\b"
     r"|^\s*[,.!?;:—–-]*\s*(?:but\s+)?(?:I\s+am\s+not|I['’]m\s+not|je\s+ne\s+suis\s+pas|"
@@ -108,13 +155,20 @@ def _not_a_claim(text: str, start: int, end: int) -> bool:
     """The match is asked ("...ChatGPT?"), reported ("you think I am ...") or denied right
     after ("... ChatGPT. No, ...")."""
     rest = text[end:end + 80]
-    if re.match(r"[^.!?\n。！？,;:—]{0,20}[?？]", rest):  # the claim's own clause is a question
+    if re.match(r"[^.!?\n。！？,;:—]{0,20}[?？؟]", rest):  # the claim's own clause is a question
+        return True
+    if _NEGATED_AFTER_RE.match(rest):
+        return True
+    if _NEGATED_BEFORE_RE.search(text[max(0, start - 12):start]):
         return True
     if _DENIAL_AFTER_RE.search(rest):
         return True
     head = text[max(0, start - 80):start]
     clause = _CLAUSE_START_RE.split(head)[-1]
     return bool(_REPORTED_RE.search(clause))
+
+
+_NON_LATIN_COUNT = len(_non_latin_patterns("n", "o"))
 
 
 def _allowed(name: str, developer: str) -> set[str]:
@@ -124,7 +178,7 @@ def _allowed(name: str, developer: str) -> set[str]:
 
 
 @lru_cache(maxsize=16)
-def _compiled(name: str, developer: str) -> tuple[list[re.Pattern], dict[str, list[str]]]:
+def _compiled(name: str, developer: str) -> tuple[tuple[list[re.Pattern], list[re.Pattern]], dict[str, list[str]], re.Pattern]:
     allowed = _allowed(name, developer)
     names = tuple(x for x in ASSISTANT_NAMES if x.casefold() not in allowed)
     orgs = tuple(x for x in ORGANISATIONS if x.casefold() not in allowed)
@@ -133,7 +187,11 @@ def _compiled(name: str, developer: str) -> tuple[list[re.Pattern], dict[str, li
     for x in names + orgs:
         if x.isascii():
             by_trigger.setdefault(words(x)[0], []).append(x)
-    return _patterns(names, orgs), by_trigger
+    # Names are written in Latin letters inside text of any script ("ChatGPTです", "我是ChatGPT").
+    gate = re.compile(_alt(names + orgs))
+    patterns = _patterns(names, orgs)
+    ascii_patterns = patterns[:len(patterns) - _NON_LATIN_COUNT]
+    return (patterns, ascii_patterns), by_trigger, gate
 
 
 
@@ -143,7 +201,8 @@ def find_misidentification(text: str, name: str = "Gemma", developer: str = "Goo
     `name` and `developer` are the allowed identity: "Gemma" and "Google DeepMind" allow
     "Gemma", "Google", "DeepMind" and "Google DeepMind". Returns [] when the text is fine.
     """
-    patterns, by_trigger = _compiled(name, developer)
+    (all_patterns, ascii_patterns), by_trigger, gate = _compiled(name, developer)
+    patterns = ascii_patterns if text.isascii() else all_patterns
     # Only ASCII text is gated: CJK is not split into words by spaces. Every pattern holds
     # a case-sensitive name or organisation group, so a claim needs one of them verbatim:
     # a lower-case word such as "pi" or "meta" alone does not run the regexes.
@@ -151,6 +210,8 @@ def find_misidentification(text: str, name: str = "Gemma", developer: str = "Goo
         present = word_set(text).intersection(by_trigger)
         if not present or not any(x in text for w in present for x in by_trigger[w]):
             return []
+    elif gate.search(text) is None:
+        return []  # the same test for text in any script: no foreign name, no claim
     found: list[str] = []
     for rx in patterns:
         for m in rx.finditer(text):
@@ -180,5 +241,6 @@ class IdentityFilter:
                 continue
             claims = find_misidentification(t.text, self.config.name, self.config.developer)
             if claims:
-                return Rejection(self.name, "misidentification", {"turn": i, "claims": claims})
+                return Rejection(self.name, "misidentification",
+                                 {"turn": i, "claims": claims, "language": primary_language(t.text)})
         return None

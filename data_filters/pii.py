@@ -65,9 +65,12 @@ class PiiSpan:
 # ---------------------------------------------------------------------------------------
 # e-mail
 
+# Kana, CJK ideographs and Hangul are word characters, but Japanese, Chinese and Korean
+# write addresses and numbers right against them ("tanaka@example.jpです", "010-1234-5678로").
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af"
 _EMAIL_RE = re.compile(
-    r"(?<![\w.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@"
-    r"((?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+([A-Za-z]{2,24}))(?![\w-])"
+    r"(?<![^\W" + _CJK + r"])(?<![.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@"
+    r"((?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+([A-Za-z]{2,24}))(?![^\W" + _CJK + r"])(?!-)"
 )
 # "icon@2x.png" and "lib@1.2.js" are file names, not addresses.
 _NOT_TLDS = frozenset(
@@ -89,7 +92,8 @@ def _find_emails(text: str) -> Iterable[PiiSpan]:
 # A run of digits with the separators people write inside numbers; `(?<![\w.])` keeps
 # digits inside hex hashes, identifiers and decimals out.
 _NUMBER_RE = re.compile(
-    r"(?<![\w.+/:-])(?:\+|00)?\(?\d[\d().\- \u00a0]{4,24}\d(?:\s?(?:x|ext\.?|#)\s?\d{1,5})?(?![\w])"
+    r"(?<![^\W" + _CJK + r"])(?<![.+/:-])(?:\+|00)?\(?\d[\d().\- \u00a0]{4,24}\d(?:\s?(?:x|ext\.?|#)\s?\d{1,5})?"
+    r"(?![^\W" + _CJK + r"])"
 )
 _DATE_RE = re.compile(
     r"(?:19|20)\d\d[-/.](?:0?[1-9]|1[0-2])[-/.](?:0?[1-9]|[12]\d|3[01])"
@@ -115,6 +119,16 @@ _PHONE_CONTEXT_RE = re.compile(
     r"desk|home|work|dial|ring|number|no\.|nr\.|téléphone|teléfono|telefon|telefono|handy|"
     r"móvil|portable|電話|电话)\W{0,6}(?:(?:me|us|him|her|them)\s+)?(?:(?:at|on)\W{1,3})?$"
 )
+# The same words in the languages of `LANGUAGE_REGIONS`, with a few short words between
+# the word and the number ("Ruf mich an:", "Hubungi saya di", "Gọi cho tôi:"); used when
+# the national formats of a language's regions are looked for.
+_PHONE_CONTEXT_ML_RE = re.compile(
+    r"(?i)(?:телефон|тел\.|звоните|позвоните|звонить|هاتف|اتصل|جوال|موبايل|फोन|फ़ोन|कॉल|電話|携帯|"
+    r"전화|휴대폰|연락처|电话|手机|致电|拨打|telefon|arayın|ara|hubungi|telepon|điện thoại|gọi|"
+    r"ligue|ligar|telefone|celular|llame|llámame|llamar|móvil|appelez|appeler|téléphone|portable|"
+    r"ruf|rufen|anrufen|handy|chiama|chiamami|chiamare|cellulare|ফোন|কল|فون|کال)"
+    r"(?:[\s:：]+[^\s\d]{1,7}){0,3}[\s:：]*(?:[:：]|\s)\W{0,3}$"
+)
 _PHONE_CONTEXT_AFTER_RE = re.compile(r"(?i)^\W{0,3}(?:office|fax|mobile|cell|home|work|phone)")
 # Words after which a number joined by dashes is a score, a range, a reference or a version,
 # not a phone: "the final score was 102-98-112", "pages 1203-1345", "build 2019-2021-2023".
@@ -124,9 +138,49 @@ _NOT_PHONE_CONTEXT_RE = re.compile(
     r"between|versions?|v|release[sd]?|builds?|years?|seasons?|rounds?|sets?|games?|matches|"
     r"votes?|ratio|odds|sequence|series|dates?|dated)\b\W{0,6}(?:\w+\W{1,3}){0,2}$"
 )
+# The same for other languages: page ranges, scores, versions ("Seiten 1203-1345",
+# "el marcador final fue 102-98-112", "第1203-1345页", "1203-1345ページ").
+_NOT_PHONE_ML_BEFORE_RE = re.compile(
+    r"(?i)(?:página|páginas|pág|seite|seiten|s\.|pagina|pagine|страница|страницы|стр\.|"
+    r"sayfa|sayfalar|halaman|trang|الصفحات|الصفحة|पृष्ठ|第|marcador|resultado|puntuación|"
+    r"ergebnis|endergebnis|spielstand|punteggio|placar|счёт|счет|比分|スコア|점수|النتيجة|स्कोर|"
+    r"skor|tỉ số|versión|versão|versione|версия|sürüm|versi|phiên bản|版本|バージョン|버전|"
+    r"capítulo|kapitel|capitolo|глава|bölüm)\W{0,6}(?:[^\W\d]+\W{1,3}){0,2}$")
+_NOT_PHONE_ML_AFTER_RE = re.compile(r"^\s*(?:ページ|頁|页|쪽|페이지|sayfa|sayfalar|pp?\.)")
 # Regions tried for numbers written without a country code, most common first.
 _PHONE_REGIONS = ("US", "GB", "DE", "FR", "IN", "CA", "AU", "BR", "IT", "ES", "NL", "BE",
                   "CH", "AT", "SE", "IL")
+# Regions a text's language suggests (ISO 639-1 -> ISO 3166), most populous first, tried
+# after `_PHONE_REGIONS` for numbers written without a country code. Hand-written:
+# libphonenumber maps regions to calling codes, not to languages.
+LANGUAGE_REGIONS: dict[str, tuple[str, ...]] = {
+    "en": ("US", "GB", "IN", "CA", "AU", "NZ", "IE", "ZA", "NG", "PH", "SG"),
+    "zh": ("CN", "TW", "HK", "SG", "MO"),
+    "hi": ("IN",), "bn": ("BD", "IN"), "ur": ("PK", "IN"), "pa": ("IN", "PK"),
+    "mr": ("IN",), "te": ("IN",), "ta": ("IN", "LK", "SG"), "gu": ("IN",), "kn": ("IN",),
+    "ml": ("IN",), "ne": ("NP",),
+    "es": ("MX", "CO", "ES", "AR", "PE", "VE", "CL", "EC", "GT", "CU", "BO", "DO", "HN",
+           "PY", "SV", "NI", "CR", "PA", "UY", "PR"),
+    "fr": ("FR", "CA", "BE", "CH", "LU", "MA", "SN", "CI", "TN", "DZ"),
+    "ar": ("EG", "SA", "DZ", "IQ", "MA", "SD", "YE", "SY", "TN", "JO", "AE", "LB", "LY",
+           "KW", "OM", "QA", "BH", "PS"),
+    "pt": ("BR", "PT", "AO", "MZ"),
+    "ru": ("RU", "KZ", "BY", "KG"), "uk": ("UA",),
+    "id": ("ID",), "ms": ("MY", "SG", "BN"),
+    "de": ("DE", "AT", "CH", "LU", "LI"),
+    "ja": ("JP",), "ko": ("KR",), "vi": ("VN",), "th": ("TH",), "tl": ("PH",),
+    "tr": ("TR", "CY"), "fa": ("IR", "AF"), "it": ("IT", "CH", "SM"),
+    "pl": ("PL",), "nl": ("NL", "BE"), "ro": ("RO", "MD"), "el": ("GR", "CY"),
+    "cs": ("CZ",), "sk": ("SK",), "hu": ("HU",), "sv": ("SE", "FI"), "da": ("DK",),
+    "no": ("NO",), "fi": ("FI",), "he": ("IL",), "sw": ("KE", "TZ"), "bg": ("BG",),
+    "hr": ("HR",), "sr": ("RS",), "sl": ("SI",), "lt": ("LT",), "lv": ("LV",), "et": ("EE",),
+}
+# Amounts of money are not phones, however their digits are grouped: "1.234.567 €",
+# "R$ 1 234 567", "₹ 12,34,567", "123 456 руб.".
+_CURRENCY_BEFORE_RE = re.compile(r"(?:[$€£¥₹₽₺₩₫﷼]|R\$|US\$|USD|EUR|GBP|JPY|CNY|RMB|INR|RUB|TRY|BRL)\s?$")
+_CURRENCY_AFTER_RE = re.compile(
+    r"(?i)^\s?(?:[$€£¥₹₽₺₩₫元円원]|usd|eur|euros?|dollars?|dólares|reais|руб|рубл|тенге|tl|lira|"
+    r"rupees?|रुपये|yuan|yen|won|đồng|dong|dirhams?|riyals?|ريال|درهم|جنيه)")
 
 
 def _luhn_ok(digits: str) -> bool:
@@ -188,16 +242,19 @@ def _grouped_as_dialled(raw: str, num) -> bool:
     return len(got) == 2 and "".join(got) == phonenumbers.national_significant_number(num)
 
 
-def _phone_valid(candidate: str, grouping: bool = False) -> bool:
-    """Valid for some numbering plan; with ``grouping``, also written with its groups."""
+def _phone_valid(candidate: str, grouping: bool = False, regions: tuple[str, ...] = _PHONE_REGIONS) -> bool:
+    """Valid for some numbering plan; with ``grouping``, also written with its groups.
+    ``regions`` are tried for a number without a country code."""
     lead = candidate.lstrip("(")
     if lead.startswith("+") or lead.startswith("00"):
+        if regions is not _PHONE_REGIONS:
+            return False  # an international number does not depend on regions
         try:
             num = phonenumbers.parse("+" + lead[2:] if lead.startswith("00") else lead, None)
         except phonenumbers.NumberParseException:
             return False
         return phonenumbers.is_valid_number(num) and (not grouping or _grouped_as_dialled(candidate, num))
-    for region in _PHONE_REGIONS:
+    for region in regions:
         try:
             num = phonenumbers.parse(candidate, region)
         except phonenumbers.NumberParseException:
@@ -207,7 +264,76 @@ def _phone_valid(candidate: str, grouping: bool = False) -> bool:
     return False
 
 
-def _find_phones(text: str) -> Iterable[PiiSpan]:
+def _national_number(candidate: str, regions: tuple[str, ...]) -> bool:
+    """Written as dialled inside one of ``regions``: it starts with the region's trunk
+    prefix ("0151 23456789" in Germany, "8 912 345-67-89" in Russia) and is valid there.
+    A number that starts with a trunk prefix and has a phone's length is rarely anything
+    else (house numbers, postal codes and amounts do not start with 0)."""
+    digits = "".join(ch for ch in candidate if ch.isdigit())
+    for region in regions:
+        meta = phonenumbers.PhoneMetadata.metadata_for_region(region)
+        prefix = meta.national_prefix if meta is not None else None
+        if not prefix or not digits.startswith(prefix):
+            continue
+        try:
+            num = phonenumbers.parse(candidate, region)
+        except phonenumbers.NumberParseException:
+            continue
+        if phonenumbers.is_valid_number(num) and phonenumbers.number_type(num) != phonenumbers.PhoneNumberType.UNKNOWN:
+            return True
+    return False
+
+
+class _LazyRegions:
+    """The extra regions of a text, computed on first use (detecting the language costs
+    about a millisecond, and most texts hold no number that needs it)."""
+
+    __slots__ = ("text", "configured", "from_language", "_value")
+
+    def __init__(self, text: str, configured: tuple[str, ...], from_language: bool):
+        self.text, self.configured, self.from_language, self._value = text, configured, from_language, None
+
+    def get(self) -> tuple[str, ...]:
+        if self._value is None:
+            regions = list(self.configured)
+            if self.from_language:
+                from data_filters.language import language_candidates
+
+                for lang in sorted(language_candidates(self.text)):
+                    regions += LANGUAGE_REGIONS.get(lang, ())
+            self._value = tuple(dict.fromkeys(regions))
+        return self._value
+
+
+def regions_for_language(language: str | None) -> tuple[str, ...]:
+    """The regions whose national phone formats text in `language` is likely to use."""
+    return LANGUAGE_REGIONS.get(language or "", ())
+
+
+# Reference numbers and sums: "Bestellnummer 0123 4567890", "0123 4567 = 4690".
+_NOT_PHONE_ML_CONTEXT_RE = re.compile(
+    r"(?i)(?:bestell|rechnung|kunden|artikel|auftrag|referenz|vorgang|order|invoice|pedido|factura|"
+    r"commande|facture|ordine|fattura|заказ|сч[её]т|注文|订单|訂單|주문|sipariş|fatura|pesanan|"
+    r"faktur|đơn hàng|hóa đơn|طلب|فاتورة|ऑर्डर)\w*\W{0,6}(?:\w+\W{1,3}){0,2}$")
+_ARITHMETIC_BEFORE_RE = re.compile(r"[=+×*/÷<>]\s*$")
+_ARITHMETIC_AFTER_RE = re.compile(r"^\s*[=+×*/÷<>]")
+
+
+def _is_money(text: str, start: int, end: int) -> bool:
+    return bool(_CURRENCY_BEFORE_RE.search(text[max(0, start - 4):start])
+                or _CURRENCY_AFTER_RE.match(text[end:end + 8]))
+
+
+def _not_a_national_phone(text: str, start: int, end: int) -> bool:
+    """Guards for the numbers found only through a language's regions: amounts,
+    arithmetic, order and invoice numbers."""
+    before = text[max(0, start - 30):start]
+    return (_is_money(text, start, end) or _ARITHMETIC_BEFORE_RE.search(before) is not None
+            or _ARITHMETIC_AFTER_RE.match(text[end:end + 4]) is not None
+            or _NOT_PHONE_ML_CONTEXT_RE.search(before) is not None)
+
+
+def _find_phones(text: str, extra: _LazyRegions | None = None) -> Iterable[PiiSpan]:
     for m in _NUMBER_RE.finditer(text):
         raw = m.group().rstrip(" .-(\u00a0")
         start = m.start()
@@ -227,21 +353,43 @@ def _find_phones(text: str) -> Iterable[PiiSpan]:
         has_plus = raw.startswith("+") or raw.startswith("00")
         separated = not raw.isdigit()
         before = text[max(0, start - 24):start]
-        context = bool(_PHONE_CONTEXT_RE.search(before)) or bool(
-            _PHONE_CONTEXT_AFTER_RE.match(text[end:end + 12]))
+        context = (_PHONE_CONTEXT_RE.search(before) is not None
+                   or _PHONE_CONTEXT_AFTER_RE.match(text[end:end + 12]) is not None
+                   or extra is not None and extra.from_language
+                   and _PHONE_CONTEXT_ML_RE.search(before) is not None)
         if context:
             if separated or has_plus or digits >= 10:
                 yield PiiSpan(PHONE, start, end, raw)
-        elif has_plus or separated and not _WEAK_FORMAT_RE.fullmatch(raw):
+            continue
+        if not (has_plus or separated):
+            continue
+        weak = not has_plus and _WEAK_FORMAT_RE.fullmatch(raw) is not None
+        if not weak:
             # Without a word saying it is a phone, the number must be written like one
             # and be valid for a numbering plan: "17151 2450" (a house number and a
             # street number) or "90010-170" (a postal code) are not phones. Numbers joined
             # by dashes are also scores, ranges, dates and versions: after a word saying
             # so they are not phones, and otherwise their groups must be a phone's.
             dashed = "-" in raw and not has_plus
-            if dashed and _NOT_PHONE_CONTEXT_RE.search(before):
+            if dashed and (_NOT_PHONE_CONTEXT_RE.search(before) or _NOT_PHONE_ML_BEFORE_RE.search(before)
+                           or _NOT_PHONE_ML_AFTER_RE.match(text[end:end + 6])):
                 continue
             if _phone_valid(raw, grouping=dashed):
+                yield PiiSpan(PHONE, start, end, raw)
+                continue
+            if extra is None or has_plus or _not_a_national_phone(text, start, end):
+                continue
+            regions = extra.get()
+            if regions and (_phone_valid(raw, grouping=dashed, regions=regions)
+                            or _national_number(raw, regions)):
+                yield PiiSpan(PHONE, start, end, raw)
+        elif extra is not None and (raw[0] == "0" or raw[0] == "8" and digits == 11):
+            # Two groups ("0151 23456789", "8 9123456789"): a phone when written with the
+            # trunk prefix of a region the text's language suggests.
+            if _DATE_RE.search(raw) or _not_a_national_phone(text, start, end):
+                continue
+            regions = extra.get()
+            if regions and _national_number(raw, regions):
                 yield PiiSpan(PHONE, start, end, raw)
 
 
@@ -395,10 +543,15 @@ def _has_ascii_digit(text: str) -> bool:
     return any(d in text for d in "0123456789")
 
 
-def find_pii(text: str, kinds: Iterable[str] | None = None) -> list[PiiSpan]:
+def find_pii(text: str, kinds: Iterable[str] | None = None, phone_regions: Iterable[str] = (),
+             regions_from_language: bool = False) -> list[PiiSpan]:
     """All non-overlapping PII spans in `text`, in order of position.
 
-    `kinds` restricts the search to some of `ALL_KINDS` (default: all of them).
+    `kinds` restricts the search to some of `ALL_KINDS` (default: all of them). Phone
+    numbers without a country code are checked against a fixed list of common regions,
+    then against `phone_regions` (ISO 3166 codes) and, with `regions_from_language`, the
+    regions the text's detected language suggests (`LANGUAGE_REGIONS`); in those extra
+    regions a number written with the national trunk prefix ("0151 23456789") counts.
     """
     wanted = ALL_KINDS if kinds is None else tuple(kinds)
     found: list[PiiSpan] = []
@@ -419,7 +572,10 @@ def find_pii(text: str, kinds: Iterable[str] | None = None) -> list[PiiSpan]:
         if IP_ADDRESS in wanted:
             found.extend(_find_ips(text))
         if PHONE in wanted:
-            found.extend(_find_phones(text))
+            configured = tuple(r.upper() for r in phone_regions)
+            extra = _LazyRegions(text, configured, regions_from_language) if (
+                configured or regions_from_language) else None
+            found.extend(_find_phones(text, extra))
     if len(found) <= 1:
         return found
     return _resolve_overlaps(found)
@@ -460,6 +616,8 @@ class PiiFilter:
     def __init__(self, config):  # config: data_filters.config.PiiConfig
         self.config = config
         self.kinds = tuple(config.kinds)
+        self.phone_regions = tuple(getattr(config, "phone_regions", ()) or ())
+        self.regions_from_language = bool(getattr(config, "phone_regions_from_language", False))
 
     def __call__(self, row: dict, turns: list):
         from data_filters.rows import Rejection, Rewrite, rewrite_texts
@@ -468,7 +626,7 @@ class PiiFilter:
         for i, t in enumerate(turns):
             if t.role == "system" and not self.config.apply_to_system_turns:
                 continue
-            spans = find_pii(t.text, self.kinds)
+            spans = find_pii(t.text, self.kinds, self.phone_regions, self.regions_from_language)
             if spans:
                 found[i] = spans
         if not found:

@@ -25,25 +25,22 @@ import numpy as np
 
 from data_filters.config import ToxicityConfig
 from data_filters.rows import MODEL_ROLE, Decision, Rejection, Turn
+from data_filters.language import MIN_PROBABILITY, detect_languages
 from data_filters.text import word_set, words
+from data_filters.word_lists import GuardedLexicon, Term, language_terms, parse_terms, read_lexicon_file
 
 
 def load_lexicon(extra_path: str | None = None) -> list[str]:
-    """The shipped lexicon's terms, plus those of `extra_path` (one per line, # comments)."""
-    texts = [resources.files("data_filters").joinpath("toxicity_lexicon.txt").read_text("utf-8")]
+    """The shipped lexicon's terms for every language, plus those of `extra_path` (one per
+    line, # comments; `[xx]` sections hold language-specific terms, see `word_lists`)."""
+    return [t.text for t in _global_terms(extra_path)]
+
+
+def _global_terms(extra_path: str | None) -> list[Term]:
+    terms = parse_terms(resources.files("data_filters").joinpath("toxicity_lexicon.txt").read_text("utf-8"))
     if extra_path:
-        path = Path(extra_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"toxicity.lexicon_path: {path} does not exist; expected a "
-                                    "text file with one term per line")
-        texts.append(path.read_text("utf-8"))
-    terms = []
-    for text in texts:
-        for line in text.splitlines():
-            line = line.strip().lower()
-            if line and not line.startswith("#"):
-                terms.append(line)
-    return terms
+        terms += read_lexicon_file(extra_path)
+    return [t for t in terms if t.language is None]
 
 
 class Lexicon:
@@ -193,8 +190,16 @@ class ToxicityScorer:
     def __init__(self, config: ToxicityConfig | None = None):
         self.config = config or ToxicityConfig()
         c = self.config
-        self.lexicon = Lexicon(load_lexicon(c.lexicon_path)) if (
-            c.use_lexicon or c.classifier == "lexicon") else None
+        use_lexicon = c.use_lexicon or c.classifier == "lexicon"
+        global_terms = _global_terms(c.lexicon_path) if use_lexicon else []
+        self.lexicon = Lexicon([t.text for t in global_terms]) if use_lexicon else None
+        # Terms harmless in some languages ("kys" is a kiss in Danish): checked per match.
+        self.not_in = {" ".join(words(t.text)): t.not_in for t in global_terms if t.not_in}
+        self.guarded: GuardedLexicon | None = None
+        if use_lexicon and c.multilingual:
+            extra = read_lexicon_file(c.lexicon_path) if c.lexicon_path else []
+            self.guarded = GuardedLexicon.build(
+                language_terms(c.languages, use_package=c.use_package_lists, extra=extra))
         self._model = None
         self.bound: ScoreBound | None = None
         if c.classifier == "profanity_check":
@@ -208,9 +213,32 @@ class ToxicityScorer:
             self._model = _hf_scorer(c.checkpoint, tuple(c.toxic_labels), c.batch_size)
 
     def lexicon_match(self, text: str) -> str | None:
+        """The lexicon term that makes `text` toxic, if any: a term for every language
+        (unless the text is in a language where the term is harmless), or a term of a
+        language the text is detected to be in."""
+        hit = self.lexicon_hit(text)
+        return hit[0] if hit else None
+
+    def lexicon_hit(self, text: str) -> tuple[str, str | None] | None:
+        """(term, its language or None for an every-language term), or None."""
         if self.lexicon is None:
             return None
-        return self.lexicon.match(text)
+        term = self.lexicon.match(text)
+        if term is not None:
+            harmless_in = self.not_in.get(term)
+            if not harmless_in or _primary(text) not in harmless_in:
+                return term, None
+        if self.guarded is not None:
+            found = self.guarded.candidates(text)
+            if found:
+                # langdetect runs only here, on the few turns that hold a listed word.
+                langs = {code for code, p in detect_languages(text)
+                         if p >= self.config.min_language_probability}
+                for t, tags in found:
+                    for language, counts_in in sorted(tags):
+                        if counts_in & langs:
+                            return t, language
+        return None
 
     def scores_at_least(self, texts: Sequence[str], threshold: float) -> list[float | None]:
         """Like `score`, but None for texts whose score is provably below `threshold`
@@ -219,7 +247,7 @@ class ToxicityScorer:
         if not texts:
             return []
         out: list[float | None] = [None] * len(texts)
-        lexicon_hits = [self.lexicon is not None and self.lexicon.match(t) is not None for t in texts]
+        lexicon_hits = [self.lexicon_hit(t) is not None for t in texts]
         for i, hit in enumerate(lexicon_hits):
             if hit:
                 out[i] = 1.0  # what `score` gives a lexicon match, whatever the classifier says
@@ -246,9 +274,14 @@ class ToxicityScorer:
             scores = [0.0] * len(texts)
         if self.lexicon is not None:
             for i, text in enumerate(texts):
-                if scores[i] < 1.0 and self.lexicon.match(text):
+                if scores[i] < 1.0 and self.lexicon_hit(text):
                     scores[i] = 1.0
         return scores
+
+
+def _primary(text: str) -> str | None:
+    guesses = detect_languages(text)
+    return guesses[0][0] if guesses else None
 
 
 def _hf_scorer(checkpoint: str | None, toxic_labels: tuple[str, ...], batch_size: int):
@@ -293,6 +326,11 @@ class ToxicityFilter:
         roles = (MODEL_ROLE, "user") if self.config.apply_to_user_turns else (MODEL_ROLE,)
         return [i for i, t in enumerate(turns) if t.role in roles and t.text.strip()]
 
+    def _threshold(self, text: str) -> float:
+        if not self.config.language_thresholds:
+            return self.config.threshold
+        return self.config.language_thresholds.get(_primary(text), self.config.threshold)
+
     def batch(self, items: list[tuple[dict, list[Turn]]]) -> list[Decision]:
         # One classifier call for the whole batch: per-call overhead dominates short texts.
         refs, texts = [], []
@@ -300,21 +338,29 @@ class ToxicityFilter:
             for i in self._scored(turns):
                 refs.append((n, i))
                 texts.append(turns[i].text)
+        c = self.config
+        # The bound must hold for the lowest threshold any language gets.
+        floor = min([c.threshold, *c.language_thresholds.values()])
         # Turns that provably score below the threshold come back as None, unscored.
-        scores = self.scorer.scores_at_least(texts, self.config.threshold)
+        scores = self.scorer.scores_at_least(texts, floor)
         worst: dict[int, tuple[float, int]] = {}
-        for (n, i), s in zip(refs, scores):
-            if s is not None and s >= self.config.threshold and (n not in worst or s > worst[n][0]):
+        for (n, i), s, text in zip(refs, scores, texts):
+            if s is None or s < floor or (s < 1.0 and s < self._threshold(text)):
+                continue
+            if n not in worst or s > worst[n][0]:
                 worst[n] = (s, i)
         decisions: list[Decision] = [None] * len(items)
         for n, (s, i) in worst.items():
             turns = items[n][1]
             text = turns[i].text
-            term = self.scorer.lexicon_match(text)
-            evidence = {"turn": i, "role": turns[i].role, "score": round(s, 4)}
-            if term:
-                evidence["lexicon_term"] = term
-            decisions[n] = Rejection(self.name, "lexicon" if term and s >= 1.0 else "classifier", evidence)
+            hit = self.scorer.lexicon_hit(text)
+            evidence = {"turn": i, "role": turns[i].role, "score": round(s, 4),
+                        "language": _primary(text)}
+            if hit:
+                evidence["lexicon_term"] = hit[0]
+                if hit[1]:
+                    evidence["lexicon_language"] = hit[1]
+            decisions[n] = Rejection(self.name, "lexicon" if hit and s >= 1.0 else "classifier", evidence)
         return decisions
 
     def __call__(self, row: dict, turns: list[Turn]) -> Decision:
