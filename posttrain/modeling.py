@@ -1,7 +1,17 @@
-"""Loading and saving policies: a causal LM and its tokenizer from a directory or hub id."""
+"""Loading policies (a causal LM and its tokenizer from a directory or hub id), and the one place
+that reads a model's config.
+
+Gemma 3 1B is a text-only causal LM; 4B, 12B and 27B are composite checkpoints
+(`Gemma3ForConditionalGeneration`: the language model, a SigLIP vision tower and a projector, with a
+processor). A composite config keeps the language model's settings (context length, vocabulary,
+pad id, dropout) in its text sub-config, so every caller asks the helpers here instead of reading
+`model.config` itself. Text post-training leaves the vision tower untouched: loading a composite
+policy freezes the tower and projector unless the caller asks to train them.
+"""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from posttrain.chat import END_OF_TURN
@@ -24,33 +34,125 @@ def config_parts(config) -> list:
     return [config] if text is config else [config, text]
 
 
-def load_causal_lm(path: str | Path, dtype: str = "float32", device: str | None = None):
-    """A causal LM in training-ready form (eval mode off, requested dtype)."""
+def text_config(config):
+    """The config of the language model: the config itself for a causal LM, its text part for a
+    composite model."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def is_composite(config) -> bool:
+    """True for a model whose language model is one part among others (a vision tower, a projector)."""
+    return text_config(config) is not config
+
+
+def checkpoint_is_composite(path: str | Path) -> bool:
+    """Whether the checkpoint at `path` (a directory or cached hub id) is a composite model; False
+    when its config cannot be read here (the loader that needs it reports that)."""
+    from transformers import AutoConfig
+
+    try:
+        return is_composite(AutoConfig.from_pretrained(str(path)))
+    except (OSError, ValueError):
+        return False
+
+
+def context_length(config, default: int | None = None) -> int | None:
+    """The model's context window (its language model's max_position_embeddings), or `default`."""
+    n = getattr(text_config(config), "max_position_embeddings", None)
+    return int(n) if n else default
+
+
+def set_pad_token_id(config, pad_token_id: int) -> None:
+    """Set the pad id everywhere a config reads it (a composite's text part reads its own)."""
+    for part in config_parts(config):
+        part.pad_token_id = pad_token_id
+
+
+def output_rows(model) -> int:
+    """Rows of the output layer (lm_head): the vocabulary the model scores, which may be padded
+    beyond the tokenizer's (Gemma 3 4B-27B: 262,208 rows for a 262,144-token vocabulary)."""
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embeddings (lm_head)")
+    return int(head.weight.shape[0])
+
+
+def vision_parameter_names(model) -> list[str]:
+    """Names of the parameters outside the language model: a composite's vision tower and
+    projector; empty for a causal LM. Found by what the decoder, output layer and any
+    classification head hold, so peft wrappers and other composite architectures work too."""
+    language = {id(p) for p in model.get_decoder().parameters()}
+    for head in (model.get_output_embeddings(), getattr(model, "score", None)):
+        if head is not None:
+            language |= {id(p) for p in head.parameters()}
+    return [name for name, p in model.named_parameters() if id(p) not in language]
+
+
+def freeze_vision_tower(model) -> int:
+    """Stop gradients to the vision tower and projector (text data gives them none anyway; frozen,
+    no optimizer touches them, weight decay included, so they come out byte-identical). Returns
+    the number of parameters frozen."""
+    names = set(vision_parameter_names(model))
+    frozen = 0
+    for name, p in model.named_parameters():
+        if name in names:
+            p.requires_grad_(False)
+            frozen += p.numel()
+    return frozen
+
+
+# Files a composite checkpoint's processor adds to the tokenizer's; copied along with a policy so
+# that what the stages write still serves images as the base did.
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
+
+
+def copy_processor_files(source: str | Path, out_dir: str | Path) -> list[str]:
+    """Copy the processor's files from checkpoint `source` into `out_dir` (those it lacks)."""
+    src, dst = Path(source), Path(out_dir)
+    copied = []
+    for name in PROCESSOR_FILES:
+        if (src / name).is_file() and not (dst / name).exists():
+            shutil.copyfile(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def load_causal_lm(path: str | Path, dtype: str = "float32", device: str | None = None,
+                   train_vision_tower: bool = False):
+    """A causal LM in training-ready form (eval mode off, requested dtype). A composite checkpoint
+    loads whole (vision tower included, so that it saves whole), with the tower frozen unless
+    `train_vision_tower`."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch_dtype = getattr(torch, dtype)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
+    if not train_vision_tower:
+        freeze_vision_tower(model)
     if device:
         model.to(device)
     return model
 
 
-def load_policy(path: str | Path, dtype: str = "float32", device: str | None = None):
+def load_policy(path: str | Path, dtype: str = "float32", device: str | None = None,
+                train_vision_tower: bool = False):
     """(model, tokenizer) from a checkpoint directory; merges a LoRA adapter directory if given one."""
     p = Path(path)
     if (p / "adapter_config.json").exists():
-        return load_lora_merged(p, dtype, device)
-    return load_causal_lm(p, dtype, device), load_tokenizer(p)
+        return load_lora_merged(p, dtype, device, train_vision_tower)
+    return load_causal_lm(p, dtype, device, train_vision_tower), load_tokenizer(p)
 
 
-def load_lora_merged(adapter_dir: str | Path, dtype: str = "float32", device: str | None = None):
+def load_lora_merged(adapter_dir: str | Path, dtype: str = "float32", device: str | None = None,
+                     train_vision_tower: bool = False):
     """Load a base model with a peft adapter and merge it, returning a plain model."""
     from peft import AutoPeftModelForCausalLM
     import torch
 
     model = AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir), dtype=getattr(torch, dtype))
     model = model.merge_and_unload()
+    if not train_vision_tower:
+        freeze_vision_tower(model)
     if device:
         model.to(device)
     return model, load_tokenizer(adapter_dir)

@@ -18,7 +18,7 @@ from typing import Iterable, Sequence
 import torch
 
 from posttrain.losses.token_logprobs import resolve_chunk_size
-from posttrain.modeling import load_causal_lm, load_tokenizer, stop_token_ids
+from posttrain.modeling import context_length, load_causal_lm, load_tokenizer, output_rows, stop_token_ids
 from posttrain.rollout.logprobs import sequence_logprobs
 from posttrain.rollout.prompts import fit_prompts, render_prompts
 from posttrain.rollout.parallel import current_launch, request_seed_offset
@@ -54,7 +54,7 @@ class TransformersEngine(RolloutEngine):
         self.model = model if model is not None else load_causal_lm(model_path, dtype=config.dtype)
         self.model.to(self.device)
         self.model.eval()
-        self.max_model_len = config.max_model_len or int(self.model.config.max_position_embeddings)
+        self.max_model_len = config.max_model_len or context_length(self.model.config)
         self.weight_version = 0
         self.truncated_prompts = 0
         self._param_names = set(self.model.state_dict().keys())
@@ -135,7 +135,7 @@ class TransformersEngine(RolloutEngine):
             # at a time, instead of generate's output_logits: those keep [rows, new tokens, vocab]
             # float logits (64 x 1024 x 262,144 is 68 GB) and would be the one log-prob path whose
             # memory grows with the vocabulary. Raw logits / T: the project-wide convention.
-            chunk = resolve_chunk_size("auto", int(self.model.get_output_embeddings().weight.shape[0]))
+            chunk = resolve_chunk_size("auto", output_rows(self.model))
             scored = sequence_logprobs(self.model, rows, [ids for ids, _ in cut], sampling.logprob_temperature,
                                        pad_token_id=pad, chunk_size=chunk)
             token_logprobs = [lp.tolist() for lp in scored]

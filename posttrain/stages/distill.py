@@ -26,6 +26,7 @@ from posttrain.allocator import retain_freed_memory
 from posttrain.chat import tokenize_prompt
 from posttrain.data import DataError, iter_rows
 from posttrain.losses.token_logprobs import resolve_chunk_size
+from posttrain.modeling import output_rows
 from posttrain.rollout import RolloutConfig
 from posttrain.sequences import (TokenizerMismatchError, TokenSequence, check_same_tokenizer,  # noqa: F401
                                  load_distill_rows, logit_mask, pad_batch)
@@ -143,7 +144,7 @@ def shared_vocab_width(student, teacher, tokenizer, student_path: str, teacher_p
     tokenizer's vocabulary are never a real token, so both sides are compared over the first
     min(widths) rows, as long as that covers every id of the tokenizer's base vocabulary.
     """
-    s, t = student.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0]
+    s, t = output_rows(student), output_rows(teacher)
     width = min(s, t)
     needed = int(tokenizer.vocab_size)
     if width < needed:
@@ -321,7 +322,7 @@ def run_distill(cfg: DistillStageConfig, ctx: StageContext) -> StageResult:
         teacher = load_causal_lm(cfg.teacher, dtype=cfg.teacher_dtype)
         teacher = place_frozen(teacher, resolve_placement(cfg.teacher_placement, session.device, "teacher_placement"))
         width = shared_vocab_width(student, teacher, tokenizer, cfg.model, cfg.teacher)
-        if width == student.get_output_embeddings().weight.shape[0] == teacher.get_output_embeddings().weight.shape[0]:
+        if width == output_rows(student) == output_rows(teacher):
             width = None  # same width: no slicing at all
     cache = None
     if cfg.teacher_cache is not None:
@@ -347,7 +348,7 @@ def run_distill(cfg: DistillStageConfig, ctx: StageContext) -> StageResult:
                               gradient_checkpointing=cfg.gradient_checkpointing,
                               shard_optimizer=cfg.shard_optimizer)
     cfg = cfg.model_copy(update={"chunk_size": resolve_chunk_size(
-        cfg.chunk_size, width or student.get_output_embeddings().weight.shape[0])})
+        cfg.chunk_size, width or output_rows(student))})
 
     start_step = 0
     checkpoint = latest_checkpoint(ctx.stage_dir)

@@ -43,7 +43,7 @@ class DistillCacheStageConfig(StageConfig):
 def run_distill_cache(cfg: DistillCacheStageConfig, ctx: StageContext) -> StageResult:
     """Score a dataset with the teacher once into an offline sparse-target cache for `distill`."""
     from posttrain.losses.distillation import sample_teacher_targets, top_k_teacher_targets
-    from posttrain.modeling import load_causal_lm, load_tokenizer
+    from posttrain.modeling import load_causal_lm, load_tokenizer, output_rows
     from posttrain.teacher_cache import (TeacherCacheWriter, bytes_per_token, full_row_bytes,
                                          tokenizer_fingerprint)
 
@@ -57,7 +57,7 @@ def run_distill_cache(cfg: DistillCacheStageConfig, ctx: StageContext) -> StageR
     if cfg.limit is not None:
         sequences = sequences[:cfg.limit]
     teacher = load_causal_lm(cfg.teacher, dtype=cfg.teacher_dtype).eval()
-    vocab = teacher.get_output_embeddings().weight.shape[0]
+    vocab = output_rows(teacher)
     generator = torch.Generator().manual_seed(ctx.seed)
     counts = cfg.target == "sampled_counts"
     metadata = {"target": cfg.target, "with_replacement": cfg.with_replacement or counts,

@@ -40,7 +40,7 @@ from posttrain.losses.token_logprobs import resolve_chunk_size
 from posttrain.losses.bond import (backward_rewards, better_sample_index, forward_nll_loss, jbond_rewards, jeffreys_loss,
                                    leave_one_out_advantages, log_quantile_rewards, ties)
 from posttrain.losses.policy import Aggregation, kl_regularised_rewards, masked_sum, reinforce_loss, rloo_advantages
-from posttrain.modeling import load_causal_lm, load_tokenizer
+from posttrain.modeling import load_causal_lm, load_tokenizer, output_rows
 from posttrain.rollout import DriftMonitor, RolloutConfig, SamplingParams, create_engine, weights_for_engine
 from posttrain.scoring import score_completions
 from posttrain.stages.base import StageConfig, StageContext, StageError, StageResult, register_stage
@@ -738,7 +738,7 @@ class _BondStats:
 def _chunk_size(config: RLStageConfig, policy) -> int | None:
     """logprob_chunk_size with "auto" resolved for the policy's vocabulary (by each pass, so callers
     that build a config themselves get the same numbers as the stage)."""
-    return resolve_chunk_size(config.logprob_chunk_size, policy.get_output_embeddings().weight.shape[0])
+    return resolve_chunk_size(config.logprob_chunk_size, output_rows(policy))
 
 
 def _skipped_nonfinite_step(step: int, config: RLStageConfig, nan_streak: int) -> int:
