@@ -77,6 +77,11 @@ def output_rows(model) -> int:
     return int(head.weight.shape[0])
 
 
+# Module names of the vision parts of the composite checkpoints transformers ships (Gemma 3,
+# PaliGemma, LLaVA: vision_tower and multi_modal_projector), as a peft exclude_modules pattern.
+VISION_MODULES_PATTERN = r".*\b(vision_tower|multi_modal_projector)\b.*"
+
+
 def vision_parameter_names(model) -> list[str]:
     """Names of the parameters outside the language model: a composite's vision tower and
     projector; empty for a causal LM. Found by what the decoder, output layer and any
@@ -99,6 +104,30 @@ def freeze_vision_tower(model) -> int:
             p.requires_grad_(False)
             frozen += p.numel()
     return frozen
+
+
+def checkpoint_tensors_for_model(model, weights: dict) -> dict:
+    """`weights` read from a checkpoint's files, renamed to `model`'s state-dict names.
+
+    transformers saves some architectures under other names than their modules use: a composite
+    Gemma 3 is stored as `language_model.model.*` and `vision_tower.*` but holds
+    `model.language_model.*` and `model.vision_tower.*`, and renames on load. Tensors read from
+    the files (a merge, a LITI point) are renamed the same way, by transformers' own mapping for
+    the model, before `load_state_dict`. Names the model already uses pass unchanged."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # a transformers without conversion mappings saves under the module names
+        return dict(weights)
+    mapping = getattr(model, "_weight_conversions", None) or get_model_conversion_mapping(model) or []
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    held = model.state_dict()
+    out = {}
+    for name, tensor in weights.items():
+        new = name if name in held else rename_source_key(name, renamings, converters, model.base_model_prefix, held)[0]
+        out[new] = tensor
+    return out
 
 
 # Files a composite checkpoint's processor adds to the tokenizer's; copied along with a policy so

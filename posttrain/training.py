@@ -73,8 +73,13 @@ class LoraSpec(BaseModel):
     def to_peft_config(self):
         from peft import LoraConfig
 
+        from posttrain.modeling import VISION_MODULES_PATTERN
+
+        # A composite model's vision tower shares layer names (q_proj, fc1...) with the language
+        # model; text post-training adapts the language model only.
         return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                          target_modules=self.target_modules, task_type="CAUSAL_LM")
+                          target_modules=self.target_modules, task_type="CAUSAL_LM",
+                          exclude_modules=VISION_MODULES_PATTERN)
 
 
 LR_SCHEDULES = ("constant", "linear", "cosine")

@@ -311,7 +311,7 @@ def load_reward_model(path: str, pad_token_id: int, dropout: float = 0.0):
     import transformers
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from posttrain.modeling import set_pad_token_id, text_config
+    from posttrain.modeling import freeze_vision_tower, set_pad_token_id, text_config
 
     config = AutoConfig.from_pretrained(path)
     config.num_labels = 1
@@ -328,6 +328,7 @@ def load_reward_model(path: str, pad_token_id: int, dropout: float = 0.0):
         model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=torch.float32)
     finally:
         transformers.logging.set_verbosity(verbosity)
+    freeze_vision_tower(model)  # preference text gives a composite trunk's vision tower nothing to learn
     return model
 
 

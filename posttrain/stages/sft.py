@@ -41,6 +41,9 @@ class SFTStageConfig(StageConfig):
     on_invalid_row: Literal["error", "skip"] = Field(
         "error", description="An invalid row stops the stage with its file and line, or is skipped and written to skipped.jsonl.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
+    train_vision_tower: bool = Field(False, description="Composite models (Gemma 3 4B and up): also train the vision "
+                                     "tower and projector. Off, they are frozen and come out byte-identical (text "
+                                     "data gives them no gradient; frozen, weight decay cannot move them either).")
     bf16: bool = Field(False, description="bfloat16 mixed precision (GPU nodes).")
     logging_steps: int = Field(10, ge=1, description="Log the loss every this many steps.")
     report_to: ReportTo = Field(default_factory=list, description="Extra trackers: tensorboard, wandb, trackio "
@@ -103,7 +106,7 @@ def run_sft(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
     datasets.disable_progress_bars()  # the stage's own progress bar is the one to watch
     conversations, n_skipped = load_conversations(cfg.dataset, cfg.on_invalid_row, ctx.stage_dir / "skipped.jsonl",
                                                   write_skipped=ctx.is_main)
-    model, tokenizer = load_policy(cfg.model)
+    model, tokenizer = load_policy(cfg.model, train_vision_tower=cfg.train_vision_tower)
     rows, n_truncated = tokenize_for_training(tokenizer, conversations, cfg.max_length)
     train = datasets.Dataset.from_list(rows)
 

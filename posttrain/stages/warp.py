@@ -36,7 +36,7 @@ from pydantic import Field, model_validator
 
 from posttrain.data import load_prompts, write_json, write_jsonl
 from posttrain.losses.token_logprobs import resolve_chunk_size
-from posttrain.modeling import load_causal_lm, load_tokenizer, output_rows
+from posttrain.modeling import checkpoint_tensors_for_model, load_causal_lm, load_tokenizer, output_rows
 from posttrain.rollout import SamplingParams, create_engine, weights_for_engine
 from posttrain.evaluation import evaluate_with_rewards
 from posttrain.scoring import score_completions
@@ -141,6 +141,7 @@ class PointEvaluator:
         self.chunk_size = resolve_chunk_size(config.logprob_chunk_size, vocab)
 
     def load(self, weights: dict[str, torch.Tensor]) -> None:
+        weights = checkpoint_tensors_for_model(self.policy, weights)
         result = self.policy.load_state_dict(weights, strict=False)
         if result.unexpected_keys:
             raise ValueError(f"warp: the point has tensor {result.unexpected_keys[0]!r}, which the SFT model lacks")
