@@ -53,6 +53,31 @@ GEMMA_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
 )
 
+# The same format for composite models (Gemma 3 4B and up), whose messages may hold content parts:
+# a text part renders its text, an image part `<start_of_image>`, which the processor expands into
+# the image's soft tokens, as Gemma 3's own template does. String contents render exactly as
+# GEMMA_CHAT_TEMPLATE renders them.
+START_OF_IMAGE = "<start_of_image>"
+_RENDER_CONTENT = (
+    "{%- macro render_content(content) -%}"
+    "{%- if content is string -%}{{ content }}"
+    "{%- else -%}{%- for part in content -%}"
+    "{%- if part['type'] == 'image' -%}{{ '" + START_OF_IMAGE + "' }}"
+    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}"
+    "{%- else -%}{{ raise_exception('a content part has type ' + part['type'] + '; expected text or image') }}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
+)
+GEMMA_MULTIMODAL_CHAT_TEMPLATE = _RENDER_CONTENT + GEMMA_CHAT_TEMPLATE.replace(
+    "messages[0]['content'] + '\n\n'", "render_content(messages[0]['content']) + '\n\n'").replace(
+    "+ message['content'] + '<end_of_turn>\n'", "+ render_content(message['content']) + '<end_of_turn>\n'").replace(
+    "{{ message['content'] + '<end_of_turn>' }}", "{{ render_content(message['content']) + '<end_of_turn>' }}")
+
+
+def chat_template_for(composite: bool) -> str:
+    """The chat template a tokenizer of this project ships: with image parts for composite models."""
+    return GEMMA_MULTIMODAL_CHAT_TEMPLATE if composite else GEMMA_CHAT_TEMPLATE
+
 
 # What a conversation given as one text without a prompt is told (the data's column mapping splits it).
 TRANSCRIPT_HINT = ("a transcript kept as one text (\"\\n\\nHuman: ...\\n\\nAssistant: ...\", as in Anthropic/hh-rlhf) "

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 from pydantic import Field
 
-from posttrain.chat import GEMMA_CHAT_TEMPLATE, END_OF_TURN, tokenize_prompt
+from posttrain.chat import END_OF_TURN, chat_template_for, tokenize_prompt
 from posttrain.stages.base import StageConfig, StageContext, StageError, StageResult, register_stage
 
 
@@ -75,7 +75,7 @@ def run_export(cfg: ExportStageConfig, ctx: StageContext) -> StageResult:
 
     model, tokenizer = load_policy(cfg.model)
     model = model.to(getattr(torch, cfg.dtype)).eval()
-    tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
+    tokenizer.chat_template = chat_template_for(is_composite(model.config))
     out = ctx.stage_dir / "model"
     tmp = ctx.stage_dir / "model.partial"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -14,13 +14,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from posttrain.chat import GEMMA_MULTIMODAL_CHAT_TEMPLATE, START_OF_IMAGE
+
 ARCHITECTURES = ("gemma3", "llama", "qwen2")
 
 
 # The image tokens of Gemma 3's tokenizer. The toy tokenizer's own vocabulary stays as it is (so
 # text-only toy models keep their results); a composite model's copy appends these three, as
 # Gemma 3 4B-27B's vocabulary (262,208 rows) extends 1B's (262,144).
-IMAGE_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+IMAGE_TOKENS = {"boi_token": START_OF_IMAGE, "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
 
 
 class TinyVisionSpec(BaseModel):
@@ -105,6 +107,7 @@ def with_image_tokens(tokenizer):
     tok.add_special_tokens({"additional_special_tokens": list(IMAGE_TOKENS.values())},
                            replace_extra_special_tokens=False)
     tok._set_model_specific_special_tokens(IMAGE_TOKENS)  # transformers' hook for named extra tokens
+    tok.chat_template = GEMMA_MULTIMODAL_CHAT_TEMPLATE
     return tok
 
 
@@ -143,6 +146,11 @@ def build_tiny_model(spec: TinyModelSpec, tokenizer, out_dir: str | Path | None 
         tokenizer = with_image_tokens(tokenizer)
         torch.manual_seed(spec.seed)
         model = Gemma3ForConditionalGeneration(_composite_config(spec, tokenizer)).to(torch.float32)
+        # transformers initialises the projector to zeros (a published checkpoint overwrites it);
+        # a model built from config would then see every image as the same soft tokens.
+        with torch.no_grad():
+            projection = model.model.multi_modal_projector.mm_input_projection_weight
+            projection.normal_(0.0, model.config.text_config.initializer_range)
         if out_dir is not None:
             model.save_pretrained(str(out_dir))
             tokenizer.save_pretrained(str(out_dir))
