@@ -94,9 +94,9 @@ def vision_parameter_names(model) -> list[str]:
 
 
 def freeze_vision_tower(model) -> int:
-    """Stop gradients to the vision tower and projector (text data gives them none anyway; frozen,
-    no optimizer touches them, weight decay included, so they come out byte-identical). Returns
-    the number of parameters frozen."""
+    """Stop gradients to the vision tower and projector: frozen, they stay out of every optimizer
+    (weight decay included), so text post-training returns them byte-identical whatever a loop
+    does with zero gradients. Returns the number of parameters frozen."""
     names = set(vision_parameter_names(model))
     frozen = 0
     for name, p in model.named_parameters():

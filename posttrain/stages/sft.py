@@ -42,8 +42,8 @@ class SFTStageConfig(StageConfig):
         "error", description="An invalid row stops the stage with its file and line, or is skipped and written to skipped.jsonl.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
     train_vision_tower: bool = Field(False, description="Composite models (Gemma 3 4B and up): also train the vision "
-                                     "tower and projector. Off, they are frozen and come out byte-identical (text "
-                                     "data gives them no gradient; frozen, weight decay cannot move them either).")
+                                     "tower and projector. Off, they are frozen (out of the optimizer) and come out "
+                                     "byte-identical.")
     bf16: bool = Field(False, description="bfloat16 mixed precision (GPU nodes).")
     logging_steps: int = Field(10, ge=1, description="Log the loss every this many steps.")
     report_to: ReportTo = Field(default_factory=list, description="Extra trackers: tensorboard, wandb, trackio "

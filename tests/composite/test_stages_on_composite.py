@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from posttrain.runner import run_recipe
 
 TINY = "arch: gemma3, hidden_size: 64, num_layers: 1, num_heads: 2, num_kv_heads: 1, intermediate_size: 128"
-# weight_decay > 0 everywhere it exists: a vision tower that merely got no gradient would still
-# shrink under AdamW's decay, so "byte-identical" below shows that it was frozen.
+# weight_decay > 0 everywhere it exists: a vision tower left in the optimizer with zero (rather
+# than absent) gradients would shrink under AdamW's decay.
 RECIPE = """
 name: composite
 output_dir: {out}
