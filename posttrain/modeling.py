@@ -11,6 +11,7 @@ policy freezes the tower and projector unless the caller asks to train them.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -127,6 +128,46 @@ def checkpoint_tensors_for_model(model, weights: dict) -> dict:
     for name, tensor in weights.items():
         new = name if name in held else rename_source_key(name, renamings, converters, model.base_model_prefix, held)[0]
         out[new] = tensor
+    return out
+
+
+# A composite Gemma 3's language-model tensors, named in its checkpoint files (first two) or in its
+# modules (last two), and the names a text-only Gemma3ForCausalLM gives them.
+_LANGUAGE_MODEL_PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+                            ("model.language_model.", "model."), ("lm_head.", "lm_head."))
+
+
+def language_model_tensors(named_tensors):
+    """The language-model part of a composite model's (name, tensor) pairs, renamed as the text-only
+    causal LM built from its text config names them; the vision tower and projector are left out.
+    Yields nothing renamed for names outside the language model."""
+    for name, tensor in named_tensors:
+        for prefix, replacement in _LANGUAGE_MODEL_PREFIXES:
+            if name.startswith(prefix):
+                yield replacement + name[len(prefix):], tensor
+                break
+
+
+_TEXT_ARCHITECTURES = {"gemma3_text": "Gemma3ForCausalLM"}
+
+
+def write_language_model_config(source: str | Path, out_dir: str | Path) -> Path:
+    """A checkpoint directory without weights for a composite model's language model alone: its
+    text config as a causal LM's config, and the tokenizer files. An engine that builds the model
+    from it then takes the weights from `language_model_tensors`."""
+    from transformers import AutoConfig
+
+    text = text_config(AutoConfig.from_pretrained(str(source)))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if text.model_type not in _TEXT_ARCHITECTURES:
+        raise ValueError(f"{source}: no text-only architecture known for a {text.model_type!r} language model "
+                         f"(known: {', '.join(_TEXT_ARCHITECTURES)})")
+    config = {**text.to_dict(), "architectures": [_TEXT_ARCHITECTURES[text.model_type]]}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    for f in Path(source).iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens_map", "chat_template")) and f.is_file():
+            shutil.copyfile(f, out / f.name)
     return out
 
 

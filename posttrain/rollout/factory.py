@@ -43,32 +43,14 @@ def vllm_multimodal_unavailable() -> str | None:
     vLLM inspects Gemma3ForConditionalGeneration by importing its multimodal module, which
     imports transformers' Gemma 3 image processor, which needs torchvision. The CPU set-up has
     none: the registry's torchvision is built against the CUDA torch and fails next to the CPU
-    one (`operator torchvision::nms does not exist`), and no CPU build is published there.
+    one (`operator torchvision::nms does not exist`), and no CPU build is published there. The
+    vLLM engine then serves the checkpoint's language model alone (text prompts).
     """
     try:
         import torchvision  # noqa: F401
     except Exception as e:  # noqa: BLE001 - ImportError, or the RuntimeError of a mismatched build
         return f"torchvision does not import here ({type(e).__name__}: {e})"
     return None
-
-
-def resolve_composite_backend(backend: str, asked: str, model_path: str) -> str:
-    """The backend for `model_path` once composite checkpoints are accounted for: `auto` falls back
-    to transformers (logging why) where vLLM cannot load one; an explicit `vllm` is an error then."""
-    from posttrain.modeling import checkpoint_is_composite
-
-    if backend != "vllm" or not checkpoint_is_composite(model_path):
-        return backend
-    why = vllm_multimodal_unavailable()
-    if why is None:
-        return backend
-    if asked == "auto":
-        log.warning("rollout.backend auto: transformers generate for %s, a composite (vision + language) checkpoint "
-                    "that vLLM cannot load here: %s", model_path, why)
-        return "transformers"
-    raise RolloutError(f"rollout.backend: vllm cannot load {model_path}, a composite (vision + language) checkpoint: "
-                       f"{why}. Install a torchvision built for the installed torch (on GPU nodes the CUDA one "
-                       "matches), or set rollout.backend: transformers (or auto)")
 
 
 def create_engine(model_path: str, config: RolloutConfig | None = None,
@@ -83,7 +65,6 @@ def create_engine(model_path: str, config: RolloutConfig | None = None,
     config = config or RolloutConfig()
     launch = current_launch()
     backend = choose_backend(config, launch.multi_process, torch.cuda.is_available(), vllm_available())
-    backend = resolve_composite_backend(backend, config.backend, str(model_path))
     if backend == "transformers":
         from posttrain.rollout.transformers_engine import TransformersEngine
 

@@ -1,10 +1,8 @@
 """The one place that reads a composite config, and the pieces each stage relies on for composite
 checkpoints: renaming checkpoint tensors, merge pass-through, tokenizers with image tokens, LoRA
-targets, the rollout backend choice, the toy model spec and the multimodal chat template."""
+targets, the toy model spec and the multimodal chat template."""
 
 from __future__ import annotations
-
-import logging
 
 import pytest
 import torch
@@ -99,29 +97,6 @@ def test_lora_adapts_the_language_model_only(composite_dir):
     adapted = [n for n, p in model.named_parameters() if p.requires_grad]
     assert adapted and all("vision_tower" not in n and "multi_modal_projector" not in n for n in adapted)
     assert all("lora_" not in n for n in vision_parameter_names(model))
-
-
-def _torchvision_imports() -> bool:
-    try:
-        import torchvision  # noqa: F401
-    except Exception:  # noqa: BLE001
-        return False
-    return True
-
-
-@pytest.mark.skipif(_torchvision_imports(), reason="vLLM can load composite checkpoints where torchvision imports")
-def test_auto_backend_falls_back_to_transformers_for_a_composite_and_explicit_vllm_says_why(composite_dir, text_dir,
-                                                                                              caplog):
-    from posttrain.rollout.factory import resolve_composite_backend
-    from posttrain.rollout.types import RolloutError
-
-    with caplog.at_level(logging.WARNING, logger="posttrain.rollout.factory"):
-        assert resolve_composite_backend("vllm", "auto", str(composite_dir)) == "transformers"
-    assert "composite (vision + language) checkpoint" in caplog.text and "torchvision" in caplog.text
-    with pytest.raises(RolloutError, match=r"torchvision.*set rollout.backend: transformers"):
-        resolve_composite_backend("vllm", "vllm", str(composite_dir))
-    assert resolve_composite_backend("vllm", "vllm", str(text_dir)) == "vllm"  # text-only models keep vLLM
-    assert resolve_composite_backend("transformers", "transformers", str(composite_dir)) == "transformers"
 
 
 def test_tiny_spec_refuses_vision_where_no_composite_form_exists():

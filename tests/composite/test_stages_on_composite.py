@@ -43,7 +43,6 @@ stages:
     max_new_tokens: 4
     learning_rate: 1.0e-3
     weight_decay: 0.1
-    rollout: {{backend: transformers}}
   - {{name: jbond, kind: rl, algorithm: jbond, model: "${{stages.sft.model}}", dataset: "${{datasets.prompts}}",
       rewards: [{{name: math}}], max_steps: 1, prompts_per_step: 2, max_new_tokens: 4, weight_decay: 0.1,
       rollout: {{backend: transformers}}}}
