@@ -1,0 +1,86 @@
+"""Image + text conversations for composite models: the toy vision world's rows, their tokenisation
+with the processor, and the image reaching the model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from posttrain.chat import ChatFormatError, tokenize_conversation, tokenize_image_conversation, image_model_inputs
+from posttrain.toy.models import TinyModelSpec, build_tiny_model
+from posttrain.toy.vision import exact_answer_reward, generate_vision
+
+
+@pytest.fixture(scope="module")
+def composite_dir(tmp_path_factory, toy_tokenizer):
+    d = tmp_path_factory.mktemp("composite_images")
+    build_tiny_model(TinyModelSpec(hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=128,
+                                   vision={}), toy_tokenizer, d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def processor(composite_dir):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(str(composite_dir))
+
+
+def test_the_toy_vision_world_draws_what_its_answers_say(tmp_path):
+    from PIL import Image
+
+    from posttrain.toy.vision import COLOURS
+
+    rows = generate_vision("colour", 12, tmp_path, seed=1, fmt="prompt")
+    for row in rows:
+        image = Image.open(row["prompt"][0]["content"][0]["path"]).convert("RGB")
+        assert COLOURS[row["answer"]] in {c for _, c in image.getcolors()}
+    counts = generate_vision("count", 12, tmp_path, seed=1, fmt="chat")
+    assert {r["messages"][1]["content"] for r in counts} <= {"1", "2", "3", "4"}
+    eval_rows = generate_vision("colour", 12, tmp_path, seed=1, split="eval", fmt="prompt")
+    assert [r["answer"] for r in eval_rows] != [r["answer"] for r in rows]  # another random stream
+    assert exact_answer_reward(prompts=None, completions=["Red.", [{"role": "assistant", "content": "blue"}]],
+                               answer=["red", "green"]) == [1.0, 0.0]
+
+
+def test_an_image_part_becomes_the_processors_image_sequence_and_text_tokenises_as_before(processor, tmp_path):
+    row = generate_vision("colour", 1, tmp_path, fmt="chat")[0]
+    conv, images = tokenize_image_conversation(processor, row["messages"])
+    tok = processor.tokenizer
+    assert len(images) == 1 and images[0].size == (32, 32)
+    assert conv.input_ids.count(tok.image_token_id) == processor.image_seq_length
+    assert conv.input_ids.count(tok.boi_token_id) == 1 and conv.input_ids.count(tok.eoi_token_id) == 1
+    # Loss on the answer and its <end_of_turn> only, never on the image.
+    trained = [i for i, m in zip(conv.input_ids, conv.loss_mask) if m]
+    assert tok.decode(trained) == row["messages"][1]["content"] + "<end_of_turn>"
+    text_only = [{"role": "user", "content": "Hi there."}, {"role": "assistant", "content": "Hello."}]
+    assert tokenize_image_conversation(processor, text_only)[0] == tokenize_conversation(tok, text_only)
+
+
+def test_image_parts_are_refused_with_the_place_and_the_reason(processor, toy_tokenizer, tmp_path):
+    row = generate_vision("colour", 1, tmp_path, fmt="chat")[0]
+    with pytest.raises(ChatFormatError, match=r"messages\[0\]\.content\[0\].*'image' part.*text-only"):
+        tokenize_conversation(toy_tokenizer, row["messages"])  # a text-only model's data
+    remote = [{"role": "user", "content": [{"type": "image", "url": "https://example.org/a.png"}]}]
+    with pytest.raises(ChatFormatError, match="remote URL"):
+        tokenize_image_conversation(processor, remote)
+    missing = [{"role": "user", "content": [{"type": "image", "path": str(tmp_path / "none.png")}]}]
+    with pytest.raises(ChatFormatError, match="cannot read the image"):
+        tokenize_image_conversation(processor, missing)
+
+
+def test_the_image_reaches_the_model_and_changes_its_answer(composite_dir, processor, tmp_path):
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(str(composite_dir)).eval()
+    question = "What colour is the shape?"
+    logits = {}
+    for name, colour in (("red", (220, 40, 40)), ("blue", (40, 80, 220))):
+        path = tmp_path / f"{name}.png"
+        Image.new("RGB", (32, 32), colour).save(path)
+        messages = [{"role": "user", "content": [{"type": "image", "path": str(path)}, {"type": "text", "text": question}]}]
+        conv, images = tokenize_image_conversation(processor, messages, add_generation_prompt=True)
+        with torch.no_grad():
+            logits[name] = model(**image_model_inputs(processor, conv, images)).logits[0, -1]
+    assert not torch.allclose(logits["red"], logits["blue"], atol=1e-4)
