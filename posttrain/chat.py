@@ -461,6 +461,20 @@ def _turn_parts(content: Any, where: str) -> list:
     return out
 
 
+def has_image_parts(messages: Any) -> bool:
+    """Whether any message of a conversation holds an image part."""
+    return isinstance(messages, (list, tuple)) and any(
+        isinstance(m, dict) and isinstance(m.get("content"), (list, tuple))
+        and any(isinstance(p, dict) and p.get("type") == "image" for p in m["content"]) for m in messages)
+
+
+def text_view(messages: Sequence[dict], where: str = "messages") -> list[dict]:
+    """The conversation with each image part replaced by empty text: what the text checks see."""
+    return [{**m, "content": [{"type": "text", "text": p if isinstance(p, str) else ""}
+                              for p in _turn_parts(m["content"], f"{where}[{i}].content")]}
+            if isinstance(m, dict) and "content" in m else m for i, m in enumerate(messages)]
+
+
 def tokenize_image_conversation(processor, messages: Sequence[dict], add_generation_prompt: bool = False,
                                 where: str = "messages") -> tuple[TokenizedConversation, list]:
     """Token ids, loss mask and images of a conversation with image parts, for a composite model.
@@ -470,11 +484,7 @@ def tokenize_image_conversation(processor, messages: Sequence[dict], add_generat
     Gemma 3), never trained on. Returns the images in order, for the processor's image processor.
     """
     tokenizer = processor.tokenizer
-    # Roles, order and the system turn are checked as for text, on the messages' text parts.
-    text_view = [{**m, "content": [{"type": "text", "text": p if isinstance(p, str) else ""}
-                                   for p in _turn_parts(m["content"], f"{where}[{i}].content")]}
-                 if isinstance(m, dict) and "content" in m else m for i, m in enumerate(messages)]
-    normalise_messages(text_view, where)
+    normalise_messages(text_view(messages, where), where)  # roles, order, the system turn: as for text
     turns = []
     for i, m in enumerate(messages):
         parts = _turn_parts(m["content"], f"{where}[{i}].content")

@@ -70,16 +70,17 @@ class LoraSpec(BaseModel):
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: list[str] | str = Field("all-linear", description="Modules to adapt; 'all-linear' for every linear layer but the head.")
 
-    def to_peft_config(self):
+    def to_peft_config(self, model=None):
+        """peft's LoraConfig; given the `model`, one that leaves a composite's vision tower alone."""
         from peft import LoraConfig
 
-        from posttrain.modeling import VISION_MODULES_PATTERN
+        from posttrain.modeling import VISION_MODULES_PATTERN, vision_parameter_names
 
         # A composite model's vision tower shares layer names (q_proj, fc1...) with the language
         # model; text post-training adapts the language model only.
+        exclude = VISION_MODULES_PATTERN if model is not None and vision_parameter_names(model) else None
         return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                          target_modules=self.target_modules, task_type="CAUSAL_LM",
-                          exclude_modules=VISION_MODULES_PATTERN)
+                          target_modules=self.target_modules, task_type="CAUSAL_LM", exclude_modules=exclude)
 
 
 LR_SCHEDULES = ("constant", "linear", "cosine")

@@ -171,6 +171,7 @@ def _engine_param_checksums(worker, names: list[str]) -> dict[str, tuple[list[in
 
 class VLLMEngine(RolloutEngine):
     backend = "vllm"
+    language_model_only = False  # True: a composite checkpoint served as its language model alone
     # In-process engines share vLLM's global distributed state (parallel groups); shutting one
     # engine down destroys it under every other live engine. Only the last one shuts down.
     _live = 0

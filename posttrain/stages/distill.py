@@ -343,7 +343,7 @@ def run_distill(cfg: DistillStageConfig, ctx: StageContext) -> StageResult:
     if cfg.lora is not None:
         from peft import get_peft_model
 
-        student = get_peft_model(student, cfg.lora.to_peft_config())
+        student = get_peft_model(student, cfg.lora.to_peft_config(student))
     student = session.prepare(student, cfg.learning_rate, cfg.weight_decay, cfg.warmup_steps,
                               gradient_checkpointing=cfg.gradient_checkpointing,
                               shard_optimizer=cfg.shard_optimizer)

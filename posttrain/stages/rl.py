@@ -237,7 +237,7 @@ def _build_policy(config: RLStageConfig):
     from peft import get_peft_model
 
     plain_copy = copy.deepcopy(base)  # the anchor lives in merged-weight space, outside peft
-    return get_peft_model(base, config.lora.to_peft_config()), plain_copy
+    return get_peft_model(base, config.lora.to_peft_config(base)), plain_copy
 
 
 @register_stage("rl", RLStageConfig, outputs=("model",), distributed=True)

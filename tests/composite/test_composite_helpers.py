@@ -93,7 +93,8 @@ def test_lora_adapts_the_language_model_only(composite_dir):
     from posttrain.modeling import load_causal_lm, vision_parameter_names
     from posttrain.training import LoraSpec
 
-    model = get_peft_model(load_causal_lm(composite_dir), LoraSpec(target_modules=["q_proj", "fc1"]).to_peft_config())
+    base = load_causal_lm(composite_dir)
+    model = get_peft_model(base, LoraSpec(target_modules=["q_proj", "fc1"]).to_peft_config(base))
     adapted = [n for n, p in model.named_parameters() if p.requires_grad]
     assert adapted and all("vision_tower" not in n and "multi_modal_projector" not in n for n in adapted)
     assert all("lora_" not in n for n in vision_parameter_names(model))

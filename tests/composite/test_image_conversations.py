@@ -84,3 +84,50 @@ def test_the_image_reaches_the_model_and_changes_its_answer(composite_dir, proce
         with torch.no_grad():
             logits[name] = model(**image_model_inputs(processor, conv, images)).logits[0, -1]
     assert not torch.allclose(logits["red"], logits["blue"], atol=1e-4)
+
+
+def test_sft_on_image_rows_trains_the_tower_only_when_asked(tmp_path):
+    from safetensors.torch import load_file
+
+    from posttrain.data import write_jsonl
+    from posttrain.runner import run_recipe
+
+    write_jsonl(tmp_path / "train.jsonl", generate_vision("colour", 16, tmp_path / "images", fmt="chat"))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"""
+name: image_sft
+output_dir: {tmp_path / 'run'}
+models:
+  base: {{tiny: {{arch: gemma3, hidden_size: 64, num_layers: 1, num_heads: 2, num_kv_heads: 1, intermediate_size: 128,
+                  vision: {{}}}}}}
+datasets:
+  train: {{path: {tmp_path / 'train.jsonl'}}}
+stages:
+  - {{name: frozen, kind: sft, model: "${{models.base}}", dataset: "${{datasets.train}}", max_steps: 2, batch_size: 4,
+      learning_rate: 1.0e-3}}
+  - {{name: trained, kind: sft, model: "${{models.base}}", dataset: "${{datasets.train}}", max_steps: 2, batch_size: 4,
+      learning_rate: 1.0e-3, train_vision_tower: true}}
+""")
+    manifests = run_recipe(recipe)
+    assert manifests["trained"]["metrics"]["trained_tokens"] >= 16  # every row's answer
+    base = load_file(str(tmp_path / "run" / "_inputs" / "models" / "base" / "model.safetensors"))
+    vision = [n for n in base if n.startswith(("vision_tower.", "multi_modal_projector."))]
+    frozen = load_file(manifests["frozen"]["outputs"]["model"] + "/model.safetensors")
+    trained = load_file(manifests["trained"]["outputs"]["model"] + "/model.safetensors")
+    assert all(torch.equal(frozen[n], base[n]) for n in vision)
+    # Image rows give the tower gradients: trained when asked, and only then.
+    assert any(not torch.equal(trained[n], base[n]) for n in vision if n.startswith("vision_tower."))
+    assert not torch.equal(trained["multi_modal_projector.mm_input_projection_weight"],
+                           base["multi_modal_projector.mm_input_projection_weight"])
+
+
+def test_image_rows_for_a_text_only_model_are_an_error_naming_the_row(tmp_path, tiny_gemma3_dir):
+    from posttrain.data import DataError, write_jsonl
+    from posttrain.stages.base import StageContext
+    from posttrain.stages.sft import SFTStageConfig, run_sft
+
+    write_jsonl(tmp_path / "train.jsonl", generate_vision("colour", 2, tmp_path / "images", fmt="chat"))
+    ctx = StageContext(name="sft", kind="sft", stage_dir=tmp_path / "sft", run_dir=tmp_path, seed=0, recipe_name="t")
+    (tmp_path / "sft").mkdir()
+    with pytest.raises(DataError, match=r"train.jsonl:1: .*'image' part"):
+        run_sft(SFTStageConfig(model=str(tiny_gemma3_dir), dataset=str(tmp_path / "train.jsonl"), max_steps=1), ctx)
