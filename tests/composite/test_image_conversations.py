@@ -131,3 +131,20 @@ def test_image_rows_for_a_text_only_model_are_an_error_naming_the_row(tmp_path, 
     (tmp_path / "sft").mkdir()
     with pytest.raises(DataError, match=r"train.jsonl:1: .*'image' part"):
         run_sft(SFTStageConfig(model=str(tiny_gemma3_dir), dataset=str(tmp_path / "train.jsonl"), max_steps=1), ctx)
+
+
+def test_filters_read_the_text_and_pass_image_parts_through_counted(tmp_path):
+    import json
+
+    from data_filters.config import FilterConfig
+    from data_filters.pipeline import run_filters
+    from posttrain.data import write_jsonl
+
+    rows = generate_vision("colour", 3, tmp_path / "images", fmt="chat")
+    rows[1]["messages"][0]["content"][1]["text"] = "Mail me at jane.doe@example.com. What colour is it?"
+    write_jsonl(tmp_path / "in.jsonl", rows)
+    report = run_filters(tmp_path / "in.jsonl", tmp_path / "out", FilterConfig(pii={"mode": "redact"}))
+    kept = [json.loads(x) for x in (tmp_path / "out" / "kept.jsonl").read_text().splitlines()]
+    assert report.kept_rows == 3 and report.redacted_rows == 1 and report.image_parts_passed == 3
+    assert [r["messages"][0]["content"][0] for r in kept] == [r["messages"][0]["content"][0] for r in rows]
+    assert "jane.doe@example.com" not in kept[1]["messages"][0]["content"][1]["text"]
