@@ -148,3 +148,42 @@ def test_filters_read_the_text_and_pass_image_parts_through_counted(tmp_path):
     assert report.kept_rows == 3 and report.redacted_rows == 1 and report.image_parts_passed == 3
     assert [r["messages"][0]["content"][0] for r in kept] == [r["messages"][0]["content"][0] for r in rows]
     assert "jane.doe@example.com" not in kept[1]["messages"][0]["content"][1]["text"]
+
+
+def test_evaluate_answers_image_prompts_with_the_transformers_engine(tmp_path):
+    from posttrain.data import write_jsonl
+    from posttrain.runner import run_recipe
+
+    write_jsonl(tmp_path / "eval.jsonl", generate_vision("colour", 4, tmp_path / "images", split="eval", fmt="prompt"))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"""
+name: image_eval
+output_dir: {tmp_path / 'run'}
+models:
+  base: {{tiny: {{arch: gemma3, hidden_size: 64, num_layers: 1, num_heads: 2, num_kv_heads: 1, intermediate_size: 128,
+                  vision: {{}}}}}}
+datasets:
+  colours: {{path: {tmp_path / 'eval.jsonl'}}}
+stages:
+  - {{name: eval, kind: evaluate, model: "${{models.base}}", datasets: {{colours: "${{datasets.colours}}"}},
+      rewards: [{{name: exact, fn: "posttrain.toy.vision:exact_answer_reward"}}], samples_per_prompt: 2,
+      sampling: {{max_new_tokens: 4, temperature: 1.0, seed: 0}}, rollout: {{backend: transformers}}, safety: null}}
+""")
+    metrics = run_recipe(recipe)["eval"]["metrics"]
+    assert metrics["colours/accuracy_n"] == 4 and 0.0 <= metrics["colours/accuracy"] <= 1.0
+
+
+def test_image_prompts_on_a_language_model_only_vllm_engine_say_what_to_do(composite_dir, tmp_path):
+    from posttrain.rollout import RolloutConfig, RolloutError, create_engine, vllm_available
+
+    if not vllm_available():
+        pytest.skip("vllm is not installed")
+    engine = create_engine(str(composite_dir), RolloutConfig(max_model_len=128))
+    try:
+        if not engine.language_model_only:
+            pytest.skip("vLLM loads the whole composite model here")
+        prompt = generate_vision("colour", 1, tmp_path, fmt="prompt")[0]["prompt"]
+        with pytest.raises(RolloutError, match="rollout.backend: transformers"):
+            engine.generate([prompt])
+    finally:
+        engine.close()
