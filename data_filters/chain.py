@@ -15,7 +15,7 @@ import numpy as np
 from data_filters.config import FilterConfig
 from data_filters.dedup import MinHasher, dedup_text, exact_key
 from data_filters.quality import has_lone_surrogate
-from data_filters.rows import Decision, InvalidRow, Rejection, Rewrite, Turn, row_turns
+from data_filters.rows import Decision, InvalidRow, Rejection, Rewrite, Turn, image_parts, row_turns
 
 
 class RowFilter(Protocol):
@@ -41,6 +41,7 @@ class RowResult:
     changes: dict[str, int] = field(default_factory=dict)  # redactions by kind
     key: str | None = None  # exact-dedup hash
     signature: np.ndarray | None = None  # MinHash signature
+    image_parts: int = 0  # image parts the filters passed through unread (kept rows)
 
 
 def build_filters(config: FilterConfig) -> list[RowFilter]:
@@ -134,6 +135,7 @@ class FilterChain:
         for pos, row, turns in alive:
             res = results[pos]
             res.output = json.dumps(row, ensure_ascii=False) if res.output == "" else res.raw
+            res.image_parts = image_parts(row)
             if self.dedup and self.dedup.exact:
                 res.key = exact_key(dedup_text(turns, self.dedup.prompt_only))
         if self.minhasher is not None and alive:
@@ -152,7 +154,7 @@ def pack_results(results: list[RowResult]) -> tuple[list[tuple], np.ndarray | No
     rows, signed = [], []
     for r in results:
         unchanged = r.output is r.raw
-        rows.append((r.rejection, None if unchanged else r.output, unchanged, r.changes, r.key))
+        rows.append((r.rejection, None if unchanged else r.output, unchanged, r.changes, r.key, r.image_parts))
         if r.signature is not None:
             signed.append(r.signature)
     return rows, (np.stack(signed) if signed else None)
@@ -165,10 +167,11 @@ def unpack_results(packed: tuple[list[tuple], np.ndarray | None],
     rows, matrix = packed
     signatures = iter(matrix if matrix is not None else ())
     results = []
-    for (index, lineno, source, raw), (rejection, output, unchanged, changes, key) in zip(lines, rows):
+    for (index, lineno, source, raw), (rejection, output, unchanged, changes, key, images) in zip(lines, rows):
         # As `parse_line` decodes: valid UTF-8 decodes the same with or without the handler.
         text = raw.decode("utf-8", "backslashreplace").rstrip("\r\n")
-        res = RowResult(index, lineno, source, text, rejection, text if unchanged else output, changes, key)
+        res = RowResult(index, lineno, source, text, rejection, text if unchanged else output, changes, key,
+                        image_parts=images)
         if rejection is None and matrix is not None:
             res.signature = next(signatures)
         results.append(res)

@@ -59,6 +59,7 @@ class FilterReport:
     redacted_rows: int = 0
     rejected_by: dict[str, dict[str, int]] = field(default_factory=dict)  # filter -> reason -> n
     redactions: dict[str, int] = field(default_factory=dict)  # PII kind -> spans replaced
+    image_parts_passed: int = 0  # image parts of kept rows, passed through unread
     kept_path: str = ""
     rejected_path: str = ""
     data_card_path: str = ""
@@ -92,6 +93,7 @@ class FilterReport:
         self.kept_rows += other.kept_rows
         self.rejected_rows += other.rejected_rows
         self.redacted_rows += other.redacted_rows
+        self.image_parts_passed += other.image_parts_passed
         for f, reasons in other.rejected_by.items():
             mine = self.rejected_by.setdefault(f, {})
             for r, n in reasons.items():
@@ -248,6 +250,7 @@ def _route(res: RowResult, dedup: Deduplicator | None, report: FilterReport, kep
         return
     kept_f.write(res.output + "\n")
     report.kept_rows += 1
+    report.image_parts_passed += res.image_parts
     if res.changes:
         report.redacted_rows += 1
         for kind, n in res.changes.items():
@@ -289,7 +292,7 @@ def filter_shard(input_path, output_dir, config: FilterConfig | None, rank: int,
                 continue
             sig = None if res.signature is None else base64.b64encode(res.signature.tobytes()).decode()
             meta = {"index": res.index, "source": res.source, "line": res.line, "key": res.key,
-                    "signature": sig, "changes": res.changes}
+                    "signature": sig, "changes": res.changes, "image_parts": res.image_parts}
             cand_f.write(json.dumps(meta)[:-1] + ', "raw": ' + json.dumps(res.raw, ensure_ascii=False)
                          + ', "output": ' + res.output + "}\n")
     state = report.to_dict() | {"examples": report.examples}
@@ -304,7 +307,8 @@ def _read_candidates(path: Path) -> Iterator[RowResult]:
             sig = None if d["signature"] is None else np.frombuffer(
                 base64.b64decode(d["signature"]), dtype=np.uint32)
             yield RowResult(d["index"], d["line"], d["source"], d["raw"], None,
-                            json.dumps(d["output"], ensure_ascii=False), d["changes"], d["key"], sig)
+                            json.dumps(d["output"], ensure_ascii=False), d["changes"], d["key"], sig,
+                            d.get("image_parts", 0))
 
 
 def merge_shards(output_dir, config: FilterConfig | None, world_size: int) -> FilterReport:

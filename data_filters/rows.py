@@ -7,8 +7,10 @@ Four shapes are accepted (extra keys are kept untouched):
 - preference:  {"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}
 - prompt only: {"prompt": str | messages}   (RL and distillation prompts)
 
-A message's content is a string or a list of text parts, `[{"type": "text", "text": str}]`;
-any other part (an image) makes the row invalid.
+A message's content is a string or a list of parts: text parts, `[{"type": "text", "text": str}]`,
+and image parts (`{"type": "image", ...}`, for composite models). Filters read the text parts;
+image parts pass through untouched (`image_parts` counts them); any other part makes the row
+invalid.
 
 A filter sees a row as a list of `Turn`s (role, text, where it lives in the row), so the same
 filter code serves every shape, and a redaction can write text back in place.
@@ -86,11 +88,15 @@ def _message_turns(messages: Any, key: str, out: list[Turn], default_role: str |
             # answer); a message of blank parts only stays one blank turn, for the empty check.
             parts = []
             for j, part in enumerate(content):
+                if isinstance(part, dict) and part.get("type") == "image":
+                    continue  # kept in the row as it is; the filters judge the text beside it
                 if not isinstance(part, dict) or part.get("type", "text") != "text" or not isinstance(part.get("text"), str):
                     kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                     raise InvalidRow("non_string_content",
                                      f"`{key}[{i}].content[{j}]` is a {kind!r} part; only text parts are read")
                 parts.append(_new_turn(Turn, (role, part["text"], (key, i, "content", j, "text"))))
+            if not parts:  # only images: nothing to read, and not an empty message
+                continue
             out.extend([t for t in parts if t.text.strip()] or parts[:1])
         else:
             raise InvalidRow("non_string_content", f"`{key}[{i}].content` is {type(content).__name__}"
@@ -128,6 +134,19 @@ def row_turns(row: Any) -> list[Turn]:
         raise InvalidRow("missing_field",
                          "a row needs `messages`, or `prompt` (with `completion`, or `chosen` and `rejected`)")
     return turns
+
+
+def image_parts(row: dict) -> int:
+    """How many image parts a row's messages hold (the filters pass them through unread)."""
+    count = 0
+    for key in ("messages", "prompt", "completion", "chosen", "rejected"):
+        value = row.get(key)
+        if isinstance(value, list):
+            for msg in value:
+                content = msg.get("content") if isinstance(msg, dict) else None
+                if isinstance(content, list):
+                    count += sum(1 for p in content if isinstance(p, dict) and p.get("type") == "image")
+    return count
 
 
 def model_turns(turns: list[Turn]) -> list[Turn]:

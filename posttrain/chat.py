@@ -55,6 +55,31 @@ GEMMA_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
 )
 
+# The same format for composite models (Gemma 3 4B and up), whose messages may hold content parts:
+# a text part renders its text, an image part `<start_of_image>`, which the processor expands into
+# the image's soft tokens, as Gemma 3's own template does. String contents render exactly as
+# GEMMA_CHAT_TEMPLATE renders them.
+START_OF_IMAGE = "<start_of_image>"
+_RENDER_CONTENT = (
+    "{%- macro render_content(content) -%}"
+    "{%- if content is string -%}{{ content }}"
+    "{%- else -%}{%- for part in content -%}"
+    "{%- if part['type'] == 'image' -%}{{ '" + START_OF_IMAGE + "' }}"
+    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}"
+    "{%- else -%}{{ raise_exception('a content part has type ' + part['type'] + '; expected text or image') }}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
+)
+GEMMA_MULTIMODAL_CHAT_TEMPLATE = _RENDER_CONTENT + GEMMA_CHAT_TEMPLATE.replace(
+    "messages[0]['content'] + '\n\n'", "render_content(messages[0]['content']) + '\n\n'").replace(
+    "+ message['content'] + '<end_of_turn>\n'", "+ render_content(message['content']) + '<end_of_turn>\n'").replace(
+    "{{ message['content'] + '<end_of_turn>' }}", "{{ render_content(message['content']) + '<end_of_turn>' }}")
+
+
+def chat_template_for(composite: bool) -> str:
+    """The chat template a tokenizer of this project ships: with image parts for composite models."""
+    return GEMMA_MULTIMODAL_CHAT_TEMPLATE if composite else GEMMA_CHAT_TEMPLATE
+
 
 # What a conversation given as one text without a prompt is told (the data's column mapping splits it).
 TRANSCRIPT_HINT = ("a transcript kept as one text (\"\\n\\nHuman: ...\\n\\nAssistant: ...\", as in Anthropic/hh-rlhf) "
@@ -437,3 +462,121 @@ def pair_encoder(tokenizer) -> Callable[[Any, Any, int], list[int]]:
 # rewards/ stands alone and knows no chat format; reward models trained here must be scored in
 # the tokenisation they were trained on, so this module hands its encoder to the scorer.
 use_pair_encoder(pair_encoder)
+
+
+# --- image + text conversations (composite models with a processor) -------------------------------
+
+def load_image(part: dict, where: str):
+    """The PIL image of an image part: `{"type": "image", "path": ...}`, or `"image"` holding a PIL
+    image or a local path. Remote URLs are refused: nothing is downloaded during a run."""
+    from PIL import Image
+
+    source = part.get("image", part.get("path", part.get("url")))
+    if source is None:
+        raise ChatFormatError(f"{where}: an image part needs 'path' (a local file) or 'image' (a PIL image or a path)")
+    if isinstance(source, Image.Image):
+        return source.convert("RGB")
+    if isinstance(source, str) and source.startswith(("http://", "https://")):
+        raise ChatFormatError(f"{where}: {source!r} is a remote URL; images are read from local files "
+                              "(download them beforehand and give their paths)")
+    try:
+        with Image.open(str(source).removeprefix("file://")) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise ChatFormatError(f"{where}: cannot read the image {source!r}: {e}") from None
+
+
+def _turn_parts(content: Any, where: str) -> list:
+    """A message's content as a list of text strings and image parts (dicts), in order."""
+    if isinstance(content, str):
+        return [content]
+    if not isinstance(content, (list, tuple)) or not content:
+        raise ChatFormatError(f"{where}: expected a string or a list of text and image parts, got {_describe(content)}")
+    out = []
+    for j, part in enumerate(content):
+        kind = part.get("type", "text") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            out.append(part["text"])
+        elif kind == "image":
+            out.append(part)
+        else:
+            raise ChatFormatError(f"{where}[{j}]: expected a text or an image part, got {_describe(part)}")
+    return out
+
+
+def has_image_parts(messages: Any) -> bool:
+    """Whether any message of a conversation holds an image part."""
+    return isinstance(messages, (list, tuple)) and any(
+        isinstance(m, dict) and isinstance(m.get("content"), (list, tuple))
+        and any(isinstance(p, dict) and p.get("type") == "image" for p in m["content"]) for m in messages)
+
+
+def text_view(messages: Sequence[dict], where: str = "messages") -> list[dict]:
+    """The conversation with each image part replaced by empty text: what the text checks see."""
+    return [{**m, "content": [{"type": "text", "text": p if isinstance(p, str) else ""}
+                              for p in _turn_parts(m["content"], f"{where}[{i}].content")]}
+            if isinstance(m, dict) and "content" in m else m for i, m in enumerate(messages)]
+
+
+def tokenize_image_conversation(processor, messages: Sequence[dict], add_generation_prompt: bool = False,
+                                where: str = "messages") -> tuple[TokenizedConversation, list]:
+    """Token ids, loss mask and images of a conversation with image parts, for a composite model.
+
+    Text is tokenised as `tokenize_conversation` does; each image part becomes the processor's
+    full image sequence (`\\n\\n<start_of_image>` + its soft tokens + `<end_of_image>\\n\\n` for
+    Gemma 3), never trained on. Returns the images in order, for the processor's image processor.
+    """
+    tokenizer = processor.tokenizer
+    normalise_messages(text_view(messages, where), where)  # roles, order, the system turn: as for text
+    turns = []
+    for i, m in enumerate(messages):
+        parts = _turn_parts(m["content"], f"{where}[{i}].content")
+        if m["role"] == "system":
+            turns.append(("system", parts))
+        elif turns and turns[-1][0] == "system":
+            turns[-1] = (m["role"], turns[-1][1] + ["\n\n"] + parts)
+        else:
+            turns.append((m["role"], parts))
+    ids = control_token_ids(tokenizer)
+    image_ids = tokenizer(processor.full_image_sequence, add_special_tokens=False)["input_ids"]
+    input_ids, mask, images = [ids[BOS]], [0], []
+    for role, parts in turns:
+        trained = role == "assistant"
+        input_ids.append(ids[START_OF_TURN])
+        mask.append(0)
+        head, _ = _encode_text(tokenizer, _TURN_NAME[role] + "\n")
+        input_ids.extend(head)
+        mask.extend([0] * len(head))
+        for j, part in enumerate(parts):
+            if isinstance(part, str):
+                body, _ = _encode_text(tokenizer, part)
+                input_ids.extend(body)
+                mask.extend([int(trained)] * len(body))
+            else:
+                images.append(load_image(part, f"{where}: turn {len(images)} image part {j}"))
+                input_ids.extend(image_ids)
+                mask.extend([0] * len(image_ids))
+        input_ids.append(ids[END_OF_TURN])
+        mask.append(int(trained))
+        nl, _ = _encode_text(tokenizer, "\n")
+        input_ids.extend(nl)
+        mask.extend([0] * len(nl))
+    if add_generation_prompt:
+        head, _ = _encode_text(tokenizer, "model\n")
+        input_ids.append(ids[START_OF_TURN])
+        input_ids.extend(head)
+        mask.extend([0] * (1 + len(head)))
+    return TokenizedConversation(input_ids, mask), images
+
+
+def image_model_inputs(processor, conversation: TokenizedConversation, images: list) -> dict:
+    """Batch-of-one tensors for a composite model's forward or generate: input_ids, attention_mask,
+    pixel_values and token_type_ids (1 on image soft tokens, which attend to each other both ways)."""
+    import torch
+
+    input_ids = torch.tensor([conversation.input_ids])
+    out = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+           "token_type_ids": (input_ids == processor.tokenizer.image_token_id).long()}
+    if images:
+        out["pixel_values"] = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    return out

@@ -11,6 +11,7 @@ import torch
 
 from posttrain.chat import ChatFormatError, control_token_ids
 from posttrain.data import TokenSequence
+from posttrain.modeling import output_rows
 
 
 class TokenizerMismatchError(ValueError):
@@ -19,11 +20,23 @@ class TokenizerMismatchError(ValueError):
 
 # --- teacher and student compared token by token ------------------------------------------------
 
+def _differ_only_by_appended_special_tokens(a_tok, b_tok) -> bool:
+    """True when one vocabulary is the other plus special tokens appended after it, every shared
+    token keeping its id: a composite model's image tokens (Gemma 3 4B and up next to a text-only
+    model). Text never tokenises to them, and distillation compares only the shared rows."""
+    a, b = a_tok.get_vocab(), b_tok.get_vocab()
+    small, large, large_tok = (a, b, b_tok) if len(a) <= len(b) else (b, a, a_tok)
+    if any(large.get(t) != i for t, i in small.items()):
+        return False
+    extra = set(large) - set(small)
+    return all(large[t] >= len(small) for t in extra) and extra <= set(large_tok.all_special_tokens)
+
+
 def check_same_tokenizer(student_tok, teacher_tok, student_path: str, teacher_path: str) -> None:
     """Refuse a teacher whose vocabulary, special tokens or Gemma control token ids differ."""
     problems: list[str] = []
     sv, tv = student_tok.get_vocab(), teacher_tok.get_vocab()
-    if sv != tv:
+    if sv != tv and not _differ_only_by_appended_special_tokens(student_tok, teacher_tok):
         only_s = sorted(set(sv) - set(tv))[:5]
         only_t = sorted(set(tv) - set(sv))[:5]
         moved = sorted(t for t in set(sv) & set(tv) if sv[t] != tv[t])[:5]
@@ -54,7 +67,7 @@ def shared_vocab_width(student, teacher, tokenizer, student_path: str, teacher_p
     tokenizer's vocabulary are never a real token, so both sides are compared over the first
     min(widths) rows, as long as that covers every id of the tokenizer's base vocabulary.
     """
-    s, t = student.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0]
+    s, t = output_rows(student), output_rows(teacher)
     width = min(s, t)
     needed = int(tokenizer.vocab_size)
     if width < needed:

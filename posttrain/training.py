@@ -70,11 +70,17 @@ class LoraSpec(BaseModel):
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: list[str] | str = Field("all-linear", description="Modules to adapt; 'all-linear' for every linear layer but the head.")
 
-    def to_peft_config(self):
+    def to_peft_config(self, model=None):
+        """peft's LoraConfig; given the `model`, one that leaves a composite's vision tower alone."""
         from peft import LoraConfig
 
+        from posttrain.modeling import VISION_MODULES_PATTERN, vision_parameter_names
+
+        # A composite model's vision tower shares layer names (q_proj, fc1...) with the language
+        # model; text post-training adapts the language model only.
+        exclude = VISION_MODULES_PATTERN if model is not None and vision_parameter_names(model) else None
         return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                          target_modules=self.target_modules, task_type="CAUSAL_LM")
+                          target_modules=self.target_modules, task_type="CAUSAL_LM", exclude_modules=exclude)
 
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -141,13 +147,17 @@ def save_model(model, tokenizer, out_dir: Path) -> None:
 
 
 def save_tokenizer(tokenizer, out_dir: Path) -> None:
-    """The tokenizer, with the Gemma chat template when it has none of its own."""
+    """The tokenizer, with the Gemma chat template when it has none of its own, and the processor
+    files of the checkpoint it was loaded from (a composite model's), so outputs keep them."""
     from posttrain.chat import GEMMA_CHAT_TEMPLATE
+    from posttrain.modeling import copy_processor_files
 
     out_dir.mkdir(parents=True, exist_ok=True)
     if not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
     tokenizer.save_pretrained(str(out_dir))
+    if getattr(tokenizer, "name_or_path", None) and Path(tokenizer.name_or_path).is_dir():
+        copy_processor_files(tokenizer.name_or_path, out_dir)
 
 
 # --- where frozen models live --------------------------------------------------------------------

@@ -175,6 +175,10 @@ def merge_tensor(name: str, init: torch.Tensor | None, tensors: Sequence[torch.T
             if not torch.equal(t, ref):
                 raise ValueError(f"merge: non-float tensor {name!r} differs in model {i} and cannot be merged")
         return ref.clone()
+    if all(torch.equal(t, ref) for t in tensors):
+        # No model changed this tensor (a composite's frozen vision tower under text post-training):
+        # it passes through byte-identical rather than through float arithmetic that may round it.
+        return ref.clone()
     m = len(tensors)
     if method == "slerp":
         if init is None:

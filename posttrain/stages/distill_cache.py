@@ -44,7 +44,7 @@ class DistillCacheStageConfig(StageConfig):
 @register_stage("distill_cache", DistillCacheStageConfig, outputs=("cache",))
 def run_distill_cache(cfg: DistillCacheStageConfig, ctx: StageContext) -> StageResult:
     """Score a dataset with the teacher once into an offline sparse-target cache for `distill`."""
-    from posttrain.modeling import load_causal_lm, load_tokenizer
+    from posttrain.modeling import load_causal_lm, load_tokenizer, output_rows
     from posttrain.teacher_cache import (TeacherCacheWriter, bytes_per_token, full_row_bytes,
                                          tokenizer_fingerprint)
 
@@ -58,7 +58,7 @@ def run_distill_cache(cfg: DistillCacheStageConfig, ctx: StageContext) -> StageR
     if cfg.limit is not None:
         sequences = sequences[:cfg.limit]
     teacher = load_causal_lm(cfg.teacher, dtype=cfg.teacher_dtype).eval()
-    vocab = teacher.get_output_embeddings().weight.shape[0]
+    vocab = output_rows(teacher)
     generator = torch.Generator().manual_seed(ctx.seed)
     objective = DistillationObjective(target=cfg.target, k=cfg.k, with_replacement=cfg.with_replacement,
                                       temperature=cfg.temperature, chunk_size=cfg.chunk_size)

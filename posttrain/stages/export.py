@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 from pydantic import Field
 
-from posttrain.chat import GEMMA_CHAT_TEMPLATE, END_OF_TURN, tokenize_prompt
+from posttrain.chat import END_OF_TURN, chat_template_for, tokenize_prompt
 from posttrain.stages.base import StageConfig, StageContext, StageError, StageResult, register_stage
 
 
@@ -58,13 +58,6 @@ def _model_card(ctx: StageContext, cfg: ExportStageConfig, probe_answer: str) ->
     return "\n".join(lines)
 
 
-def _context_length(model) -> int | None:
-    """The model's context window (max_position_embeddings of its text config), if it declares one."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    n = getattr(config, "max_position_embeddings", None)
-    return int(n) if n else None
-
-
 def _short(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
@@ -78,11 +71,11 @@ def run_export(cfg: ExportStageConfig, ctx: StageContext) -> StageResult:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from posttrain.modeling import load_policy, stop_token_ids
+    from posttrain.modeling import context_length, copy_processor_files, is_composite, load_policy, stop_token_ids
 
     model, tokenizer = load_policy(cfg.model)
     model = model.to(getattr(torch, cfg.dtype)).eval()
-    tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
+    tokenizer.chat_template = chat_template_for(is_composite(model.config))
     out = ctx.stage_dir / "model"
     tmp = ctx.stage_dir / "model.partial"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -92,14 +85,21 @@ def run_export(cfg: ExportStageConfig, ctx: StageContext) -> StageResult:
     # so answers end at <end_of_turn> / <eos> or when the context is full.
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
-        do_sample=False, max_length=_context_length(model))
+        do_sample=False, max_length=context_length(model.config))
     model.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
+    # A composite base (Gemma 3 4B and up) ships a processor: the export keeps it, so that it
+    # serves images as the base did.
+    copy_processor_files(cfg.model, tmp)
 
     # Round trip: reload from disk exactly as a user would.
     try:
         reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=getattr(torch, cfg.dtype)).eval()
         re_tok = AutoTokenizer.from_pretrained(str(tmp))
+        if is_composite(model.config):
+            from transformers import AutoProcessor
+
+            AutoProcessor.from_pretrained(str(tmp))
     except Exception as e:  # noqa: BLE001
         raise StageError(f"the exported checkpoint in {tmp} does not reload with transformers: {e}") from e
     gen_eos = reloaded.generation_config.eos_token_id
@@ -129,5 +129,5 @@ def run_export(cfg: ExportStageConfig, ctx: StageContext) -> StageResult:
     (ctx.stage_dir / "probe.json").write_text(json.dumps({"prompt": cfg.probe_prompt, "answer": answer, "stopped_at_end_of_turn": stopped}, indent=2))
     n_params = sum(p.numel() for p in model.parameters())
     return StageResult(outputs={"model": str(out)},
-                       metrics={"parameters": n_params, "probe_answer": answer[:80], "stopped_at_end_of_turn": stopped,
+                       metrics={"parameters": n_params, "architecture": type(reloaded).__name__, "probe_answer": answer[:80], "stopped_at_end_of_turn": stopped,
                                 "reload_max_logit_diff": diff})

@@ -232,16 +232,15 @@ def load_reward_model(path: str, pad_token_id: int, dropout: float = 0.0):
     import transformers
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from posttrain.modeling import config_parts
+    from posttrain.modeling import freeze_vision_tower, set_pad_token_id, text_config
 
     config = AutoConfig.from_pretrained(path)
     config.num_labels = 1
     # Set on the config, not passed as keyword arguments: a composite checkpoint (Gemma 3 4B and
     # up: a language model with a vision tower) hands unknown keywords to the model's __init__,
     # and its classifier reads the pad id and the attention dropout from the text part.
-    for part in config_parts(config):
-        part.pad_token_id = pad_token_id
-    text = config.get_text_config()
+    set_pad_token_id(config, pad_token_id)
+    text = text_config(config)
     if hasattr(text, "attention_dropout"):
         text.attention_dropout = dropout
     verbosity = transformers.logging.get_verbosity()
@@ -250,6 +249,7 @@ def load_reward_model(path: str, pad_token_id: int, dropout: float = 0.0):
         model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=torch.float32)
     finally:
         transformers.logging.set_verbosity(verbosity)
+    freeze_vision_tower(model)  # preference text gives a composite trunk's vision tower nothing to learn
     return model
 
 

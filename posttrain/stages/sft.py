@@ -15,7 +15,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from posttrain.chat import ChatFormatError, normalise_messages, prompt_completion_to_messages, tokenize_conversation
+from posttrain.chat import (ChatFormatError, has_image_parts, image_model_inputs, normalise_messages,
+                           prompt_completion_to_messages, text_view, tokenize_conversation, tokenize_image_conversation)
 from posttrain.data import DataError, iter_rows, write_jsonl
 from posttrain.rollout.parallel import current_launch
 from posttrain.stages.base import StageConfig, StageContext, StageError, StageResult, register_stage
@@ -41,6 +42,9 @@ class SFTStageConfig(StageConfig):
     on_invalid_row: Literal["error", "skip"] = Field(
         "error", description="An invalid row stops the stage with its file and line, or is skipped and written to skipped.jsonl.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
+    train_vision_tower: bool = Field(False, description="Composite models (Gemma 3 4B and up): also train the vision "
+                                     "tower and projector. Off, they are frozen (out of the optimizer) and come out "
+                                     "byte-identical.")
     bf16: bool = Field(False, description="bfloat16 mixed precision (GPU nodes).")
     logging_steps: int = Field(10, ge=1, description="Log the loss every this many steps.")
     report_to: ReportTo = Field(default_factory=list, description="Extra trackers: tensorboard, wandb, trackio "
@@ -49,7 +53,7 @@ class SFTStageConfig(StageConfig):
 
 
 def load_conversations(path: str, on_invalid_row: str, skipped_path: Path,
-                       write_skipped: bool = True) -> tuple[list[list[dict]], int]:
+                       write_skipped: bool = True, allow_images: bool = False) -> tuple[list[list[dict]], int]:
     """Conversations from `messages` or `prompt`/`completion` rows; invalid rows error or are
     recorded in `skipped_path` (written unless `write_skipped` is off: another process writes it)."""
     conversations, skipped = [], []
@@ -61,7 +65,7 @@ def load_conversations(path: str, on_invalid_row: str, skipped_path: Path,
                 messages = prompt_completion_to_messages(row["prompt"], row["completion"])
             else:
                 raise ChatFormatError(f"expected a 'messages' list or 'prompt' and 'completion'; the row has {sorted(row)}")
-            turns = normalise_messages(messages)
+            turns = normalise_messages(text_view(messages) if allow_images and has_image_parts(messages) else messages)
             if not any(t["role"] == "assistant" for t in turns):
                 raise ChatFormatError("the conversation has no assistant turn to learn from")
             conversations.append(messages)
@@ -91,6 +95,58 @@ def tokenize_for_training(tokenizer, conversations, max_length: int) -> tuple[li
     return rows, truncated
 
 
+class ImageTextCollator:
+    """Batches of image + text rows for a composite model: right-padded ids, labels on the model
+    turns only, and the rows' images as pixel_values with the token_type_ids that mark their soft
+    tokens. The images are kept here, by row, rather than in the dataset's columns."""
+
+    def __init__(self, processor, pixels: list):
+        self.processor, self.pixels = processor, pixels
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        pad = self.processor.tokenizer.pad_token_id
+        width = max(len(f["input_ids"]) for f in features)
+        ids = torch.full((len(features), width), pad, dtype=torch.long)
+        labels = torch.full((len(features), width), -100, dtype=torch.long)
+        attention = torch.zeros((len(features), width), dtype=torch.long)
+        for i, f in enumerate(features):
+            n = len(f["input_ids"])
+            ids[i, :n] = torch.tensor(f["input_ids"])
+            attention[i, :n] = 1
+            mask = torch.tensor(f["assistant_masks"], dtype=torch.bool)
+            labels[i, :n] = torch.where(mask, ids[i, :n], torch.full_like(ids[i, :n], -100))
+        batch = {"input_ids": ids, "attention_mask": attention, "labels": labels,
+                 "token_type_ids": (ids == self.processor.tokenizer.image_token_id).long()}
+        pixels = [self.pixels[f["row"]] for f in features if self.pixels[f["row"]] is not None]
+        if pixels:
+            batch["pixel_values"] = torch.cat(pixels)
+        return batch
+
+
+def image_rows_for_training(cfg: SFTStageConfig, conversations) -> tuple[list[dict], int, ImageTextCollator]:
+    """Rows of a dataset with image parts, tokenised with the model's processor; a row longer than
+    max_length is an error (cutting it could split an image's soft tokens)."""
+    from transformers import AutoProcessor
+
+    from posttrain.modeling import checkpoint_is_composite
+
+    if not checkpoint_is_composite(cfg.model):
+        raise DataError(f"{cfg.dataset}: rows hold image parts, and {cfg.model} is a text-only model; image + text "
+                        "finetuning needs a composite checkpoint (Gemma 3 4B and up) with its processor")
+    processor = AutoProcessor.from_pretrained(cfg.model)
+    rows, pixels = [], []
+    for i, messages in enumerate(conversations):
+        conv, images = tokenize_image_conversation(processor, messages, where=f"{cfg.dataset}: row {i + 1}: messages")
+        if len(conv.input_ids) > cfg.max_length:
+            raise DataError(f"{cfg.dataset}: row {i + 1}: {len(conv.input_ids)} tokens with its images, over "
+                            f"max_length {cfg.max_length}; raise max_length (image rows are not cut)")
+        pixels.append(image_model_inputs(processor, conv, images).get("pixel_values"))
+        rows.append({"input_ids": conv.input_ids, "assistant_masks": conv.loss_mask, "row": i})
+    return rows, 0, ImageTextCollator(processor, pixels)
+
+
 @register_stage("sft", SFTStageConfig, outputs=("model",), distributed=True)
 def run_sft(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
     """Supervised finetuning (TRL SFTTrainer), full or LoRA, loss on model turns only."""
@@ -98,16 +154,23 @@ def run_sft(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
     from transformers import PrinterCallback, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from posttrain.modeling import load_policy
+    from posttrain.modeling import checkpoint_is_composite, load_policy
 
     datasets.disable_progress_bars()  # the stage's own progress bar is the one to watch
+    composite = checkpoint_is_composite(cfg.model)
     conversations, n_skipped = load_conversations(cfg.dataset, cfg.on_invalid_row, ctx.stage_dir / "skipped.jsonl",
-                                                  write_skipped=ctx.is_main)
-    model, tokenizer = load_policy(cfg.model)
-    rows, n_truncated = tokenize_for_training(tokenizer, conversations, cfg.max_length)
+                                                  write_skipped=ctx.is_main, allow_images=composite)
+    model, tokenizer = load_policy(cfg.model, train_vision_tower=cfg.train_vision_tower)
+    collator, trainer_options = None, {}
+    if any(has_image_parts(c) for c in conversations):
+        rows, n_truncated, collator = image_rows_for_training(cfg, conversations)
+        # The rows are tokenised here and batched by the collator, which adds the images.
+        trainer_options = dict(remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True})
+    else:
+        rows, n_truncated = tokenize_for_training(tokenizer, conversations, cfg.max_length)
     train = datasets.Dataset.from_list(rows)
 
-    peft_config = cfg.lora.to_peft_config() if cfg.lora is not None else None
+    peft_config = cfg.lora.to_peft_config(model) if cfg.lora is not None else None
 
     args = SFTConfig(
         output_dir=str(ctx.stage_dir / "trainer"), max_steps=cfg.max_steps,
@@ -117,6 +180,7 @@ def run_sft(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
         gradient_checkpointing=cfg.gradient_checkpointing, bf16=cfg.bf16, logging_steps=cfg.logging_steps,
         save_strategy="no", report_to=cfg.report_to or "none", seed=ctx.seed, data_seed=ctx.seed,
         disable_tqdm=True, dataset_num_proc=None, deepspeed=cfg.deepspeed, use_cpu=_no_accelerator(),
+        **trainer_options,
     )
 
     losses: list[float] = []
@@ -132,7 +196,7 @@ def run_sft(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
                     metrics.log(state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))})
 
         trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
-                             peft_config=peft_config, callbacks=[Report()])
+                             peft_config=peft_config, callbacks=[Report()], data_collator=collator)
         trainer.remove_callback(PrinterCallback)  # our progress bar and metrics.jsonl replace its prints
         started = time.time()
         trainer.train()

@@ -12,7 +12,7 @@ from filters_testutil import chat
     (b'{"messages": [{"role": "user"}]}', "missing_field"),
     (b'{"messages": [{"role": "bot", "content": "x"}]}', "wrong_role"),
     (b'{"messages": [{"role": "user", "content": 3}]}', "non_string_content"),
-    (b'{"messages": [{"role": "user", "content": [{"type": "image", "url": "a.png"}]}]}', "non_string_content"),
+    (b'{"messages": [{"role": "user", "content": [{"type": "audio", "path": "a.wav"}]}]}', "non_string_content"),
     (b'{"messages": [{"role": "user", "content": []}]}', "non_string_content"),
     (b'{"messages": []}', "missing_field"),
     (b'{"text": "no known fields"}', "missing_field"),
@@ -34,6 +34,7 @@ def test_invalid_rows_are_rejected_with_a_reason(raw, reason):
     b'{"prompt": "p", "chosen": "a", "rejected": "b", "score": 3}',
     b'{"prompt": [{"role": "user", "content": "p"}]}',
     b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "u"}]}, {"role": "assistant", "content": "a"}]}',
+    b'{"messages": [{"role": "user", "content": [{"type": "image", "path": "a.png"}]}, {"role": "assistant", "content": "a"}]}',
 ])
 def test_valid_rows_of_every_shape_parse(raw):
     assert parse_line(raw)[2] is None

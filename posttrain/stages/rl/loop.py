@@ -85,7 +85,7 @@ def _build_policy(config: RLStageConfig):
     from peft import get_peft_model
 
     plain_copy = copy.deepcopy(base)  # the anchor lives in merged-weight space, outside peft
-    return get_peft_model(base, config.lora.to_peft_config()), plain_copy
+    return get_peft_model(base, config.lora.to_peft_config(base)), plain_copy
 
 
 def setup_run(config: RLStageConfig, ctx: StageContext) -> RLRun:

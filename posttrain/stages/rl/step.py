@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from posttrain.losses.token_logprobs import resolve_chunk_size
+from posttrain.modeling import output_rows
 from posttrain.rollout import DriftMonitor, SamplingParams, weights_for_engine
 from posttrain.scoring import score_completions
 from posttrain.stages.base import StageError
@@ -45,7 +46,7 @@ class Learner:
     @property
     def chunk_size(self) -> int | None:
         """logprob_chunk_size with "auto" resolved for the policy's vocabulary."""
-        vocabulary = self.policy.get_output_embeddings().weight.shape[0]
+        vocabulary = output_rows(self.policy)
         return resolve_chunk_size(self.config.logprob_chunk_size, vocabulary)
 
     def scorer(self, prompt_ids: list[list[int]], completions, group_size: int):

@@ -37,7 +37,7 @@ from pydantic import Field, model_validator
 from posttrain.data import load_prompts, write_json, write_jsonl
 from posttrain.losses.token_logprobs import resolve_chunk_size
 from posttrain.manifests import completed, mark_complete
-from posttrain.modeling import load_causal_lm, load_tokenizer
+from posttrain.modeling import checkpoint_tensors_for_model, load_causal_lm, load_tokenizer, output_rows
 from posttrain.rollout import SamplingParams, create_engine, weights_for_engine
 from posttrain.evaluation import evaluate_with_rewards
 from posttrain.scoring import score_completions
@@ -125,10 +125,11 @@ class PointEvaluator:
         self.reference = place_frozen(load_causal_lm(sft_dir), frozen)
         self.policy = place_frozen(load_causal_lm(sft_dir), device)
         self.engine = create_engine(sft_dir, config.rollout, device=device)
-        vocab = self.policy.get_output_embeddings().weight.shape[0]
+        vocab = output_rows(self.policy)
         self.chunk_size = resolve_chunk_size(config.logprob_chunk_size, vocab)
 
     def load(self, weights: dict[str, torch.Tensor]) -> None:
+        weights = checkpoint_tensors_for_model(self.policy, weights)
         result = self.policy.load_state_dict(weights, strict=False)
         if result.unexpected_keys:
             raise ValueError(f"warp: the point has tensor {result.unexpected_keys[0]!r}, which the SFT model lacks")
