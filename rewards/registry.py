@@ -85,7 +85,7 @@ def _from_module(spec: str, module, attr: str, shown_as: str | None = None) -> R
             hint = f"; did you mean {close[0]!r}?" if close else (
                 f"; it defines: {', '.join(sorted(functions))}" if functions else "")
             where = shown_as or str(getattr(module, "__name__", module))
-            raise RewardLoadError(f"cannot load reward {spec!r}: {where} has no function {attr!r}{hint}")
+            raise _fail(spec, f"{where} has no attribute {attr!r}{hint}")
         obj = getattr(obj, part)
     if not callable(obj):
         raise _fail(spec, f"{attr!r} is a {type(obj).__name__}, not a function")
