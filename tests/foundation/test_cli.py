@@ -31,7 +31,7 @@ def test_debug_shows_the_traceback(write_recipe, tiny_sft):
 
 def test_bad_set_override_exits_2(write_recipe, tiny_sft):
     r = cli("validate", str(write_recipe(tiny_sft)), "--set", "stages.sft.max_steps=-1")
-    assert r.returncode == 2 and "stages[0].max_steps" in r.stderr and "(--set)" in r.stderr
+    assert r.returncode == 2 and "stages.sft.max_steps" in r.stderr and "(--set)" in r.stderr
 
 
 def test_stage_failure_exits_1_with_the_data_location(write_recipe, tiny_sft, tmp_path):
