@@ -545,6 +545,18 @@ def import_plugin(spec: str, base: Path) -> None:
 
 # --- loading ---------------------------------------------------------------------------------
 
+def _preflight(top: RecipeTop, stages: list[StageEntry], all_names: list, base_dir: Path, src: str, lines) -> None:
+    """What the recipe names beyond its schema (rewards, columns, dataset configs), checked before
+    any stage trains; see posttrain.preflight."""
+    from posttrain.preflight import recipe_problems
+
+    indexed = [(all_names.index(s.name), s.name, s.kind, s.config) for s in stages]
+    problems = recipe_problems(top, indexed, base_dir)
+    if problems:
+        raise RecipeError("\n".join(f"{_where(src, lines, p.path)}: {_path_str(p.path, all_names)}: {p.message}"
+                                     for p in problems))
+
+
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read, override, validate. Raises RecipeError with every problem found, each with file:line."""
     p = Path(path)
@@ -625,6 +637,7 @@ def recipe_from_dict(raw: Any, source: Path | None = None, lines: dict | None = 
         raise RecipeError("\n".join(errors))
     if not stages:
         raise RecipeError(f"{src}: the recipe has no stages")
+    _preflight(top, stages, all_names, Path(source).parent if source else Path.cwd(), src, lines)
     out_dir = Path(top.output_dir)
     if not out_dir.is_absolute() and source is not None:
         out_dir = (Path(source).parent / out_dir)

@@ -22,7 +22,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["check_reward_kwargs", "load_reward", "register_reward", "registered_rewards", "RewardLoadError"]
+__all__ = ["check_reward_kwargs", "is_builtin_reward", "load_reward", "register_reward", "registered_rewards", "RewardLoadError"]
 
 RewardFn = Callable[..., object]
 
@@ -59,6 +59,11 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
         return fn
 
     return deco
+
+
+def is_builtin_reward(name: str) -> bool:
+    """A name of a reward shipped with the project (and not replaced by a registered one)."""
+    return name in _BUILTIN and name not in _REGISTRY
 
 
 def registered_rewards() -> list[str]:

@@ -122,12 +122,13 @@ output_dir: run
 models:
   student: {tiny: {arch: gemma3, hidden_size: 64, num_heads: 2, num_kv_heads: 1, intermediate_size: 128}}
 datasets:
-  prompts: {toy: {task: math, n: 8, format: prompt}}
+  chat: {toy: {task: chat, n: 8, format: chat}}
+  prompts: {toy: {task: mix, n: 64, format: prompt}}
 stages:
   - name: warmup
     kind: sft
     model: ${models.student}
-    dataset: ${datasets.prompts}
+    dataset: ${datasets.chat}
   - name: rl
     kind: rl
     model: ${stages.warmup.model}
@@ -161,4 +162,4 @@ def test_set_on_a_mapping_with_an_index_is_a_recipe_error(write_recipe):
 
 def test_errors_inside_a_stage_name_the_stage(write_recipe):
     msg, path = error_of(write_recipe, RL_TWO_REWARDS.replace("weight: 0.5", "wieght: 0.5"))
-    assert f"{path}:18" in msg and "unknown key 'stages.rl.rewards[1].wieght'" in msg
+    assert f"{path}:19" in msg and "unknown key 'stages.rl.rewards[1].wieght'" in msg
