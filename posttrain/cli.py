@@ -1,6 +1,7 @@
 """The `posttrain` command: run, validate, stages, report.
 
-Exit codes: 0 success, 1 a stage failed, 2 the recipe (or a --set override) is invalid.
+Exit codes: 0 success, 1 a stage failed, 2 the recipe (or a --set override) is invalid, 130/143
+interrupted by SIGINT/SIGTERM (one line says where, and that running the command again resumes).
 Errors are one paragraph without a traceback unless --debug.
 """
 
@@ -14,6 +15,8 @@ from pathlib import Path
 
 EXIT_STAGE_FAILED = 1
 EXIT_BAD_RECIPE = 2
+# As a shell reports a process a signal ended: 128 + the signal's number.
+EXIT_INTERRUPTED = {"SIGINT": 130, "SIGTERM": 143}
 
 
 def escape(text: str) -> str:
@@ -58,7 +61,12 @@ def _key_metrics(metrics: dict, limit: int = 4) -> str:
     preferred = ("kept_rows", "rejected_rows", "loss_last", "reward/mean", "kl_start", "kl_teacher_student_last",
                  "front/eta_1/reward", "front/eta_1/kl", "probe_answer")
     keys = [k for k in preferred if k in metrics][:limit]
-    return ", ".join(f"{k}={_fmt_metric(metrics[k])}" for k in keys)
+    shown = ", ".join(f"{k}={_fmt_metric(metrics[k])}" for k in keys)
+    # Faults are totals over the run (see runner.fault_totals); any at all is worth a glance.
+    faults = {k.rsplit("/", 1)[0]: v for k, v in metrics.items() if k.endswith("/faults") and v}
+    if faults:
+        shown += ("; " if shown else "") + "faults " + ", ".join(f"{k} {v}" for k, v in faults.items())
+    return shown
 
 
 def _summary(console, outcomes, run_dir: Path) -> None:
@@ -68,7 +76,7 @@ def _summary(console, outcomes, run_dir: Path) -> None:
     for col in ("stage", "kind", "status", "wall time", "key metrics", "output"):
         table.add_column(col, overflow="fold")
     for o in outcomes:
-        style = {"complete": "green", "skipped": "cyan", "failed": "red"}.get(o.status, "")
+        style = {"complete": "green", "skipped": "cyan", "skip (complete)": "cyan", "failed": "red"}.get(o.status, "")
         out = o.outputs.get("model") or o.outputs.get("dataset") or next(iter(o.outputs.values()), "")
         if out and Path(out).is_relative_to(run_dir):
             out = str(Path(out).relative_to(run_dir))
@@ -96,6 +104,10 @@ def cmd_run(args) -> int:
                           on_stage_start=lambda e: console.rule(escape(f"{e.name} ({e.kind})")))
     if not is_main():
         return 0
+    if runner.interrupted is not None:
+        stopped = next(o for o in outcomes if o.status == "interrupted")
+        console.print(f"[yellow]posttrain: {escape(stopped.error or '')}[/yellow]", soft_wrap=True)
+        return EXIT_INTERRUPTED[runner.interrupted.signal_name]
     _summary(console, outcomes, recipe.output_dir)
     if runner.report_path is not None:
         console.print(f"report: {escape(str(runner.report_path))}")
@@ -216,6 +228,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"posttrain: bad data: {e}", file=sys.stderr)
         code = EXIT_BAD_RECIPE
+    except KeyboardInterrupt as e:  # outside a stage (loading data, building models): nothing to resume
+        if args.debug:
+            raise
+        name = getattr(e, "signal_name", "SIGINT")
+        print(f"posttrain: {name}: interrupted before a stage started; nothing was lost", file=sys.stderr)
+        code = EXIT_INTERRUPTED[name]
     if args.command == "run" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         _leave_launched_rank(code)
     return code
