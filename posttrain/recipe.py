@@ -246,6 +246,9 @@ class RecipeTop(_Strict):
                                "your own stage kinds and rewards: 'package.module' or 'path/to/file.py'.")
     models: dict[str, ModelEntry] = Field(default_factory=dict)
     datasets: dict[str, DatasetEntry] = Field(default_factory=dict)
+    rollout: dict[str, Any] | None = Field(
+        None, description="Recipe-wide rollout engine settings (e.g. {backend: transformers}): every stage with a "
+        "`rollout` (rl, distill, warp, evaluate, ...) starts from these, and its own `rollout:` keys override them.")
     stages: list[dict] = Field(description="Ordered list of {name, kind, ...config}.")
 
 
@@ -545,6 +548,31 @@ def import_plugin(spec: str, base: Path) -> None:
 
 # --- loading ---------------------------------------------------------------------------------
 
+def _check_top_rollout(rollout: dict | None, src: str, lines) -> str | None:
+    """The recipe-wide `rollout:` checked on its own, so a mistake there is reported at its line
+    once rather than under every stage that inherits it."""
+    if rollout is None:
+        return None
+    from posttrain.rollout.types import RolloutConfig
+
+    try:
+        RolloutConfig.model_validate(rollout)
+    except ValidationError as e:
+        return _format_validation(e, RolloutConfig, src, lines, ("rollout",))
+    return None
+
+
+def _inherit_rollout(cfg_raw: dict, recipe_rollout: dict | None, config_cls) -> None:
+    """A stage whose config has a `rollout` starts from the recipe-wide one; its own keys win."""
+    if recipe_rollout is None or "rollout" not in getattr(config_cls, "model_fields", {}):
+        return
+    own = cfg_raw.get("rollout")
+    if own is None:
+        cfg_raw["rollout"] = dict(recipe_rollout)
+    elif isinstance(own, dict):
+        cfg_raw["rollout"] = {**recipe_rollout, **own}
+
+
 def _preflight(top: RecipeTop, stages: list[StageEntry], all_names: list, base_dir: Path, src: str, lines) -> None:
     """What the recipe names beyond its schema (rewards, columns, dataset configs), checked before
     any stage trains; see posttrain.preflight."""
@@ -588,6 +616,9 @@ def recipe_from_dict(raw: Any, source: Path | None = None, lines: dict | None = 
             if isinstance(raw.get("stages"), list) else None
         raise RecipeError(_format_validation(e, RecipeTop, src, lines, (), names)) from None
 
+    rollout_errors = _check_top_rollout(top.rollout, src, lines)
+    if rollout_errors:
+        raise RecipeError(rollout_errors)
     for i, plugin in enumerate(top.plugins):
         try:
             import_plugin(plugin, Path(source).parent if source else Path.cwd())
@@ -618,6 +649,7 @@ def recipe_from_dict(raw: Any, source: Path | None = None, lines: dict | None = 
             names_seen[name] = kind
             continue
         cfg_raw = {k: v for k, v in entry.items() if k not in ("name", "kind")}
+        _inherit_rollout(cfg_raw, top.rollout, STAGE_KINDS[kind].config_cls)
         configs_seen[name] = cfg_raw
         for rpath, ref in iter_references(cfg_raw):
             problem = _check_reference(ref, top, names_seen, all_names, configs_seen)

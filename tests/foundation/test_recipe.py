@@ -163,3 +163,19 @@ def test_set_on_a_mapping_with_an_index_is_a_recipe_error(write_recipe):
 def test_errors_inside_a_stage_name_the_stage(write_recipe):
     msg, path = error_of(write_recipe, RL_TWO_REWARDS.replace("weight: 0.5", "wieght: 0.5"))
     assert f"{path}:19" in msg and "unknown key 'stages.rl.rewards[1].wieght'" in msg
+
+
+def test_a_recipe_wide_rollout_is_inherited_by_every_stage_that_generates(write_recipe):
+    text = RL_TWO_REWARDS.replace("datasets:", "rollout: {backend: transformers, max_batch_size: 8}\ndatasets:", 1) + (
+        "    rollout: {max_batch_size: 4}\n"
+        "  - name: eval\n    kind: evaluate\n    model: ${stages.rl.model}\n    datasets: {p: '${datasets.prompts}'}\n")
+    r = load_recipe(write_recipe(text))
+    rl, ev = r.stage("rl").config.rollout, r.stage("eval").config.rollout
+    assert (rl.backend, rl.max_batch_size) == ("transformers", 4)  # the stage's own key wins
+    assert (ev.backend, ev.max_batch_size) == ("transformers", 8)  # evaluate inherits too
+
+
+def test_a_mistake_in_the_recipe_wide_rollout_is_reported_at_its_line(write_recipe):
+    text = RL_TWO_REWARDS.replace("datasets:", "rollout: {backend: transformer}\ndatasets:", 1)
+    msg, path = error_of(write_recipe, text)
+    assert f"{path}:5: rollout.backend" in msg and "'transformer'" in msg
