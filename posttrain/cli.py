@@ -159,6 +159,29 @@ def cmd_stages(args) -> int:
     return 0
 
 
+def type_text(annotation) -> str:
+    """A field's type as a user reads it: a Literal's allowed values ('cosine' | 'linear'), unions
+    spelt with |, containers with their item types, Annotated types as their base type."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin is typing.Annotated:
+        return type_text(args[0])
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_text(a) for a in args)
+    if annotation is type(None):
+        return "None"
+    if origin is not None and args:
+        name = getattr(origin, "__name__", str(origin).replace("typing.", ""))
+        return f"{name}[{', '.join('...' if a is Ellipsis else type_text(a) for a in args)}]"
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
 def _print_fields(console, cls, indent: str) -> None:
     from pydantic_core import PydanticUndefined
 
@@ -171,7 +194,7 @@ def _print_fields(console, cls, indent: str) -> None:
             default = f"default {f.default_factory()!r}"
         else:
             default = f"default {f.default!r}" if f.default is not PydanticUndefined else ""
-        ann = getattr(f.annotation, "__name__", None) or str(f.annotation).replace("typing.", "")
+        ann = type_text(f.annotation)
         console.print(f"{indent}[bold]{name}[/bold] {escape(f'({ann}, {default}): {f.description or str()}')}",
                       soft_wrap=True)
         sub = _model_in(f.annotation)

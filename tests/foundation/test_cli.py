@@ -73,3 +73,12 @@ def test_dry_run_runs_nothing(write_recipe, tiny_sft):
     r = cli("run", str(path), "--dry-run")
     assert r.returncode == 0 and "would run" in r.stdout
     assert not (path.parent / "run" / "sft" / "manifest.json").exists()
+
+
+def test_stages_spells_out_literal_and_union_types_with_their_allowed_values():
+    r = cli("stages", "sft", env={"COLUMNS": "400"})
+    assert "lr_scheduler ('linear' | 'cosine' | 'constant' | 'constant_with_warmup', default 'cosine')" in r.stdout
+    assert "lora (LoraSpec | None, default None)" in r.stdout
+    assert "Literal" not in r.stdout and "Union" not in r.stdout
+    r = cli("stages", "rl", env={"COLUMNS": "400"})
+    assert "fault_policy ('zero' | 'skip' | 'fail', default 'zero')" in r.stdout and "Literal" not in r.stdout
