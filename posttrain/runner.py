@@ -522,7 +522,11 @@ class Runner:
 
         out = {k: v for k, v in self.recipe.raw.items() if k != "stages"}
         out["output_dir"] = str(self.recipe.output_dir)
-        out["stages"] = [{"name": n, **c} for n, c in resolved_stages.items()]
+        # Every stage of the recipe, so that a run stopped early still shows all of them (the report
+        # counts them): a stage this run did not reach keeps its references as written.
+        written = {s.get("name"): s for s in self.recipe.raw.get("stages", []) if isinstance(s, dict)}
+        out["stages"] = [{"name": e.name, **resolved_stages[e.name]} if e.name in resolved_stages else written[e.name]
+                         for e in self.recipe.stages]
         text = yaml.safe_dump(out, sort_keys=False)
         tmp = self.recipe.output_dir / "recipe.resolved.yaml.tmp"
         tmp.write_text(text)
