@@ -58,9 +58,10 @@ def _key_metrics(metrics: dict, limit: int = 4) -> str:
     acc = {k.rsplit("/", 1)[0]: v for k, v in metrics.items() if k.endswith("/accuracy")}
     if acc:
         return "accuracy " + ", ".join(f"{name} {_fmt_metric(v)}" for name, v in acc.items())
-    preferred = ("kept_rows", "rejected_rows", "loss_last", "reward/mean", "kl_start", "kl_teacher_student_last",
-                 "front/eta_1/reward", "front/eta_1/kl", "probe_answer")
-    keys = [k for k in preferred if k in metrics][:limit]
+    # kl_start_k3 (never negative) before kl_start (k1, an unbiased estimate that a batch can make negative)
+    preferred = ("kept_rows", "rejected_rows", "loss_last", "reward/mean", "kl_start_k3", "kl_start",
+                 "kl_teacher_student_last", "front/eta_1/reward", "front/eta_1/kl", "probe_answer")
+    keys = [k for k in preferred if k in metrics and not (k == "kl_start" and "kl_start_k3" in metrics)][:limit]
     shown = ", ".join(f"{k}={_fmt_metric(metrics[k])}" for k in keys)
     # Faults are totals over the run (see runner.fault_totals); any at all is worth a glance.
     faults = {k.rsplit("/", 1)[0]: v for k, v in metrics.items() if k.endswith("/faults") and v}

@@ -144,6 +144,8 @@ def curve_panels(rows: list[dict]) -> tuple[dict[str, list[str]], dict[str, tupl
         title = next((t for needle, t in CURVES if needle in low), None)
         if title is None:
             continue
+        if title == "KL" and f"{key}_k3" in keys:
+            continue  # the k1 estimate of the same KL: its batches can be negative; the k3 curve is drawn
         pts = _points(rows, key)
         if len(pts) >= 2:
             panels.setdefault(title, []).append(key)

@@ -39,7 +39,8 @@ from posttrain.data import load_prompts
 from posttrain.losses.token_logprobs import resolve_chunk_size
 from posttrain.losses.bond import (backward_rewards, better_sample_index, forward_nll_loss, jbond_rewards, jeffreys_loss,
                                    leave_one_out_advantages, log_quantile_rewards, ties)
-from posttrain.losses.policy import Aggregation, kl_regularised_rewards, masked_sum, reinforce_loss, rloo_advantages
+from posttrain.losses.policy import (Aggregation, k3_kl, kl_regularised_rewards, masked_sum, reinforce_loss,
+                                     rloo_advantages)
 from posttrain.modeling import load_causal_lm, load_tokenizer
 from posttrain.rollout import DriftMonitor, RolloutConfig, SamplingParams, create_engine, weights_for_engine
 from posttrain.scoring import score_completions
@@ -400,6 +401,8 @@ def _rl_step(step, config: RLStageConfig, ctx, session: TrainingSession, engine,
         "reward_beta/mean": _mean(session.gather_lists(stats.r_beta)),
         "loss": session.all_sum(stats.loss), "grad_norm": result.grad_norm, "lr": session.learning_rate,
         "kl_anchor": _mean(session.gather_lists(stats.kl_anchor)), "kl_start": _mean(session.gather_lists(stats.kl_start)),
+        "kl_anchor_k3": _mean(session.gather_lists(stats.kl_anchor_k3)),
+        "kl_start_k3": _mean(session.gather_lists(stats.kl_start_k3)),
         "entropy": session.all_sum(stats.entropy_sum) / max(1.0, session.all_sum(stats.entropy_count)),
         "micro_batches": stats.micro_batches, **drift_metrics, "skipped_nonfinite": 0,
     }
@@ -468,6 +471,8 @@ def policy_gradient_pass(config: RLStageConfig, session: TrainingSession, policy
                   engine_lp=[c.logprobs for c in completions[mb]] if keep_logprobs else [],
                   trainer_lp=[logp[i, :len(c.token_ids)].detach().cpu() for i, c in enumerate(completions[mb])]
                   if keep_logprobs else [])
+        stats.kl_anchor_k3 += k3_kl(logp.detach(), logp_anchor, mask).tolist()
+        stats.kl_start_k3 += k3_kl(logp.detach(), logp_anchor if logp_start is None else logp_start, mask).tolist()
     return stats, True
 
 
@@ -585,6 +590,8 @@ def _bond_step(step, config: RLStageConfig, ctx, session: TrainingSession, engin
         "loss": session.all_sum(stats.loss), "loss/forward": session.all_sum(stats.forward),
         "loss/backward": session.all_sum(stats.backward), "grad_norm": result.grad_norm, "lr": session.learning_rate,
         "kl_anchor": _mean(session.gather_lists(stats.kl_anchor)), "kl_start": _mean(session.gather_lists(stats.kl_start)),
+        "kl_anchor_k3": _mean(session.gather_lists(stats.kl_anchor_k3)),
+        "kl_start_k3": _mean(session.gather_lists(stats.kl_start_k3)),
         "entropy": session.all_sum(stats.entropy_sum) / max(1.0, session.all_sum(stats.entropy_count)),
         **tie_metrics, "micro_batches": stats.micro_batches, **drift_metrics, "skipped_nonfinite": 0,
     }
@@ -650,17 +657,18 @@ def bond_gradient_pass(config: RLStageConfig, session: TrainingSession, policy, 
         with torch.no_grad(), session.autocast():
             logp, mask, entropy = score(policy, with_entropy=True)
             logp_sum[mb] = masked_sum(logp, mask).float().cpu()
-            anchor_sum[mb] = masked_sum(score(anchor)[0].to(logp.device), mask).float().cpu()
-            if start_model is not None:
-                start_sum[mb] = masked_sum(score(start_model)[0].to(logp.device), mask).float().cpu()
+            logp_anchor = score(anchor)[0].to(logp.device)
+            anchor_sum[mb] = masked_sum(logp_anchor, mask).float().cpu()
+            logp_start = score(start_model)[0].to(logp.device) if start_model is not None else logp_anchor
+            start_sum[mb] = masked_sum(logp_start, mask).float().cpu()
+            stats.kl_anchor_k3 += k3_kl(logp, logp_anchor, mask)[valid[mb].to(logp.device)].tolist()
+            stats.kl_start_k3 += k3_kl(logp, logp_start, mask)[valid[mb].to(logp.device)].tolist()
         ok = valid[mb].to(mask.device)
         stats.entropy_sum += float((entropy.sum(dim=-1) * ok).sum())
         stats.entropy_count += float((mask.sum(dim=-1) * ok).sum())
         if keep_logprobs:
             stats.engine_lp += [c.logprobs for c in policy_samples[mb]]
             stats.trainer_lp += [logp[i, :len(c.token_ids)].cpu() for i, c in enumerate(policy_samples[mb])]
-    if start_model is None:
-        start_sum = anchor_sum
     big_r = backward_rewards(quantile_reward, logp_sum, anchor_sum, kl_coef)
     if config.baseline == "rloo":
         advantages = leave_one_out_advantages(big_r, valid, session.all_sum(float(big_r[valid].sum())),
@@ -729,6 +737,7 @@ class _BondStats:
     def __init__(self):
         self.loss = self.forward = self.backward = self.kl_term = 0.0
         self.kl_anchor, self.kl_start, self.backward_reward = [], [], []
+        self.kl_anchor_k3, self.kl_start_k3 = [], []
         self.entropy_sum = self.entropy_count = 0.0
         self.engine_lp, self.trainer_lp = [], []
         self.ties = self.prompts = 0.0
@@ -796,6 +805,7 @@ class _StepStats:
     def __init__(self):
         self.loss = 0.0
         self.kl_anchor, self.kl_start, self.r_beta = [], [], []
+        self.kl_anchor_k3, self.kl_start_k3 = [], []
         self.entropy_sum = self.entropy_count = 0.0
         self.engine_lp, self.trainer_lp = [], []
         self.micro_batches = 0

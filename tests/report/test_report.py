@@ -190,3 +190,11 @@ def test_a_metric_logged_once_is_reported_as_a_number_not_drawn(tmp_path):
     _stage(run, "rl", "rl", "complete", CURVES_ROWS)
     page = render(load_run(run))
     assert "Logged once: rollout/drift = 0.002 (step 1)" in page
+
+
+def test_the_kl_panel_draws_the_k3_estimate_instead_of_a_k1_that_can_be_negative():
+    from posttrain.report import curve_panels
+
+    rows = [{"step": s, "kl_start": -0.01 * s, "kl_start_k3": 0.002 * s, "kl_anchor": 0.01} for s in range(1, 5)]
+    panels, _ = curve_panels(rows)
+    assert panels["KL"] == ["kl_anchor", "kl_start_k3"]
