@@ -50,10 +50,13 @@ class Problem:
     message: str
 
 
-def recipe_problems(top, stages: list, base_dir: Path) -> list[Problem]:
-    """Every problem found in `stages` ([(index, name, kind, config)]) of the validated recipe `top`."""
+def recipe_problems(top, stages: list, base_dir: Path,
+                    columns_of: Callable[[str], set | None] | None = None) -> list[Problem]:
+    """Every problem found in `stages` ([(index, name, kind, config)]) of the validated recipe `top`.
+    `columns_of(reference)` gives a dataset's columns (default: what is knowable without loading it;
+    the runner passes the columns of the data it has loaded)."""
     problems: list[Problem] = []
-    columns_of = _DatasetColumns(top, base_dir)
+    columns_of = columns_of or _DatasetColumns(top, base_dir)
     for name, entry in top.datasets.items():
         message = dataset_config_problem(entry, base_dir)
         if message:
@@ -241,14 +244,19 @@ class _DatasetColumns:
         path = _local_path(entry.path, self.base_dir)
         if path is None or not path.is_file():
             return None
-        from posttrain.data import iter_rows
+        return file_columns(path)
 
-        keys: set = set()
-        for i, (_, row) in enumerate(iter_rows(path)):
-            keys |= set(row)
-            if i >= 63:
-                break
-        return keys
+
+def file_columns(path: str | Path, rows: int = 64) -> set:
+    """The columns of the first `rows` rows of a data file."""
+    from posttrain.data import iter_rows
+
+    keys: set = set()
+    for i, (_, row) in enumerate(iter_rows(path)):
+        keys |= set(row)
+        if i + 1 >= rows:
+            break
+    return keys
 
 
 def _local_path(text: str, base_dir: Path) -> Path | None:

@@ -548,6 +548,15 @@ def import_plugin(spec: str, base: Path) -> None:
 
 # --- loading ---------------------------------------------------------------------------------
 
+def check_loaded_columns(recipe: "Recipe", columns_of) -> None:
+    """The column checks again, on the data as loaded (`columns_of(reference)`): a hub dataset or a
+    folder read through `datasets` has columns only once it is loaded, before the first stage trains."""
+    names = [s.name for s in recipe.stages]
+    src = str(recipe.source) if recipe.source else "<recipe>"
+    base = recipe.source.parent if recipe.source else Path.cwd()
+    _preflight(recipe, recipe.stages, names, base, src, recipe.lines, columns_of)
+
+
 def _check_top_rollout(rollout: dict | None, src: str, lines) -> str | None:
     """The recipe-wide `rollout:` checked on its own, so a mistake there is reported at its line
     once rather than under every stage that inherits it."""
@@ -573,13 +582,14 @@ def _inherit_rollout(cfg_raw: dict, recipe_rollout: dict | None, config_cls) -> 
         cfg_raw["rollout"] = {**recipe_rollout, **own}
 
 
-def _preflight(top: RecipeTop, stages: list[StageEntry], all_names: list, base_dir: Path, src: str, lines) -> None:
+def _preflight(top, stages: list[StageEntry], all_names: list, base_dir: Path, src: str, lines,
+               columns_of=None) -> None:
     """What the recipe names beyond its schema (rewards, columns, dataset configs), checked before
     any stage trains; see posttrain.preflight."""
     from posttrain.preflight import recipe_problems
 
     indexed = [(all_names.index(s.name), s.name, s.kind, s.config) for s in stages]
-    problems = recipe_problems(top, indexed, base_dir)
+    problems = recipe_problems(top, indexed, base_dir, columns_of)
     if problems:
         raise RecipeError("\n".join(f"{_where(src, lines, p.path)}: {_path_str(p.path, all_names)}: {p.message}"
                                      for p in problems))

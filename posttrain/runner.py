@@ -317,13 +317,24 @@ class Runner:
         """Load and map every dataset these stages read, before the first of them trains: a mapping
         mistake or an unreachable hub set in the last stage's data fails in seconds, not after the
         stages before it have trained for hours. Each is written once and reused when its stage runs."""
-        from posttrain.recipe import iter_references
+        from posttrain.preflight import file_columns
+        from posttrain.recipe import check_loaded_columns, iter_references
 
+        loaded: dict[str, str] = {}
         for entry in stages:
             for _, ref in iter_references(entry.config.model_dump(mode="json", exclude_unset=False)):
                 kind, name = ref.split(".")[:2]
                 if kind == "datasets":
-                    self.inputs.dataset(name)
+                    loaded[name] = self.inputs.dataset(name)
+
+        def columns_of(ref: str) -> set | None:
+            name = ref.strip()[len("${datasets."):-1] if ref.strip().startswith("${datasets.") else None
+            path = Path(loaded[name]) if name in loaded else None
+            return file_columns(path) if path is not None and path.is_file() else None
+
+        # The columns rewards and stages read, now that every dataset's columns are known (a hub set
+        # or a folder read through `datasets` has none before it is loaded).
+        check_loaded_columns(self.recipe, columns_of)
 
     # -- running ------------------------------------------------------------------------------
     def run(self, from_stage: str | None = None, only: str | None = None, dry_run: bool = False,

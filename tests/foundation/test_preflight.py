@@ -137,3 +137,18 @@ def test_validate_exits_2_on_a_reward_mistake(recipe_with):
     r = subprocess.run([sys.executable, "-m", "posttrain.cli", "validate", str(path)], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 2 and "did you mean 'math'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_run_checks_columns_of_data_known_only_once_loaded_before_any_stage_trains(recipe_with, tmp_path):
+    import pandas as pd
+
+    # A folder read through `datasets`: its columns are known only once loaded, at `run`.
+    (tmp_path / "gsm8k").mkdir()
+    pd.DataFrame({"prompt": ["1+1?"], "solution": ["2"]}).to_parquet(tmp_path / "gsm8k" / "train.parquet")
+    path = recipe_with("{name: math}", RECIPE.replace("prompts: {path: prompts.jsonl}", "prompts: {path: gsm8k}"))
+    load_recipe(path)  # validate cannot know them
+    r = subprocess.run([sys.executable, "-m", "posttrain.cli", "run", str(path)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"{path}:{REWARD_LINE}: stages.rl.rewards[0]: reward 'math' reads the column 'answer'" in r.stderr
+    assert not (tmp_path / "run" / "warmup").exists()  # nothing trained
