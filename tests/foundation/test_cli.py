@@ -82,3 +82,12 @@ def test_stages_spells_out_literal_and_union_types_with_their_allowed_values():
     assert "Literal" not in r.stdout and "Union" not in r.stdout
     r = cli("stages", "rl", env={"COLUMNS": "400"})
     assert "fault_policy ('zero' | 'skip' | 'fail', default 'zero')" in r.stdout and "Literal" not in r.stdout
+
+
+def test_the_summary_shows_reward_faults_and_the_non_negative_kl():
+    from posttrain.cli import _key_metrics
+
+    shown = _key_metrics({"reward/mean": 0.0, "kl_start": -0.038, "kl_start_k3": 0.004, "reward/math/faults": 160,
+                          "reward/brevity/faults": 0})
+    assert "kl_start_k3=0.004" in shown and "kl_start=" not in shown
+    assert shown.endswith("faults reward/math 160")
