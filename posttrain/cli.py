@@ -252,11 +252,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"posttrain: bad data: {e}", file=sys.stderr)
         code = EXIT_BAD_RECIPE
-    except KeyboardInterrupt as e:  # outside a stage (loading data, building models): nothing to resume
+    except KeyboardInterrupt as e:  # outside a stage (loading data, building models, writing the report)
         if args.debug:
             raise
         name = getattr(e, "signal_name", "SIGINT")
-        print(f"posttrain: {name}: interrupted before a stage started; nothing was lost", file=sys.stderr)
+        print(f"posttrain: {name}: interrupted outside a stage; no stage's work was lost, and running the same "
+              "command again goes on from the stages already complete", file=sys.stderr)
         code = EXIT_INTERRUPTED[name]
     if args.command == "run" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         _leave_launched_rank(code)

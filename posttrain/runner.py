@@ -12,6 +12,10 @@ Layout of a run directory (`output_dir`):
 
 A stage is skipped when its manifest says complete and its hash (kind, resolved config,
 fingerprints of its inputs) is unchanged. Once one stage runs, every later stage runs too.
+
+SIGINT and SIGTERM stop the stage that is running as a `RunInterrupted`: it gets no manifest
+(it is not complete), its attempt and checkpoints stay for the next run to resume from, and the
+resolved recipe and report are written before `run` returns with the stage `interrupted`.
 """
 
 from __future__ import annotations
