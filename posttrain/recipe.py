@@ -365,10 +365,8 @@ def _format_validation(err: ValidationError, model_cls, source: str, lines, pref
                        stage_names: list | None = None) -> str:
     msgs = []
     for e in err.errors():
-        # pydantic's union-member and validator labels ("function-after[...]", "list[RewardSpec]") are
-        # not recipe keys; a key the user wrote with brackets (a mistyped `--set a[0]`) is kept.
-        loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and x.startswith(("function-", "list[", "dict[",
-                                                                                      "tagged-union["))))
+        # pydantic's union-member and validator labels ("function-after[...]", "list[RewardSpec]") are not keys
+        loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and ("[" in x or x.startswith("function-"))))
         full = prefix + loc
         where = _where(source, lines, full)
         shown = _path_str(full, stage_names)
