@@ -235,7 +235,8 @@ class _DatasetColumns:
             from posttrain.toy import tasks
 
             spec = entry.toy
-            rows = tasks.generate(spec.task, min(spec.n, 64), seed=spec.seed or 0, split=spec.split, fmt=spec.format,
+            # rows of a mix are drawn task by task at random: 200 of them hold every task's columns
+            rows = tasks.generate(spec.task, min(spec.n, 200), seed=spec.seed or 0, split=spec.split, fmt=spec.format,
                                      mix=spec.mix, flip_rate=spec.flip_rate,
                                      ignore_instruction_rate=spec.ignore_instruction_rate)
             return {k for row in rows for k in row}
@@ -247,15 +248,21 @@ class _DatasetColumns:
         return file_columns(path)
 
 
-def file_columns(path: str | Path, rows: int = 64) -> set:
-    """The columns of the first `rows` rows of a data file."""
+def file_columns(path: str | Path, max_rows: int = 200_000) -> set | None:
+    """Every column of a data file's rows, or None when that is not known for sure: the file has
+    more than `max_rows` rows (a column may first appear late, as in files of several tasks put
+    one after another), or a row cannot be read (the stage that reads it reports that, with its
+    line, or skips it under `on_invalid_row: skip`)."""
     from posttrain.data import iter_rows
 
     keys: set = set()
-    for i, (_, row) in enumerate(iter_rows(path)):
-        keys |= set(row)
-        if i + 1 >= rows:
-            break
+    try:
+        for i, (_, row) in enumerate(iter_rows(path)):
+            if i >= max_rows:
+                return None
+            keys |= set(row)
+    except Exception:  # noqa: BLE001 - see the docstring: not this check's error to report
+        return None
     return keys
 
 

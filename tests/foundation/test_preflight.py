@@ -152,3 +152,14 @@ def test_run_checks_columns_of_data_known_only_once_loaded_before_any_stage_trai
     assert r.returncode == 2, r.stdout + r.stderr
     assert f"{path}:{REWARD_LINE}: stages.rl.rewards[0]: reward 'math' reads the column 'answer'" in r.stderr
     assert not (tmp_path / "run" / "warmup").exists()  # nothing trained
+
+
+def test_a_column_that_first_appears_late_in_a_file_is_found(recipe_with, tmp_path):
+    rows = [{"prompt": f"q{i}", "instruction_id_list": []} for i in range(300)] + [{"prompt": "1+1?", "answer": "2"}]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    load_recipe(recipe_with("{name: math}"))
+
+
+def test_an_unreadable_row_is_left_to_the_stage_that_reads_it(recipe_with, tmp_path):
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": "1+1?"}) + "\nnot json\n")
+    load_recipe(recipe_with("{name: math}"))  # the stage reports the row (or skips it with on_invalid_row: skip)
