@@ -37,7 +37,7 @@ CALLER_ARGUMENTS = {"prompts", "completions", "completion_ids", "trainer_state",
 STAGE_COLUMNS: dict[str, dict[str, list[tuple[str, ...]]]] = {
     "sft": {"dataset": [("messages",), ("prompt", "completion")]},
     "rl": {"dataset": [("prompt",)], "eval_dataset": [("prompt",)]},
-    "warp": {"dataset": [("prompt",)]},
+    "warp": {"dataset": [("prompt",)], "eval_dataset": [("prompt",)]},
     "evaluate": {"datasets": [("prompt",)]},
 }
 # Config fields that name the data a stage's rewards score.
