@@ -1,6 +1,7 @@
 """The `posttrain` command: run, validate, stages, report.
 
-Exit codes: 0 success, 1 a stage failed, 2 the recipe (or a --set override) is invalid.
+Exit codes: 0 success, 1 a stage failed, 2 the recipe (or a --set override) is invalid, 130/143
+interrupted by SIGINT/SIGTERM (one line says where, and that running the command again resumes).
 Errors are one paragraph without a traceback unless --debug.
 """
 
@@ -14,6 +15,8 @@ from pathlib import Path
 
 EXIT_STAGE_FAILED = 1
 EXIT_BAD_RECIPE = 2
+# As a shell reports a process a signal ended: 128 + the signal's number.
+EXIT_INTERRUPTED = {"SIGINT": 130, "SIGTERM": 143}
 
 
 def escape(text: str) -> str:
@@ -55,10 +58,16 @@ def _key_metrics(metrics: dict, limit: int = 4) -> str:
     acc = {k.rsplit("/", 1)[0]: v for k, v in metrics.items() if k.endswith("/accuracy")}
     if acc:
         return "accuracy " + ", ".join(f"{name} {_fmt_metric(v)}" for name, v in acc.items())
-    preferred = ("kept_rows", "rejected_rows", "loss_last", "reward/mean", "kl_start", "kl_teacher_student_last",
-                 "front/eta_1/reward", "front/eta_1/kl", "probe_answer")
-    keys = [k for k in preferred if k in metrics][:limit]
-    return ", ".join(f"{k}={_fmt_metric(metrics[k])}" for k in keys)
+    # kl_start_k3 (never negative) before kl_start (k1, an unbiased estimate that a batch can make negative)
+    preferred = ("kept_rows", "rejected_rows", "loss_last", "reward/mean", "kl_start_k3", "kl_start",
+                 "kl_teacher_student_last", "front/eta_1/reward", "front/eta_1/kl", "probe_answer")
+    keys = [k for k in preferred if k in metrics and not (k == "kl_start" and "kl_start_k3" in metrics)][:limit]
+    shown = ", ".join(f"{k}={_fmt_metric(metrics[k])}" for k in keys)
+    # Faults are totals over the run (see runner.fault_totals); any at all is worth a glance.
+    faults = {k.rsplit("/", 1)[0]: v for k, v in metrics.items() if k.endswith("/faults") and v}
+    if faults:
+        shown += ("; " if shown else "") + "faults " + ", ".join(f"{k} {v}" for k, v in faults.items())
+    return shown
 
 
 def _summary(console, outcomes, run_dir: Path) -> None:
@@ -68,7 +77,7 @@ def _summary(console, outcomes, run_dir: Path) -> None:
     for col in ("stage", "kind", "status", "wall time", "key metrics", "output"):
         table.add_column(col, overflow="fold")
     for o in outcomes:
-        style = {"complete": "green", "skipped": "cyan", "failed": "red"}.get(o.status, "")
+        style = {"complete": "green", "skipped": "cyan", "skip (complete)": "cyan", "failed": "red"}.get(o.status, "")
         out = o.outputs.get("model") or o.outputs.get("dataset") or next(iter(o.outputs.values()), "")
         if out and Path(out).is_relative_to(run_dir):
             out = str(Path(out).relative_to(run_dir))
@@ -96,6 +105,10 @@ def cmd_run(args) -> int:
                           on_stage_start=lambda e: console.rule(escape(f"{e.name} ({e.kind})")))
     if not is_main():
         return 0
+    if runner.interrupted is not None:
+        stopped = next(o for o in outcomes if o.status == "interrupted")
+        console.print(f"[yellow]posttrain: {escape(stopped.error or '')}[/yellow]", soft_wrap=True)
+        return EXIT_INTERRUPTED[runner.interrupted.signal_name]
     _summary(console, outcomes, recipe.output_dir)
     if runner.report_path is not None:
         console.print(f"report: {escape(str(runner.report_path))}")
@@ -147,6 +160,29 @@ def cmd_stages(args) -> int:
     return 0
 
 
+def type_text(annotation) -> str:
+    """A field's type as a user reads it: a Literal's allowed values ('cosine' | 'linear'), unions
+    spelt with |, containers with their item types, Annotated types as their base type."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin is typing.Annotated:
+        return type_text(args[0])
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_text(a) for a in args)
+    if annotation is type(None):
+        return "None"
+    if origin is not None and args:
+        name = getattr(origin, "__name__", str(origin).replace("typing.", ""))
+        return f"{name}[{', '.join('...' if a is Ellipsis else type_text(a) for a in args)}]"
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
 def _print_fields(console, cls, indent: str) -> None:
     from pydantic_core import PydanticUndefined
 
@@ -159,7 +195,7 @@ def _print_fields(console, cls, indent: str) -> None:
             default = f"default {f.default_factory()!r}"
         else:
             default = f"default {f.default!r}" if f.default is not PydanticUndefined else ""
-        ann = getattr(f.annotation, "__name__", None) or str(f.annotation).replace("typing.", "")
+        ann = type_text(f.annotation)
         console.print(f"{indent}[bold]{name}[/bold] {escape(f'({ann}, {default}): {f.description or str()}')}",
                       soft_wrap=True)
         sub = _model_in(f.annotation)
@@ -216,6 +252,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"posttrain: bad data: {e}", file=sys.stderr)
         code = EXIT_BAD_RECIPE
+    except KeyboardInterrupt as e:  # outside a stage (loading data, building models, writing the report)
+        if args.debug:
+            raise
+        name = getattr(e, "signal_name", "SIGINT")
+        print(f"posttrain: {name}: interrupted outside a stage; no stage's work was lost, and running the same "
+              "command again goes on from the stages already complete", file=sys.stderr)
+        code = EXIT_INTERRUPTED[name]
     if args.command == "run" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         _leave_launched_rank(code)
     return code

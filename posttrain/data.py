@@ -224,9 +224,10 @@ def load_table(source: str, *, hub: bool, config: str | None = None, split: str 
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - the library's many error types, reported with the entry's key path
+        hint = config_hint(p, config) if (config and not hub and p.is_dir()) else None
         raise DataError(f"{where}: cannot load {source!r}"
                         f"{f' (config {config!r})' if config else ''}{f' split {split!r}' if split else ''}: "
-                        f"{type(e).__name__}: {e}") from None
+                        f"{type(e).__name__}: {e}" + (f". {hint}" if hint else "")) from None
     if isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         if split is not None:
             if split not in ds:
@@ -237,6 +238,27 @@ def load_table(source: str, *, hub: bool, config: str | None = None, split: str 
         else:
             raise DataError(f"{where}.split: {source!r} has splits {', '.join(ds)}; name one")
     return ds
+
+
+def config_hint(folder: Path, config: str) -> str | None:
+    """Why `config` does not fit a local data folder, and what would: a folder without a dataset
+    card that lists configurations has only `default`, and a subfolder named like a hub
+    configuration (a clone of openai/gsm8k has main/ and socratic/) is read with `data_dir`."""
+    import datasets
+
+    try:
+        names = datasets.get_dataset_config_names(str(folder))
+    except Exception:  # noqa: BLE001 - no list to compare with; the loader's own error stands
+        return None
+    if config in names:
+        return None
+    hint = f"config {config!r} is not a configuration of the folder {str(folder)!r}; it has: {', '.join(names)}"
+    if (folder / config).is_dir():
+        hint += (f". Its subfolder {config}/ is read with `data_dir: {config}` (and no `config:`): a local folder's "
+                 "configurations come from its README's `configs:` list, not from its subfolders")
+    elif names == ["default"]:
+        hint += "; leave `config:` out, or use `data_dir:` to read one of its subfolders"
+    return hint
 
 
 def _csv_table(path: Path, split: str):

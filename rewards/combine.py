@@ -23,7 +23,10 @@ A faulted (reward, sample) follows ``fault_policy``:
 - ``"skip"``: the sample's combined reward is ``None`` (leave it out of the update);
 - ``"fail"``: ``RewardFaultError`` is raised after the batch, with the messages.
 
-Every fault is counted and logged with its message. A reward returning ``None`` for a sample
+Every fault is counted and logged with its message. A reward that faults on every sample of a
+batch (of two or more) raises ``RewardFaultError`` whatever the policy, unless its spec sets
+``tolerate_all_faults``: such a reward never scores, and training on its zeros would end in a
+stage that looks complete. A reward returning ``None`` for a sample
 means "does not apply" (TRL's convention), not a fault: the weighted sum skips it, and a sample
 no reward applies to gets ``None``. Threads that time out are abandoned as daemons, so a hung
 user function can neither block the run nor its exit.
@@ -82,6 +85,10 @@ class RewardSpec(BaseModel):
     columns: dict[str, str] = Field(
         default_factory=dict, description="Rename dataset columns for this function: "
         "{argument name: column name}.")
+    tolerate_all_faults: bool = Field(
+        False, description="Go on when this reward faults on every sample of a batch (a step). By "
+        "default that is an error: a reward that never scores (a column it reads is missing, it "
+        "returns the wrong number of values) would otherwise train on zeros and end 'complete'.")
     factory: dict[str, Any] | None = Field(
         None, description="The loaded callable is a reward factory (e.g. TRL's "
         "get_soft_overlong_punishment): call it once with these keyword arguments, e.g. "
@@ -285,6 +292,13 @@ class CombinedReward:
         thread.start()
         return thread
 
+    def _check_not_all_faulted(self, faults: dict[str, int], messages: list[str], n: int) -> None:
+        """A reward faulting on every sample of a batch is an error unless its spec tolerates it
+        (a batch of one sample is not judged: one bad completion says nothing about the reward)."""
+        for spec, label in zip(self.specs, self.labels):
+            if n > 1 and faults.get(label, 0) == n and not spec.tolerate_all_faults:
+                raise all_faulted_error(label, n, _first_message(label, messages))
+
     # one reward over the batch -> (values, fault messages per sample index)
     def _run_one(self, i: int, prompts, completions, completion_ids, columns,
                  extras) -> tuple[list[float | None], dict[int, str], float]:
@@ -397,6 +411,7 @@ class CombinedReward:
             per_reward[label] = values
         if self.fault_policy == "fail" and any(faults.values()):
             raise RewardFaultError("reward faults (policy 'fail'): " + "; ".join(messages[:10]))
+        self._check_not_all_faulted(faults, messages, n)
 
         combined: list[float | None] = []
         normed = {}
@@ -417,6 +432,17 @@ class CombinedReward:
             combined.append(sum(terms) if terms else None)
         return RewardBatch(rewards=combined, per_reward=per_reward, faults=faults,
                            fault_messages=messages, skipped=skipped, durations_s=durations)
+
+
+def _first_message(label: str, messages: list[str]) -> str:
+    return next((m for m in messages if m.startswith(f"{label}[")), "")
+
+
+def all_faulted_error(label: str, n: int, first: str) -> RewardFaultError:
+    return RewardFaultError(
+        f"reward {label!r} faulted on every sample of the batch ({n}/{n}); first: {first}. A reward that never "
+        "scores trains nothing: fix the reward or the columns it reads, or set `tolerate_all_faults: true` on it "
+        "to go on regardless")
 
 
 def columns_from_rows(rows: Sequence[dict], repeat: int = 1) -> dict[str, list]:

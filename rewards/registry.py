@@ -13,15 +13,16 @@ accepted; a factory is called first with ``RewardSpec.factory``). Specs:
 
 from __future__ import annotations
 
+import difflib
+import hashlib
 import importlib
 import importlib.util
-import hashlib
 import sys
 import threading
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["check_reward_kwargs", "load_reward", "register_reward", "registered_rewards", "RewardLoadError"]
+__all__ = ["check_reward_kwargs", "is_builtin_reward", "load_reward", "register_reward", "registered_rewards", "RewardLoadError"]
 
 RewardFn = Callable[..., object]
 
@@ -38,7 +39,9 @@ _BUILTIN = {
 _BUILTIN_KWARGS_CHECKS = {
     "reward_model": "rewards.reward_model:check_recipe_kwargs",
 }
-_lock = threading.Lock()
+# Re-entrant: executing a reward file (load_reward) runs its `@register_reward` decorators, which
+# take this lock again on the same thread; a plain Lock deadlocked there.
+_lock = threading.RLock()
 
 
 class RewardLoadError(ValueError):
@@ -58,6 +61,11 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
     return deco
 
 
+def is_builtin_reward(name: str) -> bool:
+    """A name of a reward shipped with the project (and not replaced by a registered one)."""
+    return name in _BUILTIN and name not in _REGISTRY
+
+
 def registered_rewards() -> list[str]:
     return sorted(set(_REGISTRY) | set(_BUILTIN))
 
@@ -71,11 +79,18 @@ def _fail(spec: str, why: str) -> RewardLoadError:
                            + _EXPECTED.format(names=", ".join(registered_rewards())))
 
 
-def _from_module(spec: str, module, attr: str) -> RewardFn:
+def _from_module(spec: str, module, attr: str, shown_as: str | None = None) -> RewardFn:
+    """`attr` of `module`; `shown_as` names the module in errors (a file's path, not the internal
+    name it is imported under)."""
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise _fail(spec, f"{getattr(module, '__name__', module)!s} has no attribute {attr!r}")
+            functions = [k for k, v in vars(obj).items() if callable(v) and not k.startswith("_")]
+            close = difflib.get_close_matches(part, functions, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else (
+                f"; it defines: {', '.join(sorted(functions))}" if functions else "")
+            where = shown_as or str(getattr(module, "__name__", module))
+            raise _fail(spec, f"{where} has no attribute {attr!r}{hint}")
         obj = getattr(obj, part)
     if not callable(obj):
         raise _fail(spec, f"{attr!r} is a {type(obj).__name__}, not a function")
@@ -128,7 +143,7 @@ def load_reward(spec: str, base_dir: str | Path | None = None) -> RewardFn:
                 except Exception as e:
                     sys.modules.pop(name, None)
                     raise _fail(spec, f"importing {str(path)!r} raised {type(e).__name__}: {e}") from e
-        return _from_module(spec, module, attr)
+        return _from_module(spec, module, attr, shown_as=str(path))
     try:
         module = importlib.import_module(target)
     except ImportError as e:

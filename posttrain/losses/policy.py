@@ -72,6 +72,17 @@ def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum(dim=-1)
 
 
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sequence KL(pi || ref) by Schulman's k3 estimator, summed over the masked tokens: [B, T] -> [B].
+
+    With d = log ref - log pi at each sampled token, k3 = exp(d) - 1 - d. Its expectation under pi
+    is the token's KL, as for k1 = -d, but every sample is >= 0 (k1 is negative whenever the
+    sample is likelier under ref), so a small KL is not read as a negative one. TRL's GRPO logs
+    this estimator as `kl` (per token; here per sequence, as the penalty log pi/pi_ref is)."""
+    d = (ref_logprobs - logprobs).float()
+    return ((torch.exp(d) - 1.0 - d) * mask).sum(dim=-1)
+
+
 def reinforce_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                    old_logprobs: torch.Tensor | None = None, clip: float | None = None,
                    aggregation: Aggregation = "token_mean", normalizer: float | None = None) -> torch.Tensor:

@@ -246,6 +246,9 @@ class RecipeTop(_Strict):
                                "your own stage kinds and rewards: 'package.module' or 'path/to/file.py'.")
     models: dict[str, ModelEntry] = Field(default_factory=dict)
     datasets: dict[str, DatasetEntry] = Field(default_factory=dict)
+    rollout: dict[str, Any] | None = Field(
+        None, description="Recipe-wide rollout engine settings (e.g. {backend: transformers}): every stage with a "
+        "`rollout` (rl, distill, warp, evaluate, ...) starts from these, and its own `rollout:` keys override them.")
     stages: list[dict] = Field(description="Ordered list of {name, kind, ...config}.")
 
 
@@ -306,9 +309,16 @@ def _load_yaml_with_lines(text: str, source: str) -> tuple[Any, dict[tuple, int]
 
 # --- errors ------------------------------------------------------------------------------------
 
-def _path_str(path: tuple) -> str:
+def _path_str(path: tuple, stage_names: list | None = None) -> str:
+    """`stages.rl.rewards[0]`: a stage is named by its `name` (the form `--set` takes too) when
+    `stage_names` knows it and it is unique, else by its index (`stages[1].rewards[0]`)."""
     out = ""
-    for p in path:
+    for i, p in enumerate(path):
+        if (i == 1 and path[0] == "stages" and isinstance(p, int) and stage_names is not None
+                and p < len(stage_names) and isinstance(stage_names[p], str) and STAGE_NAME.match(stage_names[p])
+                and stage_names.count(stage_names[p]) == 1):
+            out += f".{stage_names[p]}"
+            continue
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
     return out or "(top level)"
 
@@ -351,30 +361,68 @@ def _model_in(annotation):
     return None
 
 
-def _format_validation(err: ValidationError, model_cls, source: str, lines, prefix: tuple) -> str:
+def _format_validation(err: ValidationError, model_cls, source: str, lines, prefix: tuple,
+                       stage_names: list | None = None) -> str:
     msgs = []
     for e in err.errors():
+        # pydantic's union-member and validator labels ("function-after[...]", "list[RewardSpec]") are not keys
         loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and ("[" in x or x.startswith("function-"))))
         full = prefix + loc
         where = _where(source, lines, full)
-        if e["type"] == "extra_forbidden":
+        shown = _path_str(full, stage_names)
+        if e["type"] == "extra_forbidden" and loc:
             allowed = _allowed_fields(model_cls, loc[:-1])
-            msgs.append(f"{where}: unknown key {_path_str(full)!r}{_suggest(loc[-1], allowed)}"
+            msgs.append(f"{where}: unknown key {shown!r}{_suggest(loc[-1], allowed)}"
                         + (f" (valid keys: {', '.join(allowed)})" if allowed else ""))
         elif e["type"] == "missing":
-            msgs.append(f"{where}: missing required key {_path_str(full)!r}")
+            msgs.append(f"{where}: missing required key {shown!r}")
         else:
             got = e.get("input")
             got_s = repr(got)
             got_s = got_s[:60] + "..." if len(got_s) > 60 else got_s
-            msgs.append(f"{where}: {_path_str(full)}: {e['msg']} (got {got_s})")
+            msgs.append(f"{where}: {shown}: {e['msg']} (got {got_s})")
     return "\n".join(msgs)
 
 
 # --- overrides -------------------------------------------------------------------------------
 
+_OVERRIDE_PART = re.compile(r"\[(\d+)\]|([^.\[\]]+)")
+
+
+def _override_parts(key: str, assignment: str) -> list:
+    """`stages.rl.rewards[0].weight` -> ['stages', 'rl', 'rewards', 0, 'weight']; `stages[1]` and
+    `stages.1` address a list item by index too."""
+    parts, pos = [], 0
+    key = key.strip()
+    while pos < len(key):
+        if key[pos] == ".":
+            pos += 1
+            continue
+        m = _OVERRIDE_PART.match(key, pos)
+        if m is None:
+            raise RecipeError(f"--set {assignment!r}: cannot read the key path at {key[pos:]!r}; expected names "
+                              "separated by '.', list items as [N] (e.g. stages.rl.rewards[0].weight=2)")
+        parts.append(int(m.group(1)) if m.group(1) is not None else m.group(2))
+        pos = m.end()
+    return parts
+
+
+def _override_index(node: list, part, assignment: str, shown: str) -> int:
+    """The index into a list a path part addresses: a number, or (in `stages`) a stage's name."""
+    if isinstance(part, int) or part.isdigit():
+        idx = int(part)
+        if idx >= len(node):
+            raise RecipeError(f"--set {assignment!r}: {shown} has {len(node)} items; index {idx} is out of range")
+        return idx
+    names = [s.get("name") for s in node if isinstance(s, dict)]
+    if part not in names:
+        raise RecipeError(f"--set {assignment!r}: no stage named {part!r}{_suggest(part, names)}")
+    return names.index(part)
+
+
 def apply_override(raw: dict, assignment: str, lines: dict[tuple, int]) -> None:
-    """Apply `key.path=value` (value parsed as YAML). `stages.NAME.key` addresses a stage by name."""
+    """Apply `key.path=value` (value parsed as YAML). `stages.NAME.key` addresses a stage by name;
+    `[N]` (or `.N`) a list item, e.g. `stages.rl.rewards[0].weight=2`."""
     if "=" not in assignment:
         raise RecipeError(f"--set {assignment!r}: expected key.path=value")
     key, value_text = assignment.split("=", 1)
@@ -382,33 +430,36 @@ def apply_override(raw: dict, assignment: str, lines: dict[tuple, int]) -> None:
         value = yaml.safe_load(value_text) if value_text.strip() else ""
     except yaml.YAMLError as e:
         raise RecipeError(f"--set {assignment!r}: the value is not valid YAML ({e})") from None
-    parts = [p for p in key.strip().split(".") if p]
+    parts = _override_parts(key, assignment)
     if not parts:
         raise RecipeError(f"--set {assignment!r}: empty key path")
     node: Any = raw
     path: tuple = ()
-    for i, part in enumerate(parts[:-1]):
+    stage_names = [s.get("name") for s in raw.get("stages") or [] if isinstance(s, dict)] \
+        if isinstance(raw.get("stages"), list) else None
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        shown = _path_str(path, stage_names)
         if isinstance(node, list):
-            if part.isdigit():
-                idx = int(part)
+            idx = _override_index(node, part, assignment, shown)
+            if last:
+                node[idx] = value
             else:
-                names = [s.get("name") for s in node if isinstance(s, dict)]
-                if part not in names:
-                    raise RecipeError(f"--set {assignment!r}: no stage named {part!r}{_suggest(part, names)}")
-                idx = names.index(part)
-            if idx >= len(node):
-                raise RecipeError(f"--set {assignment!r}: index {idx} out of range")
-            node, path = node[idx], path + (idx,)
+                node = node[idx]
+            path += (idx,)
         elif isinstance(node, dict):
-            if part not in node:
-                node[part] = {}
-            node, path = node[part], path + (part,)
+            if isinstance(part, int):
+                raise RecipeError(f"--set {assignment!r}: {shown} is a mapping, not a list; [{part}] addresses a list item")
+            if last:
+                node[part] = value
+            else:
+                if part not in node:
+                    node[part] = [] if isinstance(parts[i + 1], int) else {}
+                node = node[part]
+            path += (part,)
         else:
-            raise RecipeError(f"--set {assignment!r}: {'.'.join(parts[:i + 1])} is not a mapping")
-    if not isinstance(node, dict):
-        raise RecipeError(f"--set {assignment!r}: {'.'.join(parts[:-1])} is not a mapping")
-    node[parts[-1]] = value
-    lines[path + (parts[-1],)] = 0  # 0 marks "came from --set"
+            raise RecipeError(f"--set {assignment!r}: {shown} is a {type(node).__name__}, not a mapping or list")
+    lines[path] = 0  # 0 marks "came from --set"
 
 
 # --- references ------------------------------------------------------------------------------
@@ -495,6 +546,53 @@ def import_plugin(spec: str, base: Path) -> None:
 
 # --- loading ---------------------------------------------------------------------------------
 
+def check_loaded_columns(recipe: "Recipe", columns_of) -> None:
+    """The column checks again, on the data as loaded (`columns_of(reference)`): a hub dataset or a
+    folder read through `datasets` has columns only once it is loaded, before the first stage trains."""
+    names = [s.name for s in recipe.stages]
+    src = str(recipe.source) if recipe.source else "<recipe>"
+    base = recipe.source.parent if recipe.source else Path.cwd()
+    _preflight(recipe, recipe.stages, names, base, src, recipe.lines, columns_of)
+
+
+def _check_top_rollout(rollout: dict | None, src: str, lines) -> str | None:
+    """The recipe-wide `rollout:` checked on its own, so a mistake there is reported at its line
+    once rather than under every stage that inherits it."""
+    if rollout is None:
+        return None
+    from posttrain.rollout.types import RolloutConfig
+
+    try:
+        RolloutConfig.model_validate(rollout)
+    except ValidationError as e:
+        return _format_validation(e, RolloutConfig, src, lines, ("rollout",))
+    return None
+
+
+def _inherit_rollout(cfg_raw: dict, recipe_rollout: dict | None, config_cls) -> None:
+    """A stage whose config has a `rollout` starts from the recipe-wide one; its own keys win."""
+    if recipe_rollout is None or "rollout" not in getattr(config_cls, "model_fields", {}):
+        return
+    own = cfg_raw.get("rollout")
+    if own is None:
+        cfg_raw["rollout"] = dict(recipe_rollout)
+    elif isinstance(own, dict):
+        cfg_raw["rollout"] = {**recipe_rollout, **own}
+
+
+def _preflight(top, stages: list[StageEntry], all_names: list, base_dir: Path, src: str, lines,
+               columns_of=None) -> None:
+    """What the recipe names beyond its schema (rewards, columns, dataset configs), checked before
+    any stage trains; see posttrain.pipeline.preflight."""
+    from posttrain.pipeline.preflight import recipe_problems
+
+    indexed = [(all_names.index(s.name), s.name, s.kind, s.config) for s in stages]
+    problems = recipe_problems(top, indexed, base_dir, columns_of)
+    if problems:
+        raise RecipeError("\n".join(f"{_where(src, lines, p.path)}: {_path_str(p.path, all_names)}: {p.message}"
+                                     for p in problems))
+
+
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read, override, validate. Raises RecipeError with every problem found, each with file:line."""
     p = Path(path)
@@ -522,8 +620,13 @@ def recipe_from_dict(raw: Any, source: Path | None = None, lines: dict | None = 
     try:
         top = RecipeTop.model_validate(raw)
     except ValidationError as e:
-        raise RecipeError(_format_validation(e, RecipeTop, src, lines, ())) from None
+        names = [s.get("name") for s in raw.get("stages") or [] if isinstance(s, dict)] \
+            if isinstance(raw.get("stages"), list) else None
+        raise RecipeError(_format_validation(e, RecipeTop, src, lines, (), names)) from None
 
+    rollout_errors = _check_top_rollout(top.rollout, src, lines)
+    if rollout_errors:
+        raise RecipeError(rollout_errors)
     for i, plugin in enumerate(top.plugins):
         try:
             import_plugin(plugin, Path(source).parent if source else Path.cwd())
@@ -548,22 +651,24 @@ def recipe_from_dict(raw: Any, source: Path | None = None, lines: dict | None = 
             errors.append(f"{_where(src, lines, where_path + ('name',))}: stages[{i}].name: {name!r} is used twice; stage names must be unique")
             continue
         if kind not in STAGE_KINDS:
-            errors.append(f"{_where(src, lines, where_path + ('kind',))}: stages[{i}].kind: unknown stage kind {kind!r}"
+            errors.append(f"{_where(src, lines, where_path + ('kind',))}: {_path_str(where_path + ('kind',), all_names)}: "
+                          f"unknown stage kind {kind!r}"
                           f"{_suggest(kind, STAGE_KINDS)}; this version has: {', '.join(sorted(STAGE_KINDS))}")
             names_seen[name] = kind
             continue
         cfg_raw = {k: v for k, v in entry.items() if k not in ("name", "kind")}
+        _inherit_rollout(cfg_raw, top.rollout, STAGE_KINDS[kind].config_cls)
         configs_seen[name] = cfg_raw
         for rpath, ref in iter_references(cfg_raw):
             problem = _check_reference(ref, top, names_seen, all_names, configs_seen)
             if problem:
                 full = where_path + rpath
-                errors.append(f"{_where(src, lines, full)}: {_path_str(full)}: ${{{ref}}}: {problem}")
+                errors.append(f"{_where(src, lines, full)}: {_path_str(full, all_names)}: ${{{ref}}}: {problem}")
         cls = STAGE_KINDS[kind].config_cls
         try:
             cfg = cls.model_validate(cfg_raw)
         except ValidationError as e:
-            errors.append(_format_validation(e, cls, src, lines, where_path))
+            errors.append(_format_validation(e, cls, src, lines, where_path, all_names))
             names_seen[name] = kind
             continue
         stages.append(StageEntry(name=name, kind=kind, config=cfg))
@@ -572,6 +677,7 @@ def recipe_from_dict(raw: Any, source: Path | None = None, lines: dict | None = 
         raise RecipeError("\n".join(errors))
     if not stages:
         raise RecipeError(f"{src}: the recipe has no stages")
+    _preflight(top, stages, all_names, Path(source).parent if source else Path.cwd(), src, lines)
     out_dir = Path(top.output_dir)
     if not out_dir.is_absolute() and source is not None:
         out_dir = (Path(source).parent / out_dir)

@@ -127,36 +127,70 @@ def _pyplot():
     return plt
 
 
-def curves_plot(stage: str, rows: list[dict]) -> str | None:
-    """One panel per curve family (loss, reward, KL, entropy, drift) over steps."""
+PANEL_COLUMNS = 3  # panels per row: five side by side were too narrow to read
+
+
+def curve_panels(rows: list[dict]) -> tuple[dict[str, list[str]], dict[str, tuple[Any, float]]]:
+    """({panel title: metric keys with at least two points}, {key: (step, value)} of the metrics
+    logged once): one point on a step axis draws no curve, so it is reported as a number instead
+    (a rollout drift check that ran once, an evaluation at the end)."""
     panels: dict[str, list[str]] = {}
+    single: dict[str, tuple[Any, float]] = {}
     keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and k not in ("step", "time", "epoch")})
     for key in keys:
         low = key.lower()
         if low.endswith(("_ci_low", "_ci_high", "_n", "std", "faults", "skipped")) or low.startswith(("time", "seconds")):
             continue  # spreads and counters: in the manifest, not worth a line
-        for needle, title in CURVES:
-            if needle in low:
-                panels.setdefault(title, []).append(key)
-                break
-    panels = {title: panels[title] for _, title in CURVES if title in panels}  # loss, reward, KL, entropy, drift
+        title = next((t for needle, t in CURVES if needle in low), None)
+        if title is None:
+            continue
+        if title == "KL" and f"{key}_k3" in keys:
+            continue  # the k1 estimate of the same KL: its batches can be negative; the k3 curve is drawn
+        pts = _points(rows, key)
+        if len(pts) >= 2:
+            panels.setdefault(title, []).append(key)
+        elif pts:
+            single[key] = pts[0]
+    return {title: panels[title] for _, title in CURVES if title in panels}, single
+
+
+def _points(rows: list[dict], key: str) -> list[tuple[Any, float]]:
+    return [(r.get("step", i), r[key]) for i, r in enumerate(rows)
+            if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+
+
+def curves_figure(stage: str, rows: list[dict]):
+    """The figure of a stage's curves: one panel per family (loss, reward, KL, entropy, drift), at
+    most PANEL_COLUMNS to a row, each legend below its panel so that it covers no curve."""
+    panels, _ = curve_panels(rows)
     if not panels:
         return None
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 2.8), squeeze=False)
-    for ax, (title, ks) in zip(axes[0], panels.items()):
-        for k in ks[:6]:  # a legend beyond six lines is unreadable
-            pts = [(r.get("step", i), r[k]) for i, r in enumerate(rows)
-                   if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])]
-            if pts:
-                ax.plot(*zip(*pts), label=k, marker="." if len(pts) < 30 else None)
+    ncols = min(PANEL_COLUMNS, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.4 * ncols, 3.6 * nrows), squeeze=False)
+    flat = [ax for row in axes for ax in row]
+    for ax, (title, ks) in zip(flat, panels.items()):
+        shown = ks[:6]  # a legend beyond six lines is unreadable
+        for k in shown:
+            pts = _points(rows, k)
+            ax.plot(*zip(*pts), label=k, marker="." if len(pts) < 30 else None)
         ax.set_title(f"{stage}: {title}", fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.ticklabel_format(axis="y", useOffset=False)  # show the values themselves, not an offset
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
         ax.grid(alpha=0.3)
-    return _png(fig)
+    for ax in flat[len(panels):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+def curves_plot(stage: str, rows: list[dict]) -> str | None:
+    """The stage's curves as an embedded PNG (see curves_figure)."""
+    fig = curves_figure(stage, rows)
+    return None if fig is None else _png(fig)
 
 
 def accuracy_plot(table: dict[str, dict[str, dict]], stage_order: list[str]) -> str | None:
@@ -259,8 +293,7 @@ def render(run: dict) -> str:
              f"<style>{STYLE}</style></head><body>",
              f"<h1>posttrain report: {html.escape(title)}</h1>",
              f"<p>Run directory <code>{html.escape(str(run_dir))}</code>; report written "
-             f"{time.strftime('%Y-%m-%d %H:%M:%S')}. {len(stages)} stages"
-             + (f", <span class=failed>{len(failed)} failed</span>" if failed else "") + ".</p>"]
+             f"{time.strftime('%Y-%m-%d %H:%M:%S')}. {status_counts(stages)}.</p>"]
 
     # stages: status, timings, lineage
     parts.append("<h2>Stages</h2><table><tr><th>stage</th><th>kind</th><th>status</th><th>started</th>"
@@ -311,9 +344,13 @@ def render(run: dict) -> str:
     for s in stages:
         if s["metrics"]:
             img = curves_plot(s["manifest"]["name"], s["metrics"])
-            if img:
+            _, single = curve_panels(s["metrics"])
+            once = ("<p>Logged once: " + "; ".join(f"{html.escape(k)} = {_fmt(v)} (step {html.escape(str(step))})"
+                                                    for k, (step, v) in single.items()) + "</p>") if single else ""
+            if img or once:
                 curve_parts.append(f"<h3>{html.escape(s['manifest']['name'])} ({html.escape(str(s['manifest'].get('kind')))}, "
-                                   f"{len(s['metrics'])} logged steps)</h3>{_img(img, s['manifest']['name'] + ' curves')}")
+                                   f"{len(s['metrics'])} logged steps)</h3>"
+                                   + (_img(img, s['manifest']['name'] + ' curves') if img else "") + once)
     if curve_parts:
         parts.append("<h2>Training curves</h2>" + "".join(curve_parts))
 
@@ -345,6 +382,17 @@ def render(run: dict) -> str:
                                else "(not written)") + "</pre></details>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def status_counts(stages: list[dict]) -> str:
+    """'5 stages: 2 complete, 1 failed, 2 not run' over every stage of the recipe."""
+    counts: dict[str, int] = {}
+    for s in stages:
+        status = s["manifest"].get("status", "?")
+        counts[status] = counts.get(status, 0) + 1
+    shown = ", ".join((f"<span class=failed>{n} {html.escape(st)}</span>" if st == "failed" else f"{n} {html.escape(st)}")
+                      for st, n in counts.items())
+    return f"{len(stages)} stage{'s' if len(stages) != 1 else ''}: {shown}"
 
 
 def _evaluation_details(stage: dict) -> str:

@@ -12,6 +12,10 @@ Layout of a run directory (`output_dir`):
 
 A stage is skipped when its manifest says complete and its hash (kind, resolved config,
 fingerprints of its inputs) is unchanged. Once one stage runs, every later stage runs too.
+
+SIGINT and SIGTERM stop the stage that is running as a `RunInterrupted`: it gets no manifest
+(it is not complete), its attempt and checkpoints stay for the next run to resume from, and the
+resolved recipe and report are written before `run` returns with the stage `interrupted`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import json
 import os
 import random
 import shutil
+import signal
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -58,11 +64,66 @@ def fingerprint_path(path: Path) -> str:
     return _sha(items)
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived: a KeyboardInterrupt (so stages unwind as on Ctrl-C, and no
+    `except Exception` in a stage swallows it) that remembers which signal it was."""
+
+    def __init__(self, signal_name: str = "SIGINT"):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
+@dataclass
+class StageProgress:
+    """How far an unfinished stage got: its last logged step, and the step a re-run resumes from."""
+
+    last_step: int | None
+    resume_step: int | None  # its newest complete checkpoint; None: a re-run starts the stage over
+    max_steps: int | None
+
+
+def stage_progress(stage_dir: Path, config: dict | None = None) -> StageProgress:
+    last = None
+    try:
+        for line in (stage_dir / "metrics.jsonl").read_text().splitlines():
+            if line.strip():
+                last = json.loads(line).get("step", last)
+    except (FileNotFoundError, json.JSONDecodeError):
+        pass
+    resume = None
+    root = stage_dir / "checkpoints"  # posttrain.training's layout: checkpoints/step_N, complete once state.json is
+    if root.is_dir():
+        steps = [int(p.name[5:]) for p in root.iterdir()
+                 if p.name.startswith("step_") and p.name[5:].isdigit() and (p / "state.json").exists()]
+        resume = max(steps) if steps else None
+    total = (config or {}).get("max_steps")
+    return StageProgress(last, resume, total if isinstance(total, int) else None)
+
+
+def fault_totals(metrics_path: Path) -> dict[str, int]:
+    """Every `.../faults` count of a stage's metrics.jsonl summed over its logged steps: a stage's
+    summary keeps the run's total faults per reward, not its last step's."""
+    totals: dict[str, int] = {}
+    try:
+        lines = metrics_path.read_text().splitlines()
+    except FileNotFoundError:
+        return totals
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        for k, v in row.items():
+            if k.endswith("/faults") and isinstance(v, (int, float)):
+                totals[k] = totals.get(k, 0) + int(v)
+    return totals
+
+
 @dataclass
 class StageOutcome:
     name: str
     kind: str
-    status: str  # complete | skipped | failed | not run
+    status: str  # complete | skipped | failed | interrupted | not run (dry run: would run, would resume from step N)
     seconds: float
     metrics: dict
     outputs: dict
@@ -193,6 +254,14 @@ class Runner:
         self.manifests: dict[str, dict] = {}
         self._channel: ControlChannel | None = None  # multi-process launches only
         self.report_path: Path | None = None  # written at the end of run()
+        self.interrupted: RunInterrupted | None = None  # set when SIGINT/SIGTERM stopped a stage
+
+    def _say(self, msg: str) -> None:
+        """A line the user should read (not dimmed like the log)."""
+        if self.console is not None:
+            from rich.markup import escape
+
+            self.console.print(escape(msg))
 
     def _log(self, msg: str) -> None:
         if self.console is not None:
@@ -235,13 +304,24 @@ class Runner:
         """Load and map every dataset these stages read, before the first of them trains: a mapping
         mistake or an unreachable hub set in the last stage's data fails in seconds, not after the
         stages before it have trained for hours. Each is written once and reused when its stage runs."""
-        from posttrain.pipeline.recipe import iter_references
+        from posttrain.pipeline.preflight import file_columns
+        from posttrain.pipeline.recipe import check_loaded_columns, iter_references
 
+        loaded: dict[str, str] = {}
         for entry in stages:
             for _, ref in iter_references(entry.config.model_dump(mode="json", exclude_unset=False)):
                 kind, name = ref.split(".")[:2]
                 if kind == "datasets":
-                    self.inputs.dataset(name)
+                    loaded[name] = self.inputs.dataset(name)
+
+        def columns_of(ref: str) -> set | None:
+            name = ref.strip()[len("${datasets."):-1] if ref.strip().startswith("${datasets.") else None
+            path = Path(loaded[name]) if name in loaded else None
+            return file_columns(path) if path is not None and path.is_file() else None
+
+        # The columns rewards and stages read, now that every dataset's columns are known (a hub set
+        # or a folder read through `datasets` has none before it is loaded).
+        check_loaded_columns(self.recipe, columns_of)
 
     # -- running ------------------------------------------------------------------------------
     def run(self, from_stage: str | None = None, only: str | None = None, dry_run: bool = False,
@@ -250,7 +330,8 @@ class Runner:
         launch) rank 0 does this and returns the outcomes; the other ranks run the distributed
         stages rank 0 hands them and return an empty list (see posttrain.pipeline.processes)."""
         if world_size() == 1:
-            return self._run(from_stage, only, dry_run, progress_factory, on_stage_start)
+            with _signals_interrupt():
+                return self._run(from_stage, only, dry_run, progress_factory, on_stage_start)
         self._channel = ControlChannel()
         if not is_main():
             self._follow()
@@ -305,11 +386,15 @@ class Runner:
             up_to_date = previous is not None and previous.get("status") == "complete" and previous.get("hash") == digest
             if up_to_date and not force and only is None:
                 # A skipped stage reports the time it took when it ran.
-                outcomes.append(StageOutcome(entry.name, entry.kind, "skipped", float(previous.get("seconds", 0.0)),
-                                             previous.get("metrics", {}), previous.get("outputs", {})))
+                outcomes.append(StageOutcome(entry.name, entry.kind, "skip (complete)" if dry_run else "skipped",
+                                             float(previous.get("seconds", 0.0)), previous.get("metrics", {}),
+                                             previous.get("outputs", {})))
                 continue
             if dry_run:
-                outcomes.append(StageOutcome(entry.name, entry.kind, "would run", 0.0, {}, {}))
+                resume = self._resumable_step(stage_dir, digest)
+                outcomes.append(StageOutcome(entry.name, entry.kind,
+                                             "would run" if resume is None else f"would resume from step {resume}",
+                                             0.0, {}, {}))
                 force = True
                 self.manifests[entry.name] = {"status": "complete", "hash": digest, "outputs": {
                     k: str(stage_dir / k) for k in STAGE_KINDS[entry.kind].outputs}}
@@ -322,9 +407,23 @@ class Runner:
             if outcome.status != "complete":
                 break
         if not dry_run:
-            self._write_resolved_recipe(resolved_all)
-            self.report_path = self._write_report()
+            # Also after an interruption: what ran is reported, and the recipe it ran is on disk.
+            with _signals_deferred():
+                self._write_resolved_recipe(resolved_all)
+                self.report_path = self._write_report()
         return outcomes
+
+    @staticmethod
+    def _resumable_step(stage_dir: Path, digest: str) -> int | None:
+        """The step a run of this stage would resume from: its newest checkpoint, when the files
+        in its directory belong to an attempt with the same hash (else they are cleared)."""
+        try:
+            attempt = json.loads((stage_dir / ATTEMPT).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        if attempt.get("hash") != digest:
+            return None
+        return stage_progress(stage_dir).resume_step
 
     def _write_report(self) -> Path | None:
         """The run's HTML report (posttrain.pipeline.report); a report that cannot be drawn never fails the run."""
@@ -351,6 +450,9 @@ class Runner:
 
     def _run_stage(self, entry, cfg, digest, resolved, stage_dir: Path, progress_factory) -> StageOutcome:
         self._prepare_stage_dir(stage_dir, digest)
+        resumed_from = stage_progress(stage_dir).resume_step
+        if resumed_from is not None:
+            self._say(f"resuming stage {entry.name!r} from step {resumed_from} (its last checkpoint)")
         kind = STAGE_KINDS[entry.kind]
         ctx = StageContext(name=entry.name, kind=entry.kind, stage_dir=stage_dir, run_dir=self.recipe.output_dir,
                            seed=self.recipe.seed, recipe_name=self.recipe.name,
@@ -371,8 +473,13 @@ class Runner:
                 result = self._run_isolated(entry, resolved, ctx)
             else:
                 result = kind.run(cfg, ctx)
-        except KeyboardInterrupt:
-            raise
+        except KeyboardInterrupt as e:
+            if self._channel is not None:
+                raise  # a multi-process launch: the launcher stops every rank
+            self.interrupted = e if isinstance(e, RunInterrupted) else RunInterrupted("SIGINT")
+            progress = stage_progress(stage_dir, resolved)
+            return StageOutcome(entry.name, entry.kind, "interrupted", time.time() - started, {}, {},
+                                interruption_message(entry.name, self.interrupted.signal_name, progress))
         except Exception as e:  # noqa: BLE001 - recorded in the manifest and reported to the user
             ended = time.time()
             child = isinstance(e, StageFailedInChild)
@@ -388,15 +495,18 @@ class Runner:
         missing = [k for k in kind.outputs if k not in result.outputs]
         if missing:
             raise StageError(f"stage kind {entry.kind!r} did not report outputs {missing}")
+        metrics = {**result.metrics, **fault_totals(stage_dir / "metrics.jsonl")}
         manifest.update(status="complete", ended=ended, seconds=round(ended - started, 3),
-                        outputs={k: str(v) for k, v in result.outputs.items()}, metrics=result.metrics)
+                        outputs={k: str(v) for k, v in result.outputs.items()}, metrics=metrics)
+        if resumed_from is not None:
+            manifest["resumed_from_step"] = resumed_from
         peak = _gpu_peak_memory_gib()
         if peak is not None:
             manifest["gpu_peak_memory_gib"] = peak  # this process's GPU, during this stage
         write_manifest(stage_dir, manifest)  # last, atomically: the stage is complete from here on
         (stage_dir / ATTEMPT).unlink(missing_ok=True)
         self.manifests[entry.name] = manifest
-        return StageOutcome(entry.name, entry.kind, "complete", ended - started, result.metrics, manifest["outputs"])
+        return StageOutcome(entry.name, entry.kind, "complete", ended - started, metrics, manifest["outputs"])
 
     def _run_isolated(self, entry, resolved: dict, ctx: StageContext):
         """Rank 0 of a multi-process launch: a single-process stage runs in a clean child process
@@ -410,11 +520,69 @@ class Runner:
 
         out = {k: v for k, v in self.recipe.raw.items() if k != "stages"}
         out["output_dir"] = str(self.recipe.output_dir)
-        out["stages"] = [{"name": n, **c} for n, c in resolved_stages.items()]
+        # Every stage of the recipe, so that a run stopped early still shows all of them (the report
+        # counts them): a stage this run did not reach keeps its references as written.
+        written = {s.get("name"): s for s in self.recipe.raw.get("stages", []) if isinstance(s, dict)}
+        out["stages"] = [{"name": e.name, **resolved_stages[e.name]} if e.name in resolved_stages else written[e.name]
+                         for e in self.recipe.stages]
         text = yaml.safe_dump(out, sort_keys=False)
         tmp = self.recipe.output_dir / "recipe.resolved.yaml.tmp"
         tmp.write_text(text)
         os.replace(tmp, self.recipe.output_dir / "recipe.resolved.yaml")
+
+
+def interruption_message(stage: str, signal_name: str, progress: StageProgress) -> str:
+    """One line: which stage stopped where, and what running the same command again does."""
+    at = "" if progress.last_step is None else f" at step {progress.last_step}" + (
+        f" of {progress.max_steps}" if progress.max_steps else "")
+    if progress.resume_step is not None:
+        then = f"running the same command again resumes from step {progress.resume_step} (its last checkpoint)"
+    else:
+        then = "running the same command again starts the stage over (it has no checkpoint yet)"
+    return f"{signal_name}: stage {stage!r} interrupted{at}; {then}"
+
+
+class _signals_interrupt:
+    """SIGTERM (what schedulers and `kill` send) stops a run as Ctrl-C does, as a RunInterrupted;
+    the handlers are put back afterwards. Signals can only be handled on the main thread."""
+
+    def __enter__(self):
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, _raise_interrupted)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def _raise_interrupted(signum, frame):
+    raise RunInterrupted(signal.Signals(signum).name)
+
+
+class _signals_deferred:
+    """Hold SIGINT/SIGTERM while the resolved recipe and report are written (a second Ctrl-C
+    there would leave neither); one that arrives meanwhile is raised afterwards."""
+
+    def __enter__(self):
+        self._previous, self._pending = {}, None
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._hold)
+        return self
+
+    def _hold(self, signum, frame):
+        self._pending = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        if self._pending is not None and exc[0] is None:
+            raise RunInterrupted(signal.Signals(self._pending).name)
+        return False
 
 
 def _reset_gpu_peak_memory() -> None:

@@ -29,7 +29,15 @@ class SFTStageConfig(StageConfig):
 
     model: str = Field(description="Model to finetune: ${models.NAME}, ${stages.NAME.model} or a path.")
     dataset: str = Field(description="Training rows: ${datasets.NAME}, ${stages.NAME.dataset} or a path.")
-    max_steps: int = Field(200, ge=1, description="Optimizer steps.")
+    max_steps: int = Field(200, ge=1, description="Optimizer steps (ignored when num_train_epochs is set).")
+    num_train_epochs: float | None = Field(
+        None, gt=0, description="Passes over the training rows, as TRL's num_train_epochs; when set it decides the "
+        "length of training instead of max_steps (warmup_ratio then applies to the steps it makes).")
+    eval_dataset: str | None = Field(
+        None, description="Held-out rows in the formats `dataset` takes: their loss (eval_loss) is logged every "
+        "eval_steps and at the end, and kept in the summary as eval_loss_last.")
+    eval_steps: int | None = Field(None, ge=1, description="With eval_dataset: also evaluate every this many steps "
+                                   "(default: at the end only).")
     batch_size: int = Field(16, ge=1, description="Sequences per device per step.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
     learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate (AdamW).")
@@ -169,13 +177,24 @@ def run_sft(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
     else:
         rows, n_truncated = tokenize_for_training(tokenizer, conversations, cfg.max_length)
     train = datasets.Dataset.from_list(rows)
+    evaluation = None
+    if cfg.eval_dataset is not None:
+        held_out, _ = load_conversations(cfg.eval_dataset, cfg.on_invalid_row, ctx.stage_dir / "eval_skipped.jsonl",
+                                         write_skipped=ctx.is_main)
+        evaluation = datasets.Dataset.from_list(tokenize_for_training(tokenizer, held_out, cfg.max_length)[0])
 
     peft_config = cfg.lora.to_peft_config(model) if cfg.lora is not None else None
 
+    by_epochs = cfg.num_train_epochs is not None
     args = SFTConfig(
-        output_dir=str(ctx.stage_dir / "trainer"), max_steps=cfg.max_steps,
+        output_dir=str(ctx.stage_dir / "trainer"), max_steps=-1 if by_epochs else cfg.max_steps,
+        num_train_epochs=cfg.num_train_epochs if by_epochs else 1.0,
+        # a float below 1 is a fraction of the steps the epochs make (transformers' warmup_steps)
+        warmup_steps=min(cfg.warmup_ratio, 0.999) if by_epochs else int(cfg.warmup_ratio * cfg.max_steps),
+        eval_strategy="steps" if (evaluation is not None and cfg.eval_steps) else "no", eval_steps=cfg.eval_steps,
+        per_device_eval_batch_size=cfg.batch_size,
         per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=int(cfg.warmup_ratio * cfg.max_steps),
+        learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler,
         weight_decay=cfg.weight_decay, max_length=cfg.max_length, packing=cfg.packing,
         gradient_checkpointing=cfg.gradient_checkpointing, bf16=cfg.bf16, logging_steps=cfg.logging_steps,
         save_strategy="no", report_to=cfg.report_to or "none", seed=ctx.seed, data_seed=ctx.seed,
@@ -184,23 +203,33 @@ def run_sft(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
     )
 
     losses: list[float] = []
+    eval_losses: list[float] = []
 
-    with ctx.metrics() as metrics, ctx.progress(cfg.max_steps, "sft") as advance:
+    with ctx.metrics() as metrics, ctx.progress(None if by_epochs else cfg.max_steps, "sft") as advance:
         class Report(TrainerCallback):
             def on_step_end(self, args, state, control, **kw):
                 advance(1)
+                if state.global_step >= state.max_steps:
+                    # the last step's loss is logged even when max_steps is not a multiple of logging_steps
+                    control.should_log = True
 
             def on_log(self, args, state, control, logs=None, **kw):
-                if logs and "loss" in logs:
-                    losses.append(float(logs["loss"]))
+                if logs and ("loss" in logs or "eval_loss" in logs):
+                    if "loss" in logs:
+                        losses.append(float(logs["loss"]))
+                    if "eval_loss" in logs:
+                        eval_losses.append(float(logs["eval_loss"]))
                     metrics.log(state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))})
 
-        trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
-                             peft_config=peft_config, callbacks=[Report()], data_collator=collator)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
+                             processing_class=tokenizer, peft_config=peft_config, callbacks=[Report()],
+                             data_collator=collator)
         trainer.remove_callback(PrinterCallback)  # our progress bar and metrics.jsonl replace its prints
         started = time.time()
         trainer.train()
         seconds = time.time() - started
+        if evaluation is not None and not (cfg.eval_steps and trainer.state.global_step % cfg.eval_steps == 0):
+            trainer.evaluate()  # the final model's held-out loss (logged through on_log)
 
     if losses and not all(math.isfinite(x) for x in losses):
         raise StageError(f"training loss became non-finite ({losses[-5:]}); lower learning_rate or check the data")
@@ -223,7 +252,9 @@ def run_sft(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
     if ctx.is_main:
         (ctx.stage_dir / "data_stats.json").write_text(json.dumps(stats, indent=2))
     metrics = {"loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
-               "steps": cfg.max_steps, "train_seconds": round(seconds, 1), **stats}
+               "steps": trainer.state.global_step, "train_seconds": round(seconds, 1), **stats}
+    if eval_losses:
+        metrics.update(eval_loss_first=eval_losses[0], eval_loss_last=eval_losses[-1])
     return StageResult(outputs={"model": str(out)}, metrics=metrics)
 
 

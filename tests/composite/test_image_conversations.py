@@ -90,7 +90,7 @@ def test_sft_on_image_rows_trains_the_tower_only_when_asked(tmp_path):
     from safetensors.torch import load_file
 
     from posttrain.data import write_jsonl
-    from posttrain.runner import run_recipe
+    from posttrain.pipeline.runner import run_recipe
 
     write_jsonl(tmp_path / "train.jsonl", generate_vision("colour", 16, tmp_path / "images", fmt="chat"))
     recipe = tmp_path / "recipe.yaml"
@@ -152,7 +152,7 @@ def test_filters_read_the_text_and_pass_image_parts_through_counted(tmp_path):
 
 def test_evaluate_answers_image_prompts_with_the_transformers_engine(tmp_path):
     from posttrain.data import write_jsonl
-    from posttrain.runner import run_recipe
+    from posttrain.pipeline.runner import run_recipe
 
     write_jsonl(tmp_path / "eval.jsonl", generate_vision("colour", 4, tmp_path / "images", split="eval", fmt="prompt"))
     recipe = tmp_path / "recipe.yaml"

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from posttrain.runner import run_recipe
+from posttrain.pipeline.runner import run_recipe
 
 TINY = "arch: gemma3, hidden_size: 64, num_layers: 1, num_heads: 2, num_kv_heads: 1, intermediate_size: 128"
 # weight_decay > 0 everywhere it exists: a vision tower left in the optimizer with zero (rather

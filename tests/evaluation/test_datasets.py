@@ -226,7 +226,8 @@ def test_a_later_stage_s_bad_mapping_fails_before_the_first_stage_trains(tmp_pat
     good = tmp_path / "good.jsonl"
     write_jsonl(good, [{"prompt": f"What is {a} plus 1?", "completion": str(a + 1)} for a in range(8)])
     recipe = one_step_sft_recipe(tmp_path, f"{{path: {good}}}")
-    text = recipe.read_text().replace("datasets:\n", f"datasets:\n  later: {{path: {good}, columns: {{prompt: questoin}}}}\n")
+    text = recipe.read_text().replace("datasets:\n", f"datasets:\n  later: {{path: {good}, columns: {{prompt: questoin, "
+                                                   f"completion: completion}}}}\n")
     recipe.write_text(text + '  - {name: sft2, kind: sft, model: "${stages.sft.model}", dataset: "${datasets.later}", '
                              'max_steps: 1, batch_size: 4}\n')
     with pytest.raises(DataError, match=r"datasets\.later\.columns\.prompt: column 'questoin' is not in the dataset"):
@@ -319,8 +320,13 @@ def test_recipe_checks_label_picked_columns(tmp_path, gsm_like):
             ("{prompt: question, chosen: {by: labels, cases: {true: a, false: b}, after: x}, rejected: answer}", None)):
         recipe.write_text(recipe_text(gsm_like).replace(prefs, f"    columns: {columns}", 1))
         if expected is None:  # a valid mapping; YAML's true is the label "true"
-            entry = load_recipe(recipe).datasets["chat"].columns["chosen"]
-            assert entry.cases == {"true": "a", "false": "b"}
+            import yaml
+
+            from posttrain.pipeline.recipe import DatasetEntry
+
+            # checked as an entry: the recipe's sft stage could not train on preference rows
+            entry = DatasetEntry.model_validate({"path": str(gsm_like), "columns": yaml.safe_load(columns)})
+            assert entry.columns["chosen"].cases == {"true": "a", "false": "b"}
             continue
         with pytest.raises(RecipeError, match=expected):
             load_recipe(recipe)

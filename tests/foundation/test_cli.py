@@ -31,7 +31,7 @@ def test_debug_shows_the_traceback(write_recipe, tiny_sft):
 
 def test_bad_set_override_exits_2(write_recipe, tiny_sft):
     r = cli("validate", str(write_recipe(tiny_sft)), "--set", "stages.sft.max_steps=-1")
-    assert r.returncode == 2 and "stages[0].max_steps" in r.stderr and "(--set)" in r.stderr
+    assert r.returncode == 2 and "stages.sft.max_steps" in r.stderr and "(--set)" in r.stderr
 
 
 def test_stage_failure_exits_1_with_the_data_location(write_recipe, tiny_sft, tmp_path):
@@ -73,3 +73,21 @@ def test_dry_run_runs_nothing(write_recipe, tiny_sft):
     r = cli("run", str(path), "--dry-run")
     assert r.returncode == 0 and "would run" in r.stdout
     assert not (path.parent / "run" / "sft" / "manifest.json").exists()
+
+
+def test_stages_spells_out_literal_and_union_types_with_their_allowed_values():
+    r = cli("stages", "sft", env={"COLUMNS": "400"})
+    assert "lr_scheduler ('linear' | 'cosine' | 'constant' | 'constant_with_warmup', default 'cosine')" in r.stdout
+    assert "lora (LoraSpec | None, default None)" in r.stdout
+    assert "Literal" not in r.stdout and "Union" not in r.stdout
+    r = cli("stages", "rl", env={"COLUMNS": "400"})
+    assert "fault_policy ('zero' | 'skip' | 'fail', default 'zero')" in r.stdout and "Literal" not in r.stdout
+
+
+def test_the_summary_shows_reward_faults_and_the_non_negative_kl():
+    from posttrain.cli import _key_metrics
+
+    shown = _key_metrics({"reward/mean": 0.0, "kl_start": -0.038, "kl_start_k3": 0.004, "reward/math/faults": 160,
+                          "reward/brevity/faults": 0})
+    assert "kl_start_k3=0.004" in shown and "kl_start=" not in shown
+    assert shown.endswith("faults reward/math 160")

@@ -29,12 +29,12 @@ def test_malformed_yaml_names_the_line(write_recipe):
 def test_unknown_key_suggests_the_closest_name_with_line(write_recipe, tiny_sft):
     msg, path = error_of(write_recipe, tiny_sft.replace("max_steps: 4", "max_step: 4"))
     assert f"{path}:13" in msg
-    assert "stages[0].max_step" in msg and "did you mean 'max_steps'" in msg
+    assert "stages.sft.max_step" in msg and "did you mean 'max_steps'" in msg
 
 
 def test_wrong_type_names_key_path_and_value(write_recipe, tiny_sft):
     msg, path = error_of(write_recipe, tiny_sft.replace("max_steps: 4", "max_steps: lots"))
-    assert f"{path}:13" in msg and "stages[0].max_steps" in msg and "'lots'" in msg
+    assert f"{path}:13" in msg and "stages.sft.max_steps" in msg and "'lots'" in msg
 
 
 def test_unknown_stage_kind_lists_kinds(write_recipe, tiny_sft):
@@ -55,7 +55,7 @@ def test_dangling_and_forward_references_are_errors(write_recipe, tiny_sft):
 
 def test_missing_required_key(write_recipe, tiny_sft):
     msg, _ = error_of(write_recipe, tiny_sft.replace("    dataset: ${datasets.mix}\n", ""))
-    assert "missing required key 'stages[0].dataset'" in msg
+    assert "missing required key 'stages.sft.dataset'" in msg
 
 
 def test_duplicate_stage_names(write_recipe, tiny_sft):
@@ -109,8 +109,73 @@ def test_report_to_names_are_checked_when_the_recipe_loads(write_recipe, tmp_pat
         "def run(cfg, ctx):\n    return StageResult(outputs={})\n")
     text = "name: p\noutput_dir: o\nplugins: [tracked_stage.py]\nstages:\n  - name: t\n    kind: report_to_test\n"
     msg, path = error_of(write_recipe, text + "    report_to: [tensorbord]\n")
-    assert f"{path}:7" in msg and "stages[0].report_to[0]" in msg
+    assert f"{path}:7" in msg and "stages.t.report_to[0]" in msg
     assert "unknown tracker 'tensorbord'; did you mean 'tensorboard'" in msg
     monkeypatch.setitem(sys.modules, "wandb", None)  # Python's own way to make a module unimportable
     msg, _ = error_of(write_recipe, text + "    report_to: [wandb]\n")
     assert "tracker 'wandb' is not installed: pip install 'posttrain[trackers]'" in msg
+
+
+RL_TWO_REWARDS = """
+name: t
+output_dir: run
+models:
+  student: {tiny: {arch: gemma3, hidden_size: 64, num_heads: 2, num_kv_heads: 1, intermediate_size: 128}}
+datasets:
+  chat: {toy: {task: chat, n: 8, format: chat}}
+  prompts: {toy: {task: mix, n: 64, format: prompt}}
+stages:
+  - name: warmup
+    kind: sft
+    model: ${models.student}
+    dataset: ${datasets.chat}
+  - name: rl
+    kind: rl
+    model: ${stages.warmup.model}
+    dataset: ${datasets.prompts}
+    rewards:
+      - {name: math, weight: 1.0}
+      - {name: instructions, weight: 0.5}
+"""
+
+
+@pytest.mark.parametrize("key", ["stages.rl.rewards[1].weight", "stages[1].rewards[1].weight", "stages.1.rewards.1.weight"])
+def test_set_addresses_list_items_by_index(write_recipe, key):
+    r = load_recipe(write_recipe(RL_TWO_REWARDS), [f"{key}=2"])
+    assert [s.weight for s in r.stage("rl").config.rewards] == [1.0, 2.0]
+
+
+def test_set_with_an_index_out_of_range_is_a_recipe_error(write_recipe):
+    msg, _ = error_of(write_recipe, RL_TWO_REWARDS, ["stages.rl.rewards[5].weight=2"])
+    assert "stages.rl.rewards has 2 items; index 5 is out of range" in msg
+
+
+def test_set_with_an_invalid_value_at_an_index_names_the_stage_and_item(write_recipe):
+    msg, path = error_of(write_recipe, RL_TWO_REWARDS, ["stages.rl.rewards[0].weight=heavy"])
+    assert f"{path} (--set): stages.rl.rewards[0].weight" in msg and "'heavy'" in msg
+
+
+def test_set_on_a_mapping_with_an_index_is_a_recipe_error(write_recipe):
+    msg, _ = error_of(write_recipe, RL_TWO_REWARDS, ["models[0].path=x"])
+    assert "models is a mapping, not a list" in msg
+
+
+def test_errors_inside_a_stage_name_the_stage(write_recipe):
+    msg, path = error_of(write_recipe, RL_TWO_REWARDS.replace("weight: 0.5", "wieght: 0.5"))
+    assert f"{path}:19" in msg and "unknown key 'stages.rl.rewards[1].wieght'" in msg
+
+
+def test_a_recipe_wide_rollout_is_inherited_by_every_stage_that_generates(write_recipe):
+    text = RL_TWO_REWARDS.replace("datasets:", "rollout: {backend: transformers, max_batch_size: 8}\ndatasets:", 1) + (
+        "    rollout: {max_batch_size: 4}\n"
+        "  - name: eval\n    kind: evaluate\n    model: ${stages.rl.model}\n    datasets: {p: '${datasets.prompts}'}\n")
+    r = load_recipe(write_recipe(text))
+    rl, ev = r.stage("rl").config.rollout, r.stage("eval").config.rollout
+    assert (rl.backend, rl.max_batch_size) == ("transformers", 4)  # the stage's own key wins
+    assert (ev.backend, ev.max_batch_size) == ("transformers", 8)  # evaluate inherits too
+
+
+def test_a_mistake_in_the_recipe_wide_rollout_is_reported_at_its_line(write_recipe):
+    text = RL_TWO_REWARDS.replace("datasets:", "rollout: {backend: transformer}\ndatasets:", 1)
+    msg, path = error_of(write_recipe, text)
+    assert f"{path}:5: rollout.backend" in msg and "'transformer'" in msg

@@ -153,3 +153,90 @@ def test_toy_data_cached_by_another_generator_version_is_made_again(tmp_path, wr
     again = Inputs(recipe, lambda _: None)
     assert "stale" not in open(again.dataset(name)).read()
     assert again.fingerprint(f"datasets.{name}") != first.fingerprint(f"datasets.{name}")
+
+
+STEPPER_PLUGIN = """
+import json, os, time
+from pathlib import Path
+from posttrain.stages import register_stage, StageConfig, StageResult
+
+class C(StageConfig):
+    max_steps: int = 6
+    checkpoint_every: int = 2
+    faults_per_step: int = 0
+
+@register_stage('stepper_test', C, outputs=('file',))
+def run(cfg, ctx):
+    # A training loop in miniature: one metrics row per step, a checkpoint every few steps, resume
+    # from the newest one; STEPPER_HANG_AT makes it wait at a step (to be interrupted there).
+    ckpts = sorted(int(p.name[5:]) for p in (ctx.stage_dir / 'checkpoints').glob('step_*'))
+    start = ckpts[-1] if ckpts else 0
+    hang_at = int(os.environ.get('STEPPER_HANG_AT', '0'))
+    record = {}
+    with ctx.metrics() as metrics:
+        for step in range(start, cfg.max_steps):
+            record = {'reward/r/faults': cfg.faults_per_step + step}
+            metrics.log(step + 1, **record)
+            if (step + 1) % cfg.checkpoint_every == 0:
+                d = ctx.stage_dir / 'checkpoints' / f'step_{step + 1}'
+                d.mkdir(parents=True)
+                (d / 'state.json').write_text(json.dumps({'step': step + 1}))
+            if step + 1 == hang_at:
+                (ctx.stage_dir / 'waiting').write_text('')
+                time.sleep(120)
+    p = ctx.stage_dir / 'out.txt'
+    p.write_text('done')
+    return StageResult(outputs={'file': str(p)}, metrics=record)
+"""
+STEPPER_RECIPE = "name: k\noutput_dir: run\nplugins: [stepper.py]\nstages:\n  - {name: s, kind: stepper_test}\n"
+
+
+def _cli_run(path, *args, env=None):
+    return subprocess.run([sys.executable, "-m", "posttrain.cli", "run", str(path), *args], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "COLUMNS": "200", **(env or {})})
+
+
+def test_the_manifest_keeps_total_fault_counts_not_the_last_steps(write_recipe, tmp_path):
+    (tmp_path / "stepper.py").write_text(STEPPER_PLUGIN)
+    path = write_recipe(STEPPER_RECIPE.replace("kind: stepper_test}", "kind: stepper_test, faults_per_step: 1}"))
+    done = run_recipe(path)
+    assert done["s"]["metrics"]["reward/r/faults"] == sum(1 + step for step in range(6))  # 21, not 6
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupted_run_says_where_writes_its_report_and_resumes_there(write_recipe, tmp_path, sig, code):
+    (tmp_path / "stepper.py").write_text(STEPPER_PLUGIN)
+    path = write_recipe(STEPPER_RECIPE)
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "run", str(path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "STEPPER_HANG_AT": "5", "COLUMNS": "200"})
+    deadline = time.time() + 120
+    while not (run_dir / "s" / "waiting").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, (out, err)
+    assert "Traceback" not in out + err
+    message = [line for line in (out + err).splitlines() if line.startswith("posttrain: SIG")]
+    assert len(message) == 1, out + err
+    assert "stage 's'" in message[0] and "at step 5 of 6" in message[0] and "resumes from step 4" in message[0]
+    assert (run_dir / "report.html").exists() and (run_dir / "recipe.resolved.yaml").exists()
+    assert not (run_dir / "s" / "manifest.json").exists()  # an interrupted stage is not complete
+
+    dry = _cli_run(path, "--dry-run")
+    assert "would resume from step 4" in dry.stdout, dry.stdout
+    again = _cli_run(path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "resuming stage 's' from step 4" in again.stdout
+    assert [json.loads(line)["step"] for line in (run_dir / "s" / "metrics.jsonl").read_text().splitlines()][-2:] == [5, 6]
+    assert manifest(run_dir, "s")["resumed_from_step"] == 4
+
+
+def test_dry_run_says_what_happens_to_each_stage(write_recipe, tmp_path):
+    (tmp_path / "stepper.py").write_text(STEPPER_PLUGIN)
+    path = write_recipe(STEPPER_RECIPE + "  - {name: t, kind: stepper_test, max_steps: 2}\n")
+    run_recipe(path, only="s")
+    dry = _cli_run(path, "--dry-run")
+    rows = {line.split()[1]: line for line in dry.stdout.splitlines() if line.strip().startswith("│ ")
+            and line.split()[1] in ("s", "t")}
+    assert "skip (complete)" in rows["s"] and "would run" in rows["t"], dry.stdout

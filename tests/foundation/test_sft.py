@@ -37,3 +37,20 @@ def test_lora_sft_exports_a_merged_plain_checkpoint(write_recipe, tiny_sft):
     model = AutoModelForCausalLM.from_pretrained(out)
     assert not any("lora" in n for n, _ in model.named_parameters())
     assert torch.isfinite(next(model.parameters())).all()
+
+
+def test_the_last_loss_is_logged_when_max_steps_is_below_logging_steps(write_recipe, tiny_sft):
+    text = tiny_sft.replace("max_steps: 4", "max_steps: 3").replace("logging_steps: 1", "logging_steps: 10")
+    m = run_recipe(write_recipe(text))["sft"]
+    assert m["metrics"]["loss_last"] is not None and m["metrics"]["steps"] == 3
+    steps = [json.loads(line)["step"] for line in (Path(m["outputs"]["model"]).parent / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [3]
+
+
+def test_num_train_epochs_sets_the_length_and_eval_dataset_gives_a_held_out_loss(write_recipe, tiny_sft):
+    # 64 rows, 8 per step: one epoch is 8 steps, whatever max_steps says.
+    text = tiny_sft.replace("datasets:\n", "datasets:\n  held_out: {toy: {task: chat, n: 16, format: chat, split: eval}}\n")
+    text += "    num_train_epochs: 1\n    eval_dataset: ${datasets.held_out}\n    eval_steps: 4\n"
+    m = run_recipe(write_recipe(text))["sft"]["metrics"]
+    assert m["steps"] == 8
+    assert m["eval_loss_last"] < m["eval_loss_first"]

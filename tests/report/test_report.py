@@ -107,3 +107,94 @@ def test_report_command_on_a_run_with_a_failed_stage(run_dir, tmp_path, capsys):
     assert "1 failed" in page and 'class=failed>failed' in page
     assert "eval_sft failed:" in page and "cannot choose a reward" in page
     assert main(["report", str(tmp_path / "nowhere")]) == 2
+
+
+def _stage(run: Path, name: str, kind: str, status: str | None, metrics_rows=()):
+    import json
+
+    d = run / name
+    d.mkdir(parents=True)
+    if status is not None:
+        (d / "manifest.json").write_text(json.dumps({"name": name, "kind": kind, "status": status, "metrics": {},
+                                                     "outputs": {}, "started": 1.0, "seconds": 1.0}))
+    if metrics_rows:
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics_rows))
+
+
+def test_a_failed_runs_header_counts_every_stage_of_the_recipe(tmp_path):
+    from posttrain.pipeline.report import load_run, render
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.resolved.yaml").write_text(
+        "name: r\nstages:\n  - {name: sft, kind: sft}\n  - {name: rl, kind: rl}\n  - {name: eval, kind: evaluate}\n")
+    _stage(run, "sft", "sft", "complete")
+    _stage(run, "rl", "rl", "failed")
+    page = render(load_run(run))
+    assert "3 stages: 1 complete, <span class=failed>1 failed</span>, 1 not run" in page
+
+
+def test_the_runner_writes_every_stage_into_the_resolved_recipe_when_one_fails(tmp_path):
+    import yaml
+
+    from posttrain.pipeline.runner import run_recipe
+    from posttrain.stages import StageError
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "wizard", "content": "hi"}]}\n')
+    path = tmp_path / "recipe.yaml"
+    path.write_text(textwrap.dedent(f"""
+        name: f
+        output_dir: run
+        models:
+          student: {{tiny: {{arch: gemma3, hidden_size: 64, num_heads: 2, num_kv_heads: 1, intermediate_size: 128}}}}
+        datasets:
+          bad: {{path: {bad}}}
+        stages:
+          - {{name: sft, kind: sft, model: "${{models.student}}", dataset: "${{datasets.bad}}", max_steps: 1}}
+          - {{name: export, kind: export, model: "${{stages.sft.model}}"}}
+        """))
+    with pytest.raises(StageError):
+        run_recipe(path)
+    resolved = yaml.safe_load((tmp_path / "run" / "recipe.resolved.yaml").read_text())
+    assert [s["name"] for s in resolved["stages"]] == ["sft", "export"]
+    assert "2 stages: <span class=failed>1 failed</span>, 1 not run" in (tmp_path / "run" / "report.html").read_text()
+
+
+CURVES_ROWS = [{"step": s, "loss": 1.0 / s, "reward/mean": 0.1 * s, "kl_anchor": 0.01 * s, "entropy": 2.0 - 0.1 * s,
+                "reward/math/mean": 0.05 * s, **({"rollout/drift": 0.002} if s == 1 else {})} for s in range(1, 9)]
+
+
+def test_curves_wrap_into_rows_and_legends_cover_no_curve():
+    from posttrain.pipeline.report import PANEL_COLUMNS, curves_figure
+
+    fig = curves_figure("rl", CURVES_ROWS)
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(visible) == 4  # loss, reward, KL, entropy: the one-point drift is no panel
+    rows = {round(ax.get_position().y0, 3) for ax in visible}
+    assert len(rows) == 2 and max(sum(1 for ax in visible if round(ax.get_position().y0, 3) == y) for y in rows) <= PANEL_COLUMNS
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for ax in visible:
+        legend = ax.get_legend().get_window_extent(renderer)
+        plot = ax.get_window_extent(renderer)
+        assert legend.y1 <= plot.y0, f"{ax.get_title()}: the legend overlaps the plotting area"
+
+
+def test_a_metric_logged_once_is_reported_as_a_number_not_drawn(tmp_path):
+    from posttrain.pipeline.report import load_run, render
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.resolved.yaml").write_text("name: r\nstages:\n  - {name: rl, kind: rl}\n")
+    _stage(run, "rl", "rl", "complete", CURVES_ROWS)
+    page = render(load_run(run))
+    assert "Logged once: rollout/drift = 0.002 (step 1)" in page
+
+
+def test_the_kl_panel_draws_the_k3_estimate_instead_of_a_k1_that_can_be_negative():
+    from posttrain.pipeline.report import curve_panels
+
+    rows = [{"step": s, "kl_start": -0.01 * s, "kl_start_k3": 0.002 * s, "kl_anchor": 0.01} for s in range(1, 5)]
+    panels, _ = curve_panels(rows)
+    assert panels["KL"] == ["kl_anchor", "kl_start_k3"]

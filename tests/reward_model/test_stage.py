@@ -263,7 +263,7 @@ def test_two_members_that_would_be_the_same_run_are_refused_at_load(tmp_path):
     # Lists cycle: with seeds [1, 2] the third member would repeat the first one exactly.
     same = {"name": "rm", "kind": "reward_model", "model": "${models.base}", "dataset": "${datasets.prefs}",
             "members": 3, "seeds": [1, 2]}
-    with pytest.raises(RecipeError, match=r"recipe.yaml:\d+: stages\[0\].*member 1 and member 3 would be the same run"):
+    with pytest.raises(RecipeError, match=r"recipe.yaml:\d+: stages\.rm.*member 1 and member 3 would be the same run"):
         load_recipe(write_recipe(tmp_path / "same", same, "rm-same", pairs=8, held_out=4))
     # A third list that differs where the seeds repeat makes them different runs.
     load_recipe(write_recipe(tmp_path / "differ", {**same, "dropouts": [0.0, 0.0, 0.1]}, "rm-differ", pairs=8, held_out=4))
@@ -280,7 +280,7 @@ def test_best_member_is_referenced_only_from_a_stage_with_held_out_pairs(tmp_pat
     recipe["stages"].append({"name": "rl", "kind": "rl", "model": "${models.base}", "dataset": "${datasets.prefs}",
                              "rewards": [{"fn": "reward_model", "kwargs": {"checkpoints": "${stages.rm.best_member}"}}]})
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    with pytest.raises(RecipeError, match=r"stages\[1\].rewards\[0\].kwargs.checkpoints: .*gives 'best_member' only with "
+    with pytest.raises(RecipeError, match=r"stages\.rl\.rewards\[0\]\.kwargs\.checkpoints: .*gives 'best_member' only with "
                                           r"eval_dataset"):
         load_recipe(path)
     recipe["stages"][0]["eval_dataset"] = "${datasets.held_out}"

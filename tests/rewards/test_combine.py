@@ -121,7 +121,7 @@ def test_fault_policy_fail():
 
 
 def test_hanging_reward_is_timed_out_and_others_still_run():
-    specs = [RewardSpec(name="h", fn=f"{__name__}:hangs", timeout_s=0.5),
+    specs = [RewardSpec(name="h", fn=f"{__name__}:hangs", timeout_s=0.5, tolerate_all_faults=True),
              RewardSpec(name="c", fn="test_const")]
     t = time.monotonic()
     b = compute_rewards(specs, ["p"] * 2, ["a", "b"], fault_policy="zero")
@@ -135,8 +135,31 @@ def test_wrong_return_shape_is_a_fault():
     def short(prompts, completions, **_):
         return [1.0]
 
-    b = compute_rewards([RewardSpec(name="test_short")], ["p"] * 2, ["a", "b"])
+    b = compute_rewards([RewardSpec(name="test_short", tolerate_all_faults=True)], ["p"] * 2, ["a", "b"])
     assert b.faults["test_short"] == 2 and "expected a list of 2" in b.fault_messages[0]
+
+
+@pytest.mark.parametrize("policy", ["zero", "skip"])
+def test_a_reward_faulting_on_every_sample_is_an_error_whatever_the_policy(policy):
+    @register_reward("test_wrong_len")
+    def wrong_len(prompts, completions, **_):
+        return [1.0]
+
+    with pytest.raises(RewardFaultError, match=r"'test_wrong_len' faulted on every sample of the batch \(3/3\).*"
+                                               r"expected a list of 3.*tolerate_all_faults"):
+        compute_rewards([RewardSpec(name="test_wrong_len")], ["p"] * 3, ["a", "b", "c"], fault_policy=policy)
+
+
+def test_a_reward_faulting_on_some_samples_only_follows_the_policy():
+    b = compute_rewards([RewardSpec(name="f", fn=f"{__name__}:fails_on_bad")], ["p"] * 2, ["ok", "bad"])
+    assert b.faults["f"] == 1 and b.rewards == [1.0, 0.0]
+
+
+def test_the_combination_counts_faults_over_every_batch():
+    cr = CombinedReward([RewardSpec(name="f", fn=f"{__name__}:fails_on_bad")])
+    cr.compute(["p"] * 2, ["ok", "bad"])
+    cr.compute(["p"] * 3, ["bad", "ok", "bad"])
+    assert cr.total_faults == {"f": 3}
 
 
 def test_combined_reward_is_a_trl_reward():

@@ -31,7 +31,7 @@ import torch
 
 from posttrain.losses.bond import (backward_rewards, better_sample_index, forward_nll_loss, jbond_rewards,
                                    jeffreys_loss, leave_one_out_advantages, log_quantile_rewards, ties)
-from posttrain.losses.policy import masked_sum, reinforce_loss
+from posttrain.losses.policy import k3_kl, masked_sum, reinforce_loss
 from posttrain.rollout import SamplingParams, create_engine, weights_for_engine
 from posttrain.stages.rl.config import RLStageConfig
 from posttrain.stages.rl.step import (Learner, RLAlgorithm, StepState, StepStats, StepTimer, compute_rewards,
@@ -237,16 +237,19 @@ def _score_policy_samples(learner: Learner, batch: BondBatch, valid: torch.Tenso
         with torch.no_grad(), learner.session.autocast():
             logp, mask, entropy = score(learner.policy, with_entropy=True)
             logp_sum[mb] = masked_sum(logp, mask).float().cpu()
-            anchor_sum[mb] = masked_sum(score(learner.anchor)[0].to(logp.device), mask).float().cpu()
-            if learner.start_model is not None:
-                start_sum[mb] = masked_sum(score(learner.start_model)[0].to(logp.device), mask).float().cpu()
+            logp_anchor = score(learner.anchor)[0].to(logp.device)
+            anchor_sum[mb] = masked_sum(logp_anchor, mask).float().cpu()
+            logp_start = score(learner.start_model)[0].to(logp.device) if learner.start_model is not None else logp_anchor
+            start_sum[mb] = masked_sum(logp_start, mask).float().cpu()
         ok = valid[mb].to(mask.device)
+        stats.kl_anchor_k3 += k3_kl(logp, logp_anchor, mask)[ok].tolist()
+        stats.kl_start_k3 += k3_kl(logp, logp_start, mask)[ok].tolist()
         stats.entropy_sum += float((entropy.sum(dim=-1) * ok).sum())
         stats.entropy_count += float((mask.sum(dim=-1) * ok).sum())
         if keep_logprobs:
             stats.engine_lp += [c.logprobs for c in batch.policy_samples[mb]]
             stats.trainer_lp += [logp[i, :len(c.token_ids)].cpu() for i, c in enumerate(batch.policy_samples[mb])]
-    return logp_sum, anchor_sum, (anchor_sum if learner.start_model is None else start_sum)
+    return logp_sum, anchor_sum, start_sum
 
 
 def _jeffreys_backward(learner: Learner, batch: BondBatch, targets: list, weight: torch.Tensor,

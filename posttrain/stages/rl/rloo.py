@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from posttrain.losses.policy import kl_regularised_rewards, masked_sum, reinforce_loss, rloo_advantages
+from posttrain.losses.policy import k3_kl, kl_regularised_rewards, masked_sum, reinforce_loss, rloo_advantages
 from posttrain.rollout import weights_for_engine
 from posttrain.stages.rl.step import (Learner, RLAlgorithm, StepState, StepStats, StepTimer, compute_rewards,
                                       count_skipped_step, engine_logprobs, mean, optimizer_step, reward_metrics,
@@ -124,6 +124,8 @@ def policy_gradient_pass(learner: Learner, prompt_ids: list[list[int]], completi
         stats.loss += loss.item()
         stats.kl_anchor += (logp_sum - anchor_sum).tolist()
         stats.kl_start += (logp_sum - start_sum).tolist()
+        stats.kl_anchor_k3 += k3_kl(logp.detach(), logp_anchor, mask).tolist()
+        stats.kl_start_k3 += k3_kl(logp.detach(), logp_anchor if logp_start is None else logp_start, mask).tolist()
         stats.r_beta += r_beta[ok].tolist()
         stats.entropy_sum += entropy.sum().item()
         stats.entropy_count += mask.sum().item()

@@ -138,6 +138,9 @@ class StepStats:
     loss: float = 0.0
     kl_anchor: list = field(default_factory=list)  # per sample: log pi(y) - log pi_anchor(y)
     kl_start: list = field(default_factory=list)  # per sample: log pi(y) - log pi_start(y)
+    # Per sample, the non-negative k3 estimates of the same two KLs (what TRL logs as the KL).
+    kl_anchor_k3: list = field(default_factory=list)
+    kl_start_k3: list = field(default_factory=list)
     entropy_sum: float = 0.0
     entropy_count: float = 0.0
     engine_lp: list = field(default_factory=list)  # for the drift check: the engine's and the
@@ -281,6 +284,8 @@ def update_metrics(state: StepState, stats: StepStats, result: StepResult) -> di
     return {"loss": session.all_sum(stats.loss), "grad_norm": result.grad_norm, "lr": session.learning_rate,
             "kl_anchor": mean(session.gather_lists(stats.kl_anchor)),
             "kl_start": mean(session.gather_lists(stats.kl_start)),
+            "kl_anchor_k3": mean(session.gather_lists(stats.kl_anchor_k3)),
+            "kl_start_k3": mean(session.gather_lists(stats.kl_start_k3)),
             "entropy": session.all_sum(stats.entropy_sum) / max(1.0, session.all_sum(stats.entropy_count))}
 
 
