@@ -241,16 +241,9 @@ def tokenize_conversation(tokenizer, messages: Sequence[dict], add_generation_pr
         mask.append(0)
         input_ids.extend(body_ids)
         mask.extend(int(trained and end > len(header)) for _, end in offsets)
-        input_ids.append(ids[END_OF_TURN])
-        mask.append(int(trained))
-        nl, _ = _encode_text(tokenizer, "\n")
-        input_ids.extend(nl)
-        mask.extend([0] * len(nl))
+        _close_turn(tokenizer, ids, input_ids, mask, trained)
     if add_generation_prompt:
-        head, _ = _encode_text(tokenizer, "model\n")
-        input_ids.append(ids[START_OF_TURN])
-        input_ids.extend(head)
-        mask.extend([0] * (1 + len(head)))
+        _open_model_turn(tokenizer, ids, input_ids, mask)
     return TokenizedConversation(input_ids, mask)
 
 
@@ -518,6 +511,23 @@ def text_view(messages: Sequence[dict], where: str = "messages") -> list[dict]:
             if isinstance(m, dict) and "content" in m else m for i, m in enumerate(messages)]
 
 
+def _close_turn(tokenizer, ids: dict, input_ids: list[int], mask: list[int], trained: bool) -> None:
+    """`<end_of_turn>` (trained with the turn: the model learns to stop) and the newline after it."""
+    input_ids.append(ids[END_OF_TURN])
+    mask.append(int(trained))
+    nl, _ = _encode_text(tokenizer, "\n")
+    input_ids.extend(nl)
+    mask.extend([0] * len(nl))
+
+
+def _open_model_turn(tokenizer, ids: dict, input_ids: list[int], mask: list[int]) -> None:
+    """`<start_of_turn>model\n`: the generation prompt, never trained on."""
+    head, _ = _encode_text(tokenizer, "model\n")
+    input_ids.append(ids[START_OF_TURN])
+    input_ids.extend(head)
+    mask.extend([0] * (1 + len(head)))
+
+
 def tokenize_image_conversation(processor, messages: Sequence[dict], add_generation_prompt: bool = False,
                                 where: str = "messages") -> tuple[TokenizedConversation, list]:
     """Token ids, loss mask and images of a conversation with image parts, for a composite model.
@@ -556,16 +566,9 @@ def tokenize_image_conversation(processor, messages: Sequence[dict], add_generat
                 images.append(load_image(part, f"{where}: turn {len(images)} image part {j}"))
                 input_ids.extend(image_ids)
                 mask.extend([0] * len(image_ids))
-        input_ids.append(ids[END_OF_TURN])
-        mask.append(int(trained))
-        nl, _ = _encode_text(tokenizer, "\n")
-        input_ids.extend(nl)
-        mask.extend([0] * len(nl))
+        _close_turn(tokenizer, ids, input_ids, mask, trained)
     if add_generation_prompt:
-        head, _ = _encode_text(tokenizer, "model\n")
-        input_ids.append(ids[START_OF_TURN])
-        input_ids.extend(head)
-        mask.extend([0] * (1 + len(head)))
+        _open_model_turn(tokenizer, ids, input_ids, mask)
     return TokenizedConversation(input_ids, mask), images
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +13,12 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# The suite runs with --import-mode=importlib, which does not put test folders on sys.path;
+# tiny_recipes.py (recipe text the tests share) lives beside this file.
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_recipes import recipe_header  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -76,3 +85,36 @@ def launch_ranks():
         return done
 
     return launch
+
+
+# --- recipes written by tests ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def write_recipe(tmp_path):
+    """Write a recipe file from YAML text and return its path."""
+
+    def write(text: str, name: str = "recipe.yaml") -> Path:
+        p = tmp_path / name
+        p.write_text(textwrap.dedent(text).lstrip())
+        return p
+
+    return write
+
+
+@pytest.fixture
+def tiny_sft():
+    """A one-stage recipe: 4 SFT steps of a tiny Gemma3 on toy chat."""
+    return TINY_SFT
+
+
+TINY_SFT = recipe_header("t", datasets={"mix": "{toy: {task: chat, n: 64, format: chat}}"}) + """
+  - name: sft
+    kind: sft
+    model: ${models.student}
+    dataset: ${datasets.mix}
+    max_steps: 4
+    batch_size: 8
+    learning_rate: 1.0e-3
+    logging_steps: 1
+"""

@@ -85,11 +85,7 @@ class TransformersEngine(RolloutEngine):
 
     def generate(self, prompts: Sequence[Prompt], n: int = 1,
                  sampling: SamplingParams | None = None) -> list[list[Completion]]:
-        sampling = sampling or SamplingParams()
-        if n < 1:
-            raise ValueError(f"n: expected at least 1 completion per prompt, got {n}")
-        if self._sleeping:
-            raise RolloutError("generate: the engine is asleep; call wake_up() (or update_weights) first")
+        sampling = self._generation_request(n, sampling)
         if any(isinstance(p, (list, tuple)) and has_image_parts(p) for p in prompts):
             return self._generate_with_images(prompts, n, sampling)
         prompt_ids = render_prompts(self.tokenizer, prompts)

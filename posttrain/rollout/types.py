@@ -141,6 +141,15 @@ class RolloutEngine(ABC):
     def update_weights(self, named_tensors: Iterable[tuple]) -> None:
         """Make the next `generate` use these weights (names as in the HF checkpoint)."""
 
+    def _generation_request(self, n: int, sampling: SamplingParams | None) -> SamplingParams:
+        """What every `generate` checks first: at least one completion per prompt, an engine that is
+        awake; returns the sampling settings (the defaults when None)."""
+        if n < 1:
+            raise ValueError(f"n: expected at least 1 completion per prompt, got {n}")
+        if self.sleeping:
+            raise RolloutError("generate: the engine is asleep; call wake_up() (or update_weights) first")
+        return sampling or SamplingParams()
+
     @property
     def can_sleep(self) -> bool:
         """Whether `sleep()` really releases memory (otherwise sleep and wake_up do nothing)."""

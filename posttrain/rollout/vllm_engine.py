@@ -254,11 +254,7 @@ class VLLMEngine(RolloutEngine):
 
     def generate(self, prompts: Sequence[Prompt], n: int = 1,
                  sampling: SamplingParams | None = None) -> list[list[Completion]]:
-        sampling = sampling or SamplingParams()
-        if n < 1:
-            raise ValueError(f"n: expected at least 1 completion per prompt, got {n}")
-        if self._sleeping:
-            raise RolloutError("generate: the engine is asleep; call wake_up() (or update_weights) first")
+        sampling = self._generation_request(n, sampling)
         from vllm import SamplingParams as VLLMSamplingParams
         from vllm.inputs import TokensPrompt
 

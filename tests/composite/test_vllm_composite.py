@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from posttrain.modeling import load_causal_lm
-from posttrain.rollout import RolloutConfig, SamplingParams, create_engine, sequence_logprobs, vllm_available, weights_for_engine
+from posttrain.rollout import RolloutConfig, SamplingParams, create_engine, vllm_available, weights_for_engine
+from posttrain.scoring import sequence_logprobs
 from posttrain.toy.models import TinyModelSpec, build_tiny_model
 
 pytestmark = pytest.mark.skipif(not vllm_available(), reason="vllm is not installed")

@@ -11,19 +11,12 @@ import json
 from pathlib import Path
 
 import pytest
+from tiny_recipes import TINY_STUDENT, recipe_header
 
-RECIPE = """
-name: dp
-output_dir: run
-seed: 0
-models:
-  student: {tiny: {arch: gemma3, hidden_size: 64, num_heads: 2, num_kv_heads: 1, intermediate_size: 128}}
-  teacher: {tiny: {arch: gemma3, hidden_size: 64, num_heads: 2, num_kv_heads: 1, intermediate_size: 128, seed: 1}}
-datasets:
-  chat: {toy: {task: math, n: 32, format: chat}}
-  math: {toy: {task: math, n: 16, format: prompt}}
-stages:
-  - name: distill
+RECIPE = recipe_header(
+    "dp", models={"student": TINY_STUDENT, "teacher": TINY_STUDENT.replace("128}}", "128, seed: 1}}")},
+    datasets={"chat": "{toy: {task: math, n: 32, format: chat}}", "math": "{toy: {task: math, n: 16, format: prompt}}"},
+) + """  - name: distill
     kind: distill
     model: ${models.student}
     teacher: ${models.teacher}

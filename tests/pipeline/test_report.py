@@ -9,22 +9,16 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from tiny_recipes import recipe_header
 
 from posttrain.cli import main
 
-RECIPE = """
-name: reported
-output_dir: run
-seed: 0
-models:
-  student: {tiny: {arch: gemma3, hidden_size: 64, num_heads: 2, num_kv_heads: 1, intermediate_size: 128}}
-datasets:
-  dirty: {toy_dirty: {n_clean: 60, dirty_per_kind: 2}}
-  math_prompts: {toy: {task: math, n: 16, format: prompt}}
-  math_eval: {toy: {task: math, n: 4, split: eval, format: prompt}}
-  ifeval: {toy: {task: instructions, n: 4, split: eval, format: prompt}}
-stages:
-  - name: filter
+RECIPE = recipe_header("reported", datasets={
+    "dirty": "{toy_dirty: {n_clean: 60, dirty_per_kind: 2}}",
+    "math_prompts": "{toy: {task: math, n: 16, format: prompt}}",
+    "math_eval": "{toy: {task: math, n: 4, split: eval, format: prompt}}",
+    "ifeval": "{toy: {task: instructions, n: 4, split: eval, format: prompt}}",
+}) + """  - name: filter
     kind: filter
     dataset: ${datasets.dirty}
   - name: sft

@@ -11,19 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_recipes import recipe_header
 
 # One tiny model and two toy datasets; each test adds its stages.
-HEADER = """
-name: mp
-output_dir: run
-seed: 0
-models:
-  student: {tiny: {arch: gemma3, hidden_size: 64, num_heads: 2, num_kv_heads: 1, intermediate_size: 128}}
-datasets:
-  mix: {toy: {task: chat, n: 64, format: chat}}
-  math: {toy: {task: math, n: 16, format: prompt}}
-stages:
-"""
+HEADER = recipe_header("mp", datasets={"mix": "{toy: {task: chat, n: 64, format: chat}}",
+                                       "math": "{toy: {task: math, n: 16, format: prompt}}"})
 
 RECIPE = HEADER + """
   - name: filter
