@@ -1,0 +1,397 @@
+"""`qat`: quantisation-aware training by distillation from the full-precision model (Gemma 3, section 2.3).
+
+Gemma 3's quantised checkpoints come from a short finetune (about 5,000 steps) of each model
+with its weights fake-quantised in the forward pass, trained towards the probabilities of the
+non-quantised checkpoint on data like the pre- and post-training data. The loop, per step:
+
+    a batch of (prompt, completion) sequences drawn from the dataset mixture by weight;
+    the teacher (by default the start checkpoint itself, in full precision) scores every
+        completion position (full logits, or a sparse top-k / sampled target), without gradient;
+    the student runs with every quantised weight replaced by Q(w) (posttrain.quantization),
+        the loss is the configured divergence, and the gradient reaches the latent float
+        weights through the rounding unchanged (straight-through estimator);
+    optimizer step on the latent weights.
+
+Before the first step and after the last, the KL from the teacher to the quantised student is
+measured on held-out prompts answered greedily by the teacher: the "before" figure is plain
+round-to-nearest quantisation (PTQ) of the start checkpoint, the "after" figure is QAT's.
+The saved model holds the latent float weights with `quantization.json` beside them naming the
+scheme; `export` with the matching `quantize:` writes exactly the weights trained with.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from posttrain.allocator import retain_freed_memory
+from posttrain.chat import tokenize_prompt
+from posttrain.data import DataError, iter_rows
+from posttrain.losses.token_logprobs import resolve_chunk_size
+from posttrain.quantization import QuantSpec, attach_fake_quantization, detach_fake_quantization
+from posttrain.sequences import TokenSequence, check_same_tokenizer, load_distill_rows, logit_mask, pad_batch
+from posttrain.stages.base import StageConfig, StageContext, StageError, StageResult, register_stage
+from posttrain.trackers import ReportTo
+from posttrain.training import (PLACEMENT_HELP, ChunkSize, TrainingSession, latest_checkpoint, load_checkpoint,
+                                place_frozen, resolve_placement, save_checkpoint, save_model, token_budget_batches,
+                                truncate_metrics)
+
+QUANTIZATION_FILE = "quantization.json"  # beside the saved weights: the scheme they were trained for
+
+
+class WeightedDataset(BaseModel):
+    """One source of a dataset mixture."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="Rows with completions: ${datasets.NAME}, ${stages.NAME.dataset} or a path.")
+    weight: float = Field(1.0, gt=0, description="Relative share of the batches' sequences drawn from this source.")
+
+
+class QATStageConfig(StageConfig):
+    """Quantisation-aware training: distil the full-precision model into its fake-quantised self (STE)."""
+
+    model: str = Field(description="Start checkpoint, trained with its weights fake-quantised: "
+                       "${stages.NAME.model}, ${models.NAME} or a path.")
+    teacher: str | None = Field(None, description="Full-precision targets; defaults to `model` itself (Gemma 3's "
+                                "QAT targets are the non-quantised checkpoint's probabilities). Any causal LM sharing "
+                                "the tokenizer.")
+    dataset: str | list[WeightedDataset] = Field(
+        description="Training rows (`messages` ending in an assistant turn, or `prompt` + `completion`): one "
+        "dataset, or a list of {path, weight} mixed by weight.")
+    scheme: Literal["int4_per_channel", "int4_per_block", "fp8"] = Field(
+        "int4_per_block", description="Weight representation (Gemma 3 Table 3): int4 per output channel "
+        "(compressed-tensors), int4 per block (GGUF Q4_0's rounding), or fp8 e4m3 per channel (compressed-tensors).")
+    block_size: int = Field(32, ge=1, description="Weights per int4 block; GGUF Q4_0 needs 32.")
+    block_format: Literal["gguf_q4_0", "compressed_tensors"] = Field(
+        "gguf_q4_0", description="int4_per_block: round as GGUF Q4_0 does (export gguf q4_0) or as compressed-tensors' "
+        "group quantiser does (export compressed-tensors int4_per_group).")
+    quantize_embeddings: bool | None = Field(
+        None, description="Fake-quantise the token embedding and output layer too; default: only for GGUF Q4_0, "
+        "whose files store them quantised (compressed-tensors keeps them in full precision).")
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
+        "forward_kl", description="Token-level divergence for target: full; forward_kl = KL(teacher||student), the "
+        "cross-entropy towards the teacher's probabilities.")
+    beta: float = Field(0.5, ge=0, le=1, description="JSD mix; 0 is exactly forward KL, 1 exactly reverse KL.")
+    temperature: float = Field(1.0, gt=0, description="Applied to teacher and student logits in the loss.")
+    target: Literal["full", "top_k", "sampled", "sampled_counts"] = Field(
+        "full", description="Teacher target: the full distribution, its top-k renormalised, Gemma 3 sampled logits, "
+        "or sampled counts (see distill). Sparse targets need divergence: forward_kl.")
+    k: int = Field(256, ge=1, description="Ids per position for top_k / sampled / sampled_counts targets.")
+    with_replacement: bool = Field(False, description="sampled: draw the k ids with replacement.")
+    student_normalisation: Literal["vocab", "set"] = Field(
+        "vocab", description="Sparse targets: student log-probs over the whole vocabulary or the sampled ids only.")
+    reduction: Literal["token_mean", "sequence_mean"] = Field(
+        "token_mean", description="Average over all completion tokens of the batch, or per sequence first.")
+    max_steps: int = Field(100, ge=1, description="Optimizer steps (Gemma 3: about 5,000).")
+    batch_size: int = Field(8, ge=1, description="Sequences per step.")
+    learning_rate: float = Field(1e-5, gt=0, description="AdamW learning rate (constant after warm-up).")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm; null turns clipping off.")
+    max_length: int = Field(512, ge=8, description="Sequences are truncated to this many tokens.")
+    max_new_tokens: int = Field(64, ge=1, description="Longest teacher answer to a held-out prompt.")
+    chunk_size: ChunkSize = Field("auto", description="Completion positions per loss chunk (see distill).")
+    teacher_dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Teacher weights dtype.")
+    teacher_placement: str = Field("accelerator", description="Where the teacher lives: " + PLACEMENT_HELP + ".")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: forward passes under bf16 autocast (Q(w) is then rounded to bf16 inside matmuls); "
+        "latent weights, optimizer state and the loss stay float32.")
+    max_tokens_per_microbatch: int | None = Field(None, ge=1, description="Token bound per micro-batch; null: whole batch.")
+    shard_optimizer: bool = Field(False, description="Data-parallel launches: shard AdamW's state (ZeRO stage 1).")
+    gradient_checkpointing: bool = Field(False, description="Recompute the student's activations in backward.")
+    checkpoint_every: int = Field(0, ge=0, description="Save a resumable checkpoint every this many steps (0: never).")
+    keep_checkpoints: int = Field(2, ge=1, description="Keep only the newest this many checkpoints.")
+    eval_dataset: str | None = Field(None, description="Held-out prompt rows: KL(teacher||quantised student) on the "
+                                     "teacher's greedy answers, before (= PTQ) and after training.")
+    eval_limit: int = Field(64, ge=1, description="At most this many held-out prompts.")
+    log_every: int = Field(1, ge=1, description="Log step metrics every this many steps.")
+    report_to: ReportTo = Field(default_factory=list, description="Extra trackers: tensorboard, wandb, trackio.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.target != "full" and self.divergence != "forward_kl":
+            raise ValueError(f"divergence: target {self.target!r} is a sparse teacher distribution, trained with a "
+                             "cross-entropy towards the teacher; set divergence: forward_kl, or target: full")
+        self.quant_spec()  # block_size / block_format combinations the formats cannot hold fail here
+        return self
+
+    def quant_spec(self) -> QuantSpec:
+        try:
+            return QuantSpec(self.scheme, self.block_size, self.block_format, self.quantize_embeddings)
+        except ValueError as e:
+            raise ValueError(str(e)) from None
+
+    def sources(self) -> list[WeightedDataset]:
+        return [WeightedDataset(path=self.dataset)] if isinstance(self.dataset, str) else list(self.dataset)
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+def load_mixture(cfg: QATStageConfig, tokenizer) -> list[tuple[list[TokenSequence], float]]:
+    """(sequences, weight) per source; every source must hold sequences with completions."""
+    mixture = []
+    for i, source in enumerate(cfg.sources()):
+        _, sequences = load_distill_rows(source.path, tokenizer, cfg.max_length)
+        if not sequences:
+            raise DataError(f"dataset[{i}] {source.path}: no rows with a completion (`messages` ending in an "
+                            "assistant turn, or `prompt` + `completion`); QAT trains on the teacher's view of them")
+        mixture.append((sequences, source.weight))
+    return mixture
+
+
+def draw_batch(mixture: list[tuple[list[TokenSequence], float]], rng: random.Random, n: int) -> list[TokenSequence]:
+    """n sequences: each from a source chosen with probability proportional to its weight."""
+    weights = [w for _, w in mixture]
+    picks = []
+    for _ in range(n):
+        rows = rng.choices(mixture, weights=weights)[0][0]
+        picks.append(rows[rng.randrange(len(rows))])
+    return picks
+
+
+def load_heldout_prompts(path: str, tokenizer, limit: int) -> list[list[int]]:
+    prompts = []
+    for where, row in iter_rows(path):
+        if "prompt" in row:
+            prompts.append(tokenize_prompt(tokenizer, row["prompt"]))
+        elif "messages" in row:
+            turns = [t for t in row["messages"] if t.get("role") != "assistant"] or row["messages"]
+            prompts.append(tokenize_prompt(tokenizer, turns))
+        else:
+            raise DataError(f"{where}: held-out rows need a 'prompt' or 'messages'; the row has {sorted(row)}")
+        if len(prompts) >= limit:
+            break
+    return prompts
+
+
+@torch.no_grad()
+def teacher_answers(teacher, prompts: list[list[int]], pad_id: int, stop_ids: list[int], max_new_tokens: int,
+                    batch_size: int = 16) -> list[TokenSequence]:
+    """The teacher's greedy answers to held-out prompts, as sequences whose completion counts."""
+    device = next(teacher.parameters()).device
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        group = prompts[start:start + batch_size]
+        width = max(len(p) for p in group)
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in group], device=device)
+        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group], device=device)
+        gen = teacher.generate(input_ids=ids, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False,
+                               eos_token_id=stop_ids, pad_token_id=pad_id)
+        for p, row in zip(group, gen[:, width:].tolist()):
+            answer = []
+            for t in row:
+                answer.append(t)
+                if t in stop_ids:
+                    break
+            out.append(TokenSequence(p + answer, [0] * len(p) + [1] * len(answer)))
+    return out
+
+
+# --- logits and losses ---------------------------------------------------------------------------
+
+def shifted_logits(model, batch: dict[str, torch.Tensor], chunk_size: int | None):
+    """Logits at positions 0..L-2, or the decoder's hidden states with the output projection (ProjectedLogits)
+    so the losses project chunk by chunk and [B, L, V] never exists."""
+    from posttrain.losses.distillation import ProjectedLogits
+    from posttrain.losses.token_logprobs import vocabulary_projection
+
+    if chunk_size is None:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 use_cache=False).last_hidden_state[:, :-1]
+    return ProjectedLogits(hidden, vocabulary_projection(model))
+
+
+def qat_loss(cfg: QATStageConfig, student_logits, teacher_logits, mask: torch.Tensor,
+             generator: torch.Generator | None) -> torch.Tensor:
+    from posttrain.losses.distillation import (divergence_loss, sample_teacher_targets, sampled_target_loss,
+                                               top_k_teacher_targets)
+
+    if cfg.target == "full":
+        return divergence_loss(cfg.divergence, student_logits, teacher_logits, cfg.beta, cfg.temperature, mask,
+                               cfg.chunk_size, cfg.reduction)
+    if cfg.target == "top_k":
+        ids, probs = top_k_teacher_targets(teacher_logits, cfg.k, cfg.temperature, cfg.chunk_size, mask)
+    else:
+        ids, probs = sample_teacher_targets(teacher_logits, cfg.k, cfg.with_replacement or cfg.target == "sampled_counts",
+                                            cfg.temperature, generator, counts=cfg.target == "sampled_counts",
+                                            chunk_size=cfg.chunk_size, mask=mask)
+    return sampled_target_loss(student_logits, ids, probs, cfg.student_normalisation, mask, cfg.temperature,
+                               cfg.chunk_size, cfg.reduction)
+
+
+def _on(batch: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+    device = next(model.parameters()).device
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def summed_kls(student, teacher, sequences: list[TokenSequence], pad_id: int, temperature: float,
+               chunk_size: int | None, batch_size: int = 16) -> dict[str, float]:
+    """Summed KL(teacher||student), KL(student||teacher) over the sequences' completion tokens, and the count."""
+    from posttrain.losses.distillation import forward_kl, reverse_kl
+
+    totals = {"kl_teacher_student": 0.0, "kl_student_teacher": 0.0, "tokens": 0.0}
+    for start in range(0, len(sequences), batch_size):
+        batch = _on(pad_batch(sequences[start:start + batch_size], pad_id), student)
+        mask = logit_mask(batch["loss_mask"])
+        s = shifted_logits(student, batch, None)
+        t = shifted_logits(teacher, _on(batch, teacher), None).to(s.device)
+        totals["kl_teacher_student"] += float(forward_kl(s, t, temperature, mask, chunk_size, reduction="sum"))
+        totals["kl_student_teacher"] += float(reverse_kl(s, t, temperature, mask, chunk_size, reduction="sum"))
+        totals["tokens"] += float(mask.sum())
+    return totals
+
+
+# --- the stage -----------------------------------------------------------------------------------
+
+def _heldout_kl(session: TrainingSession, student, teacher, heldout: list[TokenSequence], pad_id: int,
+                cfg: QATStageConfig) -> dict[str, float]:
+    """Per-token KLs over every rank's share of the held-out answers."""
+    was_training = student.training
+    student.eval()
+    sums = summed_kls(student, teacher, heldout[session.rank::session.world_size], pad_id, cfg.temperature,
+                      cfg.chunk_size)
+    student.train(was_training)
+    tokens = session.all_sum(sums.pop("tokens"))
+    return {key: session.all_sum(value) / max(tokens, 1) for key, value in sums.items()}
+
+
+def _train_step(cfg: QATStageConfig, session: TrainingSession, student, teacher, sequences: list[TokenSequence],
+                pad_id: int, generator: torch.Generator) -> tuple[float, int, int]:
+    """One optimizer step over the rank's sequences; returns (loss, counted tokens on this rank, micro-batches)."""
+    counted = [sum(s.loss_mask[1:]) for s in sequences]
+    global_count = session.all_sum(sum(counted) if cfg.reduction == "token_mean" else len(sequences))
+    micro = token_budget_batches([len(s.input_ids) for s in sequences], cfg.max_tokens_per_microbatch)
+    loss_total = 0.0
+    for mb in micro:
+        batch = {k: v.to(session.device) for k, v in pad_batch(sequences[mb], pad_id).items()}
+        mask = logit_mask(batch["loss_mask"])
+        local_count = float(mask.sum()) if cfg.reduction == "token_mean" else float(mask.shape[0])
+        if local_count == 0:
+            continue
+        with session.autocast():
+            with torch.no_grad():
+                teacher_logits = shifted_logits(teacher, _on(batch, teacher), None if cfg.chunk_size is None else
+                                                cfg.chunk_size)
+                if not isinstance(teacher_logits, torch.Tensor):  # a teacher elsewhere: its logits come here
+                    teacher_logits = type(teacher_logits)(teacher_logits.hidden.to(session.device),
+                                                          _moved_head(teacher_logits.head, teacher_logits.device,
+                                                                      session.device))
+                elif teacher_logits.device != session.device:
+                    teacher_logits = teacher_logits.to(session.device)
+            student_logits = shifted_logits(student, batch, cfg.chunk_size)
+            loss = qat_loss(cfg, student_logits, teacher_logits, mask, generator)
+        if not torch.isfinite(loss):
+            raise StageError(f"the QAT loss is {loss.item()}; lower learning_rate or temperature")
+        (loss * (local_count / global_count)).backward()
+        loss_total += loss.item() * local_count / global_count
+    return session.all_sum(loss_total), sum(counted), len(micro)
+
+
+def _moved_head(head, home: torch.device, here: torch.device):
+    if torch.device(home) == torch.device(here):
+        return head
+    return lambda hidden: head(hidden.to(home)).to(here)
+
+
+@register_stage("qat", QATStageConfig, outputs=("model",), distributed=True)
+def run_qat(cfg: QATStageConfig, ctx: StageContext) -> StageResult:
+    """Quantisation-aware training by distillation from the full-precision model (Gemma 3 QAT)."""
+    from posttrain.modeling import load_causal_lm, load_policy, load_tokenizer, stop_token_ids
+
+    retain_freed_memory()
+    torch.manual_seed(ctx.seed)
+    session = TrainingSession(cfg.precision, ctx.seed)
+    session.shard(range(cfg.batch_size), "batch_size")  # fails early unless the batch splits over the ranks
+    spec = cfg.quant_spec()
+
+    student, tokenizer = load_policy(cfg.model)
+    pad_id = tokenizer.pad_token_id
+    teacher_path = cfg.teacher or cfg.model
+    if cfg.teacher is not None:
+        check_same_tokenizer(tokenizer, load_tokenizer(cfg.teacher), cfg.model, cfg.teacher)
+    teacher = load_causal_lm(teacher_path, dtype=cfg.teacher_dtype).eval()
+    teacher = place_frozen(teacher, resolve_placement(cfg.teacher_placement, session.device, "teacher_placement"))
+    s_rows, t_rows = student.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0]
+    if s_rows != t_rows:
+        raise StageError(f"teacher {teacher_path} has {t_rows} output logits and model {cfg.model} has {s_rows}; "
+                         "QAT compares them row for row, so they must match")
+    mixture = load_mixture(cfg, tokenizer)
+
+    try:
+        quantised = attach_fake_quantization(student, spec)
+    except ValueError as e:
+        raise StageError(f"scheme {cfg.scheme}: {e}") from None
+    student = session.prepare(student, cfg.learning_rate, cfg.weight_decay, cfg.warmup_steps,
+                              gradient_checkpointing=cfg.gradient_checkpointing, shard_optimizer=cfg.shard_optimizer)
+    cfg = cfg.model_copy(update={"chunk_size": resolve_chunk_size(cfg.chunk_size, s_rows)})
+
+    start_step = 0
+    checkpoint = latest_checkpoint(ctx.stage_dir)
+    if checkpoint is not None:
+        start_step = load_checkpoint(session, checkpoint, {"student": student})["step"]
+        if ctx.is_main:
+            truncate_metrics(ctx.stage_dir / "metrics.jsonl", start_step)
+
+    summary: dict = session.describe(cfg.batch_size, "sequences")
+    summary.update({"scheme": cfg.scheme, "quantised_modules": len(quantised),
+                    "embeddings_quantised": spec.embeddings_quantised})
+    heldout: list[TokenSequence] = []
+    if cfg.eval_dataset:
+        prompts = load_heldout_prompts(cfg.eval_dataset, tokenizer, cfg.eval_limit)
+        heldout = teacher_answers(teacher, prompts, pad_id, stop_token_ids(tokenizer), cfg.max_new_tokens)
+        if start_step == 0:  # the start checkpoint rounded to nearest: PTQ's figure
+            summary.update({f"eval_{k}_before": v for k, v in _heldout_kl(session, student, teacher, heldout, pad_id,
+                                                                          cfg).items()})
+
+    last: dict = {}
+    started = time.time()
+    tokens_seen = 0
+    with ctx.metrics(cfg.report_to) as metrics, ctx.progress(cfg.max_steps, "qat") as advance:
+        advance(start_step)
+        for step in range(start_step + 1, cfg.max_steps + 1):
+            step_started = time.time()
+            # The batch is a function of (seed, step): the same on every rank and on a resumed run.
+            step_rng = random.Random(f"qat:{ctx.seed}:{step}")
+            batch = session.shard(draw_batch(mixture, step_rng, cfg.batch_size), "batch_size")
+            generator = torch.Generator(device=session.device).manual_seed(step_rng.randrange(2**31) + 7919 * session.rank)
+            loss, counted, micro = _train_step(cfg, session, student, teacher, batch, pad_id, generator)
+            result = session.step(cfg.max_grad_norm)
+            if not result.finite:
+                raise StageError(f"step {step}: the gradient norm is {result.grad_norm}; lower learning_rate")
+            n_tokens = int(session.all_sum(counted))
+            tokens_seen += n_tokens
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                row = {"loss": loss, "completion_tokens": n_tokens, "micro_batches": micro, "lr": session.learning_rate,
+                       "tokens_per_s": n_tokens / max(time.time() - step_started, 1e-9)}
+                if cfg.max_grad_norm:
+                    row["grad_norm"] = result.grad_norm
+                metrics.log(step, **row)
+                last.update(row)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
+                save_checkpoint(session, ctx.stage_dir, step, {"student": student}, {}, cfg.keep_checkpoints)
+            advance(1)
+    seconds = time.time() - started
+
+    if heldout:
+        summary.update({f"eval_{k}_after": v for k, v in _heldout_kl(session, student, teacher, heldout, pad_id,
+                                                                     cfg).items()})
+    out = ctx.stage_dir / "model"
+    if ctx.is_main:
+        detach_fake_quantization(student)  # the latent float weights; export applies the same Q(w)
+        save_model(student, tokenizer, out)
+        (out / QUANTIZATION_FILE).write_text(json.dumps(
+            {"scheme": spec.scheme, "block_size": spec.block_size, "block_format": spec.block_format,
+             "quantize_embeddings": spec.embeddings_quantised, "modules": quantised}, indent=2))
+    session.barrier()
+    session.close()
+    summary.update({"steps": cfg.max_steps, "loss_last": last.get("loss"), "train_seconds": round(seconds, 1),
+                    "tokens_per_s": round(tokens_seen / max(seconds, 1e-9), 1)})
+    return StageResult(outputs={"model": str(out)}, metrics=summary)
