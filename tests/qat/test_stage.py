@@ -14,7 +14,7 @@ from posttrain.stages.qat import QATStageConfig, run_qat
 
 def _ctx(tmp_path, name="qat"):
     stage_dir = tmp_path / name
-    stage_dir.mkdir(exist_ok=True)
+    stage_dir.mkdir(parents=True, exist_ok=True)
     return StageContext(name=name, kind="qat", stage_dir=stage_dir, run_dir=tmp_path, seed=0, recipe_name="t")
 
 
@@ -53,7 +53,6 @@ def test_mixture_of_datasets_and_resume_from_checkpoint(tmp_path, full_precision
                {"path": str(qat_data / "chat_chat.jsonl"), "weight": 1.0}]
     straight = run_qat(_config(full_precision_dir, qat_data, dataset=mixture, max_steps=4, eval_dataset=None),
                        _ctx(tmp_path / "a"))
-    (tmp_path / "b").mkdir()
     ctx = _ctx(tmp_path / "b")
     run_qat(_config(full_precision_dir, qat_data, dataset=mixture, max_steps=2, checkpoint_every=1,
                     eval_dataset=None), ctx)
