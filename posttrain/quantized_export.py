@@ -136,8 +136,13 @@ def write_gguf(model, tokenizer, path: Path, layout: GGUFLayout) -> dict[str, st
     from gguf import GGMLQuantizationType as T
 
     config = _text_config(model)
-    if config.model_type not in ("gemma3_text", "gemma3"):
-        raise QuantizedExportError(f"GGUF export writes Gemma 3 text models; this one is {config.model_type!r}")
+    if config.model_type != "gemma3_text":
+        raise QuantizedExportError(f"GGUF export writes Gemma 3 text models (Gemma3ForCausalLM); this one is "
+                                   f"{config.model_type!r}")
+    if model.config is not config:
+        raise QuantizedExportError("GGUF export of a composite Gemma 3 checkpoint (vision tower + language model) is "
+                                   "not supported: llama.cpp keeps the vision tower in a separate mmproj file, which "
+                                   "is not written here; export the text model, or use compressed-tensors")
     quantised = {n + ".weight" for n in quantised_modules(model, QuantSpec("int4_per_block", 32, "gguf_q4_0",
                                                                            layout.quantize_embeddings))}
     qtype = {"q4_0": T.Q4_0, "q8_0": T.Q8_0, "f16": T.F16}[layout.qtype]
