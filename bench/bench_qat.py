@@ -159,8 +159,8 @@ def llama_cpp_answer(gguf_path: Path, prompt: str) -> str | None:
 
 def _spread(values: list[float]) -> str:
     if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} +- {statistics.stdev(values):.4f}"
+        return f"{values[0]:.3g}"
+    return f"{statistics.mean(values):.3g} +- {statistics.stdev(values):.2g}"
 
 
 def main() -> None:
@@ -199,7 +199,7 @@ def main() -> None:
             qat_model, _ = load_policy(qat_dir)
             loaded, _ = write_and_load(qat_model, tok, scheme, work / f"qat_{scheme}_{seed}_files")
             row["qat"].append({"seed": seed, "kl": held.kl(loaded), "accuracy": held.accuracy(loaded)})
-            print(f"  {scheme} seed {seed}: QAT KL {row['qat'][-1]['kl']:.4f} (PTQ {row['ptq']['kl']:.4f})", flush=True)
+            print(f"  {scheme} seed {seed}: QAT KL {row['qat'][-1]['kl']:.3g} (PTQ {row['ptq']['kl']:.3g})", flush=True)
         if scheme == "int4_per_block":
             answer = llama_cpp_answer(work / f"qat_{scheme}_0_files" / "model-q4_0.gguf", held.rows[0]["prompt"])
             row["llama_cpp_answer"] = answer if answer is not None else "skipped: llama_cpp bindings not installed"
@@ -207,11 +207,11 @@ def main() -> None:
 
     print(f"\n{'scheme':<18}{'model':<6}{'KL(FP||model)':>22}{'accuracy':>20}   (through the exported file, "
           f"seeds {args.seeds}, {args.steps} QAT steps)")
-    print(f"{'full precision':<18}{'FP':<6}{0.0:>22.4f}{results['fp']['accuracy']:>20.3f}")
+    print(f"{'full precision':<18}{'FP':<6}{0.0:>22.3g}{results['fp']['accuracy']:>20.3f}")
     for scheme, row in results["schemes"].items():
         qkl = [r["kl"] for r in row["qat"]]
         qacc = [r["accuracy"] for r in row["qat"]]
-        print(f"{scheme:<18}{'PTQ':<6}{row['ptq']['kl']:>22.4f}{row['ptq']['accuracy']:>20.3f}")
+        print(f"{scheme:<18}{'PTQ':<6}{row['ptq']['kl']:>22.3g}{row['ptq']['accuracy']:>20.3f}")
         print(f"{'':<18}{'QAT':<6}{_spread(qkl):>22}{_spread(qacc):>20}")
         wins = sum(k < row["ptq"]["kl"] for k in qkl)
         row["qat_kl_below_ptq"] = f"{wins} of {len(qkl)} seeds"
