@@ -284,3 +284,18 @@ def as_stored(model, fmt: str, kind: str, group_size: int = 32, quantize_embeddi
         else:
             p.copy_(p.to(torch.float16).to(p.dtype))
     return ref
+
+
+def rounds_as_trained(trained: dict, fmt: str, kind: str, group_size: int, quantize_embeddings: bool) -> bool:
+    """Whether a file of (fmt, kind) holds exactly the weights a qat stage with `trained` (its quantization.json)
+    computed in its forward pass."""
+    scheme, block_format = trained.get("scheme"), trained.get("block_format")
+    if fmt == "gguf":
+        return (kind == "q4_0" and scheme == "int4_per_block" and block_format == "gguf_q4_0"
+                and trained.get("quantize_embeddings") == quantize_embeddings)
+    if trained.get("quantize_embeddings"):
+        return False  # compressed-tensors keeps embeddings in full precision
+    if kind == "int4_per_group":
+        return (scheme == "int4_per_block" and block_format == "compressed_tensors"
+                and trained.get("block_size") == group_size)
+    return scheme == kind

@@ -231,6 +231,14 @@ def _export_quantized(spec: QuantizeSpec, model, tokenizer, out_dir: Path, cfg: 
     if not new or (spec.require_end_of_turn and not stopped):
         raise StageError(f"quantize {spec.label}: the reloaded model's probe answer {answer[:200]!r} "
                          f"{'is empty' if not new else f'does not end with {END_OF_TURN}'}")
-    return {f"{spec.label}_path": path.name, f"{spec.label}_bytes": file_bytes(path),
+    figures = {}
+    trained = Path(cfg.model) / "quantization.json"  # written by the qat stage beside its weights
+    if trained.is_file():
+        from posttrain.quantized_export import rounds_as_trained
+
+        figures[f"{spec.label}_rounds_as_trained"] = rounds_as_trained(
+            json.loads(trained.read_text()), spec.format, spec.type or spec.scheme, spec.group_size,
+            spec.quantize_embeddings)
+    return {**figures, f"{spec.label}_path": path.name, f"{spec.label}_bytes": file_bytes(path),
             f"{spec.label}_reload_max_logit_diff": diff, f"{spec.label}_probe_answer": answer[:80],
             f"{spec.label}_stopped_at_end_of_turn": stopped}

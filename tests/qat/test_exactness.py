@@ -125,3 +125,19 @@ def test_fake_quantised_weights_are_on_the_schemes_grid():
     assert all(len(torch.unique(block)) <= 16 for block in per_block.reshape(-1, 32))
     fp8 = fake_quantize_weight(w, QuantSpec("fp8"))
     assert not torch.equal(fp8, w) and (fp8 - w).abs().max() < 0.1 * w.abs().max()
+
+
+def test_export_says_which_files_round_as_the_qat_stage_trained():
+    from posttrain.quantized_export import rounds_as_trained
+
+    q4_0 = {"scheme": "int4_per_block", "block_format": "gguf_q4_0", "block_size": 32, "quantize_embeddings": True}
+    assert rounds_as_trained(q4_0, "gguf", "q4_0", 32, True)
+    assert not rounds_as_trained(q4_0, "gguf", "q4_0", 32, False)  # embeddings rounded in training, f16 in file
+    assert not rounds_as_trained(q4_0, "compressed-tensors", "int4_per_group", 32, True)
+    group = {"scheme": "int4_per_block", "block_format": "compressed_tensors", "block_size": 32,
+             "quantize_embeddings": False}
+    assert rounds_as_trained(group, "compressed-tensors", "int4_per_group", 32, True)
+    assert not rounds_as_trained(group, "compressed-tensors", "int4_per_group", 128, True)
+    fp8 = {"scheme": "fp8", "block_format": "gguf_q4_0", "block_size": 32, "quantize_embeddings": False}
+    assert rounds_as_trained(fp8, "compressed-tensors", "fp8", 32, True)
+    assert not rounds_as_trained(fp8, "compressed-tensors", "int4_per_channel", 32, True)

@@ -25,6 +25,7 @@ def test_quickstart_qat_ends_in_a_q4_0_gguf_that_loads_and_answers(tmp_path):
     assert qat["scheme"] == "int4_per_block" and qat["eval_kl_teacher_student_before"] > 0
     export = manifests["export"]["metrics"]
     assert export["gguf_q4_0_probe_answer"] and export["gguf_q4_0_reload_max_logit_diff"] <= 1e-3
+    assert export["gguf_q4_0_rounds_as_trained"] is True  # the qat stage's scheme is the file's
     model_dir = Path(manifests["export"]["outputs"]["model"])
     gguf = model_dir / "model-q4_0.gguf"
     assert gguf.exists()
