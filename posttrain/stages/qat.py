@@ -278,8 +278,7 @@ def _train_step(cfg: QATStageConfig, session: TrainingSession, student, teacher,
             continue
         with session.autocast():
             with torch.no_grad():
-                teacher_logits = shifted_logits(teacher, _on(batch, teacher), None if cfg.chunk_size is None else
-                                                cfg.chunk_size)
+                teacher_logits = shifted_logits(teacher, _on(batch, teacher), cfg.chunk_size)
                 if not isinstance(teacher_logits, torch.Tensor):  # a teacher elsewhere: its logits come here
                     teacher_logits = type(teacher_logits)(teacher_logits.hidden.to(session.device),
                                                           _moved_head(teacher_logits.head, teacher_logits.device,
