@@ -1,8 +1,8 @@
-"""Tokenised sequences for the distillation loops: padding, the logit mask, and the checks that a
-teacher can be compared with the student token by token (one tokenizer, a shared vocabulary width).
-
-Used by the `distill` stage and by `distill_cache`, which writes the teacher's targets offline
-for the same sequences; the rows themselves are read by `posttrain.data.load_distill_rows`.
+"""Tokenised sequences for the distillation loops (`distill`, `distill_cache`, `qat`): padding, the
+logit mask, the checks that a teacher can be compared with the student token by token (one
+tokenizer, a shared vocabulary width), and the models' shifted logits of a batch, projected to the
+vocabulary chunk by chunk and moved between the teacher's device and the student's.
+The rows themselves are read by `posttrain.data.load_distill_rows`.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import torch
 
 from posttrain.chat import ChatFormatError, control_token_ids
 from posttrain.data import TokenSequence
+from posttrain.losses.distillation import ProjectedLogits
+from posttrain.losses.token_logprobs import vocabulary_projection
 from posttrain.modeling import output_rows
 
 
@@ -97,3 +99,55 @@ def pad_batch(sequences: list[TokenSequence], pad_id: int) -> dict[str, torch.Te
 def logit_mask(loss_mask: torch.Tensor) -> torch.Tensor:
     """Mask over logit positions: the logits at n predict token n + 1, so they count when that token does."""
     return loss_mask[:, 1:]
+
+
+# --- the models' logits of a batch ---------------------------------------------------------------
+
+def shifted_logits(model, batch: dict[str, torch.Tensor], chunk_size: int | None, width: int | None = None):
+    """The model's logits at positions 0..L-2 (position n predicts token n + 1).
+
+    With `chunk_size` set they come back as ProjectedLogits: only the decoder runs here (its
+    final hidden states [B, L, H] are small next to [B, L, V]) and the losses project the
+    counted positions to the vocabulary chunk by chunk, recomputing each chunk in backward.
+    Without it, the HF forward's full [B, L, V] logits. `width` keeps the first `width` vocabulary
+    rows (see shared_vocab_width).
+    """
+    if chunk_size is None:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        return logits if width is None else logits[..., :width]
+    # get_decoder() is the base transformer of a CausalLM (for a peft model the call reaches
+    # the wrapped model, LoRA layers included); use_cache=False: nothing is generated here.
+    decoder_out = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                      use_cache=False)
+    return ProjectedLogits(decoder_out.last_hidden_state[:, :-1], vocabulary_projection(model, width))
+
+
+def device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def on_model_device(batch: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+    """The batch on the model's device (the teacher may live elsewhere than the student)."""
+    device = device_of(model)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _same_device(a, b) -> bool:
+    a, b = torch.device(a), torch.device(b)
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
+
+
+def logits_on_device(logits, device: torch.device):
+    """Teacher logits (or its ProjectedLogits) where the student's are, for the loss."""
+    if isinstance(logits, ProjectedLogits):
+        if _same_device(logits.device, device):
+            return logits
+        # A teacher placed elsewhere projects its hidden states on its own device, chunk by chunk
+        # inside the loss; the per-chunk logits then move to the student's device.
+        home, head = logits.device, logits.head
+
+        def project_here(hidden):
+            return head(hidden.to(home)).to(device)
+
+        return ProjectedLogits(logits.hidden.to(device), project_here)
+    return logits.to(device)

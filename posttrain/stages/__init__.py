@@ -12,5 +12,6 @@ from posttrain.stages import rl as _rl  # noqa: E402,F401
 from posttrain.stages import merge as _merge  # noqa: E402,F401
 from posttrain.stages.rl import warp as _warp  # noqa: E402,F401
 from posttrain.stages import reward_model as _reward_model  # noqa: E402,F401
+from posttrain.stages import qat as _qat  # noqa: E402,F401
 
 __all__ = ["STAGE_KINDS", "StageConfig", "StageContext", "StageError", "StageResult", "register_stage"]

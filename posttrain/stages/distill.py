@@ -22,7 +22,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from pydantic import Field, model_validator
@@ -30,17 +30,17 @@ from pydantic import Field, model_validator
 from posttrain.allocator import retain_freed_memory
 from posttrain.data import TokenSequence, load_distill_rows, load_prompts
 from posttrain.evaluation import SetScoring, evaluate_prompts
-from posttrain.losses.distillation import (Divergence, DistillationObjective, ProjectedLogits, Target, forward_kl,
-                                           gkd_loss, reverse_kl, token_log_probs)
-from posttrain.losses.token_logprobs import resolve_chunk_size, vocabulary_projection
+from posttrain.losses.distillation import forward_kl, gkd_loss, reverse_kl, token_log_probs
+from posttrain.losses.token_logprobs import resolve_chunk_size
 from posttrain.modeling import load_causal_lm, load_policy, load_tokenizer, output_rows
 from posttrain.rollout import DriftMonitor, RolloutConfig, SamplingParams, create_engine, weights_for_engine
-from posttrain.sequences import check_same_tokenizer, logit_mask, pad_batch, shared_vocab_width
+from posttrain.sequences import (check_same_tokenizer, device_of, logit_mask, logits_on_device, on_model_device, pad_batch,
+                                 shared_vocab_width, shifted_logits)
 from posttrain.stages.base import StageContext, StageError, StageResult, register_stage
-from posttrain.stages.options import TrainingOptions, stage_default
+from posttrain.stages.options import DistillationOptions, TrainingOptions, stage_default
 from posttrain.teacher_cache import (CachedSequence, TeacherCache, TeacherCacheError, scatter_targets,
                                      tokenizer_fingerprint)
-from posttrain.training import (PLACEMENT_HELP, ChunkSize, TrainingSession, checkpoint_due, engine_asleep,
+from posttrain.training import (TrainingSession, checkpoint_due, engine_asleep,
                                 place_frozen, resolve_placement, resume_latest, save_checkpoint, save_model,
                                 token_budget_batches)
 from rewards.combine import CombinedReward
@@ -49,11 +49,13 @@ from rewards.combine import CombinedReward
 CORRECT_ABOVE = math.nextafter(0.5, 1.0)
 
 
-class DistillStageConfig(TrainingOptions):
+class DistillStageConfig(TrainingOptions, DistillationOptions):
     """On-policy distillation from a teacher (GKD; Gemma 3 sampled-logit targets; optional offline cache).
 
     The optimizer, schedule, precision, memory, LoRA, checkpoint and tracker options are the shared
-    ones (posttrain.stages.options.TrainingOptions); distill changes two defaults.
+    ones (posttrain.stages.options.TrainingOptions), the loss's (divergence, target, temperature,
+    chunking, the teacher's dtype and placement) those of every distillation loop
+    (DistillationOptions); distill changes two defaults.
     """
 
     learning_rate: float = stage_default("learning_rate", 5e-5)
@@ -72,36 +74,9 @@ class DistillStageConfig(TrainingOptions):
     lambda_on_policy: float = Field(
         0.5, ge=0, le=1, description="Probability that a step's batch is sampled by the student (GKD lambda); "
         "0 is supervised KD, 1 fully on-policy.")
-    divergence: Divergence = Field(
-        "jsd", description="Token-level divergence for target: full. forward_kl = KL(teacher||student), "
-        "reverse_kl = KL(student||teacher), jsd = generalised JSD with mix beta.")
-    beta: float = Field(0.5, ge=0, le=1, description="JSD mix; 0 is exactly forward KL, 1 exactly reverse KL.")
-    temperature: float = Field(
-        1.0, gt=0, description="Applied to teacher and student logits in the loss and to the student's sampling.")
-    target: Target = Field(
-        "full", description="Teacher target: the full distribution; its exact top-k renormalised; Gemma 3 sampled "
-        "logits (k ids drawn from the teacher, target renormalised over them); or sampled_counts (k draws with "
-        "replacement, target = counts / k, unbiased). Sparse targets train a cross-entropy (needs forward_kl).")
-    k: int = Field(256, ge=1, description="Ids per position for top_k / sampled / sampled_counts targets.")
-    with_replacement: bool = Field(
-        False, description="sampled: draw the k ids with replacement (duplicates merged). sampled_counts always does.")
-    student_normalisation: Literal["vocab", "set"] = Field(
-        "vocab", description="Sparse targets: student log-probs from the softmax over the whole vocabulary, or "
-        "renormalised over the sampled ids only.")
-    reduction: Literal["token_mean", "sequence_mean"] = Field(
-        "token_mean", description="Average the divergence over all completion tokens of the batch, or per "
-        "sequence first (GKD's (1/L) sum_n) and then over sequences.")
     batch_size: int = Field(8, ge=1, description="Sequences per step.")
     max_new_tokens: int = Field(64, ge=1, description="Longest student sample (stop token included).")
     max_length: int = Field(512, ge=8, description="Off-policy sequences are truncated to this many tokens.")
-    chunk_size: ChunkSize = Field(
-        "auto", description="Completion positions per loss chunk: teacher and student hidden states are projected "
-        "to the vocabulary (and the float32 loss computed) one chunk at a time, recomputed in backward, so "
-        "[batch, length, vocab] logits never exist. auto: as many positions as fit 2**25 logits, so a chunk's "
-        "memory is the same whatever the vocabulary; null uses the models' full logits at once.")
-    teacher_dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Teacher weights and logits dtype (bfloat16 halves teacher memory on GPUs).")
-    teacher_placement: str = Field("accelerator", description="Where the teacher lives: " + PLACEMENT_HELP + ".")
     sync_weights_every: int = Field(
         1, ge=1, description="Push the student's weights to the rollout engine every this many steps (1 keeps "
         "sampling exactly on-policy; larger values trade staleness, visible as drift, for speed).")
@@ -124,71 +99,11 @@ class DistillStageConfig(TrainingOptions):
                              "from teacher_cache alone")
         if self.dataset is None and self.teacher_cache is None:
             raise ValueError("dataset: give prompts/conversations (dataset), a teacher_cache, or both")
-        if self.target != "full" and self.divergence != "forward_kl":
-            raise ValueError(f"divergence: target {self.target!r} is a sparse teacher distribution, trained with a "
-                             "cross-entropy towards the teacher (the forward direction); set divergence: forward_kl, "
-                             "or target: full to use reverse_kl/jsd")
         if self.teacher_cache is not None and self.divergence != "forward_kl":
             raise ValueError("divergence: a teacher_cache holds sparse targets, trained with a cross-entropy "
                              "towards the teacher; set divergence: forward_kl")
         return self
 
-    def objective(self, chunk_size: int | None) -> DistillationObjective:
-        """The loss these settings train (posttrain.losses.distillation), `chunk_size` resolved."""
-        return DistillationObjective(self.divergence, self.beta, self.temperature, self.target, self.k,
-                                     self.with_replacement, self.student_normalisation, self.reduction, chunk_size)
-
-
-# --- the models' logits -----------------------------------------------------------------------------
-
-def shifted_logits(model, batch: dict[str, torch.Tensor], chunk_size: int | None, width: int | None = None):
-    """The model's logits at positions 0..L-2 (position n predicts token n + 1).
-
-    With `chunk_size` set they come back as ProjectedLogits: only the decoder runs here (its
-    final hidden states [B, L, H] are small next to [B, L, V]) and the losses project the
-    counted positions to the vocabulary chunk by chunk, recomputing each chunk in backward.
-    Without it, the HF forward's full [B, L, V] logits. `width` keeps the first `width` vocabulary
-    rows (see shared_vocab_width).
-    """
-    if chunk_size is None:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        return logits if width is None else logits[..., :width]
-    # get_decoder() is the base transformer of a CausalLM (for a peft model the call reaches
-    # the wrapped model, LoRA layers included); use_cache=False: nothing is generated here.
-    decoder_out = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                      use_cache=False)
-    return ProjectedLogits(decoder_out.last_hidden_state[:, :-1], vocabulary_projection(model, width))
-
-
-def _device_of(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _on(batch: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
-    """The batch on the model's device (the teacher may live elsewhere than the student)."""
-    device = _device_of(model)
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def _same_device(a, b) -> bool:
-    a, b = torch.device(a), torch.device(b)
-    return a.type == b.type and (a.index or 0) == (b.index or 0)
-
-
-def _to_device(logits, device: torch.device):
-    """Teacher logits (or its ProjectedLogits) where the student's are, for the loss."""
-    if isinstance(logits, ProjectedLogits):
-        if _same_device(logits.device, device):
-            return logits
-        # A teacher placed elsewhere projects its hidden states on its own device, chunk by chunk
-        # inside the loss; the per-chunk logits then move to the student's device.
-        home, head = logits.device, logits.head
-
-        def project_here(hidden):
-            return head(hidden.to(home)).to(device)
-
-        return ProjectedLogits(logits.hidden.to(device), project_here)
-    return logits.to(device)
 
 
 # --- one loss evaluation -------------------------------------------------------------------------
@@ -442,8 +357,8 @@ def _micro_batch(run: DistillRun, batch: StepBatch, part: slice, global_count: f
             target_ids, target_probs = target_ids.to(session.device), target_probs.to(session.device)
         else:
             with torch.no_grad():
-                teacher_logits = _to_device(
-                    shifted_logits(run.teacher, _on(tensors, run.teacher), cfg.chunk_size, run.width), session.device)
+                teacher_logits = logits_on_device(
+                    shifted_logits(run.teacher, on_model_device(tensors, run.teacher), cfg.chunk_size, run.width), session.device)
         # With chunk_size set, neither side's [B, L, V] logits are ever materialised.
         student_logits = shifted_logits(run.student, tensors, cfg.chunk_size, run.width)
         loss = distillation_loss(cfg, student_logits, mask, teacher_logits, target_ids, target_probs, batch.generator)
@@ -568,9 +483,9 @@ def kl_on_student_samples(run: DistillRun, prompt_ids: list[list[int]], batch_si
     tokens = 0
     for start in range(0, len(sequences), batch_size):
         batch = pad_batch(sequences[start:start + batch_size], run.pad_id)
-        mask = logit_mask(batch["loss_mask"]).to(_device_of(student))
-        s = shifted_logits(student, _on(batch, student), cfg.chunk_size, run.width)
-        t = _to_device(shifted_logits(teacher, _on(batch, teacher), cfg.chunk_size, run.width), s.device)
+        mask = logit_mask(batch["loss_mask"]).to(device_of(student))
+        s = shifted_logits(student, on_model_device(batch, student), cfg.chunk_size, run.width)
+        t = logits_on_device(shifted_logits(teacher, on_model_device(batch, teacher), cfg.chunk_size, run.width), s.device)
         n = int(mask.sum())
         for key, value in batch_kls(s, t, mask, cfg.temperature, cfg.chunk_size).items():
             totals[key] += value * n

@@ -6,6 +6,12 @@ not at `<eos>`) and whose only length bound is the context window, and a model c
 recipe, the stage lineage, data statistics and metrics. The round trip afterwards reloads it
 from disk with transformers, checks the logits equal the in-memory model's, and greedily
 answers a chat prompt; any failure fails the stage.
+
+With `quantize:` the stage also writes quantised copies beside the full-precision safetensors
+(posttrain.quantized_export): a GGUF for llama.cpp (q4_0, q8_0 or f16, tokenizer inside) and/or
+a compressed-tensors checkpoint (int4 per channel or per group, fp8) for vLLM and transformers.
+Each is reloaded with transformers, its logits checked against the in-memory model with its
+weights as the file holds them, and asked the probe prompt; any failure fails the stage.
 """
 
 from __future__ import annotations
@@ -15,10 +21,43 @@ import shutil
 from pathlib import Path
 
 import yaml
-from pydantic import Field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from posttrain.chat import END_OF_TURN, chat_template_for, tokenize_prompt
 from posttrain.stages.base import StageConfig, StageContext, StageError, StageResult, register_stage
+
+
+class QuantizeSpec(BaseModel):
+    """One quantised copy of the exported model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["gguf", "compressed-tensors"] = Field(description="gguf (llama.cpp) or compressed-tensors (vLLM, transformers).")
+    type: Literal["q4_0", "q8_0", "f16"] | None = Field(
+        None, description="gguf: weight type. q4_0 rounds exactly as a qat stage with scheme int4_per_block trained.")
+    scheme: Literal["int4_per_channel", "int4_per_group", "fp8"] | None = Field(
+        None, description="compressed-tensors: int4 per output channel, int4 per group of group_size, or fp8 e4m3 "
+        "per channel; each rounds exactly as the qat stage's int4_per_channel / int4_per_block (block_format: "
+        "compressed_tensors) / fp8.")
+    group_size: int = Field(32, ge=1, description="compressed-tensors int4_per_group: weights per group.")
+    quantize_embeddings: bool = Field(True, description="gguf q4_0/q8_0: store the token embedding (and the output "
+                                      "layer tied to it) in the file's type, as llama.cpp files do; else f16.")
+    require_end_of_turn: bool = Field(False, description="Fail unless the reloaded quantised model's probe answer "
+                                      "ends with <end_of_turn> (otherwise that is only reported).")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.format == "gguf" and self.type is None:
+            raise ValueError("type: a gguf export needs a type (q4_0, q8_0 or f16)")
+        if self.format == "compressed-tensors" and self.scheme is None:
+            raise ValueError("scheme: a compressed-tensors export needs a scheme (int4_per_channel, int4_per_group, fp8)")
+        return self
+
+    @property
+    def label(self) -> str:
+        return f"gguf_{self.type}" if self.format == "gguf" else f"compressed_tensors_{self.scheme}"
 
 
 class ExportStageConfig(StageConfig):
@@ -31,6 +70,13 @@ class ExportStageConfig(StageConfig):
     require_end_of_turn: bool = Field(True, description="Fail unless the probe answer ends with <end_of_turn>.")
     dtype: str = Field("float32", description="Weight dtype of the exported checkpoint (float32, bfloat16, float16).")
     model_name: str | None = Field(None, description="Name shown in the model card; defaults to the recipe name.")
+    quantize: QuantizeSpec | list[QuantizeSpec] = Field(
+        default_factory=list, description="Quantised copies written beside the full-precision weights, e.g. "
+        "{format: gguf, type: q4_0} (model/model-q4_0.gguf) or {format: compressed-tensors, scheme: fp8} "
+        "(model/compressed-tensors-fp8/); each is reloaded and answers the probe.")
+
+    def quantized_copies(self) -> list[QuantizeSpec]:
+        return self.quantize if isinstance(self.quantize, list) else [self.quantize]
 
 
 def _model_card(ctx: StageContext, cfg: ExportStageConfig, probe_answer: str) -> str:
@@ -123,11 +169,77 @@ def run_export(cfg: ExportStageConfig, ctx: StageContext) -> StageResult:
     if cfg.require_end_of_turn and not (stopped and new[-1] == eot):
         raise StageError(f"the reloaded model did not end its answer with {END_OF_TURN} within {cfg.max_new_tokens} tokens "
                          f"(answer: {answer[:200]!r}); train longer or set require_end_of_turn: false")
+    quantized = {}
+    for spec in cfg.quantized_copies():
+        quantized.update(_export_quantized(spec, model, tokenizer, tmp, cfg))
     (tmp / "README.md").write_text(_model_card(ctx, cfg, answer))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     (ctx.stage_dir / "probe.json").write_text(json.dumps({"prompt": cfg.probe_prompt, "answer": answer, "stopped_at_end_of_turn": stopped}, indent=2))
     n_params = sum(p.numel() for p in model.parameters())
     return StageResult(outputs={"model": str(out)},
-                       metrics={"parameters": n_params, "architecture": type(reloaded).__name__, "probe_answer": answer[:80], "stopped_at_end_of_turn": stopped,
-                                "reload_max_logit_diff": diff})
+                       metrics={"parameters": n_params, "architecture": type(reloaded).__name__, "probe_answer": answer[:80],
+                                "stopped_at_end_of_turn": stopped,
+                                "reload_max_logit_diff": diff, **quantized})
+
+
+def _export_quantized(spec: QuantizeSpec, model, tokenizer, out_dir: Path, cfg: ExportStageConfig) -> dict:
+    """Write one quantised copy into `out_dir`, reload it with transformers, check it and ask the probe."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from posttrain.quantized_export import (GGUFLayout, QuantizedExportError, as_stored, file_bytes,
+                                            write_compressed_tensors, write_gguf)
+
+    try:
+        if spec.format == "gguf":
+            path = out_dir / f"model-{spec.type}.gguf"
+            write_gguf(model, tokenizer, path, GGUFLayout(spec.type, spec.quantize_embeddings))
+            # transformers' GGUF loader takes query_pre_attn_scalar as 256 (true of Gemma 3 1B-12B, not of tiny
+            # models); the config.json written beside it carries the model's own value.
+            reload = lambda: (AutoModelForCausalLM.from_pretrained(  # noqa: E731
+                str(out_dir), gguf_file=path.name, config=AutoConfig.from_pretrained(str(out_dir)),
+                dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(str(out_dir), gguf_file=path.name))
+        else:
+            path = out_dir / f"compressed-tensors-{spec.scheme}"
+            write_compressed_tensors(model, tokenizer, path, spec.scheme, spec.group_size)
+            reload = lambda: (AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval(),  # noqa: E731
+                              AutoTokenizer.from_pretrained(str(path)))
+    except QuantizedExportError as e:
+        raise StageError(f"quantize {spec.label}: {e}") from None
+    try:
+        reloaded, re_tok = reload()
+    except Exception as e:  # noqa: BLE001
+        raise StageError(f"quantize {spec.label}: {path} does not reload with transformers: {e}") from e
+    prompt_ids = tokenize_prompt(tokenizer, cfg.probe_prompt)
+    if tokenize_prompt(re_tok, cfg.probe_prompt) != prompt_ids:
+        raise StageError(f"quantize {spec.label}: the tokenizer stored in {path.name} encodes the probe prompt "
+                         "differently from the checkpoint's tokenizer")
+    expected = as_stored(model, spec.format, spec.type or spec.scheme, spec.group_size, spec.quantize_embeddings)
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        diff = (reloaded(ids).logits - expected(ids).logits).abs().max().item()
+        if diff > 1e-3:
+            raise StageError(f"quantize {spec.label}: the reloaded {path.name}'s logits differ by {diff:.3g} from the "
+                             "model with its weights rounded as the format rounds them")
+        gen = reloaded.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.max_new_tokens,
+                                do_sample=False, eos_token_id=model.generation_config.eos_token_id,
+                                pad_token_id=tokenizer.pad_token_id)
+    new = gen[0, len(prompt_ids):].tolist()
+    eot = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    stopped = bool(new) and new[-1] == eot
+    answer = tokenizer.decode([t for t in new if t != eot], skip_special_tokens=False)
+    if not new or (spec.require_end_of_turn and not stopped):
+        raise StageError(f"quantize {spec.label}: the reloaded model's probe answer {answer[:200]!r} "
+                         f"{'is empty' if not new else f'does not end with {END_OF_TURN}'}")
+    figures = {}
+    trained = Path(cfg.model) / "quantization.json"  # written by the qat stage beside its weights
+    if trained.is_file():
+        from posttrain.quantized_export import rounds_as_trained
+
+        figures[f"{spec.label}_rounds_as_trained"] = rounds_as_trained(
+            json.loads(trained.read_text()), spec.format, spec.type or spec.scheme, spec.group_size,
+            spec.quantize_embeddings)
+    return {**figures, f"{spec.label}_path": path.name, f"{spec.label}_bytes": file_bytes(path),
+            f"{spec.label}_reload_max_logit_diff": diff, f"{spec.label}_probe_answer": answer[:80],
+            f"{spec.label}_stopped_at_end_of_turn": stopped}

@@ -1,7 +1,8 @@
 """The options every hand-written training loop shares, declared and documented once.
 
-`distill`, `rl`, `reward_model` (and `qat`) inherit `TrainingOptions`; their configs hold only
-what is particular to their method. A stage whose method wants another default for a shared
+`distill`, `rl`, `reward_model` and `qat` inherit `TrainingOptions`; `distill` and `qat`, which
+both train towards a teacher's distribution, also inherit `DistillationOptions` (the loss of
+posttrain.losses.distillation). Their configs hold only what is particular to their method. A stage whose method wants another default for a shared
 option (rl checkpoints every 50 steps, distill never) re-declares it with `stage_default`, which
 keeps the shared description, bounds and type and changes the default alone, so the wording
 cannot drift between stages.
@@ -11,12 +12,13 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic.fields import FieldInfo
 
+from posttrain.losses.distillation import DistillationObjective, Divergence, Target
 from posttrain.stages.base import StageConfig
 from posttrain.trackers import ReportTo
-from posttrain.training import LoraSpec
+from posttrain.training import PLACEMENT_HELP, ChunkSize, LoraSpec
 
 
 class TrainingOptions(StageConfig):
@@ -66,9 +68,55 @@ class TrainingOptions(StageConfig):
                 if not (k in cls._HASHED_ONLY_WHEN_SET and v == cls.model_fields[k].get_default(call_default_factory=True))}
 
 
+class DistillationOptions(StageConfig):
+    """The loss of a loop that trains towards a teacher's token distribution (GKD's divergences,
+    Gemma 3's sparse targets; posttrain.losses.distillation), and where the teacher lives."""
+
+    divergence: Divergence = Field(
+        "jsd", description="Token-level divergence for target: full. forward_kl = KL(teacher||student), "
+        "reverse_kl = KL(student||teacher), jsd = generalised JSD with mix beta.")
+    beta: float = Field(0.5, ge=0, le=1, description="JSD mix; 0 is exactly forward KL, 1 exactly reverse KL.")
+    temperature: float = Field(
+        1.0, gt=0, description="Applied to teacher and student logits in the loss and to the student's sampling.")
+    target: Target = Field(
+        "full", description="Teacher target: the full distribution; its exact top-k renormalised; Gemma 3 sampled "
+        "logits (k ids drawn from the teacher, target renormalised over them); or sampled_counts (k draws with "
+        "replacement, target = counts / k, unbiased). Sparse targets train a cross-entropy (needs forward_kl).")
+    k: int = Field(256, ge=1, description="Ids per position for top_k / sampled / sampled_counts targets.")
+    with_replacement: bool = Field(
+        False, description="sampled: draw the k ids with replacement (duplicates merged). sampled_counts always does.")
+    student_normalisation: Literal["vocab", "set"] = Field(
+        "vocab", description="Sparse targets: student log-probs from the softmax over the whole vocabulary, or "
+        "renormalised over the sampled ids only.")
+    reduction: Literal["token_mean", "sequence_mean"] = Field(
+        "token_mean", description="Average the divergence over all completion tokens of the batch, or per "
+        "sequence first (GKD's (1/L) sum_n) and then over sequences.")
+    chunk_size: ChunkSize = Field(
+        "auto", description="Completion positions per loss chunk: teacher and student hidden states are projected "
+        "to the vocabulary (and the float32 loss computed) one chunk at a time, recomputed in backward, so "
+        "[batch, length, vocab] logits never exist. auto: as many positions as fit 2**25 logits, so a chunk's "
+        "memory is the same whatever the vocabulary; null uses the models' full logits at once.")
+    teacher_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Teacher weights and logits dtype (bfloat16 halves teacher memory on GPUs).")
+    teacher_placement: str = Field("accelerator", description="Where the teacher lives: " + PLACEMENT_HELP + ".")
+
+    @model_validator(mode="after")
+    def _sparse_targets_train_the_forward_direction(self):
+        if self.target != "full" and self.divergence != "forward_kl":
+            raise ValueError(f"divergence: target {self.target!r} is a sparse teacher distribution, trained with a "
+                             "cross-entropy towards the teacher (the forward direction); set divergence: forward_kl, "
+                             "or target: full to use reverse_kl/jsd")
+        return self
+
+    def objective(self, chunk_size: int | None) -> DistillationObjective:
+        """The loss these settings train (posttrain.losses.distillation), `chunk_size` resolved."""
+        return DistillationObjective(self.divergence, self.beta, self.temperature, self.target, self.k,
+                                     self.with_replacement, self.student_normalisation, self.reduction, chunk_size)
+
+
 def stage_default(option: str, default: Any) -> FieldInfo:
-    """A shared option of `TrainingOptions` with another default for one stage kind.
+    """A shared option (of `TrainingOptions` or `DistillationOptions`) with another default for one stage kind.
 
     Use as `learning_rate: float = stage_default("learning_rate", 5e-5)` in a subclass."""
-    shared = TrainingOptions.model_fields[option]
+    shared = {**DistillationOptions.model_fields, **TrainingOptions.model_fields}[option]
     return FieldInfo.merge_field_infos(shared, default=default)
