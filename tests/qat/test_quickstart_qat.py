@@ -14,7 +14,7 @@ def test_quickstart_qat_ends_in_a_q4_0_gguf_that_loads_and_answers(tmp_path):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from posttrain.runner import run_recipe
+    from posttrain.pipeline.runner import run_recipe
 
     manifests = run_recipe(ROOT / "recipes" / "quickstart_qat.yaml", [
         f"output_dir={tmp_path / 'run'}", "datasets.chat.toy.n=200", "datasets.math_chat.toy.n=100",
