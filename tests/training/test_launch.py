@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
-from tiny_recipes import TINY_STUDENT, recipe_header
+from tiny_recipes import TINY_STUDENT, recipe_header, rl_on_math
 
 RECIPE = recipe_header(
     "dp", models={"student": TINY_STUDENT, "teacher": TINY_STUDENT.replace("128}}", "128, seed: 1}}")},
@@ -28,18 +28,8 @@ RECIPE = recipe_header(
     learning_rate: 1.0e-3
     chunk_size: 8
     rollout: {backend: transformers}
-  - name: rl
-    kind: rl
-    model: ${stages.distill.model}
-    dataset: ${datasets.math}
-    rewards: [{name: math}]
-    max_steps: 2
-    prompts_per_step: 2
-    num_generations: 2
-    max_new_tokens: 6
-    checkpoint_every: 1
-    rollout: {backend: transformers}
-"""
+""" + rl_on_math("${stages.distill.model}", "${datasets.math}", max_steps=2, prompts_per_step=2, num_generations=2,
+                max_new_tokens=6, checkpoint_every=1)
 
 
 def _run(tmp_path: Path, ranks: int, launch_ranks) -> Path:
