@@ -166,4 +166,5 @@ def test_a_recipe_wide_rollout_is_inherited_by_every_stage_that_generates(write_
 def test_a_mistake_in_the_recipe_wide_rollout_is_reported_at_its_line(write_recipe):
     text = RL_TWO_REWARDS.replace("datasets:", "rollout: {backend: transformer}\ndatasets:", 1)
     msg, path = error_of(write_recipe, text)
-    assert f"{path}:5: rollout.backend" in msg and "'transformer'" in msg
+    line = text.splitlines().index("rollout: {backend: transformer}") + 1
+    assert f"{path}:{line}: rollout.backend" in msg and "'transformer'" in msg
