@@ -122,46 +122,50 @@ def step_time(rows: list[dict]) -> dict:
     return out
 
 
-def plot_front(results: list[dict], path: Path) -> None:
+def _running_mean(values: list[float], window: int) -> list[float]:
+    return [statistics.fmean(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
+
+
+def _new_plot(size: tuple[float, float]):
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only: the bench runs without a display
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    return plt.subplots(figsize=size)
+
+
+def _save_plot(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_front(results: list[dict], path: Path) -> None:
+    fig, ax = _new_plot((6, 4.5))
     for res in results:
         rows = res["rows"]
         window = max(1, len(rows) // 8)  # smoothed: one step's reward over 8 prompts is noisy
-        kl = [sum(r["kl_start"] for r in rows[max(0, i - window + 1):i + 1]) / len(rows[max(0, i - window + 1):i + 1])
-              for i in range(len(rows))]
-        rw = [sum(r["reward/mean"] for r in rows[max(0, i - window + 1):i + 1]) / len(rows[max(0, i - window + 1):i + 1])
-              for i in range(len(rows))]
+        kl = _running_mean([r["kl_start"] for r in rows], window)
+        rw = _running_mean([r["reward/mean"] for r in rows], window)
         ax.plot(kl, rw, marker="o" if res["name"].startswith("jbond") else ".", markersize=3, label=res["name"])
-    ax.set_xlabel("KL(pi || pi_start) per sequence (nats, running mean)")
-    ax.set_ylabel("reward of policy samples (running mean)")
-    ax.set_title("J-BOND vs REINFORCE+RLOO with a KL penalty, same completions/step")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save_plot(fig, ax, path, xlabel="KL(pi || pi_start) per sequence (nats, running mean)",
+               ylabel="reward of policy samples (running mean)",
+               title="J-BOND vs REINFORCE+RLOO with a KL penalty, same completions/step")
 
 
 def plot_entropy(results: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _new_plot((6, 4))
     for res in results:
         ax.plot([r["step"] for r in res["rows"]], [r["entropy"] for r in res["rows"]], label=res["name"])
-    ax.set_xlabel("step")
-    ax.set_ylabel("policy entropy per token (nats)")
-    ax.set_title("J-BOND: backward-only vs forward-only vs both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save_plot(fig, ax, path, xlabel="step", ylabel="policy entropy per token (nats)",
+               title="J-BOND: backward-only vs forward-only vs both")
 
 
 def main(args) -> None:

@@ -108,8 +108,7 @@ def tiny_sft():
     return TINY_SFT
 
 
-TINY_SFT = recipe_header("t", datasets={"mix": "{toy: {task: chat, n: 64, format: chat}}"}) + """
-  - name: sft
+TINY_SFT = recipe_header("t", datasets={"mix": "{toy: {task: chat, n: 64, format: chat}}"}) + """  - name: sft
     kind: sft
     model: ${models.student}
     dataset: ${datasets.mix}

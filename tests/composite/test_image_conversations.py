@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_recipes import recipe_header, stage
 
 from posttrain.chat import ChatFormatError, tokenize_conversation, tokenize_image_conversation, image_model_inputs
 from posttrain.toy.models import TinyModelSpec, build_tiny_model
 from posttrain.toy.vision import exact_answer_reward, generate_vision
+
+# A tiny composite Gemma 3 checkpoint: language model, vision tower and projector.
+TINY_COMPOSITE = ("{tiny: {arch: gemma3, hidden_size: 64, num_layers: 1, num_heads: 2, num_kv_heads: 1, "
+                  "intermediate_size: 128, vision: {}}}")
 
 
 @pytest.fixture(scope="module")
@@ -94,20 +99,11 @@ def test_sft_on_image_rows_trains_the_tower_only_when_asked(tmp_path):
 
     write_jsonl(tmp_path / "train.jsonl", generate_vision("colour", 16, tmp_path / "images", fmt="chat"))
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"""
-name: image_sft
-output_dir: {tmp_path / 'run'}
-models:
-  base: {{tiny: {{arch: gemma3, hidden_size: 64, num_layers: 1, num_heads: 2, num_kv_heads: 1, intermediate_size: 128,
-                  vision: {{}}}}}}
-datasets:
-  train: {{path: {tmp_path / 'train.jsonl'}}}
-stages:
-  - {{name: frozen, kind: sft, model: "${{models.base}}", dataset: "${{datasets.train}}", max_steps: 2, batch_size: 4,
-      learning_rate: 1.0e-3}}
-  - {{name: trained, kind: sft, model: "${{models.base}}", dataset: "${{datasets.train}}", max_steps: 2, batch_size: 4,
-      learning_rate: 1.0e-3, train_vision_tower: true}}
-""")
+    train = {"model": "${models.base}", "dataset": "${datasets.train}", "max_steps": 2, "batch_size": 4,
+             "learning_rate": 1.0e-3}
+    recipe.write_text(recipe_header("image_sft", output_dir=str(tmp_path / "run"), models={"base": TINY_COMPOSITE},
+                                    datasets={"train": f"{{path: {tmp_path / 'train.jsonl'}}}"})
+                      + stage("frozen", "sft", **train) + stage("trained", "sft", **train, train_vision_tower=True))
     manifests = run_recipe(recipe)
     assert manifests["trained"]["metrics"]["trained_tokens"] >= 16  # every row's answer
     base = load_file(str(tmp_path / "run" / "_inputs" / "models" / "base" / "model.safetensors"))
@@ -156,19 +152,12 @@ def test_evaluate_answers_image_prompts_with_the_transformers_engine(tmp_path):
 
     write_jsonl(tmp_path / "eval.jsonl", generate_vision("colour", 4, tmp_path / "images", split="eval", fmt="prompt"))
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"""
-name: image_eval
-output_dir: {tmp_path / 'run'}
-models:
-  base: {{tiny: {{arch: gemma3, hidden_size: 64, num_layers: 1, num_heads: 2, num_kv_heads: 1, intermediate_size: 128,
-                  vision: {{}}}}}}
-datasets:
-  colours: {{path: {tmp_path / 'eval.jsonl'}}}
-stages:
-  - {{name: eval, kind: evaluate, model: "${{models.base}}", datasets: {{colours: "${{datasets.colours}}"}},
-      rewards: [{{name: exact, fn: "posttrain.toy.vision:exact_answer_reward"}}], samples_per_prompt: 2,
-      sampling: {{max_new_tokens: 4, temperature: 1.0, seed: 0}}, rollout: {{backend: transformers}}, safety: null}}
-""")
+    recipe.write_text(recipe_header("image_eval", output_dir=str(tmp_path / "run"), models={"base": TINY_COMPOSITE},
+                                    datasets={"colours": f"{{path: {tmp_path / 'eval.jsonl'}}}"})
+                      + stage("eval", "evaluate", model="${models.base}", datasets={"colours": "${datasets.colours}"},
+                              rewards=[{"name": "exact", "fn": "posttrain.toy.vision:exact_answer_reward"}],
+                              samples_per_prompt=2, sampling={"max_new_tokens": 4, "temperature": 1.0, "seed": 0},
+                              rollout={"backend": "transformers"}, safety=None))
     metrics = run_recipe(recipe)["eval"]["metrics"]
     assert metrics["colours/accuracy_n"] == 4 and 0.0 <= metrics["colours/accuracy"] <= 1.0
 

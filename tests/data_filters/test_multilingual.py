@@ -71,10 +71,15 @@ def toxicity_filter():
     return ToxicityFilter(ToxicityConfig())
 
 
+def verdict(toxicity: ToxicityFilter, answer: str, prompt: str = "Hi"):
+    """What the filter says of a one-turn conversation ending in `answer`: None (kept) or the rejection."""
+    row = chat(prompt, answer)
+    return toxicity(row, row_turns(row))
+
+
 @pytest.mark.parametrize("language", sorted(TOXIC))
 def test_toxic_answer_is_rejected_with_its_language_as_evidence(toxicity_filter, language):
-    row = chat("Hello", TOXIC[language])
-    rejection = toxicity_filter(row, row_turns(row))
+    rejection = verdict(toxicity_filter, TOXIC[language], prompt="Hello")
     assert rejection is not None and rejection.reason == "lexicon"
     assert rejection.evidence["lexicon_language"] == language
     assert rejection.evidence["language"] in related_languages(language)
@@ -82,39 +87,33 @@ def test_toxic_answer_is_rejected_with_its_language_as_evidence(toxicity_filter,
 
 @pytest.mark.parametrize("language", sorted(CLEAN))
 def test_clean_answer_with_listed_everyday_words_is_kept(toxicity_filter, language):
-    row = chat("Hello", CLEAN[language])
-    assert toxicity_filter(row, row_turns(row)) is None
+    assert verdict(toxicity_filter, CLEAN[language], prompt="Hello") is None
 
 
 def test_word_offensive_in_one_language_does_not_reject_its_harmless_use_in_another(toxicity_filter):
     # French "con" is an insult; Spanish and Italian "con" mean "with".
     for text in ("Quiero un café con leche y una tostada, por favor.",
                  "Con questa funzione puoi ordinare la lista in pochi passi."):
-        row = chat("Hi", text)
-        assert toxicity_filter(row, row_turns(row)) is None
-    row = chat("Hi", "Franchement, tu es vraiment un con, et tout le monde au bureau le sait bien.")
-    assert toxicity_filter(row, row_turns(row)).evidence["lexicon_term"] == "con"
+        assert verdict(toxicity_filter, text) is None
+    insult = "Franchement, tu es vraiment un con, et tout le monde au bureau le sait bien."
+    assert verdict(toxicity_filter, insult).evidence["lexicon_term"] == "con"
     # English "kys" is a threat; Danish "kys" is a kiss.
-    row = chat("Hi", "Jeg giver dig et kys på kinden.")
-    assert toxicity_filter(row, row_turns(row)) is None
-    row = chat("Hi", "just kys already")
-    assert toxicity_filter(row, row_turns(row)).evidence["lexicon_term"] == "kys"
+    assert verdict(toxicity_filter, "Jeg giver dig et kys på kinden.") is None
+    assert verdict(toxicity_filter, "just kys already").evidence["lexicon_term"] == "kys"
 
 
 def test_multilingual_lists_can_be_switched_off_or_restricted():
-    row = chat("Hi", TOXIC["es"])
-    assert ToxicityFilter(ToxicityConfig(multilingual=False))(row, row_turns(row)) is None
-    assert ToxicityFilter(ToxicityConfig(languages=["de"]))(row, row_turns(row)) is None
-    assert ToxicityFilter(ToxicityConfig(languages=["es"]))(row, row_turns(row)) is not None
+    assert verdict(ToxicityFilter(ToxicityConfig(multilingual=False)), TOXIC["es"]) is None
+    assert verdict(ToxicityFilter(ToxicityConfig(languages=["de"])), TOXIC["es"]) is None
+    assert verdict(ToxicityFilter(ToxicityConfig(languages=["es"])), TOXIC["es"]) is not None
 
 
 def test_language_thresholds_apply_to_the_classifier_per_detected_language():
     text = "Du bist so ein dummer Idiot, wirklich dumm und blöd."
-    row = chat("Hi", text)
     base = ToxicityConfig(use_lexicon=False, threshold=0.01)
-    assert ToxicityFilter(base)(row, row_turns(row)) is not None
+    assert verdict(ToxicityFilter(base), text) is not None
     strict = base.model_copy(update={"language_thresholds": {"de": 1.0}})
-    assert ToxicityFilter(strict)(row, row_turns(row)) is None
+    assert verdict(ToxicityFilter(strict), text) is None
     with pytest.raises(ValueError, match="thresholds must lie in"):
         load_filter_config({"toxicity": {"language_thresholds": {"de": 1.5}}})
 
@@ -123,12 +122,9 @@ def test_user_lexicon_sections_are_language_specific(tmp_path):
     extra = tmp_path / "extra.txt"
     extra.write_text("# mine\nblorf\n[es]\nzorrupio\n", encoding="utf-8")
     f = ToxicityFilter(ToxicityConfig(lexicon_path=str(extra)))
-    row = chat("Hi", "Eres un zorrupio y todos lo saben en el pueblo.")
-    assert f(row, row_turns(row)).evidence["lexicon_term"] == "zorrupio"
-    row = chat("Hi", "You are a zorrupio and everybody in the village knows it.")
-    assert f(row, row_turns(row)) is None
-    row = chat("Hi", "What a blorf.")
-    assert f(row, row_turns(row)).evidence["lexicon_term"] == "blorf"
+    assert verdict(f, "Eres un zorrupio y todos lo saben en el pueblo.").evidence["lexicon_term"] == "zorrupio"
+    assert verdict(f, "You are a zorrupio and everybody in the village knows it.") is None
+    assert verdict(f, "What a blorf.").evidence["lexicon_term"] == "blorf"
 
 
 def test_malformed_section_header_names_the_line():

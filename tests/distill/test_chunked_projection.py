@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from vocab_allocations import LargestVocabAllocation
 
 from posttrain.chat import tokenize_conversation
 from posttrain.losses.distillation import ProjectedLogits, sample_teacher_targets, token_log_probs
@@ -116,28 +116,6 @@ def test_sampled_targets_through_the_projection_equal_the_teacher_when_k_covers_
     torch.testing.assert_close(dense[counted], torch.softmax(full[counted], -1), atol=2e-3, rtol=0)
 
 
-class _LargestVocabTensor(TorchDispatchMode):
-    """Records the most rows any new tensor with a vocabulary-wide last dimension has (forward and backward).
-
-    Views of an op's inputs (lm_head's weight transposed or expanded inside the matmul) allocate
-    nothing and are skipped.
-    """
-
-    def __init__(self, vocab: int):
-        super().__init__()
-        self.vocab, self.most_rows = vocab, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
-                  if isinstance(a, torch.Tensor)}
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if (isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == self.vocab
-                    and t.untyped_storage().data_ptr() not in inputs):
-                self.most_rows = max(self.most_rows, t.numel() // self.vocab)
-        return out
-
-
 @pytest.mark.parametrize("name", ["jsd", "top_k", "sampled"])
 def test_no_tensor_scales_with_length_times_vocab(models, name):
     """With chunk_size set, no op (forward, target drawing or backward) makes a [B, L, V] tensor.
@@ -151,7 +129,7 @@ def test_no_tensor_scales_with_length_times_vocab(models, name):
     batch_rows = batch["input_ids"].shape[0] * (batch["input_ids"].shape[1] - 1)
     seen = {}
     for chunk_size in (None, CHUNK):
-        with _LargestVocabTensor(vocab) as probe:
+        with LargestVocabAllocation(vocab) as probe:
             _loss_and_grads(student, teacher, batch, _cfg(chunk_size, **TARGETS[name]),
                             generator=torch.Generator().manual_seed(0))
         seen[chunk_size] = probe.most_rows

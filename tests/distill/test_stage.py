@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from pydantic import ValidationError
+from tiny_recipes import recipe_header, stage
 
 from posttrain.data import TokenSequence, read_rows, write_jsonl
 from posttrain.modeling import end_of_turn_id
@@ -185,36 +186,17 @@ def test_distill_stage_inside_a_recipe(tmp_path, tiny_gemma3_dir, math_teacher_d
     from posttrain.pipeline.runner import run_recipe
 
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"""
-name: distill-test
-output_dir: {tmp_path / 'run'}
-seed: 0
-models:
-  student: {{path: {tiny_gemma3_dir}}}
-  teacher: {{path: {math_teacher_dir}}}
-datasets:
-  math_chat: {{toy: {{task: math, n: 24, split: train, format: chat}}}}
-stages:
-  - name: teacher_cache
-    kind: distill_cache
-    teacher: ${{models.teacher}}
-    dataset: ${{datasets.math_chat}}
-    k: 16
-  - name: distill
-    kind: distill
-    model: ${{models.student}}
-    teacher: ${{models.teacher}}
-    teacher_cache: ${{stages.teacher_cache.cache}}
-    dataset: ${{datasets.math_chat}}
-    lambda_on_policy: 0.5
-    divergence: forward_kl
-    target: sampled
-    k: 16
-    max_steps: 3
-    batch_size: 4
-    max_new_tokens: 12
-    rollout: {{backend: transformers}}
-""")
+    header = recipe_header(
+        "distill-test", output_dir=str(tmp_path / "run"),
+        models={"student": f"{{path: {tiny_gemma3_dir}}}", "teacher": f"{{path: {math_teacher_dir}}}"},
+        datasets={"math_chat": "{toy: {task: math, n: 24, split: train, format: chat}}"})
+    cache_stage = stage("teacher_cache", "distill_cache", teacher="${models.teacher}", dataset="${datasets.math_chat}",
+                        k=16)
+    distill_stage = stage("distill", "distill", model="${models.student}", teacher="${models.teacher}",
+                          teacher_cache="${stages.teacher_cache.cache}", dataset="${datasets.math_chat}",
+                          lambda_on_policy=0.5, divergence="forward_kl", target="sampled", k=16, max_steps=3,
+                          batch_size=4, max_new_tokens=12, rollout={"backend": "transformers"})
+    recipe.write_text(header + cache_stage + distill_stage)
     manifests = run_recipe(recipe)
     cache, distilled = manifests["teacher_cache"], manifests["distill"]
     assert cache["status"] == "complete" and distilled["status"] == "complete"

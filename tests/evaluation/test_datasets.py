@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tiny_recipes import evaluate_stage, rl_on_math, sft_stage
+
 from posttrain.data import DataError, write_jsonl
 from posttrain.pipeline.recipe import RecipeError, load_recipe
 from posttrain.pipeline.runner import run_recipe
@@ -53,30 +55,12 @@ datasets:
       prompt: {{template: "Question: {{question}}"}}
       answer: {{from: answer, after: "####"}}
 stages:
-  - name: sft
-    kind: sft
-    model: ${{models.student}}
-    dataset: ${{datasets.chat}}
-    max_steps: 2
-    batch_size: 4
-  - name: rl
-    kind: rl
-    model: ${{stages.sft.model}}
-    dataset: ${{datasets.prompts}}
-    rewards: [{{name: math}}]
-    max_steps: 1
-    prompts_per_step: 2
-    num_generations: 2
-    max_new_tokens: 4
-    rollout: {{backend: transformers}}
-  - name: eval
-    kind: evaluate
-    model: ${{stages.rl.model}}
-    datasets: {{gsm: "${{datasets.held_out}}"}}
-    rollout: {{backend: transformers}}
-    sampling: {{temperature: 0.0, max_new_tokens: 6}}
-    safety: null
-"""
+""" + "".join([
+        sft_stage("${models.student}", "${datasets.chat}", max_steps=2, batch_size=4),
+        rl_on_math("${stages.sft.model}", "${datasets.prompts}", max_steps=1, prompts_per_step=2, num_generations=2,
+                   max_new_tokens=4),
+        evaluate_stage("${stages.rl.model}", {"gsm": "${datasets.held_out}"}, safety=None),
+    ])
 
 
 def test_a_mapped_local_datasets_directory_feeds_sft_rl_and_evaluate(tmp_path, gsm_like):

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny_recipes import recipe_header
+from tiny_recipes import recipe_header, rl_on_math
 
 # One tiny model and two toy datasets; each test adds its stages.
 HEADER = recipe_header("mp", datasets={"mix": "{toy: {task: chat, n: 64, format: chat}}",
@@ -36,19 +36,9 @@ RECIPE = HEADER + """
     max_new_tokens: 4
 """
 
-RL_WITH_VLLM = HEADER + """
-  - name: rl
-    kind: rl
-    model: ${models.student}
-    dataset: ${datasets.math}
-    rewards: [{name: math}]
-    max_steps: 2
-    prompts_per_step: 2
-    num_generations: 2
-    max_new_tokens: 8
-    checkpoint_every: 0
-    rollout: {backend: vllm, max_model_len: 256}
-"""
+RL_WITH_VLLM = HEADER + rl_on_math("${models.student}", "${datasets.math}", max_steps=2, prompts_per_step=2,
+                                   num_generations=2, max_new_tokens=8, checkpoint_every=0,
+                                   rollout={"backend": "vllm", "max_model_len": 256})
 
 
 def _launch(tmp_path: Path, dataset: str, text: str = RECIPE,

@@ -3,6 +3,7 @@
 import sys
 
 import pytest
+from tiny_recipes import recipe_header, sft_stage, stage
 
 from posttrain.pipeline.recipe import RecipeError, load_recipe
 
@@ -116,27 +117,12 @@ def test_report_to_names_are_checked_when_the_recipe_loads(write_recipe, tmp_pat
     assert "tracker 'wandb' is not installed: pip install 'posttrain[trackers]'" in msg
 
 
-RL_TWO_REWARDS = """
-name: t
-output_dir: run
-models:
-  student: {tiny: {arch: gemma3, hidden_size: 64, num_heads: 2, num_kv_heads: 1, intermediate_size: 128}}
-datasets:
-  chat: {toy: {task: chat, n: 8, format: chat}}
-  prompts: {toy: {task: mix, n: 64, format: prompt}}
-stages:
-  - name: warmup
-    kind: sft
-    model: ${models.student}
-    dataset: ${datasets.chat}
-  - name: rl
-    kind: rl
-    model: ${stages.warmup.model}
-    dataset: ${datasets.prompts}
-    rewards:
-      - {name: math, weight: 1.0}
-      - {name: instructions, weight: 0.5}
-"""
+RL_TWO_REWARDS = recipe_header("t", datasets={"chat": "{toy: {task: chat, n: 8, format: chat}}",
+                                               "prompts": "{toy: {task: mix, n: 64, format: prompt}}"}) + "".join([
+    sft_stage("${models.student}", "${datasets.chat}", name="warmup"),
+    stage("rl", "rl", model="${stages.warmup.model}", dataset="${datasets.prompts}",
+          rewards=[{"name": "math", "weight": 1.0}, {"name": "instructions", "weight": 0.5}]),
+])
 
 
 @pytest.mark.parametrize("key", ["stages.rl.rewards[1].weight", "stages[1].rewards[1].weight", "stages.1.rewards.1.weight"])
@@ -161,8 +147,10 @@ def test_set_on_a_mapping_with_an_index_is_a_recipe_error(write_recipe):
 
 
 def test_errors_inside_a_stage_name_the_stage(write_recipe):
-    msg, path = error_of(write_recipe, RL_TWO_REWARDS.replace("weight: 0.5", "wieght: 0.5"))
-    assert f"{path}:19" in msg and "unknown key 'stages.rl.rewards[1].wieght'" in msg
+    bad = RL_TWO_REWARDS.replace("weight: 0.5", "wieght: 0.5")
+    msg, path = error_of(write_recipe, bad)
+    line = bad.splitlines().index("      - {name: instructions, wieght: 0.5}") + 1
+    assert f"{path}:{line}" in msg and "unknown key 'stages.rl.rewards[1].wieght'" in msg
 
 
 def test_a_recipe_wide_rollout_is_inherited_by_every_stage_that_generates(write_recipe):
@@ -178,4 +166,5 @@ def test_a_recipe_wide_rollout_is_inherited_by_every_stage_that_generates(write_
 def test_a_mistake_in_the_recipe_wide_rollout_is_reported_at_its_line(write_recipe):
     text = RL_TWO_REWARDS.replace("datasets:", "rollout: {backend: transformer}\ndatasets:", 1)
     msg, path = error_of(write_recipe, text)
-    assert f"{path}:5: rollout.backend" in msg and "'transformer'" in msg
+    line = text.splitlines().index("rollout: {backend: transformer}") + 1
+    assert f"{path}:{line}: rollout.backend" in msg and "'transformer'" in msg

@@ -9,48 +9,24 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from tiny_recipes import recipe_header
+from tiny_recipes import evaluate_stage, recipe_header, rl_on_math, sft_stage, stage
 
 from posttrain.cli import main
 
+HELD_OUT = {"math": "${datasets.math_eval}", "instructions": "${datasets.ifeval}"}
 RECIPE = recipe_header("reported", datasets={
     "dirty": "{toy_dirty: {n_clean: 60, dirty_per_kind: 2}}",
     "math_prompts": "{toy: {task: math, n: 16, format: prompt}}",
     "math_eval": "{toy: {task: math, n: 4, split: eval, format: prompt}}",
     "ifeval": "{toy: {task: instructions, n: 4, split: eval, format: prompt}}",
-}) + """  - name: filter
-    kind: filter
-    dataset: ${datasets.dirty}
-  - name: sft
-    kind: sft
-    model: ${models.student}
-    dataset: ${stages.filter.dataset}
-    max_steps: 3
-    batch_size: 4
-    logging_steps: 1
-  - name: eval_sft
-    kind: evaluate
-    model: ${stages.sft.model}
-    datasets: {math: "${datasets.math_eval}", instructions: "${datasets.ifeval}"}
-    rollout: {backend: transformers}
-    sampling: {temperature: 0.0, max_new_tokens: 6}
-  - name: rl
-    kind: rl
-    model: ${stages.sft.model}
-    dataset: ${datasets.math_prompts}
-    rewards: [{name: math}]
-    max_steps: 2
-    prompts_per_step: 2
-    num_generations: 2
-    max_new_tokens: 4
-    rollout: {backend: transformers}
-  - name: eval_rl
-    kind: evaluate
-    model: ${stages.rl.model}
-    datasets: {math: "${datasets.math_eval}", instructions: "${datasets.ifeval}"}
-    rollout: {backend: transformers}
-    sampling: {temperature: 0.0, max_new_tokens: 6}
-"""
+}) + "".join([
+    stage("filter", "filter", dataset="${datasets.dirty}"),
+    sft_stage("${models.student}", "${stages.filter.dataset}", max_steps=3, batch_size=4, logging_steps=1),
+    evaluate_stage("${stages.sft.model}", HELD_OUT, name="eval_sft"),
+    rl_on_math("${stages.sft.model}", "${datasets.math_prompts}", max_steps=2, prompts_per_step=2, num_generations=2,
+               max_new_tokens=4),
+    evaluate_stage("${stages.rl.model}", HELD_OUT, name="eval_rl"),
+])
 
 
 def images(page: str) -> list[bytes]:

@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
+from rl_testutil import REWARDS, metrics_rows, stage_context, write_math_prompts
 
-from posttrain.data import write_jsonl
-from posttrain.stages.base import StageContext
 from posttrain.stages.rl import RLStageConfig, run_rl
-from posttrain.toy.tasks import generate
-
-REWARDS = str(Path(__file__).with_name("toy_rewards.py"))
 
 
 @pytest.fixture(scope="module")
 def math_prompts(tmp_path_factory):
-    path = tmp_path_factory.mktemp("bond_data") / "math.jsonl"
-    write_jsonl(path, generate("math", 16, seed=0, split="train", fmt="prompt"))
-    return path
+    return write_math_prompts(tmp_path_factory.mktemp("bond_data"), 16)
 
 
 def _config(model_dir, dataset, **overrides) -> RLStageConfig:
@@ -31,18 +22,9 @@ def _config(model_dir, dataset, **overrides) -> RLStageConfig:
     return RLStageConfig(**base)
 
 
-def _ctx(stage_dir: Path) -> StageContext:
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    return StageContext(name="rl", kind="rl", stage_dir=stage_dir, run_dir=stage_dir.parent, seed=0, recipe_name="test")
-
-
-def _metrics(stage_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_jbond_steps_log_every_issue_metric_and_move_the_weights(tiny_gemma3_dir, math_prompts, tmp_path):
-    result = run_rl(_config(tiny_gemma3_dir, math_prompts), _ctx(tmp_path / "rl"))
-    rows = _metrics(tmp_path / "rl")
+    result = run_rl(_config(tiny_gemma3_dir, math_prompts), stage_context(tmp_path / "rl"))
+    rows = metrics_rows(tmp_path / "rl")
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
         assert {"reward/mean", "reward_anchor/mean", "kl_anchor", "kl_start", "entropy", "loss/forward", "loss/backward",
@@ -62,11 +44,11 @@ def test_jbond_steps_log_every_issue_metric_and_move_the_weights(tiny_gemma3_dir
 def test_bond_and_a_second_anchor_engine_run_and_backward_only_skips_the_forward_term(tiny_gemma3_dir, math_prompts,
                                                                                       tmp_path):
     run_rl(_config(tiny_gemma3_dir, math_prompts, algorithm="bond", bond_n=4, anchor_rollout="engine",
-                   max_tokens_per_microbatch=40), _ctx(tmp_path / "bond"))
-    rows = _metrics(tmp_path / "bond")
+                   max_tokens_per_microbatch=40), stage_context(tmp_path / "bond"))
+    rows = metrics_rows(tmp_path / "bond")
     assert all(r["backward_reward/mean"] <= 0.0 and r["micro_batches"] > 1 for r in rows)  # log p_le <= 0
-    run_rl(_config(tiny_gemma3_dir, math_prompts, jeffreys_beta=1.0, max_steps=1), _ctx(tmp_path / "backward"))
-    only = _metrics(tmp_path / "backward")[0]
+    run_rl(_config(tiny_gemma3_dir, math_prompts, jeffreys_beta=1.0, max_steps=1), stage_context(tmp_path / "backward"))
+    only = metrics_rows(tmp_path / "backward")[0]
     assert only["loss/forward"] == 0.0 and only["loss"] == pytest.approx(only["loss/backward"])
 
 

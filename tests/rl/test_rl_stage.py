@@ -6,26 +6,22 @@ reward functions loaded from tests/rl/toy_rewards.py, training on CPU.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
+from rl_testutil import REWARDS, metrics_rows, stage_context, write_math_prompts
+from tiny_recipes import recipe_header, rl_on_math
 
 from posttrain.data import DataError, write_jsonl
-from posttrain.stages.base import StageContext, StageError
+from posttrain.stages.base import StageError
 from posttrain.data import load_prompts
 from posttrain.stages.rl import RLOO, RLStageConfig, prompt_indices_for_step, run_rl
-from posttrain.toy.tasks import generate
-
-REWARDS = str(Path(__file__).with_name("toy_rewards.py"))
 
 
 @pytest.fixture(scope="module")
 def math_prompts(tmp_path_factory):
-    path = tmp_path_factory.mktemp("rl_data") / "math.jsonl"
-    write_jsonl(path, generate("math", 32, seed=0, split="train", fmt="prompt"))
-    return path
+    return write_math_prompts(tmp_path_factory.mktemp("rl_data"), 32)
 
 
 def _config(model_dir, dataset, **overrides) -> RLStageConfig:
@@ -34,15 +30,6 @@ def _config(model_dir, dataset, **overrides) -> RLStageConfig:
                 checkpoint_every=0, rollout={"backend": "transformers"})
     base.update(overrides)
     return RLStageConfig(**base)
-
-
-def _ctx(stage_dir: Path, seed: int = 0) -> StageContext:
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    return StageContext(name="rl", kind="rl", stage_dir=stage_dir, run_dir=stage_dir.parent, seed=seed, recipe_name="test")
-
-
-def _metrics(stage_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _weights(model_dir) -> dict[str, torch.Tensor]:
@@ -54,8 +41,8 @@ def _weights(model_dir) -> dict[str, torch.Tensor]:
 def test_reward_rises_on_a_trivially_learnable_reward(tiny_gemma3_dir, math_prompts, tmp_path):
     cfg = _config(tiny_gemma3_dir, math_prompts, num_generations=8, prompts_per_step=4, max_steps=20,
                   max_new_tokens=6, beta=0.0)
-    run_rl(cfg, _ctx(tmp_path / "rl"))
-    rows = _metrics(tmp_path / "rl")
+    run_rl(cfg, stage_context(tmp_path / "rl"))
+    rows = metrics_rows(tmp_path / "rl")
     rewards = [r["reward/mean"] for r in rows]
     assert len(rewards) == 20
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
@@ -71,7 +58,7 @@ def test_reward_rises_on_a_trivially_learnable_reward(tiny_gemma3_dir, math_prom
 
 def test_resume_after_interruption_gives_the_same_parameters(tiny_gemma3_dir, math_prompts, tmp_path, monkeypatch):
     cfg = _config(tiny_gemma3_dir, math_prompts, max_steps=4, checkpoint_every=2, anchor_ema=0.5)
-    straight = run_rl(cfg, _ctx(tmp_path / "straight"))
+    straight = run_rl(cfg, stage_context(tmp_path / "straight"))
 
     real_step = RLOO.step
 
@@ -82,10 +69,10 @@ def test_resume_after_interruption_gives_the_same_parameters(tiny_gemma3_dir, ma
 
     monkeypatch.setattr(RLOO, "step", crash_at_step_3)  # the loop looks the step up on the algorithm
     with pytest.raises(KeyboardInterrupt):
-        run_rl(cfg, _ctx(tmp_path / "resumed"))
+        run_rl(cfg, stage_context(tmp_path / "resumed"))
     assert (tmp_path / "resumed" / "checkpoints" / "step_000002" / "state.json").exists()
     monkeypatch.setattr(RLOO, "step", real_step)
-    resumed = run_rl(cfg, _ctx(tmp_path / "resumed"))
+    resumed = run_rl(cfg, stage_context(tmp_path / "resumed"))
 
     a, b = _weights(straight.outputs["model"]), _weights(resumed.outputs["model"])
     assert a.keys() == b.keys()
@@ -95,29 +82,29 @@ def test_resume_after_interruption_gives_the_same_parameters(tiny_gemma3_dir, ma
         changed |= not torch.equal(a[name], _weights(tiny_gemma3_dir)[name])
     assert changed, "training did not move the weights; the comparison would prove nothing"
     # The resumed run's log has each step once, as the uninterrupted one.
-    assert [r["step"] for r in _metrics(tmp_path / "resumed")] == [1, 2, 3, 4]
+    assert [r["step"] for r in metrics_rows(tmp_path / "resumed")] == [1, 2, 3, 4]
 
 
 def test_reward_faults_follow_the_fault_policy(tiny_gemma3_dir, math_prompts, tmp_path):
     cfg = _config(tiny_gemma3_dir, math_prompts, max_steps=2, max_new_tokens=16, fault_policy="skip",
                   rewards=[{"name": "flaky", "fn": f"{REWARDS}:raises_on_long", "tolerate_all_faults": True}])
-    run_rl(cfg, _ctx(tmp_path / "rl"))
-    rows = _metrics(tmp_path / "rl")
+    run_rl(cfg, stage_context(tmp_path / "rl"))
+    rows = metrics_rows(tmp_path / "rl")
     # A random model's 16-token completions are mostly over 20 characters: faulted and skipped, not fatal.
     assert sum(r["reward/flaky/faults"] for r in rows) > 0
     assert sum(r["reward/skipped"] for r in rows) == sum(r["reward/flaky/faults"] for r in rows)
 
     failing = cfg.model_copy(update={"fault_policy": "fail"})
     with pytest.raises(Exception, match="reward faults"):
-        run_rl(failing, _ctx(tmp_path / "rl_fail"))
+        run_rl(failing, stage_context(tmp_path / "rl_fail"))
 
 
 def test_non_finite_loss_skips_the_step_and_stops_after_max_nan_steps(tiny_gemma3_dir, math_prompts, tmp_path, caplog):
     cfg = _config(tiny_gemma3_dir, math_prompts, max_steps=5, max_nan_steps=2,
                   rewards=[{"name": "inf", "fn": f"{REWARDS}:infinite"}])
     with pytest.raises(StageError, match="2 steps in a row had a non-finite loss"):
-        run_rl(cfg, _ctx(tmp_path / "rl"))
-    rows = _metrics(tmp_path / "rl")
+        run_rl(cfg, stage_context(tmp_path / "rl"))
+    rows = metrics_rows(tmp_path / "rl")
     assert [r["skipped_nonfinite"] for r in rows] == [1]  # step 1 logged and skipped; step 2 raised
     assert "non-finite loss or gradient; skipped the update" in caplog.text
 
@@ -152,49 +139,35 @@ def test_rl_stage_runs_inside_a_recipe(tmp_path):
     from posttrain.pipeline.runner import run_recipe
 
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"""
-name: rl_test
-output_dir: {tmp_path / 'run'}
-seed: 0
-models:
-  student: {{tiny: {{arch: gemma3, hidden_size: 64, num_layers: 1, num_heads: 2, num_kv_heads: 1}}}}
-datasets:
-  math_prompts: {{toy: {{task: math, n: 16, split: train, format: prompt}}}}
-  math_eval: {{toy: {{task: math, n: 4, split: eval, format: prompt}}}}
-stages:
-  - name: rl
-    kind: rl
-    model: ${{models.student}}
-    dataset: ${{datasets.math_prompts}}
-    eval_dataset: ${{datasets.math_eval}}
-    rewards: [{{name: math, weight: 1.0}}, {{name: brevity, fn: "{REWARDS}:brevity", weight: 0.1}}]
-    max_steps: 2
-    prompts_per_step: 2
-    num_generations: 2
-    max_new_tokens: 4
-    grad_accum: 2
-    rollout: {{backend: transformers}}
-""")
+    recipe.write_text(recipe_header(
+        "rl_test", output_dir=str(tmp_path / "run"),
+        models={"student": "{tiny: {arch: gemma3, hidden_size: 64, num_layers: 1, num_heads: 2, num_kv_heads: 1}}"},
+        datasets={"math_prompts": "{toy: {task: math, n: 16, split: train, format: prompt}}",
+                  "math_eval": "{toy: {task: math, n: 4, split: eval, format: prompt}}"},
+    ) + rl_on_math("${models.student}", "${datasets.math_prompts}", eval_dataset="${datasets.math_eval}",
+                   rewards=[{"name": "math", "weight": 1.0},
+                            {"name": "brevity", "fn": f"{REWARDS}:brevity", "weight": 0.1}],
+                   max_steps=2, prompts_per_step=2, num_generations=2, max_new_tokens=4, grad_accum=2))
     manifests = run_recipe(recipe)
     m = manifests["rl"]
     assert m["status"] == "complete"
     out = Path(m["outputs"]["model"])
     assert (out / "config.json").exists() and (out / "tokenizer.json").exists()
-    rows = _metrics(out.parent)
+    rows = metrics_rows(out.parent)
     assert "eval/math" in rows[0] and "reward/math/mean" in rows[1] and "reward/brevity/mean" in rows[1]
 
 
 def test_lora_training_writes_a_merged_model_and_moves_the_anchor(tiny_gemma3_dir, math_prompts, tmp_path):
     cfg = _config(tiny_gemma3_dir, math_prompts, max_steps=2, anchor_ema=0.5,
                   lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]})
-    res = run_rl(cfg, _ctx(tmp_path / "rl"))
+    res = run_rl(cfg, stage_context(tmp_path / "rl"))
     merged, start = _weights(res.outputs["model"]), _weights(tiny_gemma3_dir)
     assert not any("lora" in k for k in merged)
     q = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(merged[q], start[q])  # the adapter was trained and merged in
     k = "model.layers.0.self_attn.k_proj.weight"
     assert torch.equal(merged[k], start[k])  # modules without an adapter stay as they were
-    rows = _metrics(tmp_path / "rl")
+    rows = metrics_rows(tmp_path / "rl")
     assert rows[-1]["kl_anchor"] != rows[-1]["kl_start"]  # the EMA anchor left the starting model
 
 
@@ -204,9 +177,9 @@ def test_bf16_mixed_precision_trains_and_shows_its_rounding_as_drift(tiny_gemma3
     drift = {}
     for precision in ("fp32", "bf16"):
         cfg = _config(tiny_gemma3_dir, math_prompts, max_steps=2, precision=precision)
-        result = run_rl(cfg, _ctx(tmp_path / precision))
-        first = _metrics(tmp_path / precision)[0]
-        assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _metrics(tmp_path / precision))
+        result = run_rl(cfg, stage_context(tmp_path / precision))
+        first = metrics_rows(tmp_path / precision)[0]
+        assert all(torch.isfinite(torch.tensor(r["loss"])) for r in metrics_rows(tmp_path / precision))
         drift[precision] = first["drift_mean_abs"]
         assert all(t.dtype == torch.float32 for t in _weights(result.outputs["model"]).values())
     assert drift["fp32"] < 1e-4
@@ -218,7 +191,7 @@ def test_importance_clip_runs_inside_the_stage_with_engine_logprobs_every_step(t
     """Importance weights need the engine's logprobs on every step, drift-check step or not."""
     cfg = _config(tiny_gemma3_dir, math_prompts, max_steps=3, importance_clip=2.0, precision="bf16",
                   rollout={"backend": "transformers", "drift_check_every": 2})
-    run_rl(cfg, _ctx(tmp_path / "rl"))
-    rows = _metrics(tmp_path / "rl")
+    run_rl(cfg, stage_context(tmp_path / "rl"))
+    rows = metrics_rows(tmp_path / "rl")
     assert [r["step"] for r in rows if "drift_mean_abs" in r] == [1, 3]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from vocab_allocations import LargestVocabAllocation
 
 from posttrain.losses.token_logprobs import chunked_token_logprobs, vocabulary_projection
 from posttrain.toy.models import TinyModelSpec, build_tiny_model
@@ -176,23 +177,6 @@ def test_width_slicing_follows_the_live_weights_and_trains_only_kept_rows(gemma3
 
 # --- memory: no [B, T, V] tensor -------------------------------------------------------------------
 
-class _LargestVocabOutput(TorchDispatchMode):
-    """Most elements of any newly allocated op output whose last dimension is the vocabulary."""
-
-    def __init__(self, vocab: int):
-        super().__init__()
-        self.vocab, self.most = vocab, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
-                  if isinstance(a, torch.Tensor)}
-        for t in torch.utils._pytree.tree_leaves(out):
-            if (isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[-1] == self.vocab
-                    and t.untyped_storage().data_ptr() not in inputs):  # views of inputs allocate nothing
-                self.most = max(self.most, t.numel())
-        return out
-
 
 def test_no_tensor_of_batch_times_length_times_vocab_in_forward_saved_or_backward(gemma3):
     """Saved tensors (what autograd keeps until backward) and every op output, forward and
@@ -211,13 +195,13 @@ def test_no_tensor_of_batch_times_length_times_vocab_in_forward_saved_or_backwar
             return t
 
         gemma3.zero_grad(set_to_none=True)
-        with _LargestVocabOutput(vocab) as probe:
+        with LargestVocabAllocation(vocab) as probe:
             hidden = gemma3.get_decoder()(input_ids=ids).last_hidden_state
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 logp, _ = chunked_token_logprobs(hidden, vocabulary_projection(gemma3), labels, 1.0, chunk_size,
                                                  with_entropy=True)
             logp.sum().backward()
-        seen[chunk_size] = (saved[0], probe.most)
+        seen[chunk_size] = (saved[0], probe.most_elements)
     assert seen[None][0] >= full_size and seen[None][1] >= full_size
     saved, produced = seen[chunk]
     assert saved < chunk * vocab  # only hidden states, labels and [tokens] results are kept

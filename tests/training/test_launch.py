@@ -11,35 +11,16 @@ import json
 from pathlib import Path
 
 import pytest
-from tiny_recipes import TINY_STUDENT, recipe_header
+from tiny_recipes import TINY_STUDENT, recipe_header, rl_on_math, stage
 
 RECIPE = recipe_header(
     "dp", models={"student": TINY_STUDENT, "teacher": TINY_STUDENT.replace("128}}", "128, seed: 1}}")},
     datasets={"chat": "{toy: {task: math, n: 32, format: chat}}", "math": "{toy: {task: math, n: 16, format: prompt}}"},
-) + """  - name: distill
-    kind: distill
-    model: ${models.student}
-    teacher: ${models.teacher}
-    dataset: ${datasets.chat}
-    lambda_on_policy: 0.0
-    divergence: forward_kl
-    max_steps: 2
-    batch_size: 4
-    learning_rate: 1.0e-3
-    chunk_size: 8
-    rollout: {backend: transformers}
-  - name: rl
-    kind: rl
-    model: ${stages.distill.model}
-    dataset: ${datasets.math}
-    rewards: [{name: math}]
-    max_steps: 2
-    prompts_per_step: 2
-    num_generations: 2
-    max_new_tokens: 6
-    checkpoint_every: 1
-    rollout: {backend: transformers}
-"""
+) + stage("distill", "distill", model="${models.student}", teacher="${models.teacher}", dataset="${datasets.chat}",
+          lambda_on_policy=0.0, divergence="forward_kl", max_steps=2, batch_size=4, learning_rate=1.0e-3, chunk_size=8,
+          rollout={"backend": "transformers"}) + rl_on_math(
+    "${stages.distill.model}", "${datasets.math}", max_steps=2, prompts_per_step=2, num_generations=2, max_new_tokens=6,
+    checkpoint_every=1)
 
 
 def _run(tmp_path: Path, ranks: int, launch_ranks) -> Path:
