@@ -23,7 +23,7 @@ import gzip
 import heapq
 import json
 import time
-from collections import defaultdict, deque
+from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context

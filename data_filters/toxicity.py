@@ -25,7 +25,7 @@ import numpy as np
 
 from data_filters.config import ToxicityConfig
 from data_filters.rows import MODEL_ROLE, Decision, Rejection, Turn
-from data_filters.language import MIN_PROBABILITY, detect_languages
+from data_filters.language import detect_languages
 from data_filters.text import word_set, words
 from data_filters.word_lists import GuardedLexicon, Term, language_terms, parse_terms, read_lexicon_file
 

@@ -171,7 +171,6 @@ class SafetyChecks:
         from data_filters.config import ToxicityConfig
         from data_filters.identity import find_misidentification
         from data_filters.pii import find_pii
-        from data_filters.toxicity import ToxicityScorer
 
         scorer = _toxicity_scorer(ToxicityConfig(threshold=self.toxicity_threshold))
         tox = scorer.scores_at_least(list(texts), self.toxicity_threshold)

@@ -85,8 +85,6 @@ def _pair_encoder(encoder: PairEncoder | None) -> PairEncoder:
 def _uniform_average(models: list) -> dict:
     """Every tensor's uniform mean over `models` (accumulated in float32), the head included.
     Written here rather than taken from posttrain.weights: this package stands alone."""
-    import torch
-
     states = [m.state_dict() for m in models]
     averaged = {}
     for name, first in states[0].items():

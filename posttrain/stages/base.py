@@ -9,12 +9,13 @@ manifest afterwards; a stage never marks itself complete.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 from pydantic import BaseModel, ConfigDict
 
@@ -24,12 +25,40 @@ class StageConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
+    # Options a stage kind gained after run directories were made with it, as key paths ("eval_steps",
+    # "toxicity.multilingual", "rewards[].tolerate_all_faults") and their defaults as the resolved
+    # config writes them. The runner hashes the resolved config to tell whether a finished stage is
+    # up to date and whether a killed one may resume; left out of that hash while at their default,
+    # they keep the hash of a run directory made before, which is then still recognised (skipped,
+    # or resumed from its checkpoint) instead of trained again. Set, they count like any option.
+    _HASHED_ONLY_WHEN_SET: ClassVar[dict[str, Any]] = {}
+
     @classmethod
     def hash_form(cls, resolved: dict) -> dict:
-        """The resolved config (every field written out) in the form the runner hashes to decide
-        whether a finished stage is up to date and a killed one may resume. A stage whose options
-        were regrouped writes them here as they were, so run directories made before still match."""
-        return resolved
+        """The resolved config (every field written out) in the form the runner hashes: without the
+        later options at their default (above). A stage whose options were regrouped also writes
+        them here as they were, so run directories made before still match."""
+        out = copy.deepcopy(resolved)
+        for path, default in cls._HASHED_ONLY_WHEN_SET.items():
+            _drop_if_default(out, path.split("."), default)
+        return out
+
+
+def _drop_if_default(node: Any, keys: list[str], default: Any) -> None:
+    """Remove the key path `keys` from `node` where it holds `default`; `name[]` walks every item
+    of a list."""
+    key, rest = keys[0], keys[1:]
+    items = key.endswith("[]")
+    key = key.removesuffix("[]")
+    if not isinstance(node, dict) or key not in node:
+        return
+    if not rest:
+        if node[key] == default:
+            del node[key]
+        return
+    children = node[key] if items and isinstance(node[key], list) else [node[key]]
+    for child in children:
+        _drop_if_default(child, rest, default)
 
 
 class StageError(RuntimeError):

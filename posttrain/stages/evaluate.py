@@ -11,6 +11,8 @@ computed by `posttrain.evaluation`; this stage reads the sets and writes the res
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -45,6 +47,10 @@ class SideBySideConfig(BaseModel):
 
 class EvaluateStageConfig(StageConfig):
     """Answer held-out prompts; report accuracy, pass@k, IFEval, safety and length, each with n and a 95% interval."""
+
+    # Added after run directories were made with this stage (StageConfig.hash_form).
+    _HASHED_ONLY_WHEN_SET: ClassVar[dict[str, Any]] = {"rewards[].tolerate_all_faults": False}
+
 
     model: str = Field(description="Model to evaluate.")
     datasets: dict[str, str] = Field(description="Named prompt sets: {name: ${datasets.X} or a path}; rows need `prompt` plus reward columns.")

@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 
 import yaml
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -62,6 +62,10 @@ class QuantizeSpec(BaseModel):
 
 class ExportStageConfig(StageConfig):
     """Export an instruction-tuned checkpoint with a model card, then verify it by reloading."""
+
+    # Added after run directories were made with this stage (StageConfig.hash_form).
+    _HASHED_ONLY_WHEN_SET: ClassVar[dict[str, Any]] = {"quantize": []}
+
 
     model: str = Field(description="Model to export (a checkpoint or a LoRA adapter directory, merged on export).")
     probe_prompt: str = Field("Who are you?", description="Chat prompt answered greedily after reloading.")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 from pydantic import Field
 
 from data_filters.config import FilterConfig
@@ -12,6 +14,12 @@ from posttrain.stages.base import StageConfig, StageContext, StageError, StageRe
 class FilterStageConfig(StageConfig, FilterConfig):
     """Filter rows for personal information, toxic model turns, wrong self-identification,
     evaluation overlap and duplicates; every row ends kept (maybe redacted) or rejected with a reason."""
+
+    # Added after run directories were made with this stage (StageConfig.hash_form).
+    _HASHED_ONLY_WHEN_SET: ClassVar[dict[str, Any]] = {
+        "pii.phone_regions": [], "pii.phone_regions_from_language": True, "toxicity.language_thresholds": {},
+        "toxicity.languages": None, "toxicity.min_language_probability": 0.15, "toxicity.multilingual": True,
+        "toxicity.use_package_lists": True}
 
     dataset: str = Field(description="Rows to filter (JSONL): ${datasets.NAME}, ${stages.NAME.dataset} or a path.")
     num_proc: int = Field(1, ge=1, description="Worker processes for the per-row filters (dedup is global, in the parent).")

@@ -10,7 +10,7 @@ cannot drift between stages.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 from pydantic.fields import FieldInfo
@@ -55,17 +55,6 @@ class TrainingOptions(StageConfig):
     report_to: ReportTo = Field(
         default_factory=list, description="Extra trackers: tensorboard, wandb, trackio (the `trackers` extra "
         "installs them).")
-
-    # Shared options a stage kind gained when it came to inherit this base. The runner hashes the
-    # resolved config to tell whether a finished stage is up to date and whether a killed one may
-    # resume; left out of that hash while at their default, they keep the hash of a run directory
-    # made before, which is then still recognised instead of trained again. Set, they count.
-    _HASHED_ONLY_WHEN_SET: ClassVar[tuple[str, ...]] = ()
-
-    @classmethod
-    def hash_form(cls, resolved: dict) -> dict:
-        return {k: v for k, v in resolved.items()
-                if not (k in cls._HASHED_ONLY_WHEN_SET and v == cls.model_fields[k].get_default(call_default_factory=True))}
 
 
 class DistillationOptions(StageConfig):

@@ -116,8 +116,8 @@ class RewardModelStageConfig(TrainingOptions):
                                      "(needs eval_dataset); default: all members.")
     logging_steps: int = Field(10, ge=1, description="Log loss and batch accuracy every this many steps.")
 
-    # Gained with TrainingOptions: left out of the hashed config at its default (TrainingOptions.hash_form).
-    _HASHED_ONLY_WHEN_SET: ClassVar[tuple[str, ...]] = ("shard_optimizer",)
+    # Gained with TrainingOptions: left out of the hashed config at its default (StageConfig.hash_form).
+    _HASHED_ONLY_WHEN_SET: ClassVar[dict[str, Any]] = {"shard_optimizer": False}
 
     @model_validator(mode="after")
     def _check(self):
@@ -448,7 +448,7 @@ def _bradley_terry_step(state: TrainingState, model, rows: list[int]) -> tuple[t
 def _train(state: TrainingState, model, run: _Run, run_dir: Path, resumable: bool) -> dict:
     """Bradley-Terry steps on the training pairs with the session's model; resumes from run_dir's
     checkpoint when `resumable`. Returns the last logged figures."""
-    config, ctx, session = state.config, state.ctx, state.session
+    config, session = state.config, state.session
     start = _resume(state, model, run, run_dir, resumable)
     state.advance(start)
     # Dropout masks continue from a function of (seed, step), and differ between ranks: each rank

@@ -11,7 +11,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -26,6 +26,11 @@ from posttrain.training import LoraSpec, save_model, save_tokenizer
 
 class SFTStageConfig(StageConfig):
     """Supervised finetuning on chat (`messages`) or `prompt`/`completion` rows."""
+
+    # Added after run directories were made with this stage (StageConfig.hash_form).
+    _HASHED_ONLY_WHEN_SET: ClassVar[dict[str, Any]] = {
+        "num_train_epochs": None, "eval_dataset": None, "eval_steps": None, "train_vision_tower": False}
+
 
     model: str = Field(description="Model to finetune: ${models.NAME}, ${stages.NAME.model} or a path.")
     dataset: str = Field(description="Training rows: ${datasets.NAME}, ${stages.NAME.dataset} or a path.")

@@ -9,7 +9,7 @@ moved into it on load.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -45,6 +45,10 @@ BOND_KEYS = tuple(BondOptions.model_fields)
 class RLStageConfig(TrainingOptions):
     """REINFORCE/RLOO on rollouts with weighted rewards and a KL penalty to an EMA anchor (WARP stage 1),
     or J-BOND / BOND against the same EMA anchor (`algorithm`, `bond`)."""
+
+    # Added after run directories were made with this stage (StageConfig.hash_form).
+    _HASHED_ONLY_WHEN_SET: ClassVar[dict[str, Any]] = {"rewards[].tolerate_all_faults": False}
+
 
     model: str = Field(description="Policy to start from (and the initial anchor): ${stages.NAME.model}, ${models.NAME} or a path.")
     dataset: str = Field(description="Prompt rows: `prompt` (text or messages) plus the columns the rewards read "
