@@ -31,3 +31,12 @@ def quick_sft(model_dir, out_dir, steps: int, seed: int = 0, lr: float = 3e-3, b
     model.save_pretrained(str(out_dir))
     tok.save_pretrained(str(out_dir))
     return float(loss.detach())
+
+
+def write_toy_sets(directory, sets: dict[str, tuple]) -> None:
+    """`{stem: (task, n, seed, split, format)}`: each a toy set written to directory/stem.jsonl."""
+    from posttrain.data import write_jsonl
+    from posttrain.toy import tasks
+
+    for stem, (task, n, seed, split, fmt) in sets.items():
+        write_jsonl(directory / f"{stem}.jsonl", tasks.generate(task, n, seed=seed, split=split, fmt=fmt))

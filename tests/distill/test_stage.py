@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 from pydantic import ValidationError
+from quick_training import write_toy_sets
 from tiny_recipes import recipe_header, stage
 
-from posttrain.data import TokenSequence, read_rows, write_jsonl
+from posttrain.data import TokenSequence
 from posttrain.modeling import end_of_turn_id
 from posttrain.sequences import TokenizerMismatchError, logit_mask, pad_batch
 from posttrain.stages.base import StageContext, StageError
@@ -21,9 +22,8 @@ from posttrain.toy import tasks
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("distill_data")
-    write_jsonl(d / "math_chat.jsonl", tasks.generate("math", 64, seed=1, fmt="chat"))
-    write_jsonl(d / "math_prompts.jsonl", tasks.generate("math", 64, seed=1, fmt="prompt"))
-    write_jsonl(d / "math_eval.jsonl", tasks.generate("math", 16, seed=2, split="eval", fmt="prompt"))
+    write_toy_sets(d, {"math_chat": ("math", 64, 1, "train", "chat"), "math_prompts": ("math", 64, 1, "train", "prompt"),
+                       "math_eval": ("math", 16, 2, "eval", "prompt")})
     return d
 
 

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from quick_training import quick_sft
-
-from posttrain.data import write_jsonl
-from posttrain.toy import tasks
+from quick_training import quick_sft, write_toy_sets
 
 
 @pytest.fixture(scope="session")
@@ -19,7 +16,6 @@ def full_precision_dir(tmp_path_factory, tiny_gemma3_dir):
 @pytest.fixture(scope="session")
 def qat_data(tmp_path_factory):
     d = tmp_path_factory.mktemp("qat_data")
-    write_jsonl(d / "math_chat.jsonl", tasks.generate("math", 64, seed=1, fmt="chat"))
-    write_jsonl(d / "chat_chat.jsonl", tasks.generate("chat", 64, seed=1, fmt="chat"))
-    write_jsonl(d / "math_eval.jsonl", tasks.generate("math", 12, seed=2, split="eval", fmt="prompt"))
+    write_toy_sets(d, {"math_chat": ("math", 64, 1, "train", "chat"), "chat_chat": ("chat", 64, 1, "train", "chat"),
+                       "math_eval": ("math", 12, 2, "eval", "prompt")})
     return d
