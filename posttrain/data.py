@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
-from posttrain.chat import (ROLES, ChatFormatError, normalise_messages, prompt_completion_to_messages,
-                            tokenize_conversation, tokenize_prompt)
+from posttrain.chat import (ROLES, ChatFormatError, has_image_parts, normalise_messages, prompt_completion_to_messages,
+                            text_view, tokenize_conversation, tokenize_prompt)
 
 
 class DataError(ValueError):
@@ -530,6 +530,26 @@ def load_rows(path: str | Path, read_row: Callable[[str, dict], T | None], expec
         why += [f"{len(skipped)} invalid, skipped"] if skipped else []
         raise DataError(f"{path}: no {expected}" + (f" ({'; '.join(why)})" if why else ""))
     return rows, left_out
+
+
+def load_conversations(path: str, skipped: list[dict] | None = None, allow_images: bool = False) -> list[list[dict]]:
+    """Conversations to finetune on, from `messages` or `prompt` + `completion` rows, each with at
+    least one assistant turn (image parts allowed when `allow_images`: a composite model's data).
+    An invalid row is an error naming its file and line, or, with `skipped`, recorded there."""
+
+    def read_conversation(where: str, row: dict) -> list[dict]:
+        if "messages" in row:
+            messages = row["messages"]
+        elif "prompt" in row and "completion" in row:
+            messages = prompt_completion_to_messages(row["prompt"], row["completion"])
+        else:
+            raise ChatFormatError(f"expected a 'messages' list or 'prompt' and 'completion'; the row has {sorted(row)}")
+        turns = normalise_messages(text_view(messages) if allow_images and has_image_parts(messages) else messages)
+        if not any(t["role"] == "assistant" for t in turns):
+            raise ChatFormatError("the conversation has no assistant turn to learn from")
+        return messages
+
+    return load_rows(path, read_conversation, "usable training rows", skipped=skipped)[0]
 
 
 def load_prompts(path: str, tokenizer, max_prompt_tokens: int | None = None,

@@ -15,9 +15,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from posttrain.chat import (ChatFormatError, has_image_parts, image_model_inputs, normalise_messages,
-                           prompt_completion_to_messages, text_view, tokenize_conversation, tokenize_image_conversation)
-from posttrain.data import DataError, iter_rows, write_jsonl
+from posttrain.chat import has_image_parts, image_model_inputs, tokenize_conversation, tokenize_image_conversation
+from posttrain.data import DataError, load_conversations, write_jsonl
 from posttrain.rollout.parallel import current_launch
 from posttrain.stages.base import StageConfig, StageContext, StageError, StageResult, register_stage
 from posttrain.trackers import ReportTo
@@ -65,32 +64,17 @@ class SFTStageConfig(StageConfig):
     deepspeed: str | None = Field(None, description="DeepSpeed config file for multi-GPU runs under `accelerate launch`.")
 
 
-def load_conversations(path: str, on_invalid_row: str, skipped_path: Path,
-                       write_skipped: bool = True, allow_images: bool = False) -> tuple[list[list[dict]], int]:
-    """Conversations from `messages` or `prompt`/`completion` rows; invalid rows error or are
+def load_conversations_for_training(path: str, on_invalid_row: str, skipped_path: Path, write_skipped: bool = True,
+                                    allow_images: bool = False) -> tuple[list[list[dict]], int]:
+    """`posttrain.data.load_conversations`; invalid rows error or, with on_invalid_row: skip, are
     recorded in `skipped_path` (written unless `write_skipped` is off: another process writes it)."""
-    conversations, skipped = [], []
-    for where, row in iter_rows(path):
-        try:
-            if "messages" in row:
-                messages = row["messages"]
-            elif "prompt" in row and "completion" in row:
-                messages = prompt_completion_to_messages(row["prompt"], row["completion"])
-            else:
-                raise ChatFormatError(f"expected a 'messages' list or 'prompt' and 'completion'; the row has {sorted(row)}")
-            turns = normalise_messages(text_view(messages) if allow_images and has_image_parts(messages) else messages)
-            if not any(t["role"] == "assistant" for t in turns):
-                raise ChatFormatError("the conversation has no assistant turn to learn from")
-            conversations.append(messages)
-        except ChatFormatError as e:
-            if on_invalid_row == "error":
-                raise DataError(f"{where}: {e}") from None
-            skipped.append({"where": where, "reason": str(e), "row": row})
-    if skipped and write_skipped:
-        write_jsonl(skipped_path, skipped)
-    if not conversations:
-        raise DataError(f"{path}: no usable training rows" + (f" ({len(skipped)} skipped, see {skipped_path})" if skipped else ""))
-    return conversations, len(skipped)
+    skipped: list[dict] | None = [] if on_invalid_row == "skip" else None
+    try:
+        conversations = load_conversations(path, skipped, allow_images)
+    finally:
+        if skipped and write_skipped:
+            write_jsonl(skipped_path, skipped)
+    return conversations, len(skipped or [])
 
 
 def tokenize_for_training(tokenizer, conversations, max_length: int) -> tuple[list[dict], int]:
@@ -171,8 +155,8 @@ def run_sft(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
 
     datasets.disable_progress_bars()  # the stage's own progress bar is the one to watch
     composite = checkpoint_is_composite(cfg.model)
-    conversations, n_skipped = load_conversations(cfg.dataset, cfg.on_invalid_row, ctx.stage_dir / "skipped.jsonl",
-                                                  write_skipped=ctx.is_main, allow_images=composite)
+    conversations, n_skipped = load_conversations_for_training(cfg.dataset, cfg.on_invalid_row, ctx.stage_dir / "skipped.jsonl",
+                                                                 write_skipped=ctx.is_main, allow_images=composite)
     model, tokenizer = load_policy(cfg.model, train_vision_tower=cfg.train_vision_tower)
     collator, trainer_options = None, {}
     if any(has_image_parts(c) for c in conversations):
@@ -184,8 +168,8 @@ def run_sft(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
     train = datasets.Dataset.from_list(rows)
     evaluation = None
     if cfg.eval_dataset is not None:
-        held_out, _ = load_conversations(cfg.eval_dataset, cfg.on_invalid_row, ctx.stage_dir / "eval_skipped.jsonl",
-                                         write_skipped=ctx.is_main)
+        held_out, _ = load_conversations_for_training(cfg.eval_dataset, cfg.on_invalid_row,
+                                                      ctx.stage_dir / "eval_skipped.jsonl", write_skipped=ctx.is_main)
         evaluation = datasets.Dataset.from_list(tokenize_for_training(tokenizer, held_out, cfg.max_length)[0])
 
     peft_config = cfg.lora.to_peft_config(model) if cfg.lora is not None else None
