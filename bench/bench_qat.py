@@ -95,7 +95,7 @@ class Heldout:
         self.answers = teacher_answers(self.fp, self.prompts, self.tok.pad_token_id, self.stop, 32)
 
     def kl(self, model) -> float:
-        from posttrain.stages.qat import summed_kls
+        from posttrain.sequences import summed_kls
 
         sums = summed_kls(model, self.fp, self.answers, self.tok.pad_token_id, 1.0, None)
         return sums["kl_teacher_student"] / sums["tokens"]

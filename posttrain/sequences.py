@@ -11,7 +11,7 @@ import torch
 
 from posttrain.chat import ChatFormatError, control_token_ids
 from posttrain.data import TokenSequence
-from posttrain.losses.distillation import ProjectedLogits
+from posttrain.losses.distillation import ProjectedLogits, forward_kl, reverse_kl
 from posttrain.losses.token_logprobs import vocabulary_projection
 from posttrain.modeling import output_rows
 
@@ -151,3 +151,22 @@ def logits_on_device(logits, device: torch.device):
 
         return ProjectedLogits(logits.hidden.to(device), project_here)
     return logits.to(device)
+
+
+@torch.no_grad()
+def summed_kls(student, teacher, sequences: list[TokenSequence], pad_id: int, temperature: float,
+               chunk_size: int | None, width: int | None = None, batch_size: int = 16) -> dict[str, float]:
+    """Summed KL(teacher||student) and KL(student||teacher) over the sequences' counted (completion)
+    tokens, and their count (`tokens`): divide, after adding up the ranks' sums, for per-token
+    figures. The held-out measure of distill (on the student's samples) and qat (on the teacher's
+    answers)."""
+    totals = {"kl_teacher_student": 0.0, "kl_student_teacher": 0.0, "tokens": 0.0}
+    for start in range(0, len(sequences), batch_size):
+        batch = pad_batch(sequences[start:start + batch_size], pad_id)
+        mask = logit_mask(batch["loss_mask"]).to(device_of(student))
+        s = shifted_logits(student, on_model_device(batch, student), chunk_size, width)
+        t = logits_on_device(shifted_logits(teacher, on_model_device(batch, teacher), chunk_size, width), mask.device)
+        totals["kl_teacher_student"] += float(forward_kl(s, t, temperature, mask, chunk_size, reduction="sum"))
+        totals["kl_student_teacher"] += float(reverse_kl(s, t, temperature, mask, chunk_size, reduction="sum"))
+        totals["tokens"] += float(mask.sum())
+    return totals

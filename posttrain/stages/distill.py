@@ -34,8 +34,8 @@ from posttrain.losses.distillation import forward_kl, gkd_loss, reverse_kl, toke
 from posttrain.losses.token_logprobs import resolve_chunk_size
 from posttrain.modeling import load_causal_lm, load_policy, load_tokenizer, output_rows
 from posttrain.rollout import DriftMonitor, RolloutConfig, SamplingParams, create_engine, weights_for_engine
-from posttrain.sequences import (check_same_tokenizer, device_of, logit_mask, logits_on_device, on_model_device, pad_batch,
-                                 shared_vocab_width, shifted_logits)
+from posttrain.sequences import (check_same_tokenizer, logit_mask, logits_on_device, on_model_device, pad_batch,
+                                 shared_vocab_width, shifted_logits, summed_kls)
 from posttrain.stages.base import StageContext, StageError, StageResult, register_stage
 from posttrain.stages.options import DistillationOptions, TrainingOptions, stage_default
 from posttrain.teacher_cache import (CachedSequence, TeacherCache, TeacherCacheError, scatter_targets,
@@ -478,19 +478,8 @@ def kl_on_student_samples(run: DistillRun, prompt_ids: list[list[int]], batch_si
         return {"kl_teacher_student": 0.0, "kl_student_teacher": 0.0, "tokens": 0.0}
     sampling = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=run.ctx.seed)
     completions = [group[0] for group in run.engine.generate(prompt_ids, n=1, sampling=sampling)]
-    sequences = _sampled_sequences(prompt_ids, completions)
-    totals = {"kl_teacher_student": 0.0, "kl_student_teacher": 0.0}
-    tokens = 0
-    for start in range(0, len(sequences), batch_size):
-        batch = pad_batch(sequences[start:start + batch_size], run.pad_id)
-        mask = logit_mask(batch["loss_mask"]).to(device_of(student))
-        s = shifted_logits(student, on_model_device(batch, student), cfg.chunk_size, run.width)
-        t = logits_on_device(shifted_logits(teacher, on_model_device(batch, teacher), cfg.chunk_size, run.width), s.device)
-        n = int(mask.sum())
-        for key, value in batch_kls(s, t, mask, cfg.temperature, cfg.chunk_size).items():
-            totals[key] += value * n
-        tokens += n
-    return {**totals, "tokens": float(tokens)}
+    return summed_kls(student, teacher, _sampled_sequences(prompt_ids, completions), run.pad_id, cfg.temperature,
+                      cfg.chunk_size, run.width, batch_size)
 
 
 def _sampled_sequences(prompts: list[list[int]], completions) -> list[TokenSequence]:

@@ -32,11 +32,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from posttrain.allocator import retain_freed_memory
 from posttrain.chat import tokenize_prompt
 from posttrain.data import DataError, TokenSequence, iter_rows, load_distill_rows
-from posttrain.losses.distillation import Divergence, forward_kl, gkd_loss, reverse_kl
+from posttrain.losses.distillation import Divergence, gkd_loss
 from posttrain.losses.token_logprobs import resolve_chunk_size
 from posttrain.quantization import QuantSpec, attach_fake_quantization, detach_fake_quantization
 from posttrain.sequences import (check_same_tokenizer, logit_mask, logits_on_device, on_model_device, pad_batch,
-                                 shifted_logits)
+                                 shifted_logits, summed_kls)
 from posttrain.stages.base import StageContext, StageError, StageResult, register_stage
 from posttrain.stages.options import DistillationOptions, TrainingOptions, stage_default
 from posttrain.training import (TrainingSession, checkpoint_due, place_frozen, resolve_placement, resume_latest,
@@ -178,22 +178,6 @@ def qat_loss(cfg: QATStageConfig, student_logits, teacher_logits, mask: torch.Te
              generator: torch.Generator | None) -> torch.Tensor:
     """The distillation loss of cfg's objective (posttrain.losses.distillation.gkd_loss)."""
     return gkd_loss(cfg.objective(cfg.chunk_size), student_logits, mask, teacher_logits, generator=generator)
-
-
-@torch.no_grad()
-def summed_kls(student, teacher, sequences: list[TokenSequence], pad_id: int, temperature: float,
-               chunk_size: int | None, batch_size: int = 16) -> dict[str, float]:
-    """Summed KL(teacher||student), KL(student||teacher) over the sequences' completion tokens, and the count."""
-    totals = {"kl_teacher_student": 0.0, "kl_student_teacher": 0.0, "tokens": 0.0}
-    for start in range(0, len(sequences), batch_size):
-        batch = on_model_device(pad_batch(sequences[start:start + batch_size], pad_id), student)
-        mask = logit_mask(batch["loss_mask"])
-        s = shifted_logits(student, batch, None)
-        t = shifted_logits(teacher, on_model_device(batch, teacher), None).to(s.device)
-        totals["kl_teacher_student"] += float(forward_kl(s, t, temperature, mask, chunk_size, reduction="sum"))
-        totals["kl_student_teacher"] += float(reverse_kl(s, t, temperature, mask, chunk_size, reduction="sum"))
-        totals["tokens"] += float(mask.sum())
-    return totals
 
 
 # --- the stage -----------------------------------------------------------------------------------
