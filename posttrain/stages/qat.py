@@ -30,8 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from posttrain.allocator import retain_freed_memory
-from posttrain.chat import tokenize_prompt
-from posttrain.data import DataError, TokenSequence, iter_rows, load_distill_rows
+from posttrain.data import DataError, TokenSequence, load_distill_rows
 from posttrain.losses.distillation import Divergence, gkd_loss
 from posttrain.losses.token_logprobs import resolve_chunk_size
 from posttrain.quantization import QuantSpec, attach_fake_quantization, detach_fake_quantization
@@ -132,21 +131,6 @@ def draw_batch(mixture: list[tuple[list[TokenSequence], float]], rng: random.Ran
         rows = rng.choices(mixture, weights=weights)[0][0]
         picks.append(rows[rng.randrange(len(rows))])
     return picks
-
-
-def load_heldout_prompts(path: str, tokenizer, limit: int) -> list[list[int]]:
-    prompts = []
-    for where, row in iter_rows(path):
-        if "prompt" in row:
-            prompts.append(tokenize_prompt(tokenizer, row["prompt"]))
-        elif "messages" in row:
-            turns = [t for t in row["messages"] if t.get("role") != "assistant"] or row["messages"]
-            prompts.append(tokenize_prompt(tokenizer, turns))
-        else:
-            raise DataError(f"{where}: held-out rows need a 'prompt' or 'messages'; the row has {sorted(row)}")
-        if len(prompts) >= limit:
-            break
-    return prompts
 
 
 @torch.no_grad()
@@ -259,7 +243,8 @@ def run_qat(cfg: QATStageConfig, ctx: StageContext) -> StageResult:
                     "embeddings_quantised": spec.embeddings_quantised})
     heldout: list[TokenSequence] = []
     if cfg.eval_dataset:
-        prompts = load_heldout_prompts(cfg.eval_dataset, tokenizer, cfg.eval_limit)
+        # The prompts of the held-out rows (prompt, or a conversation up to its last user turn).
+        prompts = load_distill_rows(cfg.eval_dataset, tokenizer, cfg.max_length)[0][:cfg.eval_limit]
         heldout = teacher_answers(teacher, prompts, pad_id, stop_token_ids(tokenizer), cfg.max_new_tokens)
         if start_step == 0:  # the start checkpoint rounded to nearest: PTQ's figure
             summary.update({f"eval_{k}_before": v for k, v in _heldout_kl(session, student, teacher, heldout, pad_id,
