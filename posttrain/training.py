@@ -70,8 +70,9 @@ class LoraSpec(BaseModel):
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: list[str] | str = Field("all-linear", description="Modules to adapt; 'all-linear' for every linear layer but the head.")
 
-    def to_peft_config(self, model=None):
-        """peft's LoraConfig; given the `model`, one that leaves a composite's vision tower alone."""
+    def to_peft_config(self, model=None, task_type: str = "CAUSAL_LM"):
+        """peft's LoraConfig; given the `model`, one that leaves a composite's vision tower alone.
+        `task_type` SEQ_CLS (reward models) also trains and saves a full copy of the head."""
         from peft import LoraConfig
 
         from posttrain.modeling import VISION_MODULES_PATTERN, vision_parameter_names
@@ -80,7 +81,7 @@ class LoraSpec(BaseModel):
         # model; text post-training adapts the language model only.
         exclude = VISION_MODULES_PATTERN if model is not None and vision_parameter_names(model) else None
         return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                          target_modules=self.target_modules, task_type="CAUSAL_LM", exclude_modules=exclude)
+                          target_modules=self.target_modules, task_type=task_type, exclude_modules=exclude)
 
 
 LR_SCHEDULES = ("constant", "linear", "cosine")

@@ -362,11 +362,10 @@ def score_pairs(session: TrainingSession, model, pairs, pad_id: int, budget: int
 
 
 def _lora(model, spec: LoraSpec):
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     # SEQ_CLS: peft also trains (and saves) a full copy of the head, next to the adapters.
-    return get_peft_model(model, LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
-                                            target_modules=spec.target_modules, task_type="SEQ_CLS"))
+    return get_peft_model(model, spec.to_peft_config(model, task_type="SEQ_CLS"))
 
 
 # --- one training run (the probe, the shared start, or a member) ---------------------------------
