@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Iterable, Literal, Sequence
+from typing import Any, ClassVar, Iterable, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -71,6 +71,11 @@ class RolloutConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    # Options added after run directories were made: left out of a stage's config hash while at
+    # their default (see StageConfig._HASHED_ONLY_WHEN_SET, which applies these to every stage
+    # option holding a RolloutConfig).
+    HASHED_ONLY_WHEN_SET: ClassVar[dict[str, Any]] = {"sync_bucket_mb": 1024, "lora_sync": "merged"}
+
     backend: Literal["auto", "vllm", "transformers"] = Field(
         "auto", description="Generation engine: vllm when installed (auto), or transformers generate.")
     max_model_len: int | None = Field(
@@ -96,6 +101,15 @@ class RolloutConfig(BaseModel):
         "error", description="A prompt longer than max_model_len - max_new_tokens: raise, or keep <bos> and its last tokens.")
     max_batch_size: int = Field(
         64, ge=1, description="transformers backend: sequences per generate() call (prompts x n).")
+    sync_bucket_mb: float = Field(
+        1024, gt=0, description="Weight sync: whole tensors are assembled (under sharding: gathered from every rank) "
+        "and pushed into the engine this many MiB at a time, never splitting a decoder layer, so a sync adds one "
+        "bucket to the trainer's memory (or one tensor larger than a bucket, such as Gemma 3's 262,144-row "
+        "embedding). The default fits a decoder layer of Gemma 3 27B in bf16 (about 0.8 GB).")
+    lora_sync: Literal["merged", "adapter"] = Field(
+        "merged", description="With a LoRA policy: merged pushes the whole model with the adapter folded in "
+        "(every engine); adapter keeps the base weights in the vLLM engine (started with LoRA enabled) and sends "
+        "only the adapter after each step, a few MB instead of the model. adapter needs backend vllm.")
     verify_sync: bool = Field(
         True, description="After update_weights, check the engine really holds the new weights (one short greedy probe).")
     drift_warn_threshold: float = Field(

@@ -56,7 +56,7 @@ import torch
 from posttrain.chat import has_image_parts
 from posttrain.modeling import (checkpoint_is_composite, language_model_tensors, load_tokenizer, stop_token_ids,
                                 write_language_model_config)
-from posttrain.rollout.parallel import (Launch, by_layer_chunks, current_launch, engine_seed, gather_in_group,
+from posttrain.rollout.parallel import (Launch, current_launch, engine_seed, gather_in_group, iter_layer_chunks,
                                        request_seed_offset, tensor_parallel_groups)
 from posttrain.rollout.prompts import fit_prompts, render_prompts
 from posttrain.rollout.transformers_engine import decode_completion
@@ -156,6 +156,18 @@ def _serve_language_model_only(model_path: str) -> bool:
     log.info("vLLM serves the language model of %s alone (text prompts; image prompts go to the transformers "
              "engine)", model_path)
     return True
+
+
+def _checksum(tensor: torch.Tensor, engine_dtype: torch.dtype) -> tuple[list[int], float, float]:
+    """(shape, sum, sum of squares) of a pushed tensor as the engine holds it (rounded to its dtype)."""
+    data = tensor.detach().to(engine_dtype).double()
+    return list(tensor.shape), float(data.sum()), float((data * data).sum())
+
+
+def _language_model_name(name: str) -> str | None:
+    """A composite checkpoint's name as its language model alone calls it, or None outside it."""
+    renamed = next(language_model_tensors([(name, None)]), None)
+    return renamed[0] if renamed else None
 
 
 def _engine_param_checksums(worker, names: list[str]) -> dict[str, tuple[list[int], float, float]]:
@@ -329,17 +341,44 @@ class VLLMEngine(RolloutEngine):
         return waves
 
     def update_weights(self, named_tensors: Iterable[tuple]) -> None:
-        """Load full (unsharded) checkpoint-named tensors into the engine; wakes a sleeping engine."""
+        """Load full (unsharded) checkpoint-named tensors into the engine; wakes a sleeping engine.
+
+        The tensors are consumed as a stream (a `WeightStream` gathers them a bucket at a time):
+        engines in this process get them in one in-place reload that pulls each tensor when it is
+        ready for it, so the trainer never holds more than its bucket; the mp executor gets
+        whole-layer chunks. Only a checksum of each pushed tensor is kept, to verify the engine
+        afterwards.
+        """
+        from posttrain.rollout.sync import WeightStream
+
         target = "cpu" if self.executor == "mp" else self.device
         if self.language_model_only:
-            named_tensors = language_model_tensors(named_tensors)
-        weights = [(name, t.detach().to(target).contiguous()) for name, t in named_tensors]
-        if not weights:
-            raise ValueError("update_weights: no tensors given")
+            if isinstance(named_tensors, WeightStream):  # the vision tower is then never gathered
+                named_tensors = named_tensors.keep(_language_model_name)
+            else:
+                named_tensors = language_model_tensors(named_tensors)
+        engine_dtype = getattr(torch, self.config.dtype)
+        checksums: dict[str, tuple[list[int], float, float]] = {}
+        count = 0
+
+        def pushed():
+            nonlocal count
+            for name, tensor in named_tensors:
+                tensor = tensor.detach().to(target).contiguous()
+                if self.config.verify_sync:
+                    checksums[name] = _checksum(tensor, engine_dtype)
+                count += 1
+                yield name, tensor
+
         if self._sleeping:
             self.llm.wake_up(tags=["weights"])
-        for chunk in self._weight_batches(weights):
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": chunk})
+        if self.executor == "mp":
+            for chunk in iter_layer_chunks(pushed(), RPC_CHUNK_BYTES):
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": chunk})
+        else:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": pushed()})
+        if not count:
+            raise ValueError("update_weights: no tensors given")
         # Cached prefixes hold keys/values computed with the old weights.
         self.llm.reset_prefix_cache()
         if self._sleeping:
@@ -347,32 +386,28 @@ class VLLMEngine(RolloutEngine):
             self._sleeping = False
         self.weight_version += 1
         if self.config.verify_sync:
-            self.verify_weights(weights)
-
-    def _weight_batches(self, weights: list[tuple[str, torch.Tensor]]) -> list[list[tuple[str, torch.Tensor]]]:
-        """One call for workers in this process; whole-layer chunks through the mp executor's queue."""
-        if self.executor == "mp":
-            return by_layer_chunks(weights, RPC_CHUNK_BYTES)
-        return [weights]
+            self._verify_checksums(checksums)
 
     def verify_weights(self, weights: list[tuple[str, torch.Tensor]]) -> None:
-        """Raise RolloutError unless the engine's parameters equal the pushed tensors.
+        """Raise RolloutError unless the engine's parameters equal the given tensors."""
+        engine_dtype = getattr(torch, self.config.dtype)
+        self._verify_checksums({name: _checksum(t, engine_dtype) for name, t in weights})
+
+    def _verify_checksums(self, pushed: dict[str, tuple[list[int], float, float]]) -> None:
+        """Raise RolloutError unless the engine's parameters match the pushed tensors' checksums.
 
         vLLM fuses some projections (qkv, gate/up) under new names; every parameter it keeps under
         the checkpoint's name and shape (embeddings, norms, o/down projections) is compared.
         """
-        names = [n for n, _ in weights]
+        names = list(pushed)
         held = {}
         for part in self.llm.collective_rpc(_engine_param_checksums, args=(names,)):
             held.update(part)
         compared = 0
-        engine_dtype = getattr(torch, self.config.dtype)  # the engine holds the pushed values rounded to it
-        for name, tensor in weights:
-            if name not in held or list(tensor.shape) != held[name][0]:
+        for name, (shape, *want) in pushed.items():
+            if name not in held or shape != held[name][0]:
                 continue
             compared += 1
-            data = tensor.to(engine_dtype).double()
-            want = (float(data.sum()), float((data * data).sum()))
             got = held[name][1:]
             for w, g in zip(want, got):
                 if abs(w - g) > 1e-4 * max(1.0, abs(w)):
