@@ -49,6 +49,10 @@ def create_engine(model_path: str, config: RolloutConfig | None = None,
     config = config or RolloutConfig()
     launch = current_launch()
     backend = choose_backend(config, launch.multi_process, torch.cuda.is_available(), vllm_available())
+    if backend == "transformers" and config.lora_sync == "adapter":
+        raise RolloutError("rollout.lora_sync: adapter needs the vLLM engine, and backend "
+                           f"{config.backend!r} resolved to transformers here (vLLM installed: {vllm_available()}); "
+                           "set rollout.backend: vllm, or lora_sync: merged")
     if backend == "transformers":
         from posttrain.rollout.transformers_engine import TransformersEngine
 

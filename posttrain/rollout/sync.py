@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 import torch
 
 from posttrain.rollout.parallel import layer_of
-from posttrain.rollout.weights import PlannedTensor, engine_tensor_plan
+from posttrain.rollout.weights import PlannedTensor, adapter_tensors, engine_tensor_plan, peft_model_of
 
 # rollout.sync_bucket_mb's default: big enough that a decoder layer of Gemma 3 27B (about 0.8 GB in
 # bf16) is gathered in one piece, small next to the memory FSDP saves on a GPU.
@@ -124,16 +124,41 @@ class WeightStream:
 def sync_weights(engine, model, bucket_mb: float | None = None) -> SyncStats:
     """Push `model`'s current weights into `engine`, a bucket of `rollout.sync_bucket_mb` at a time.
 
-    Under FSDP every rank calls this together (the gathers are collectives), each with its own
-    colocated engine; a rank whose `engine` is None (it has none) still takes part in the gathers.
-    Returns what was pushed.
+    With `rollout.lora_sync: adapter` and a peft model, only the LoRA adapter is sent (the engine
+    keeps the base weights; see `sync_adapter`). Under FSDP every rank calls this together (the
+    gathers are collectives), each with its own colocated engine; a rank whose `engine` is None
+    (it has none) still takes part in the gathers. Returns what was pushed.
     """
+    config = getattr(engine, "config", None)
     if bucket_mb is None:
-        bucket_mb = engine.config.sync_bucket_mb if engine is not None else DEFAULT_SYNC_BUCKET_MB
-    stream = WeightStream(engine_tensor_plan(model), int(bucket_mb * 2**20))
+        bucket_mb = config.sync_bucket_mb if config is not None else DEFAULT_SYNC_BUCKET_MB
+    bucket_bytes = int(bucket_mb * 2**20)
+    if getattr(config, "lora_sync", "merged") == "adapter" and peft_model_of(model) is not None:
+        return sync_adapter(engine, model, bucket_bytes)
+    stream = WeightStream(engine_tensor_plan(model), bucket_bytes)
     if engine is None:
         for _ in stream:
             pass
     else:
         engine.update_weights(stream)
     return stream.stats
+
+
+def sync_adapter(engine, model, bucket_bytes: int) -> SyncStats:
+    """`lora_sync: adapter`: the engine receives the LoRA adapter alone, as a new adapter version.
+
+    The engine must hold the peft model's base weights; after a push of other weights (BOND's
+    anchor on the policy's engine, for instance) the base weights are pushed once more first.
+    """
+    stats = SyncStats()
+    if not engine.holds_adapter_base:
+        stream = WeightStream(engine_tensor_plan(model, merge_lora=False), bucket_bytes, stats)
+        engine.update_weights(stream)
+        engine.holds_adapter_base = True
+    tensors = adapter_tensors(model)
+    peft_model = peft_model_of(model)
+    engine.update_adapter(tensors, peft_model.peft_config[peft_model.active_adapter])
+    stats.tensors += len(tensors)
+    stats.bytes += sum(t.numel() * t.element_size() for t in tensors.values())
+    stats.buckets += 1
+    return stats

@@ -223,6 +223,13 @@ class VLLMEngine(RolloutEngine):
         )
         if self.language_model_only:
             kwargs["load_format"] = "dummy"
+        if config.lora_sync == "adapter":
+            if self.language_model_only:
+                raise RolloutError(f"rollout.lora_sync: adapter is not available for {model_path}, a composite "
+                                   "checkpoint served as its language model alone (the adapter's names are the "
+                                   "composite's); set lora_sync: merged")
+            # One adapter at a time: each sync loads the newest version and drops the one before.
+            kwargs.update(enable_lora=True, max_lora_rank=config.max_lora_rank, max_loras=1)
         if self.executor == "external_launcher":
             kwargs["distributed_executor_backend"] = "external_launcher"
         if _has_cuda():
@@ -237,6 +244,7 @@ class VLLMEngine(RolloutEngine):
         self.truncated_prompts = 0
         self._sleeping = False
         self._warned_truncation_logprobs = False
+        self._adapter = None  # lora_sync adapter: the LoRARequest every generate applies
         if self.language_model_only:
             from posttrain.weights import CheckpointReader
 
@@ -301,7 +309,8 @@ class VLLMEngine(RolloutEngine):
         requests = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
         outputs = []
         for wave in self._waves(prompt_ids, n, seeded=sampling.seed is not None):
-            outputs.extend(self.llm.generate([requests[i] for i in wave], [params[i] for i in wave], use_tqdm=False))
+            outputs.extend(self.llm.generate([requests[i] for i in wave], [params[i] for i in wave], use_tqdm=False,
+                                             lora_request=self._adapter))
         stop_set = set(stops)
         groups = []
         for out in outputs:
@@ -372,6 +381,11 @@ class VLLMEngine(RolloutEngine):
 
         if self._sleeping:
             self.llm.wake_up(tags=["weights"])
+        if self._adapter is not None:
+            # Other weights than the LoRA policy's base (BOND's anchor, say): sampled as pushed,
+            # without the adapter; the next adapter sync pushes the base weights back first.
+            self._drop_adapter()
+            self.holds_adapter_base = False
         if self.executor == "mp":
             for chunk in iter_layer_chunks(pushed(), RPC_CHUNK_BYTES):
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": chunk})
@@ -387,6 +401,47 @@ class VLLMEngine(RolloutEngine):
         self.weight_version += 1
         if self.config.verify_sync:
             self._verify_checksums(checksums)
+
+    def update_adapter(self, tensors: dict[str, torch.Tensor], peft_config) -> None:
+        """Load a new version of the LoRA adapter; the base weights stay. vLLM loads adapters from
+        a directory in peft's format, so each version is written to the engine's scratch space
+        (a few MB) and the previous one is removed from the engine and the disk."""
+        from safetensors.torch import save_file
+        from vllm.lora.request import LoRARequest
+
+        if self.config.lora_sync != "adapter":
+            raise RolloutError("update_adapter: the engine was started without LoRA support; set "
+                               "rollout.lora_sync: adapter")
+        if peft_config.r > self.config.max_lora_rank:
+            raise RolloutError(f"rollout.max_lora_rank: {self.config.max_lora_rank} is below the policy's LoRA rank "
+                               f"{peft_config.r}; raise it to at least {peft_config.r}")
+        unsupported = [key for key in ("use_dora", "modules_to_save") if getattr(peft_config, key, None)]
+        if unsupported:
+            raise RolloutError(f"rollout.lora_sync: adapter cannot carry a LoRA with {', '.join(unsupported)} (vLLM "
+                               "applies plain LoRA only); set lora_sync: merged")
+        if self._scratch is None:
+            self._scratch = tempfile.mkdtemp(prefix="posttrain_adapter_")
+        version = self.weight_version + 1
+        directory = os.path.join(self._scratch, f"adapter-{version}")
+        peft_config.save_pretrained(directory)
+        save_file({name: t.detach().cpu().contiguous() for name, t in tensors.items()},
+                  os.path.join(directory, "adapter_model.safetensors"))
+        request = LoRARequest(f"policy-{version}", version, directory)
+        try:
+            self.llm.llm_engine.add_lora(request)
+        except Exception as e:
+            raise RolloutError(f"rollout.lora_sync: adapter: vLLM could not load the adapter ({e}); "
+                               "set lora_sync: merged") from e
+        self._drop_adapter()
+        self._adapter = request
+        self.llm.reset_prefix_cache()
+        self.weight_version = version
+
+    def _drop_adapter(self) -> None:
+        if self._adapter is not None:
+            self.llm.llm_engine.remove_lora(self._adapter.lora_int_id)
+            shutil.rmtree(self._adapter.lora_path, ignore_errors=True)
+            self._adapter = None
 
     def verify_weights(self, weights: list[tuple[str, torch.Tensor]]) -> None:
         """Raise RolloutError unless the engine's parameters equal the given tensors."""

@@ -70,18 +70,37 @@ def _planned(name: str, tensor: torch.Tensor, gather: Callable[[], torch.Tensor]
                          gather or partial(full_tensor, tensor))
 
 
-def engine_tensor_plan(model) -> list[PlannedTensor]:
-    """Every tensor an engine needs from a plain or peft model (sharded or not), LoRA merged in,
-    in the model's state-dict order (the same on every rank)."""
+def peft_model_of(model):
+    """The peft model inside `model`'s wrappers, or None for a plain model."""
     model = _unwrap(model)
     try:
         from peft import PeftModel
-        from peft.tuners.lora import LoraLayer
     except ImportError:  # peft is a dependency, but a plain model needs nothing from it
-        PeftModel = LoraLayer = ()
-    if PeftModel and isinstance(model, PeftModel):
-        return _merged_peft_plan(model, LoraLayer)
-    return [_planned(name, tensor) for name, tensor in model.state_dict().items()]
+        return None
+    return model if isinstance(model, PeftModel) else None
+
+
+def engine_tensor_plan(model, merge_lora: bool = True) -> list[PlannedTensor]:
+    """Every tensor an engine needs from a plain or peft model (sharded or not), in the model's
+    state-dict order (the same on every rank): LoRA merged in, or with `merge_lora=False` the
+    base weights alone (for an engine that applies the adapter itself)."""
+    peft_model = peft_model_of(model)
+    if peft_model is not None:
+        from peft.tuners.lora import LoraLayer
+
+        return _merged_peft_plan(peft_model, LoraLayer, merge_lora)
+    return [_planned(name, tensor) for name, tensor in _unwrap(model).state_dict().items()]
+
+
+def adapter_tensors(model) -> dict[str, torch.Tensor]:
+    """The whole tensors of a peft model's active LoRA adapter, named as peft saves them
+    (`adapter_model.safetensors`). Under FSDP every rank gathers them, in the same order."""
+    from peft import get_peft_model_state_dict
+
+    peft_model = peft_model_of(model)
+    with torch.no_grad():
+        state = {name: full_tensor(t) for name, t in peft_model.state_dict().items() if "lora_" in name}
+    return get_peft_model_state_dict(peft_model, state_dict=state, adapter_name=peft_model.active_adapter)
 
 
 def _merged_base_weight(base: torch.Tensor, owner) -> torch.Tensor:
@@ -95,7 +114,7 @@ def _merged_base_weight(base: torch.Tensor, owner) -> torch.Tensor:
     return merged
 
 
-def _merged_peft_plan(peft_model, lora_layer_cls) -> list[PlannedTensor]:
+def _merged_peft_plan(peft_model, lora_layer_cls, merge_lora: bool) -> list[PlannedTensor]:
     base = peft_model.get_base_model()
     lora_modules = {name: m for name, m in base.named_modules() if isinstance(m, lora_layer_cls)}
     plan = []
@@ -107,7 +126,7 @@ def _merged_peft_plan(peft_model, lora_layer_cls) -> list[PlannedTensor]:
             owner_name = module_name[: -len(".base_layer")]
             owner = lora_modules.get(owner_name)
             clean = f"{owner_name}.{leaf}"
-            if owner is not None and leaf == "weight" and not owner.merged:
+            if merge_lora and owner is not None and leaf == "weight" and not owner.merged:
                 plan.append(_planned(clean, tensor, partial(_merged_base_weight, tensor, owner)))
             else:
                 plan.append(_planned(clean, tensor))
