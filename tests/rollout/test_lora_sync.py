@@ -12,12 +12,12 @@ from rollout_helpers import PROMPTS, flat, perturbed
 
 pytestmark = pytest.mark.skipif(not vllm_available(), reason="vllm is not installed")
 
-GREEDY = SamplingParams(temperature=0, max_new_tokens=12)
+GREEDY = SamplingParams(temperature=0, max_new_tokens=8)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _tokens(engine):
-    return [c.token_ids for c in flat(engine.generate(PROMPTS, sampling=GREEDY))]
+    return [c.token_ids for c in flat(engine.generate(PROMPTS[:2], sampling=GREEDY))]
 
 
 def _lora_policy(model_dir, r: int = 8):
