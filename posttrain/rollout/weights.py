@@ -43,7 +43,17 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     tensor = tensor.detach()
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    if not isinstance(tensor, DTensor):
+        return tensor
+    local = tensor.to_local()
+    if local.device.type != tensor.device_mesh.device_type:
+        # Shards offloaded to CPU memory (FSDP's CPUOffloadPolicy) are gathered over the mesh's
+        # backend (NCCL on GPUs), which needs them on the mesh's device.
+        device = torch.device(tensor.device_mesh.device_type, torch.cuda.current_device()) \
+            if tensor.device_mesh.device_type == "cuda" else torch.device(tensor.device_mesh.device_type)
+        tensor = DTensor.from_local(local.to(device), tensor.device_mesh, tensor.placements,
+                                    shape=tensor.shape, stride=tensor.stride())
+    return tensor.full_tensor()
 
 
 def _strip_wrappers(name: str) -> str:
