@@ -9,7 +9,8 @@ local shard's numel would undercount them by the world size), cut into buckets o
 `rollout.sync_bucket_mb` that never split a decoder layer, and each bucket is gathered
 (`DTensor.full_tensor()`, a collective: every rank walks the same plan in the same order) and
 pushed into the engine before the next one is gathered. Peak extra memory is one bucket, or a
-single tensor larger than a bucket.
+single tensor larger than a bucket; vLLM's loader may still hold the last tensor of the previous
+bucket while the next is gathered (its loop variable), so with vLLM add at most one tensor.
 
 What is gathered (names, shapes, LoRA merged in) is `posttrain.rollout.weights`' plan; plain
 tensors (no sharding) take the same path.
@@ -22,6 +23,7 @@ without holding on to a tensor after it has loaded it.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -137,8 +139,7 @@ def sync_weights(engine, model, bucket_mb: float | None = None) -> SyncStats:
         return sync_adapter(engine, model, bucket_bytes)
     stream = WeightStream(engine_tensor_plan(model), bucket_bytes)
     if engine is None:
-        for _ in stream:
-            pass
+        deque(stream, maxlen=0)  # the gathers alone, keeping no tensor
     else:
         engine.update_weights(stream)
     return stream.stats

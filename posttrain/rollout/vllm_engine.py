@@ -378,6 +378,7 @@ class VLLMEngine(RolloutEngine):
                     checksums[name] = _checksum(tensor, engine_dtype)
                 count += 1
                 yield name, tensor
+                del tensor  # not kept alive while the stream gathers its next bucket
 
         if self._sleeping:
             self.llm.wake_up(tags=["weights"])
