@@ -185,6 +185,7 @@ def _engine_param_checksums(worker, names: list[str]) -> dict[str, tuple[list[in
 class VLLMEngine(RolloutEngine):
     backend = "vllm"
     language_model_only = False  # True: a composite checkpoint served as its language model alone
+    _adapter = None  # lora_sync adapter: the LoRARequest every generate applies
     # In-process engines share vLLM's global distributed state (parallel groups); shutting one
     # engine down destroys it under every other live engine. Only the last one shuts down.
     _live = 0
@@ -244,7 +245,6 @@ class VLLMEngine(RolloutEngine):
         self.truncated_prompts = 0
         self._sleeping = False
         self._warned_truncation_logprobs = False
-        self._adapter = None  # lora_sync adapter: the LoRARequest every generate applies
         if self.language_model_only:
             from posttrain.weights import CheckpointReader
 
