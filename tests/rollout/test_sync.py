@@ -88,3 +88,19 @@ def test_unsharded_model_syncs_through_the_same_stream(tiny_gemma3_dir):
     held = engine.model.state_dict()
     for name, tensor in weights_for_engine(model):
         assert torch.equal(held[name], tensor), name
+
+
+def test_server_mode_declares_the_stream_to_vllm_without_gathering_anything():
+    """The server engine announces names, dtypes and whole shapes before the broadcast; the plan
+    gives them without a gather (here a gather would fail). The NCCL broadcast itself needs GPUs."""
+    pytest.importorskip("vllm")
+    from posttrain.rollout.vllm_server import _StreamedWeights
+
+    def never():
+        raise AssertionError("gathered while declaring")
+
+    plan = [PlannedTensor("model.embed_tokens.weight", (1000, 64), torch.bfloat16, never),
+            PlannedTensor("model.norm.weight", (64,), torch.float32, never)]
+    meta = _StreamedWeights(WeightStream(plan, bucket_bytes=1 << 20)).metadata()
+    assert [(m.name, m.dtype, tuple(m.shape)) for m in meta] == [
+        ("model.embed_tokens.weight", torch.bfloat16, (1000, 64)), ("model.norm.weight", torch.float32, (64,))]
