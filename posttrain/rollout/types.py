@@ -164,7 +164,11 @@ class RolloutEngine(ABC):
 
     @abstractmethod
     def update_weights(self, named_tensors: Iterable[tuple]) -> None:
-        """Make the next `generate` use these weights (names as in the HF checkpoint)."""
+        """Make the next `generate` use these weights (names as in the HF checkpoint).
+
+        `named_tensors` may be a lazy stream (`posttrain.rollout.sync.WeightStream`, which gathers a
+        sharded model a bucket at a time): consume it once, in order, keep no tensor after loading
+        it, and count the whole update as one `weight_version`."""
 
     def update_adapter(self, tensors: dict, peft_config) -> None:
         """Apply this LoRA adapter (peft's tensor names and config) on top of the engine's base weights
