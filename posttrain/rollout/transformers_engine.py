@@ -202,6 +202,7 @@ class TransformersEngine(RolloutEngine):
             target = params[name]
             # copy_ would also cross devices, but converting first keeps one transfer in the target dtype.
             target.copy_(tensor.to(device=target.device, dtype=target.dtype, non_blocking=True))
+            del tensor  # a streamed sync's tensor is freed before the stream gathers the next bucket
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # non-blocking host-to-device copies done before generate
         self.weight_version += 1

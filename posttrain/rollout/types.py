@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Iterable, Literal, Sequence
+from typing import Any, ClassVar, Iterable, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -71,6 +71,12 @@ class RolloutConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    # Options added after run directories were made: left out of a stage's config hash while at
+    # their default (see StageConfig._HASHED_ONLY_WHEN_SET, which applies these to every stage
+    # option holding a RolloutConfig).
+    HASHED_ONLY_WHEN_SET: ClassVar[dict[str, Any]] = {"sync_bucket_mb": 1024, "lora_sync": "merged",
+                                                        "max_lora_rank": 64}
+
     backend: Literal["auto", "vllm", "transformers"] = Field(
         "auto", description="Generation engine: vllm when installed (auto), or transformers generate.")
     max_model_len: int | None = Field(
@@ -96,6 +102,19 @@ class RolloutConfig(BaseModel):
         "error", description="A prompt longer than max_model_len - max_new_tokens: raise, or keep <bos> and its last tokens.")
     max_batch_size: int = Field(
         64, ge=1, description="transformers backend: sequences per generate() call (prompts x n).")
+    sync_bucket_mb: float = Field(
+        1024, gt=0, description="Weight sync: whole tensors are assembled (under sharding: gathered from every rank) "
+        "and pushed into the engine this many MiB at a time, never splitting a decoder layer, so a sync adds one "
+        "bucket to the trainer's memory (or one tensor larger than a bucket, such as Gemma 3's 262,144-row "
+        "embedding). The default fits a decoder layer of Gemma 3 27B in bf16 (about 0.8 GB).")
+    lora_sync: Literal["merged", "adapter"] = Field(
+        "merged", description="With a LoRA policy: merged pushes the whole model with the adapter folded in "
+        "(every engine); adapter keeps the base weights in the vLLM engine (started with LoRA enabled) and sends "
+        "only the adapter after each step, a few MB instead of the model. adapter needs backend vllm (colocated) "
+        "and a text-only checkpoint.")
+    max_lora_rank: int = Field(
+        64, ge=1, description="lora_sync adapter: the largest LoRA rank the vLLM engine accepts (vLLM allows 1, 8, "
+        "16, 32, 64, 128, 256, 320, 512); at least the policy's `lora.r`.")
     verify_sync: bool = Field(
         True, description="After update_weights, check the engine really holds the new weights (one short greedy probe).")
     drift_warn_threshold: float = Field(
@@ -113,6 +132,9 @@ class RolloutConfig(BaseModel):
     def _check_modes(self):
         if self.mode == "server" and not self.server_url:
             raise ValueError("rollout.server_url: server mode needs the vLLM server's URL (e.g. http://rollout-node:8000)")
+        if self.lora_sync == "adapter" and (self.backend == "transformers" or self.mode == "server"):
+            raise ValueError("rollout.lora_sync: adapter applies the LoRA adapter inside a colocated vLLM engine; "
+                             "set backend: vllm and mode: colocate, or lora_sync: merged")
         if self.mode == "server" and self.backend == "transformers":
             raise ValueError("rollout.mode: server mode runs vLLM; it cannot use backend 'transformers'")
         if self.drift_stop_threshold is not None and self.drift_stop_threshold < self.drift_warn_threshold:
@@ -131,6 +153,9 @@ class RolloutEngine(ABC):
     tokenizer = None
     backend: str = ""
     weight_version: int = 0
+    # lora_sync adapter: whether the engine holds the LoRA policy's base weights (False after other
+    # weights were pushed), so that sending the adapter alone is enough.
+    holds_adapter_base: bool = True
 
     @abstractmethod
     def generate(self, prompts: Sequence[Prompt], n: int = 1,
@@ -139,7 +164,17 @@ class RolloutEngine(ABC):
 
     @abstractmethod
     def update_weights(self, named_tensors: Iterable[tuple]) -> None:
-        """Make the next `generate` use these weights (names as in the HF checkpoint)."""
+        """Make the next `generate` use these weights (names as in the HF checkpoint).
+
+        `named_tensors` may be a lazy stream (`posttrain.rollout.sync.WeightStream`, which gathers a
+        sharded model a bucket at a time): consume it once, in order, keep no tensor after loading
+        it, and count the whole update as one `weight_version`."""
+
+    def update_adapter(self, tensors: dict, peft_config) -> None:
+        """Apply this LoRA adapter (peft's tensor names and config) on top of the engine's base weights
+        from the next `generate` on (`rollout.lora_sync: adapter`)."""
+        raise RolloutError(f"rollout.lora_sync: adapter needs the colocated vLLM engine, and this engine is "
+                           f"{self.backend!r}; set rollout.backend: vllm, or lora_sync: merged")
 
     def _generation_request(self, n: int, sampling: SamplingParams | None) -> SamplingParams:
         """What every `generate` checks first: at least one completion per prompt, an engine that is

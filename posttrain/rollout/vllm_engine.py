@@ -56,7 +56,7 @@ import torch
 from posttrain.chat import has_image_parts
 from posttrain.modeling import (checkpoint_is_composite, language_model_tensors, load_tokenizer, stop_token_ids,
                                 write_language_model_config)
-from posttrain.rollout.parallel import (Launch, by_layer_chunks, current_launch, engine_seed, gather_in_group,
+from posttrain.rollout.parallel import (Launch, current_launch, engine_seed, gather_in_group, iter_layer_chunks,
                                        request_seed_offset, tensor_parallel_groups)
 from posttrain.rollout.prompts import fit_prompts, render_prompts
 from posttrain.rollout.transformers_engine import decode_completion
@@ -158,6 +158,18 @@ def _serve_language_model_only(model_path: str) -> bool:
     return True
 
 
+def _checksum(tensor: torch.Tensor, engine_dtype: torch.dtype) -> tuple[list[int], float, float]:
+    """(shape, sum, sum of squares) of a pushed tensor as the engine holds it (rounded to its dtype)."""
+    data = tensor.detach().to(engine_dtype).double()
+    return list(tensor.shape), float(data.sum()), float((data * data).sum())
+
+
+def _language_model_name(name: str) -> str | None:
+    """A composite checkpoint's name as its language model alone calls it, or None outside it."""
+    renamed = next(language_model_tensors([(name, None)]), None)
+    return renamed[0] if renamed else None
+
+
 def _engine_param_checksums(worker, names: list[str]) -> dict[str, tuple[list[int], float, float]]:
     """Runs inside the vLLM worker: (shape, sum, sum of squares) of the named parameters."""
     params = dict(worker.model_runner.model.named_parameters())
@@ -173,6 +185,7 @@ def _engine_param_checksums(worker, names: list[str]) -> dict[str, tuple[list[in
 class VLLMEngine(RolloutEngine):
     backend = "vllm"
     language_model_only = False  # True: a composite checkpoint served as its language model alone
+    _adapter = None  # lora_sync adapter: the LoRARequest every generate applies
     # In-process engines share vLLM's global distributed state (parallel groups); shutting one
     # engine down destroys it under every other live engine. Only the last one shuts down.
     _live = 0
@@ -211,6 +224,13 @@ class VLLMEngine(RolloutEngine):
         )
         if self.language_model_only:
             kwargs["load_format"] = "dummy"
+        if config.lora_sync == "adapter":
+            if self.language_model_only:
+                raise RolloutError(f"rollout.lora_sync: adapter is not available for {model_path}, a composite "
+                                   "checkpoint served as its language model alone (the adapter's names are the "
+                                   "composite's); set lora_sync: merged")
+            # One adapter at a time: each sync loads the newest version and drops the one before.
+            kwargs.update(enable_lora=True, max_lora_rank=config.max_lora_rank, max_loras=1)
         if self.executor == "external_launcher":
             kwargs["distributed_executor_backend"] = "external_launcher"
         if _has_cuda():
@@ -289,7 +309,8 @@ class VLLMEngine(RolloutEngine):
         requests = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
         outputs = []
         for wave in self._waves(prompt_ids, n, seeded=sampling.seed is not None):
-            outputs.extend(self.llm.generate([requests[i] for i in wave], [params[i] for i in wave], use_tqdm=False))
+            outputs.extend(self.llm.generate([requests[i] for i in wave], [params[i] for i in wave], use_tqdm=False,
+                                             lora_request=self._adapter))
         stop_set = set(stops)
         groups = []
         for out in outputs:
@@ -329,17 +350,50 @@ class VLLMEngine(RolloutEngine):
         return waves
 
     def update_weights(self, named_tensors: Iterable[tuple]) -> None:
-        """Load full (unsharded) checkpoint-named tensors into the engine; wakes a sleeping engine."""
+        """Load full (unsharded) checkpoint-named tensors into the engine; wakes a sleeping engine.
+
+        The tensors are consumed as a stream (a `WeightStream` gathers them a bucket at a time):
+        engines in this process get them in one in-place reload that pulls each tensor when it is
+        ready for it, so the trainer never holds more than its bucket; the mp executor gets
+        whole-layer chunks. Only a checksum of each pushed tensor is kept, to verify the engine
+        afterwards.
+        """
+        from posttrain.rollout.sync import WeightStream
+
         target = "cpu" if self.executor == "mp" else self.device
         if self.language_model_only:
-            named_tensors = language_model_tensors(named_tensors)
-        weights = [(name, t.detach().to(target).contiguous()) for name, t in named_tensors]
-        if not weights:
-            raise ValueError("update_weights: no tensors given")
+            if isinstance(named_tensors, WeightStream):  # the vision tower is then never gathered
+                named_tensors = named_tensors.keep(_language_model_name)
+            else:
+                named_tensors = language_model_tensors(named_tensors)
+        engine_dtype = getattr(torch, self.config.dtype)
+        checksums: dict[str, tuple[list[int], float, float]] = {}
+        count = 0
+
+        def pushed():
+            nonlocal count
+            for name, tensor in named_tensors:
+                tensor = tensor.detach().to(target).contiguous()
+                if self.config.verify_sync:
+                    checksums[name] = _checksum(tensor, engine_dtype)
+                count += 1
+                yield name, tensor
+                del tensor  # not kept alive while the stream gathers its next bucket
+
         if self._sleeping:
             self.llm.wake_up(tags=["weights"])
-        for chunk in self._weight_batches(weights):
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": chunk})
+        if self._adapter is not None:
+            # Other weights than the LoRA policy's base (BOND's anchor, say): sampled as pushed,
+            # without the adapter; the next adapter sync pushes the base weights back first.
+            self._drop_adapter()
+            self.holds_adapter_base = False
+        if self.executor == "mp":
+            for chunk in iter_layer_chunks(pushed(), RPC_CHUNK_BYTES):
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": chunk})
+        else:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": pushed()})
+        if not count:
+            raise ValueError("update_weights: no tensors given")
         # Cached prefixes hold keys/values computed with the old weights.
         self.llm.reset_prefix_cache()
         if self._sleeping:
@@ -347,32 +401,69 @@ class VLLMEngine(RolloutEngine):
             self._sleeping = False
         self.weight_version += 1
         if self.config.verify_sync:
-            self.verify_weights(weights)
+            self._verify_checksums(checksums)
 
-    def _weight_batches(self, weights: list[tuple[str, torch.Tensor]]) -> list[list[tuple[str, torch.Tensor]]]:
-        """One call for workers in this process; whole-layer chunks through the mp executor's queue."""
-        if self.executor == "mp":
-            return by_layer_chunks(weights, RPC_CHUNK_BYTES)
-        return [weights]
+    def update_adapter(self, tensors: dict[str, torch.Tensor], peft_config) -> None:
+        """Load a new version of the LoRA adapter; the base weights stay. vLLM loads adapters from
+        a directory in peft's format, so each version is written to the engine's scratch space
+        (a few MB) and the previous one is removed from the engine and the disk."""
+        from safetensors.torch import save_file
+        from vllm.lora.request import LoRARequest
+
+        if self.config.lora_sync != "adapter":
+            raise RolloutError("update_adapter: the engine was started without LoRA support; set "
+                               "rollout.lora_sync: adapter")
+        if peft_config.r > self.config.max_lora_rank:
+            raise RolloutError(f"rollout.max_lora_rank: {self.config.max_lora_rank} is below the policy's LoRA rank "
+                               f"{peft_config.r}; raise it to at least {peft_config.r}")
+        unsupported = [key for key in ("use_dora", "modules_to_save") if getattr(peft_config, key, None)]
+        if unsupported:
+            raise RolloutError(f"rollout.lora_sync: adapter cannot carry a LoRA with {', '.join(unsupported)} (vLLM "
+                               "applies plain LoRA only); set lora_sync: merged")
+        if self._scratch is None:
+            self._scratch = tempfile.mkdtemp(prefix="posttrain_adapter_")
+        version = self.weight_version + 1
+        directory = os.path.join(self._scratch, f"adapter-{version}")
+        peft_config.save_pretrained(directory)
+        save_file({name: t.detach().cpu().contiguous() for name, t in tensors.items()},
+                  os.path.join(directory, "adapter_model.safetensors"))
+        request = LoRARequest(f"policy-{version}", version, directory)
+        try:
+            self.llm.llm_engine.add_lora(request)
+        except Exception as e:
+            raise RolloutError(f"rollout.lora_sync: adapter: vLLM could not load the adapter ({e}); "
+                               "set lora_sync: merged") from e
+        self._drop_adapter()
+        self._adapter = request
+        self.llm.reset_prefix_cache()
+        self.weight_version = version
+
+    def _drop_adapter(self) -> None:
+        if self._adapter is not None:
+            self.llm.llm_engine.remove_lora(self._adapter.lora_int_id)
+            shutil.rmtree(self._adapter.lora_path, ignore_errors=True)
+            self._adapter = None
 
     def verify_weights(self, weights: list[tuple[str, torch.Tensor]]) -> None:
-        """Raise RolloutError unless the engine's parameters equal the pushed tensors.
+        """Raise RolloutError unless the engine's parameters equal the given tensors."""
+        engine_dtype = getattr(torch, self.config.dtype)
+        self._verify_checksums({name: _checksum(t, engine_dtype) for name, t in weights})
+
+    def _verify_checksums(self, pushed: dict[str, tuple[list[int], float, float]]) -> None:
+        """Raise RolloutError unless the engine's parameters match the pushed tensors' checksums.
 
         vLLM fuses some projections (qkv, gate/up) under new names; every parameter it keeps under
         the checkpoint's name and shape (embeddings, norms, o/down projections) is compared.
         """
-        names = [n for n, _ in weights]
+        names = list(pushed)
         held = {}
         for part in self.llm.collective_rpc(_engine_param_checksums, args=(names,)):
             held.update(part)
         compared = 0
-        engine_dtype = getattr(torch, self.config.dtype)  # the engine holds the pushed values rounded to it
-        for name, tensor in weights:
-            if name not in held or list(tensor.shape) != held[name][0]:
+        for name, (shape, *want) in pushed.items():
+            if name not in held or shape != held[name][0]:
                 continue
             compared += 1
-            data = tensor.to(engine_dtype).double()
-            want = (float(data.sum()), float((data * data).sum()))
             got = held[name][1:]
             for w, g in zip(want, got):
                 if abs(w - g) > 1e-4 * max(1.0, abs(w)):

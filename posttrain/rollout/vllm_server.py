@@ -9,6 +9,12 @@ must be started with the settings this engine relies on:
 
 and `rollout.server_url` pointing at it. This mode needs CUDA and cannot run on a CPU machine;
 it is refused there at creation.
+
+Under a multi-process launch (a sharded trainer) every rank has one of these engines and sends
+its own prompts over HTTP; for a weight update every rank walks the same `WeightStream` (its
+gathers are collectives) and rank 0 alone broadcasts the tensors to the server, packed in
+buffers of `rollout.sync_bucket_mb`, declared to vLLM beforehand from the plan's unsharded shapes.
+The other ranks wait at a barrier until the server holds the new weights.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Iterable, Sequence
 import torch
 
 from posttrain.modeling import load_tokenizer, stop_token_ids
+from posttrain.rollout.parallel import current_launch, request_seed_offset
 from posttrain.rollout.prompts import fit_prompts, render_prompts
 from posttrain.rollout.transformers_engine import decode_completion
 from posttrain.rollout.types import Completion, Prompt, RolloutConfig, RolloutEngine, RolloutError, SamplingParams
@@ -41,6 +48,22 @@ class _PushedWeights:
         return iter(self.weights)
 
 
+class _StreamedWeights(_PushedWeights):
+    """A `WeightStream` as a vLLM `WeightSource`: metadata from the plan (nothing gathered), and
+    the tensors gathered a bucket at a time while they are broadcast."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def metadata(self):
+        from vllm.distributed.weight_transfer.base import ParamMeta
+
+        return [ParamMeta(p.name, p.dtype, p.shape) for p in self.stream.plan]
+
+    def __iter__(self):
+        return ((name, t.detach().cuda().contiguous()) for name, t in self.stream)
+
+
 class VLLMServerEngine(RolloutEngine):
     backend = "vllm-server"
 
@@ -58,6 +81,8 @@ class VLLMServerEngine(RolloutEngine):
         self.weight_version = 0
         self.truncated_prompts = 0
         self._transfer = None
+        self.launch = current_launch()
+        self._seed_offset = request_seed_offset(self.launch, 1)
 
     def generate(self, prompts: Sequence[Prompt], n: int = 1,
                  sampling: SamplingParams | None = None) -> list[list[Completion]]:
@@ -72,7 +97,7 @@ class VLLMServerEngine(RolloutEngine):
             i, ids = i_ids
             body = dict(model=self.model_name, prompt=ids, n=n, temperature=sampling.temperature,
                         top_p=sampling.top_p, top_k=sampling.top_k, max_tokens=sampling.max_new_tokens,
-                        seed=None if sampling.seed is None else sampling.seed + i * n,
+                        seed=None if sampling.seed is None else sampling.seed + self._seed_offset + i * n,
                         stop_token_ids=stops, logprobs=0 if sampling.logprobs else None, return_token_ids=True, skip_special_tokens=False)
             response = self.session.post(f"{self.url}/v1/completions", json=body, timeout=600)
             response.raise_for_status()
@@ -92,19 +117,30 @@ class VLLMServerEngine(RolloutEngine):
         from vllm.distributed.weight_transfer.clients import HTTPVLLMWeightSyncClient
         from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo, NCCLTrainerWeightTransferEngine
 
-        source = _PushedWeights([(name, t.detach().cuda().contiguous()) for name, t in named_tensors])
+        from posttrain.rollout.sync import WeightStream
+
+        if isinstance(named_tensors, WeightStream):
+            source = _StreamedWeights(named_tensors)
+        else:
+            source = _PushedWeights([(name, t.detach().cuda().contiguous()) for name, t in named_tensors])
         if self._transfer is None:
             init = NCCLTrainerInitInfo(master_address=socket.gethostbyname(socket.gethostname()),
                                        master_port=self.config.server_nccl_port,
-                                       world_size=1 + self.config.tensor_parallel_size, rank=0)
+                                       world_size=1 + self.config.tensor_parallel_size, rank=self.launch.rank,
+                                       packed_buffer_size_bytes=int(self.config.sync_bucket_mb * 2**20))
             self._transfer = NCCLTrainerWeightTransferEngine.trainer_init(
                 init, client=HTTPVLLMWeightSyncClient(self.url), source=source)
         self._transfer.source = source
         try:
-            self._transfer.send_weights()
+            self._transfer.send_weights()  # rank 0 sends; the other ranks only take part in the gathers
         except Exception as e:
             raise RolloutError(f"update_weights: NCCL transfer to {self.url} failed: {e}") from e
-        self.session.post(f"{self.url}/reset_prefix_cache", timeout=60)
+        if self.launch.rank == 0:
+            self.session.post(f"{self.url}/reset_prefix_cache", timeout=60)
+        if self.launch.multi_process:
+            import torch.distributed as dist
+
+            dist.barrier()  # no rank samples before the server holds the new weights
         self.weight_version += 1
 
     def close(self) -> None:

@@ -39,7 +39,13 @@ class StageConfig(BaseModel):
         later options at their default (above). A stage whose options were regrouped also writes
         them here as they were, so run directories made before still match."""
         out = copy.deepcopy(resolved)
-        for path, default in cls._HASHED_ONLY_WHEN_SET.items():
+        hashed_only_when_set = dict(cls._HASHED_ONLY_WHEN_SET)
+        for name, info in cls.model_fields.items():
+            # Options that a shared settings class gained later, declared once on that class.
+            later = getattr(info.annotation, "HASHED_ONLY_WHEN_SET", None)
+            if isinstance(later, dict):
+                hashed_only_when_set.update({f"{name}.{path}": default for path, default in later.items()})
+        for path, default in hashed_only_when_set.items():
             _drop_if_default(out, path.split("."), default)
         return out
 

@@ -33,7 +33,7 @@ from posttrain.evaluation import SetScoring, evaluate_prompts
 from posttrain.losses.distillation import forward_kl, gkd_loss, reverse_kl, token_log_probs
 from posttrain.losses.token_logprobs import resolve_chunk_size
 from posttrain.modeling import load_causal_lm, load_policy, load_tokenizer, output_rows
-from posttrain.rollout import DriftMonitor, RolloutConfig, SamplingParams, create_engine, weights_for_engine
+from posttrain.rollout import DriftMonitor, RolloutConfig, SamplingParams, create_engine, sync_weights
 from posttrain.sequences import (check_same_tokenizer, logit_mask, logits_on_device, on_model_device, pad_batch,
                                  shared_vocab_width, shifted_logits, summed_kls)
 from posttrain.stages.base import StageContext, StageError, StageResult, register_stage
@@ -289,7 +289,7 @@ def start_engine(run: DistillRun) -> None:
     if cfg.lambda_on_policy > 0 or run.held_out is not None:
         run.engine = create_engine(cfg.model, cfg.rollout, device=run.session.device)
         if cfg.lora is not None or run.start_step:
-            run.engine.update_weights(weights_for_engine(run.student))
+            sync_weights(run.engine, run.student)
     run.drift = DriftMonitor.from_config(cfg.rollout)
 
 
@@ -398,7 +398,7 @@ def distill_step(run: DistillRun, step: int, totals: Totals) -> dict | None:
 
     # The engine samples the next batch with the new weights.
     if run.engine is not None and step % cfg.sync_weights_every == 0:
-        run.engine.update_weights(weights_for_engine(run.student))
+        sync_weights(run.engine, run.student)
 
     totals.on_policy_steps += batch.on_policy
     n_tokens = int(session.all_sum(gradients.counted_tokens))
@@ -503,7 +503,7 @@ def run_distill(cfg: DistillStageConfig, ctx: StageContext) -> StageResult:
                 summary.update(evaluate_teacher(run))
         totals = train(run)
         if run.engine is not None and cfg.max_steps % cfg.sync_weights_every != 0:
-            run.engine.update_weights(weights_for_engine(run.student))
+            sync_weights(run.engine, run.student)
         if run.held_out is not None:
             summary.update(evaluate_student(run, "after"))
     finally:

@@ -118,6 +118,8 @@ class _RecordingLLM:
         self.calls = []
 
     def collective_rpc(self, method, args=(), kwargs=None):
+        if kwargs and "weights_iterator" in kwargs:  # vLLM's reload consumes the (lazy) weights
+            kwargs = {**kwargs, "weights_iterator": list(kwargs["weights_iterator"])}
         self.calls.append((method, kwargs))
         return []
 

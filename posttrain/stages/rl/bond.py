@@ -32,7 +32,7 @@ import torch
 from posttrain.losses.bond import (backward_rewards, better_sample_index, forward_nll_loss, jbond_rewards,
                                    jeffreys_loss, leave_one_out_advantages, log_quantile_rewards, ties)
 from posttrain.losses.policy import k3_kl, masked_sum, reinforce_loss
-from posttrain.rollout import SamplingParams, create_engine, weights_for_engine
+from posttrain.rollout import SamplingParams, create_engine, sync_weights
 from posttrain.stages.rl.config import RLStageConfig
 from posttrain.stages.rl.step import (Learner, RLAlgorithm, StepState, StepStats, StepTimer, compute_rewards,
                                       count_skipped_step, engine_logprobs, mean, optimizer_step, reward_metrics,
@@ -58,18 +58,18 @@ class AnchorRollouts:
     def resume(self, anchor) -> None:
         """After a resume the engines were built from the starting weights; a second engine takes the anchor's."""
         if not self.swap:
-            self.engine.update_weights(weights_for_engine(anchor))
+            sync_weights(self.engine, anchor)
 
     def generate(self, anchor, prompts, n: int, sampling: SamplingParams):
         if self.swap:
-            self.engine.update_weights(weights_for_engine(anchor))
+            sync_weights(self.engine, anchor)
         return self.engine.generate(prompts, n=n, sampling=sampling)
 
     def sync(self, policy_engine, policy, anchor) -> None:
         """After the step: the policy engine gets the new policy; a second engine the new anchor."""
-        policy_engine.update_weights(weights_for_engine(policy))
+        sync_weights(policy_engine, policy)
         if not self.swap:
-            self.engine.update_weights(weights_for_engine(anchor))
+            sync_weights(self.engine, anchor)
 
     def close(self) -> None:
         if not self.swap:
@@ -146,7 +146,7 @@ class Bond(RLAlgorithm):
         self.tie_steps.append(tie_metrics["ties/step"])
         if count_skipped_step(state, result, step):
             if self.rollouts.swap:  # the engine holds the anchor's weights; the next samples are the policy's
-                state.engine.update_weights(weights_for_engine(learner.policy))
+                sync_weights(state.engine, learner.policy)
             return {"skipped_nonfinite": 1, "nan_streak": state.nan_streak, **tie_metrics, **rewards}
 
         # 5. Anchor EMA (identical on every rank, as for rloo), then 6. both weight sets to their engines.

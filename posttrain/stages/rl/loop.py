@@ -22,7 +22,7 @@ from posttrain.allocator import retain_freed_memory
 from posttrain.data import load_prompts
 from posttrain.evaluation import evaluate_with_rewards
 from posttrain.modeling import load_causal_lm, load_tokenizer
-from posttrain.rollout import DriftMonitor, create_engine, weights_for_engine
+from posttrain.rollout import DriftMonitor, create_engine, sync_weights
 from posttrain.stages.base import StageContext, StageResult
 from posttrain.stages.rl.bond import Bond
 from posttrain.stages.rl.config import RLStageConfig
@@ -60,7 +60,7 @@ def run_rl(config: RLStageConfig, ctx: StageContext) -> StageResult:
     try:
         algorithm = ALGORITHMS[config.algorithm](state)
         if run.start_step:
-            state.engine.update_weights(weights_for_engine(state.learner.policy))
+            sync_weights(state.engine, state.learner.policy)
             algorithm.resume(state)
         summary = train(run, algorithm, ctx)
     finally:

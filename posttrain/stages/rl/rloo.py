@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from posttrain.losses.policy import k3_kl, kl_regularised_rewards, masked_sum, reinforce_loss, rloo_advantages
-from posttrain.rollout import weights_for_engine
+from posttrain.rollout import sync_weights
 from posttrain.stages.rl.step import (Learner, RLAlgorithm, StepState, StepStats, StepTimer, compute_rewards,
                                       count_skipped_step, engine_logprobs, mean, optimizer_step, reward_metrics,
                                       step_prompts, update_metrics)
@@ -63,7 +63,7 @@ class RLOO(RLAlgorithm):
 
         # 7. Sync: the engine samples the next batch from the updated policy.
         with timer("sync"):
-            state.engine.update_weights(weights_for_engine(learner.policy))
+            sync_weights(state.engine, learner.policy)
 
         drift = state.drift.check(stats.engine_lp, stats.trainer_lp, step=step + 1) if batch.check_drift else {}
         return {**rewards, "reward_beta/mean": mean(session.gather_lists(stats.r_beta)),

@@ -38,7 +38,7 @@ from posttrain.data import load_prompts, write_json, write_jsonl
 from posttrain.losses.token_logprobs import resolve_chunk_size
 from posttrain.manifests import completed, mark_complete
 from posttrain.modeling import checkpoint_tensors_for_model, load_causal_lm, load_tokenizer, output_rows
-from posttrain.rollout import SamplingParams, create_engine, weights_for_engine
+from posttrain.rollout import SamplingParams, create_engine, sync_weights
 from posttrain.evaluation import evaluate_with_rewards
 from posttrain.scoring import score_completions
 from posttrain.stages.base import StageContext, StageResult, register_stage
@@ -137,7 +137,7 @@ class PointEvaluator:
         untied = [k for k in result.missing_keys if k not in tied and k != "lm_head.weight"]
         if untied:
             raise ValueError(f"warp: the point lacks tensor {untied[0]!r} of the SFT model")
-        self.engine.update_weights(weights_for_engine(self.policy))
+        sync_weights(self.engine, self.policy)
 
     @torch.no_grad()
     def score(self, weights: dict[str, torch.Tensor]) -> dict[str, float]:
