@@ -148,6 +148,17 @@ def language_terms(languages: Iterable[str] | None = None, use_package: bool = T
     return [t for t in terms if wanted is None or t.language in wanted]
 
 
+def list_languages(extra_path: str | Path | None = None) -> list[str]:
+    """The language codes that have a per-language list: glin-profanity's (less the
+    excluded sources), the project's `[xx]` sections, and those of `extra_path` when that
+    file exists (a missing one is reported where it is read)."""
+    codes = set(GLIN_LANGUAGES.values()) - DEFAULT_EXCLUDED_SOURCES
+    codes |= {t.language for t in parse_terms(_shipped("toxicity_lexicon.txt")) if t.language}
+    if extra_path and Path(extra_path).is_file():
+        codes |= {t.language for t in read_lexicon_file(extra_path) if t.language}
+    return sorted(codes)
+
+
 # Punctuation of other scripts that `data_filters.text.words` keeps inside words (Arabic
 # comma and question mark, Devanagari danda, Urdu full stop, Spanish inverted marks).
 _EXTRA_PUNCTUATION = str.maketrans({ch: " " for ch in "\u060c\u061b\u061f\u0964\u0965\u06d4\u00bf\u00a1"})

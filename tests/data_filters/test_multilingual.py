@@ -2,6 +2,7 @@
 language, self-identification claims and negations, national phone formats."""
 
 import json
+import re
 
 import pytest
 
@@ -106,6 +107,21 @@ def test_multilingual_lists_can_be_switched_off_or_restricted():
     assert verdict(ToxicityFilter(ToxicityConfig(multilingual=False)), TOXIC["es"]) is None
     assert verdict(ToxicityFilter(ToxicityConfig(languages=["de"])), TOXIC["es"]) is None
     assert verdict(ToxicityFilter(ToxicityConfig(languages=["es"])), TOXIC["es"]) is not None
+
+
+def test_unknown_language_code_is_refused_naming_the_key_and_the_supported_codes(tmp_path):
+    for codes, hint in ((["de", "xx"], r"\['xx'\]"), (["DE"], r"\['DE'\].*lower-case"),
+                        (["en"], "English has no per-language list")):
+        with pytest.raises(ValueError, match=r"toxicity\.languages: .*ar cs da de .* tr zh") as refused:
+            load_filter_config({"toxicity": {"languages": codes}})
+        assert re.search(hint, str(refused.value))
+    # A language the user's own lexicon has a section for is a language with a list.
+    extra = tmp_path / "extra.txt"
+    extra.write_text("[sw]\nmjinga\n", encoding="utf-8")
+    config = load_filter_config({"toxicity": {"lexicon_path": str(extra), "languages": ["sw", "es"]}})
+    assert config.toxicity.languages == ["sw", "es"]
+    with pytest.raises(ValueError, match=r"toxicity\.languages: .*\['sw'\]"):
+        load_filter_config({"toxicity": {"languages": ["sw"]}})
 
 
 def test_language_thresholds_apply_to_the_classifier_per_detected_language():
