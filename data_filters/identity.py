@@ -19,7 +19,7 @@ from functools import lru_cache
 from data_filters.config import IdentityConfig
 from data_filters.language import primary_language
 from data_filters.rows import MODEL_ROLE, Decision, Rejection, Turn
-from data_filters.text import word_set, words
+from data_filters.text import words
 
 # Other assistants and model families. Case-sensitive: they are proper nouns, and "a bard"
 # or "pi" in lower case are ordinary words.
@@ -178,7 +178,8 @@ def _allowed(name: str, developer: str) -> set[str]:
 
 
 @lru_cache(maxsize=16)
-def _compiled(name: str, developer: str) -> tuple[tuple[list[re.Pattern], list[re.Pattern]], dict[str, list[str]], re.Pattern]:
+def _compiled(name: str, developer: str) -> tuple[tuple[list[re.Pattern], list[re.Pattern]], dict[str, list[str]],
+                                                  frozenset[str], re.Pattern]:
     allowed = _allowed(name, developer)
     names = tuple(x for x in ASSISTANT_NAMES if x.casefold() not in allowed)
     orgs = tuple(x for x in ORGANISATIONS if x.casefold() not in allowed)
@@ -191,7 +192,7 @@ def _compiled(name: str, developer: str) -> tuple[tuple[list[re.Pattern], list[r
     gate = re.compile(_alt(names + orgs))
     patterns = _patterns(names, orgs)
     ascii_patterns = patterns[:len(patterns) - _NON_LATIN_COUNT]
-    return (patterns, ascii_patterns), by_trigger, gate
+    return (patterns, ascii_patterns), by_trigger, frozenset(by_trigger), gate
 
 
 
@@ -201,13 +202,14 @@ def find_misidentification(text: str, name: str = "Gemma", developer: str = "Goo
     `name` and `developer` are the allowed identity: "Gemma" and "Google DeepMind" allow
     "Gemma", "Google", "DeepMind" and "Google DeepMind". Returns [] when the text is fine.
     """
-    (all_patterns, ascii_patterns), by_trigger, gate = _compiled(name, developer)
+    (all_patterns, ascii_patterns), by_trigger, triggers, gate = _compiled(name, developer)
     patterns = ascii_patterns if text.isascii() else all_patterns
     # Only ASCII text is gated: CJK is not split into words by spaces. Every pattern holds
     # a case-sensitive name or organisation group, so a claim needs one of them verbatim:
     # a lower-case word such as "pi" or "meta" alone does not run the regexes.
     if text.isascii():
-        present = word_set(text).intersection(by_trigger)
+        # Looked up from the word tuple: building the text's frozenset costs more.
+        present = triggers.intersection(words(text))
         if not present or not any(x in text for w in present for x in by_trigger[w]):
             return []
     elif gate.search(text) is None:
