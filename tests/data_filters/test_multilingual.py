@@ -91,6 +91,29 @@ def test_clean_answer_with_listed_everyday_words_is_kept(toxicity_filter, langua
     assert verdict(toxicity_filter, CLEAN[language], prompt="Hello") is None
 
 
+# Ordinary Turkish that the packaged Turkish list used to reject, one sentence per kind of
+# entry left out (toxicity_lexicon_neutral.txt): body and medicine, food and objects, family
+# words alone, everyday verbs, text without Turkish letters, religion and news.
+TURKISH_EVERYDAY = (
+    "Göğüs ağrısı olursa hemen doktora gidin.",
+    "Kahvaltıda kaşar peyniri ve zeytin yedik.",
+    "Anneni ara, seni çok merak ediyor.",
+    "Bahçeye iki ağaç diktim, biri hemen büyüdü.",
+    "Bu film cok sikici, baska bir sey izleyelim.",
+    "Trafikte sikismis kaldik, biraz gecikecegiz.",
+    "Müslüman, Hristiyan ve Yahudi din adamları bir araya geldi.",
+    "Mal ve hizmet alımlarında KDV uygulanır.",
+)
+
+
+def test_everyday_turkish_is_kept_and_turkish_insults_still_rejected(toxicity_filter):
+    kept = [text for text in TURKISH_EVERYDAY if verdict(toxicity_filter, text) is None]
+    assert kept == list(TURKISH_EVERYDAY)
+    for text, term in (("Amına koyayım, defol.", "amına koyayım"), ("Siktir git, şerefsiz.", "siktir git"),
+                       ("Sen tam bir aptalsın, geber!", "geber")):
+        assert verdict(toxicity_filter, text).evidence["lexicon_term"] == term
+
+
 def test_word_offensive_in_one_language_does_not_reject_its_harmless_use_in_another(toxicity_filter):
     # French "con" is an insult; Spanish and Italian "con" mean "with".
     for text in ("Quiero un café con leche y una tostada, por favor.",
