@@ -35,6 +35,15 @@ def has_odd_ascii(text: str) -> bool:
     return len(text.encode("ascii").translate(None, _ODD_ASCII)) != len(text)
 
 
+_NOT_PRINTABLE_ASCII = bytes([*range(0x00, 0x20), 0x7f])
+
+
+def is_printable_ascii(text: str) -> bool:
+    """`text.isprintable()` for ASCII `text`, by the same bytes.translate deletion as
+    `has_odd_ascii` (`str.isprintable` looks every character up in the Unicode tables)."""
+    return len(text.encode("ascii").translate(None, _NOT_PRINTABLE_ASCII)) == len(text)
+
+
 @lru_cache(maxsize=8192)
 def words(text: str) -> tuple[str, ...]:
     """Lower-cased word tokens of `text`."""
