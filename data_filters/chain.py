@@ -135,7 +135,10 @@ class FilterChain:
         for pos, row, turns in alive:
             res = results[pos]
             res.output = json.dumps(row, ensure_ascii=False) if res.output == "" else res.raw
-            res.image_parts = image_parts(row)
+            # Only a line spelling "image" (or holding a JSON escape, which could spell it)
+            # can hold an image part: two substring scans instead of walking the messages.
+            if "image" in res.raw or "\\u" in res.raw:
+                res.image_parts = image_parts(row)
             if self.dedup and self.dedup.exact:
                 res.key = exact_key(dedup_text(turns, self.dedup.prompt_only))
         if self.minhasher is not None and alive:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from data_filters.pii import ALL_KINDS
 
@@ -127,6 +127,25 @@ class ToxicityConfig(_Section):
         ["toxic", "TOXIC", "LABEL_1", "offensive", "hate"],
         description="For classifier: hf, the labels whose probability is the toxicity score.")
     batch_size: int = Field(64, ge=1, description="Texts per classifier call.")
+
+    @field_validator("languages")
+    @classmethod
+    def _languages_with_lists(cls, v: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        # A code without a list (a typo, an upper-case code, a language nobody listed) would
+        # otherwise select no terms and switch that language's matching off without a word.
+        if v is None:
+            return v
+        from data_filters.word_lists import list_languages
+
+        supported = list_languages(info.data.get("lexicon_path"))
+        unknown = [code for code in v if code not in supported]
+        if unknown:
+            english = (" English has no per-language list: the every-language lexicon and the "
+                       "classifier cover it." if "en" in unknown else "")
+            raise ValueError(f"unknown language code(s) {unknown}; expected lower-case ISO 639-1 "
+                             f"codes that have a word list: {' '.join(supported)} (or a [xx] "
+                             f"section of lexicon_path).{english}")
+        return v
 
     @field_validator("language_thresholds")
     @classmethod

@@ -14,7 +14,8 @@ import numpy as np
 
 from data_filters.config import DedupConfig
 from data_filters.rows import Rejection, Turn, prompt_turns
-from data_filters.text import concatenated, ngram_hashes, text_word_hashes, windowed_ngram_hashes, word_hashes
+from data_filters.text import (concatenated, is_printable_ascii, ngram_hashes, text_word_hashes,
+                               windowed_ngram_hashes, word_hashes)
 
 # datasketch's 32-bit scheme: signatures are uint32, half the memory of the 64-bit one.
 SCHEME = "affine32"
@@ -24,7 +25,7 @@ def normalize(text: str) -> str:
     """Case-folded, NFKC-normalised, whitespace collapsed."""
     if not text.isascii():
         text = unicodedata.normalize("NFKC", text)
-    elif text.isprintable() and "  " not in text and text[:1] != " " and text[-1:] != " ":
+    elif is_printable_ascii(text) and "  " not in text and text[:1] != " " and text[-1:] != " ":
         # Printable ASCII has no white space but " ": single-spaced text is already collapsed
         # (split and join cost ~4 us per turn).
         return text.lower()

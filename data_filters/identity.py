@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
+from typing import NamedTuple
 
 from data_filters.config import IdentityConfig
 from data_filters.language import primary_language
 from data_filters.rows import MODEL_ROLE, Decision, Rejection, Turn
-from data_filters.text import word_set, words
+from data_filters.text import has_odd_ascii, words
 
 # Other assistants and model families. Case-sensitive: they are proper nouns, and "a bard"
 # or "pi" in lower case are ordinary words.
@@ -62,7 +63,12 @@ def _alt(items: tuple[str, ...]) -> str:
     return "|".join(re.escape(x) for x in sorted(items, key=len, reverse=True))
 
 
-def _patterns(names: tuple[str, ...], orgs: tuple[str, ...]) -> list[re.Pattern]:
+def _patterns(names: tuple[str, ...], orgs: tuple[str, ...]) -> list[tuple[re.Pattern, frozenset[str] | None]]:
+    """The claim patterns, each with its lead words: for a pattern that can match ASCII
+    text, the lower-case words of which ASCII text holds one wherever the pattern matches
+    (its first-person words as `data_filters.text.words` splits them; under IGNORECASE the
+    pattern's "ı" matches "i" and "I", hence "adim" and "tarafindan"); empty for one that
+    needs another script; None for the patterns of other scripts."""
     # ASCII-only word boundary after the name: in "ChatGPTです" or "OpenAI开发" the next
     # character is a (Unicode) word character but the name has ended.
     n = rf"(?P<name>{_alt(names)})(?![A-Za-z0-9_-])"
@@ -74,35 +80,35 @@ def _patterns(names: tuple[str, ...], orgs: tuple[str, ...]) -> list[re.Pattern]
              r"(?:model|assistant|chatbot|bot|AI|LLM|system)?,?\s*(?:(?:called|named|known as)\s+)?")
     en_i = r"(?i:\bI\s+am|\bI['’]m|\bIm|\bmy\s+name\s+is|\bI\s+am\s+called|\bcall\s+me|" \
            r"\byou(?:['’]re|\s+are)\s+(?:talking|chatting|speaking)\s+(?:to|with)|\bthis\s+is)"
-    return [re.compile(p) for p in (
+    return [(re.compile(p), frozenset(lead.split())) for p, lead in (
         # English
-        rf"{en_i}\s+(?i:{descr}){n}",
-        rf"(?i:\b(?:I\s+was|I['’]ve\s+been|I\s+have\s+been|I\s+am|I['’]m|as\s+an?)\s+)(?P<gap>{_GAP})"
-        rf"(?i:\b{made}\s+(?:and\s+\w+\s+)?by\s+(?:the\s+)?(?:(?:team|researchers|engineers|folks|people)\s+(?:at|of|from)\s+)?){o}",
-        rf"(?i:\b(?:my|our)\s+(?:creators?|developers?|makers?|parent company)\s+(?:is|are|was|were|at)\s+){o}",
-        rf"{o}(?i:\s+(?:created|developed|made|trained|built|designed)\s+me)\b",
+        (rf"{en_i}\s+(?i:{descr}){n}", "i im my call you this"),
+        (rf"(?i:\b(?:I\s+was|I['’]ve\s+been|I\s+have\s+been|I\s+am|I['’]m|as\s+an?)\s+)(?P<gap>{_GAP})"
+         rf"(?i:\b{made}\s+(?:and\s+\w+\s+)?by\s+(?:the\s+)?(?:(?:team|researchers|engineers|folks|people)\s+(?:at|of|from)\s+)?){o}", "i as"),
+        (rf"(?i:\b(?:my|our)\s+(?:creators?|developers?|makers?|parent company)\s+(?:is|are|was|were|at)\s+){o}", "my our"),
+        (rf"{o}(?i:\s+(?:created|developed|made|trained|built|designed)\s+me)\b", "me"),
         # French
-        rf"(?i:\bje\s+suis|\bje\s+m['’]appelle|\bmon\s+nom\s+est)\s+(?i:(?:(?:un|une|l['’]|le|la)\s*)?(?:(?:assistant|modèle|IA|intelligence artificielle|agent conversationnel)\s+)?(?:(?:appelé|nommé)\s+)?){n}",
-        rf"(?i:\b(?:je\s+suis|j['’]ai\s+été)\s+)(?P<gap>{_GAP})(?i:\b(?:développée?|créée?|conçue?|entraînée?|formée?)\s+par\s+(?:l['’]équipe\s+(?:de\s+|d['’])?)?){o}",
+        (rf"(?i:\bje\s+suis|\bje\s+m['’]appelle|\bmon\s+nom\s+est)\s+(?i:(?:(?:un|une|l['’]|le|la)\s*)?(?:(?:assistant|modèle|IA|intelligence artificielle|agent conversationnel)\s+)?(?:(?:appelé|nommé)\s+)?){n}", "je mon"),
+        (rf"(?i:\b(?:je\s+suis|j['’]ai\s+été)\s+)(?P<gap>{_GAP})(?i:\b(?:développée?|créée?|conçue?|entraînée?|formée?)\s+par\s+(?:l['’]équipe\s+(?:de\s+|d['’])?)?){o}", "je j"),
         # Spanish / Portuguese
-        rf"(?i:\bsoy|\bme\s+llamo|\bsou|\bme\s+chamo|\bmeu\s+nome\s+é|\bmi\s+nombre\s+es)\s+(?i:(?:(?:un|una|o|a|um|uma)\s+)?(?:(?:asistente|modelo|IA|assistente)\s+)?(?:(?:llamad[oa]|chamad[oa])\s+)?){n}",
-        rf"(?i:\b(?:soy|fui|sou|fui|he\s+sido|I?fui)\s+)(?P<gap>{_GAP})(?i:\b(?:desarrollad[oa]|cread[oa]|entrenad[oa]|hech[oa]|diseñad[oa]|desenvolvid[oa]|criad[oa]|treinad[oa])\s+(?:por|pela|pelo)\s+(?:el\s+equipo\s+de\s+|a\s+equipe\s+da\s+)?){o}",
+        (rf"(?i:\bsoy|\bme\s+llamo|\bsou|\bme\s+chamo|\bmeu\s+nome\s+é|\bmi\s+nombre\s+es)\s+(?i:(?:(?:un|una|o|a|um|uma)\s+)?(?:(?:asistente|modelo|IA|assistente)\s+)?(?:(?:llamad[oa]|chamad[oa])\s+)?){n}", "soy me sou meu mi"),
+        (rf"(?i:\b(?:soy|fui|sou|fui|he\s+sido|I?fui)\s+)(?P<gap>{_GAP})(?i:\b(?:desarrollad[oa]|cread[oa]|entrenad[oa]|hech[oa]|diseñad[oa]|desenvolvid[oa]|criad[oa]|treinad[oa])\s+(?:por|pela|pelo)\s+(?:el\s+equipo\s+de\s+|a\s+equipe\s+da\s+)?){o}", "soy fui sou he ifui"),
         # German
-        rf"(?i:\bich\s+bin|\bich\s+heiße|\bmein\s+name\s+ist)\s+(?i:(?:(?:ein|eine)\s+)?(?:(?:KI|Assistent|Sprachmodell|KI-Assistent)\s+)?(?:(?:namens|genannt)\s+)?){n}",
-        rf"(?i:\bich\s+(?:wurde|bin)\s+)(?P<gap>{_GAP})(?i:\b(?:von|durch)\s+){o}(?i:\s+(?:entwickelt|erstellt|trainiert|gebaut|programmiert|geschaffen))",
+        (rf"(?i:\bich\s+bin|\bich\s+heiße|\bmein\s+name\s+ist)\s+(?i:(?:(?:ein|eine)\s+)?(?:(?:KI|Assistent|Sprachmodell|KI-Assistent)\s+)?(?:(?:namens|genannt)\s+)?){n}", "ich mein"),
+        (rf"(?i:\bich\s+(?:wurde|bin)\s+)(?P<gap>{_GAP})(?i:\b(?:von|durch)\s+){o}(?i:\s+(?:entwickelt|erstellt|trainiert|gebaut|programmiert|geschaffen))", "ich"),
         # Italian
-        rf"(?i:\bsono|\bmi\s+chiamo)\s+(?i:(?:(?:un|una|l['’])\s*)?(?:(?:assistente|modello|IA)\s+)?(?:(?:chiamat[oa])\s+)?){n}",
-        rf"(?i:\bsono\s+(?:stat[oa]\s+)?)(?P<gap>{_GAP})(?i:\b(?:sviluppat[oa]|creat[oa]|addestrat[oa]|progettat[oa])\s+da\s+){o}",
+        (rf"(?i:\bsono|\bmi\s+chiamo)\s+(?i:(?:(?:un|una|l['’])\s*)?(?:(?:assistente|modello|IA)\s+)?(?:(?:chiamat[oa])\s+)?){n}", "sono mi"),
+        (rf"(?i:\bsono\s+(?:stat[oa]\s+)?)(?P<gap>{_GAP})(?i:\b(?:sviluppat[oa]|creat[oa]|addestrat[oa]|progettat[oa])\s+da\s+){o}", "sono"),
         # Chinese
-        rf"(?:我是|我叫|我的名字是)\s*(?:一个|一款|一位)?(?:名叫|叫做|叫|名为)?(?:由{_GAP})?{n}",
-        rf"我(?:是|由|被)?{_SENTENCE_END}{{0,12}}?由\s*{o}\s*(?:开发|创建|训练|打造|研发|推出|设计)",
+        (rf"(?:我是|我叫|我的名字是)\s*(?:一个|一款|一位)?(?:名叫|叫做|叫|名为)?(?:由{_GAP})?{n}", ""),
+        (rf"我(?:是|由|被)?{_SENTENCE_END}{{0,12}}?由\s*{o}\s*(?:开发|创建|训练|打造|研发|推出|设计)", ""),
         # Indonesian
-        rf"(?i:\b(?:saya|aku)\s+(?:adalah\s+)?|\bnama\s+(?:saya|aku)\s+(?:adalah\s+)?)(?i:(?:(?:asisten|model)\s+(?:AI\s+|bahasa\s+)?)?(?:(?:bernama)\s+)?){n}",
-        rf"(?i:\b(?:saya|aku)\s+)(?P<gap>{_GAP})(?i:\b(?:dikembangkan|dibuat|dilatih|dirancang|diciptakan)\s+oleh\s+(?:tim\s+)?){o}",
+        (rf"(?i:\b(?:saya|aku)\s+(?:adalah\s+)?|\bnama\s+(?:saya|aku)\s+(?:adalah\s+)?)(?i:(?:(?:asisten|model)\s+(?:AI\s+|bahasa\s+)?)?(?:(?:bernama)\s+)?){n}", "saya aku nama"),
+        (rf"(?i:\b(?:saya|aku)\s+)(?P<gap>{_GAP})(?i:\b(?:dikembangkan|dibuat|dilatih|dirancang|diciptakan)\s+oleh\s+(?:tim\s+)?){o}", "saya aku"),
         # Turkish
-        rf"(?i:\bben\s+|\b(?:benim\s+)?adım\s+)(?i:(?:(?:bir\s+)?(?:yapay\s+zeka\s+)?(?:asistan[ıi]?|dil\s+modeli)\s+)?){n}",
-        rf"{o}(?:['’]?(?:n[ıi]n)?)?\s+(?i:tarafından\s+(?:geliştirildim|oluşturuldum|eğitildim|yaratıldım|tasarlandım|yapıldım))",
-    )] + [re.compile(p) for p in _non_latin_patterns(n, o)]
+        (rf"(?i:\bben\s+|\b(?:benim\s+)?adım\s+)(?i:(?:(?:bir\s+)?(?:yapay\s+zeka\s+)?(?:asistan[ıi]?|dil\s+modeli)\s+)?){n}", "ben adim"),
+        (rf"{o}(?:['’]?(?:n[ıi]n)?)?\s+(?i:tarafından\s+(?:geliştirildim|oluşturuldum|eğitildim|yaratıldım|tasarlandım|yapıldım))", "tarafindan"),
+    )] + [(re.compile(p), None) for p in _non_latin_patterns(n, o)]
 
 
 def _non_latin_patterns(n: str, o: str) -> list[str]:
@@ -177,8 +183,20 @@ def _allowed(name: str, developer: str) -> set[str]:
     return allowed
 
 
+class _Compiled(NamedTuple):
+    patterns: list[re.Pattern]  # every pattern, for text in any script
+    # For ASCII text: (pattern, the group it needs: "name" or "org", its lead words).
+    ascii_patterns: list[tuple[re.Pattern, str, frozenset[str]]]
+    by_trigger: dict[str, list[str]]  # first word (lower case) -> names and organisations
+    triggers: frozenset[str]
+    leads: frozenset[str]  # every pattern's lead words
+    names: tuple[str, ...]  # in Latin letters
+    orgs: tuple[str, ...]
+    gate: re.Pattern
+
+
 @lru_cache(maxsize=16)
-def _compiled(name: str, developer: str) -> tuple[tuple[list[re.Pattern], list[re.Pattern]], dict[str, list[str]], re.Pattern]:
+def _compiled(name: str, developer: str) -> _Compiled:
     allowed = _allowed(name, developer)
     names = tuple(x for x in ASSISTANT_NAMES if x.casefold() not in allowed)
     orgs = tuple(x for x in ORGANISATIONS if x.casefold() not in allowed)
@@ -190,8 +208,29 @@ def _compiled(name: str, developer: str) -> tuple[tuple[list[re.Pattern], list[r
     # Names are written in Latin letters inside text of any script ("ChatGPTです", "我是ChatGPT").
     gate = re.compile(_alt(names + orgs))
     patterns = _patterns(names, orgs)
-    ascii_patterns = patterns[:len(patterns) - _NON_LATIN_COUNT]
-    return (patterns, ascii_patterns), by_trigger, gate
+    ascii_patterns = []
+    for rx, leads in patterns[:len(patterns) - _NON_LATIN_COUNT]:
+        group = "name" if "(?P<name>" in rx.pattern else "org"
+        assert leads is not None and ("(?P<org>" in rx.pattern) == (group == "org")
+        ascii_patterns.append((rx, group, leads))
+    return _Compiled([rx for rx, _ in patterns], ascii_patterns, by_trigger, frozenset(by_trigger),
+                     frozenset().union(*(leads for _, _, leads in ascii_patterns)),
+                     tuple(x for x in names if x.isascii()), tuple(x for x in orgs if x.isascii()), gate)
+
+
+def _ascii_patterns(c: _Compiled, text: str, ws: tuple[str, ...]) -> list[re.Pattern]:
+    """The patterns that can match ASCII `text` (of words `ws`): a pattern needs its name or
+    organisation group verbatim in the text, and one of its lead words among the words.
+    The regexes cost ~20-50 us each on a 1,000-character text (most have no literal
+    prefix to search for), and text that names an organisation (Google, Apple, Meta) is
+    common. Lead words are not used where an odd control character could end a regex
+    word inside one of `ws`' tokens."""
+    groups = {"name"} if any(x in text for x in c.names) else set()
+    if any(x in text for x in c.orgs):
+        groups.add("org")
+    lead_words = None if has_odd_ascii(text) else c.leads.intersection(ws)
+    return [rx for rx, group, leads in c.ascii_patterns
+            if group in groups and (lead_words is None or not leads.isdisjoint(lead_words))]
 
 
 
@@ -201,17 +240,21 @@ def find_misidentification(text: str, name: str = "Gemma", developer: str = "Goo
     `name` and `developer` are the allowed identity: "Gemma" and "Google DeepMind" allow
     "Gemma", "Google", "DeepMind" and "Google DeepMind". Returns [] when the text is fine.
     """
-    (all_patterns, ascii_patterns), by_trigger, gate = _compiled(name, developer)
-    patterns = ascii_patterns if text.isascii() else all_patterns
+    c = _compiled(name, developer)
     # Only ASCII text is gated: CJK is not split into words by spaces. Every pattern holds
     # a case-sensitive name or organisation group, so a claim needs one of them verbatim:
     # a lower-case word such as "pi" or "meta" alone does not run the regexes.
     if text.isascii():
-        present = word_set(text).intersection(by_trigger)
-        if not present or not any(x in text for w in present for x in by_trigger[w]):
+        # Looked up from the word tuple: building the text's frozenset costs more.
+        ws = words(text)
+        present = c.triggers.intersection(ws)
+        if not present or not any(x in text for w in present for x in c.by_trigger[w]):
             return []
-    elif gate.search(text) is None:
+        patterns = _ascii_patterns(c, text, ws)
+    elif c.gate.search(text) is None:
         return []  # the same test for text in any script: no foreign name, no claim
+    else:
+        patterns = c.patterns
     found: list[str] = []
     for rx in patterns:
         for m in rx.finditer(text):

@@ -26,7 +26,7 @@ import numpy as np
 from data_filters.config import ToxicityConfig
 from data_filters.rows import MODEL_ROLE, Decision, Rejection, Turn
 from data_filters.language import detect_languages
-from data_filters.text import word_set, words
+from data_filters.text import has_odd_ascii, word_set, words
 from data_filters.word_lists import GuardedLexicon, Term, language_terms, parse_terms, read_lexicon_file
 
 
@@ -52,46 +52,49 @@ class Lexicon:
 
     def __init__(self, terms: Sequence[str]):
         self.single: set[str] = set()
-        self.phrases: dict[str, list[tuple[str, ...]]] = {}
+        # First word -> (phrase, its words), longest phrase first.
+        self.phrases: dict[str, list[tuple[tuple[str, ...], frozenset[str]]]] = {}
         for term in terms:
             toks = words(term)
             if len(toks) == 1:
                 self.single.add(toks[0])
             elif toks:
-                self.phrases.setdefault(toks[0], []).append(toks)
+                self.phrases.setdefault(toks[0], []).append((toks, frozenset(toks)))
         for lst in self.phrases.values():
-            lst.sort(key=len, reverse=True)  # report "go kill yourself" over "kill yourself"
+            lst.sort(key=lambda p: len(p[0]), reverse=True)  # report "go kill yourself" over "kill yourself"
+        self.vocabulary = frozenset(self.single).union(*(p for lst in self.phrases.values() for _, p in lst))
 
-    def match(self, text: str) -> str | None:
-        """The first lexicon term or phrase in `text`, or None."""
-        wset = word_set(text)
+    def match(self, text: str, wset: frozenset[str] | None = None) -> str | None:
+        """The first lexicon term or phrase in `text`, or None. `wset`: the text's word set,
+        or the part of it inside `vocabulary` (the same answer, from a smaller set)."""
+        if wset is None:
+            wset = word_set(text)
         hits = wset & self.single
-        starts = wset.intersection(self.phrases)
+        # Phrase starts are common words ("you", "i", "go"): a phrase whose other words are
+        # not all in the text is ruled out by a subset test before any position search.
+        starts = [(w, phrases) for w in wset.intersection(self.phrases)
+                  if (phrases := [p for p, pw in self.phrases[w] if pw <= wset])]
         if not starts:
             return min(hits) if hits else None
         # The phrase starting earliest in the text (at one position, the longest phrase).
-        # Start words are common ("you", "i", "go"): find their positions with tuple.index,
-        # a C loop, instead of walking every word in Python.
+        # Find the start words' positions with tuple.index, a C loop, instead of walking
+        # every word in Python.
         ws = words(text)
         best: tuple[int, tuple[str, ...]] | None = None
-        for w in starts:
+        for w, phrases in starts:
             i = -1
             while True:
                 try:
                     i = ws.index(w, i + 1, best[0] if best else len(ws))
                 except ValueError:
                     break
-                phrase = next((p for p in self.phrases[w] if ws[i:i + len(p)] == p), None)
+                phrase = next((p for p in phrases if ws[i:i + len(p)] == p), None)
                 if phrase is not None:
                     best = (i, phrase)
                     break
         if best is not None:
             return " ".join(best[1])
         return min(hits) if hits else None
-
-
-# The ASCII characters that are neither word characters, white space nor separators.
-_ODD_ASCII_RE = re.compile(r"[\x00-\x08\x0e-\x1b\x7f]")
 
 
 class ScoreBound:
@@ -151,7 +154,12 @@ class ScoreBound:
         return cls(vectorizer.vocabulary_, np.array(weights), np.array(intercepts), slopes_a,
                    np.array(offsets))
 
-    def _positive_terms(self, text: str) -> list[int]:
+    @property
+    def vocabulary(self) -> frozenset[str]:
+        """The terms that raise the bound."""
+        return self._term_set
+
+    def _positive_terms(self, text: str, ws: frozenset[str] | None = None) -> list[int]:
         """Indices of the positive-weight vocabulary terms among the text's sklearn tokens.
 
         A token of sklearn's pattern is a maximal run of word characters; a word of
@@ -159,19 +167,21 @@ class ScoreBound:
         nor separators (all non-word characters). So every vocabulary term in the word set is
         a token, and the word set misses tokens only inside words holding some other non-word
         character (a symbol, an emoji): those texts are tokenised with sklearn's pattern.
+        `ws`, for ASCII text: the word set, or the part of it that holds `vocabulary`'s terms.
         """
-        ws = word_set(text)
-        if (_ODD_ASCII_RE.search(text) is not None if text.isascii()
+        if ws is None or not text.isascii():
+            ws = word_set(text)
+        if (has_odd_ascii(text) if text.isascii()
                 else not all(w.isalnum() or w.replace("_", "a").isalnum() for w in ws)):
             ws = set(self._token_re.findall(text.lower()))
         terms = self._terms
         return [terms[t] for t in self._term_set.intersection(ws)]
 
-    def upper_bounds(self, texts: Sequence[str]) -> np.ndarray:
-        """For each text, a number >= its classifier score."""
+    def upper_bounds(self, texts: Sequence[str], word_sets: Sequence[frozenset[str] | None] | None = None) -> np.ndarray:
+        """For each text, a number >= its classifier score. `word_sets`: as `_positive_terms`'s `ws`."""
         idx, owner = [], []
         for n, text in enumerate(texts):
-            hits = self._positive_terms(text)
+            hits = self._positive_terms(text, word_sets[n] if word_sets is not None else None)
             idx.extend(hits)
             owner.extend([n] * len(hits))
         sums = np.zeros((len(texts), self._squares.shape[1]))
@@ -211,6 +221,18 @@ class ToxicityScorer:
             self.bound = ScoreBound.from_profanity_check(shipped.vectorizer, shipped.model)
         elif c.classifier == "hf":
             self._model = _hf_scorer(c.checkpoint, tuple(c.toxic_labels), c.batch_size)
+        # Every word the lexicons and the bound look up. An ASCII turn's words are looked
+        # up in it once, and each of them then intersects that small set: a turn's ~100
+        # probes into a table of thousands cost ~9 us, and building the turn's word set as
+        # a frozenset first ~10 us more.
+        self._vocabulary = frozenset().union(
+            self.lexicon.vocabulary if self.lexicon else (), self.guarded.vocabulary if self.guarded else (),
+            self.bound.vocabulary if self.bound else ())
+
+    def _known_words(self, text: str) -> frozenset[str] | None:
+        """The words of an ASCII `text` inside `_vocabulary` (None for other text: the word
+        lists split it with more punctuation, see `GuardedLexicon.candidates`)."""
+        return self._vocabulary.intersection(words(text)) if text.isascii() else None
 
     def lexicon_match(self, text: str) -> str | None:
         """The lexicon term that makes `text` toxic, if any: a term for every language
@@ -219,17 +241,20 @@ class ToxicityScorer:
         hit = self.lexicon_hit(text)
         return hit[0] if hit else None
 
-    def lexicon_hit(self, text: str) -> tuple[str, str | None] | None:
-        """(term, its language or None for an every-language term), or None."""
+    def lexicon_hit(self, text: str, known: frozenset[str] | None = None) -> tuple[str, str | None] | None:
+        """(term, its language or None for an every-language term), or None. `known`: the
+        text's `_known_words`, when already computed."""
         if self.lexicon is None:
             return None
-        term = self.lexicon.match(text)
+        if known is None:
+            known = self._known_words(text)
+        term = self.lexicon.match(text, known)
         if term is not None:
             harmless_in = self.not_in.get(term)
             if not harmless_in or _primary(text) not in harmless_in:
                 return term, None
         if self.guarded is not None:
-            found = self.guarded.candidates(text)
+            found = self.guarded.candidates(text, known)
             if found:
                 # langdetect runs only here, on the few turns that hold a listed word.
                 langs = {code for code, p in detect_languages(text)
@@ -247,7 +272,8 @@ class ToxicityScorer:
         if not texts:
             return []
         out: list[float | None] = [None] * len(texts)
-        lexicon_hits = [self.lexicon_hit(t) is not None for t in texts]
+        known = [self._known_words(t) for t in texts]
+        lexicon_hits = [self.lexicon_hit(t, k) is not None for t, k in zip(texts, known)]
         for i, hit in enumerate(lexicon_hits):
             if hit:
                 out[i] = 1.0  # what `score` gives a lexicon match, whatever the classifier says
@@ -257,7 +283,7 @@ class ToxicityScorer:
                 out[i] = 0.0
             return out
         if self.bound is not None and todo:
-            bounds = self.bound.upper_bounds([texts[i] for i in todo])
+            bounds = self.bound.upper_bounds([texts[i] for i in todo], [known[i] for i in todo])
             todo = [i for i, b in zip(todo, bounds.tolist()) if b >= threshold]
         if todo:
             for i, s in zip(todo, self._model([texts[i] for i in todo])):

@@ -148,6 +148,17 @@ def language_terms(languages: Iterable[str] | None = None, use_package: bool = T
     return [t for t in terms if wanted is None or t.language in wanted]
 
 
+def list_languages(extra_path: str | Path | None = None) -> list[str]:
+    """The language codes that have a per-language list: glin-profanity's (less the
+    excluded sources), the project's `[xx]` sections, and those of `extra_path` when that
+    file exists (a missing one is reported where it is read)."""
+    codes = set(GLIN_LANGUAGES.values()) - DEFAULT_EXCLUDED_SOURCES
+    codes |= {t.language for t in parse_terms(_shipped("toxicity_lexicon.txt")) if t.language}
+    if extra_path and Path(extra_path).is_file():
+        codes |= {t.language for t in read_lexicon_file(extra_path) if t.language}
+    return sorted(codes)
+
+
 # Punctuation of other scripts that `data_filters.text.words` keeps inside words (Arabic
 # comma and question mark, Devanagari danda, Urdu full stop, Spanish inverted marks).
 _EXTRA_PUNCTUATION = str.maketrans({ch: " " for ch in "\u060c\u061b\u061f\u0964\u0965\u06d4\u00bf\u00a1"})
@@ -166,6 +177,7 @@ class GuardedLexicon:
     unspaced: dict[str, set[tuple[str, frozenset[str]]]] = field(default_factory=dict)
     _unspaced_re: re.Pattern | None = None
     _keys: frozenset = frozenset()  # single words and phrases' first words
+    vocabulary: frozenset = frozenset()  # every word of every spaced term
 
     @classmethod
     def build(cls, terms: Iterable[Term]) -> "GuardedLexicon":
@@ -184,17 +196,20 @@ class GuardedLexicon:
         # frozenset & frozenset walks the smaller side (a turn's words); intersecting with
         # the dicts would walk their thousands of keys.
         lex._keys = frozenset(lex.single) | frozenset(lex.phrases)
+        lex.vocabulary = lex._keys.union(*(phrase for lst in lex.phrases.values() for phrase, _, _ in lst))
         if lex.unspaced:
             # Longest first, so a phrase is reported rather than a word inside it.
             alt = "|".join(re.escape(s) for s in sorted(lex.unspaced, key=len, reverse=True))
             lex._unspaced_re = re.compile(alt)
         return lex
 
-    def candidates(self, text: str) -> list[tuple[str, frozenset[tuple[str, frozenset[str]]]]]:
-        """(term, {(its language, detected languages it counts in)}) for each term found."""
+    def candidates(self, text: str, ws: frozenset[str] | None = None) -> list[tuple[str, frozenset[tuple[str, frozenset[str]]]]]:
+        """(term, {(its language, detected languages it counts in)}) for each term found.
+        `ws`, for ASCII text: its word set, or the part of it inside `vocabulary`."""
         if not text.isascii():
-            text = text.translate(_EXTRA_PUNCTUATION)
-        ws = word_set(text)
+            text, ws = text.translate(_EXTRA_PUNCTUATION), None
+        if ws is None:
+            ws = word_set(text)
         found: dict[str, set] = {}
         joined = None
         for w in ws & self._keys:

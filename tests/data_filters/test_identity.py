@@ -70,3 +70,26 @@ def test_asked_reported_or_denied_identities_are_not_claims(text):
 ])
 def test_claims_next_to_questions_and_denials_are_still_found(text, claim):
     assert claim in find_misidentification(text, *GEMMA), text
+
+
+def test_ascii_text_runs_only_the_patterns_that_can_match():
+    from data_filters.identity import _ascii_patterns, _compiled
+    from data_filters.text import words
+
+    compiled = _compiled(*GEMMA)
+
+    def groups_run(text):
+        return {group for rx, group, _ in compiled.ascii_patterns if rx in _ascii_patterns(compiled, text, words(text))}
+
+    # An organisation and no first-person word of any language: no pattern runs.
+    assert groups_run("Apple released a new phone and Microsoft a new laptop.") == set()
+    # A name but no organisation: only the patterns that need a name.
+    assert groups_run("Yes, this is Claude's answer.") == {"name"}
+    # Claims in ASCII text in several languages are still found, also in the spellings the
+    # lead words cover (IGNORECASE's "ı" for "i"), and behind a control character that
+    # words() does not split on.
+    for text, claim in (("Ben ChatGPT, size nasil yardimci olabilirim?", "ChatGPT"),
+                        ("OpenAI TARAFINDAN tasarlandim.", "OpenAI"),
+                        ("Saya dikembangkan oleh OpenAI.", "OpenAI"),
+                        ("Hello.\x01I am ChatGPT.", "ChatGPT")):
+        assert find_misidentification(text, *GEMMA) == [claim]

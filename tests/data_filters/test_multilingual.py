@@ -2,6 +2,7 @@
 language, self-identification claims and negations, national phone formats."""
 
 import json
+import re
 
 import pytest
 
@@ -90,6 +91,29 @@ def test_clean_answer_with_listed_everyday_words_is_kept(toxicity_filter, langua
     assert verdict(toxicity_filter, CLEAN[language], prompt="Hello") is None
 
 
+# Ordinary Turkish that the packaged Turkish list used to reject, one sentence per kind of
+# entry left out (toxicity_lexicon_neutral.txt): body and medicine, food and objects, family
+# words alone, everyday verbs, text without Turkish letters, religion and news.
+TURKISH_EVERYDAY = (
+    "Göğüs ağrısı olursa hemen doktora gidin.",
+    "Kahvaltıda kaşar peyniri ve zeytin yedik.",
+    "Anneni ara, seni çok merak ediyor.",
+    "Bahçeye iki ağaç diktim, biri hemen büyüdü.",
+    "Bu film cok sikici, baska bir sey izleyelim.",
+    "Trafikte sikismis kaldik, biraz gecikecegiz.",
+    "Müslüman, Hristiyan ve Yahudi din adamları bir araya geldi.",
+    "Mal ve hizmet alımlarında KDV uygulanır.",
+)
+
+
+def test_everyday_turkish_is_kept_and_turkish_insults_still_rejected(toxicity_filter):
+    kept = [text for text in TURKISH_EVERYDAY if verdict(toxicity_filter, text) is None]
+    assert kept == list(TURKISH_EVERYDAY)
+    for text, term in (("Amına koyayım, defol.", "amına koyayım"), ("Siktir git, şerefsiz.", "siktir git"),
+                       ("Sen tam bir aptalsın, geber!", "geber")):
+        assert verdict(toxicity_filter, text).evidence["lexicon_term"] == term
+
+
 def test_word_offensive_in_one_language_does_not_reject_its_harmless_use_in_another(toxicity_filter):
     # French "con" is an insult; Spanish and Italian "con" mean "with".
     for text in ("Quiero un café con leche y una tostada, por favor.",
@@ -106,6 +130,21 @@ def test_multilingual_lists_can_be_switched_off_or_restricted():
     assert verdict(ToxicityFilter(ToxicityConfig(multilingual=False)), TOXIC["es"]) is None
     assert verdict(ToxicityFilter(ToxicityConfig(languages=["de"])), TOXIC["es"]) is None
     assert verdict(ToxicityFilter(ToxicityConfig(languages=["es"])), TOXIC["es"]) is not None
+
+
+def test_unknown_language_code_is_refused_naming_the_key_and_the_supported_codes(tmp_path):
+    for codes, hint in ((["de", "xx"], r"\['xx'\]"), (["DE"], r"\['DE'\].*lower-case"),
+                        (["en"], "English has no per-language list")):
+        with pytest.raises(ValueError, match=r"toxicity\.languages: .*ar cs da de .* tr zh") as refused:
+            load_filter_config({"toxicity": {"languages": codes}})
+        assert re.search(hint, str(refused.value))
+    # A language the user's own lexicon has a section for is a language with a list.
+    extra = tmp_path / "extra.txt"
+    extra.write_text("[sw]\nmjinga\n", encoding="utf-8")
+    config = load_filter_config({"toxicity": {"lexicon_path": str(extra), "languages": ["sw", "es"]}})
+    assert config.toxicity.languages == ["sw", "es"]
+    with pytest.raises(ValueError, match=r"toxicity\.languages: .*\['sw'\]"):
+        load_filter_config({"toxicity": {"languages": ["sw"]}})
 
 
 def test_language_thresholds_apply_to_the_classifier_per_detected_language():

@@ -23,6 +23,9 @@ def kinds(text):
     ("key AKIAIOSFODNN7EXAMPLE", "secret", "AKIAIOSFODNN7EXAMPLE"),
     ("token ghp_" + "a1B2" * 9, "secret", "ghp_" + "a1B2" * 9),
     ("gitlab glpat-xxxxxxxxxxxxxxxxxxxxxxxx1", "secret", "glpat-xxxxxxxxxxxxxxxxxxxxxxxx1"),
+    ("gitlab deploy gldt-" + "Ab1_" * 6, "secret", "gldt-" + "Ab1_" * 6),
+    # A fine-grained GitHub token holds neither "gh" nor "gl": its own prefix lets it through.
+    ("export GH=github_pat_" + "Ab1" * 24, "secret", "github_pat_" + "Ab1" * 24),
     ("slack xoxb-123456789012-abcdefghijkl", "secret", "xoxb-123456789012-abcdefghijkl"),
     ('password = "hunter2pass"', "secret", "hunter2pass"),
     ("api_key: 9f8e7d6c5b4a39281706", "secret", "9f8e7d6c5b4a39281706"),

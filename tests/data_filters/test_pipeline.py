@@ -102,3 +102,17 @@ def test_a_byte_order_mark_before_the_first_row_does_not_cost_that_row(tmp_path)
     report = run_filters(path, tmp_path / "out")
     assert report.kept_rows == 2 and report.rejected_rows == 0
     assert read_jsonl(tmp_path / "out" / "kept.jsonl")[0] == {"prompt": "2+2?", "completion": "4"}
+
+
+def test_image_parts_are_counted_however_the_line_spells_them(write_jsonl, tmp_path):
+    image = {"type": "image", "path": "a.png"}
+    rows = [
+        {"messages": [{"role": "user", "content": [image, {"type": "text", "text": "What is it?"}]},
+                      {"role": "assistant", "content": "A cat."}]},
+        # The same part with its type written as a JSON escape: no "image" in the line.
+        b'{"messages": [{"role": "user", "content": [{"type": "\\u0069mage", "path": "b.png"}, '
+        b'{"type": "text", "text": "And this?"}]}, {"role": "assistant", "content": "A dog."}]}\n',
+        chat("Describe an image of a cat.", "No image parts here."),
+    ]
+    report = run_filters(write_jsonl(rows), tmp_path / "out", FilterConfig(toxicity=None, dedup=None))
+    assert report.kept_rows == 3 and report.image_parts_passed == 2
