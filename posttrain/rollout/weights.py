@@ -32,6 +32,9 @@ def _unwrap(model):
 def weights_for_engine(model) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield detached tensors of a plain or peft model, LoRA deltas merged in.
 
+    A model sharded by FSDP yields whole tensors, gathered one at a time (collectives: every rank
+    iterates through all of them, in the same order).
+
     For a peft model the training model is left untouched: each LoRA layer's merged weight
     W + scale * B @ A is computed on the fly with peft's own `get_delta_weight` (so every
     LoRA variant peft supports is merged the way peft merges it), one layer at a time.
@@ -43,11 +46,17 @@ def weights_for_engine(model) -> Iterator[tuple[str, torch.Tensor]]:
     except ImportError:  # peft is a dependency, but a plain model needs nothing from it
         PeftModel = LoraLayer = ()
     if PeftModel and isinstance(model, PeftModel):
-        yield from _merged_peft_weights(model, LoraLayer)
+        for name, tensor in _merged_peft_weights(model, LoraLayer):
+            yield name, _whole(tensor)
         return
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
-            yield _strip_wrappers(name), tensor.detach()
+            yield _strip_wrappers(name), _whole(tensor.detach())
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    # An FSDP shard (DTensor) is gathered into the whole tensor the engine loads.
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def _merged_peft_weights(peft_model, lora_layer_cls) -> Iterator[tuple[str, torch.Tensor]]:
