@@ -246,7 +246,8 @@ class TrainingSession:
             offload = offload or bool(getattr(getattr(plugin, "cpu_offload", None), "offload_params", False))
         # One process has nothing to shard over; it trains whole, as `sharding: none`.
         self.sharding = sharding if self.world_size > 1 else "none"
-        self.offload = offload and self.sharding == "fsdp"
+        # Offloading moves the shards off an accelerator; without one they are in CPU memory already.
+        self.offload = offload and self.sharding == "fsdp" and self.device.type != "cpu"
         self.precision = precision
         self.seed = seed
         self.sharded_optimizer = False
@@ -254,6 +255,7 @@ class TrainingSession:
         self.optimizer = None
         self.scheduler = None
         self._params: list[torch.nn.Parameter] = []
+        self._param_bytes: int | None = None
 
     # -- facts about the launch --
     @property
@@ -281,8 +283,11 @@ class TrainingSession:
         out = {"device": str(self.device), "device_type": self.device.type, "world_size": self.world_size,
                "precision": self.precision, "sharding": self.sharding, f"global_batch_{unit}": global_batch}
         if self.model is not None:
-            # The trained policy's parameters on this rank: its shards under fsdp.
-            out["param_bytes_per_rank"] = parameter_bytes_on_rank(self.model)
+            self._param_bytes = parameter_bytes_on_rank(self.model)
+        if self._param_bytes is not None:
+            # The trained model's parameters on this rank (its shards under fsdp); after a
+            # release, those of the last model trained.
+            out["param_bytes_per_rank"] = self._param_bytes
         return out
 
     @property
@@ -321,6 +326,9 @@ class TrainingSession:
                                                  shard=self.sharded_optimizer, schedule=schedule,
                                                  total_steps=total_steps)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        from posttrain.sharding import parameter_bytes_on_rank
+
+        self._param_bytes = parameter_bytes_on_rank(model)
         return model
 
     def place_frozen(self, model, placement: str, key: str):

@@ -37,7 +37,8 @@ def test_an_unchanged_config_hashes_as_it_did_before_the_options_added_since(kin
 @pytest.mark.parametrize("kind, option", [
     ("sft", {"num_train_epochs": 2}), ("export", {"quantize": {"format": "gguf", "type": "q4_0"}}),
     ("filter", {"toxicity": {"multilingual": False}}), ("reward_model", {"shard_optimizer": True}),
-    ("rl", {"rewards": [{"name": "math", "tolerate_all_faults": True}]}),
+    ("rl", {"rewards": [{"name": "math", "tolerate_all_faults": True}]}), ("rl", {"sharding": "fsdp"}),
+    ("distill", {"fsdp_offload": True}), ("reward_model", {"sharding": "fsdp"}), ("sft", {"sharding": "fsdp"}),
 ])
 def test_a_later_option_counts_once_it_is_set(kind, option):
     assert _digest(kind, **option) != EARLIER[kind]

@@ -80,6 +80,11 @@ def main(model_dir: str, out_dir: str, budget: int | None, optimizer: str = "sgd
     (out / f"stats_rank{session.rank}.json").write_text(json.dumps({
         "grad_norm": result.grad_norm, "loss": session.all_sum(stats.loss), "micro_batches": stats.micro_batches,
         **session.describe(PROMPTS * N, "sequences")}))
+    if is_sharded(policy):
+        # The output model, streamed from the shards into files of at most 1 MB (so several).
+        from posttrain.sharded_save import save_hf_checkpoint
+
+        save_hf_checkpoint(policy, tokenizer, out / "model", session.is_main, shard_mb=1)
     if optimizer != "sgd":
         # A checkpoint of the (possibly sharded) optimizer, restored into a fresh one.
         from posttrain.training import load_checkpoint, save_checkpoint

@@ -72,6 +72,14 @@ def _check_sharded_step_equals(single: Path, tmp_path: Path, script: str, head: 
     assert s2[0]["loss"] == pytest.approx(s1["loss"], rel=1e-5, abs=1e-7)
     assert s2[0]["grad_norm"] == pytest.approx(s1["grad_norm"], rel=1e-5)
     assert 0.45 < s2[0]["param_bytes_per_rank"] / s1["param_bytes_per_rank"] < 0.55
+    # The output model written from the shards: several files and their index, loadable by
+    # transformers, holding the trained weights (the tied output layer written once, as HF does).
+    from transformers import AutoModelForCausalLM
+
+    index = json.loads((sharded / "model" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1 and "lm_head.weight" not in index["weight_map"]
+    loaded = AutoModelForCausalLM.from_pretrained(sharded / "model").state_dict()
+    assert _close({k: one[k] for k in loaded}, loaded) < 1e-5 * max(1.0, moved) + 1e-6
 
 
 def test_sharded_adamw_state_trains_like_whole_adamw(tiny_gemma3_dir, tmp_path, launch_ranks):
