@@ -1,4 +1,4 @@
-"""What the hand-written training loops (`distill`, `rl`) share, on accelerate.
+"""What the hand-written training loops (`distill`, `rl`, `reward_model`, `qat`) share, on accelerate.
 
 The loops stay readable top to bottom in their stage modules; everything here is the plumbing a
 TRL user expects underneath them:
@@ -25,12 +25,17 @@ micro-batch (a shared prompt pass, then completions on its KV cache) and reach i
 chunked log-probabilities, which DDP only synchronises when they run inside its own forward. One
 all-reduce of the accumulated gradients per step has neither constraint, and moves the same bytes.
 
-DeepSpeed ZeRO and FSDP: `sft` runs under them through TRL. The hand-written loops need every rank
-to hold the full policy weights (each rank's rollout engine is pushed the whole model after every
-step, and the EMA anchor is a full copy), so they shard what ZeRO stage 1 shards, AdamW's state,
-with torch's ZeroRedundancyOptimizer (`shard_optimizer`, and automatically under a DeepSpeed
-ZeRO-1/2 launch); under ZeRO-3 or FSDP, which shard the weights, they stop with a clear error
-instead of training wrongly.
+Sharding. `sharding: fsdp` shards the policy, its gradients and AdamW state, and the frozen models
+on the accelerator, with torch's FSDP2 (posttrain.sharding: one unit per decoder layer); the
+gradients are then summed by FSDP's reduce-scatter instead of the all-reduce above, every rank runs
+as many micro-batches as the others (`even_micro_batches`), checkpoints are torch.distributed.
+checkpoint shards written by every rank and the output model is streamed from the shards
+(posttrain.sharded_save). An accelerate FSDP launch selects it. Without it the loops can still shard
+what ZeRO stage 1 shards, AdamW's state, with torch's ZeroRedundancyOptimizer (`shard_optimizer`,
+and automatically under a DeepSpeed ZeRO-1/2 launch). DeepSpeed ZeRO-3 is refused for the loops
+(`sharding: fsdp` is the alternative): its parameters live inside DeepSpeed's engine, which the
+loops' scoring, EMA anchor and weight sync would have to go through; FSDP2 keeps them ordinary
+(DTensor) parameters of the model. `sft` runs under ZeRO-3 or FSDP through TRL.
 """
 
 from __future__ import annotations
