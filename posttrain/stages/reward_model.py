@@ -119,7 +119,8 @@ class RewardModelStageConfig(TrainingOptions):
     logging_steps: int = Field(10, ge=1, description="Log loss and batch accuracy every this many steps.")
 
     # Gained with TrainingOptions: left out of the hashed config at its default (StageConfig.hash_form).
-    _HASHED_ONLY_WHEN_SET: ClassVar[dict[str, Any]] = {**TrainingOptions._HASHED_ONLY_WHEN_SET, "shard_optimizer": False}
+    _HASHED_ONLY_WHEN_SET: ClassVar[dict[str, Any]] = {
+        **TrainingOptions._HASHED_ONLY_WHEN_SET, "shard_optimizer": False}
 
     @model_validator(mode="after")
     def _check(self):
