@@ -14,6 +14,10 @@ Two rules follow from the all-gathers being collectives, and the loops keep both
   and then projects its hidden states with the output layer chunk by chunk) runs inside one
   forward of the root unit (`in_root_forward`), so the embeddings and output layer are gathered
   for it; FSDP keeps the root's parameters gathered until the backward has used them.
+
+A frozen model's root unit (embeddings, output layer) is released after each scoring pass, except
+a distillation teacher's: its logits are projected lazily by the loss, so its root stays gathered
+(1/W less memory for the layers, none for the root; the price of never building its full logits).
 """
 
 from __future__ import annotations
