@@ -41,6 +41,7 @@ from typing import Sequence
 import torch
 
 from posttrain.losses.token_logprobs import chunked_token_logprobs, vocabulary_projection
+from posttrain.sharding import in_root_forward, is_sharded
 
 
 def _left_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,8 +173,21 @@ def score_completions(model, prompt_ids: list[list[int]], completion_ids: list[l
         raise ValueError(f"score_completions: {len(prompt_ids)} prompts for {len(completion_ids)} completions")
     if any(not p for p in prompt_ids):
         raise ValueError("score_completions: every prompt needs at least one token (the model's <bos>)")
+    # Under fsdp the decoder and the output projection below read the root unit's parameters
+    # (embeddings, output layer), which FSDP gathers only inside a forward of the root.
+    return in_root_forward(model, _score, model, prompt_ids, completion_ids, temperature, pad_token_id,
+                           with_entropy, group_size, chunk_size, release=True)
+
+
+def _score(model, prompt_ids, completion_ids, temperature, pad_token_id, with_entropy, group_size, chunk_size):
+    """score_completions' work, on a model whose parameters are whole for it."""
     device = next(model.parameters()).device
     width = max(1, max(len(c) for c in completion_ids))
+    if group_size > 1 and is_sharded(model):
+        # The shared layout runs the model once when every completion has at most one token, else
+        # twice; a sharded model must run as often on every rank, so it always runs twice (the
+        # extra column is padding, masked out).
+        width = max(width, 2)
     labels, mask = _right_padded(completion_ids, pad_token_id, width)
     labels, mask = labels.to(device), mask.to(device)
     if group_size > 1:

@@ -13,6 +13,7 @@ from posttrain.chat import ChatFormatError, control_token_ids
 from posttrain.data import TokenSequence
 from posttrain.losses.distillation import ProjectedLogits, forward_kl, reverse_kl
 from posttrain.losses.token_logprobs import vocabulary_projection
+from posttrain.sharding import in_root_forward
 from posttrain.modeling import output_rows
 
 
@@ -117,8 +118,11 @@ def shifted_logits(model, batch: dict[str, torch.Tensor], chunk_size: int | None
         return logits if width is None else logits[..., :width]
     # get_decoder() is the base transformer of a CausalLM (for a peft model the call reaches
     # the wrapped model, LoRA layers included); use_cache=False: nothing is generated here.
-    decoder_out = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                      use_cache=False)
+    # Under fsdp the root unit's parameters (embeddings, the output layer the losses project with
+    # later) are gathered by running the decoder as a forward of the root; FSDP keeps them gathered
+    # until the backward has used them.
+    decoder_out = in_root_forward(model, lambda: model.get_decoder()(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False))
     return ProjectedLogits(decoder_out.last_hidden_state[:, :-1], vocabulary_projection(model, width))
 
 
@@ -155,14 +159,22 @@ def logits_on_device(logits, device: torch.device):
 
 @torch.no_grad()
 def summed_kls(student, teacher, sequences: list[TokenSequence], pad_id: int, temperature: float,
-               chunk_size: int | None, width: int | None = None, batch_size: int = 16) -> dict[str, float]:
+               chunk_size: int | None, width: int | None = None, batch_size: int = 16,
+               batches: int = 0) -> dict[str, float]:
     """Summed KL(teacher||student) and KL(student||teacher) over the sequences' counted (completion)
     tokens, and their count (`tokens`): divide, after adding up the ranks' sums, for per-token
     figures. The held-out measure of distill (on the student's samples) and qat (on the teacher's
-    answers)."""
+    answers).
+
+    `batches`: run at least this many batches through the models, the extra ones on a one-token
+    stand-in that counts nothing: a sharded model must run as often on every rank, and a rank's
+    share of the sequences may need fewer batches than another's."""
     totals = {"kl_teacher_student": 0.0, "kl_student_teacher": 0.0, "tokens": 0.0}
-    for start in range(0, len(sequences), batch_size):
-        batch = pad_batch(sequences[start:start + batch_size], pad_id)
+    starts = list(range(0, len(sequences), batch_size))
+    stand_in = [TokenSequence([pad_id, pad_id], [0, 0])]
+    for b in range(max(len(starts), batches)):
+        chunk = sequences[starts[b]:starts[b] + batch_size] if b < len(starts) else stand_in
+        batch = pad_batch(chunk, pad_id)
         mask = logit_mask(batch["loss_mask"]).to(device_of(student))
         s = shifted_logits(student, on_model_device(batch, student), chunk_size, width)
         t = logits_on_device(shifted_logits(teacher, on_model_device(batch, teacher), chunk_size, width), mask.device)

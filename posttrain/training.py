@@ -1,4 +1,4 @@
-"""What the hand-written training loops (`distill`, `rl`) share, on accelerate.
+"""What the hand-written training loops (`distill`, `rl`, `reward_model`, `qat`) share, on accelerate.
 
 The loops stay readable top to bottom in their stage modules; everything here is the plumbing a
 TRL user expects underneath them:
@@ -25,12 +25,17 @@ micro-batch (a shared prompt pass, then completions on its KV cache) and reach i
 chunked log-probabilities, which DDP only synchronises when they run inside its own forward. One
 all-reduce of the accumulated gradients per step has neither constraint, and moves the same bytes.
 
-DeepSpeed ZeRO and FSDP: `sft` runs under them through TRL. The hand-written loops need every rank
-to hold the full policy weights (each rank's rollout engine is pushed the whole model after every
-step, and the EMA anchor is a full copy), so they shard what ZeRO stage 1 shards, AdamW's state,
-with torch's ZeroRedundancyOptimizer (`shard_optimizer`, and automatically under a DeepSpeed
-ZeRO-1/2 launch); under ZeRO-3 or FSDP, which shard the weights, they stop with a clear error
-instead of training wrongly.
+Sharding. `sharding: fsdp` shards the policy, its gradients and AdamW state, and the frozen models
+on the accelerator, with torch's FSDP2 (posttrain.sharding: one unit per decoder layer); the
+gradients are then summed by FSDP's reduce-scatter instead of the all-reduce above, every rank runs
+as many micro-batches as the others (`even_micro_batches`), checkpoints are torch.distributed.
+checkpoint shards written by every rank and the output model is streamed from the shards
+(posttrain.sharded_save). An accelerate FSDP launch selects it. Without it the loops can still shard
+what ZeRO stage 1 shards, AdamW's state, with torch's ZeroRedundancyOptimizer (`shard_optimizer`,
+and automatically under a DeepSpeed ZeRO-1/2 launch). DeepSpeed ZeRO-3 is refused for the loops
+(`sharding: fsdp` is the alternative): its parameters live inside DeepSpeed's engine, which the
+loops' scoring, EMA anchor and weight sync would have to go through; FSDP2 keeps them ordinary
+(DTensor) parameters of the model. `sft` runs under ZeRO-3 or FSDP through TRL.
 """
 
 from __future__ import annotations
@@ -133,6 +138,8 @@ def _fused_adamw_supported(params: list) -> bool:
     devices = {p.device for p in params}
     if not params or len(devices) != 1 or not all(p.is_floating_point() for p in params):
         return False
+    if any(hasattr(p, "to_local") for p in params):
+        return False  # FSDP's DTensor shards: torch's default (foreach) implementation handles them
     try:
         torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1, device=devices.pop()))], fused=True)
     except (RuntimeError, ValueError):
@@ -141,7 +148,8 @@ def _fused_adamw_supported(params: list) -> bool:
 
 
 def save_model(model, tokenizer, out_dir: Path) -> None:
-    """HF checkpoint (safetensors) plus the tokenizer carrying the Gemma chat template."""
+    """HF checkpoint (safetensors) plus the tokenizer carrying the Gemma chat template. (A model
+    sharded by FSDP is written by every rank through posttrain.sharded_save.save_hf_checkpoint.)"""
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir), safe_serialization=True)
     save_tokenizer(tokenizer, out_dir)
@@ -213,10 +221,14 @@ class TrainingSession:
             result = session.step(max_grad_norm)                 # all-reduce, clip, skip non-finite, update
     """
 
-    def __init__(self, precision: Precision = "fp32", seed: int = 0):
+    def __init__(self, precision: Precision = "fp32", seed: int = 0, sharding: str = "none", offload: bool = False):
         from accelerate import Accelerator
         from accelerate.utils import DistributedType
 
+        from posttrain.sharding import SHARDING_MODES
+
+        if sharding not in SHARDING_MODES:
+            raise TrainingSetupError(f"sharding: {sharding!r} is not one of {', '.join(SHARDING_MODES)}")
         cuda = torch.cuda.is_available()
         # Precision is applied by `autocast()` below, per stage, rather than through accelerate:
         # its state is one per process, and a run's stages may differ (an fp32 distill, then a bf16
@@ -226,14 +238,21 @@ class TrainingSession:
         self._zero_stage_from_launch = None
         if kind == DistributedType.DEEPSPEED:
             self._zero_stage_from_launch = int(getattr(self.accelerator.state.deepspeed_plugin, "zero_stage", 0) or 0)
-        if kind == DistributedType.FSDP or (self._zero_stage_from_launch or 0) >= 3:
+        if (self._zero_stage_from_launch or 0) >= 3:
             raise TrainingSetupError(
-                f"this launch uses {'FSDP' if kind == DistributedType.FSDP else 'DeepSpeed ZeRO-3'}, which shards the "
-                "policy's weights across ranks; the distill and rl loops need the whole policy on every rank (each "
-                "rank's rollout engine receives it after every step). Launch them data-parallel (accelerate config "
-                "recipes/accelerate/multi_gpu.yaml, or torchrun), with `shard_optimizer: true` to shard AdamW's state "
-                "as ZeRO-1 does, or under a DeepSpeed ZeRO-1/2 config (the loops then shard the optimizer state "
-                "themselves); sft runs under ZeRO-3/FSDP as configured.")
+                "this launch uses DeepSpeed ZeRO-3; the distill, rl, reward_model and qat loops shard their models "
+                "with torch's FSDP2 instead (set `sharding: fsdp` on the stage, or launch with accelerate config "
+                "recipes/accelerate/fsdp.yaml). ZeRO-3 partitions parameters inside its own engine, which the loops' "
+                "scoring and weight sync would have to go through; sft runs under ZeRO-3 as configured.")
+        if kind == DistributedType.FSDP:
+            # An accelerate FSDP launch asks for sharded training: the loops apply FSDP2 themselves.
+            sharding = "fsdp"
+            plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+            offload = offload or bool(getattr(getattr(plugin, "cpu_offload", None), "offload_params", False))
+        # One process has nothing to shard over; it trains whole, as `sharding: none`.
+        self.sharding = sharding if self.world_size > 1 else "none"
+        # Offloading moves the shards off an accelerator; without one they are in CPU memory already.
+        self.offload = offload and self.sharding == "fsdp" and self.device.type != "cpu"
         self.precision = precision
         self.seed = seed
         self.sharded_optimizer = False
@@ -241,6 +260,7 @@ class TrainingSession:
         self.optimizer = None
         self.scheduler = None
         self._params: list[torch.nn.Parameter] = []
+        self._param_bytes: int | None = None
 
     # -- facts about the launch --
     @property
@@ -263,8 +283,21 @@ class TrainingSession:
 
     def describe(self, global_batch: int, unit: str) -> dict[str, Any]:
         """The facts every stage records in its metrics: where it ran and how big a step was."""
-        return {"device": str(self.device), "device_type": self.device.type, "world_size": self.world_size,
-                "precision": self.precision, f"global_batch_{unit}": global_batch}
+        from posttrain.sharding import parameter_bytes_on_rank
+
+        out = {"device": str(self.device), "device_type": self.device.type, "world_size": self.world_size,
+               "precision": self.precision, "sharding": self.sharding, f"global_batch_{unit}": global_batch}
+        if self.model is not None:
+            self._param_bytes = parameter_bytes_on_rank(self.model)
+        if self._param_bytes is not None:
+            # The trained model's parameters on this rank (its shards under fsdp); after a
+            # release, those of the last model trained.
+            out["param_bytes_per_rank"] = self._param_bytes
+        return out
+
+    @property
+    def fsdp(self) -> bool:
+        return self.sharding == "fsdp"
 
     # -- setting up --
     def prepare(self, model, learning_rate: float, weight_decay: float = 0.0, warmup_steps: int = 0,
@@ -274,21 +307,59 @@ class TrainingSession:
         `total_steps`) over its trainable parameters and note the parameters whose gradients `step`
         all-reduces. `shard_optimizer` (or a DeepSpeed ZeRO-1/2 launch) shards AdamW's state over
         the ranks (see adamw_with_warmup). Returns the model itself (unwrapped), for saving and
-        syncing."""
-        model = model.to(self.device)
+        syncing.
+
+        Under `sharding: fsdp` the model is sharded (posttrain.sharding.shard_model) and AdamW runs
+        over the shards, which already splits its state over the ranks (shard_optimizer is moot)."""
+        if not self.fsdp:
+            model = model.to(self.device)
         if gradient_checkpointing:
             # Non-reentrant checkpointing works with peft's frozen inputs.
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(model, "enable_input_require_grads"):
                 model.enable_input_require_grads()
         model.train()
+        if self.fsdp:
+            from posttrain.sharding import is_sharded, shard_model
+
+            if not is_sharded(model):  # a second prepare (a resumed test) keeps the sharding it has
+                model = shard_model(model, self.device, bf16=self.precision == "bf16", offload=self.offload)
         self._params = [p for p in model.parameters() if p.requires_grad]
-        self.sharded_optimizer = self.world_size > 1 and (shard_optimizer or self._zero_stage_from_launch in (1, 2))
+        self.sharded_optimizer = (self.world_size > 1 and not self.fsdp
+                                  and (shard_optimizer or self._zero_stage_from_launch in (1, 2)))
         optimizer, scheduler = adamw_with_warmup(self._params, learning_rate, weight_decay, warmup_steps,
                                                  shard=self.sharded_optimizer, schedule=schedule,
                                                  total_steps=total_steps)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        from posttrain.sharding import parameter_bytes_on_rank
+
+        self._param_bytes = parameter_bytes_on_rank(model)
         return model
+
+    def place_frozen(self, model, placement: str, key: str):
+        """A frozen model (EMA anchor, start model, teacher, reward model): under fsdp with its
+        placement 'accelerator', sharded like the policy (each rank holds 1/W of it, gathered a
+        layer at a time for its forward passes); else placed whole where `placement` says
+        (`key` names the option in errors)."""
+        if self.fsdp and placement == "accelerator":
+            from posttrain.sharding import shard_model
+
+            model.eval()
+            model.requires_grad_(False)
+            return shard_model(model, self.device, bf16=self.precision == "bf16", offload=self.offload)
+        return place_frozen(model, resolve_placement(placement, self.device, key))
+
+    def save_output_model(self, model, tokenizer, out_dir: Path) -> None:
+        """The stage's output model as a whole Hugging Face checkpoint, LoRA merged in; every rank
+        calls it. Under fsdp it is streamed from the shards (posttrain.sharded_save: no rank holds
+        the whole model); otherwise rank 0 saves it."""
+        if self.fsdp:
+            from posttrain.sharded_save import save_hf_checkpoint
+
+            save_hf_checkpoint(model, tokenizer, out_dir, self.is_main)
+        elif self.is_main:
+            save_model(model.merge_and_unload() if hasattr(model, "merge_and_unload") else model, tokenizer, out_dir)
+        self.barrier()  # the other ranks return once the model is on disk
 
     # -- data parallelism --
     def shard(self, items: Sequence, what: str = "items") -> list:
@@ -331,6 +402,34 @@ class TrainingSession:
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
 
+    def all_max(self, value: int) -> int:
+        """Largest of an integer over the ranks."""
+        if self.world_size == 1:
+            return int(value)
+        import torch.distributed as dist
+
+        t = torch.tensor([int(value)], dtype=torch.long, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def even_micro_batches(self, micro: Sequence[slice]) -> list[tuple[slice, bool]]:
+        """(micro-batch, real) pairs to run. Without sharding, the micro-batches themselves.
+
+        Under fsdp every rank must run as many forward and backward passes through the sharded
+        model as every other (each layer's all-gather and reduce-scatter is a collective), but the
+        ranks' shares of a step split into different numbers of micro-batches under a token
+        budget. The ranks with fewer run their first micro-batch again, `real` False: the loop then
+        multiplies its loss by 0 (the gradient is unchanged, the collectives line up) and counts
+        nothing of it in its statistics."""
+        pairs = [(mb, True) for mb in micro]
+        if not self.fsdp:
+            return pairs
+        most = self.all_max(len(pairs))
+        if most and not pairs:
+            raise TrainingSetupError("sharding: fsdp: a rank has nothing to score in a step the others train on; "
+                                     "use a batch that gives every rank at least one row")
+        return pairs + [(pairs[0][0], False)] * (most - len(pairs))
+
     # -- one step --
     def autocast(self):
         """bf16 autocast for forward passes (trained and frozen models alike) when precision is bf16."""
@@ -340,9 +439,20 @@ class TrainingSession:
 
     def step(self, max_grad_norm: float | None) -> StepResult:
         """Sum gradients over ranks, clip, then apply the update unless the gradient is not finite;
-        always clears gradients. Every rank must call it once per step (it is collective)."""
-        self._all_reduce_gradients()
-        norm = torch.nn.utils.clip_grad_norm_(self._params, max_grad_norm or float("inf"))
+        always clears gradients. Every rank must call it once per step (it is collective).
+
+        Under fsdp the gradients were already summed into each rank's shards by the backward
+        passes; the norm is then a DTensor over the shards, made whole (the global norm) before
+        clipping with it."""
+        if self.fsdp:
+            grads = [p.grad for p in self._params if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            if max_grad_norm:
+                torch.nn.utils.clip_grads_with_norm_(self._params, max_grad_norm, norm)
+        else:
+            self._all_reduce_gradients()
+            norm = torch.nn.utils.clip_grad_norm_(self._params, max_grad_norm or float("inf"))
         grad_norm = float(norm)
         finite = math.isfinite(grad_norm)
         if finite:
@@ -439,45 +549,70 @@ def save_checkpoint(session: TrainingSession, stage_dir: Path, step: int, models
     """checkpoints/step_N with the named models' weights, optimizer, schedule and RNG states.
 
     Rank 0 writes (data-parallel ranks hold identical weights); every rank's RNG states are
-    gathered into it, so a resumed run continues each rank's random streams. The directory is
-    written under a temporary name and renamed, with state.json last: a checkpoint cut short by a
-    crash is never taken for complete. Returns the path on rank 0.
+    gathered into it, so a resumed run continues each rank's random streams. Under fsdp every
+    rank writes its own shards of the models and optimizer state (torch.distributed.checkpoint,
+    posttrain.sharded_save) into the same directory. The directory is written under a temporary
+    name and renamed, with state.json last: a checkpoint cut short by a crash is never taken for
+    complete. Returns the path on rank 0.
     """
     rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     all_rng = session.gather_lists([rng])
     if session.sharded_optimizer:
         session.optimizer.consolidate_state_dict(to=0)  # collective: rank 0 receives every rank's shard
-    final = None
+    root = Path(stage_dir) / "checkpoints"
+    final = root / f"step_{step:06d}"
+    tmp = root / f".step_{step:06d}.tmp"
     if session.is_main:
-        root = Path(stage_dir) / "checkpoints"
-        final = root / f"step_{step:06d}"
-        tmp = root / f".step_{step:06d}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        for name, model in models.items():
-            torch.save({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, tmp / f"{name}.pt")
-        torch.save({"optimizer": session.optimizer.state_dict(), "scheduler": session.scheduler.state_dict()},
-                   tmp / "optimizer.pt")
+    if session.fsdp:
+        from posttrain.sharded_save import save_dcp
+        from posttrain.sharding import reshard_all
+
+        session.barrier()  # the directory exists before any rank writes into it
+        for model in models.values():
+            reshard_all(model)
+        save_dcp(tmp / "sharded", models, session.model, session.optimizer)
+        session.barrier()  # every rank's shards are on disk before the checkpoint is marked complete
+    if session.is_main:
+        if not session.fsdp:
+            for name, model in models.items():
+                torch.save({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, tmp / f"{name}.pt")
+            torch.save({"optimizer": session.optimizer.state_dict(), "scheduler": session.scheduler.state_dict()},
+                       tmp / "optimizer.pt")
+        else:
+            torch.save({"scheduler": session.scheduler.state_dict()}, tmp / "optimizer.pt")
         torch.save(all_rng, tmp / "rng.pt")
-        _write_json(tmp / "state.json", {**state, "step": step, "world_size": session.world_size})
+        _write_json(tmp / "state.json", {**state, "step": step, "world_size": session.world_size,
+                                         "sharding": session.sharding})
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in checkpoint_dirs(stage_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     session.barrier()
-    return final
+    return final if session.is_main else None
 
 
 def load_checkpoint(session: TrainingSession, path: Path, models: dict[str, torch.nn.Module]) -> dict:
     """Restore what save_checkpoint wrote, on every rank; returns its state (with `step`)."""
-    for name, model in models.items():
-        weights = torch.load(path / f"{name}.pt", weights_only=True, map_location="cpu")
-        model.load_state_dict(weights)
-    opt = torch.load(path / "optimizer.pt", weights_only=False, map_location="cpu")
-    session.optimizer.load_state_dict(opt["optimizer"])
-    session.scheduler.load_state_dict(opt["scheduler"])
     state = json.loads((path / "state.json").read_text())
+    written = state.get("sharding", "none")
+    if written != session.sharding:
+        raise TrainingSetupError(f"{path}: this checkpoint was written with sharding {written!r} and this run uses "
+                                 f"{session.sharding!r}; resume with the sharding it was written with")
+    if session.fsdp:
+        from posttrain.sharded_save import load_dcp
+
+        load_dcp(path / "sharded", models, session.model, session.optimizer)
+    else:
+        for name, model in models.items():
+            weights = torch.load(path / f"{name}.pt", weights_only=True, map_location="cpu")
+            model.load_state_dict(weights)
+    opt = torch.load(path / "optimizer.pt", weights_only=False, map_location="cpu")
+    if not session.fsdp:
+        session.optimizer.load_state_dict(opt["optimizer"])
+    session.scheduler.load_state_dict(opt["scheduler"])
     all_rng = torch.load(path / "rng.pt", weights_only=False)
     if len(all_rng) == session.world_size:
         rng = all_rng[session.rank]

@@ -40,13 +40,13 @@ from posttrain.stages.base import StageContext, StageError, StageResult, registe
 from posttrain.stages.options import DistillationOptions, TrainingOptions, stage_default
 from posttrain.teacher_cache import (CachedSequence, TeacherCache, TeacherCacheError, scatter_targets,
                                      tokenizer_fingerprint)
-from posttrain.training import (TrainingSession, checkpoint_due, engine_asleep,
-                                place_frozen, resolve_placement, resume_latest, save_checkpoint, save_model,
+from posttrain.training import (TrainingSession, checkpoint_due, engine_asleep, resume_latest, save_checkpoint,
                                 token_budget_batches)
 from rewards.combine import CombinedReward
 
 # A greedy held-out answer counts as correct when its reward is above 0.5.
 CORRECT_ABOVE = math.nextafter(0.5, 1.0)
+EVAL_BATCH = 16  # held-out sequences per forward pass of the KL measure
 
 
 class DistillStageConfig(TrainingOptions, DistillationOptions):
@@ -216,7 +216,7 @@ def setup_distill(cfg: DistillStageConfig, ctx: StageContext) -> DistillRun:
     and the newest checkpoint restored when there is one. The rollout engine is started later."""
     retain_freed_memory()  # see posttrain.allocator: steps stop page-faulting their activations
     torch.manual_seed(ctx.seed)
-    session = TrainingSession(cfg.precision, ctx.seed)
+    session = TrainingSession(cfg.precision, ctx.seed, cfg.sharding, cfg.fsdp_offload)
     session.shard(range(cfg.batch_size), "batch_size")  # fails early unless the batch splits over the ranks
 
     student, tokenizer = load_policy(cfg.model)
@@ -244,7 +244,7 @@ def _load_teacher(cfg: DistillStageConfig, student, tokenizer, session: Training
         return None, None
     check_same_tokenizer(tokenizer, load_tokenizer(cfg.teacher), cfg.model, cfg.teacher)
     teacher = load_causal_lm(cfg.teacher, dtype=cfg.teacher_dtype)
-    teacher = place_frozen(teacher, resolve_placement(cfg.teacher_placement, session.device, "teacher_placement"))
+    teacher = session.place_frozen(teacher, cfg.teacher_placement, "teacher_placement")  # sharded under fsdp
     width = shared_vocab_width(student, teacher, tokenizer, cfg.model, cfg.teacher)
     if width == output_rows(student) == output_rows(teacher):
         width = None  # same width: no slicing at all
@@ -335,21 +335,26 @@ def accumulate_gradients(run: DistillRun, batch: StepBatch, step: int) -> Gradie
     global_count = session.all_sum(sum(counted) if cfg.reduction == "token_mean" else len(batch.sequences))
     micro = token_budget_batches([len(s.input_ids) for s in batch.sequences], cfg.max_tokens_per_microbatch)
     gradients = GradientPass(counted_tokens=sum(counted), micro_batches=len(micro))
-    for part in micro:
-        _micro_batch(run, batch, part, global_count, gradients, step)
+    for part, real in session.even_micro_batches(micro):  # fsdp: as many passes on every rank
+        _micro_batch(run, batch, part, global_count, gradients, step, real)
     return gradients
 
 
 def _micro_batch(run: DistillRun, batch: StepBatch, part: slice, global_count: float, gradients: GradientPass,
-                 step: int) -> None:
+                 step: int, real: bool = True) -> None:
     """One micro-batch: the teacher's view of its completion positions (no gradient; from the
-    cache when the batch came from it), the loss, backward, and the statistics logged steps show."""
+    cache when the batch came from it), the loss, backward, and the statistics logged steps show.
+
+    Not `real` (fsdp: a repeat that keeps the ranks' passes through the sharded models in step),
+    or with nothing to count under fsdp: the passes run, with the loss weighted 0, and nothing is
+    counted."""
     cfg, session = run.cfg, run.session
     tensors = {k: v.to(session.device) for k, v in pad_batch(batch.sequences[part], run.pad_id).items()}
     mask = logit_mask(tensors["loss_mask"])
     local_count = float(mask.sum()) if cfg.reduction == "token_mean" else float(mask.shape[0])
-    if local_count == 0:
+    if local_count == 0 and not session.fsdp:
         return
+    real = real and local_count > 0
     teacher_logits = target_ids = target_probs = None
     with session.autocast():
         if batch.cached is not None:
@@ -362,20 +367,27 @@ def _micro_batch(run: DistillRun, batch: StepBatch, part: slice, global_count: f
         # With chunk_size set, neither side's [B, L, V] logits are ever materialised.
         student_logits = shifted_logits(run.student, tensors, cfg.chunk_size, run.width)
         loss = distillation_loss(cfg, student_logits, mask, teacher_logits, target_ids, target_probs, batch.generator)
+    if not real:
+        # Zero gradient through every layer (a loss over no tokens may be 0/0: not that).
+        out = getattr(student_logits, "hidden", student_logits)
+        (out.float().sum() * 0.0).backward()
+        return
     if not torch.isfinite(loss):
         raise StageError(f"step {step}: the distillation loss is {loss.item()}; lower learning_rate or temperature")
+    # Logit statistics before the update: ProjectedLogits project with the live lm_head, which
+    # the optimizer step is about to change; and before the backward, after which FSDP no longer
+    # keeps a sharded student's output layer gathered.
+    with torch.no_grad():
+        if batch.log_now and teacher_logits is not None:
+            tokens = float(mask.sum())
+            for key, value in batch_kls(student_logits.detach(), teacher_logits, mask, cfg.temperature,
+                                        cfg.chunk_size).items():
+                gradients.kl_sums[key] += value * tokens
+        if batch.log_now and batch.engine_logprobs:
+            gradients.trainer_logprobs += sampled_token_logprobs(student_logits.detach(), tensors["input_ids"], mask,
+                                                                 cfg.temperature, cfg.chunk_size)
     (loss * (local_count / global_count)).backward()
     gradients.loss += loss.item() * local_count / global_count
-    # Logit statistics before the update: ProjectedLogits project with the live lm_head, which
-    # the optimizer step is about to change.
-    if batch.log_now and teacher_logits is not None:
-        tokens = float(mask.sum())
-        for key, value in batch_kls(student_logits.detach(), teacher_logits, mask, cfg.temperature,
-                                    cfg.chunk_size).items():
-            gradients.kl_sums[key] += value * tokens
-    if batch.log_now and batch.engine_logprobs:
-        gradients.trainer_logprobs += sampled_token_logprobs(student_logits.detach(), tensors["input_ids"], mask,
-                                                             cfg.temperature, cfg.chunk_size)
 
 
 def distill_step(run: DistillRun, step: int, totals: Totals) -> dict | None:
@@ -450,8 +462,10 @@ def evaluate_student(run: DistillRun, tag: str) -> dict[str, float]:
     figures = {f"accuracy_{tag}": accuracy.value, f"accuracy_{tag}_ci_low": accuracy.low,
                f"accuracy_{tag}_ci_high": accuracy.high}
     if run.teacher is not None:
-        mine = slice(session.rank, None, session.world_size)
-        kls = kl_on_student_samples(run, held_out.prompt_ids[mine])
+        mine = held_out.prompt_ids[session.rank::session.world_size]
+        # fsdp: every rank runs as many batches through the sharded models (see even_micro_batches).
+        batches = session.all_max(math.ceil(len(mine) / EVAL_BATCH)) if session.fsdp else 0
+        kls = kl_on_student_samples(run, mine, EVAL_BATCH, batches)
         tokens = session.all_sum(kls.pop("tokens"))
         for key, value in kls.items():
             figures[f"eval_{key}_{tag}"] = session.all_sum(value) / max(tokens, 1)
@@ -469,17 +483,20 @@ def evaluate_teacher(run: DistillRun) -> dict[str, float]:
 
 
 @torch.no_grad()
-def kl_on_student_samples(run: DistillRun, prompt_ids: list[list[int]], batch_size: int = 16) -> dict[str, float]:
+def kl_on_student_samples(run: DistillRun, prompt_ids: list[list[int]], batch_size: int = EVAL_BATCH,
+                          batches: int = 0) -> dict[str, float]:
     """Summed KL(teacher||student) and KL(student||teacher) over the tokens of the student's own
     samples of `prompt_ids` (held-out prompts), and the token count (`tokens`): divide to get
-    per-token figures, after adding up the ranks' sums."""
+    per-token figures, after adding up the ranks' sums. `batches`: run at least this many batches
+    through the models (see summed_kls)."""
     cfg, student, teacher = run.cfg, run.student, run.teacher
-    if not prompt_ids:
+    if not prompt_ids and not batches:
         return {"kl_teacher_student": 0.0, "kl_student_teacher": 0.0, "tokens": 0.0}
     sampling = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=run.ctx.seed)
-    completions = [group[0] for group in run.engine.generate(prompt_ids, n=1, sampling=sampling)]
+    completions = ([group[0] for group in run.engine.generate(prompt_ids, n=1, sampling=sampling)]
+                   if prompt_ids else [])
     return summed_kls(student, teacher, _sampled_sequences(prompt_ids, completions), run.pad_id, cfg.temperature,
-                      cfg.chunk_size, run.width, batch_size)
+                      cfg.chunk_size, run.width, batch_size, batches)
 
 
 def _sampled_sequences(prompts: list[list[int]], completions) -> list[TokenSequence]:
@@ -511,10 +528,7 @@ def run_distill(cfg: DistillStageConfig, ctx: StageContext) -> StageResult:
             run.engine.close()
 
     out = ctx.stage_dir / "model"
-    if ctx.is_main:
-        trained = run.student.merge_and_unload() if cfg.lora is not None else run.student
-        save_model(trained, run.tokenizer, out)
-    run.session.barrier()
+    run.session.save_output_model(run.student, run.tokenizer, out)
     run.session.close()
     steps_run = max(1, cfg.max_steps - run.start_step)
     summary.update({

@@ -10,7 +10,7 @@ cannot drift between stages.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 from pydantic.fields import FieldInfo
@@ -23,6 +23,8 @@ from posttrain.training import PLACEMENT_HELP, ChunkSize, LoraSpec
 
 class TrainingOptions(StageConfig):
     """Optimizer, schedule, precision, memory, LoRA, checkpoints and trackers of a training loop."""
+
+    _HASHED_ONLY_WHEN_SET: ClassVar[dict[str, Any]] = {"sharding": "none", "fsdp_offload": False}
 
     max_steps: int = Field(100, ge=1, description="Optimizer steps.")
     learning_rate: float = Field(1e-5, gt=0, description="AdamW learning rate (constant after warm-up).")
@@ -43,6 +45,15 @@ class TrainingOptions(StageConfig):
         False, description="Data-parallel launches: shard AdamW's state over the ranks (ZeRO stage 1, torch's "
         "ZeroRedundancyOptimizer); the weights stay whole on every rank. On automatically under a DeepSpeed "
         "ZeRO-1/2 launch.")
+    sharding: Literal["none", "fsdp"] = Field(
+        "none", description="fsdp: shard the trained model, its gradients and AdamW state, and the frozen models "
+        "placed on the accelerator (EMA anchor, start model, teacher), over the ranks with torch's FSDP2, one unit "
+        "per decoder layer (bf16 parameters with float32 gradient reduction on GPUs under precision bf16): each "
+        "rank holds 1/W of each model, so models larger than one device train. Chosen automatically under an "
+        "accelerate FSDP launch; one process trains unsharded.")
+    fsdp_offload: bool = Field(
+        False, description="sharding fsdp: keep the parameter shards, gradients and optimizer state in CPU memory "
+        "(FSDP's CPUOffloadPolicy), copied to the device a layer at a time; less device memory, slower steps.")
     gradient_checkpointing: bool = Field(
         False, description="Recompute the trained model's activations in backward: less memory, about a third "
         "more compute.")

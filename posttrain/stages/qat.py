@@ -211,7 +211,11 @@ def run_qat(cfg: QATStageConfig, ctx: StageContext) -> StageResult:
 
     retain_freed_memory()
     torch.manual_seed(ctx.seed)
-    session = TrainingSession(cfg.precision, ctx.seed)
+    session = TrainingSession(cfg.precision, ctx.seed, cfg.sharding)
+    if session.fsdp:
+        raise StageError("sharding: qat trains its student whole on every rank (its fake-quantised layers are not "
+                         "sharded); remove `sharding: fsdp` from the stage, or launch it data-parallel instead of "
+                         "under an accelerate FSDP config")
     session.shard(range(cfg.batch_size), "batch_size")  # fails early unless the batch splits over the ranks
     spec = cfg.quant_spec()
 

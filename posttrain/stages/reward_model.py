@@ -48,6 +48,8 @@ from posttrain.stages.base import StageContext, StageError, StageResult, registe
 from posttrain.stages.options import TrainingOptions
 from posttrain.training import (LoraSpec, TrainingSession, checkpoint_due, resume_latest, save_checkpoint,
                                 save_model, token_budget_batches, truncate_metrics)
+from posttrain.sharded_save import save_hf_checkpoint
+from posttrain.sharding import full_tensor, is_sharded
 from posttrain.weights import merge_checkpoints
 from rewards.reward_model import MEMBERS_FILE
 
@@ -117,7 +119,8 @@ class RewardModelStageConfig(TrainingOptions):
     logging_steps: int = Field(10, ge=1, description="Log loss and batch accuracy every this many steps.")
 
     # Gained with TrainingOptions: left out of the hashed config at its default (StageConfig.hash_form).
-    _HASHED_ONLY_WHEN_SET: ClassVar[dict[str, Any]] = {"shard_optimizer": False}
+    _HASHED_ONLY_WHEN_SET: ClassVar[dict[str, Any]] = {
+        **TrainingOptions._HASHED_ONLY_WHEN_SET, "shard_optimizer": False}
 
     @model_validator(mode="after")
     def _check(self):
@@ -350,12 +353,16 @@ def score_pairs(session: TrainingSession, model, pairs, pad_id: int, budget: int
     sizes = [len(pairs[i][0]) + len(pairs[i][1]) for i in idx]
     batches = (token_budget_batches(sizes, budget) if budget is not None
                else [slice(start, start + pairs_per_batch) for start in range(0, len(idx), pairs_per_batch)])
-    for mb in batches:
-        chunk = idx[mb]
+    # A sharded model runs as many forward passes on every rank (see TrainingSession.even_micro_batches):
+    # a rank with fewer batches scores the first pair again and keeps nothing of it.
+    extra = session.all_max(len(batches)) - len(batches) if is_sharded(model) else 0
+    for mb in batches + [None] * extra:
+        chunk = idx[mb] if mb is not None else [0]
         seqs = [pairs[i][0] for i in chunk] + [pairs[i][1] for i in chunk]
         with session.autocast():
             r = rewards_of(model, seqs, pad_id, session.device).cpu()
-        local += [(i, float(r[k]), float(r[len(chunk) + k])) for k, i in enumerate(chunk)]
+        if mb is not None:
+            local += [(i, float(r[k]), float(r[len(chunk) + k])) for k, i in enumerate(chunk)]
     everything = sorted(session.gather_lists(local))
     model.train(was_training)
     return [c for _, c, _ in everything], [r for _, _, r in everything]
@@ -429,7 +436,7 @@ def _bradley_terry_step(state: TrainingState, model, rows: list[int]) -> tuple[t
     loss_sum = torch.zeros((), device=session.device)
     correct = torch.zeros((), dtype=torch.long, device=session.device)
     sizes = [len(pairs[i][0]) + len(pairs[i][1]) for i in rows]
-    for mb in token_budget_batches(sizes, config.max_tokens_per_microbatch):
+    for mb, real in session.even_micro_batches(token_budget_batches(sizes, config.max_tokens_per_microbatch)):
         chunk = rows[mb]
         seqs = [pairs[i][0] for i in chunk] + [pairs[i][1] for i in chunk]
         with session.autocast():
@@ -438,6 +445,9 @@ def _bradley_terry_step(state: TrainingState, model, rows: list[int]) -> tuple[t
         margin = (torch.tensor([margins[i] for i in chunk], dtype=r.dtype, device=r.device)
                   if margins is not None else None)
         loss = bradley_terry_loss(r_c, r_r, margin, config.center_rewards_coefficient).sum() / total
+        if not real:
+            (loss * 0.0).backward()  # a repeat that keeps a sharded model's collectives in step (fsdp)
+            continue
         loss.backward()
         loss_sum += loss.detach()
         correct += (r_c > r_r).sum()
@@ -488,7 +498,7 @@ def run_reward_model(config: RewardModelStageConfig, ctx: StageContext) -> Stage
 
     stage_dir = Path(ctx.stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    session = TrainingSession(config.precision, ctx.seed)
+    session = TrainingSession(config.precision, ctx.seed, config.sharding, config.fsdp_offload)
     session.shard(range(config.batch_size), "batch_size")  # fails early unless it splits over the ranks
     tokenizer = load_tokenizer(config.model)
     data, summary = _load_data(config, ctx, tokenizer)
@@ -507,6 +517,7 @@ def run_reward_model(config: RewardModelStageConfig, ctx: StageContext) -> Stage
         records = [_train_member(state, plan, head, stage_dir / "members" / plan.name) for plan in plans]
 
     summary.update(_average(state, plans, records))  # 3. the weight average of all members, or of the best k
+    summary.update(session.describe(config.batch_size, "pairs"))  # now with the members' parameter bytes
     session.close()
     member_dirs = _member_model_dirs(stage_dir, plans)
     return StageResult(outputs={"model": str(stage_dir / "model"), "members": str(stage_dir / "members"),
@@ -560,10 +571,12 @@ def _probe(state: TrainingState, summary: dict) -> dict[str, torch.Tensor]:
         probe = _Run("probe", config.probe_steps, config.probe_learning_rate, ctx.seed, 0)
         probed = _train(state, model, probe, probe_file.parent, resumable=False)
         summary.update({f"probe/{k}": v for k, v in probed.items()})
+    # Whole tensors (under fsdp gathered from the shards, on every rank).
+    head = {k: full_tensor(v).detach().cpu() for k, v in head_of(model).state_dict().items()}
     if ctx.is_main:
         probe_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = probe_file.with_suffix(".tmp")
-        torch.save({k: v.detach().cpu() for k, v in head_of(model).state_dict().items()}, tmp)
+        torch.save(head, tmp)
         tmp.replace(probe_file)
     session.barrier()
     del model
@@ -609,9 +622,12 @@ def _train_member(state: TrainingState, plan: MemberPlan, head: dict, member_dir
     last = _train(state, trained, run, member_dir, resumable=True)
     if hook is not None:
         hook.remove()
-    final = trained.merge_and_unload() if config.lora is not None else trained
-    if hasattr(final.config, "attention_dropout"):
-        final.config.attention_dropout = 0.0  # the saved reward model scores without dropout
+    sharded = is_sharded(trained)
+    # Under fsdp the adapter is merged as the model is written (posttrain.sharded_save), not here.
+    final = trained.merge_and_unload() if config.lora is not None and not sharded else trained
+    hf_config = (final.get_base_model() if hasattr(final, "get_base_model") else final).config
+    if hasattr(hf_config, "attention_dropout"):
+        hf_config.attention_dropout = 0.0  # the saved reward model scores without dropout
     record = {"name": plan.name, "seed": plan.seed, "learning_rate": plan.learning_rate, "dropout": plan.dropout,
               "start": plan.start, "train": last}
     if state.data.eval_pairs:
@@ -619,8 +635,11 @@ def _train_member(state: TrainingState, plan: MemberPlan, head: dict, member_dir
                                config.batch_size)
         record.update(eval_accuracy=pairwise_accuracy(r_c, r_r), eval_chosen=r_c, eval_rejected=r_r)
         state.metrics.log(run.step_offset + plan.steps, phase=plan.name, eval_accuracy=record["eval_accuracy"])
-    if state.ctx.is_main:
+    if sharded:
+        save_hf_checkpoint(final, state.tokenizer, member_dir / "model", state.ctx.is_main)
+    elif state.ctx.is_main:
         save_model(final, state.tokenizer, member_dir / "model")
+    if state.ctx.is_main:
         mark_complete(member_dir, kind="reward_model member", **record)  # last: from here on the member is finished
         shutil.rmtree(member_dir / "checkpoints", ignore_errors=True)
     session.barrier()
@@ -685,7 +704,7 @@ def _held_out_accuracies(state: TrainingState, plans: list[MemberPlan], records:
     config, session, data = state.config, state.session, state.data
     stage_dir = Path(state.ctx.stage_dir)
     budget = config.max_tokens_per_microbatch
-    average = load_reward_model(str(stage_dir / "model"), state.pad_id).to(session.device)  # scored only
+    average = _scored_only(session, load_reward_model(str(stage_dir / "model"), state.pad_id))
     out: dict[str, Any] = {}
     if data.eval_pairs:
         accuracies = [r.get("eval_accuracy") for r in records]
@@ -701,6 +720,11 @@ def _held_out_accuracies(state: TrainingState, plans: list[MemberPlan], records:
     return out
 
 
+def _scored_only(session: TrainingSession, model):
+    """A reward model that is only scored: sharded under fsdp, else on the device."""
+    return session.place_frozen(model, "accelerator", "reward_model") if session.fsdp else model.to(session.device)
+
+
 def _further_accuracies(state: TrainingState, plans: list[MemberPlan], averaged: list[int], average) -> dict[str, Any]:
     """Pairwise accuracy on each further held-out set of every member, the average and the
     ensemble of the averaged members, each member loaded once for all sets."""
@@ -712,7 +736,7 @@ def _further_accuracies(state: TrainingState, plans: list[MemberPlan], averaged:
 
     scored: dict[str, list] = {name: [] for name in sets}
     for member_dir in _member_model_dirs(Path(state.ctx.stage_dir), plans):
-        member = load_reward_model(member_dir, state.pad_id).to(session.device)
+        member = _scored_only(session, load_reward_model(member_dir, state.pad_id))
         for name, pairs in sets.items():
             scored[name].append(score(member, pairs))
         del member

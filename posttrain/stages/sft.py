@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from posttrain.chat import has_image_parts, image_model_inputs, tokenize_conversation, tokenize_image_conversation
 from posttrain.data import DataError, load_conversations, write_jsonl
@@ -28,7 +28,8 @@ class SFTStageConfig(StageConfig):
 
     # Added after run directories were made with this stage (StageConfig.hash_form).
     _HASHED_ONLY_WHEN_SET: ClassVar[dict[str, Any]] = {
-        "num_train_epochs": None, "eval_dataset": None, "eval_steps": None, "train_vision_tower": False}
+        "num_train_epochs": None, "eval_dataset": None, "eval_steps": None, "train_vision_tower": False,
+        "sharding": "none", "fsdp_offload": False}
 
 
     model: str = Field(description="Model to finetune: ${models.NAME}, ${stages.NAME.model} or a path.")
@@ -62,6 +63,19 @@ class SFTStageConfig(StageConfig):
     report_to: ReportTo = Field(default_factory=list, description="Extra trackers: tensorboard, wandb, trackio "
                                 "(the `trackers` extra installs them).")
     deepspeed: str | None = Field(None, description="DeepSpeed config file for multi-GPU runs under `accelerate launch`.")
+    sharding: Literal["none", "fsdp"] = Field(
+        "none", description="fsdp: the Trainer's own FSDP2 (transformers' `fsdp` / `fsdp_config` with fsdp_version 2), "
+        "one unit per decoder layer, under a multi-process launch; the saved model is whole.")
+    fsdp_offload: bool = Field(False, description="sharding fsdp: keep parameters and optimizer state in CPU memory.")
+
+    @model_validator(mode="after")
+    def _one_sharding_engine(self):
+        if self.sharding == "fsdp" and self.deepspeed is not None:
+            raise ValueError("sharding: fsdp and deepspeed are two sharding engines; set one of them")
+        if self.sharding == "fsdp" and self.lora is not None:
+            raise ValueError("sharding: fsdp with lora: the adapter is merged on one process at the end, which a "
+                             "sharded model cannot do; train LoRA data-parallel (sharding: none)")
+        return self
 
 
 def load_conversations_for_training(path: str, on_invalid_row: str, skipped_path: Path, write_skipped: bool = True,
@@ -188,7 +202,7 @@ def run_sft(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
         gradient_checkpointing=cfg.gradient_checkpointing, bf16=cfg.bf16, logging_steps=cfg.logging_steps,
         save_strategy="no", report_to=cfg.report_to or "none", seed=ctx.seed, data_seed=ctx.seed,
         disable_tqdm=True, dataset_num_proc=None, deepspeed=cfg.deepspeed, use_cpu=_no_accelerator(),
-        **trainer_options,
+        **_fsdp_arguments(cfg, model, current_launch().world_size), **trainer_options,
     )
 
     losses: list[float] = []
@@ -240,11 +254,32 @@ def run_sft(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
              "trained_tokens": sum(sum(r["assistant_masks"]) for r in rows)}
     if ctx.is_main:
         (ctx.stage_dir / "data_stats.json").write_text(json.dumps(stats, indent=2))
+    from posttrain.sharding import parameter_bytes_on_rank
+
     metrics = {"loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
-               "steps": trainer.state.global_step, "train_seconds": round(seconds, 1), **stats}
+               "steps": trainer.state.global_step, "train_seconds": round(seconds, 1), **stats,
+               "sharding": "fsdp" if trainer.is_fsdp_enabled else "none", "world_size": current_launch().world_size,
+               "param_bytes_per_rank": parameter_bytes_on_rank(trainer.model)}
     if eval_losses:
         metrics.update(eval_loss_first=eval_losses[0], eval_loss_last=eval_losses[-1])
     return StageResult(outputs={"model": str(out)}, metrics=metrics)
+
+
+def _fsdp_arguments(cfg: SFTStageConfig, model, world_size: int) -> dict[str, Any]:
+    """TrainingArguments for `sharding: fsdp` under a multi-process launch: the Trainer's FSDP2,
+    wrapping the decoder layers (the classes posttrain.sharding shards the loops' models by), with
+    a full state dict for the saved model. Nothing for one process or `sharding: none`.
+
+    accelerate applies FSDP on GPU launches only; on CPUs the Trainer then trains data-parallel
+    (the stage's metrics record the sharding it actually had)."""
+    if cfg.sharding != "fsdp" or world_size < 2:
+        return {}
+    from posttrain.sharding import decoder_layers
+
+    layers = sorted({type(m).__name__ for m in decoder_layers(model)})
+    return {"fsdp": "full_shard auto_wrap" + (" offload" if cfg.fsdp_offload else ""),
+            "fsdp_config": {"fsdp_version": 2, "transformer_layer_cls_to_wrap": layers,
+                            "reshard_after_forward": True, "state_dict_type": "FULL_STATE_DICT"}}
 
 
 def _no_accelerator() -> bool:

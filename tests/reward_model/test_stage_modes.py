@@ -86,6 +86,22 @@ def test_two_processes_train_the_same_members_and_average_as_one(tmp_path):
     for key in ("member_1/accuracy", "member_2/accuracy", "average/accuracy", "ensemble/accuracy"):
         assert one["metrics"][key] == two["metrics"][key] == two["metrics"][f"again/{key}"], key
 
+    # The same with `sharding: fsdp`: each rank holds half of every model (probe, members, and the
+    # average and members scored afterwards); the members are written from the shards.
+    sharded = _recipe(tmp_path / "sharded", {**further, "sharding": "fsdp"})
+    done = _torchrun(sharded, 2)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    three = json.loads((sharded.parent / "run" / "rm" / "manifest.json").read_text())
+    assert three["metrics"]["sharding"] == "fsdp" and one["metrics"]["sharding"] == "none"
+    three_dir = sharded.parent / "run" / "rm"
+    assert _distance(start, _start(three_dir, three["config"]["model"])) < 1e-6
+    for name in ("members/member_1/model", "members/member_2/model", "model"):
+        a, c = weights(one_dir / name), weights(three_dir / name)
+        assert a.keys() == c.keys()
+        assert _distance(a, c) <= 1e-4 * _distance(a, start), name
+    for key in ("member_1/accuracy", "member_2/accuracy", "average/accuracy", "ensemble/accuracy"):
+        assert one["metrics"][key] == three["metrics"][key] == three["metrics"][f"again/{key}"], key
+
 
 # --- LoRA ---------------------------------------------------------------------------------------
 

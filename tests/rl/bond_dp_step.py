@@ -1,10 +1,11 @@
 """One J-BOND update on fixed completions, run by test_bond_data_parallel.py under torchrun and alone.
 
-    python bond_dp_step.py MODEL_DIR OUT_DIR ALGORITHM [TOKEN_BUDGET]
+    python bond_dp_step.py MODEL_DIR OUT_DIR ALGORITHM [TOKEN_BUDGET|-] [none|fsdp]
 
 Every rank takes its share of the same global batch (4 prompts, each with one policy completion
 and k anchor completions, fixed token ids and rewards), runs the rl stage's J-BOND/BOND pass and
-one optimizer step through posttrain.training; each rank saves its policy and step statistics.
+one optimizer step through posttrain.training; each rank saves its policy (whole tensors, gathered
+from the shards under fsdp) and step statistics.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import torch
 from posttrain.modeling import load_causal_lm, load_tokenizer
 from posttrain.rollout.types import Completion
 from posttrain.stages.rl import BondBatch, Learner, RLStageConfig, bond_gradient_pass
-from posttrain.training import TrainingSession, place_frozen
+from posttrain.sharding import full_tensor
+from posttrain.training import TrainingSession
 
 PROMPTS = 4
 
@@ -43,15 +45,16 @@ def fixed_batch(tokenizer, k: int):
     return prompts, policy, anchors, rewards
 
 
-def main(model_dir: str, out_dir: str, algorithm: str, budget: int | None) -> None:
+def main(model_dir: str, out_dir: str, algorithm: str, budget: int | None, sharding: str = "none") -> None:
     out = Path(out_dir)
-    session = TrainingSession("fp32", seed=0)
+    session = TrainingSession("fp32", seed=0, sharding=sharding)
     tokenizer = load_tokenizer(model_dir)
     policy = load_causal_lm(model_dir)
-    anchor = place_frozen(copy.deepcopy(policy), session.device)
+    anchor = copy.deepcopy(policy)
     with torch.no_grad():  # an anchor apart from the policy, so the log-ratios are not all 0
         for p in anchor.parameters():
             p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    anchor = session.place_frozen(anchor, "accelerator", "anchor_placement")  # sharded under fsdp
     policy = session.prepare(policy, learning_rate=1e-2)
     # Plain SGD, as in tests/training/dp_step.py: the update is proportional to the summed gradient.
     session.optimizer = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=1.0)
@@ -67,16 +70,18 @@ def main(model_dir: str, out_dir: str, algorithm: str, budget: int | None) -> No
     stats, finite = bond_gradient_pass(Learner(config, session, policy, anchor, None, tokenizer.pad_token_id), batch)
     assert finite
     result = session.step(config.max_grad_norm)
-    torch.save({k: v.detach().cpu() for k, v in policy.state_dict().items()}, out / f"policy_rank{session.rank}.pt")
+    torch.save({k: full_tensor(v).detach().cpu() for k, v in policy.state_dict().items()},
+               out / f"policy_rank{session.rank}.pt")
     (out / f"stats_rank{session.rank}.json").write_text(json.dumps({
         "grad_norm": result.grad_norm, "loss": session.all_sum(stats.loss), "forward": session.all_sum(stats.forward),
         "backward": session.all_sum(stats.backward), "micro_batches": stats.micro_batches,
-        "world_size": session.world_size}))
+        **session.describe(PROMPTS, "prompts")}))
     session.barrier()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]) if len(sys.argv) > 4 else None)
+    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]) if len(sys.argv) > 4 and sys.argv[4] != "-" else None,
+         sys.argv[5] if len(sys.argv) > 5 else "none")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

@@ -2,7 +2,7 @@
 
 The backward term's baseline is the mean over the *other* items of the whole batch, and the loss
 normalisers are global counts: both are summed over the ranks, so the ranks' summed gradients are
-the single-process gradient whatever the split and the micro-batching.
+the single-process gradient whatever the split and the micro-batching; also with `sharding: fsdp`.
 """
 
 from __future__ import annotations
@@ -40,3 +40,17 @@ def test_one_bond_step_on_two_ranks_equals_one_single_process_step(tiny_gemma3_d
     for key in ("loss", "forward", "backward"):
         assert s2[0][key] == pytest.approx(s1[key], rel=1e-5, abs=1e-7), key
     assert s2[0]["grad_norm"] == pytest.approx(s1["grad_norm"], rel=1e-5)
+    if algorithm != "jbond":
+        return
+    # The same step with `sharding: fsdp`: each rank holds half of the policy and of the anchor.
+    sharded = tmp_path / "fsdp"
+    sharded.mkdir()
+    launch_ranks([SCRIPT, str(tiny_gemma3_dir), str(sharded), algorithm, budget, "fsdp"], 2, tmp_path)
+    for r in (0, 1):
+        two = torch.load(sharded / f"policy_rank{r}.pt")
+        assert max(float((one[k] - two[k]).abs().max()) for k in one) < 1e-5 * max(1.0, moved) + 1e-6
+    s3 = json.loads((sharded / "stats_rank0.json").read_text())
+    assert s3["sharding"] == "fsdp" and 0.45 < s3["param_bytes_per_rank"] / s1["param_bytes_per_rank"] < 0.55
+    for key in ("loss", "forward", "backward"):
+        assert s3[key] == pytest.approx(s1[key], rel=1e-5, abs=1e-7), key
+    assert s3["grad_norm"] == pytest.approx(s1["grad_norm"], rel=1e-5)

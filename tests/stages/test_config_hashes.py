@@ -40,6 +40,8 @@ def test_an_unchanged_config_hashes_as_it_did_before_the_options_added_since(kin
     ("rl", {"rewards": [{"name": "math", "tolerate_all_faults": True}]}),
     ("rl", {"rollout": {"sync_bucket_mb": 256}}), ("distill", {"rollout": {"lora_sync": "adapter", "backend": "vllm"}}),
     ("evaluate", {"rollout": {"max_lora_rank": 16}}),
+    ("rl", {"sharding": "fsdp"}),
+    ("distill", {"fsdp_offload": True}), ("reward_model", {"sharding": "fsdp"}), ("sft", {"sharding": "fsdp"}),
 ])
 def test_a_later_option_counts_once_it_is_set(kind, option):
     assert _digest(kind, **option) != EARLIER[kind]

@@ -1,10 +1,11 @@
 """One `rl` update on fixed completions, run by test_data_parallel.py under torchrun and alone.
 
-    python dp_step.py MODEL_DIR OUT_DIR [TOKEN_BUDGET|-] [sgd|adamw|adamw-sharded]
+    python dp_step.py MODEL_DIR OUT_DIR [TOKEN_BUDGET|-] [sgd|adamw|adamw-sharded] [none|fsdp]
 
 Every rank takes its share of the same global batch (4 prompts x 4 completions with fixed token
 ids and rewards), runs the rl stage's policy-gradient pass and one optimizer step through
-posttrain.training, then the EMA anchor update; each rank saves its policy and anchor.
+posttrain.training, then the EMA anchor update; each rank saves its policy and anchor (whole
+tensors, gathered from the shards under fsdp) and its statistics.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from posttrain.modeling import load_causal_lm, load_tokenizer
 from posttrain.rollout import weights_for_engine
 from posttrain.rollout.types import Completion
 from posttrain.stages.rl import Learner, RLStageConfig, policy_gradient_pass
-from posttrain.training import TrainingSession, place_frozen
+from posttrain.sharding import full_tensor, is_sharded, sharded_ema_update_
+from posttrain.training import TrainingSession
 from posttrain.weights import ema_update_
 
 PROMPTS, N = 4, 4
@@ -42,12 +44,16 @@ def fixed_batch(tokenizer):
     return prompts, completions, rewards
 
 
-def main(model_dir: str, out_dir: str, budget: int | None, optimizer: str = "sgd") -> None:
+def whole(model) -> dict:
+    return {k: full_tensor(v).detach().cpu() for k, v in model.state_dict().items()}
+
+
+def main(model_dir: str, out_dir: str, budget: int | None, optimizer: str = "sgd", sharding: str = "none") -> None:
     out = Path(out_dir)
-    session = TrainingSession("fp32", seed=0)
+    session = TrainingSession("fp32", seed=0, sharding=sharding)
     tokenizer = load_tokenizer(model_dir)
     policy = load_causal_lm(model_dir)
-    anchor = place_frozen(copy.deepcopy(policy), session.device)
+    anchor = session.place_frozen(copy.deepcopy(policy), "accelerator", "anchor_placement")
     policy = session.prepare(policy, learning_rate=1e-2, shard_optimizer=optimizer == "adamw-sharded")
     if optimizer == "sgd":
         # Plain SGD for comparisons across launches: the update is then proportional to the summed
@@ -65,12 +71,20 @@ def main(model_dir: str, out_dir: str, budget: int | None, optimizer: str = "sgd
         [rewards[i * N + j] for i in mine for j in range(N)])
     assert finite
     result = session.step(config.max_grad_norm)
-    ema_update_(anchor, dict(weights_for_engine(policy)), 0.5)
-    torch.save({k: v.detach().cpu() for k, v in policy.state_dict().items()}, out / f"policy_rank{session.rank}.pt")
-    torch.save({k: v.detach().cpu() for k, v in anchor.state_dict().items()}, out / f"anchor_rank{session.rank}.pt")
+    if is_sharded(anchor):
+        sharded_ema_update_(anchor, policy, 0.5)
+    else:
+        ema_update_(anchor, dict(weights_for_engine(policy)), 0.5)
+    torch.save(whole(policy), out / f"policy_rank{session.rank}.pt")
+    torch.save(whole(anchor), out / f"anchor_rank{session.rank}.pt")
     (out / f"stats_rank{session.rank}.json").write_text(json.dumps({
         "grad_norm": result.grad_norm, "loss": session.all_sum(stats.loss), "micro_batches": stats.micro_batches,
-        "world_size": session.world_size}))
+        **session.describe(PROMPTS * N, "sequences")}))
+    if is_sharded(policy):
+        # The output model, streamed from the shards into files of at most 1 MB (so several).
+        from posttrain.sharded_save import save_hf_checkpoint
+
+        save_hf_checkpoint(policy, tokenizer, out / "model", session.is_main, shard_mb=1)
     if optimizer != "sgd":
         # A checkpoint of the (possibly sharded) optimizer, restored into a fresh one.
         from posttrain.training import load_checkpoint, save_checkpoint
@@ -88,7 +102,7 @@ def main(model_dir: str, out_dir: str, budget: int | None, optimizer: str = "sgd
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 and sys.argv[3] != "-" else None,
-         sys.argv[4] if len(sys.argv) > 4 else "sgd")
+         sys.argv[4] if len(sys.argv) > 4 else "sgd", sys.argv[5] if len(sys.argv) > 5 else "none")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

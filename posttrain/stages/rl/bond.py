@@ -232,15 +232,17 @@ def _score_policy_samples(learner: Learner, batch: BondBatch, valid: torch.Tenso
     num = len(batch.prompt_ids)
     logp_sum, anchor_sum, start_sum = torch.zeros(num), torch.zeros(num), torch.zeros(num)
     sizes = [len(p) + len(c.token_ids) for p, c in zip(batch.prompt_ids, batch.policy_samples)]
-    for mb in learner.micro_batches(sizes, 1):
+    for mb, real in learner.session.even_micro_batches(learner.micro_batches(sizes, 1)):
         score = learner.scorer(batch.prompt_ids[mb], batch.policy_samples[mb], 1)
         with torch.no_grad(), learner.session.autocast():
             logp, mask, entropy = score(learner.policy, with_entropy=True)
-            logp_sum[mb] = masked_sum(logp, mask).float().cpu()
             logp_anchor = score(learner.anchor)[0].to(logp.device)
-            anchor_sum[mb] = masked_sum(logp_anchor, mask).float().cpu()
             logp_start = score(learner.start_model)[0].to(logp.device) if learner.start_model is not None else logp_anchor
-            start_sum[mb] = masked_sum(logp_start, mask).float().cpu()
+        if not real:
+            continue  # a repeat that keeps a sharded model's collectives in step (fsdp)
+        logp_sum[mb] = masked_sum(logp, mask).float().cpu()
+        anchor_sum[mb] = masked_sum(logp_anchor, mask).float().cpu()
+        start_sum[mb] = masked_sum(logp_start, mask).float().cpu()
         ok = valid[mb].to(mask.device)
         stats.kl_anchor_k3 += k3_kl(logp, logp_anchor, mask)[ok].tolist()
         stats.kl_start_k3 += k3_kl(logp, logp_start, mask)[ok].tolist()
@@ -271,7 +273,8 @@ def _jeffreys_backward(learner: Learner, batch: BondBatch, targets: list, weight
         normalizer[kind] = max(1.0, session.all_sum(count))
     mbs = learner.micro_batches([len(p) + len(c.token_ids) for p, c in zip(seq_prompts, seqs)], per)
     stats.micro_batches = len(mbs)
-    for mb in mbs:
+    finite = True
+    for mb, real in session.even_micro_batches(mbs):  # fsdp: as many passes on every rank
         rows = slice(mb.start // per, min(num, mb.stop // per))
         with session.autocast():
             logp, mask, _ = learner.scorer(seq_prompts[mb], seqs[mb], per)(learner.policy)
@@ -294,14 +297,20 @@ def _jeffreys_backward(learner: Learner, batch: BondBatch, targets: list, weight
             forward = forward_nll_loss(logp[j::per], mask[j::per] * ok, config.loss_aggregation,
                                        normalizer=normalizer["target"])
         loss = jeffreys_loss(forward, backward, options.jeffreys_beta, kl_term, options.kl_gamma)
+        if not real:
+            (loss * 0.0).backward()  # a repeat that keeps a sharded model's collectives in step
+            continue
         if not torch.isfinite(loss):
-            return False
+            finite = False
+            if not session.fsdp:
+                return False
+            # Under fsdp the other ranks still run their passes; the step is skipped on every rank.
         loss.backward()
         stats.loss += loss.item()
         stats.forward += forward.item()
         stats.backward += backward.item()
         stats.kl_term += kl_term.item()
-    return True
+    return finite
 
 
 __all__ = ["AnchorRollouts", "Bond", "BondBatch", "BondStats", "anchor_sampling_seed", "bond_gradient_pass"]

@@ -47,7 +47,8 @@ class RLStageConfig(TrainingOptions):
     or J-BOND / BOND against the same EMA anchor (`algorithm`, `bond`)."""
 
     # Added after run directories were made with this stage (StageConfig.hash_form).
-    _HASHED_ONLY_WHEN_SET: ClassVar[dict[str, Any]] = {"rewards[].tolerate_all_faults": False}
+    _HASHED_ONLY_WHEN_SET: ClassVar[dict[str, Any]] = {
+        **TrainingOptions._HASHED_ONLY_WHEN_SET, "rewards[].tolerate_all_faults": False}
 
 
     model: str = Field(description="Policy to start from (and the initial anchor): ${stages.NAME.model}, ${models.NAME} or a path.")

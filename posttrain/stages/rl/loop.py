@@ -28,8 +28,7 @@ from posttrain.stages.rl.bond import Bond
 from posttrain.stages.rl.config import RLStageConfig
 from posttrain.stages.rl.rloo import RLOO
 from posttrain.stages.rl.step import Learner, RLAlgorithm, StepState
-from posttrain.training import (TrainingSession, checkpoint_due, place_frozen, resolve_placement, resume_latest,
-                                save_checkpoint, save_model)
+from posttrain.training import TrainingSession, checkpoint_due, resume_latest, save_checkpoint
 from rewards.combine import CombinedReward
 
 log = logging.getLogger(__name__)
@@ -69,10 +68,8 @@ def run_rl(config: RLStageConfig, ctx: StageContext) -> StageResult:
         state.engine.close()
 
     out_dir = stage_dir / "model"
-    session, policy = state.session, state.learner.policy
-    if ctx.is_main:
-        save_model(policy.merge_and_unload() if config.lora is not None else policy, run.tokenizer, out_dir)
-    session.barrier()  # the other ranks return once the model is on disk
+    session = state.session
+    session.save_output_model(state.learner.policy, run.tokenizer, out_dir)
     session.close()
     return StageResult(outputs={"model": str(out_dir)}, metrics=summary)
 
@@ -96,7 +93,7 @@ def setup_run(config: RLStageConfig, ctx: StageContext) -> RLRun:
     retain_freed_memory()  # see posttrain.allocator: steps stop page-faulting their activations
     torch.manual_seed(ctx.seed)
     random.seed(ctx.seed)
-    session = TrainingSession(config.precision, ctx.seed)
+    session = TrainingSession(config.precision, ctx.seed, config.sharding, config.fsdp_offload)
     session.shard(range(config.prompts_per_step), "prompts_per_step")  # fails early unless it splits over the ranks
     tokenizer = load_tokenizer(config.model)
     rows, prompt_ids, dropped = load_prompts(config.dataset, tokenizer, config.max_prompt_tokens)
@@ -107,9 +104,9 @@ def setup_run(config: RLStageConfig, ctx: StageContext) -> RLRun:
 
     # Models: the policy being trained, the anchor (EMA of the policy), the starting model (fixed).
     policy, plain = _build_policy(config)
-    frozen_device = resolve_placement(config.anchor_placement, session.device, "anchor_placement")
-    anchor = place_frozen(copy.deepcopy(plain), frozen_device)
-    start_model = (place_frozen(copy.deepcopy(plain), frozen_device)
+    # Under fsdp (placement 'accelerator') both are sharded like the policy.
+    anchor = session.place_frozen(copy.deepcopy(plain), config.anchor_placement, "anchor_placement")
+    start_model = (session.place_frozen(copy.deepcopy(plain), config.anchor_placement, "anchor_placement")
                    if (config.log_kl_to_start and config.anchor_ema > 0) else None)
     del plain
     policy = session.prepare(policy, config.learning_rate, config.weight_decay, config.warmup_steps,

@@ -100,7 +100,8 @@ def policy_gradient_pass(learner: Learner, prompt_ids: list[list[int]], completi
         normalizer = session.all_sum(len(completions))
     micro = learner.micro_batches([len(p) + len(c.token_ids) for p, c in zip(seq_prompts, completions)], n)
     stats = RLOOStats(micro_batches=len(micro))
-    for mb in micro:
+    finite = True
+    for mb, real in session.even_micro_batches(micro):  # fsdp: as many passes on every rank
         score = learner.scorer(seq_prompts[mb], completions[mb], n)
         with session.autocast():
             logp, mask, entropy = score(learner.policy, with_entropy=True)
@@ -118,8 +119,15 @@ def policy_gradient_pass(learner: Learner, prompt_ids: list[list[int]], completi
         old = engine_logprobs(completions[mb], mask) if config.importance_clip is not None else None
         loss = reinforce_loss(logp, advantages, mask, old_logprobs=old, clip=config.importance_clip,
                               aggregation=config.loss_aggregation, normalizer=normalizer)
+        if not real:
+            (loss * 0.0).backward()  # a repeat that keeps a sharded model's collectives in step
+            continue
         if not torch.isfinite(loss):
-            return stats, False
+            finite = False
+            if not session.fsdp:
+                return stats, False
+            # Under fsdp the other ranks still run their passes; this one runs its own (the step is
+            # skipped on every rank by the all-reduced flag).
         loss.backward()
         stats.loss += loss.item()
         stats.kl_anchor += (logp_sum - anchor_sum).tolist()
@@ -132,7 +140,7 @@ def policy_gradient_pass(learner: Learner, prompt_ids: list[list[int]], completi
         if keep_logprobs:
             stats.engine_lp += [c.logprobs for c in completions[mb]]
             stats.trainer_lp += [logp[i, :len(c.token_ids)].detach().cpu() for i, c in enumerate(completions[mb])]
-    return stats, True
+    return stats, finite
 
 
 __all__ = ["RLOO", "RLOOStats", "policy_gradient_pass"]
