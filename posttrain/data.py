@@ -490,10 +490,12 @@ T = TypeVar("T")
 
 @dataclass
 class TokenSequence:
-    """A tokenised conversation: ids and the loss mask (1 on tokens the student learns to predict)."""
+    """A tokenised conversation: ids and the loss mask (1 on tokens the student learns to predict);
+    with images, `images` is the ImagePrompt (posttrain.images) whose images its image tokens stand for."""
 
     input_ids: list[int]
     loss_mask: list[int]
+    images: Any = None
 
 
 def load_rows(path: str | Path, read_row: Callable[[str, dict], T | None], expected: str, *,
@@ -553,19 +555,21 @@ def load_conversations(path: str, skipped: list[dict] | None = None, allow_image
 
 
 def load_prompts(path: str, tokenizer, max_prompt_tokens: int | None = None,
-                 limit: int | None = None) -> tuple[list[dict], list[list[int]], int]:
+                 limit: int | None = None, processor=None) -> tuple[list[dict], list[list[int]], int]:
     """Prompt rows for RL-style loops and evaluation: (rows, prompt token ids, number dropped as too long).
 
     Rows keep every column for the rewards; `prompt` is text or messages, tokenised in the Gemma IT
     format (posttrain.chat). A row without a prompt is an error naming its file and line. Prompts
-    longer than `max_prompt_tokens` (None: no limit) are dropped and counted; at most `limit` rows
-    are read.
+    longer than `max_prompt_tokens` (None: no limit; an image's soft tokens count) are dropped and
+    counted; at most `limit` rows are read. With a composite model's `processor`, a prompt with
+    image parts becomes an ImagePrompt (posttrain.images); without one, image parts are an error
+    naming the row.
     """
 
     def read_prompt(where: str, row: dict) -> tuple[dict, list[int]] | None:
         if "prompt" not in row:
             raise DataError(f"expected a 'prompt' (text or messages); the row has {sorted(row)}")
-        prompt_ids = tokenize_prompt(tokenizer, row["prompt"])
+        prompt_ids = _prompt_ids(tokenizer, processor, row["prompt"])
         if max_prompt_tokens is not None and len(prompt_ids) > max_prompt_tokens:
             return None
         return row, prompt_ids
@@ -578,33 +582,64 @@ def load_prompts(path: str, tokenizer, max_prompt_tokens: int | None = None,
     return [row for row, _ in read], [ids for _, ids in read], too_long
 
 
-def load_distill_rows(path: str, tokenizer, max_length: int) -> tuple[list[list[int]], list[TokenSequence]]:
+def load_distill_rows(path: str, tokenizer, max_length: int,
+                      processor=None) -> tuple[list[list[int]], list[TokenSequence]]:
     """Distillation rows: prompt ids for on-policy sampling, and whole sequences for off-policy batches.
 
     A row is `prompt` (text or messages), `prompt` + `completion`, or `messages`; every row gives
     its prompt (a conversation's turns up to its last user turn), and a row with a completion (or
     `messages` ending in an assistant turn) also gives its whole sequence, cut to `max_length`
-    tokens, with the loss mask on the model's turns.
+    tokens, with the loss mask on the model's turns. With a composite model's `processor`, rows
+    with image parts give ImagePrompts and sequences that carry their images (never cut: a row
+    longer than max_length with its images is an error naming it).
     """
 
     def read_distill_row(where: str, row: dict) -> tuple[list[int], TokenSequence | None]:
         if "messages" in row:
-            turns = normalise_messages(row["messages"], where="messages")
+            messages = row["messages"]
+            images = processor is not None and has_image_parts(messages)
+            turns = normalise_messages(text_view(messages) if images else messages, where="messages")
+            if images:  # checked above as text; the turns themselves keep their images (and system turn)
+                turns = list(messages)
             last_user = max(i for i, t in enumerate(turns) if t["role"] == "user")
             whole = turns if turns[-1]["role"] == "assistant" else None
-            return tokenize_prompt(tokenizer, turns[:last_user + 1]), _token_sequence(tokenizer, whole, max_length)
+            return (_prompt_ids(tokenizer, processor, turns[:last_user + 1]),
+                    _token_sequence(tokenizer, processor, whole, max_length))
         if "prompt" in row:
             whole = (prompt_completion_to_messages(row["prompt"], row["completion"]) if "completion" in row else None)
-            return tokenize_prompt(tokenizer, row["prompt"]), _token_sequence(tokenizer, whole, max_length)
+            return _prompt_ids(tokenizer, processor, row["prompt"]), _token_sequence(tokenizer, processor, whole,
+                                                                                    max_length)
         raise DataError(f"expected 'prompt' (optionally with 'completion') or 'messages'; the row has {sorted(row)}")
 
     read, _ = load_rows(path, read_distill_row, "prompt or conversation rows")
     return [prompt for prompt, _ in read], [sequence for _, sequence in read if sequence is not None]
 
 
-def _token_sequence(tokenizer, messages: list[dict] | None, max_length: int) -> TokenSequence | None:
+def _prompt_ids(tokenizer, processor, prompt: Any) -> list[int]:
+    """A generation prompt's ids: an ImagePrompt when it holds images and the model has a processor
+    (without one, tokenize_prompt refuses the image parts, naming them)."""
+    if processor is not None and isinstance(prompt, (list, tuple)) and has_image_parts(prompt):
+        from posttrain.images import tokenize_image_prompt
+
+        return tokenize_image_prompt(processor, prompt)
+    return tokenize_prompt(tokenizer, prompt)
+
+
+def _token_sequence(tokenizer, processor, messages: list[dict] | None, max_length: int) -> TokenSequence | None:
     if messages is None:
         return None
+    if processor is not None and has_image_parts(messages):
+        from posttrain.chat import tokenize_image_conversation
+        from posttrain.images import ImagePrompt
+
+        tc, _ = tokenize_image_conversation(processor, messages)
+        if len(tc.input_ids) > max_length:
+            raise DataError(f"{len(tc.input_ids)} tokens with its images, over max_length {max_length}; raise "
+                            "max_length (rows with images are not cut: a cut could split an image)")
+        parts = [p for m in messages if isinstance(m.get("content"), (list, tuple))
+                 for p in m["content"] if isinstance(p, dict) and p.get("type") == "image"]
+        carrier = ImagePrompt(tc.input_ids, parts, processor.image_processor, processor.tokenizer.image_token_id)
+        return TokenSequence(tc.input_ids, tc.loss_mask, carrier)
     tc = tokenize_conversation(tokenizer, messages)
     return TokenSequence(tc.input_ids[:max_length], tc.loss_mask[:max_length])
 

@@ -18,7 +18,7 @@ from typing import Iterable, Sequence
 import torch
 
 from posttrain.losses.token_logprobs import resolve_chunk_size
-from posttrain.chat import as_messages, has_image_parts, image_model_inputs, tokenize_image_conversation
+from posttrain.images import ImagePrompt, image_forward_inputs, prompt_has_images, tokenize_image_prompt, vision_dtype
 from posttrain.modeling import context_length, is_composite, load_causal_lm, load_tokenizer, output_rows, stop_token_ids
 from posttrain.scoring import sequence_logprobs
 from posttrain.rollout.prompts import fit_prompts, render_prompts
@@ -86,7 +86,7 @@ class TransformersEngine(RolloutEngine):
     def generate(self, prompts: Sequence[Prompt], n: int = 1,
                  sampling: SamplingParams | None = None) -> list[list[Completion]]:
         sampling = self._generation_request(n, sampling)
-        if any(isinstance(p, (list, tuple)) and has_image_parts(p) for p in prompts):
+        if any(prompt_has_images(p) for p in prompts):
             return self._generate_with_images(prompts, n, sampling)
         prompt_ids = render_prompts(self.tokenizer, prompts)
         prompt_ids, truncated = fit_prompts(prompt_ids, self.max_model_len, sampling.max_new_tokens,
@@ -105,52 +105,52 @@ class TransformersEngine(RolloutEngine):
             results.extend(self._generate_chunk(rows[start:start + self.config.max_batch_size], sampling, stops))
         return [results[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
 
-    @torch.no_grad()
-    def _generate_with_images(self, prompts: Sequence[Prompt], n: int, sampling: SamplingParams) -> list[list[Completion]]:
-        """Prompts with image parts (a composite model): each prompt with its images through the
-        model's processor, one prompt at a time (its n samples together)."""
+    def _image_prompt(self, prompt: Prompt, where: str) -> list[int]:
+        """A prompt of an image batch as ids: an ImagePrompt as it is, messages tokenised with the
+        model's processor (into an ImagePrompt), token ids as they are."""
+        if isinstance(prompt, ImagePrompt) or (isinstance(prompt, (list, tuple)) and prompt
+                                               and all(isinstance(t, int) for t in prompt)):
+            return prompt
         if self._processor is None:
             from transformers import AutoProcessor
 
-            if not is_composite(self.model.config):
-                raise RolloutError(f"generate: a prompt holds image parts, and {type(self.model).__name__} is a "
-                                   "text-only model; images need a composite checkpoint with its processor")
             self._processor = AutoProcessor.from_pretrained(self.model_path)
+        return tokenize_image_prompt(self._processor, prompt, where)
+
+    @torch.no_grad()
+    def _generate_with_images(self, prompts: Sequence[Prompt], n: int, sampling: SamplingParams) -> list[list[Completion]]:
+        """Prompts with image parts (a composite model): each prompt with its images (pixel values
+        and token type ids, posttrain.images), one prompt at a time (its n samples together). Image
+        prompts are never cut to fit: a cut could split an image's soft tokens."""
+        if not is_composite(self.model.config):
+            raise RolloutError(f"generate: a prompt holds image parts, and {type(self.model).__name__} is a "
+                               "text-only model; images need a composite checkpoint with its processor")
         stops = stop_token_ids(self.tokenizer) if sampling.stop_at_end_of_turn else [self.tokenizer.eos_token_id]
         kwargs = dict(max_new_tokens=sampling.max_new_tokens, eos_token_id=stops, pad_token_id=self.tokenizer.pad_token_id,
                       num_return_sequences=n, disable_compile=True)
         kwargs.update(dict(do_sample=False) if sampling.greedy else dict(
             do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k))
+        pixel_dtype = vision_dtype(self.model)
+        chunk = resolve_chunk_size("auto", output_rows(self.model))
         groups = []
         for i, prompt in enumerate(prompts):
-            messages = as_messages(prompt, f"prompts[{i}]")
-            conv, images = tokenize_image_conversation(self._processor, messages, add_generation_prompt=True,
-                                                       where=f"prompts[{i}]")
-            inputs = {k: v.to(self.device) for k, v in image_model_inputs(self._processor, conv, images).items()}
+            ids = self._image_prompt(prompt, f"prompts[{i}]")
+            fit_prompts([ids], self.max_model_len, sampling.max_new_tokens, "error", None)
+            input_ids = torch.tensor([list(ids)], device=self.device)
+            inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+                      **image_forward_inputs([ids], input_ids, pixel_dtype)}
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed + self._seed_offset + i * n)
-            out = self.model.generate(**inputs, **kwargs)[:, len(conv.input_ids):].cpu()
+            out = self.model.generate(**inputs, **kwargs)[:, len(ids):].cpu()
             stop_set = set(stops)
             cut = [cut_at_stop(row.tolist(), stop_set, sampling.max_new_tokens) for row in out]
-            logprobs = [self._image_prompt_logprobs(inputs, conv.input_ids, ids, sampling.logprob_temperature)
-                        if sampling.logprobs else [] for ids, _ in cut]
-            groups.append([Completion(token_ids=ids, text=decode_completion(self.tokenizer, ids, reason == "stop"),
-                                      logprobs=lp, finish_reason=reason) for (ids, reason), lp in zip(cut, logprobs)])
+            # The trainer's scoring path (posttrain.scoring), images included: one convention for both.
+            logprobs = ([lp.tolist() for lp in sequence_logprobs(
+                self.model, [ids] * n, [c for c, _ in cut], sampling.logprob_temperature,
+                pad_token_id=self.tokenizer.pad_token_id, chunk_size=chunk)] if sampling.logprobs else [[]] * n)
+            groups.append([Completion(token_ids=ids_, text=decode_completion(self.tokenizer, ids_, reason == "stop"),
+                                      logprobs=lp, finish_reason=reason) for (ids_, reason), lp in zip(cut, logprobs)])
         return groups
-
-    def _image_prompt_logprobs(self, inputs: dict, prompt_ids: list[int], completion: list[int],
-                               temperature: float) -> list[float]:
-        """Per-token log-probabilities of a completion of an image prompt (raw logits / T, as
-        sequence_logprobs), from one forward with the images. One sequence at a time: its
-        [length, vocabulary] logits are those of a single answer."""
-        if not completion:
-            return []
-        ids = torch.tensor([prompt_ids + completion], device=self.device)
-        full = {**inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids),
-                "token_type_ids": (ids == self._processor.tokenizer.image_token_id).long()}
-        logits = self.model(**full).logits[0, len(prompt_ids) - 1:-1].float() / temperature
-        picked = torch.log_softmax(logits, -1).gather(-1, torch.tensor(completion, device=self.device)[:, None])
-        return picked[:, 0].cpu().tolist()
 
     @torch.no_grad()
     def _generate_chunk(self, rows: list[list[int]], sampling: SamplingParams, stops: list[int]) -> list[Completion]:
