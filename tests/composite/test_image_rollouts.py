@@ -147,3 +147,21 @@ def test_rl_and_distill_on_image_prompts_train_the_language_model_alone(composit
         trained = load_file(manifests[name]["outputs"]["model"] + "/model.safetensors")
         assert vision and all(torch.equal(trained[n], base[n]) for n in vision)
         assert any(not torch.equal(trained[n], base[n]) for n in language)
+
+
+def test_validate_refuses_image_prompts_for_a_vllm_engine_naming_the_key(tmp_path):
+    from posttrain.data import write_jsonl
+    from posttrain.pipeline.recipe import RecipeError, load_recipe
+
+    write_jsonl(tmp_path / "prompts.jsonl", generate_vision("colour", 2, tmp_path / "img", fmt="prompt"))
+    recipe = tmp_path / "recipe.yaml"
+    head = recipe_header("image_vllm", models={"base": "{tiny: {arch: gemma3, vision: {}}}"},
+                         datasets={"prompts": f"{{path: {tmp_path / 'prompts.jsonl'}}}"})
+    rl = dict(model="${models.base}", dataset="${datasets.prompts}",
+              rewards=[{"name": "exact", "fn": "posttrain.toy.vision:exact_answer_reward"}])
+    recipe.write_text(head + stage("rl", "rl", **rl, rollout={"backend": "vllm"}))
+    with pytest.raises(RecipeError, match=r"recipe.yaml:\d+: stages.rl.rollout.backend: \$\{datasets.prompts\} "
+                                          r"\(dataset\) holds image prompts.*set rollout.backend: transformers"):
+        load_recipe(recipe)
+    recipe.write_text(head + stage("rl", "rl", **rl))  # auto: the transformers engine, chosen at run time
+    load_recipe(recipe)
