@@ -298,18 +298,30 @@ def _same_value(value: Any, wanted: Any) -> bool:
     return isinstance(value, scalars) and isinstance(wanted, scalars) and case_label(value) == case_label(wanted)
 
 
-def map_row(row: dict, columns: dict[str, Any] | None, where: str) -> dict:
+def map_row(row: dict, columns: dict[str, Any] | None, where: str, images: "ImageFiles | None" = None,
+            index: int = 0) -> dict:
     """One row in the data contract. `columns` maps each output column to its source: a column name,
     `{from: NAME, after: MARKER}` (the text after the last MARKER, stripped: GSM8K's `#### 42`),
     `{from: NAME, turns: {MARKER: ROLE}}` (a transcript split into messages), `{from: NAME, roles:
     {SOURCE: ROLE}}` (messages' roles renamed), either with `drop_last_answer` (the prompt before
     the last answer), `{by: LABEL, cases: {VALUE: NAME}}` in place of `from` (the column named by
     this row's label: which of two answers won), or `{template: "...{question}..."}` (str.format
-    over the row). No mapping keeps the row."""
+    over the row); any of them with `image: COLUMN`, the row's image(s) put at the start of the
+    first user turn (a text becomes that turn), written as files by `images` (ImageFiles; `index`
+    names this row's). No mapping keeps the row."""
     if not columns:
         return dict(row)
     out = {}
     for target, source in columns.items():
+        if isinstance(source, dict) and source.get("image"):
+            if images is None:
+                raise DataError(f"{where}.columns.{target}.image: images are mapped where a dataset is written "
+                                "into the run directory (materialize_dataset)")
+            plain = {k: v for k, v in source.items() if k != "image"}
+            value = map_row(row, {target: plain}, where)[target]
+            out[target] = with_image_parts(value, images.parts(row, source["image"], f"{where}.columns.{target}.image",
+                                                               index), f"{where}.columns.{target}")
+            continue
         key = f"{where}.columns.{target}"
         if isinstance(source, str):
             source = {"from": source}
@@ -340,6 +352,71 @@ def map_row(row: dict, columns: dict[str, Any] | None, where: str) -> dict:
             value = without_last_answer(value, f"{key}.drop_last_answer (column {name!r})")
         out[target] = value
     return out
+
+
+class ImageFiles:
+    """The images of a mapped dataset's image column, written as files in `folder` (beside the data
+    the run reads), so that the rows stay JSON and refer to them by path as the project's image
+    parts do. A cell may hold a PIL image (`datasets`' Image feature), encoded bytes, a dict with
+    `bytes` or `path` (the feature undecoded), a path (relative to `base_dir`, the source's folder),
+    or a list of these (several images)."""
+
+    def __init__(self, folder: str | Path, base_dir: str | Path | None = None):
+        self.folder, self.base_dir = Path(folder), Path(base_dir) if base_dir is not None else None
+
+    def parts(self, row: dict, column: str, key: str, index: int) -> list[dict]:
+        if column not in row:
+            raise DataError(f"{key}: column {column!r} is not in the dataset; the rows have {sorted(row)}")
+        cells = row[column] if isinstance(row[column], (list, tuple)) else [row[column]]
+        if not cells or any(cell is None for cell in cells):
+            raise DataError(f"{key}: column {column!r} holds no image in this row")
+        return [{"type": "image", "path": self._file(cell, f"{key} (column {column!r})", f"{index}_{j}")}
+                for j, cell in enumerate(cells)]
+
+    def _file(self, cell: Any, key: str, stem: str) -> str:
+        import io
+
+        from PIL import Image, UnidentifiedImageError
+
+        if isinstance(cell, dict):
+            cell = cell.get("bytes") or cell.get("path")
+        if isinstance(cell, str):
+            path = Path(cell).expanduser()
+            if not path.is_absolute() and self.base_dir is not None:
+                path = self.base_dir / path
+            if not path.is_file():
+                raise DataError(f"{key}: image file {cell!r} not found" +
+                                (f" (relative paths are read from {self.base_dir})" if self.base_dir else ""))
+            return str(path.resolve())
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if isinstance(cell, Image.Image):
+            out = self.folder / f"{stem}.png"
+            cell.save(out)
+            return str(out)
+        if isinstance(cell, (bytes, bytearray)):
+            try:  # kept as encoded (a JPEG stays a JPEG); the format only names the file
+                kind = (Image.open(io.BytesIO(cell)).format or "img").lower()
+            except UnidentifiedImageError:
+                raise DataError(f"{key}: the bytes are not an image PIL can read") from None
+            out = self.folder / f"{stem}.{kind}"
+            out.write_bytes(cell)
+            return str(out)
+        raise DataError(f"{key}: expected an image (PIL image, encoded bytes, or a file path), got {type(cell).__name__}")
+
+
+def with_image_parts(value: Any, parts: list[dict], where: str) -> list[dict]:
+    """`value` (a text, or a list of messages) with image `parts` at the start of its first user turn;
+    a text becomes that user turn."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": [*parts, {"type": "text", "text": value}]}]
+    if not isinstance(value, list):
+        raise DataError(f"{where}: images go into a text or a list of messages, got {type(value).__name__}")
+    for i, message in enumerate(value):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            text = [{"type": "text", "text": content}] if isinstance(content, str) else list(content or [])
+            return value[:i] + [{**message, "content": [*parts, *text]}] + value[i + 1:]
+    raise DataError(f"{where}: the messages have no user turn to put the image in")
 
 
 def case_label(value: Any) -> str:
@@ -452,6 +529,10 @@ def materialize_dataset(source: str, options: dict[str, Any], out: str | Path, w
                     data_dir=options.get("data_dir"),
                     revision=options.get("revision"), where=where)
     row_filter, columns, limit = options.get("filter") or {}, options.get("columns"), options.get("limit")
+    local = Path(source) if not options.get("hub") else None
+    # Image columns become files beside the written rows; relative paths in them are the source's.
+    images = ImageFiles(out.with_name(out.stem + "_images"),
+                        (local.parent if local.is_file() else local) if local is not None else None)
     if columns:  # `cases` keys as the recipe keeps them (case_label), once, whoever built the options
         columns = {target: ({**source, "cases": {case_label(k): v for k, v in source["cases"].items()}}
                             if isinstance(source, dict) and source.get("cases") else source)
@@ -466,7 +547,7 @@ def materialize_dataset(source: str, options: dict[str, Any], out: str | Path, w
                 continue
             n += 1
             try:
-                yield map_row(row, columns, where)
+                yield map_row(row, columns, where, images, index)
             except DataError as e:
                 raise DataError(f"{e} (source row {index})") from None
 

@@ -244,6 +244,8 @@ class _DatasetColumns:
             return False
         if entry.toy is not None:
             return entry.toy.task.startswith("vision_")
+        if entry.columns and any(source.image for source in entry.columns.values()):
+            return True
         if entry.path is None or entry.loads_through_datasets:
             return False
         path = _local_path(entry.path, self.base_dir)

@@ -97,6 +97,10 @@ class ColumnSource(_Strict):
     roles: dict[str, Literal["system", "user", "assistant"]] | None = Field(
         None, description="Rename the roles of a list of messages, which may also be ShareGPT's {from, value} "
         "(e.g. {human: user, gpt: assistant}); roles already system, user or assistant stay as they are.")
+    image: str | None = Field(
+        None, description="A column holding the row's image (a PIL image, encoded bytes or a file path; a list for "
+        "several): put at the start of the first user turn as an image part, a text becoming that turn; the images "
+        "are written as files beside the mapped rows (for composite models, e.g. prompt: {from: question, image: image}).")
     drop_last_answer: bool | None = Field(  # None, not False: a mapping without it keeps the fingerprint it had
         None, description="Keep a conversation up to its last assistant turn, the prompt that answer was given to "
         "(RL or distillation prompts from a preference set's `chosen`); after `turns` or `roles` when given.")

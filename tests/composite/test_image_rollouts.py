@@ -165,3 +165,47 @@ def test_validate_refuses_image_prompts_for_a_vllm_engine_naming_the_key(tmp_pat
         load_recipe(recipe)
     recipe.write_text(head + stage("rl", "rl", **rl))  # auto: the transformers engine, chosen at run time
     load_recipe(recipe)
+
+
+def test_an_image_column_is_mapped_into_the_user_turn_from_parquet_bytes_and_jsonl_paths(composite, tmp_path):
+    import io
+
+    import datasets
+    from PIL import Image
+
+    from posttrain.data import DataError, load_prompts, materialize_dataset, read_rows, write_jsonl
+    from posttrain.pipeline.recipe import DatasetEntry
+
+    _, processor, _ = composite
+    encoded = []
+    for colour in ((220, 40, 40), (40, 80, 220)):
+        buffer = io.BytesIO()
+        Image.new("RGB", (32, 32), colour).save(buffer, format="PNG")
+        encoded.append(buffer.getvalue())
+    datasets.Dataset.from_dict({"question": ["What colour?"] * 2, "picture": encoded, "label": ["red", "blue"]}
+                               ).to_parquet(str(tmp_path / "set.parquet"))
+    entry = DatasetEntry.model_validate({"path": str(tmp_path / "set.parquet"), "columns": {
+        "prompt": {"from": "question", "image": "picture"}, "answer": "label"}})
+    materialize_dataset(str(tmp_path / "set.parquet"), entry.load_options(), tmp_path / "out" / "set.jsonl", "datasets.s",
+                        "id")
+    rows = read_rows(tmp_path / "out" / "set.jsonl")
+    assert rows[1]["answer"] == "blue" and rows[1]["prompt"][0]["content"][1] == {"type": "text", "text": "What colour?"}
+    assert Image.open(rows[1]["prompt"][0]["content"][0]["path"]).getpixel((0, 0)) == (40, 80, 220)
+    _, ids, _ = load_prompts(str(tmp_path / "out" / "set.jsonl"), processor.tokenizer, processor=processor)
+    assert not torch.equal(ids[0].pixel_values(), ids[1].pixel_values())
+
+    # A JSONL file of conversations whose image column holds paths relative to the file.
+    Image.new("RGB", (32, 32), (40, 170, 60)).save(tmp_path / "green.png")
+    write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "Colour?"},
+                                                        {"role": "assistant", "content": "green"}], "img": "green.png"},
+                                          {"messages": [{"role": "user", "content": "Colour?"}], "img": "none.png"}])
+    options = DatasetEntry.model_validate({"path": "chat.jsonl", "columns": {"messages": {"from": "messages",
+                                                                                          "image": "img"}}}).load_options()
+    with pytest.raises(DataError, match=r"datasets.c.columns.messages.image \(column 'img'\): image file 'none.png' "
+                                        r"not found .*\(source row 1\)"):
+        materialize_dataset(str(tmp_path / "chat.jsonl"), options, tmp_path / "out" / "chat.jsonl", "datasets.c", "id")
+    options["limit"] = 1
+    materialize_dataset(str(tmp_path / "chat.jsonl"), options, tmp_path / "out" / "chat.jsonl", "datasets.c", "id")
+    (row,) = read_rows(tmp_path / "out" / "chat.jsonl")
+    assert row["messages"][0]["content"] == [{"type": "image", "path": str((tmp_path / "green.png").resolve())},
+                                             {"type": "text", "text": "Colour?"}]
