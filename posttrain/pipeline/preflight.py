@@ -273,6 +273,8 @@ class _DatasetColumns:
     def _columns(self, entry) -> set | None:
         if entry.columns is not None:
             return set(entry.columns)
+        if entry.toy is not None and entry.toy.task.startswith("vision_"):
+            return {"messages"} if entry.toy.format == "chat" else {"prompt", "answer"}
         if entry.toy is not None:
             from posttrain.toy import tasks
 

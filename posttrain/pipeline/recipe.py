@@ -48,7 +48,9 @@ class ModelEntry(_Strict):
 
 
 class ToyDatasetSpec(_Strict):
-    task: Literal["math", "code", "instructions", "chat", "mix"] = Field(description="Toy task, or 'mix' of all.")
+    task: Literal["math", "code", "instructions", "chat", "mix", "vision_colour", "vision_count"] = Field(
+        description="Toy task, or 'mix' of the text ones; vision_colour and vision_count ask about an image of "
+        "coloured shapes (posttrain.toy.vision; for composite models), its PNG files written beside the rows.")
     n: int = Field(gt=0, description="Number of rows.")
     split: Literal["train", "eval", "ood"] = Field("train", description="train and eval: disjoint parts of the problem "
                                                    "space; ood: the same tasks on names, items, topics and small "
@@ -63,6 +65,10 @@ class ToyDatasetSpec(_Strict):
 
     @model_validator(mode="after")
     def _each_rate_fits_the_format(self):
+        if self.task.startswith("vision_"):
+            if self.format == "preference" or self.split == "ood" or self.mix is not None:
+                raise ValueError(f"{self.task}: image rows come as chat or prompt rows, split train or eval, "
+                                 "without a mix")
         if self.flip_rate and self.format != "preference":
             raise ValueError(f"flip_rate: only preference rows have labels to flip (format is {self.format!r})")
         if self.ignore_instruction_rate and self.format != "chat":

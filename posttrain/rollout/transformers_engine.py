@@ -87,11 +87,12 @@ class TransformersEngine(RolloutEngine):
                  sampling: SamplingParams | None = None) -> list[list[Completion]]:
         sampling = self._generation_request(n, sampling)
         if any(prompt_has_images(p) for p in prompts):
-            return self._generate_with_images(prompts, n, sampling)
-        prompt_ids = render_prompts(self.tokenizer, prompts)
-        prompt_ids, truncated = fit_prompts(prompt_ids, self.max_model_len, sampling.max_new_tokens,
-                                            self.config.on_overlong_prompt, self.tokenizer.bos_token_id)
-        self.truncated_prompts += truncated
+            prompt_ids = self._image_prompts(prompts, sampling)
+        else:
+            prompt_ids = render_prompts(self.tokenizer, prompts)
+            prompt_ids, truncated = fit_prompts(prompt_ids, self.max_model_len, sampling.max_new_tokens,
+                                                self.config.on_overlong_prompt, self.tokenizer.bos_token_id)
+            self.truncated_prompts += truncated
         stops = stop_token_ids(self.tokenizer) if sampling.stop_at_end_of_turn else [self.tokenizer.eos_token_id]
         # One row per (prompt, sample); rows are generated in chunks of max_batch_size.
         rows = [ids for ids in prompt_ids for _ in range(n)]
@@ -105,52 +106,25 @@ class TransformersEngine(RolloutEngine):
             results.extend(self._generate_chunk(rows[start:start + self.config.max_batch_size], sampling, stops))
         return [results[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
 
-    def _image_prompt(self, prompt: Prompt, where: str) -> list[int]:
-        """A prompt of an image batch as ids: an ImagePrompt as it is, messages tokenised with the
-        model's processor (into an ImagePrompt), token ids as they are."""
-        if isinstance(prompt, ImagePrompt) or (isinstance(prompt, (list, tuple)) and prompt
-                                               and all(isinstance(t, int) for t in prompt)):
-            return prompt
-        if self._processor is None:
-            from transformers import AutoProcessor
-
-            self._processor = AutoProcessor.from_pretrained(self.model_path)
-        return tokenize_image_prompt(self._processor, prompt, where)
-
-    @torch.no_grad()
-    def _generate_with_images(self, prompts: Sequence[Prompt], n: int, sampling: SamplingParams) -> list[list[Completion]]:
-        """Prompts with image parts (a composite model): each prompt with its images (pixel values
-        and token type ids, posttrain.images), one prompt at a time (its n samples together). Image
-        prompts are never cut to fit: a cut could split an image's soft tokens."""
+    def _image_prompts(self, prompts: Sequence[Prompt], sampling: SamplingParams) -> list[list[int]]:
+        """The prompts of a batch holding images, as ids: an ImagePrompt as it is, text or messages
+        tokenised with the model's processor (into ImagePrompts), token ids as they are. Image
+        prompts are never cut to fit (a cut could split an image's soft tokens): too long is an error."""
         if not is_composite(self.model.config):
             raise RolloutError(f"generate: a prompt holds image parts, and {type(self.model).__name__} is a "
                                "text-only model; images need a composite checkpoint with its processor")
-        stops = stop_token_ids(self.tokenizer) if sampling.stop_at_end_of_turn else [self.tokenizer.eos_token_id]
-        kwargs = dict(max_new_tokens=sampling.max_new_tokens, eos_token_id=stops, pad_token_id=self.tokenizer.pad_token_id,
-                      num_return_sequences=n, disable_compile=True)
-        kwargs.update(dict(do_sample=False) if sampling.greedy else dict(
-            do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k))
-        pixel_dtype = vision_dtype(self.model)
-        chunk = resolve_chunk_size("auto", output_rows(self.model))
-        groups = []
+        out = []
         for i, prompt in enumerate(prompts):
-            ids = self._image_prompt(prompt, f"prompts[{i}]")
-            fit_prompts([ids], self.max_model_len, sampling.max_new_tokens, "error", None)
-            input_ids = torch.tensor([list(ids)], device=self.device)
-            inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
-                      **image_forward_inputs([ids], input_ids, pixel_dtype)}
-            if sampling.seed is not None:
-                torch.manual_seed(sampling.seed + self._seed_offset + i * n)
-            out = self.model.generate(**inputs, **kwargs)[:, len(ids):].cpu()
-            stop_set = set(stops)
-            cut = [cut_at_stop(row.tolist(), stop_set, sampling.max_new_tokens) for row in out]
-            # The trainer's scoring path (posttrain.scoring), images included: one convention for both.
-            logprobs = ([lp.tolist() for lp in sequence_logprobs(
-                self.model, [ids] * n, [c for c, _ in cut], sampling.logprob_temperature,
-                pad_token_id=self.tokenizer.pad_token_id, chunk_size=chunk)] if sampling.logprobs else [[]] * n)
-            groups.append([Completion(token_ids=ids_, text=decode_completion(self.tokenizer, ids_, reason == "stop"),
-                                      logprobs=lp, finish_reason=reason) for (ids_, reason), lp in zip(cut, logprobs)])
-        return groups
+            if not (isinstance(prompt, ImagePrompt) or (isinstance(prompt, (list, tuple)) and prompt
+                                                        and all(isinstance(t, int) for t in prompt))):
+                if self._processor is None:
+                    from transformers import AutoProcessor
+
+                    self._processor = AutoProcessor.from_pretrained(self.model_path)
+                prompt = tokenize_image_prompt(self._processor, prompt, f"prompts[{i}]")
+            out.append(prompt)
+        fit_prompts(out, self.max_model_len, sampling.max_new_tokens, "error", None)
+        return out
 
     @torch.no_grad()
     def _generate_chunk(self, rows: list[list[int]], sampling: SamplingParams, stops: list[int]) -> list[Completion]:
@@ -162,6 +136,9 @@ class TransformersEngine(RolloutEngine):
             input_ids[i, width - len(r):] = torch.tensor(r)
             attention[i, width - len(r):] = 1
         device = self.device
+        # Rows of image prompts (ImagePrompt) bring their pixel values and token type ids; none for text.
+        images = image_forward_inputs(rows, input_ids, vision_dtype(self.model)) if any(
+            isinstance(r, ImagePrompt) for r in rows) else {}
         # disable_compile: checkpoints whose generation_config asks for a static or hybrid cache (Gemma 3's
         # do) would make transformers torch.compile the decoder on CUDA, and recompile it for every new
         # batch or prompt shape; RL batches change shape every step. (TRL's GRPOTrainer does the same.)
@@ -172,7 +149,8 @@ class TransformersEngine(RolloutEngine):
         else:
             kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
                           top_k=sampling.top_k)  # 0 disables top-k (the model's generation_config may default to 50)
-        out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
+        out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                                  **{k: v.to(device) for k, v in images.items()}, **kwargs)
         new_tokens = out.sequences[:, width:].cpu()
         stop_set = set(stops)
         cut = [cut_at_stop(new_tokens[i].tolist(), stop_set, sampling.max_new_tokens) for i in range(len(rows))]

@@ -61,6 +61,13 @@ def test_scoring_conditions_on_the_image_in_every_layout_as_the_engine_does(comp
         torch.testing.assert_close(torch.tensor(c.logprobs), flat[0][i, :len(c.token_ids)], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(swapped[0], flat[0], atol=1e-4)
     assert not torch.allclose(text_ids[0], flat[0], atol=1e-4)
+    # Image prompts of other lengths generate in one left-padded batch as they do alone.
+    longer = [{"role": "user", "content": [{"type": "image", "path": str(tmp_path / "blue.png")},
+                                           {"type": "text", "text": "Look closely: what colour is it, in one word?"}]}]
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=4)
+    together = engine.generate([red, longer], sampling=greedy)
+    assert [g[0].token_ids for g in together] == [engine.generate([p], sampling=greedy)[0][0].token_ids
+                                                  for p in (red, longer)]
 
 
 def test_distillation_logits_condition_on_the_sequences_images(composite, tmp_path):
