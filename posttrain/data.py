@@ -717,10 +717,7 @@ def _token_sequence(tokenizer, processor, messages: list[dict] | None, max_lengt
         if len(tc.input_ids) > max_length:
             raise DataError(f"{len(tc.input_ids)} tokens with its images, over max_length {max_length}; raise "
                             "max_length (rows with images are not cut: a cut could split an image)")
-        parts = [p for m in messages if isinstance(m.get("content"), (list, tuple))
-                 for p in m["content"] if isinstance(p, dict) and p.get("type") == "image"]
-        carrier = ImagePrompt(tc.input_ids, parts, processor.image_processor, processor.tokenizer.image_token_id)
-        return TokenSequence(tc.input_ids, tc.loss_mask, carrier)
+        return TokenSequence(tc.input_ids, tc.loss_mask, ImagePrompt.of_conversation(processor, tc.input_ids, messages))
     tc = tokenize_conversation(tokenizer, messages)
     return TokenSequence(tc.input_ids[:max_length], tc.loss_mask[:max_length])
 

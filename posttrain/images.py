@@ -35,6 +35,13 @@ class ImagePrompt(list):
         images = [load_image(part, f"{where}: image {i}") for i, part in enumerate(self.image_parts)]
         return self.image_processor(images, return_tensors="pt")["pixel_values"]
 
+    @classmethod
+    def of_conversation(cls, processor, ids: Sequence[int], messages: Sequence[dict]) -> "ImagePrompt":
+        """The ids of `messages` (tokenised with `processor`) with the image parts of its turns, in order."""
+        parts = [p for m in messages if isinstance(m, dict) and isinstance(m.get("content"), (list, tuple))
+                 for p in m["content"] if isinstance(p, dict) and p.get("type") == "image"]
+        return cls(ids, parts, processor.image_processor, processor.tokenizer.image_token_id)
+
     def __reduce__(self):  # pickled (a spawned worker, a gather) with its images, not as a plain list
         return (ImagePrompt, (list(self), self.image_parts, self.image_processor, self.image_token_id))
 
@@ -57,9 +64,7 @@ def tokenize_image_prompt(processor, prompt: Any, where: str = "prompt") -> Imag
     if is_blank(text_view(messages, where)) and not has_image_parts(messages):
         raise ChatFormatError(f"{where}: empty; a generation prompt needs text or an image to answer")
     conversation, _ = tokenize_image_conversation(processor, messages, add_generation_prompt=True, where=where)
-    parts = [p for m in messages if isinstance(m.get("content"), (list, tuple))
-             for p in m["content"] if isinstance(p, dict) and p.get("type") == "image"]
-    return ImagePrompt(conversation.input_ids, parts, processor.image_processor, processor.tokenizer.image_token_id)
+    return ImagePrompt.of_conversation(processor, conversation.input_ids, messages)
 
 
 def image_forward_inputs(prompts: Sequence, input_ids, dtype=None) -> dict:

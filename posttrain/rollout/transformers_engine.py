@@ -138,7 +138,7 @@ class TransformersEngine(RolloutEngine):
         device = self.device
         # Rows of image prompts (ImagePrompt) bring their pixel values and token type ids; none for text.
         images = image_forward_inputs(rows, input_ids, vision_dtype(self.model)) if any(
-            isinstance(r, ImagePrompt) for r in rows) else {}
+            isinstance(r, ImagePrompt) and r.image_parts for r in rows) else {}
         # disable_compile: checkpoints whose generation_config asks for a static or hybrid cache (Gemma 3's
         # do) would make transformers torch.compile the decoder on CUDA, and recompile it for every new
         # batch or prompt shape; RL batches change shape every step. (TRL's GRPOTrainer does the same.)
