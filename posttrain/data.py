@@ -298,18 +298,30 @@ def _same_value(value: Any, wanted: Any) -> bool:
     return isinstance(value, scalars) and isinstance(wanted, scalars) and case_label(value) == case_label(wanted)
 
 
-def map_row(row: dict, columns: dict[str, Any] | None, where: str) -> dict:
+def map_row(row: dict, columns: dict[str, Any] | None, where: str, images: "ImageFiles | None" = None,
+            index: int = 0) -> dict:
     """One row in the data contract. `columns` maps each output column to its source: a column name,
     `{from: NAME, after: MARKER}` (the text after the last MARKER, stripped: GSM8K's `#### 42`),
     `{from: NAME, turns: {MARKER: ROLE}}` (a transcript split into messages), `{from: NAME, roles:
     {SOURCE: ROLE}}` (messages' roles renamed), either with `drop_last_answer` (the prompt before
     the last answer), `{by: LABEL, cases: {VALUE: NAME}}` in place of `from` (the column named by
     this row's label: which of two answers won), or `{template: "...{question}..."}` (str.format
-    over the row). No mapping keeps the row."""
+    over the row); any of them with `image: COLUMN`, the row's image(s) put at the start of the
+    first user turn (a text becomes that turn), written as files by `images` (ImageFiles; `index`
+    names this row's). No mapping keeps the row."""
     if not columns:
         return dict(row)
     out = {}
     for target, source in columns.items():
+        if isinstance(source, dict) and source.get("image"):
+            if images is None:
+                raise DataError(f"{where}.columns.{target}.image: images are mapped where a dataset is written "
+                                "into the run directory (materialize_dataset)")
+            plain = {k: v for k, v in source.items() if k != "image"}
+            value = map_row(row, {target: plain}, where)[target]
+            out[target] = with_image_parts(value, images.parts(row, source["image"], f"{where}.columns.{target}.image",
+                                                               index), f"{where}.columns.{target}")
+            continue
         key = f"{where}.columns.{target}"
         if isinstance(source, str):
             source = {"from": source}
@@ -340,6 +352,71 @@ def map_row(row: dict, columns: dict[str, Any] | None, where: str) -> dict:
             value = without_last_answer(value, f"{key}.drop_last_answer (column {name!r})")
         out[target] = value
     return out
+
+
+class ImageFiles:
+    """The images of a mapped dataset's image column, written as files in `folder` (beside the data
+    the run reads), so that the rows stay JSON and refer to them by path as the project's image
+    parts do. A cell may hold a PIL image (`datasets`' Image feature), encoded bytes, a dict with
+    `bytes` or `path` (the feature undecoded), a path (relative to `base_dir`, the source's folder),
+    or a list of these (several images)."""
+
+    def __init__(self, folder: str | Path, base_dir: str | Path | None = None):
+        self.folder, self.base_dir = Path(folder), Path(base_dir) if base_dir is not None else None
+
+    def parts(self, row: dict, column: str, key: str, index: int) -> list[dict]:
+        if column not in row:
+            raise DataError(f"{key}: column {column!r} is not in the dataset; the rows have {sorted(row)}")
+        cells = row[column] if isinstance(row[column], (list, tuple)) else [row[column]]
+        if not cells or any(cell is None for cell in cells):
+            raise DataError(f"{key}: column {column!r} holds no image in this row")
+        return [{"type": "image", "path": self._file(cell, f"{key} (column {column!r})", f"{index}_{j}")}
+                for j, cell in enumerate(cells)]
+
+    def _file(self, cell: Any, key: str, stem: str) -> str:
+        import io
+
+        from PIL import Image, UnidentifiedImageError
+
+        if isinstance(cell, dict):
+            cell = cell.get("bytes") or cell.get("path")
+        if isinstance(cell, str):
+            path = Path(cell).expanduser()
+            if not path.is_absolute() and self.base_dir is not None:
+                path = self.base_dir / path
+            if not path.is_file():
+                raise DataError(f"{key}: image file {cell!r} not found" +
+                                (f" (relative paths are read from {self.base_dir})" if self.base_dir else ""))
+            return str(path.resolve())
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if isinstance(cell, Image.Image):
+            out = self.folder / f"{stem}.png"
+            cell.save(out)
+            return str(out)
+        if isinstance(cell, (bytes, bytearray)):
+            try:  # kept as encoded (a JPEG stays a JPEG); the format only names the file
+                kind = (Image.open(io.BytesIO(cell)).format or "img").lower()
+            except UnidentifiedImageError:
+                raise DataError(f"{key}: the bytes are not an image PIL can read") from None
+            out = self.folder / f"{stem}.{kind}"
+            out.write_bytes(cell)
+            return str(out)
+        raise DataError(f"{key}: expected an image (PIL image, encoded bytes, or a file path), got {type(cell).__name__}")
+
+
+def with_image_parts(value: Any, parts: list[dict], where: str) -> list[dict]:
+    """`value` (a text, or a list of messages) with image `parts` at the start of its first user turn;
+    a text becomes that user turn."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": [*parts, {"type": "text", "text": value}]}]
+    if not isinstance(value, list):
+        raise DataError(f"{where}: images go into a text or a list of messages, got {type(value).__name__}")
+    for i, message in enumerate(value):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            text = [{"type": "text", "text": content}] if isinstance(content, str) else list(content or [])
+            return value[:i] + [{**message, "content": [*parts, *text]}] + value[i + 1:]
+    raise DataError(f"{where}: the messages have no user turn to put the image in")
 
 
 def case_label(value: Any) -> str:
@@ -452,6 +529,10 @@ def materialize_dataset(source: str, options: dict[str, Any], out: str | Path, w
                     data_dir=options.get("data_dir"),
                     revision=options.get("revision"), where=where)
     row_filter, columns, limit = options.get("filter") or {}, options.get("columns"), options.get("limit")
+    local = Path(source) if not options.get("hub") else None
+    # Image columns become files beside the written rows; relative paths in them are the source's.
+    images = ImageFiles(out.with_name(out.stem + "_images"),
+                        (local.parent if local.is_file() else local) if local is not None else None)
     if columns:  # `cases` keys as the recipe keeps them (case_label), once, whoever built the options
         columns = {target: ({**source, "cases": {case_label(k): v for k, v in source["cases"].items()}}
                             if isinstance(source, dict) and source.get("cases") else source)
@@ -466,7 +547,7 @@ def materialize_dataset(source: str, options: dict[str, Any], out: str | Path, w
                 continue
             n += 1
             try:
-                yield map_row(row, columns, where)
+                yield map_row(row, columns, where, images, index)
             except DataError as e:
                 raise DataError(f"{e} (source row {index})") from None
 
@@ -490,10 +571,12 @@ T = TypeVar("T")
 
 @dataclass
 class TokenSequence:
-    """A tokenised conversation: ids and the loss mask (1 on tokens the student learns to predict)."""
+    """A tokenised conversation: ids and the loss mask (1 on tokens the student learns to predict);
+    with images, `images` is the ImagePrompt (posttrain.images) whose images its image tokens stand for."""
 
     input_ids: list[int]
     loss_mask: list[int]
+    images: Any = None
 
 
 def load_rows(path: str | Path, read_row: Callable[[str, dict], T | None], expected: str, *,
@@ -553,19 +636,21 @@ def load_conversations(path: str, skipped: list[dict] | None = None, allow_image
 
 
 def load_prompts(path: str, tokenizer, max_prompt_tokens: int | None = None,
-                 limit: int | None = None) -> tuple[list[dict], list[list[int]], int]:
+                 limit: int | None = None, processor=None) -> tuple[list[dict], list[list[int]], int]:
     """Prompt rows for RL-style loops and evaluation: (rows, prompt token ids, number dropped as too long).
 
     Rows keep every column for the rewards; `prompt` is text or messages, tokenised in the Gemma IT
     format (posttrain.chat). A row without a prompt is an error naming its file and line. Prompts
-    longer than `max_prompt_tokens` (None: no limit) are dropped and counted; at most `limit` rows
-    are read.
+    longer than `max_prompt_tokens` (None: no limit; an image's soft tokens count) are dropped and
+    counted; at most `limit` rows are read. With a composite model's `processor`, a prompt with
+    image parts becomes an ImagePrompt (posttrain.images); without one, image parts are an error
+    naming the row.
     """
 
     def read_prompt(where: str, row: dict) -> tuple[dict, list[int]] | None:
         if "prompt" not in row:
             raise DataError(f"expected a 'prompt' (text or messages); the row has {sorted(row)}")
-        prompt_ids = tokenize_prompt(tokenizer, row["prompt"])
+        prompt_ids = _prompt_ids(tokenizer, processor, row["prompt"])
         if max_prompt_tokens is not None and len(prompt_ids) > max_prompt_tokens:
             return None
         return row, prompt_ids
@@ -578,33 +663,61 @@ def load_prompts(path: str, tokenizer, max_prompt_tokens: int | None = None,
     return [row for row, _ in read], [ids for _, ids in read], too_long
 
 
-def load_distill_rows(path: str, tokenizer, max_length: int) -> tuple[list[list[int]], list[TokenSequence]]:
+def load_distill_rows(path: str, tokenizer, max_length: int,
+                      processor=None) -> tuple[list[list[int]], list[TokenSequence]]:
     """Distillation rows: prompt ids for on-policy sampling, and whole sequences for off-policy batches.
 
     A row is `prompt` (text or messages), `prompt` + `completion`, or `messages`; every row gives
     its prompt (a conversation's turns up to its last user turn), and a row with a completion (or
     `messages` ending in an assistant turn) also gives its whole sequence, cut to `max_length`
-    tokens, with the loss mask on the model's turns.
+    tokens, with the loss mask on the model's turns. With a composite model's `processor`, rows
+    with image parts give ImagePrompts and sequences that carry their images (never cut: a row
+    longer than max_length with its images is an error naming it).
     """
 
     def read_distill_row(where: str, row: dict) -> tuple[list[int], TokenSequence | None]:
         if "messages" in row:
-            turns = normalise_messages(row["messages"], where="messages")
+            messages = row["messages"]
+            images = processor is not None and has_image_parts(messages)
+            turns = normalise_messages(text_view(messages) if images else messages, where="messages")
+            if images:  # checked above as text; the turns themselves keep their images (and system turn)
+                turns = list(messages)
             last_user = max(i for i, t in enumerate(turns) if t["role"] == "user")
             whole = turns if turns[-1]["role"] == "assistant" else None
-            return tokenize_prompt(tokenizer, turns[:last_user + 1]), _token_sequence(tokenizer, whole, max_length)
+            return (_prompt_ids(tokenizer, processor, turns[:last_user + 1]),
+                    _token_sequence(tokenizer, processor, whole, max_length))
         if "prompt" in row:
             whole = (prompt_completion_to_messages(row["prompt"], row["completion"]) if "completion" in row else None)
-            return tokenize_prompt(tokenizer, row["prompt"]), _token_sequence(tokenizer, whole, max_length)
+            return _prompt_ids(tokenizer, processor, row["prompt"]), _token_sequence(tokenizer, processor, whole,
+                                                                                    max_length)
         raise DataError(f"expected 'prompt' (optionally with 'completion') or 'messages'; the row has {sorted(row)}")
 
     read, _ = load_rows(path, read_distill_row, "prompt or conversation rows")
     return [prompt for prompt, _ in read], [sequence for _, sequence in read if sequence is not None]
 
 
-def _token_sequence(tokenizer, messages: list[dict] | None, max_length: int) -> TokenSequence | None:
+def _prompt_ids(tokenizer, processor, prompt: Any) -> list[int]:
+    """A generation prompt's ids: an ImagePrompt when it holds images and the model has a processor
+    (without one, tokenize_prompt refuses the image parts, naming them)."""
+    if processor is not None and isinstance(prompt, (list, tuple)) and has_image_parts(prompt):
+        from posttrain.images import tokenize_image_prompt
+
+        return tokenize_image_prompt(processor, prompt)
+    return tokenize_prompt(tokenizer, prompt)
+
+
+def _token_sequence(tokenizer, processor, messages: list[dict] | None, max_length: int) -> TokenSequence | None:
     if messages is None:
         return None
+    if processor is not None and has_image_parts(messages):
+        from posttrain.chat import tokenize_image_conversation
+        from posttrain.images import ImagePrompt
+
+        tc, _ = tokenize_image_conversation(processor, messages)
+        if len(tc.input_ids) > max_length:
+            raise DataError(f"{len(tc.input_ids)} tokens with its images, over max_length {max_length}; raise "
+                            "max_length (rows with images are not cut: a cut could split an image)")
+        return TokenSequence(tc.input_ids, tc.loss_mask, ImagePrompt.of_conversation(processor, tc.input_ids, messages))
     tc = tokenize_conversation(tokenizer, messages)
     return TokenSequence(tc.input_ids[:max_length], tc.loss_mask[:max_length])
 

@@ -228,6 +228,26 @@ def load_lora_merged(adapter_dir: str | Path, dtype: str = "float32", device: st
     return model, load_tokenizer(adapter_dir)
 
 
+def load_processor(path: str | Path):
+    """A composite checkpoint's processor (its tokenizer and image processor), for image prompts;
+    None for a text-only model."""
+    if not checkpoint_is_composite(path):
+        return None
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(str(path))
+
+
+def image_text_model(model):
+    """The part of a composite model that reads the ids with their pixel values and returns the
+    language model's final hidden states (Gemma3Model: vision tower, projector and language model,
+    without the output layer); a peft wrapper is looked through (its LoRA layers sit inside)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not is_composite(inner.config):
+        raise ValueError(f"{type(inner).__name__} is a text-only model; image inputs need a composite checkpoint")
+    return inner.base_model
+
+
 def end_of_turn_id(tokenizer) -> int:
     tid = tokenizer.convert_tokens_to_ids(END_OF_TURN)
     if tid is None or tid == tokenizer.unk_token_id:

@@ -29,6 +29,12 @@ Two layouts give the same numbers (tests compare them):
   run on top of it. Gradients flow back through the repeated cache into the prompt positions,
   so the result (values and gradients) equals the flat layout, at (n - 1) / n less prompt work.
 
+Image prompts (`posttrain.images.ImagePrompt`, a composite model's prompts with image parts) run
+with their pixel values and token type ids through the composite model (the vision tower, the
+projector and the language model), so the log-probabilities condition on the images: in the flat
+layout every row carries its prompt's images, in the shared one the prompt pass does. Text prompts
+run exactly as before.
+
 Vocabulary memory: by default the decoder's hidden states of the completion positions go to
 `posttrain.losses.token_logprobs.chunked_token_logprobs`, which projects `chunk_size` tokens at
 a time and recomputes them in backward; no [B, T, V] tensor exists (Gemma 3: V = 262,144).
@@ -40,7 +46,9 @@ from typing import Sequence
 
 import torch
 
+from posttrain.images import ImagePrompt, image_forward_inputs, vision_dtype
 from posttrain.losses.token_logprobs import chunked_token_logprobs, vocabulary_projection
+from posttrain.modeling import image_text_model
 from posttrain.sharding import in_root_forward, is_sharded
 
 
@@ -82,40 +90,46 @@ def check_groups(prompt_ids: list[list[int]], group_size: int) -> None:
                              f"(group_size={group_size}) but differ")
 
 
-def _flat_inputs(prompt_ids, completion_ids, pad_id, width: int, device) -> dict[str, torch.Tensor]:
-    """One [left-padded prompt | right-padded completion] row per sample."""
+def _flat_inputs(prompt_ids, completion_ids, pad_id, width: int, device, pixel_dtype=None) -> dict[str, torch.Tensor]:
+    """One [left-padded prompt | right-padded completion] row per sample (with the prompts' images
+    when they have some; `pixel_dtype`: the vision tower's)."""
     p_ids, p_mask = _left_padded(prompt_ids, pad_id)
     # The last completion token is never an input: nothing is predicted after it.
     c_ids, c_mask = _right_padded([c[:-1] for c in completion_ids], pad_id, width - 1)
     input_ids = torch.cat([p_ids, c_ids], dim=1).to(device)
     attention = torch.cat([p_mask, c_mask], dim=1).to(device)
-    return {"input_ids": input_ids, "attention_mask": attention, "position_ids": _positions(attention)}
+    return {"input_ids": input_ids, "attention_mask": attention, "position_ids": _positions(attention),
+            **image_forward_inputs(prompt_ids, input_ids, pixel_dtype)}
 
 
-def _completion_logits_flat(model, prompt_ids, completion_ids, pad_id, width: int, device) -> torch.Tensor:
+def _completion_logits_flat(model, prompt_ids, completion_ids, pad_id, width: int, device,
+                            pixel_dtype=None) -> torch.Tensor:
     """Logits [B, width, V] predicting each completion token, from one [prompt | completion] pass."""
     # Logits at the prompt's last column and the completion's columns predict completion tokens.
-    out = model(**_flat_inputs(prompt_ids, completion_ids, pad_id, width, device), logits_to_keep=width,
+    out = model(**_flat_inputs(prompt_ids, completion_ids, pad_id, width, device, pixel_dtype), logits_to_keep=width,
                 use_cache=False)
     return out.logits
 
 
-def _completion_hidden_flat(decoder, prompt_ids, completion_ids, pad_id, width: int, device) -> torch.Tensor:
+def _completion_hidden_flat(decoder, prompt_ids, completion_ids, pad_id, width: int, device,
+                            pixel_dtype=None) -> torch.Tensor:
     """Final hidden states [B, width, H] at the positions whose logits predict the completion tokens."""
-    out = decoder(**_flat_inputs(prompt_ids, completion_ids, pad_id, width, device), use_cache=False)
+    out = decoder(**_flat_inputs(prompt_ids, completion_ids, pad_id, width, device, pixel_dtype), use_cache=False)
     return out.last_hidden_state[:, -width:]
 
 
-def _shared_passes(run, prompt_ids, completion_ids, pad_id, width: int, n: int, device):
+def _shared_passes(run, prompt_ids, completion_ids, pad_id, width: int, n: int, device, pixel_dtype=None):
     """The shared-prompt layout for any `run(**inputs) -> (outputs, last-position tensor [B, L, X])`.
 
     Returns the tensor [B, width, X] (logits or hidden states) at the positions predicting each
-    completion token: each group's prompt runs once, its KV cache repeated n times.
+    completion token: each group's prompt runs once (with its images), its KV cache repeated n
+    times; the completions, which hold no image, attend to it causally.
     """
     unique = prompt_ids[::n]
     p_ids, p_mask = _left_padded(unique, pad_id)
     p_ids, p_mask = p_ids.to(device), p_mask.to(device)
-    first, first_values = run(input_ids=p_ids, attention_mask=p_mask, position_ids=_positions(p_mask), use_cache=True)
+    first, first_values = run(input_ids=p_ids, attention_mask=p_mask, position_ids=_positions(p_mask), use_cache=True,
+                              **image_forward_inputs(unique, p_ids, pixel_dtype))
     cache = first.past_key_values
     cache.batch_repeat_interleave(n)  # differentiable: gradients of the n copies add up in the prompt
     last_prompt = first_values[:, -1:].repeat_interleave(n, dim=0)
@@ -132,7 +146,8 @@ def _shared_passes(run, prompt_ids, completion_ids, pad_id, width: int, n: int, 
     return torch.cat([last_prompt, rest], dim=1)
 
 
-def _completion_logits_shared(model, prompt_ids, completion_ids, pad_id, width: int, n: int, device) -> torch.Tensor:
+def _completion_logits_shared(model, prompt_ids, completion_ids, pad_id, width: int, n: int, device,
+                              pixel_dtype=None) -> torch.Tensor:
     """Same as _completion_logits_flat, running each group's prompt once and reusing its KV cache."""
     def run(**inputs):
         # The prompt pass needs only its last position's logits.
@@ -140,16 +155,17 @@ def _completion_logits_shared(model, prompt_ids, completion_ids, pad_id, width: 
         out = model(**inputs, **keep)
         return out, out.logits
 
-    return _shared_passes(run, prompt_ids, completion_ids, pad_id, width, n, device)
+    return _shared_passes(run, prompt_ids, completion_ids, pad_id, width, n, device, pixel_dtype)
 
 
-def _completion_hidden_shared(decoder, prompt_ids, completion_ids, pad_id, width: int, n: int, device) -> torch.Tensor:
+def _completion_hidden_shared(decoder, prompt_ids, completion_ids, pad_id, width: int, n: int, device,
+                              pixel_dtype=None) -> torch.Tensor:
     """Same as _completion_hidden_flat, running each group's prompt once and reusing its KV cache."""
     def run(**inputs):
         out = decoder(**inputs)
         return out, out.last_hidden_state
 
-    return _shared_passes(run, prompt_ids, completion_ids, pad_id, width, n, device)
+    return _shared_passes(run, prompt_ids, completion_ids, pad_id, width, n, device, pixel_dtype)
 
 
 def score_completions(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], temperature: float,
@@ -167,7 +183,7 @@ def score_completions(model, prompt_ids: list[list[int]], completion_ids: list[l
     recomputing each chunk in backward, so memory grows with chunk_size x vocab, not with
     batch x length x vocab. None: the model's own forward returns the completion positions'
     full logits [B, T, V] (the same numbers; kept as the reference and for models without
-    get_decoder()).
+    get_decoder()). Image prompts (ImagePrompt) run through the composite model with their images.
     """
     if len(prompt_ids) != len(completion_ids):
         raise ValueError(f"score_completions: {len(prompt_ids)} prompts for {len(completion_ids)} completions")
@@ -192,20 +208,25 @@ def _score(model, prompt_ids, completion_ids, temperature, pad_token_id, with_en
     labels, mask = labels.to(device), mask.to(device)
     if group_size > 1:
         check_groups(prompt_ids, group_size)
+    images = any(isinstance(p, ImagePrompt) and p.image_parts for p in prompt_ids)
+    pixel_dtype = vision_dtype(model) if images else None
     if chunk_size is None:
         if group_size > 1:
             logits = _completion_logits_shared(model, prompt_ids, completion_ids, pad_token_id, width, group_size,
-                                               device)
+                                               device, pixel_dtype)
         else:
-            logits = _completion_logits_flat(model, prompt_ids, completion_ids, pad_token_id, width, device)
+            logits = _completion_logits_flat(model, prompt_ids, completion_ids, pad_token_id, width, device,
+                                             pixel_dtype)
         logp, entropy = chunked_token_logprobs(logits, None, labels, temperature, None, with_entropy=with_entropy)
     else:
-        decoder = model.get_decoder()
+        # The decoder of a text batch is the language model; images need the part that reads them.
+        decoder = image_text_model(model) if images else model.get_decoder()
         if group_size > 1:
             hidden = _completion_hidden_shared(decoder, prompt_ids, completion_ids, pad_token_id, width, group_size,
-                                               device)
+                                               device, pixel_dtype)
         else:
-            hidden = _completion_hidden_flat(decoder, prompt_ids, completion_ids, pad_token_id, width, device)
+            hidden = _completion_hidden_flat(decoder, prompt_ids, completion_ids, pad_token_id, width, device,
+                                             pixel_dtype)
         logp, entropy = chunked_token_logprobs(hidden, vocabulary_projection(model), labels, temperature, chunk_size,
                                                with_entropy=with_entropy, mask=mask)
     mask = mask.to(dtype=logp.dtype)
@@ -227,7 +248,7 @@ def sequence_logprobs(model, prompt_ids: Sequence[Sequence[int]], completion_ids
     out: list[torch.Tensor] = []
     with torch.set_grad_enabled(requires_grad):
         for start in range(0, len(prompt_ids), batch_size):
-            prompts = [list(p) for p in prompt_ids[start:start + batch_size]]
+            prompts = [p if isinstance(p, ImagePrompt) else list(p) for p in prompt_ids[start:start + batch_size]]
             completions = [list(c) for c in completion_ids[start:start + batch_size]]
             logp, _, _ = score_completions(model, prompts, completions, t, pad_token_id, chunk_size=chunk_size)
             out += [logp[i, :len(c)].float() for i, c in enumerate(completions)]

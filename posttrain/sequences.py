@@ -13,8 +13,9 @@ from posttrain.chat import ChatFormatError, control_token_ids
 from posttrain.data import TokenSequence
 from posttrain.losses.distillation import ProjectedLogits, forward_kl, reverse_kl
 from posttrain.losses.token_logprobs import vocabulary_projection
+from posttrain.images import image_forward_inputs, vision_dtype
+from posttrain.modeling import image_text_model, output_rows
 from posttrain.sharding import in_root_forward
-from posttrain.modeling import output_rows
 
 
 class TokenizerMismatchError(ValueError):
@@ -84,7 +85,8 @@ def shared_vocab_width(student, teacher, tokenizer, student_path: str, teacher_p
 # --- batches -------------------------------------------------------------------------------------
 
 def pad_batch(sequences: list[TokenSequence], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded ids, attention mask and loss mask. Padding never counts, whatever pad_id is."""
+    """Right-padded ids, attention mask and loss mask. Padding never counts, whatever pad_id is.
+    Sequences with images add their pixel values and token type ids (posttrain.images)."""
     width = max(len(s.input_ids) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -94,7 +96,8 @@ def pad_batch(sequences: list[TokenSequence], pad_id: int) -> dict[str, torch.Te
         ids[i, :n] = torch.tensor(s.input_ids)
         attention[i, :n] = 1
         mask[i, :n] = torch.tensor(s.loss_mask)
-    return {"input_ids": ids, "attention_mask": attention, "loss_mask": mask}
+    return {"input_ids": ids, "attention_mask": attention, "loss_mask": mask,
+            **image_forward_inputs([s.images for s in sequences], ids)}
 
 
 def logit_mask(loss_mask: torch.Tensor) -> torch.Tensor:
@@ -111,18 +114,23 @@ def shifted_logits(model, batch: dict[str, torch.Tensor], chunk_size: int | None
     final hidden states [B, L, H] are small next to [B, L, V]) and the losses project the
     counted positions to the vocabulary chunk by chunk, recomputing each chunk in backward.
     Without it, the HF forward's full [B, L, V] logits. `width` keeps the first `width` vocabulary
-    rows (see shared_vocab_width).
+    rows (see shared_vocab_width). A batch with images (pixel_values) runs through the composite
+    model's vision tower too.
     """
+    images = {k: batch[k] for k in ("pixel_values", "token_type_ids") if k in batch}
+    if images:
+        images["pixel_values"] = images["pixel_values"].to(vision_dtype(model))
     if chunk_size is None:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **images).logits[:, :-1]
         return logits if width is None else logits[..., :width]
     # get_decoder() is the base transformer of a CausalLM (for a peft model the call reaches
     # the wrapped model, LoRA layers included); use_cache=False: nothing is generated here.
     # Under fsdp the root unit's parameters (embeddings, the output layer the losses project with
     # later) are gathered by running the decoder as a forward of the root; FSDP keeps them gathered
     # until the backward has used them.
-    decoder_out = in_root_forward(model, lambda: model.get_decoder()(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False))
+    decoder = image_text_model(model) if images else model.get_decoder()
+    decoder_out = in_root_forward(model, lambda: decoder(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **images))
     return ProjectedLogits(decoder_out.last_hidden_state[:, :-1], vocabulary_projection(model, width))
 
 

@@ -9,7 +9,9 @@ through `posttrain.pipeline.recipe`, which calls `recipe_problems` once the stag
 - columns: the columns each reward reads (its required parameters, and the built-in rewards'
   known columns) and the columns a stage reads (`prompt`, `messages`, ...), wherever a dataset's
   columns can be known without loading it (a toy dataset, a local file, a `columns:` mapping);
-- dataset configs: a local hub-style folder read with a `config:` it does not have.
+- dataset configs: a local hub-style folder read with a `config:` it does not have;
+- engines: image prompts (a toy vision set, or a local file whose rows hold image parts) given to a
+  stage whose rollout engine is vLLM, which generates from text alone here.
 
 Each problem is a (key path, message) pair; `posttrain.pipeline.recipe` adds file and line.
 """
@@ -64,6 +66,7 @@ def recipe_problems(top, stages: list, base_dir: Path,
     for index, _name, kind, config in stages:
         where = ("stages", index)
         data = list(_data_references(config))
+        problems += _image_engine_problems(where, config, data, columns_of)
         for field, required in STAGE_COLUMNS.get(kind, {}).items():
             for path, ref in data:
                 if path[0] == field:
@@ -208,12 +211,51 @@ def _missing_columns(path, ref, columns, required, reader) -> list[Problem]:
     return [Problem(path, f"{reader} {wanted} from {ref}, which has the columns: {', '.join(sorted(columns)) or '(none)'}")]
 
 
+def _image_engine_problems(where: tuple, config: BaseModel, data: list, columns_of) -> list[Problem]:
+    """Image prompts for a stage whose rollout engine is vLLM (named, or a server): refused here, before
+    anything trains, rather than at the first image prompt. (`auto` picks the transformers engine for
+    image prompts itself.)"""
+    rollout = getattr(config, "rollout", None)
+    if rollout is None or not (rollout.backend == "vllm" or rollout.mode == "server"):
+        return []
+    holds_images = getattr(columns_of, "holds_images", None)
+    if holds_images is None:
+        return []
+    from posttrain.images import IMAGE_ENGINE_HINT
+
+    key = ("rollout", "backend") if rollout.backend == "vllm" else ("rollout", "mode")
+    return [Problem(where + key, f"{ref} ({'.'.join(str(p) for p in path)}) holds image prompts, and vLLM generates "
+                    f"from text alone here (it serves a composite model's language model); {IMAGE_ENGINE_HINT}")
+            for path, ref in data if holds_images(ref)][:1]
+
+
 class _DatasetColumns:
     """Columns of a `${datasets.NAME}` reference when knowable without loading it, else None."""
 
     def __init__(self, top, base_dir: Path):
         self.top, self.base_dir = top, base_dir
         self._cache: dict[str, set | None] = {}
+
+    def holds_images(self, ref: str) -> bool:
+        """Whether the rows of `ref` hold image parts, where that is knowable without loading it
+        (a toy vision set, a local file): False when it is not."""
+        entry = self._entry(ref)
+        if entry is None:
+            return False
+        if entry.toy is not None:
+            return entry.toy.task.startswith("vision_")
+        if entry.columns and any(source.image for source in entry.columns.values()):
+            return True
+        if entry.path is None or entry.loads_through_datasets:
+            return False
+        path = _local_path(entry.path, self.base_dir)
+        return path is not None and path.is_file() and file_holds_images(path)
+
+    def _entry(self, ref: str):
+        ref = ref.strip()
+        if not (ref.startswith("${datasets.") and ref.endswith("}")):
+            return None
+        return self.top.datasets.get(ref[len("${datasets."):-1])
 
     def __call__(self, ref: str) -> set | None:
         ref = ref.strip()
@@ -231,6 +273,8 @@ class _DatasetColumns:
     def _columns(self, entry) -> set | None:
         if entry.columns is not None:
             return set(entry.columns)
+        if entry.toy is not None and entry.toy.task.startswith("vision_"):
+            return {"messages"} if entry.toy.format == "chat" else {"prompt", "answer"}
         if entry.toy is not None:
             from posttrain.toy import tasks
 
@@ -264,6 +308,23 @@ def file_columns(path: str | Path, max_rows: int = 200_000) -> set | None:
     except Exception:  # noqa: BLE001 - see the docstring: not this check's error to report
         return None
     return keys
+
+
+def file_holds_images(path: str | Path, max_rows: int = 200_000) -> bool:
+    """Whether some row among a data file's first `max_rows` holds an image part in its prompt,
+    messages or completion (False for a file that cannot be read: its stage reports that)."""
+    from posttrain.chat import has_image_parts
+    from posttrain.data import iter_rows
+
+    try:
+        for i, (_, row) in enumerate(iter_rows(path)):
+            if i >= max_rows:
+                return False
+            if any(has_image_parts(row.get(column)) for column in ("prompt", "messages", "completion")):
+                return True
+    except Exception:  # noqa: BLE001 - see the docstring: not this check's error to report
+        return False
+    return False
 
 
 def _local_path(text: str, base_dir: Path) -> Path | None:

@@ -48,7 +48,9 @@ class ModelEntry(_Strict):
 
 
 class ToyDatasetSpec(_Strict):
-    task: Literal["math", "code", "instructions", "chat", "mix"] = Field(description="Toy task, or 'mix' of all.")
+    task: Literal["math", "code", "instructions", "chat", "mix", "vision_colour", "vision_count"] = Field(
+        description="Toy task, or 'mix' of the text ones; vision_colour and vision_count ask about an image of "
+        "coloured shapes (posttrain.toy.vision; for composite models), its PNG files written beside the rows.")
     n: int = Field(gt=0, description="Number of rows.")
     split: Literal["train", "eval", "ood"] = Field("train", description="train and eval: disjoint parts of the problem "
                                                    "space; ood: the same tasks on names, items, topics and small "
@@ -63,6 +65,10 @@ class ToyDatasetSpec(_Strict):
 
     @model_validator(mode="after")
     def _each_rate_fits_the_format(self):
+        if self.task.startswith("vision_"):
+            if self.format == "preference" or self.split == "ood" or self.mix is not None:
+                raise ValueError(f"{self.task}: image rows come as chat or prompt rows, split train or eval, "
+                                 "without a mix")
         if self.flip_rate and self.format != "preference":
             raise ValueError(f"flip_rate: only preference rows have labels to flip (format is {self.format!r})")
         if self.ignore_instruction_rate and self.format != "chat":
@@ -97,6 +103,10 @@ class ColumnSource(_Strict):
     roles: dict[str, Literal["system", "user", "assistant"]] | None = Field(
         None, description="Rename the roles of a list of messages, which may also be ShareGPT's {from, value} "
         "(e.g. {human: user, gpt: assistant}); roles already system, user or assistant stay as they are.")
+    image: str | None = Field(
+        None, description="A column holding the row's image (a PIL image, encoded bytes or a file path; a list for "
+        "several): put at the start of the first user turn as an image part, a text becoming that turn; the images "
+        "are written as files beside the mapped rows (for composite models, e.g. prompt: {from: question, image: image}).")
     drop_last_answer: bool | None = Field(  # None, not False: a mapping without it keeps the fingerprint it had
         None, description="Keep a conversation up to its last assistant turn, the prompt that answer was given to "
         "(RL or distillation prompts from a preference set's `chosen`); after `turns` or `roles` when given.")

@@ -200,7 +200,15 @@ class Inputs:
         from posttrain.toy import tasks
 
         f = self.root / "datasets" / f"{name}.jsonl"
-        if entry.toy is not None:
+        if entry.toy is not None and entry.toy.task.startswith("vision_"):
+            from posttrain.toy.vision import generate_vision
+
+            spec = entry.toy.model_dump()
+            seed = spec["seed"] if spec["seed"] is not None else self.recipe.seed
+            make = lambda: (generate_vision(spec["task"].removeprefix("vision_"), spec["n"],  # noqa: E731
+                                            self.root / "datasets" / f"{name}_images", seed=seed, split=spec["split"],
+                                            fmt=spec["format"]), None)
+        elif entry.toy is not None:
             spec = entry.toy.model_dump()
             seed = spec["seed"] if spec["seed"] is not None else self.recipe.seed
             make = lambda: (tasks.generate(spec["task"], spec["n"], seed=seed, split=spec["split"],  # noqa: E731

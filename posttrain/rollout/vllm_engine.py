@@ -53,7 +53,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from posttrain.chat import has_image_parts
+from posttrain.images import refuse_image_prompts
 from posttrain.modeling import (checkpoint_is_composite, language_model_tensors, load_tokenizer, stop_token_ids,
                                 write_language_model_config)
 from posttrain.rollout.parallel import (Launch, current_launch, engine_seed, gather_in_group, iter_layer_chunks,
@@ -278,10 +278,7 @@ class VLLMEngine(RolloutEngine):
         from vllm import SamplingParams as VLLMSamplingParams
         from vllm.inputs import TokensPrompt
 
-        if self.language_model_only and any(isinstance(p, (list, tuple)) and has_image_parts(p) for p in prompts):
-            raise RolloutError("generate: a prompt holds image parts, and the vLLM engine serves a composite "
-                               "checkpoint's language model alone (text rollouts); set rollout.backend: "
-                               "transformers for image prompts")
+        refuse_image_prompts(prompts, "vLLM")
 
         prompt_ids = render_prompts(self.tokenizer, prompts)
         prompt_ids, truncated = fit_prompts(prompt_ids, self.max_model_len, sampling.max_new_tokens,

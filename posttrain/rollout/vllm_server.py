@@ -25,6 +25,7 @@ from typing import Iterable, Sequence
 
 import torch
 
+from posttrain.images import refuse_image_prompts
 from posttrain.modeling import load_tokenizer, stop_token_ids
 from posttrain.rollout.parallel import current_launch, request_seed_offset
 from posttrain.rollout.prompts import fit_prompts, render_prompts
@@ -87,6 +88,7 @@ class VLLMServerEngine(RolloutEngine):
     def generate(self, prompts: Sequence[Prompt], n: int = 1,
                  sampling: SamplingParams | None = None) -> list[list[Completion]]:
         sampling = sampling or SamplingParams()
+        refuse_image_prompts(prompts, "vLLM server")
         prompt_ids = render_prompts(self.tokenizer, prompts)
         prompt_ids, truncated = fit_prompts(prompt_ids, self.max_model_len, sampling.max_new_tokens,
                                             self.config.on_overlong_prompt, self.tokenizer.bos_token_id)

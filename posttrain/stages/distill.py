@@ -32,7 +32,8 @@ from posttrain.data import TokenSequence, load_distill_rows, load_prompts
 from posttrain.evaluation import SetScoring, evaluate_prompts
 from posttrain.losses.distillation import forward_kl, gkd_loss, reverse_kl, token_log_probs
 from posttrain.losses.token_logprobs import resolve_chunk_size
-from posttrain.modeling import load_causal_lm, load_policy, load_tokenizer, output_rows
+from posttrain.images import ImagePrompt, prompt_has_images
+from posttrain.modeling import load_causal_lm, load_policy, load_processor, load_tokenizer, output_rows
 from posttrain.rollout import DriftMonitor, RolloutConfig, SamplingParams, create_engine, sync_weights
 from posttrain.sequences import (check_same_tokenizer, logit_mask, logits_on_device, on_model_device, pad_batch,
                                  shared_vocab_width, shifted_logits, summed_kls)
@@ -222,7 +223,8 @@ def setup_distill(cfg: DistillStageConfig, ctx: StageContext) -> DistillRun:
     student, tokenizer = load_policy(cfg.model)
     teacher, width = _load_teacher(cfg, student, tokenizer, session)
     cache = _open_teacher_cache(cfg, tokenizer)
-    prompts, sequences = _load_training_rows(cfg, tokenizer, cache)
+    processor = load_processor(cfg.model)  # a composite student's: rows with images (None: text only)
+    prompts, sequences = _load_training_rows(cfg, tokenizer, cache, processor)
 
     if cfg.lora is not None:
         from peft import get_peft_model
@@ -235,7 +237,7 @@ def setup_distill(cfg: DistillStageConfig, ctx: StageContext) -> DistillRun:
         cfg.chunk_size, width or output_rows(student))})
     start_step = resume_latest(session, ctx.stage_dir, {"student": student}, ctx.stage_dir / "metrics.jsonl")["step"]
     return DistillRun(cfg, ctx, session, student, tokenizer, teacher, width, cache, prompts, sequences,
-                      _load_held_out(cfg, tokenizer), start_step)
+                      _load_held_out(cfg, tokenizer, processor), start_step)
 
 
 def _load_teacher(cfg: DistillStageConfig, student, tokenizer, session: TrainingSession):
@@ -262,10 +264,11 @@ def _open_teacher_cache(cfg: DistillStageConfig, tokenizer) -> TeacherCache | No
         raise StageError(f"teacher_cache: {e} (the cache must be made with the student's tokenizer)") from None
 
 
-def _load_training_rows(cfg: DistillStageConfig, tokenizer, cache: TeacherCache | None):
+def _load_training_rows(cfg: DistillStageConfig, tokenizer, cache: TeacherCache | None, processor=None):
     """Prompt ids for on-policy steps and sequences for off-policy ones; refuses a dataset that
     cannot serve the batches lambda_on_policy asks for."""
-    prompts, sequences = load_distill_rows(cfg.dataset, tokenizer, cfg.max_length) if cfg.dataset else ([], [])
+    prompts, sequences = (load_distill_rows(cfg.dataset, tokenizer, cfg.max_length, processor) if cfg.dataset
+                          else ([], []))
     if cfg.lambda_on_policy > 0 and not prompts:
         raise StageError("dataset: on-policy batches (lambda_on_policy > 0) need prompt rows")
     if cfg.lambda_on_policy < 1 and cache is None and not sequences:
@@ -274,10 +277,10 @@ def _load_training_rows(cfg: DistillStageConfig, tokenizer, cache: TeacherCache 
     return prompts, sequences
 
 
-def _load_held_out(cfg: DistillStageConfig, tokenizer) -> HeldOut | None:
+def _load_held_out(cfg: DistillStageConfig, tokenizer, processor=None) -> HeldOut | None:
     if not cfg.eval_dataset:
         return None
-    rows, prompt_ids, _ = load_prompts(cfg.eval_dataset, tokenizer, limit=cfg.eval_limit)
+    rows, prompt_ids, _ = load_prompts(cfg.eval_dataset, tokenizer, limit=cfg.eval_limit, processor=processor)
     return HeldOut(rows, prompt_ids, CombinedReward([{"name": cfg.eval_reward}]),
                    SamplingParams(temperature=0.0, max_new_tokens=cfg.max_new_tokens))
 
@@ -287,7 +290,7 @@ def start_engine(run: DistillRun) -> None:
     trained weights from the start when they differ from the model file (LoRA, a resumed run)."""
     cfg = run.cfg
     if cfg.lambda_on_policy > 0 or run.held_out is not None:
-        run.engine = create_engine(cfg.model, cfg.rollout, device=run.session.device)
+        run.engine = create_engine(cfg.model, cfg.rollout, device=run.session.device, images=_has_images(run))
         if cfg.lora is not None or run.start_step:
             sync_weights(run.engine, run.student)
     run.drift = DriftMonitor.from_config(cfg.rollout)
@@ -475,7 +478,8 @@ def evaluate_student(run: DistillRun, tag: str) -> dict[str, float]:
 
 def evaluate_teacher(run: DistillRun) -> dict[str, float]:
     """The teacher's held-out accuracy, for comparison (main rank only, on an engine of its own)."""
-    with create_engine(run.cfg.teacher, run.cfg.rollout, device=run.session.device) as teacher_engine:
+    with create_engine(run.cfg.teacher, run.cfg.rollout, device=run.session.device,
+                       images=_has_images(run)) as teacher_engine:
         result = evaluate_prompts(teacher_engine, run.held_out.rows, sampling=run.held_out.greedy,
                                   scoring=SetScoring(task="reward", scorer=run.held_out.scorer,
                                                      success_threshold=CORRECT_ABOVE))
@@ -500,8 +504,16 @@ def kl_on_student_samples(run: DistillRun, prompt_ids: list[list[int]], batch_si
 
 
 def _sampled_sequences(prompts: list[list[int]], completions) -> list[TokenSequence]:
-    """Prompt + sampled completion, the loss mask on the completion's tokens (its stop token included)."""
-    return [TokenSequence(p + c.token_ids, [0] * len(p) + [1] * len(c.token_ids)) for p, c in zip(prompts, completions)]
+    """Prompt + sampled completion, the loss mask on the completion's tokens (its stop token included);
+    an image prompt's images travel with its sequence."""
+    return [TokenSequence(p + c.token_ids, [0] * len(p) + [1] * len(c.token_ids),
+                          p if isinstance(p, ImagePrompt) else None) for p, c in zip(prompts, completions)]
+
+
+def _has_images(run: DistillRun) -> bool:
+    """Whether the prompts the engine is given (training and held-out) hold images."""
+    held_out = run.held_out.prompt_ids if run.held_out is not None else []
+    return any(prompt_has_images(p) for p in [*run.prompts, *held_out])
 
 
 # --- the stage -----------------------------------------------------------------------------------

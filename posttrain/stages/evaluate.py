@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from posttrain.data import DataError, iter_rows, write_json, write_jsonl
 from posttrain.evaluation import (TASK_BY_COLUMN, SafetyChecks, SetScoring, default_reward_specs, evaluate_prompts,
                                   side_by_side, task_for_row)
+from posttrain.images import prompt_has_images
 from posttrain.rollout import RolloutConfig, SamplingParams, create_engine
 from posttrain.stages.base import StageConfig, StageContext, StageResult, register_stage
 from rewards.combine import CombinedReward, FaultPolicy, RewardSpec
@@ -108,7 +109,8 @@ def run_evaluate(cfg: EvaluateStageConfig, ctx: StageContext) -> StageResult:
     figures: dict[str, dict] = {}
     records: list[dict] = []
     answers: dict[str, list[str]] = {}
-    engine = create_engine(cfg.model, cfg.rollout, device=device)
+    images = any(prompt_has_images(r["prompt"]) for rows in sets.values() for r in rows)
+    engine = create_engine(cfg.model, cfg.rollout, device=device, images=images)
     try:
         with ctx.progress(len(sets), "evaluate") as advance:
             for name, rows in sets.items():
@@ -151,7 +153,8 @@ def _side_by_side(cfg: EvaluateStageConfig, sets: dict, answers: dict, device) -
         raise ValueError(f"side_by_side.sets: {unknown} are not among the datasets ({', '.join(sets)})")
     # The baseline answers with the same decoding, its first sample per prompt against ours.
     baseline: dict[str, list[str]] = {}
-    with create_engine(sbs.against, cfg.rollout, device=device) as engine:
+    images = any(prompt_has_images(r["prompt"]) for name in names for r in sets[name])
+    with create_engine(sbs.against, cfg.rollout, device=device, images=images) as engine:
         for name in names:
             groups = engine.generate([r["prompt"] for r in sets[name]], n=1, sampling=cfg.sampling)
             baseline[name] = [g[0].text for g in groups]

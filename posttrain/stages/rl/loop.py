@@ -21,7 +21,8 @@ import torch
 from posttrain.allocator import retain_freed_memory
 from posttrain.data import load_prompts
 from posttrain.evaluation import evaluate_with_rewards
-from posttrain.modeling import load_causal_lm, load_tokenizer
+from posttrain.images import prompt_has_images
+from posttrain.modeling import load_causal_lm, load_processor, load_tokenizer
 from posttrain.rollout import DriftMonitor, create_engine, sync_weights
 from posttrain.stages.base import StageContext, StageResult
 from posttrain.stages.rl.bond import Bond
@@ -96,10 +97,12 @@ def setup_run(config: RLStageConfig, ctx: StageContext) -> RLRun:
     session = TrainingSession(config.precision, ctx.seed, config.sharding, config.fsdp_offload)
     session.shard(range(config.prompts_per_step), "prompts_per_step")  # fails early unless it splits over the ranks
     tokenizer = load_tokenizer(config.model)
-    rows, prompt_ids, dropped = load_prompts(config.dataset, tokenizer, config.max_prompt_tokens)
+    processor = load_processor(config.model)  # a composite model's: prompts with images (None: text only)
+    rows, prompt_ids, dropped = load_prompts(config.dataset, tokenizer, config.max_prompt_tokens, processor=processor)
     eval_rows = eval_ids = None
     if config.eval_dataset:
-        eval_rows, eval_ids, _ = load_prompts(config.eval_dataset, tokenizer, config.max_prompt_tokens)
+        eval_rows, eval_ids, _ = load_prompts(config.eval_dataset, tokenizer, config.max_prompt_tokens,
+                                              processor=processor)
         eval_rows, eval_ids = eval_rows[:config.eval_max_prompts], eval_ids[:config.eval_max_prompts]
 
     # Models: the policy being trained, the anchor (EMA of the policy), the starting model (fixed).
@@ -119,7 +122,8 @@ def setup_run(config: RLStageConfig, ctx: StageContext) -> RLRun:
     recipe_dir = getattr(ctx, "recipe_dir", None)  # file-path rewards are relative to the recipe
     reward = CombinedReward(config.rewards, config.fault_policy, base_dir=str(recipe_dir) if recipe_dir else None)
     reward.warm_up()  # reward workers start while the engine loads
-    engine = create_engine(config.model, config.rollout, device=session.device)
+    images = any(prompt_has_images(p) for p in [*prompt_ids, *(eval_ids or [])])
+    engine = create_engine(config.model, config.rollout, device=session.device, images=images)
     learner = Learner(config, session, policy, anchor, start_model, tokenizer.pad_token_id)
     state = StepState(learner, engine, reward, DriftMonitor.from_config(config.rollout), rows, prompt_ids, ctx.seed,
                       nan_streak=resumed.get("nan_streak", 0))
