@@ -23,7 +23,8 @@ from posttrain.modeling import context_length, is_composite, load_causal_lm, loa
 from posttrain.scoring import sequence_logprobs
 from posttrain.rollout.prompts import fit_prompts, render_prompts
 from posttrain.rollout.parallel import current_launch, request_seed_offset
-from posttrain.rollout.types import Completion, Prompt, RolloutConfig, RolloutEngine, RolloutError, SamplingParams
+from posttrain.rollout.types import (Completion, OverlongPromptError, Prompt, RolloutConfig, RolloutEngine, RolloutError,
+                                     SamplingParams)
 
 
 def decode_completion(tokenizer, token_ids: list[int], stopped: bool) -> str:
@@ -123,7 +124,12 @@ class TransformersEngine(RolloutEngine):
                     self._processor = AutoProcessor.from_pretrained(self.model_path)
                 prompt = tokenize_image_prompt(self._processor, prompt, f"prompts[{i}]")
             out.append(prompt)
-        fit_prompts(out, self.max_model_len, sampling.max_new_tokens, "error", None)
+        budget = self.max_model_len - sampling.max_new_tokens
+        for i, ids in enumerate(out):
+            if len(ids) > budget:
+                raise OverlongPromptError(f"prompts[{i}]: {len(ids)} tokens with its images, but max_model_len="
+                                          f"{self.max_model_len} - max_new_tokens={sampling.max_new_tokens} leaves "
+                                          f"{budget}; raise max_model_len or shorten it (an image prompt is not cut)")
         return out
 
     @torch.no_grad()

@@ -39,7 +39,7 @@ def _red_and_blue_prompts(processor, tmp_path):
 
 
 def test_scoring_conditions_on_the_image_in_every_layout_as_the_engine_does(composite, tmp_path):
-    from posttrain.rollout import RolloutConfig, SamplingParams
+    from posttrain.rollout import RolloutConfig, RolloutError, SamplingParams
     from posttrain.rollout.transformers_engine import TransformersEngine
     from posttrain.scoring import score_completions
 
@@ -68,6 +68,8 @@ def test_scoring_conditions_on_the_image_in_every_layout_as_the_engine_does(comp
     together = engine.generate([red, longer], sampling=greedy)
     assert [g[0].token_ids for g in together] == [engine.generate([p], sampling=greedy)[0][0].token_ids
                                                   for p in (red, longer)]
+    with pytest.raises(RolloutError, match=r"prompts\[0\]: \d+ tokens with its images.*an image prompt is not cut"):
+        engine.generate([red], sampling=SamplingParams(max_new_tokens=125))
 
 
 def test_distillation_logits_condition_on_the_sequences_images(composite, tmp_path):
