@@ -261,3 +261,16 @@ def stop_token_ids(tokenizer) -> list[int]:
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     return ids
+
+
+def save_tokenizer(tokenizer, out_dir: Path) -> None:
+    """The tokenizer, with the Gemma chat template when it has none of its own, and the processor
+    files of the checkpoint it was loaded from (a composite model's), so outputs keep them."""
+    from posttrain.chat import GEMMA_CHAT_TEMPLATE
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
+    tokenizer.save_pretrained(str(out_dir))
+    if getattr(tokenizer, "name_or_path", None) and Path(tokenizer.name_or_path).is_dir():
+        copy_processor_files(tokenizer.name_or_path, out_dir)

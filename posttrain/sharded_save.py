@@ -39,12 +39,11 @@ def save_hf_checkpoint(model, tokenizer, out_dir: Path, is_main: bool, shard_mb:
     than that gets a file of its own)."""
     from safetensors.torch import save_file
 
-    from posttrain.rollout import weights_for_engine
-    from posttrain.rollout.weights import _strip_wrappers
-    from posttrain.training import save_tokenizer
+    from posttrain.modeling import save_tokenizer
+    from posttrain.rollout.weights import checkpoint_name, weights_for_engine
 
     hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
-    tied = {_strip_wrappers(n) for n in _tied_names(hf_model)}
+    tied = {checkpoint_name(n) for n in _tied_names(hf_model)}
     out_dir = Path(out_dir)
     limit = shard_mb * 2**20
     files: list[list[str]] = []  # names per written file

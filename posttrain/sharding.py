@@ -163,7 +163,7 @@ def sharded_ema_update_(anchor, policy, mu: float) -> None:
                     raise ValueError(f"ema_update_: {name!r} is sharded differently in the policy and the anchor")
                 param.to_local().lerp_(src.to_local().to(param.dtype), mu)
             return
-        from posttrain.rollout import weights_for_engine
+        from posttrain.rollout.weights import weights_for_engine
 
         for name, whole in weights_for_engine(policy):
             param = params.get(name)

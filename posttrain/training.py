@@ -150,23 +150,11 @@ def _fused_adamw_supported(params: list) -> bool:
 def save_model(model, tokenizer, out_dir: Path) -> None:
     """HF checkpoint (safetensors) plus the tokenizer carrying the Gemma chat template. (A model
     sharded by FSDP is written by every rank through posttrain.sharded_save.save_hf_checkpoint.)"""
+    from posttrain.modeling import save_tokenizer
+
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir), safe_serialization=True)
     save_tokenizer(tokenizer, out_dir)
-
-
-def save_tokenizer(tokenizer, out_dir: Path) -> None:
-    """The tokenizer, with the Gemma chat template when it has none of its own, and the processor
-    files of the checkpoint it was loaded from (a composite model's), so outputs keep them."""
-    from posttrain.chat import GEMMA_CHAT_TEMPLATE
-    from posttrain.modeling import copy_processor_files
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
-    tokenizer.save_pretrained(str(out_dir))
-    if getattr(tokenizer, "name_or_path", None) and Path(tokenizer.name_or_path).is_dir():
-        copy_processor_files(tokenizer.name_or_path, out_dir)
 
 
 # --- where frozen models live --------------------------------------------------------------------

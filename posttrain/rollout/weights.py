@@ -56,7 +56,9 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor()
 
 
-def _strip_wrappers(name: str) -> str:
+def checkpoint_name(name: str) -> str:
+    """A parameter's name as the Hugging Face checkpoint spells it, without the prefixes that DDP,
+    torch.compile and FSDP wrappers add."""
     changed = True
     while changed:
         changed = False
@@ -76,7 +78,7 @@ def _unwrap(model):
 
 def _planned(name: str, tensor: torch.Tensor, gather: Callable[[], torch.Tensor] | None = None) -> PlannedTensor:
     # A DTensor's shape and dtype are those of the whole tensor, known without gathering it.
-    return PlannedTensor(_strip_wrappers(name), tuple(tensor.shape), tensor.dtype,
+    return PlannedTensor(checkpoint_name(name), tuple(tensor.shape), tensor.dtype,
                          gather or partial(full_tensor, tensor))
 
 

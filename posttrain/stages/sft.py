@@ -17,10 +17,11 @@ from pydantic import Field, model_validator
 
 from posttrain.chat import has_image_parts, image_model_inputs, tokenize_conversation, tokenize_image_conversation
 from posttrain.data import DataError, load_conversations, write_jsonl
+from posttrain.modeling import save_tokenizer
 from posttrain.rollout.parallel import current_launch
 from posttrain.stages.base import StageConfig, StageContext, StageError, StageResult, register_stage
 from posttrain.trackers import ReportTo
-from posttrain.training import LoraSpec, save_model, save_tokenizer
+from posttrain.training import LoraSpec, save_model
 
 
 class SFTStageConfig(StageConfig):
