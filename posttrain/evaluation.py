@@ -230,7 +230,7 @@ def evaluate_prompts(engine, rows: Sequence[dict], *, sampling, scoring: SetScor
     data-parallel launch: this rank answers rows rank, rank+W, ... and the records are gathered, so
     every rank gets the figures of the whole set.
     """
-    from rewards.combine import CombinedReward, columns_from_rows
+    from rewards.combine import CombinedReward, columns_from_rows, dataset_columns
 
     scoring = scoring or SetScoring()
     if not rows:
@@ -250,7 +250,9 @@ def evaluate_prompts(engine, rows: Sequence[dict], *, sampling, scoring: SetScor
         groups = engine.generate([inputs[i] for i in mine], n=samples, sampling=sampling)
         flat_rows = [rows[i] for i, g in zip(mine, groups) for _ in g]
         completions = [c for g in groups for c in g]
-        batch = scorer.compute([r["prompt"] for r in flat_rows], [c.text for c in completions], columns_from_rows(flat_rows),
+        # Columns of the whole set: a rank's share of a mixed set may lack some task's rows.
+        columns = columns_from_rows(flat_rows, keys=dataset_columns(rows))
+        batch = scorer.compute([r["prompt"] for r in flat_rows], [c.text for c in completions], columns,
                                completion_ids=[c.token_ids for c in completions])
         flags = safety.flags([c.text for c in completions]) if safety is not None else {}
         pos = 0
