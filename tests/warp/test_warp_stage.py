@@ -150,8 +150,8 @@ def test_warp_with_jbond_runs_on_a_reward_model_beside_the_verifiers(tiny_gemma3
                                                                     monkeypatch):
     """`algorithm: jbond` inside warp, rewarded by a reward model (a tiny sequence classifier, not
     trained) beside the math, code and instruction verifiers, weighted, on a mix of their prompts:
-    every run is a J-BOND run; a step that drew no row of some task still scores (that verifier
-    does not apply: None, not a fault); the merges, LITI and front follow as for RLOO."""
+    every run is a J-BOND run; a step, or a held-out share, with no row of some task still scores
+    (that verifier does not apply: None, not a fault); the merges, LITI and front follow as for RLOO."""
     import posttrain.stages.rl.warp as warp
     from posttrain.toy.models import TinyModelSpec, build_tiny_model
 
@@ -165,7 +165,7 @@ def test_warp_with_jbond_runs_on_a_reward_model_beside_the_verifiers(tiny_gemma3
                {"name": "math"}, {"name": "code", "weight": 0.5}, {"name": "instructions"}]
     cfg = _warp_config(tiny_gemma3_dir, tmp_path, rewards=rewards, algorithm="jbond", bond={"jeffreys_beta": 0.5},
                        num_generations=4, iterations=1, max_steps=2, eval_every=0, front_etas=[1.0],
-                       max_new_tokens=6)
+                       max_new_tokens=6, eval_max_prompts=1)  # one held-out row: one task of the four
     run_configs = []
     real_run_rl = warp.run_rl
     monkeypatch.setattr(warp, "run_rl", lambda c, ctx: run_configs.append(c) or real_run_rl(c, ctx))
