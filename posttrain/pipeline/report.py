@@ -55,7 +55,7 @@ def load_run(run_dir: str | Path) -> dict:
     """The recipe and, in recipe order, each stage's manifest (or its attempt when it never finished)."""
     import yaml
 
-    run = Path(run_dir)
+    run = Path(run_dir).resolve()  # stages record absolute paths: lineage matches them against this
     if not run.is_dir():
         raise FileNotFoundError(f"{run}: not a run directory")
     recipe_file = run / "recipe.resolved.yaml"
@@ -401,6 +401,7 @@ def reward_kl_plot(stage: dict) -> str | None:
     name = {"jbond": "J-BOND", "bond": "BOND"}.get(algorithm, "RLOO")
     for label, points in curves:
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label=label)
+    ax.ticklabel_format(axis="y", useOffset=False)  # rewards as they are, not as an offset
     ax.set_title(f"{name} runs: held-out reward against KL to the run's start", fontsize=9)
     ax.set_xlabel("KL(pi || pi_start), nats per completion", fontsize=8)
     ax.set_ylabel("held-out reward (greedy)", fontsize=8)
@@ -420,6 +421,7 @@ def reward_kl_plot(stage: dict) -> str | None:
             pts = [r for r in front_rows if r.get("point", "").split("/")[-1].split("_")[0] == kind]
             if pts:
                 ax.scatter([r["kl"] for r in pts], [r["reward"] for r in pts], marker=marker, s=45, label=kind)
+        ax.ticklabel_format(axis="y", useOffset=False)
         ax.set_title("WARP: the LITI front, merges (SLERP) and runs", fontsize=9)
         ax.set_xlabel("KL(pi || pi_sft) on held-out prompts", fontsize=8)
         ax.tick_params(labelsize=7)
@@ -485,7 +487,7 @@ def _rl_section(stages: list[dict]) -> str:
 # --- HTML ---------------------------------------------------------------------------------------
 
 STYLE = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1150px;color:#222;padding:0 1em}
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1300px;color:#222;padding:0 1em}
 h1{font-size:1.5em} h2{font-size:1.2em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
 table{border-collapse:collapse;margin:.6em 0;font-size:.88em} td,th{border:1px solid #ddd;padding:.25em .55em;text-align:left;vertical-align:top}
 th{background:#f4f6f8} .complete{color:#1e8449} .failed{color:#c0392b;font-weight:bold} .skipped{color:#2874a6}

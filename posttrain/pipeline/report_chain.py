@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 
 COLUMN = 158  # px per stage column
-BOX_W, BOX_H = 142, 96
+BOX_W, BOX_H = 148, 96
 EVAL_H = 64
 TOP = 78  # room above the boxes for arcs between stages that are not neighbours
 STATUS_COLOURS = {"complete": "#1e8449", "failed": "#c0392b", "interrupted": "#b9770e", "not run": "#999999"}
@@ -92,6 +92,8 @@ def chain_svg(stages: list[dict], run_dir: Path, lineage_of) -> str:
              '<defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" '
              'orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="#555"/></marker></defs>']
     edges, boxes = [], []
+    arcs_out: dict[str, int] = {}  # arcs leaving / reaching each box so far: each gets its own spot
+    arcs_in: dict[str, int] = {}
     for s in columns:
         m = s["manifest"]
         name, x = m["name"], x_of[m["name"]]
@@ -115,7 +117,9 @@ def chain_svg(stages: list[dict], run_dir: Path, lineage_of) -> str:
                              'fill="none" marker-end="url(#arrow)"/>')
             else:  # further apart: an arc above the boxes, higher the further it goes
                 lift = min(TOP - 6, 16 + 10 * abs(x2 - x1) / COLUMN)
-                a, b = x1 + BOX_W / 2, x2 + BOX_W / 2 - 10
+                j, k = arcs_out.get(source, 0), arcs_in.get(name, 0)
+                arcs_out[source], arcs_in[name] = j + 1, k + 1
+                a, b = x1 + BOX_W / 2 + 10 * j, x2 + 24 + 12 * k
                 edges.append(f'<path d="M{a},{TOP} C{a},{TOP - lift} {b},{TOP - lift} {b},{TOP}" stroke="#555" '
                              'fill="none" marker-end="url(#arrow)"/>')
         for j, e in enumerate(below.get(name, [])):
@@ -129,7 +133,7 @@ def chain_svg(stages: list[dict], run_dir: Path, lineage_of) -> str:
                          'stroke-dasharray="4 2"/>')
             boxes.append(_text(x + 8, top + 15, _clip(em["name"], 22), 11, "bold"))
             for k, line in enumerate(_accuracy_lines(em)[:3]):
-                boxes.append(_text(x + 8, top + 30 + 12 * k, _clip(line, 27), 9))
+                boxes.append(_text(x + 6, top + 30 + 12 * k, _clip(line, 34), 8))
             boxes.append("</g>")
     parts += edges + boxes + ["</svg>"]
     return "".join(parts)
