@@ -431,6 +431,11 @@ def reward_kl_plot(stage: dict) -> str | None:
     return _png(fig)
 
 
+def _proportion(value: float, n: int | None) -> dict:
+    low, high = wilson_interval(value, n) if n else (float("nan"), float("nan"))
+    return {"value": value, "low": low, "high": high, "n": n}
+
+
 def _reward_models_section(stages: list[dict]) -> str:
     parts = []
     for s in stages:
@@ -442,17 +447,17 @@ def _reward_models_section(stages: list[dict]) -> str:
             continue
         config = m.get("config") or {}
         flip = config.get("label_flip_rate")
-        parts.append(f"<h3>{html.escape(m['name'])}: {sum(1 for f in figures if f[0] == 'held-out' and f[1].startswith('member_'))}"
-                     f" members and their weight average (WARM)</h3><p>Trained on preference pairs"
+        members = len({f[1] for f in figures if f[1].startswith("member_")})
+        parts.append(f"<h3>{html.escape(m['name'])}: {members} members and their weight average (WARM)</h3>"
+                     "<p>Trained on preference pairs"
                      + (f" of which {flip:.0%} had their labels flipped" if isinstance(flip, (int, float)) and flip else "")
                      + "; pairwise accuracy on held-out pairs, 95% Wilson intervals. `average` is the one model"
                      " the next stages use; `ensemble` averages the members' scores instead (for comparison).</p>")
         plot = warm_plot(figures)
         if plot:
             parts.append(_img(plot, f"{m['name']}: members beside their average"))
-        rows = "".join(f"<tr><td>{html.escape(a)}</td><td>{html.escape(b)}</td><td>"
-                       f"{_estimate({'value': v, 'low': wilson_interval(v, n)[0] if n else float('nan'), 'high': wilson_interval(v, n)[1] if n else float('nan'), 'n': n})}"
-                       "</td></tr>" for a, b, v, n in figures)
+        rows = "".join(f"<tr><td>{html.escape(a)}</td><td>{html.escape(b)}</td><td>{_estimate(_proportion(v, n))}</td></tr>"
+                       for a, b, v, n in figures)
         parts.append(f"<table><tr><th>pairs</th><th>model</th><th>accuracy [95%] n</th></tr>{rows}</table>")
     return ("<h2>Reward models</h2>" + "".join(parts)) if parts else ""
 
