@@ -557,7 +557,7 @@ def _chain_section(stages: list[dict], run_dir: Path) -> str:
     timing = timing_plot(stages)
     if timing:
         parts.append(_img(timing, "wall time per stage"))
-    return "".join(parts)
+    return "\n".join(parts)
 
 
 def _held_out_section(stages: list[dict], run_dir: Path) -> str:
@@ -581,7 +581,7 @@ def _held_out_section(stages: list[dict], run_dir: Path) -> str:
     if plot:
         parts.append(_img(plot, "held-out accuracy after every stage"))
     parts += [_evaluation_details(by_name[name]) for name in order]
-    return "".join(parts)
+    return "\n".join(parts)
 
 
 def _curves_section(stages: list[dict]) -> str:
