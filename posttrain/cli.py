@@ -53,11 +53,20 @@ def _fmt_metric(v) -> str:
     return str(v)
 
 
+def _with_interval(metrics: dict, key: str) -> str:
+    """`0.86 [0.78, 0.92]`: a figure with its 95% interval when the stage recorded one."""
+    low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+    shown = _fmt_metric(metrics[key])
+    if isinstance(low, (int, float)) and isinstance(high, (int, float)) and low == low and high == high:
+        shown += f" [{low:.2f}, {high:.2f}]"
+    return shown
+
+
 def _key_metrics(metrics: dict, limit: int = 4) -> str:
     """The few numbers worth a glance: accuracies when a stage has them, else losses, rewards, counts."""
-    acc = {k.rsplit("/", 1)[0]: v for k, v in metrics.items() if k.endswith("/accuracy")}
+    acc = {k.rsplit("/", 1)[0]: k for k in metrics if k.endswith("/accuracy")}
     if acc:
-        return "accuracy " + ", ".join(f"{name} {_fmt_metric(v)}" for name, v in acc.items())
+        return "accuracy " + ", ".join(f"{name} {_with_interval(metrics, key)}" for name, key in acc.items())
     # kl_start_k3 (never negative) before kl_start (k1, an unbiased estimate that a batch can make negative)
     preferred = ("kept_rows", "rejected_rows", "loss_last", "reward/mean", "kl_start_k3", "kl_start",
                  "kl_teacher_student_last", "front/eta_1/reward", "front/eta_1/kl", "probe_answer")

@@ -218,6 +218,9 @@ class SetScoring:
     success_threshold: float = 1.0
     k_values: Sequence[int] = (1,)
     safety: SafetyChecks | None = None
+    # Reward columns every batch receives besides the rows' own (all None where a row lacks one): a
+    # training loop's prompt set may have tasks its held-out share lacks (rewards.combine.columns_from_rows).
+    columns: Sequence[str] = ()
 
 
 def evaluate_prompts(engine, rows: Sequence[dict], *, sampling, scoring: SetScoring | None = None, samples: int = 1,
@@ -230,7 +233,7 @@ def evaluate_prompts(engine, rows: Sequence[dict], *, sampling, scoring: SetScor
     data-parallel launch: this rank answers rows rank, rank+W, ... and the records are gathered, so
     every rank gets the figures of the whole set.
     """
-    from rewards.combine import CombinedReward, columns_from_rows
+    from rewards.combine import CombinedReward, columns_from_rows, dataset_columns
 
     scoring = scoring or SetScoring()
     if not rows:
@@ -250,7 +253,9 @@ def evaluate_prompts(engine, rows: Sequence[dict], *, sampling, scoring: SetScor
         groups = engine.generate([inputs[i] for i in mine], n=samples, sampling=sampling)
         flat_rows = [rows[i] for i, g in zip(mine, groups) for _ in g]
         completions = [c for g in groups for c in g]
-        batch = scorer.compute([r["prompt"] for r in flat_rows], [c.text for c in completions], columns_from_rows(flat_rows),
+        # Columns of the whole set: a rank's share of a mixed set may lack some task's rows.
+        columns = columns_from_rows(flat_rows, keys=[*dataset_columns(rows), *scoring.columns])
+        batch = scorer.compute([r["prompt"] for r in flat_rows], [c.text for c in completions], columns,
                                completion_ids=[c.token_ids for c in completions])
         flags = safety.flags([c.text for c in completions]) if safety is not None else {}
         pos = 0
@@ -365,16 +370,18 @@ def side_by_side(prompts: Sequence, completions_a: Sequence, completions_b: Sequ
 
 
 def evaluate_with_rewards(engine, reward, rows: list[dict], prompt_ids: list[list[int]], max_new_tokens: int,
-                          session=None) -> dict:
+                          session=None, columns: Sequence[str] = ()) -> dict:
     """Greedy completions of held-out prompts, scored with a training loop's rewards (a CombinedReward;
     e.g. accuracy for math), as `eval/...` metrics for rl and warp.
 
     `session` is the loop's posttrain.training.TrainingSession: each rank answers every W-th prompt
     and the records are gathered, so the figures (with 95% intervals) cover the whole held-out set
-    whatever the number of ranks."""
+    whatever the number of ranks. `columns`: the reward columns of the loop's prompt set, which every
+    batch receives (see SetScoring.columns)."""
     from posttrain.rollout import SamplingParams
 
-    result = evaluate_prompts(engine, rows, scoring=SetScoring(task="reward", scorer=reward), prompt_inputs=prompt_ids,
+    scoring = SetScoring(task="reward", scorer=reward, columns=tuple(columns))
+    result = evaluate_prompts(engine, rows, scoring=scoring, prompt_inputs=prompt_ids,
                               sampling=SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens), session=session)
     out = {"eval/reward": result.metrics["mean_reward"].value}
     for name in sorted({n for record in result.records for n in record.get("per_reward", {})}):

@@ -50,7 +50,7 @@ from rewards.registry import check_reward_kwargs, load_reward
 log = logging.getLogger("rewards")
 
 __all__ = ["RewardSpec", "RewardBatch", "CombinedReward", "compute_rewards", "columns_from_rows", "RewardFaultError",
-           "FaultPolicy", "as_trl_completion", "is_conversational"]
+           "FaultPolicy", "dataset_columns", "as_trl_completion", "is_conversational"]
 
 FaultPolicy = Literal["zero", "skip", "fail"]
 MAX_MESSAGES = 100
@@ -445,11 +445,21 @@ def all_faulted_error(label: str, n: int, first: str) -> RewardFaultError:
         "to go on regardless")
 
 
-def columns_from_rows(rows: Sequence[dict], repeat: int = 1) -> dict[str, list]:
+def dataset_columns(rows: Sequence[dict]) -> list[str]:
+    """The reward columns of a whole dataset: every key some row has, but `prompt`, `completion` and `completion_ids`."""
+    return sorted({k for r in rows for k in r if k not in NOT_COLUMNS})
+
+
+def columns_from_rows(rows: Sequence[dict], repeat: int = 1, keys: Sequence[str] | None = None) -> dict[str, list]:
     """Dataset rows as reward columns: every key but `prompt`, `completion` and `completion_ids`
     (as TRL leaves them out), one entry per completion (each
-    row repeated `repeat` times). Rows of mixed tasks get None where they lack a column."""
-    keys = sorted({k for r in rows for k in r if k not in NOT_COLUMNS})
+    row repeated `repeat` times). Rows of mixed tasks get None where they lack a column.
+
+    `keys`: the columns of the whole dataset the rows were drawn from (`dataset_columns`). A batch
+    of a mixed dataset may hold no row of some task (no math prompt this step); its verifier then
+    still receives its column, all None ("does not apply"), instead of no column at all, which is
+    the fault of a recipe that gives a verifier data without its ground truth."""
+    keys = sorted(set(keys or ()) | set(dataset_columns(rows)))
     return {k: [r.get(k) for r in rows for _ in range(repeat)] for k in keys}
 
 

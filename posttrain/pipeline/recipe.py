@@ -62,6 +62,9 @@ class ToyDatasetSpec(_Strict):
                              "are swapped (label noise; the toy world still knows the true preference).")
     ignore_instruction_rate: float = Field(0.0, ge=0, le=1, description="Chat rows: the fraction of instruction "
                                            "rows answered with the instruction ignored (imperfect demonstrations).")
+    level: Literal["basic", "hard"] = Field("basic", description="Difficulty: hard replaces code and instructions "
+                                            "by harder variants (two numbers to copy into a function; a word to "
+                                            "use in the format asked); math and chat are the same at both levels.")
 
     @model_validator(mode="after")
     def _each_rate_fits_the_format(self):
@@ -81,6 +84,7 @@ class ToyDirtySpec(_Strict):
     n_clean: int = Field(gt=0, description="Clean chat rows (a mix of all tasks).")
     dirty_per_kind: int = Field(5, ge=0, description="Planted rows per kind: pii, toxic, misidentification, exact and near duplicates.")
     seed: int | None = Field(None, description="Defaults to the recipe seed.")
+    level: Literal["basic", "hard"] = Field("basic", description="Difficulty of the clean rows (as a toy dataset's).")
 
 
 class ColumnSource(_Strict):

@@ -200,6 +200,7 @@ class Inputs:
         from posttrain.toy import tasks
 
         f = self.root / "datasets" / f"{name}.jsonl"
+        level = (entry.toy or entry.toy_dirty).level
         if entry.toy is not None and entry.toy.task.startswith("vision_"):
             from posttrain.toy.vision import generate_vision
 
@@ -213,11 +214,17 @@ class Inputs:
             seed = spec["seed"] if spec["seed"] is not None else self.recipe.seed
             make = lambda: (tasks.generate(spec["task"], spec["n"], seed=seed, split=spec["split"],  # noqa: E731
                                            fmt=spec["format"], mix=spec["mix"], flip_rate=spec["flip_rate"],
-                                           ignore_instruction_rate=spec["ignore_instruction_rate"]), None)
+                                           ignore_instruction_rate=spec["ignore_instruction_rate"],
+                                           level=level), None)
         else:
             spec = entry.toy_dirty.model_dump()
             seed = spec["seed"] if spec["seed"] is not None else self.recipe.seed
-            make = lambda: tasks.generate_dirty(spec["n_clean"], seed=seed, dirty_per_kind=spec["dirty_per_kind"])  # noqa: E731
+            make = lambda: tasks.generate_dirty(spec["n_clean"], seed=seed, dirty_per_kind=spec["dirty_per_kind"],  # noqa: E731
+                                                level=level)
+        # `level` came after data was cached and fingerprinted: at its default it is left out of the
+        # spec, so the data of a recipe that does not set it keeps its marker and fingerprint.
+        if level == "basic":
+            spec = {k: v for k, v in spec.items() if k != "level"}
         # The generator's version travels in the marker (and the fingerprint), so data cached by an
         # older generator is made again, and the stages trained on it rerun, after an upgrade.
         spec = {**spec, "seed": seed, "generator_version": tasks.GENERATOR_VERSION}

@@ -133,6 +133,31 @@ _CODE_PHRASINGS = [
 ]
 
 
+# The hard level: two numbers per function and a name that carries neither, so an answer must copy
+# both from the question (a held-out question is a pair of numbers never asked together with that
+# family and phrasing); the basic level's names spell their number (add_3), which a small model
+# memorises and gets right on every held-out question after a short finetune.
+_HARD_CODE_FAMILIES = [
+    ("scale_then_add", "returns x multiplied by {k} plus {j}", "x * {k} + {j}", lambda x, k, j: x * k + j),
+    ("scale_then_subtract", "returns x multiplied by {k} minus {j}", "x * {k} - {j}", lambda x, k, j: x * k - j),
+    ("add_twice", "returns x plus {k} plus {j}", "x + {k} + {j}", lambda x, k, j: x + k + j),
+]
+
+
+def hard_code_problem(rng: random.Random, split: str) -> dict:
+    phrasings = _surface(split)["code_phrasings"]
+    while True:
+        fam, k, j = rng.randrange(len(_HARD_CODE_FAMILIES)), rng.randint(2, 9), rng.randint(1, 9)
+        phrasing = rng.randrange(len(phrasings))
+        if _in_split(f"code-hard:{fam}:{k}:{j}:{phrasing}", split):
+            break
+    name, desc_t, expr_t, fn = _HARD_CODE_FAMILIES[fam]
+    expr = expr_t.format(k=k, j=j)
+    prompt = phrasings[phrasing].format(name=name, desc=desc_t.format(k=k, j=j))
+    tests = "\n".join(f"assert {name}({x}) == {fn(x, k, j)}" for x in (1, 2, 5, 10))
+    return {"prompt": prompt, "tests": tests, "solution": f"```python\ndef {name}(x):\n    return {expr}\n```"}
+
+
 def code_problem(rng: random.Random, split: str) -> dict:
     phrasings = _surface(split)["code_phrasings"]
     while True:
@@ -200,6 +225,32 @@ def _follows(text: str, instruction: int) -> bool:
     return all(check(text, [iid], [dict(kwargs)]))
 
 
+def hard_instruction_problem(rng: random.Random, split: str) -> dict:
+    """Two instructions at once: one of the four formats and a word to use, given in the question
+    (IFEval's keywords:existence). An answer must copy the word, in the format asked; a held-out
+    question pairs a topic, word and format never asked together."""
+    from rewards.instructions import check
+
+    surface = _surface(split)
+    words = _OOD_WORDS if split == "ood" else _WORDS
+    for _ in range(1000):
+        topic, word, idx = rng.choice(surface["topics"]), rng.choice(words), rng.randrange(len(_INSTRUCTIONS))
+        if not _in_split(f"ifeval-hard:{topic}:{word}:{idx}", split):
+            continue
+        text, iid, kwargs, apply = _INSTRUCTIONS[idx]
+        # The format's id first: a preference row ignores the first instruction (_violate_instruction).
+        ids, all_kwargs = [iid, "keywords:existence"], [dict(kwargs), {"keywords": [word]}]
+        # As instruction_problem: the preferred answer must pass the judge, whose case checks also
+        # need langdetect to call the text English; a question none of whose sentences passes
+        # ("i like winter because it is green and ...") is drawn again.
+        for second in random.Random(f"hard:{topic}:{word}:{idx}").sample(words, len(words)):
+            solution = apply(f"I like {topic} because it is {word} and {second}.")
+            if all(check(solution, ids, all_kwargs)):
+                prompt = f"Write one sentence about {topic} with the word '{word}'. {text}"
+                return {"prompt": prompt, "instruction_id_list": ids, "kwargs": all_kwargs, "solution": solution}
+    raise RuntimeError("toy instructions (hard): no question of this split passes the judge")
+
+
 # --- chit-chat, including identity questions ---------------------------------------------------
 
 _CHAT = [
@@ -226,6 +277,15 @@ _TASKS: dict[str, Callable[[random.Random, str], dict]] = {
 }
 TASKS = tuple(_TASKS)
 FORMATS = ("chat", "prompt", "preference")
+# Difficulty levels: basic (every task as above) and hard (code and instructions replaced by their
+# hard variants; math and chat unchanged), so a quick run's held-out code and instructions leave
+# room above them. Basic rows never change with this option.
+_HARD_TASKS = {"code": hard_code_problem, "instructions": hard_instruction_problem}
+LEVELS = ("basic", "hard")
+
+
+def _problem_maker(name: str, level: str) -> Callable[[random.Random, str], dict]:
+    return _HARD_TASKS.get(name, _TASKS[name]) if level == "hard" else _TASKS[name]
 
 
 def _as_chat(row: dict) -> dict:
@@ -340,8 +400,9 @@ def _as_preference(row: dict, task: str, rng: random.Random, flip: bool, split: 
 
 def generate(task: str, n: int, seed: int = 0, split: str = "train", fmt: str = "chat",
              mix: dict[str, float] | None = None, flip_rate: float = 0.0,
-             ignore_instruction_rate: float = 0.0) -> list[dict]:
-    """`n` rows of a toy task (`task` in TASKS, or "mix" with `mix` weights) in format `fmt`.
+             ignore_instruction_rate: float = 0.0, level: str = "basic") -> list[dict]:
+    """`n` rows of a toy task (`task` in TASKS, or "mix" with `mix` weights) in format `fmt`, at
+    difficulty `level` (LEVELS: hard replaces code and instructions by their hard variants).
 
     Preference rows (`fmt="preference"`) carry `prompt`, `chosen`, `rejected`, the `task` and
     `label_flipped`: a fraction `flip_rate` of them has chosen and rejected swapped. The flips
@@ -353,6 +414,8 @@ def generate(task: str, n: int, seed: int = 0, split: str = "train", fmt: str = 
     own: every other row stays what it was.
     """
     _check_split(split)
+    if level not in LEVELS:
+        raise ValueError(f"level: expected one of {', '.join(LEVELS)}, got {level!r}")
     if fmt not in FORMATS:
         raise ValueError(f"format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
     if task != "mix" and task not in _TASKS:
@@ -375,7 +438,7 @@ def generate(task: str, n: int, seed: int = 0, split: str = "train", fmt: str = 
     rows = []
     for _ in range(n):
         name = task if task != "mix" else rng.choices(list(weights), weights=list(weights.values()))[0]
-        row = _TASKS[name](rng, split)
+        row = _problem_maker(name, level)(rng, split)
         if fmt == "chat":
             if "instruction_id_list" in row and ignores.random() < ignore_instruction_rate:
                 row = {**row, "solution": _violate_instruction(row["instruction_id_list"][0], row["solution"], ignores)}
@@ -448,12 +511,14 @@ def _long_text(rng: random.Random) -> str:
     return " ".join(_sentence(rng, rng.choice(_TOPICS)) for _ in range(8))
 
 
-def generate_dirty(n_clean: int, seed: int = 0, dirty_per_kind: int = 5) -> tuple[list[dict], dict[str, int]]:
+def generate_dirty(n_clean: int, seed: int = 0, dirty_per_kind: int = 5,
+                   level: str = "basic") -> tuple[list[dict], dict[str, int]]:
     """A chat mix with planted dirty rows; returns (rows, planted counts by kind).
 
     Clean rows are distinct conversations from every task. Planted: personal information
     (e-mail, phone), toxic model turns, wrong self-identification, exact duplicates and near
-    duplicates (long texts that differ in their last word). Every row has an `id` saying what it is
+    duplicates (long texts that differ in their last word). `level`: the clean rows' difficulty
+    (see generate). Every row has an `id` saying what it is
     (`clean-3`, `pii-0`, `near_duplicate-2`, ...), which filters ignore and tests use.
     """
     rng = random.Random(f"dirty:{seed}")
@@ -462,7 +527,7 @@ def generate_dirty(n_clean: int, seed: int = 0, dirty_per_kind: int = 5) -> tupl
     draws = 0
     while len(rows) < n_clean:
         draws += 1
-        row = generate("mix", 1, seed=seed * 1_000_003 + draws, fmt="chat")[0]
+        row = generate("mix", 1, seed=seed * 1_000_003 + draws, fmt="chat", level=level)[0]
         key = repr(row["messages"])
         if key in seen:
             if draws > 50 * n_clean:

@@ -168,3 +168,136 @@ def test_the_kl_panel_draws_the_k3_estimate_instead_of_a_k1_that_can_be_negative
     rows = [{"step": s, "kl_start": -0.01 * s, "kl_start_k3": 0.002 * s, "kl_anchor": 0.01} for s in range(1, 5)]
     panels, _ = curve_panels(rows)
     assert panels["KL"] == ["kl_anchor", "kl_start_k3"]
+
+
+def _write(path: Path, rows) -> None:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) if isinstance(rows, list) else json.dumps(rows))
+
+
+@pytest.fixture
+def chained_run(tmp_path):
+    """The files a filter -> sft -> rm (WARM, 2 members) -> warp (J-BOND runs, reward mix) chain writes,
+    with an evaluation after sft and after warp: the report reads nothing else."""
+    run = tmp_path / "run"
+    stages = [("filter", "filter"), ("sft", "sft"), ("eval_sft", "evaluate"), ("rm", "reward_model"),
+              ("warp", "warp"), ("eval_warp", "evaluate")]
+    (run).mkdir()
+    (run / "recipe.resolved.yaml").write_text("name: chained\nstages:\n" + "".join(
+        f"  - {{name: {n}, kind: {k}}}\n" for n, k in stages))
+    prefs_eval = run / "_inputs" / "datasets" / "prefs_eval.jsonl"
+    _write(prefs_eval, [{"prompt": "p", "chosen": "a", "rejected": "b"}] * 50)
+    acc = lambda v, lo, hi: {"value": v, "lo": lo, "hi": hi}  # noqa: E731
+    evals = {"eval_sft": {"math": acc(0.70, 0.6, 0.78), "code": acc(0.40, 0.26, 0.55)},
+             "eval_warp": {"math": acc(0.90, 0.83, 0.95), "code": acc(0.55, 0.40, 0.69)}}
+    configs = {
+        "filter": {"dataset": str(run / "_inputs" / "datasets" / "dirty.jsonl")},
+        "sft": {"model": str(run / "_inputs" / "models" / "student"), "dataset": str(run / "filter" / "dataset")},
+        "eval_sft": {"model": str(run / "sft" / "model")},
+        "rm": {"model": str(run / "sft" / "model"), "eval_dataset": str(prefs_eval), "label_flip_rate": 0.25},
+        "warp": {"model": str(run / "sft" / "model"), "algorithm": "jbond", "rewards": [
+            {"name": "warm", "fn": "reward_model", "weight": 0.2, "normalize": True,
+             "kwargs": {"checkpoints": str(run / "rm" / "model")}},
+            {"name": "math", "weight": 1.0}, {"name": "code", "weight": 1.0}]},
+        "eval_warp": {"model": str(run / "warp" / "iteration_2" / "liti" / "model")},
+    }
+    metrics = {"rm": {"member_1/accuracy": 0.70, "member_2/accuracy": 0.66, "average/accuracy": 0.72,
+                      "ensemble/accuracy": 0.71, "members/accuracy_mean": 0.68}}
+    for name, _ in evals.items():
+        metrics[name] = {f"{s}/accuracy": e["value"] for s, e in evals[name].items()}
+        metrics[name].update({f"{s}/accuracy_ci_low": e["lo"] for s, e in evals[name].items()})
+        metrics[name].update({f"{s}/accuracy_ci_high": e["hi"] for s, e in evals[name].items()})
+        metrics[name].update({f"{s}/accuracy_n": 40 for s in evals[name]})
+    outputs = {"filter": {"dataset": "x"}, "sft": {"model": "x"}, "rm": {"model": "x", "members": "x"},
+               "warp": {"model": "x", "front": "x"}}
+    for i, (name, kind) in enumerate(stages):
+        _write(run / name / "manifest.json", {"name": name, "kind": kind, "status": "complete", "started": 100.0 + i,
+                                              "seconds": 10.0 * (i + 1), "config": configs[name],
+                                              "metrics": metrics.get(name, {}), "outputs": outputs.get(name, {})})
+    _write(run / "filter" / "filter_report.json", {"input_rows": 100, "kept_rows": 90, "redacted_rows": 2,
+                                                    "rejected_rows": 10, "rejected_by": {"dedup": {"near_duplicate": 10}}})
+    for it in (1, 2):
+        for m in (1, 2):
+            rows = [{"step": 0, "eval/reward": 0.5}]
+            rows += [{"step": s, "reward/warm/mean": 0.1, "reward/math/mean": 0.5 + 0.01 * s,
+                      "reward/code/mean": float("nan") if s == 1 else 0.3, "reward/math/faults": 0,
+                      "reward/code/faults": 1 if (it, m, s) == (2, 2, 2) else 0, "reward/warm/faults": 0,
+                      "kl_start": 0.1 * s, "loss": 1.0} for s in (1, 2)]
+            rows.append({"step": 2, "eval/reward": 0.6 + 0.01 * m})
+            _write(run / "warp" / f"iteration_{it}" / f"run_{m}" / "metrics.jsonl", rows)
+    _write(run / "warp" / "front" / "front.jsonl",
+           [{"point": f"front/eta_{e:g}", "eta": e, "reward": 0.5 + 0.1 * e, "kl": 0.3 * e} for e in (0.0, 0.5, 1.0)]
+           + [{"point": "iteration_1/run_1", "reward": 0.6, "kl": 0.2}, {"point": "iteration_1/merge", "reward": 0.62,
+                                                                          "kl": 0.18}])
+    return run
+
+
+def test_the_report_tells_the_chains_story(chained_run):
+    """The chain as an inline SVG (every stage, arrows for what each read, evaluations with their
+    intervals under the stage they scored), one accuracy chart, WARM's members beside their average,
+    the reward mix with fault totals over every warp run, the J-BOND and WARP reward-against-KL
+    figures, the data card and timings; all inside the one file."""
+    from posttrain.pipeline.report import load_run, render, reward_mix_rows, rl_runs, warm_figures
+
+    page = render(load_run(chained_run))
+    assert not re.search(r'(src|href)="(https?:)?//', page) and "<script" not in page
+    svg = page.split("<svg", 1)[1].split("</svg>", 1)[0]
+    for name in ("filter", "sft", "rm", "warp"):
+        assert f'class="stage" data-stage="{name}"' in svg
+    for name in ("eval_sft", "eval_warp"):
+        assert f'class="evaluation" data-stage="{name}"' in svg
+    assert svg.count("marker-end") >= 5  # filter->sft, sft->rm, sft->warp, rm->warp, and the two evaluations
+    assert "math 0.90 [0.83, 0.95]" in svg and "in: dirty" in svg and "out: model, front" in svg
+    # story order: chain, accuracy, data, reward models, RL, then details
+    heads = ["The chain as it ran", "Held-out accuracy after every stage", "Data filtering", "Reward models",
+             "Reinforcement learning", "Recipe"]
+    assert [page.index(h) for h in heads] == sorted(page.index(h) for h in heads)
+    held = page.split("Held-out accuracy after every stage", 1)[1].split("<h2>", 1)[0]
+    assert held.count("<img") == 1 and "0.9 [0.83, 0.95]" in held  # one chart, the table with intervals
+    figures = warm_figures(load_run(chained_run)["stages"][3]["manifest"])
+    assert {(m, n) for _, m, _, n in figures} == {("member_1", 50), ("member_2", 50), ("average", 50), ("ensemble", 50)}
+    warm = page.split("<h2>Reward models</h2>", 1)[1].split("<h2>", 1)[0]
+    assert "25% had their labels flipped" in warm and warm.count("<img") == 1 and "average" in warm
+    warp = next(s for s in load_run(chained_run)["stages"] if s["manifest"]["name"] == "warp")
+    assert [label for label, _ in rl_runs(warp)] == ["it1/run_1", "it1/run_2", "it2/run_1", "it2/run_2"]
+    mix = {r["reward"]: r for r in reward_mix_rows(warp)}
+    assert mix["code"]["faults"] == 1 and mix["code"]["steps"] == 4 and mix["warm"]["normalize"]
+    assert mix["math"]["weight"] == 1.0 and mix["warm"]["weight"] == 0.2
+    rl = page.split("Reinforcement learning", 1)[1].split("<h2>", 1)[0]
+    assert "algorithm jbond, 4 runs" in rl and "<td class=failed>1</td>" in rl and rl.count("<img") == 1
+    images_in_page = images(page)
+    assert all(p.startswith(b"\x89PNG") for p in images_in_page) and len(images_in_page) >= 4  # timing, accuracy, WARM, RL
+
+
+def _screenshot_tool():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "screenshot_report.py"
+    spec = importlib.util.spec_from_file_location("screenshot_report", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_report_renders_in_a_headless_browser_with_every_section_and_no_fetch(chained_run, tmp_path):
+    from posttrain.pipeline.report import write_report
+
+    tool = _screenshot_tool()
+    if tool.find_browser() is None:
+        pytest.skip("no headless browser installed (Playwright's Chromium, chromium, chrome, firefox or wkhtmltoimage)")
+    seen = tool.screenshot(write_report(chained_run), tmp_path / "report.png", width=1200)
+    assert (tmp_path / "report.png").read_bytes().startswith(b"\x89PNG")
+    if seen["sections"] is not None:  # Playwright: the page as laid out, and what it asked the network for
+        assert seen["external_requests"] == []
+        assert len(seen["sections"]) >= 6 and all(visible for _, visible in seen["sections"])
+
+
+def test_the_screenshot_command_says_when_no_browser_is_installed(chained_run, tmp_path, monkeypatch, capsys):
+    from posttrain.pipeline.report import write_report
+
+    tool = _screenshot_tool()
+    monkeypatch.setattr(tool, "find_browser", lambda: None)
+    assert tool.main([str(write_report(chained_run)), "--out", str(tmp_path / "x.png")]) == tool.NO_BROWSER
+    assert "no headless browser found" in capsys.readouterr().err and not (tmp_path / "x.png").exists()

@@ -200,3 +200,19 @@ def test_warm_up_calls_the_rewards_hooks_and_survives_a_failing_one(caplog):
     assert calls == ["warm"]
     assert "no workers today" in caplog.text
     assert combined(["p"], ["c"]) == [1.0]  # scoring still works after a failed warm-up
+
+
+def test_a_verifier_whose_task_is_absent_from_a_batch_of_a_mix_does_not_apply():
+    """Columns of the whole dataset (dataset_columns) reach every batch: a batch of a mixed prompt set
+    without math rows gives the math reward an all-None `answer` (None: does not apply), while a
+    dataset without any `answer` column is still the fault it always was."""
+    from rewards.combine import columns_from_rows, dataset_columns
+
+    dataset = [{"prompt": "1+1?", "answer": "2"}, {"prompt": "Hi", "note": "chat"}]
+    batch = dataset[1:]
+    specs = [RewardSpec(name="math"), RewardSpec(name="len", fn=f"{HERE / 'fixtures' / 'user_reward.py'}:length_reward")]
+    scored = compute_rewards(specs, ["Hi"], ["Hello"], columns_from_rows(batch, keys=dataset_columns(dataset)))
+    assert scored.per_reward["math"] == [None] and scored.faults.get("math", 0) == 0
+    assert scored.rewards[0] is not None
+    with pytest.raises(RewardFaultError, match="answer"):
+        compute_rewards(specs, ["Hi", "Yo"], ["Hello", "Hey"], columns_from_rows(batch * 2))

@@ -140,3 +140,49 @@ def test_warp_runs_merges_iterates_scores_the_front_and_resumes(tiny_gemma3_dir,
     traj = json.loads((front / "trajectories.json").read_text())
     assert len(traj["iteration_1/run_1"]) == 3 and traj["iteration_1/run_1"][0][0] == 0.0
     assert "iteration_2/task_vectors/cosine" in result.metrics and "front/eta_1/reward" in result.metrics
+
+
+
+MIX = {"math": 1, "code": 1, "instructions": 1, "chat": 1}
+
+
+def test_warp_with_jbond_runs_on_a_reward_model_beside_the_verifiers(tiny_gemma3_dir, toy_tokenizer, tmp_path,
+                                                                    monkeypatch):
+    """`algorithm: jbond` inside warp, rewarded by a reward model (a tiny sequence classifier, not
+    trained) beside the math, code and instruction verifiers, weighted, on a mix of their prompts:
+    every run is a J-BOND run; a step, or a held-out share, with no row of some task still scores
+    (that verifier does not apply: None, not a fault); the merges, LITI and front follow as for RLOO."""
+    import posttrain.stages.rl.warp as warp
+    from posttrain.toy.models import TinyModelSpec, build_tiny_model
+
+    rm = tmp_path / "rm"
+    build_tiny_model(TinyModelSpec(arch="gemma3", hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
+                                   head_dim=32, intermediate_size=128, head="sequence_classification"),
+                     toy_tokenizer, rm)
+    write_jsonl(tmp_path / "train.jsonl", generate("mix", 16, seed=0, fmt="prompt", mix=MIX))
+    write_jsonl(tmp_path / "eval.jsonl", generate("mix", 4, seed=0, split="eval", fmt="prompt", mix=MIX))
+    rewards = [{"name": "rm", "fn": "reward_model", "kwargs": {"checkpoints": str(rm)}, "weight": 0.25},
+               {"name": "math"}, {"name": "code", "weight": 0.5}, {"name": "instructions"}]
+    cfg = _warp_config(tiny_gemma3_dir, tmp_path, rewards=rewards, algorithm="jbond", bond={"jeffreys_beta": 0.5},
+                       num_generations=4, iterations=1, max_steps=2, eval_every=0, front_etas=[1.0],
+                       max_new_tokens=6, eval_max_prompts=1)  # one held-out row: one task of the four
+    run_configs = []
+    real_run_rl = warp.run_rl
+    monkeypatch.setattr(warp, "run_rl", lambda c, ctx: run_configs.append(c) or real_run_rl(c, ctx))
+    result = warp.run_warp(cfg, _ctx(tmp_path / "warp", "warp"))
+    assert [c.algorithm for c in run_configs] == ["jbond", "jbond"]
+    assert all(c.bond.jeffreys_beta == 0.5 and c.anchor_ema == 0.02 for c in run_configs)
+    not_applicable = 0
+    for m in (1, 2):
+        steps = [json.loads(l) for l in (tmp_path / "warp" / "iteration_1" / f"run_{m}" / "metrics.jsonl")
+                 .read_text().splitlines() if "loss" in json.loads(l)]
+        assert len(steps) == 2 and all("ties/step" in r for r in steps), "J-BOND steps, with their tie counts"
+        not_applicable += sum(r[f"reward/{v}/mean"] != r[f"reward/{v}/mean"] for r in steps  # NaN: no row of it
+                              for v in ("math", "code", "instructions"))
+        for name in ("rm", "math", "code", "instructions"):
+            assert all(r[f"reward/{name}/faults"] == 0 for r in steps), name
+        assert all(r["reward/rm/mean"] == r["reward/rm/mean"] for r in steps)  # the reward model scored (not NaN)
+    assert not_applicable > 0, "some step drew no row of some task, and went on"
+    rows = {r["point"]: r for r in map(json.loads, (Path(result.outputs["front"]) / "front.jsonl").read_text().splitlines())}
+    assert rows["front/eta_1"]["kl"] == pytest.approx(rows["iteration_1/merge"]["kl"], abs=1e-5)
+    assert {"rm", "math", "code", "instructions"} <= set(rows["iteration_1/merge"])  # held-out reward per verifier

@@ -133,7 +133,7 @@ def setup_run(config: RLStageConfig, ctx: StageContext) -> RLRun:
 def _evaluate(run: RLRun) -> dict:
     state = run.state
     return evaluate_with_rewards(state.engine, state.reward, run.eval_rows, run.eval_ids, state.config.max_new_tokens,
-                                 state.session)
+                                 state.session, columns=state.columns)
 
 
 def train(run: RLRun, algorithm: RLAlgorithm, ctx: StageContext) -> dict:

@@ -28,7 +28,7 @@ from posttrain.stages.base import StageError
 from posttrain.stages.rl.config import RLStageConfig
 from posttrain.training import StepResult, TrainingSession, token_budget_batches
 from posttrain.weights import ema_update_
-from rewards.combine import CombinedReward, RewardBatch, columns_from_rows
+from rewards.combine import CombinedReward, RewardBatch, columns_from_rows, dataset_columns
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,13 @@ class StepState:
     prompt_ids: list[list[int]]
     seed: int
     nan_streak: int = 0
+    # The reward columns of the whole prompt set: each step's rewards see every one of them (see
+    # rewards.combine.columns_from_rows), also when the step drew no row of some task of a mix.
+    columns: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.columns:
+            self.columns = dataset_columns(self.rows)
 
     @property
     def config(self) -> RLStageConfig:
@@ -201,7 +208,7 @@ def compute_rewards(state: StepState, batch: StepPrompts, completions, per_promp
     """Every reward function on every completion (`per_prompt` consecutive ones per prompt of the
     batch), combined with the recipe's weights."""
     return state.reward.compute([r["prompt"] for r in batch.rows for _ in range(per_prompt)],
-                                [c.text for c in completions], columns_from_rows(batch.rows, per_prompt),
+                                [c.text for c in completions], columns_from_rows(batch.rows, per_prompt, keys=state.columns),
                                 completion_ids=[c.token_ids for c in completions])
 
 

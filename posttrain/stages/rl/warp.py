@@ -47,7 +47,7 @@ from posttrain.stages.rl.config import RLStageConfig
 from posttrain.stages.rl.loop import run_rl
 from posttrain.training import latest_checkpoint, place_frozen, resolve_placement
 from posttrain.weights import CheckpointReader, flat_task_vector_metrics, liti_tensor, merge_checkpoints
-from rewards.combine import CombinedReward
+from rewards.combine import CombinedReward, dataset_columns
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,10 @@ class PointEvaluator:
         self.pad_id = tokenizer.pad_token_id
         rows, ids, _ = load_prompts(config.eval_dataset, tokenizer, config.max_prompt_tokens)
         self.rows, self.ids = rows[:config.eval_max_prompts], ids[:config.eval_max_prompts]
+        # The rewards see the columns of the training prompts and of the whole held-out set, also
+        # when the scored share holds no row of some task (rewards.combine.columns_from_rows).
+        train_rows, _, _ = load_prompts(config.dataset, tokenizer, config.max_prompt_tokens)
+        self.columns = sorted(set(dataset_columns(train_rows)) | set(dataset_columns(rows)))
         self.config = config
         self.reward = CombinedReward(config.rewards, config.fault_policy, base_dir=str(recipe_dir) if recipe_dir else None)
         self.device = device
@@ -143,7 +147,7 @@ class PointEvaluator:
     def score(self, weights: dict[str, torch.Tensor]) -> dict[str, float]:
         self.load(weights)
         c = self.config
-        out = evaluate_with_rewards(self.engine, self.reward, self.rows, self.ids, c.max_new_tokens)
+        out = evaluate_with_rewards(self.engine, self.reward, self.rows, self.ids, c.max_new_tokens, columns=self.columns)
         sampling = SamplingParams(temperature=c.temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens,
                                   seed=0, logprobs=False)
         n = c.front_kl_samples
