@@ -277,10 +277,17 @@ def _fsdp_arguments(cfg: SFTStageConfig, model, world_size: int) -> dict[str, An
         return {}
     from posttrain.sharding import decoder_layers
 
+    import transformers
+    from packaging.version import Version
+
     layers = sorted({type(m).__name__ for m in decoder_layers(model)})
-    return {"fsdp": "full_shard auto_wrap" + (" offload" if cfg.fsdp_offload else ""),
-            "fsdp_config": {"fsdp_version": 2, "transformer_layer_cls_to_wrap": layers,
-                            "reshard_after_forward": True, "state_dict_type": "FULL_STATE_DICT"}}
+    config = {"fsdp_version": 2, "transformer_layer_cls_to_wrap": layers, "reshard_after_forward": True,
+              "state_dict_type": "FULL_STATE_DICT"}
+    if Version(transformers.__version__) >= Version("5.19"):
+        # From 5.19 FSDP is switched on by `fsdp=True` with everything in fsdp_config (the string
+        # form is deprecated there and removed in 5.20); both give accelerate the same plugin.
+        return {"fsdp": True, "fsdp_config": {**config, "cpu_offload": cfg.fsdp_offload}}
+    return {"fsdp": "full_shard auto_wrap" + (" offload" if cfg.fsdp_offload else ""), "fsdp_config": config}
 
 
 def _no_accelerator() -> bool:

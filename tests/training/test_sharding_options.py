@@ -21,6 +21,10 @@ def test_sft_fsdp_asks_the_trainer_for_fsdp2_over_the_decoder_layers(tiny_gemma3
     assert args.fsdp_plugin_args["fsdp_version"] == 2
     assert args.fsdp_plugin_args["transformer_cls_names_to_wrap"] == "Gemma3DecoderLayer"
     assert args.fsdp_plugin_args["state_dict_type"] == "FULL_STATE_DICT"  # the saved model is whole
+    assert not args.fsdp_plugin_args.get("cpu_offload")
+    offloaded = SFTConfig(output_dir="unused", use_cpu=True, report_to="none", **_fsdp_arguments(
+        SFTStageConfig(model="m", dataset="d", sharding="fsdp", fsdp_offload=True), model, world_size=2))
+    assert offloaded.fsdp_plugin_args["cpu_offload"] is True
 
 
 @pytest.mark.parametrize("options, problem", [({"lora": {"r": 4}}, "lora"), ({"deepspeed": "z3.json"}, "deepspeed")])
