@@ -39,12 +39,12 @@ def spec_for(size: str) -> dict:
 
 def run_mode(mode: str, path: Path, tok, args) -> dict:
     import torch
+    from bench_weight_sync import random_reward_step
     from peft import LoraConfig, get_peft_model
 
     from posttrain.modeling import load_causal_lm
     from posttrain.rollout import RolloutConfig, SamplingParams, create_engine, sync_weights
     from posttrain.rollout.prompts import prompt_to_ids
-    from posttrain.scoring import sequence_logprobs
     from posttrain.toy.tasks import generate as toy_rows
 
     torch.manual_seed(0)
@@ -62,13 +62,7 @@ def run_mode(mode: str, path: Path, tok, args) -> dict:
         t0 = time.perf_counter()
         completions = [c for g in engine.generate(prompts, n=args.group, sampling=sampling) for c in g]
         t1 = time.perf_counter()
-        logps = sequence_logprobs(policy, prompt_ids, [c.token_ids for c in completions], requires_grad=True,
-                                  pad_token_id=tok.pad_token_id)
-        rewards = torch.randn(len(logps))
-        loss = -(torch.stack([lp.sum() for lp in logps]) * (rewards - rewards.mean())).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        random_reward_step(policy, optimizer, prompt_ids, completions, tok.pad_token_id)
         t2 = time.perf_counter()
         stats = sync_weights(engine, policy)
         t3 = time.perf_counter()

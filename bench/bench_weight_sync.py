@@ -25,6 +25,22 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def random_reward_step(policy, optimizer, prompt_ids, completions, pad_token_id: int) -> None:
+    """One REINFORCE update of `policy` on its own samples with random rewards: the training work
+    between two weight syncs (what it learns does not matter to the timings)."""
+    import torch
+
+    from posttrain.scoring import sequence_logprobs
+
+    logps = sequence_logprobs(policy, prompt_ids, [c.token_ids for c in completions], requires_grad=True,
+                              pad_token_id=pad_token_id)
+    rewards = torch.randn(len(logps))
+    loss = -(torch.stack([lp.sum() for lp in logps]) * (rewards - rewards.mean())).mean()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
 def spec_for(size: str) -> dict:
     hidden, layers = (int(x) for x in size.split("x"))
     heads = max(4, hidden // 64)
@@ -49,7 +65,6 @@ def main() -> None:
     import torch
 
     from posttrain.rollout import RolloutConfig, SamplingParams, create_engine, weights_for_engine
-    from posttrain.scoring import sequence_logprobs
     from posttrain.rollout.prompts import prompt_to_ids
     from posttrain.toy.models import TinyModelSpec, build_tiny_model
     from posttrain.toy.tasks import generate as toy_rows
@@ -74,13 +89,7 @@ def main() -> None:
 
             def rl_step():
                 completions = [c for g in fast.generate(prompts, n=8, sampling=sampling) for c in g]
-                logps = sequence_logprobs(model, prompt_ids, [c.token_ids for c in completions], requires_grad=True,
-                                          pad_token_id=tok.pad_token_id)
-                rewards = torch.randn(len(logps))
-                loss = -(torch.stack([lp.sum() for lp in logps]) * (rewards - rewards.mean())).mean()
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
+                random_reward_step(model, optimizer, prompt_ids, completions, tok.pad_token_id)
                 fast.update_weights(weights_for_engine(model))
 
             step = timed(rl_step, repeats=2)
