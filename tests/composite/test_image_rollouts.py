@@ -218,3 +218,22 @@ def test_an_image_column_is_mapped_into_the_user_turn_from_parquet_bytes_and_jso
     (row,) = read_rows(tmp_path / "out" / "chat.jsonl")
     assert row["messages"][0]["content"] == [{"type": "image", "path": str((tmp_path / "green.png").resolve())},
                                              {"type": "text", "text": "Colour?"}]
+
+
+def test_warp_scores_held_out_image_prompts_with_their_images(composite, tmp_path):
+    """WARP's point evaluator reads image prompts through the model's processor and samples them
+    on the transformers engine (auto), instead of failing with the text-only error."""
+    from posttrain.data import write_jsonl
+    from posttrain.rollout.transformers_engine import TransformersEngine
+    from posttrain.stages.rl.warp import PointEvaluator, WarpStageConfig
+
+    _, _, model_dir = composite
+    write_jsonl(tmp_path / "prompts.jsonl", generate_vision("colour", 4, tmp_path / "img", fmt="prompt"))
+    config = WarpStageConfig(model=str(model_dir), dataset=str(tmp_path / "prompts.jsonl"),
+                             eval_dataset=str(tmp_path / "prompts.jsonl"), rewards=[{"name": "exact", "fn": "posttrain.toy.vision:exact_answer_reward"}])
+    evaluator = PointEvaluator(config, str(model_dir), None, torch.device("cpu"))
+    try:
+        assert evaluator.ids and all(isinstance(p, ImagePrompt) and p.image_parts for p in evaluator.ids)
+        assert isinstance(evaluator.engine, TransformersEngine)
+    finally:
+        evaluator.engine.close()

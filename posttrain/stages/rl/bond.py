@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from posttrain.images import prompt_has_images
 from posttrain.losses.bond import (backward_rewards, better_sample_index, forward_nll_loss, jbond_rewards,
                                    jeffreys_loss, leave_one_out_advantages, log_quantile_rewards, ties)
 from posttrain.losses.policy import k3_kl, masked_sum, reinforce_loss
@@ -51,9 +52,10 @@ class AnchorRollouts:
     is the default.
     """
 
-    def __init__(self, config: RLStageConfig, engine, device):
+    def __init__(self, config: RLStageConfig, engine, device, images: bool = False):
         self.swap = config.bond.anchor_rollout == "swap"
-        self.engine = engine if self.swap else create_engine(config.model, config.rollout, device=device)
+        self.engine = engine if self.swap else create_engine(config.model, config.rollout, device=device,
+                                                             images=images)
 
     def resume(self, anchor) -> None:
         """After a resume the engines were built from the starting weights; a second engine takes the anchor's."""
@@ -108,7 +110,9 @@ class Bond(RLAlgorithm):
     """algorithm: jbond or bond; the anchor samples on the policy's engine or on one of its own."""
 
     def __init__(self, state: StepState):
-        self.rollouts = AnchorRollouts(state.config, state.engine, state.session.device)
+        # A second engine for the anchor is chosen as the policy's was, with the image prompts in view.
+        images = any(prompt_has_images(p) for p in state.prompt_ids)
+        self.rollouts = AnchorRollouts(state.config, state.engine, state.session.device, images)
         self.tie_steps: list[float] = []
 
     def resume(self, state: StepState) -> None:

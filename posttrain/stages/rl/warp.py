@@ -35,9 +35,11 @@ import torch
 from pydantic import Field, model_validator
 
 from posttrain.data import load_prompts, write_json, write_jsonl
+from posttrain.images import prompt_has_images
 from posttrain.losses.token_logprobs import resolve_chunk_size
 from posttrain.manifests import completed, mark_complete
-from posttrain.modeling import checkpoint_tensors_for_model, load_causal_lm, load_tokenizer, output_rows
+from posttrain.modeling import (checkpoint_tensors_for_model, load_causal_lm, load_processor, load_tokenizer,
+                                output_rows)
 from posttrain.rollout import SamplingParams, create_engine, sync_weights
 from posttrain.evaluation import evaluate_with_rewards
 from posttrain.scoring import score_completions
@@ -115,12 +117,13 @@ class PointEvaluator:
 
     def __init__(self, config: WarpStageConfig, sft_dir: str, recipe_dir: Path | None, device: torch.device):
         tokenizer = load_tokenizer(sft_dir)
+        processor = load_processor(sft_dir)  # a composite model's: held-out prompts with images (None: text only)
         self.pad_id = tokenizer.pad_token_id
-        rows, ids, _ = load_prompts(config.eval_dataset, tokenizer, config.max_prompt_tokens)
+        rows, ids, _ = load_prompts(config.eval_dataset, tokenizer, config.max_prompt_tokens, processor=processor)
         self.rows, self.ids = rows[:config.eval_max_prompts], ids[:config.eval_max_prompts]
         # The rewards see the columns of the training prompts and of the whole held-out set, also
         # when the scored share holds no row of some task (rewards.combine.columns_from_rows).
-        train_rows, _, _ = load_prompts(config.dataset, tokenizer, config.max_prompt_tokens)
+        train_rows, _, _ = load_prompts(config.dataset, tokenizer, config.max_prompt_tokens, processor=processor)
         self.columns = sorted(set(dataset_columns(train_rows)) | set(dataset_columns(rows)))
         self.config = config
         self.reward = CombinedReward(config.rewards, config.fault_policy, base_dir=str(recipe_dir) if recipe_dir else None)
@@ -128,7 +131,8 @@ class PointEvaluator:
         frozen = resolve_placement(config.anchor_placement, device, "anchor_placement")
         self.reference = place_frozen(load_causal_lm(sft_dir), frozen)
         self.policy = place_frozen(load_causal_lm(sft_dir), device)
-        self.engine = create_engine(sft_dir, config.rollout, device=device)
+        self.engine = create_engine(sft_dir, config.rollout, device=device,
+                                    images=any(prompt_has_images(p) for p in self.ids))
         vocab = output_rows(self.policy)
         self.chunk_size = resolve_chunk_size(config.logprob_chunk_size, vocab)
 
