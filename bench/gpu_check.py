@@ -199,6 +199,54 @@ def run_fsdp_checks(work: Path, use_cpu: bool) -> tuple[dict, list[str]]:
     return summary, failures
 
 
+def run_rl_bench(work: Path, bench_args: str, summary: dict) -> list[str]:
+    """bench_rl against TRL's GRPOTrainer on this device; its numbers go into `summary`."""
+    failures: list[str] = []
+    from posttrain.rollout import vllm_available
+
+    # TRL generates under bf16 autocast; "transformers-bf16" holds the engine's weights in bf16, the
+    # like-for-like contender ("transformers" keeps fp32 weights, as a reference).
+    engines = "transformers-bf16,transformers"
+    if vllm_available():
+        engines = "vllm-compiled-bf16," + engines
+    bench_json = work / "bench_rl.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_rl.py"), "--engines", engines, "--json", str(bench_json),
+           *bench_args.split()]
+    print("\n" + " ".join(cmd), flush=True)
+    done = subprocess.run(cmd)
+    if done.returncode != 0 or not bench_json.exists():
+        failures.append(f"bench_rl exited with {done.returncode}")
+    else:
+        results = json.loads(bench_json.read_text())
+        trl = results[-1]["tokens_per_s"]
+        summary["bench_rl"] = [{"name": r["name"], "tokens_per_s": round(r["tokens_per_s"], 1),
+                                "vs_trl": round(r["tokens_per_s"] / trl, 2), "split": r.get("split")}
+                               for r in results]
+        best = max(r["tokens_per_s"] for r in results[:-1]) / trl
+        summary["rl_vs_trl_best"] = round(best, 2)
+        print(f"\nposttrain rl against TRL GRPOTrainer on the same device: {best:.2f}x (target 1.5x)")
+    return failures
+
+
+def run_reward_model_bench(work: Path, rm_bench_args: str, summary: dict) -> list[str]:
+    """bench_reward_model against TRL's RewardTrainer on this device; its numbers go into `summary`."""
+    failures: list[str] = []
+    out = work / "bench_reward_model"
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_reward_model.py"), "--out", str(out),
+           *rm_bench_args.split()]
+    print("\n" + " ".join(cmd), flush=True)
+    done = subprocess.run(cmd)
+    numbers = out / "bench_reward_model.json"
+    if done.returncode != 0 or not numbers.exists():
+        failures.append(f"bench_reward_model exited with {done.returncode}")
+    else:
+        results = json.loads(numbers.read_text())
+        summary["bench_reward_model"] = results
+        print(f"\nposttrain reward_model against TRL RewardTrainer on the same device: {results['ratio']:.2f}x "
+              "(TRL's seconds per step over posttrain's)")
+    return failures
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="gpu_check.json", help="JSON summary")
@@ -289,42 +337,10 @@ def main() -> int:
             failures.append(f"{name}: {row['status']}")
 
     if not args.skip_bench:
-        # TRL generates under bf16 autocast; "transformers-bf16" holds the engine's weights in bf16, the
-        # like-for-like contender ("transformers" keeps fp32 weights, as a reference).
-        engines = "transformers-bf16,transformers"
-        if vllm_available():
-            engines = "vllm-compiled-bf16," + engines
-        bench_json = work / "bench_rl.json"
-        cmd = [sys.executable, str(ROOT / "bench" / "bench_rl.py"), "--engines", engines, "--json", str(bench_json),
-               *args.bench_args.split()]
-        print("\n" + " ".join(cmd), flush=True)
-        done = subprocess.run(cmd)
-        if done.returncode != 0 or not bench_json.exists():
-            failures.append(f"bench_rl exited with {done.returncode}")
-        else:
-            results = json.loads(bench_json.read_text())
-            trl = results[-1]["tokens_per_s"]
-            summary["bench_rl"] = [{"name": r["name"], "tokens_per_s": round(r["tokens_per_s"], 1),
-                                    "vs_trl": round(r["tokens_per_s"] / trl, 2), "split": r.get("split")}
-                                   for r in results]
-            best = max(r["tokens_per_s"] for r in results[:-1]) / trl
-            summary["rl_vs_trl_best"] = round(best, 2)
-            print(f"\nposttrain rl against TRL GRPOTrainer on the same device: {best:.2f}x (target 1.5x)")
+        failures += run_rl_bench(work, args.bench_args, summary)
 
     if not args.skip_rm_bench:
-        out = work / "bench_reward_model"
-        cmd = [sys.executable, str(ROOT / "bench" / "bench_reward_model.py"), "--out", str(out),
-               *args.rm_bench_args.split()]
-        print("\n" + " ".join(cmd), flush=True)
-        done = subprocess.run(cmd)
-        numbers = out / "bench_reward_model.json"
-        if done.returncode != 0 or not numbers.exists():
-            failures.append(f"bench_reward_model exited with {done.returncode}")
-        else:
-            results = json.loads(numbers.read_text())
-            summary["bench_reward_model"] = results
-            print(f"\nposttrain reward_model against TRL RewardTrainer on the same device: {results['ratio']:.2f}x "
-                  "(TRL's seconds per step over posttrain's)")
+        failures += run_reward_model_bench(work, args.rm_bench_args, summary)
 
     if not args.skip_fsdp:
         summary["fsdp"], fsdp_failures = run_fsdp_checks(work, args.cpu)
