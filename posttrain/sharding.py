@@ -135,40 +135,18 @@ def parameter_bytes_on_rank(model) -> int:
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a DTensor shard (a collective: every rank calls it), or the tensor."""
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+    """The whole tensor: a DTensor's shards gathered from every rank, a plain tensor as it is."""
+    from torch.distributed.tensor import DTensor
 
-
-def sharded_ema_update_(anchor, policy, mu: float) -> None:
-    """theta_anchor <- (1 - mu) theta_anchor + mu theta for an anchor sharded like the policy.
-
-    A plain policy's parameters and the anchor's are shards of the same layout (same names, same
-    units, same mesh), so each rank averages its own shards: no communication. A peft policy's
-    weights exist only merged (W + scale * B @ A, posttrain.rollout.weights_for_engine, which
-    gathers them whole one tensor at a time on every rank); each rank keeps its slice of each."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    if not 0.0 <= mu <= 1.0:
-        raise ValueError(f"ema_update_: mu must lie in [0, 1], got {mu}")
-    if mu == 0.0:
-        return
-    reshard_all(anchor)
-    params = dict(anchor.named_parameters())
-    mine = dict(policy.named_parameters())
-    with torch.no_grad():
-        if all(name in mine and isinstance(mine[name], DTensor) for name in params):
-            for name, param in params.items():
-                src = mine[name]
-                if src.placements != param.placements or src.to_local().shape != param.to_local().shape:
-                    raise ValueError(f"ema_update_: {name!r} is sharded differently in the policy and the anchor")
-                param.to_local().lerp_(src.to_local().to(param.dtype), mu)
-            return
-        from posttrain.rollout.weights import weights_for_engine
-
-        for name, whole in weights_for_engine(policy):
-            param = params.get(name)
-            if param is None:
-                continue  # a buffer
-            local = distribute_tensor(whole.to(param.device, param.dtype), param.device_mesh, param.placements,
-                                      src_data_rank=None).to_local()  # this rank's slice, no communication
-            param.to_local().lerp_(local, mu)
+    tensor = tensor.detach()
+    if not isinstance(tensor, DTensor):
+        return tensor
+    local = tensor.to_local()
+    if local.device.type != tensor.device_mesh.device_type:
+        # Shards offloaded to CPU memory (FSDP's CPUOffloadPolicy) are gathered over the mesh's
+        # backend (NCCL on GPUs), which needs them on the mesh's device.
+        device = torch.device(tensor.device_mesh.device_type, torch.cuda.current_device()) \
+            if tensor.device_mesh.device_type == "cuda" else torch.device(tensor.device_mesh.device_type)
+        tensor = DTensor.from_local(local.to(device), tensor.device_mesh, tensor.placements,
+                                    shape=tensor.shape, stride=tensor.stride())
+    return tensor.full_tensor()

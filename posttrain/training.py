@@ -271,12 +271,8 @@ class TrainingSession:
 
     def describe(self, global_batch: int, unit: str) -> dict[str, Any]:
         """The facts every stage records in its metrics: where it ran and how big a step was."""
-        from posttrain.sharding import parameter_bytes_on_rank
-
         out = {"device": str(self.device), "device_type": self.device.type, "world_size": self.world_size,
                "precision": self.precision, "sharding": self.sharding, f"global_batch_{unit}": global_batch}
-        if self.model is not None:
-            self._param_bytes = parameter_bytes_on_rank(self.model)
         if self._param_bytes is not None:
             # The trained model's parameters on this rank (its shards under fsdp); after a
             # release, those of the last model trained.

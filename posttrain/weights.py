@@ -27,6 +27,8 @@ from typing import Iterable, Mapping, Sequence, Union
 
 import torch
 
+from posttrain.sharding import full_tensor, reshard_all
+
 Weights = Union[torch.nn.Module, Mapping[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]]]
 
 
@@ -58,11 +60,18 @@ def ema_update_(anchor: torch.nn.Module | Mapping[str, torch.Tensor], model: Wei
     mu = 0 leaves the anchor fixed (a frozen reference), mu = 1 copies the model. `model` may be
     a module, a mapping, or (name, tensor) pairs such as the LoRA-merged weights of a peft model;
     every anchor parameter must have a same-shaped counterpart in it.
+
+    An anchor sharded by FSDP (posttrain.sharding) is averaged shard by shard, with no
+    communication: with a model sharded the same way each rank averages its own shards; with
+    whole tensors (a sharded peft policy's merged weights, gathered on every rank) each rank
+    averages its slice of them.
     """
     if not 0.0 <= mu <= 1.0:
         raise ValueError(f"ema_update_: mu must lie in [0, 1], got {mu}")
     if mu == 0.0:
         return
+    if isinstance(anchor, torch.nn.Module):
+        reshard_all(anchor)  # a frozen sharded model's root may still hold gathered copies, not its shards
     source = _as_mapping(model)
     for name, param in _parameters(anchor).items():
         src = source.get(name)
@@ -71,7 +80,25 @@ def ema_update_(anchor: torch.nn.Module | Mapping[str, torch.Tensor], model: Wei
         if src.shape != param.shape:
             raise ValueError(f"ema_update_: {name!r} has shape {tuple(src.shape)} in the model but "
                              f"{tuple(param.shape)} in the anchor")
-        param.lerp_(src.to(device=param.device, dtype=param.dtype), mu)
+        if hasattr(param, "to_local"):
+            param.to_local().lerp_(_local_slice(src, param, name), mu)
+        else:
+            # A whole anchor (placed apart from a sharded policy) takes the policy's whole tensors:
+            # gathered one at a time, on every rank in the same order.
+            src = full_tensor(src)
+            param.lerp_(src.to(device=param.device, dtype=param.dtype), mu)
+
+
+def _local_slice(src: torch.Tensor, param, name: str) -> torch.Tensor:
+    """This rank's part of `src` laid out as the DTensor `param`'s shard, without communication."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(src, DTensor):
+        if src.placements != param.placements or src.to_local().shape != param.to_local().shape:
+            raise ValueError(f"ema_update_: {name!r} is sharded differently in the model and the anchor")
+        return src.to_local().to(param.dtype)
+    whole = src.to(device=param.device, dtype=param.dtype)
+    return distribute_tensor(whole, param.device_mesh, param.placements, src_data_rank=None).to_local()
 
 
 def _named_tensors(item, where: str) -> dict[str, torch.Tensor]:

@@ -19,6 +19,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from posttrain.sharding import full_tensor
+
 # Prefixes that wrappers add in front of the checkpoint's names.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.")
 
@@ -36,24 +38,6 @@ class PlannedTensor:
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
-
-
-def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor: a DTensor's shards gathered from every rank, a plain tensor as it is."""
-    from torch.distributed.tensor import DTensor
-
-    tensor = tensor.detach()
-    if not isinstance(tensor, DTensor):
-        return tensor
-    local = tensor.to_local()
-    if local.device.type != tensor.device_mesh.device_type:
-        # Shards offloaded to CPU memory (FSDP's CPUOffloadPolicy) are gathered over the mesh's
-        # backend (NCCL on GPUs), which needs them on the mesh's device.
-        device = torch.device(tensor.device_mesh.device_type, torch.cuda.current_device()) \
-            if tensor.device_mesh.device_type == "cuda" else torch.device(tensor.device_mesh.device_type)
-        tensor = DTensor.from_local(local.to(device), tensor.device_mesh, tensor.placements,
-                                    shape=tensor.shape, stride=tensor.stride())
-    return tensor.full_tensor()
 
 
 def checkpoint_name(name: str) -> str:

@@ -23,7 +23,7 @@ from posttrain.modeling import load_causal_lm, load_tokenizer
 from posttrain.rollout import weights_for_engine
 from posttrain.rollout.types import Completion
 from posttrain.stages.rl import Learner, RLStageConfig, policy_gradient_pass
-from posttrain.sharding import full_tensor, is_sharded, sharded_ema_update_
+from posttrain.sharding import full_tensor, is_sharded
 from posttrain.training import TrainingSession
 from posttrain.weights import ema_update_
 
@@ -71,10 +71,7 @@ def main(model_dir: str, out_dir: str, budget: int | None, optimizer: str = "sgd
         [rewards[i * N + j] for i in mine for j in range(N)])
     assert finite
     result = session.step(config.max_grad_norm)
-    if is_sharded(anchor):
-        sharded_ema_update_(anchor, policy, 0.5)
-    else:
-        ema_update_(anchor, dict(weights_for_engine(policy)), 0.5)
+    ema_update_(anchor, policy if is_sharded(policy) else dict(weights_for_engine(policy)), 0.5)
     torch.save(whole(policy), out / f"policy_rank{session.rank}.pt")
     torch.save(whole(anchor), out / f"anchor_rank{session.rank}.pt")
     (out / f"stats_rank{session.rank}.json").write_text(json.dumps({

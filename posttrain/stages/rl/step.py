@@ -22,8 +22,8 @@ import torch
 from posttrain.losses.token_logprobs import resolve_chunk_size
 from posttrain.modeling import output_rows
 from posttrain.rollout import DriftMonitor, SamplingParams, weights_for_engine
+from posttrain.rollout.weights import peft_model_of
 from posttrain.scoring import score_completions
-from posttrain.sharding import is_sharded, sharded_ema_update_
 from posttrain.stages.base import StageError
 from posttrain.stages.rl.config import RLStageConfig
 from posttrain.training import StepResult, TrainingSession, token_budget_batches
@@ -73,12 +73,11 @@ class Learner:
     def update_anchor(self) -> None:
         """theta_anchor <- (1 - mu) theta_anchor + mu theta, on the policy's (LoRA-merged) weights. The
         update was the same on every rank, so every rank's anchor stays identical without communication.
-        Under fsdp the anchor is sharded like the policy and each rank averages its own shards."""
-        if is_sharded(self.anchor):
-            sharded_ema_update_(self.anchor, self.policy, self.config.anchor_ema)
-            return
-        ema_update_(self.anchor, {k: v.to(self.anchor.device) for k, v in weights_for_engine(self.policy)},
-                    self.config.anchor_ema)
+        Under fsdp the anchor is sharded like the policy and each rank averages its own shards.
+        A full-parameter policy is averaged from its parameters as they are (its shards under fsdp,
+        no gather); a peft policy from its LoRA-merged weights."""
+        source = self.policy if peft_model_of(self.policy) is None else weights_for_engine(self.policy)
+        ema_update_(self.anchor, source, self.config.anchor_ema)
 
 
 @dataclass
