@@ -12,6 +12,11 @@ With `quantize:` the stage also writes quantised copies beside the full-precisio
 a compressed-tensors checkpoint (int4 per channel or per group, fp8) for vLLM and transformers.
 Each is reloaded with transformers, its logits checked against the in-memory model with its
 weights as the file holds them, and asked the probe prompt; any failure fails the stage.
+
+With `image_probe:` a composite checkpoint (Gemma3ForConditionalGeneration) is also asked a question
+about an image, through the processor saved with it: its logits on the image prompt are checked
+against the in-memory model's (so the vision tower round-trips too) and its greedy answer is
+recorded. The quantised copies are asked the text probe alone (they hold the language model).
 """
 
 from __future__ import annotations
@@ -60,18 +65,55 @@ class QuantizeSpec(BaseModel):
         return f"gguf_{self.type}" if self.format == "gguf" else f"compressed_tensors_{self.scheme}"
 
 
+class ImageProbe(BaseModel):
+    """A question about an image that the reloaded composite checkpoint answers: a local image file
+    with a question (`image` + `prompt`), or a prompt row of a dataset (`dataset` + `row`), its
+    image parts and text asked as they are (a held-out image of the recipe's own data)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str | None = Field(None, description="A local image file (PNG, JPEG, ...), asked about with `prompt`.")
+    prompt: str | None = Field(None, description="The question asked with `image` (default: describe it).")
+    dataset: str | None = Field(None, description="Or: prompt rows (`prompt`: messages with image parts, as rl and "
+                                "evaluate read them), e.g. ${datasets.NAME}; row `row` is the probe.")
+    row: int = Field(0, ge=0, description="With `dataset`: which row (0-based) is asked.")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.image is None) == (self.dataset is None):
+            raise ValueError("give exactly one of 'image' (a file, with 'prompt') or 'dataset' (with 'row')")
+        if self.dataset is not None and self.prompt is not None:
+            raise ValueError("prompt: a dataset row brings its own question; 'prompt' goes with 'image'")
+        if self.image is not None and "row" in self.model_fields_set:
+            raise ValueError("row: picks a row of 'dataset'; an 'image' probe has no rows")
+        return self
+
+    def messages(self) -> list[dict]:
+        """The `image` form's user turn: the image, then the question."""
+        return [{"role": "user", "content": [{"type": "image", "path": self.image},
+                                             {"type": "text", "text": self.prompt or DEFAULT_IMAGE_QUESTION}]}]
+
+
+DEFAULT_IMAGE_QUESTION = "Describe this image."
+
+
 class ExportStageConfig(StageConfig):
     """Export an instruction-tuned checkpoint with a model card, then verify it by reloading."""
 
     # Added after run directories were made with this stage (StageConfig.hash_form).
-    _HASHED_ONLY_WHEN_SET: ClassVar[dict[str, Any]] = {"quantize": []}
+    _HASHED_ONLY_WHEN_SET: ClassVar[dict[str, Any]] = {"quantize": [], "image_probe": None}
 
 
     model: str = Field(description="Model to export (a checkpoint or a LoRA adapter directory, merged on export).")
     probe_prompt: str = Field("Who are you?", description="Chat prompt answered greedily after reloading.")
     max_new_tokens: int = Field(48, ge=1, description="Token budget of the probe answer only; the exported "
                                 "generation_config.json sets no max_new_tokens (its bound is the context length).")
-    require_end_of_turn: bool = Field(True, description="Fail unless the probe answer ends with <end_of_turn>.")
+    require_end_of_turn: bool = Field(True, description="Fail unless the probe answer (and the image probe's) ends "
+                                      "with <end_of_turn>.")
+    image_probe: ImageProbe | None = Field(
+        None, description="Composite models: a question about an image answered greedily after reloading, "
+        "through the saved processor, e.g. {image: photo.png, prompt: What is shown?} or "
+        "{dataset: ${datasets.NAME}, row: 0}. Answer in probe.json and the image_probe_answer metric.")
     dtype: str = Field("float32", description="Weight dtype of the exported checkpoint (float32, bfloat16, float16).")
     model_name: str | None = Field(None, description="Name shown in the model card; defaults to the recipe name.")
     quantize: QuantizeSpec | list[QuantizeSpec] = Field(
@@ -83,7 +125,7 @@ class ExportStageConfig(StageConfig):
         return self.quantize if isinstance(self.quantize, list) else [self.quantize]
 
 
-def _model_card(ctx: StageContext, cfg: ExportStageConfig, probe_answer: str) -> str:
+def _model_card(ctx: StageContext, cfg: ExportStageConfig, probe_answer: str, image_probe: dict | None) -> str:
     name = cfg.model_name or f"{ctx.recipe_name}-it"
     lines = [f"# {name}", "",
              f"Instruction-tuned checkpoint produced by the posttrain recipe `{ctx.recipe_name}`.", "",
@@ -100,8 +142,12 @@ def _model_card(ctx: StageContext, cfg: ExportStageConfig, probe_answer: str) ->
     if data_rows:
         lines += ["", "## Data statistics", "", "| stage | statistic | value |", "|---|---|---|"]
         lines += [f"| {s} | {k} | {_short(v)} |" for s, k, v in data_rows]
-    lines += ["", "## Probe", "", f"Prompt: `{cfg.probe_prompt}`", "", f"Greedy answer after reloading: `{probe_answer}`", "",
-              "## Recipe", "", "```yaml"]
+    lines += ["", "## Probe", "", f"Prompt: `{cfg.probe_prompt}`", "", f"Greedy answer after reloading: `{probe_answer}`", ""]
+    if image_probe is not None:
+        lines += [f"Image probe ({image_probe['source']}): `{image_probe['question']}` with "
+                  f"{', '.join(f'`{i}`' for i in image_probe['images'])}", "",
+                  f"Greedy answer after reloading, through the saved processor: `{image_probe['answer']}`", ""]
+    lines += ["## Recipe", "", "```yaml"]
     lines.append(yaml.safe_dump([{"name": m.get("name"), "kind": m.get("kind"), **(m.get("config") or {})}
                                  for m in ctx.lineage], sort_keys=False).rstrip())
     lines += ["```", ""]
@@ -125,7 +171,10 @@ def run_export(cfg: ExportStageConfig, ctx: StageContext) -> StageResult:
 
     model, tokenizer = load_policy(cfg.model)
     model = model.to(getattr(torch, cfg.dtype)).eval()
-    tokenizer.chat_template = chat_template_for(is_composite(model.config))
+    composite = is_composite(model.config)
+    # Refused before anything is written: a probe the checkpoint cannot answer, an image not there.
+    probe_messages = _image_probe_messages(cfg.image_probe, composite, cfg.model) if cfg.image_probe else None
+    tokenizer.chat_template = chat_template_for(composite)
     out = ctx.stage_dir / "model"
     tmp = ctx.stage_dir / "model.partial"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -146,10 +195,11 @@ def run_export(cfg: ExportStageConfig, ctx: StageContext) -> StageResult:
     try:
         reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=getattr(torch, cfg.dtype)).eval()
         re_tok = AutoTokenizer.from_pretrained(str(tmp))
-        if is_composite(model.config):
+        processor = None
+        if composite:
             from transformers import AutoProcessor
 
-            AutoProcessor.from_pretrained(str(tmp))
+            processor = AutoProcessor.from_pretrained(str(tmp))
     except Exception as e:  # noqa: BLE001
         raise StageError(f"the exported checkpoint in {tmp} does not reload with transformers: {e}") from e
     gen_eos = reloaded.generation_config.eos_token_id
@@ -163,28 +213,115 @@ def run_export(cfg: ExportStageConfig, ctx: StageContext) -> StageResult:
         diff = (reloaded(ids).logits - model(ids).logits).abs().max().item()
         if diff > 1e-3:
             raise StageError(f"reloaded checkpoint's logits differ from the trained model's by {diff:.3g}")
-        # The probe's budget as a total length: it replaces the shipped context-length bound for
-        # this call (max_new_tokens next to the shipped max_length draws a transformers warning).
-        gen = reloaded.generate(ids, attention_mask=torch.ones_like(ids), max_length=len(prompt_ids) + cfg.max_new_tokens,
-                                do_sample=False)
-    new = gen[0, len(prompt_ids):].tolist()
-    stopped = bool(new) and new[-1] in gen_eos
-    answer = re_tok.decode([t for t in new if t not in gen_eos], skip_special_tokens=False)
-    if cfg.require_end_of_turn and not (stopped and new[-1] == eot):
-        raise StageError(f"the reloaded model did not end its answer with {END_OF_TURN} within {cfg.max_new_tokens} tokens "
-                         f"(answer: {answer[:200]!r}); train longer or set require_end_of_turn: false")
+    answer, stopped = _greedy_answer(reloaded, re_tok, {"input_ids": ids}, cfg, gen_eos, "probe")
+    image_probe = None
+    if probe_messages is not None:
+        image_probe = _ask_image_probe(*probe_messages, reloaded, model, processor, cfg, gen_eos)
     quantized = {}
     for spec in cfg.quantized_copies():
         quantized.update(_export_quantized(spec, model, tokenizer, tmp, cfg))
-    (tmp / "README.md").write_text(_model_card(ctx, cfg, answer))
+    (tmp / "README.md").write_text(_model_card(ctx, cfg, answer, image_probe))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    (ctx.stage_dir / "probe.json").write_text(json.dumps({"prompt": cfg.probe_prompt, "answer": answer, "stopped_at_end_of_turn": stopped}, indent=2))
+    probe = {"prompt": cfg.probe_prompt, "answer": answer, "stopped_at_end_of_turn": stopped}
+    if image_probe is not None:
+        probe["image_probe"] = image_probe
+    (ctx.stage_dir / "probe.json").write_text(json.dumps(probe, indent=2))
+    image_metrics = {} if image_probe is None else {
+        "image_probe_answer": image_probe["answer"][:80],
+        "image_probe_stopped_at_end_of_turn": image_probe["stopped_at_end_of_turn"],
+        "image_probe_reload_max_logit_diff": image_probe["reload_max_logit_diff"]}
     n_params = sum(p.numel() for p in model.parameters())
     return StageResult(outputs={"model": str(out)},
                        metrics={"parameters": n_params, "architecture": type(reloaded).__name__, "probe_answer": answer[:80],
                                 "stopped_at_end_of_turn": stopped,
-                                "reload_max_logit_diff": diff, **quantized})
+                                "reload_max_logit_diff": diff, **image_metrics, **quantized})
+
+
+def _greedy_answer(reloaded, tokenizer, inputs: dict, cfg: ExportStageConfig, gen_eos: list[int],
+                   what: str) -> tuple[str, bool]:
+    """The reloaded model's greedy answer to `inputs` (a batch of one: input_ids, and pixel values
+    for an image prompt) and whether it stopped at a stop id; refused as `what` unless it ends
+    with <end_of_turn> when require_end_of_turn is set."""
+    import torch
+
+    n = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        # The probe's budget as a total length: it replaces the shipped context-length bound for
+        # this call (max_new_tokens next to the shipped max_length draws a transformers warning).
+        gen = reloaded.generate(**inputs, attention_mask=torch.ones_like(inputs["input_ids"]),
+                                max_length=n + cfg.max_new_tokens, do_sample=False)
+    new = gen[0, n:].tolist()
+    stopped = bool(new) and new[-1] in gen_eos
+    answer = tokenizer.decode([t for t in new if t not in gen_eos], skip_special_tokens=False)
+    if cfg.require_end_of_turn and not (stopped and new[-1] == tokenizer.convert_tokens_to_ids(END_OF_TURN)):
+        raise StageError(f"the reloaded model did not end its {what} answer with {END_OF_TURN} within "
+                         f"{cfg.max_new_tokens} tokens (answer: {answer[:200]!r}); train longer or set "
+                         "require_end_of_turn: false")
+    return answer, stopped
+
+
+def _image_probe_messages(probe: ImageProbe, composite: bool, model_path: str) -> tuple[list[dict], str]:
+    """The image probe's user turn and where it came from, its images checked to be readable."""
+    from itertools import islice
+
+    from posttrain.chat import ChatFormatError, has_image_parts, load_image
+    from posttrain.data import DataError, iter_rows
+
+    if not composite:
+        raise StageError(f"image_probe: {model_path} is a text-only model; an image probe needs a composite "
+                         "checkpoint (Gemma3ForConditionalGeneration: vision tower, projector and processor)")
+    if probe.image is not None:
+        if not Path(probe.image).is_file():
+            raise StageError(f"image_probe.image: {probe.image}: no such image file")
+        return probe.messages(), "image_probe"
+    try:
+        found = next(islice(iter_rows(probe.dataset), probe.row, None), None)
+    except DataError as e:
+        raise StageError(f"image_probe.dataset: {e}") from None
+    if found is None:
+        raise StageError(f"image_probe.row: {probe.row} is past the last row of {probe.dataset}")
+    where, row = found
+    messages = row.get("prompt")
+    if not has_image_parts(messages):
+        raise StageError(f"image_probe: {where}: expected a 'prompt' of messages with an image part (a prompt row "
+                         f"of image data), got {'no prompt' if messages is None else 'a prompt without images'}")
+    try:  # each image readable now, not after the export is written
+        for m in messages:
+            for part in m["content"] if isinstance(m.get("content"), list) else []:
+                if isinstance(part, dict) and part.get("type") == "image":
+                    load_image(part, f"image_probe: {where}")
+    except ChatFormatError as e:
+        raise StageError(str(e)) from None
+    return messages, f"image_probe ({where})"
+
+
+def _ask_image_probe(messages: list[dict], where: str, reloaded, model, processor, cfg: ExportStageConfig,
+                     gen_eos: list[int]) -> dict:
+    """The reloaded composite model's greedy answer to the image probe, its images made by the
+    processor saved with it (posttrain.images, as the loops and evaluate make them); its logits on
+    the prompt must equal the in-memory model's, so the vision tower and projector round-trip too."""
+    import torch
+
+    from posttrain.chat import ChatFormatError, text_view
+    from posttrain.images import image_forward_inputs, tokenize_image_prompt, vision_dtype
+
+    try:
+        prompt = tokenize_image_prompt(processor, messages, where)
+        ids = torch.tensor([list(prompt)])
+        inputs = {"input_ids": ids, **image_forward_inputs([prompt], ids, vision_dtype(reloaded))}
+    except ChatFormatError as e:
+        raise StageError(str(e)) from None
+    with torch.no_grad():
+        diff = (reloaded(**inputs).logits - model(**inputs).logits).abs().max().item()
+    if diff > 1e-3:
+        raise StageError(f"{where}: the reloaded checkpoint's logits on the image prompt differ from the trained "
+                         f"model's by {diff:.3g}")
+    answer, stopped = _greedy_answer(reloaded, processor.tokenizer, inputs, cfg, gen_eos, "image probe")
+    question = " ".join(p["text"] for m in text_view(messages, where) for p in m["content"] if p["text"])
+    return {"source": where, "images": [str(p.get("path", p.get("image"))) for p in prompt.image_parts],
+            "question": question, "answer": answer, "stopped_at_end_of_turn": stopped,
+            "reload_max_logit_diff": diff}
 
 
 def _export_quantized(spec: QuantizeSpec, model, tokenizer, out_dir: Path, cfg: ExportStageConfig) -> dict:
