@@ -127,3 +127,19 @@ def test_an_image_probe_takes_one_source():
         ImageProbe(dataset="d.jsonl", prompt="What?")
     with pytest.raises(ValidationError, match="row: picks a row of 'dataset'"):
         ImageProbe(image="a.png", row=1)
+
+
+def test_the_vision_recipes_export_asks_about_a_held_out_image(tmp_path):
+    """recipes/vision_toy.yaml's export stage as shipped, on the untrained base (the stage alone)."""
+    from pathlib import Path
+
+    from posttrain.pipeline.runner import run_recipe
+
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "vision_toy.yaml"
+    manifests = run_recipe(recipe, [f"output_dir={tmp_path / 'run'}", "stages.export.model=${models.base}",
+                                    "datasets.colour_eval.toy.n=2"], only="export")
+    export = manifests["export"]
+    probe = json.loads((Path(export["outputs"]["model"]).parent / "probe.json").read_text())["image_probe"]
+    assert probe["question"] == QUESTIONS["colour"] and probe["source"].endswith("colour_eval.jsonl:1)")
+    assert Path(probe["images"][0]).is_file() and export["metrics"]["image_probe_answer"] == probe["answer"][:80]
+    assert export["metrics"]["architecture"] == "Gemma3ForConditionalGeneration"
