@@ -16,7 +16,7 @@ weights as the file holds them, and asked the probe prompt; any failure fails th
 With `image_probe:` a composite checkpoint (Gemma3ForConditionalGeneration) is also asked a question
 about an image, through the processor saved with it: its logits on the image prompt are checked
 against the in-memory model's (so the vision tower round-trips too) and its greedy answer is
-recorded. The quantised copies are asked the text probe alone (they hold the language model).
+recorded. The quantised copies (`quantize:`) are asked the text probe alone.
 """
 
 from __future__ import annotations
