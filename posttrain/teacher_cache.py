@@ -17,7 +17,10 @@ Each shard holds, for its sequences concatenated:
     target_ids   int32 [positions, K]    one row per predicted token (loss_mask == 1), in order
     target_probs float16 [positions, K]  target distribution over target_ids (EMPTY_SLOT ids have 0)
 Row j of a sequence's targets is the teacher's target for its j-th masked token, i.e. the
-distribution read off the logits one position earlier.
+distribution read off the logits one position earlier. A shard whose sequences were scored with
+images (a composite teacher's image rows) also holds, in its safetensors metadata under "images",
+a JSON object mapping each such sequence's position in the shard to its image parts
+(`{"type": "image", "path": ...}`, posttrain.chat), in the order its image tokens stand for them.
 
 Writes are atomic: every shard goes through a temporary file and a rename, and index.json is
 written last, so a directory without index.json is an unfinished cache, never a valid one.
@@ -49,6 +52,7 @@ class CachedSequence:
     loss_mask: torch.Tensor     # int64 [length]
     target_ids: torch.Tensor    # int32 [masked tokens, K]
     target_probs: torch.Tensor  # float16 [masked tokens, K]
+    images: list[dict] | None = None  # the image parts its image tokens stand for (None: text only)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -94,7 +98,8 @@ class TeacherCacheWriter:
         self._closed = False
 
     def add(self, input_ids: Sequence[int] | torch.Tensor, loss_mask: Sequence[int] | torch.Tensor,
-            target_ids: torch.Tensor, target_probs: torch.Tensor) -> None:
+            target_ids: torch.Tensor, target_probs: torch.Tensor, images: list[dict] | None = None) -> None:
+        """One scored sequence; `images`: the image parts it was scored with (JSON: paths, not pixels)."""
         ids = torch.as_tensor(input_ids, dtype=torch.int64).reshape(-1)
         mask = torch.as_tensor(loss_mask, dtype=torch.int64).reshape(-1)
         n_masked = int((mask != 0).sum())
@@ -105,8 +110,14 @@ class TeacherCacheWriter:
         if tuple(target_ids.shape) != (n_masked, self.k) or target_probs.shape != target_ids.shape:
             raise TeacherCacheError(f"targets: expected shape ({n_masked}, {self.k}) (masked tokens, K), got ids "
                                     f"{tuple(target_ids.shape)} and probs {tuple(target_probs.shape)}")
+        if images:
+            try:
+                json.dumps(images)
+            except TypeError:
+                raise TeacherCacheError("images: the cache stores image parts as JSON (a 'path' to the file); "
+                                        "an image held in memory cannot be stored") from None
         self._pending.append(CachedSequence(ids, mask, target_ids.to(torch.int32).cpu(),
-                                            target_probs.to(torch.float16).cpu()))
+                                            target_probs.to(torch.float16).cpu(), list(images) if images else None))
         if len(self._pending) >= self.shard_size:
             self._flush()
 
@@ -127,11 +138,13 @@ class TeacherCacheWriter:
         name = f"shard-{len(self._shards):05d}.safetensors"
         final = self.path / name
         tmp = final.with_name(name + ".tmp")
-        save_file(tensors, str(tmp))
+        images = {str(i): s.images for i, s in enumerate(seqs) if s.images}
+        save_file(tensors, str(tmp), metadata={"images": json.dumps(images)} if images else None)
         os.replace(tmp, final)
         n_tokens, n_positions = int(tensors["input_ids"].numel()), int(tensors["target_ids"].shape[0])
         self._shards.append({"file": name, "num_sequences": len(seqs), "num_tokens": n_tokens,
-                             "num_positions": n_positions, "sha256": _sha256(final)})
+                             "num_positions": n_positions, "num_image_sequences": len(images),
+                             "sha256": _sha256(final)})
         self._num_tokens += n_tokens
         self._num_positions += n_positions
 
@@ -149,6 +162,7 @@ class TeacherCacheWriter:
             **self.metadata,
             "num_sequences": sum(s["num_sequences"] for s in self._shards),
             "num_tokens": self._num_tokens, "num_positions": self._num_positions,
+            "num_image_sequences": sum(s["num_image_sequences"] for s in self._shards),
             "target_bytes_per_position": bytes_per_token(self.k),
             "full_row_bytes_fp32": full_row_bytes(self.vocab_size, 4),
             "full_row_bytes_bf16": full_row_bytes(self.vocab_size, 2),
@@ -204,24 +218,31 @@ class TeacherCache:
             self._starts.append(total)
             total += shard["num_sequences"]
         self._len = total
-        self._loaded: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._loaded: tuple[int, dict[str, torch.Tensor], dict[int, list[dict]]] | None = None
 
     @property
     def k(self) -> int:
         return int(self.index["k"])
 
+    @property
+    def image_sequences(self) -> int:
+        """How many sequences were scored with images (0 for a cache written before images)."""
+        return int(self.index.get("num_image_sequences", 0))
+
     def __len__(self) -> int:
         return self._len
 
     def _shard(self, s: int) -> dict[str, torch.Tensor]:
-        from safetensors import SafetensorError
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
         if self._loaded is None or self._loaded[0] != s:
             f = self.path / self.index["shards"][s]["file"]
             try:
                 tensors = load_file(str(f))
-            except (SafetensorError, OSError) as e:
+                with safe_open(str(f), "pt") as handle:
+                    images = json.loads((handle.metadata() or {}).get("images", "{}"))
+            except (SafetensorError, OSError, json.JSONDecodeError) as e:
                 raise TeacherCacheError(f"{f}: cannot be read as safetensors ({e}); the shard is corrupt") from None
             meta = self.index["shards"][s]
             expected = {"input_ids": (meta["num_tokens"],), "seq_offsets": (meta["num_sequences"] + 1,),
@@ -233,7 +254,7 @@ class TeacherCache:
             # Row offset of each sequence's targets: masked tokens of the sequences before it.
             masked = torch.cat([torch.zeros(1, dtype=torch.int64), (tensors["loss_mask"] != 0).to(torch.int64).cumsum(0)])
             tensors["row_offsets"] = masked[tensors["seq_offsets"]]
-            self._loaded = (s, tensors)
+            self._loaded = (s, tensors, {int(k): v for k, v in images.items()})
         return self._loaded[1]
 
     def __getitem__(self, i: int) -> CachedSequence:
@@ -245,7 +266,8 @@ class TeacherCache:
         a, b = int(t["seq_offsets"][local]), int(t["seq_offsets"][local + 1])
         mask = t["loss_mask"][a:b].to(torch.int64)
         rows = slice(int(t["row_offsets"][local]), int(t["row_offsets"][local + 1]))
-        return CachedSequence(t["input_ids"][a:b].to(torch.int64), mask, t["target_ids"][rows], t["target_probs"][rows])
+        return CachedSequence(t["input_ids"][a:b].to(torch.int64), mask, t["target_ids"][rows], t["target_probs"][rows],
+                              self._loaded[2].get(local))
 
     def __iter__(self) -> Iterator[CachedSequence]:
         for i in range(self._len):

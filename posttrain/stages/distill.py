@@ -171,6 +171,7 @@ class DistillRun:
     start_step: int
     engine: Any = None
     drift: DriftMonitor | None = None
+    processor: Any = None  # a composite student's: the images of cached sequences scored with them
 
     @property
     def pad_id(self) -> int:
@@ -222,8 +223,8 @@ def setup_distill(cfg: DistillStageConfig, ctx: StageContext) -> DistillRun:
 
     student, tokenizer = load_policy(cfg.model)
     teacher, width = _load_teacher(cfg, student, tokenizer, session)
-    cache = _open_teacher_cache(cfg, tokenizer)
     processor = load_processor(cfg.model)  # a composite student's: rows with images (None: text only)
+    cache = _open_teacher_cache(cfg, tokenizer, processor is not None)
     prompts, sequences = _load_training_rows(cfg, tokenizer, cache, processor)
 
     if cfg.lora is not None:
@@ -237,7 +238,7 @@ def setup_distill(cfg: DistillStageConfig, ctx: StageContext) -> DistillRun:
         cfg.chunk_size, width or output_rows(student))})
     start_step = resume_latest(session, ctx.stage_dir, {"student": student}, ctx.stage_dir / "metrics.jsonl")["step"]
     return DistillRun(cfg, ctx, session, student, tokenizer, teacher, width, cache, prompts, sequences,
-                      _load_held_out(cfg, tokenizer, processor), start_step)
+                      _load_held_out(cfg, tokenizer, processor), start_step, processor=processor)
 
 
 def _load_teacher(cfg: DistillStageConfig, student, tokenizer, session: TrainingSession):
@@ -253,15 +254,20 @@ def _load_teacher(cfg: DistillStageConfig, student, tokenizer, session: Training
     return teacher, width
 
 
-def _open_teacher_cache(cfg: DistillStageConfig, tokenizer) -> TeacherCache | None:
+def _open_teacher_cache(cfg: DistillStageConfig, tokenizer, composite: bool) -> TeacherCache | None:
     if cfg.teacher_cache is None:
         return None
     try:
         # The cache's targets are p_T at its temperature; the loss must use the same one.
-        return TeacherCache(cfg.teacher_cache, expect={"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-                                                       "temperature": cfg.temperature})
+        cache = TeacherCache(cfg.teacher_cache, expect={"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+                                                        "temperature": cfg.temperature})
     except TeacherCacheError as e:
         raise StageError(f"teacher_cache: {e} (the cache must be made with the student's tokenizer)") from None
+    if cache.image_sequences and not composite:
+        # The teacher's targets were conditioned on images the student could not see.
+        raise StageError(f"teacher_cache: {cache.image_sequences} of its sequences were scored with images, and the "
+                         f"student {cfg.model} is a text-only model; distil them into a composite student")
+    return cache
 
 
 def _load_training_rows(cfg: DistillStageConfig, tokenizer, cache: TeacherCache | None, processor=None):
@@ -322,7 +328,7 @@ def draw_batch(run: DistillRun, step: int) -> StepBatch:
                          generator, log_now)
     if run.cache is not None:
         cached = [run.cache[i] for i in picks]
-        sequences = [TokenSequence(c.input_ids.tolist(), c.loss_mask.tolist()) for c in cached]
+        sequences = [_cached_sequence(run, c) for c in cached]
         return StepBatch(sequences, False, cached, None, generator, log_now)
     return StepBatch([run.sequences[i] for i in picks], False, None, None, generator, log_now)
 
@@ -508,6 +514,16 @@ def _sampled_sequences(prompts: list[list[int]], completions) -> list[TokenSeque
     an image prompt's images travel with its sequence."""
     return [TokenSequence(p + c.token_ids, [0] * len(p) + [1] * len(c.token_ids),
                           p if isinstance(p, ImagePrompt) else None) for p, c in zip(prompts, completions)]
+
+
+def _cached_sequence(run: DistillRun, cached: CachedSequence) -> TokenSequence:
+    """A cached sequence as the student reads it: scored with images, it carries them (made into
+    pixel values by the student's processor, as the teacher's made them when it was scored)."""
+    ids = cached.input_ids.tolist()
+    images = None
+    if cached.images:
+        images = ImagePrompt(ids, cached.images, run.processor.image_processor, run.processor.tokenizer.image_token_id)
+    return TokenSequence(ids, cached.loss_mask.tolist(), images)
 
 
 def _has_images(run: DistillRun) -> bool:

@@ -3,6 +3,13 @@
 Typically run on the machine that can hold the large teacher; the `distill` stage then trains
 from the cache (`teacher_cache: ${stages.NAME.cache}`) without loading the teacher. Storage per
 completion token is K int32 ids + K float16 probabilities instead of a full vocabulary row.
+
+Rows with image parts (a composite teacher's data, see posttrain.chat) are scored with their
+images: the teacher's processor makes their pixel values and the forward runs through its vision
+tower, exactly as the distill stage's teacher scores such a row on line. The cache keeps each such
+sequence's image parts (their file paths, not the pixels), so that distill gives the student the
+same images; the files must be readable where distill runs. A text-only teacher refuses image rows,
+naming the first.
 """
 
 from __future__ import annotations
@@ -13,9 +20,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from posttrain.data import load_distill_rows
+from posttrain.data import iter_rows, load_distill_rows
 from posttrain.losses.distillation import DistillationObjective, teacher_targets
-from posttrain.sequences import check_same_tokenizer, logit_mask, pad_batch
+from posttrain.sequences import check_same_tokenizer, logit_mask, pad_batch, shifted_logits
 from posttrain.stages.base import StageConfig, StageContext, StageError, StageResult, register_stage
 
 
@@ -44,14 +51,17 @@ class DistillCacheStageConfig(StageConfig):
 @register_stage("distill_cache", DistillCacheStageConfig, outputs=("cache",))
 def run_distill_cache(cfg: DistillCacheStageConfig, ctx: StageContext) -> StageResult:
     """Score a dataset with the teacher once into an offline sparse-target cache for `distill`."""
-    from posttrain.modeling import load_causal_lm, load_tokenizer, output_rows
+    from posttrain.modeling import load_causal_lm, load_processor, load_tokenizer, output_rows
     from posttrain.teacher_cache import (TeacherCacheWriter, bytes_per_token, full_row_bytes,
                                          tokenizer_fingerprint)
 
     tokenizer = load_tokenizer(cfg.teacher)
     if cfg.student is not None:
         check_same_tokenizer(load_tokenizer(cfg.student), tokenizer, cfg.student, cfg.teacher)
-    _, sequences = load_distill_rows(cfg.dataset, tokenizer, cfg.max_length)
+    processor = load_processor(cfg.teacher)  # a composite teacher's: rows with images (None: text only)
+    if processor is None:
+        _refuse_image_rows(cfg)
+    _, sequences = load_distill_rows(cfg.dataset, tokenizer, cfg.max_length, processor)
     if not sequences:
         raise StageError(f"dataset {cfg.dataset}: no rows with completions to score (need `messages` ending in an "
                          "assistant turn, or `prompt` + `completion`)")
@@ -79,18 +89,21 @@ def run_distill_cache(cfg: DistillCacheStageConfig, ctx: StageContext) -> StageR
         for start in range(0, len(sequences), cfg.batch_size):
             chunk = sequences[start:start + cfg.batch_size]
             batch = pad_batch(chunk, tokenizer.pad_token_id)
-            logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            # The distill stage's teacher forward (its pixel values and token type ids with them,
+            # for rows with images), full logits.
+            logits = shifted_logits(teacher, batch, chunk_size=None)
             ids, probs = teacher_targets(objective, logits, generator=generator)
             mask = logit_mask(batch["loss_mask"])
             for i, seq in enumerate(chunk):
                 keep = mask[i] != 0
-                writer.add(seq.input_ids, seq.loss_mask, ids[i][keep], probs[i][keep])
+                writer.add(seq.input_ids, seq.loss_mask, ids[i][keep], probs[i][keep],
+                           images=seq.images.image_parts if seq.images is not None else None)
             advance(len(chunk))
     index = writer.index
     seconds = time.time() - started
     k = index["k"]
     metrics = {
-        "sequences": index["num_sequences"], "scored_tokens": index["num_positions"], "k": k, "vocab_size": vocab,
+        "sequences": index["num_sequences"], "image_sequences": index["num_image_sequences"], "scored_tokens": index["num_positions"], "k": k, "vocab_size": vocab,
         "bytes_per_token": bytes_per_token(k), "stored_bytes_per_token": index["stored_bytes_per_position"],
         "full_row_bytes_fp32": full_row_bytes(vocab, 4),
         "compression_vs_fp32_row": round(full_row_bytes(vocab, 4) / bytes_per_token(k), 2),
@@ -98,3 +111,17 @@ def run_distill_cache(cfg: DistillCacheStageConfig, ctx: StageContext) -> StageR
         "seconds": round(seconds, 1),
     }
     return StageResult(outputs={"cache": str(out)}, metrics=metrics)
+
+
+def _refuse_image_rows(cfg: DistillCacheStageConfig) -> None:
+    """A text-only teacher cannot see a row's images: its first such row is an error, naming it,
+    rather than the text-only tokenizer's complaint about a part."""
+    from posttrain.chat import has_image_parts
+
+    for where, row in iter_rows(cfg.dataset):
+        conversation = row.get("messages", row.get("prompt"))
+        completion = row.get("completion")
+        if has_image_parts(conversation) or has_image_parts(completion):
+            raise StageError(f"{where}: the row holds images, and the teacher {cfg.teacher} is a text-only model; "
+                             "rows with images are scored by a composite teacher (Gemma3ForConditionalGeneration "
+                             "with its processor)")
