@@ -30,7 +30,8 @@ class DistillCacheStageConfig(StageConfig):
     """Score (prompt, completion) sequences with a teacher into a sharded sparse-target cache."""
 
     teacher: str = Field(description="Teacher causal LM: ${models.NAME} or a path.")
-    dataset: str = Field(description="Rows with completions: `messages` ending in an assistant turn, or `prompt` + `completion`.")
+    dataset: str = Field(description="Rows with completions: `messages` ending in an assistant turn, or `prompt` + "
+                         "`completion`; with a composite teacher, their image parts are scored with the images.")
     student: str | None = Field(
         None, description="Optional student checkpoint: its tokenizer must equal the teacher's (checked now rather "
         "than at training time).")
