@@ -52,7 +52,7 @@ class DistillCacheStageConfig(StageConfig):
 @register_stage("distill_cache", DistillCacheStageConfig, outputs=("cache",))
 def run_distill_cache(cfg: DistillCacheStageConfig, ctx: StageContext) -> StageResult:
     """Score a dataset with the teacher once into an offline sparse-target cache for `distill`."""
-    from posttrain.modeling import load_causal_lm, load_processor, load_tokenizer, output_rows
+    from posttrain.modeling import checkpoint_is_composite, load_causal_lm, load_processor, load_tokenizer, output_rows
     from posttrain.teacher_cache import (TeacherCacheWriter, bytes_per_token, full_row_bytes,
                                          tokenizer_fingerprint)
 
@@ -68,6 +68,11 @@ def run_distill_cache(cfg: DistillCacheStageConfig, ctx: StageContext) -> StageR
                          "assistant turn, or `prompt` + `completion`)")
     if cfg.limit is not None:
         sequences = sequences[:cfg.limit]
+    with_images = sum(s.images is not None for s in sequences)
+    if with_images and cfg.student is not None and not checkpoint_is_composite(cfg.student):
+        # distill would refuse this cache for that student: say so now, before the teacher scores.
+        raise StageError(f"student: {cfg.student} is a text-only model, and {with_images} rows of {cfg.dataset} hold "
+                         "images it could not see; distil image rows into a composite student")
     teacher = load_causal_lm(cfg.teacher, dtype=cfg.teacher_dtype).eval()
     vocab = output_rows(teacher)
     generator = torch.Generator().manual_seed(ctx.seed)
@@ -104,7 +109,8 @@ def run_distill_cache(cfg: DistillCacheStageConfig, ctx: StageContext) -> StageR
     seconds = time.time() - started
     k = index["k"]
     metrics = {
-        "sequences": index["num_sequences"], "image_sequences": index["num_image_sequences"], "scored_tokens": index["num_positions"], "k": k, "vocab_size": vocab,
+        "sequences": index["num_sequences"], "image_sequences": index["num_image_sequences"],
+        "scored_tokens": index["num_positions"], "k": k, "vocab_size": vocab,
         "bytes_per_token": bytes_per_token(k), "stored_bytes_per_token": index["stored_bytes_per_position"],
         "full_row_bytes_fp32": full_row_bytes(vocab, 4),
         "compression_vs_fp32_row": round(full_row_bytes(vocab, 4) / bytes_per_token(k), 2),

@@ -142,7 +142,8 @@ def _model_card(ctx: StageContext, cfg: ExportStageConfig, probe_answer: str, im
     if data_rows:
         lines += ["", "## Data statistics", "", "| stage | statistic | value |", "|---|---|---|"]
         lines += [f"| {s} | {k} | {_short(v)} |" for s, k, v in data_rows]
-    lines += ["", "## Probe", "", f"Prompt: `{cfg.probe_prompt}`", "", f"Greedy answer after reloading: `{probe_answer}`", ""]
+    lines += ["", "## Probe", "", f"Prompt: `{cfg.probe_prompt}`", "",
+              f"Greedy answer after reloading: `{probe_answer}`", ""]
     if image_probe is not None:
         lines += [f"Image probe ({image_probe['source']}): `{image_probe['question']}` with "
                   f"{', '.join(f'`{i}`' for i in image_probe['images'])}", "",

@@ -85,7 +85,8 @@ def test_cached_targets_of_an_image_row_are_the_teachers_distribution_with_its_i
 
 
 def test_a_text_only_teacher_refuses_image_rows_naming_the_first(tmp_path, tiny_gemma3_dir, rows):
-    with pytest.raises(StageError, match=r"chat.jsonl:1: the row holds images, and the teacher .* is a text-only model"):
+    with pytest.raises(StageError, match=r"chat.jsonl:1: the row holds images, and the teacher .* is a text-only "
+                                         r"model"):
         run_distill_cache(DistillCacheStageConfig(teacher=str(tiny_gemma3_dir), dataset=str(rows)),
                           _ctx(tmp_path, "distill_cache"))
 
@@ -118,3 +119,7 @@ def test_distill_from_the_cache_gives_the_student_the_rows_images(tmp_path, teac
     with pytest.raises(StageError, match=r"teacher_cache: 2 of its sequences were scored with images, and the "
                                          r"student .* is a text-only model"):
         setup_distill(DistillStageConfig(model=str(text_only), **options), _ctx(tmp_path, "distill_text"))
+    # distill_cache told of that student says so before the teacher scores anything.
+    with pytest.raises(StageError, match=r"student: .* is a text-only model, and 2 rows of .*chat.jsonl hold images"):
+        run_distill_cache(DistillCacheStageConfig(teacher=str(teacher_dir), student=str(text_only), dataset=str(rows)),
+                          _ctx(tmp_path, "distill_cache_text"))
