@@ -72,7 +72,8 @@ class ImageProbe(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    image: str | None = Field(None, description="A local image file (PNG, JPEG, ...), asked about with `prompt`.")
+    image: str | None = Field(None, description="A local image file (PNG, JPEG, ...; a relative path is relative "
+                              "to the recipe), asked about with `prompt`.")
     prompt: str | None = Field(None, description="The question asked with `image` (default: describe it).")
     dataset: str | None = Field(None, description="Or: prompt rows (`prompt`: messages with image parts, as rl and "
                                 "evaluate read them), e.g. ${datasets.NAME}; row `row` is the probe.")
@@ -88,9 +89,9 @@ class ImageProbe(BaseModel):
             raise ValueError("row: picks a row of 'dataset'; an 'image' probe has no rows")
         return self
 
-    def messages(self) -> list[dict]:
-        """The `image` form's user turn: the image, then the question."""
-        return [{"role": "user", "content": [{"type": "image", "path": self.image},
+    def messages(self, image: str) -> list[dict]:
+        """The `image` form's user turn: the image (its path resolved), then the question."""
+        return [{"role": "user", "content": [{"type": "image", "path": image},
                                              {"type": "text", "text": self.prompt or DEFAULT_IMAGE_QUESTION}]}]
 
 
@@ -174,7 +175,8 @@ def run_export(cfg: ExportStageConfig, ctx: StageContext) -> StageResult:
     model = model.to(getattr(torch, cfg.dtype)).eval()
     composite = is_composite(model.config)
     # Refused before anything is written: a probe the checkpoint cannot answer, an image not there.
-    probe_messages = _image_probe_messages(cfg.image_probe, composite, cfg.model) if cfg.image_probe else None
+    probe_messages = (_image_probe_messages(cfg.image_probe, composite, cfg.model, ctx.recipe_dir)
+                      if cfg.image_probe else None)
     tokenizer.chat_template = chat_template_for(composite)
     out = ctx.stage_dir / "model"
     tmp = ctx.stage_dir / "model.partial"
@@ -262,7 +264,8 @@ def _greedy_answer(reloaded, tokenizer, inputs: dict, cfg: ExportStageConfig, ge
     return answer, stopped
 
 
-def _image_probe_messages(probe: ImageProbe, composite: bool, model_path: str) -> tuple[list[dict], str]:
+def _image_probe_messages(probe: ImageProbe, composite: bool, model_path: str,
+                          recipe_dir: Path | None) -> tuple[list[dict], str]:
     """The image probe's user turn and where it came from, its images checked to be readable."""
     from itertools import islice
 
@@ -273,9 +276,12 @@ def _image_probe_messages(probe: ImageProbe, composite: bool, model_path: str) -
         raise StageError(f"image_probe: {model_path} is a text-only model; an image probe needs a composite "
                          "checkpoint (Gemma3ForConditionalGeneration: vision tower, projector and processor)")
     if probe.image is not None:
-        if not Path(probe.image).is_file():
-            raise StageError(f"image_probe.image: {probe.image}: no such image file")
-        return probe.messages(), "image_probe"
+        image = Path(probe.image)
+        if not image.is_absolute() and recipe_dir is not None:  # as reward files: relative to the recipe
+            image = Path(recipe_dir) / image
+        if not image.is_file():
+            raise StageError(f"image_probe.image: {image}: no such image file")
+        return probe.messages(str(image)), "image_probe"
     try:
         found = next(islice(iter_rows(probe.dataset), probe.row, None), None)
     except DataError as e:

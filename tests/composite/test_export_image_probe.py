@@ -6,6 +6,7 @@ before anything is written, naming the key or the file."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,10 +38,11 @@ def red_and_blue(tmp_path_factory):
     return paths
 
 
-def _export(tmp_path, model_dir, name: str, **options):
+def _export(tmp_path, model_dir, name: str, recipe_dir=None, **options):
     stage_dir = tmp_path / name
     stage_dir.mkdir()
-    ctx = StageContext(name="export", kind="export", stage_dir=stage_dir, run_dir=tmp_path, seed=0, recipe_name="t")
+    ctx = StageContext(name="export", kind="export", stage_dir=stage_dir, run_dir=tmp_path, seed=0, recipe_name="t",
+                       recipe_dir=recipe_dir)
     cfg = ExportStageConfig(model=str(model_dir), max_new_tokens=6, require_end_of_turn=False, **options)
     return run_export(cfg, ctx), stage_dir
 
@@ -109,6 +111,14 @@ def test_an_image_probe_is_refused_on_a_text_only_model_and_for_a_missing_image(
     missing = str(tmp_path / "nowhere.png")
     with pytest.raises(StageError, match=rf"image_probe.image: {missing}: no such image file"):
         _export(tmp_path, composite_dir, "missing", image_probe={"image": missing})
+    # A relative path is the recipe's, as reward files are: named as resolved when it is not there...
+    with pytest.raises(StageError, match=rf"image_probe.image: {tmp_path}/pictures/red.png: no such image file"):
+        _export(tmp_path, composite_dir, "relative_missing", tmp_path, image_probe={"image": "pictures/red.png"})
+    # ...and read from there when it is.
+    red = Path(red_and_blue["red"])
+    _, stage_dir = _export(tmp_path, composite_dir, "relative", red.parent.parent, image_probe={
+        "image": f"{red.parent.name}/red.png"})
+    assert json.loads((stage_dir / "probe.json").read_text())["image_probe"]["images"] == [str(red)]
     write_jsonl(tmp_path / "text.jsonl", [{"prompt": "What is 2 plus 2?"}])
     with pytest.raises(StageError, match=r"text.jsonl:1: expected a 'prompt' of messages with an image part"):
         _export(tmp_path, composite_dir, "text_row", image_probe={"dataset": str(tmp_path / "text.jsonl")})
@@ -131,8 +141,6 @@ def test_an_image_probe_takes_one_source():
 
 def test_the_vision_recipes_export_asks_about_a_held_out_image(tmp_path):
     """recipes/vision_toy.yaml's export stage as shipped, on the untrained base (the stage alone)."""
-    from pathlib import Path
-
     from posttrain.pipeline.runner import run_recipe
 
     recipe = Path(__file__).resolve().parents[2] / "recipes" / "vision_toy.yaml"
