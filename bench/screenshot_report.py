@@ -4,12 +4,14 @@
     python bench/screenshot_report.py runs/quickstart/report.html --out docs/report.png --width 1280
     make report-screenshot RUN=runs/quickstart OUT=docs/report.png
 
-The browser is the first found of: Playwright for Python with its Chromium (`pip install
-playwright && playwright install chromium`), or a Chromium, Chrome, Firefox or wkhtmltoimage
-executable on PATH. With Playwright the page is also checked: every section heading (h2) is laid
-out with a non-zero size, and no request leaves the file (any http(s) request is blocked and
-counted; the report must need none). Executables only take the screenshot. With no browser at
-all the command says so and exits with status 3 (tests skip on it).
+The browser is the first found of: Playwright for Python (`pip install playwright`, in the
+`bench` extra) driving its own Chromium (`playwright install chromium`) or, where that was never
+downloaded, a Chromium or Chrome on PATH (e.g. Debian's `apt-get install chromium`); else a
+Chromium, Chrome, Firefox or wkhtmltoimage executable alone. Driven by Playwright the page is also
+checked: every section heading (h2) is laid out with a non-zero size, and no request leaves the
+file (any http(s) request is blocked and counted; the report must need none); the command exits 1
+when either check fails. Executables alone only take the screenshot. With no browser at all the
+command says so and exits with status 3 (tests skip on it).
 """
 
 from __future__ import annotations
@@ -21,37 +23,50 @@ import sys
 import tempfile
 from pathlib import Path
 
-EXECUTABLES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "firefox", "wkhtmltoimage")
+CHROMIUMS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+EXECUTABLES = (*CHROMIUMS, "firefox", "wkhtmltoimage")
 NO_BROWSER = 3
+PLAYWRIGHT = "playwright"
 
 
 def find_browser() -> str | None:
-    """'playwright' when Playwright and its Chromium are installed, else the first executable of
-    EXECUTABLES on PATH, else None."""
+    """'playwright' when Playwright and its own Chromium are installed; 'playwright:EXE' when
+    Playwright is installed and a Chromium or Chrome EXE is on PATH (Playwright drives any recent
+    Chromium); else the first executable of EXECUTABLES on PATH; else None."""
+    system_chromium = next((shutil.which(name) for name in CHROMIUMS if shutil.which(name)), None)
     try:
         from playwright.sync_api import sync_playwright
 
         with sync_playwright() as p:
             if Path(p.chromium.executable_path).exists():
-                return "playwright"
-    except Exception:  # noqa: BLE001 - not installed, or its browser was never downloaded
+                return PLAYWRIGHT
+        if system_chromium:
+            return f"{PLAYWRIGHT}:{system_chromium}"
+    except Exception:  # noqa: BLE001 - not installed, or no browser it can start
         pass
     return next((shutil.which(name) for name in EXECUTABLES if shutil.which(name)), None)
 
 
-def _with_playwright(page_file: Path, out: Path, width: int) -> dict:
+def _with_playwright(page_file: Path, out: Path, width: int, executable: str | None = None) -> dict:
     from playwright.sync_api import sync_playwright
 
     external: list[str] = []
     with sync_playwright() as p:
-        browser = p.chromium.launch()
+        # A system Chromium started by Playwright: sandbox off (it may run as root in a container)
+        # and no background traffic of its own (update checks and the like), so that every request
+        # counted below is the page's.
+        options = {} if executable is None else {"executable_path": executable, "args": [
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"]}
+        browser = p.chromium.launch(**options)
         page = browser.new_page(viewport={"width": width, "height": 900})
 
         def block(route):
             external.append(route.request.url)
             route.abort()
 
-        page.route("http*://**", block)
+        # A predicate rather than a glob: Playwright's globs do not match a wildcard in the scheme.
+        page.route(lambda url: url.startswith(("http://", "https://")), block)
         page.goto(page_file.resolve().as_uri())
         sections = page.eval_on_selector_all(
             "h2", "els => els.map(e => [e.textContent, e.getBoundingClientRect().height > 0])")
@@ -87,8 +102,10 @@ def screenshot(report: Path, out: Path, width: int = 1280, browser: str | None =
         raise LookupError("no headless browser found: install Playwright's Chromium (pip install playwright && "
                           f"playwright install chromium) or one of {', '.join(EXECUTABLES)}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    seen = _with_playwright(page_file, out, width) if browser == "playwright" else \
-        _with_executable(browser, page_file, out, width)
+    if browser.startswith(PLAYWRIGHT):
+        seen = _with_playwright(page_file, out, width, browser.partition(":")[2] or None)
+    else:
+        seen = _with_executable(browser, page_file, out, width)
     if not out.is_file() or out.stat().st_size == 0:
         raise RuntimeError(f"{browser} wrote no screenshot to {out}")
     return {"browser": browser, **seen}

@@ -497,7 +497,7 @@ h1{font-size:1.5em} h2{font-size:1.2em;border-bottom:1px solid #ddd;padding-bott
 table{border-collapse:collapse;margin:.6em 0;font-size:.88em} td,th{border:1px solid #ddd;padding:.25em .55em;text-align:left;vertical-align:top}
 th{background:#f4f6f8} .complete{color:#1e8449} .failed{color:#c0392b;font-weight:bold} .skipped{color:#2874a6}
 .interrupted,.notrun{color:#b9770e} pre{background:#f7f7f7;padding:.6em;overflow-x:auto;font-size:.8em;max-height:28em}
-.n{color:#888;font-size:.85em} img{max-width:100%} .chain{overflow-x:auto;border:1px solid #eee;padding:.3em} .error{background:#fdecea;border-left:4px solid #c0392b;padding:.5em}
+.n{color:#888;font-size:.85em} img{max-width:100%} .chain{overflow-x:auto;border:1px solid #eee;padding:.3em} .chain svg{max-width:100%;height:auto} .error{background:#fdecea;border-left:4px solid #c0392b;padding:.5em}
 """
 
 

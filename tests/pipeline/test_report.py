@@ -301,3 +301,17 @@ def test_the_screenshot_command_says_when_no_browser_is_installed(chained_run, t
     monkeypatch.setattr(tool, "find_browser", lambda: None)
     assert tool.main([str(write_report(chained_run)), "--out", str(tmp_path / "x.png")]) == tool.NO_BROWSER
     assert "no headless browser found" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
+
+
+def test_the_screenshot_check_counts_a_page_that_fetches_from_the_network(tmp_path):
+    """The no-fetch check can fail: a page with one external image is caught (and the fetch blocked)."""
+    tool = _screenshot_tool()
+    browser = tool.find_browser()
+    if browser is None or not browser.startswith(tool.PLAYWRIGHT):
+        pytest.skip("needs Playwright driving a Chromium (the executables alone do not report requests)")
+    page = tmp_path / "report.html"
+    page.write_text("<html><body><h2>one</h2><img src='http://example.invalid/x.png'><h2 style='display:none'>two</h2>"
+                    "</body></html>")
+    seen = tool.screenshot(page, tmp_path / "shot.png")
+    assert seen["external_requests"] == ["http://example.invalid/x.png"]
+    assert [visible for _, visible in seen["sections"]] == [True, False]
