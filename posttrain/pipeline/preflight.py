@@ -282,7 +282,8 @@ class _DatasetColumns:
             # rows of a mix are drawn task by task at random: 200 of them hold every task's columns
             rows = tasks.generate(spec.task, min(spec.n, 200), seed=spec.seed or 0, split=spec.split, fmt=spec.format,
                                      mix=spec.mix, flip_rate=spec.flip_rate,
-                                     ignore_instruction_rate=spec.ignore_instruction_rate, level=spec.level)
+                                     ignore_instruction_rate=spec.ignore_instruction_rate, level=spec.level,
+                                  hard_fraction=spec.hard_fraction)
             return {k for row in rows for k in row}
         if entry.path is None or entry.loads_through_datasets:
             return None

@@ -201,6 +201,7 @@ class Inputs:
 
         f = self.root / "datasets" / f"{name}.jsonl"
         level = (entry.toy or entry.toy_dirty).level
+        hard_fraction = (entry.toy or entry.toy_dirty).hard_fraction
         if entry.toy is not None and entry.toy.task.startswith("vision_"):
             from posttrain.toy.vision import generate_vision
 
@@ -215,16 +216,17 @@ class Inputs:
             make = lambda: (tasks.generate(spec["task"], spec["n"], seed=seed, split=spec["split"],  # noqa: E731
                                            fmt=spec["format"], mix=spec["mix"], flip_rate=spec["flip_rate"],
                                            ignore_instruction_rate=spec["ignore_instruction_rate"],
-                                           level=level), None)
+                                           level=level, hard_fraction=hard_fraction), None)
         else:
             spec = entry.toy_dirty.model_dump()
             seed = spec["seed"] if spec["seed"] is not None else self.recipe.seed
             make = lambda: tasks.generate_dirty(spec["n_clean"], seed=seed, dirty_per_kind=spec["dirty_per_kind"],  # noqa: E731
-                                                level=level)
-        # `level` came after data was cached and fingerprinted: at its default it is left out of the
-        # spec, so the data of a recipe that does not set it keeps its marker and fingerprint.
-        if level == "basic":
-            spec = {k: v for k, v in spec.items() if k != "level"}
+                                                level=level, hard_fraction=hard_fraction)
+        # `level` and `hard_fraction` came after data was cached and fingerprinted: at their defaults
+        # they are left out of the spec, so the data of a recipe that sets neither keeps its marker
+        # and fingerprint.
+        spec = {k: v for k, v in spec.items()
+                if not (k == "level" and v == "basic") and not (k == "hard_fraction" and v == 0.0)}
         # The generator's version travels in the marker (and the fingerprint), so data cached by an
         # older generator is made again, and the stages trained on it rerun, after an upgrade.
         spec = {**spec, "seed": seed, "generator_version": tasks.GENERATOR_VERSION}

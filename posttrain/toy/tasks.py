@@ -284,8 +284,8 @@ _HARD_TASKS = {"code": hard_code_problem, "instructions": hard_instruction_probl
 LEVELS = ("basic", "hard")
 
 
-def _problem_maker(name: str, level: str) -> Callable[[random.Random, str], dict]:
-    return _HARD_TASKS.get(name, _TASKS[name]) if level == "hard" else _TASKS[name]
+def _problem_maker(name: str, hard: bool) -> Callable[[random.Random, str], dict]:
+    return _HARD_TASKS.get(name, _TASKS[name]) if hard else _TASKS[name]
 
 
 def _as_chat(row: dict) -> dict:
@@ -400,9 +400,11 @@ def _as_preference(row: dict, task: str, rng: random.Random, flip: bool, split: 
 
 def generate(task: str, n: int, seed: int = 0, split: str = "train", fmt: str = "chat",
              mix: dict[str, float] | None = None, flip_rate: float = 0.0,
-             ignore_instruction_rate: float = 0.0, level: str = "basic") -> list[dict]:
+             ignore_instruction_rate: float = 0.0, level: str = "basic", hard_fraction: float = 0.0) -> list[dict]:
     """`n` rows of a toy task (`task` in TASKS, or "mix" with `mix` weights) in format `fmt`, at
-    difficulty `level` (LEVELS: hard replaces code and instructions by their hard variants).
+    difficulty `level` (LEVELS: hard replaces code and instructions by their hard variants). At the
+    basic level, `hard_fraction` of the code and instruction rows are drawn hard all the same (a
+    set that teaches both levels; the draws come from a stream of their own, so 0 is the basic set).
 
     Preference rows (`fmt="preference"`) carry `prompt`, `chosen`, `rejected`, the `task` and
     `label_flipped`: a fraction `flip_rate` of them has chosen and rejected swapped. The flips
@@ -416,6 +418,10 @@ def generate(task: str, n: int, seed: int = 0, split: str = "train", fmt: str = 
     _check_split(split)
     if level not in LEVELS:
         raise ValueError(f"level: expected one of {', '.join(LEVELS)}, got {level!r}")
+    if not 0.0 <= hard_fraction <= 1.0:
+        raise ValueError(f"hard_fraction: expected a fraction in [0, 1], got {hard_fraction!r}")
+    if hard_fraction and level == "hard":
+        raise ValueError("hard_fraction: applies at level basic (at level hard every row is hard)")
     if fmt not in FORMATS:
         raise ValueError(f"format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
     if task != "mix" and task not in _TASKS:
@@ -431,6 +437,7 @@ def generate(task: str, n: int, seed: int = 0, split: str = "train", fmt: str = 
     rng = random.Random(f"{task}:{seed}:{split}")
     flips = random.Random(f"flip:{task}:{seed}:{split}")
     ignores = random.Random(f"ignore:{task}:{seed}:{split}")
+    hards = random.Random(f"hard:{task}:{seed}:{split}")
     weights = mix or {t: 1.0 for t in _TASKS}
     for name in weights:
         if name not in _TASKS:
@@ -438,7 +445,8 @@ def generate(task: str, n: int, seed: int = 0, split: str = "train", fmt: str = 
     rows = []
     for _ in range(n):
         name = task if task != "mix" else rng.choices(list(weights), weights=list(weights.values()))[0]
-        row = _problem_maker(name, level)(rng, split)
+        hard = level == "hard" or (name in _HARD_TASKS and hard_fraction > 0 and hards.random() < hard_fraction)
+        row = _problem_maker(name, hard)(rng, split)
         if fmt == "chat":
             if "instruction_id_list" in row and ignores.random() < ignore_instruction_rate:
                 row = {**row, "solution": _violate_instruction(row["instruction_id_list"][0], row["solution"], ignores)}
@@ -512,13 +520,13 @@ def _long_text(rng: random.Random) -> str:
 
 
 def generate_dirty(n_clean: int, seed: int = 0, dirty_per_kind: int = 5,
-                   level: str = "basic") -> tuple[list[dict], dict[str, int]]:
+                   level: str = "basic", hard_fraction: float = 0.0) -> tuple[list[dict], dict[str, int]]:
     """A chat mix with planted dirty rows; returns (rows, planted counts by kind).
 
     Clean rows are distinct conversations from every task. Planted: personal information
     (e-mail, phone), toxic model turns, wrong self-identification, exact duplicates and near
-    duplicates (long texts that differ in their last word). `level`: the clean rows' difficulty
-    (see generate). Every row has an `id` saying what it is
+    duplicates (long texts that differ in their last word). `level`, `hard_fraction`: the clean
+    rows' difficulty (see generate). Every row has an `id` saying what it is
     (`clean-3`, `pii-0`, `near_duplicate-2`, ...), which filters ignore and tests use.
     """
     rng = random.Random(f"dirty:{seed}")
@@ -527,7 +535,8 @@ def generate_dirty(n_clean: int, seed: int = 0, dirty_per_kind: int = 5,
     draws = 0
     while len(rows) < n_clean:
         draws += 1
-        row = generate("mix", 1, seed=seed * 1_000_003 + draws, fmt="chat", level=level)[0]
+        row = generate("mix", 1, seed=seed * 1_000_003 + draws, fmt="chat", level=level,
+                       hard_fraction=hard_fraction)[0]
         key = repr(row["messages"])
         if key in seen:
             if draws > 50 * n_clean:

@@ -240,3 +240,23 @@ def test_dry_run_says_what_happens_to_each_stage(write_recipe, tmp_path):
     rows = {line.split()[1]: line for line in dry.stdout.splitlines() if line.strip().startswith("│ ")
             and line.split()[1] in ("s", "t")}
     assert "skip (complete)" in rows["s"] and "would run" in rows["t"], dry.stdout
+
+
+def test_level_and_hard_fraction_at_their_defaults_leave_a_toy_datasets_fingerprint_as_it_was(tmp_path, write_recipe,
+                                                                                             tiny_sft):
+    """Options added after data was cached change nothing for recipes that do not set them; set,
+    they make other data (another fingerprint, so the stages reading it rerun)."""
+    import json
+
+    from posttrain.pipeline.recipe import load_recipe
+    from posttrain.pipeline.runner import Inputs
+
+    recipe = load_recipe(write_recipe(tiny_sft))
+    name = next(iter(recipe.datasets))
+    plain = Inputs(recipe, lambda _: None)
+    marker = json.loads(Path(plain.dataset(name)).with_suffix(".spec.json").read_text())
+    assert "level" not in marker and "hard_fraction" not in marker
+    recipe.datasets[name].toy.hard_fraction = 0.5
+    mixed = Inputs(recipe, lambda _: None)
+    mixed.dataset(name)
+    assert mixed.fingerprint(f"datasets.{name}") != plain.fingerprint(f"datasets.{name}")

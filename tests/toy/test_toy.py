@@ -96,3 +96,28 @@ def test_hard_level_changes_code_and_instructions_only_and_its_answers_pass_thei
             word.upper(), "X"), row["instruction_id_list"], row["kwargs"]))
     with pytest.raises(ValueError, match="level"):
         tasks.generate("code", 2, level="expert")
+
+
+def test_hard_fraction_mixes_the_levels_in_code_and_instructions_and_zero_is_the_basic_set():
+    """hard_fraction draws that share of code and instruction rows hard (math and chat as ever);
+    0 gives the basic rows exactly; it is refused outside [0, 1] and next to level hard."""
+    from posttrain.pipeline.recipe import ToyDatasetSpec, ToyDirtySpec
+
+    assert tasks.generate("mix", 60, seed=3, hard_fraction=0.0) == tasks.generate("mix", 60, seed=3)
+    hard_names = ("scale_then_add", "scale_then_subtract", "add_twice")
+    rows = tasks.generate("code", 400, fmt="prompt", hard_fraction=0.3)
+    hard = sum(any(name in r["prompt"] for name in hard_names) for r in rows)
+    assert 80 <= hard <= 160  # 30% of 400, give or take the draws
+    instructions = tasks.generate("instructions", 300, fmt="prompt", hard_fraction=0.5)
+    with_word = sum("keywords:existence" in r["instruction_id_list"] for r in instructions)
+    assert 110 <= with_word <= 190
+    assert tasks.generate("math", 30, hard_fraction=0.7) == tasks.generate("math", 30)
+    dirty, _ = tasks.generate_dirty(200, seed=1, dirty_per_kind=1, hard_fraction=0.5)
+    assert any(name in str(r["messages"]) for r in dirty for name in hard_names)
+    for bad in ({"hard_fraction": 1.5}, {"hard_fraction": 0.2, "level": "hard"}):
+        with pytest.raises(ValueError, match="hard_fraction"):
+            tasks.generate("code", 2, **bad)
+    with pytest.raises(ValueError, match="hard_fraction"):
+        ToyDatasetSpec(task="code", n=2, level="hard", hard_fraction=0.5)
+    with pytest.raises(ValueError, match="hard_fraction"):
+        ToyDirtySpec(n_clean=2, level="hard", hard_fraction=0.5)
