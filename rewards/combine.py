@@ -89,6 +89,10 @@ class RewardSpec(BaseModel):
         False, description="Go on when this reward faults on every sample of a batch (a step). By "
         "default that is an error: a reward that never scores (a column it reads is missing, it "
         "returns the wrong number of values) would otherwise train on zeros and end 'complete'.")
+    fallback: bool = Field(
+        False, description="Score only the samples no other (non-fallback) reward applies to: e.g. a "
+        "reward model for the prompts no verifier checks (chit-chat), leaving the verifiers' prompts "
+        "to them. Normalisation then runs over those samples only.")
     factory: dict[str, Any] | None = Field(
         None, description="The loaded callable is a reward factory (e.g. TRL's "
         "get_soft_overlong_punishment): call it once with these keyword arguments, e.g. "
@@ -415,8 +419,16 @@ class CombinedReward:
 
         combined: list[float | None] = []
         normed = {}
+        # A fallback reward is blanked ("does not apply") wherever a primary reward applies. Why: next
+        # to verifiers, a reward model's small weighted score still orders every two answers the
+        # verifiers scored alike, and methods that only compare samples (J-BOND, BOND) turn any such
+        # difference into a full win or loss, so right answers would be punished for its noise.
+        primary = [any(per_reward[label][j] is not None for spec, label in zip(self.specs, self.labels)
+                       if not spec.fallback) for j in range(n)]
         for spec, label in zip(self.specs, self.labels):
             vals = per_reward[label]
+            if spec.fallback:
+                vals = [None if primary[j] else v for j, v in enumerate(vals)]
             if spec.normalize:
                 xs = [v for v in vals if v is not None]
                 mean = sum(xs) / len(xs) if xs else 0.0

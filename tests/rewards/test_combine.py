@@ -99,6 +99,20 @@ def test_normalisation_and_none_means_not_applicable():
     assert b.rewards == [None] and b.faults[f"{__name__}:none_for_short"] == 0
 
 
+def test_a_fallback_reward_scores_only_what_no_verifier_applies_to_and_normalises_over_that():
+    """math-like verifier applies to long answers only (none_for_short); the fallback scores the
+    rest, normalised over them alone, and its raw values are still logged for every sample."""
+    specs = [RewardSpec(name="verifier", fn=f"{__name__}:none_for_short"),
+             RewardSpec(name="rm", fn=FILE_SPEC, weight=0.5, normalize=True, fallback=True)]
+    b = compute_rewards(specs, ["p"] * 4, ["a", "abc", "abcde", "ab"])
+    # Short answers ("a", "ab") have no verifier: the rm's lengths 1 and 2 standardised over them: -1, +1.
+    assert b.rewards == pytest.approx([-0.5, 2.0, 2.0, 0.5], abs=1e-6)
+    assert b.per_reward["rm"] == [1.0, 3.0, 5.0, 2.0]
+    plain = compute_rewards([specs[0], RewardSpec(name="rm", fn=FILE_SPEC, weight=0.5)],
+                            ["p"] * 2, ["abc", "abcde"])
+    assert plain.rewards == [3.5, 4.5]  # without fallback the rm reorders the verifier's ties
+
+
 def test_fault_policy_zero_attributes_the_sample():
     specs = [RewardSpec(name="f", fn=f"{__name__}:fails_on_bad"), RewardSpec(name="c", fn="test_const")]
     b = compute_rewards(specs, ["p"] * 3, ["ok", "bad one", "fine"], fault_policy="zero")
