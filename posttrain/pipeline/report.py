@@ -368,7 +368,7 @@ def reward_mix_rows(stage: dict) -> list[dict]:
                  if _finite(r.get(f"reward/{label}/mean"))]
         faults = sum(r.get(f"reward/{label}/faults", 0) or 0 for _, rows in runs for r in rows)
         out.append({"reward": label, "function": spec.get("fn") or label, "weight": spec.get("weight", 1.0),
-                    "normalize": bool(spec.get("normalize")), "mean": sum(means) / len(means) if means else float("nan"),
+                    "normalize": bool(spec.get("normalize")), "fallback": bool(spec.get("fallback")), "mean": sum(means) / len(means) if means else float("nan"),
                     "steps": len(means), "faults": int(faults)})
     return out
 
@@ -477,12 +477,14 @@ def _rl_section(stages: list[dict]) -> str:
         if mix:
             rows = "".join(f"<tr><td>{html.escape(str(r['reward']))}</td><td>{html.escape(str(r['function']))}</td>"
                            f"<td>{_fmt(float(r['weight']))}</td><td>{'yes' if r['normalize'] else 'no'}</td>"
+                           f"<td>{'where no other applies' if r['fallback'] else 'wherever it applies'}</td>"
                            f"<td>{_fmt(r['mean'])}</td><td>{r['steps']}</td>"
                            f"<td{' class=failed' if r['faults'] else ''}>{r['faults']}</td></tr>" for r in mix)
             parts.append("<p>The reward mix: the combined reward is the weighted sum of the rewards that apply to a "
-                         "sample (a verifier applies to its own task's prompts). Mean over the logged steps of each "
-                         "step's mean, over every run; faults are totals.</p><table><tr><th>reward</th><th>function</th>"
-                         f"<th>weight</th><th>normalised</th><th>mean</th><th>steps applied</th><th>faults</th></tr>{rows}</table>")
+                         "sample (a verifier applies to its own task's prompts; a fallback reward only where no other "
+                         "does). Mean of its raw scores over the logged steps of each step's mean, over every run; "
+                         "faults are totals.</p><table><tr><th>reward</th><th>function</th>"
+                         f"<th>weight</th><th>normalised</th><th>scores</th><th>mean</th><th>steps applied</th><th>faults</th></tr>{rows}</table>")
         plot = reward_kl_plot(s)
         if plot:
             parts.append(_img(plot, f"{m['name']}: reward against KL"))
