@@ -14,7 +14,7 @@ EXTRA_LIST := $(subst $(comma), ,$(EXTRAS))
 BENCH_EXTRAS := $(if $(filter bench,$(EXTRA_LIST)),$(EXTRAS),$(EXTRAS)$(comma)bench)
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: venv quickstart quickstart-chain quickstart-chain-long report-screenshot test bench check-extras clean
+.PHONY: venv quickstart quickstart-long quickstart-rloo report-screenshot test bench check-extras clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,19 +31,20 @@ endif
 
 venv: $(STAMP)
 
+# The whole Gemma 3 chain in one run (README: "The quickstart"); the same chain trained about three
+# times longer, for stronger numbers, in a run directory of its own; and the short first run
+# (filter, sft, distill, RLOO on math, export).
 quickstart: venv
 	$(VENV)/bin/posttrain run recipes/quickstart.yaml
 
-# The whole Gemma 3 chain in one run (README: "The whole chain in one run"), and the same chain
-# trained about three times longer, for stronger numbers, in a run directory of its own.
-quickstart-chain: venv
-	$(VENV)/bin/posttrain run recipes/quickstart_chain.yaml
-
-QUICKSTART_LONG := --set output_dir=../runs/quickstart_chain_long --set stages.teacher.max_steps=1500 \
-	--set stages.sft.max_steps=1200 --set stages.distill.max_steps=400 --set stages.rm.max_steps=400 \
+QUICKSTART_LONG := --set output_dir=../runs/quickstart_long --set stages.teacher.max_steps=1500 \
+	--set stages.sft.max_steps=2400 --set stages.distill.max_steps=400 --set stages.rm.max_steps=400 \
 	--set stages.warp.max_steps=80 --set stages.warp.iterations=3 --set stages.qat.max_steps=200
-quickstart-chain-long: venv
-	$(VENV)/bin/posttrain run recipes/quickstart_chain.yaml $(QUICKSTART_LONG)
+quickstart-long: venv
+	$(VENV)/bin/posttrain run recipes/quickstart.yaml $(QUICKSTART_LONG)
+
+quickstart-rloo: venv
+	$(VENV)/bin/posttrain run recipes/quickstart_rloo.yaml
 
 # A run's report in a headless browser: a full-page PNG (needs Playwright's Chromium, or chromium,
 # chrome, firefox or wkhtmltoimage on PATH; says so and exits 3 without one).

@@ -108,7 +108,7 @@ def run_recipe(work: Path, extra: list[str], use_cpu: bool) -> dict[str, dict]:
     overrides = SHORT + [f"output_dir={work / 'run'}"] + extra
     if not use_cpu:
         overrides += ["stages.rl.precision=bf16", "stages.distill.precision=bf16"]
-    return run(ROOT / "recipes" / "quickstart.yaml", overrides)
+    return run(ROOT / "recipes" / "quickstart_rloo.yaml", overrides)
 
 
 def run_warm_recipe(work: Path) -> tuple[dict[str, dict], list[str]]:
@@ -182,7 +182,7 @@ def run_fsdp_checks(work: Path, use_cpu: bool) -> tuple[dict, list[str]]:
     if not use_cpu:
         overrides += ["stages.rl.precision=bf16", "stages.distill.precision=bf16"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
-           "-m", "posttrain.cli", "run", str(ROOT / "recipes" / "quickstart.yaml")]
+           "-m", "posttrain.cli", "run", str(ROOT / "recipes" / "quickstart_rloo.yaml")]
     for override in overrides:
         cmd += ["--set", override]
     print("\n" + " ".join(cmd), flush=True)
