@@ -7,9 +7,9 @@
     python bench/gpu_check.py --skip-fsdp           # without the sharded (FSDP) checks
     python bench/gpu_check.py --cpu                 # the same steps on the CPU (to try the script itself)
 
-1. Runs the quickstart recipe, shortened, so that every stage kind runs (filter, sft, evaluate,
-   distill, rl, export) on the GPU, and asserts from the stage manifests that `distill` and `rl`
-   trained on `cuda` (their metrics record device, world size and global batch).
+1. Runs the short quickstart recipe (recipes/quickstart_rloo.yaml), shortened, so that every
+   stage kind runs (filter, sft, evaluate, distill, rl, export) on the GPU, and asserts from the
+   stage manifests that `distill` and `rl` trained on `cuda` (their metrics record device, world size and global batch).
 2. Reports, per stage: wall time, peak GPU memory (the runner records it in the manifest) and
    GPU utilisation sampled with nvidia-smi while the stage ran; asserts the GPU was busy during
    `distill` and `rl`.
