@@ -9,7 +9,8 @@
 
 1. Runs the short quickstart recipe (recipes/quickstart_rloo.yaml), shortened, so that every
    stage kind runs (filter, sft, evaluate, distill, rl, export) on the GPU, and asserts from the
-   stage manifests that `distill` and `rl` trained on `cuda` (their metrics record device, world size and global batch).
+   stage manifests that `distill` and `rl` trained on `cuda` (their metrics record device, world
+   size and global batch).
 2. Reports, per stage: wall time, peak GPU memory (the runner records it in the manifest) and
    GPU utilisation sampled with nvidia-smi while the stage ran; asserts the GPU was busy during
    `distill` and `rl`.
