@@ -503,6 +503,15 @@ th{background:#f4f6f8} .complete{color:#1e8449} .failed{color:#c0392b;font-weigh
 """
 
 
+def _shown_path(path: Path) -> str:
+    """`path` relative to the working directory when it lies under it (runs/quickstart): a report
+    is a file people pass around, and the absolute path says more about the machine than the run."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def render(run: dict) -> str:
     """The report's HTML, in the order of the run's story: the chain as it ran, accuracy after every
     stage, the data, the reward models, the RL, then the details (curves, summaries, recipe)."""
@@ -513,7 +522,7 @@ def render(run: dict) -> str:
     parts = [f"<!doctype html><html><head><meta charset=utf-8><title>posttrain report: {html.escape(title)}</title>"
              f"<style>{STYLE}</style></head><body>",
              f"<h1>posttrain report: {html.escape(title)}</h1>",
-             f"<p>Run directory <code>{html.escape(str(run_dir))}</code>; report written "
+             f"<p>Run directory <code>{html.escape(_shown_path(run_dir))}</code>; report written "
              f"{time.strftime('%Y-%m-%d %H:%M:%S')}. {status_counts(stages)}.</p>"]
     parts.append(_chain_section(stages, run_dir))
     parts.append(_held_out_section(stages, run_dir))
