@@ -14,16 +14,7 @@ import torch
 from posttrain.data import write_jsonl
 from posttrain.stages.base import StageContext, StageError
 from posttrain.stages.export import ExportStageConfig, ImageProbe, run_export
-from posttrain.toy.models import TinyModelSpec, build_tiny_model
 from posttrain.toy.vision import QUESTIONS, generate_vision
-
-
-@pytest.fixture(scope="module")
-def composite_dir(tmp_path_factory, toy_tokenizer):
-    d = tmp_path_factory.mktemp("export_composite")
-    build_tiny_model(TinyModelSpec(hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=128,
-                                   vision={}), toy_tokenizer, d)
-    return d
 
 
 @pytest.fixture(scope="module")

@@ -8,20 +8,11 @@ import torch
 from tiny_recipes import recipe_header, stage
 
 from posttrain.chat import ChatFormatError, tokenize_conversation, tokenize_image_conversation, image_model_inputs
-from posttrain.toy.models import TinyModelSpec, build_tiny_model
 from posttrain.toy.vision import exact_answer_reward, generate_vision
 
 # A tiny composite Gemma 3 checkpoint: language model, vision tower and projector.
 TINY_COMPOSITE = ("{tiny: {arch: gemma3, hidden_size: 64, num_layers: 1, num_heads: 2, num_kv_heads: 1, "
                   "intermediate_size: 128, vision: {}}}")
-
-
-@pytest.fixture(scope="module")
-def composite_dir(tmp_path_factory, toy_tokenizer):
-    d = tmp_path_factory.mktemp("composite_images")
-    build_tiny_model(TinyModelSpec(hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=128,
-                                   vision={}), toy_tokenizer, d)
-    return d
 
 
 @pytest.fixture(scope="module")
