@@ -43,7 +43,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from rewards.registry import check_reward_kwargs, load_reward
 
@@ -105,6 +105,15 @@ class RewardSpec(BaseModel):
         # A built-in reward's options are known: a typo fails when the recipe loads, not once RL starts.
         check_reward_kwargs(self.fn or self.name, self.kwargs)
         return self
+
+    @model_serializer(mode="wrap")
+    def _added_options_only_when_set(self, handler):
+        # `fallback` came after run directories were made: at its default it is left out of the
+        # dumped spec, so a stage config that does not set it hashes as it did before.
+        data = handler(self)
+        if isinstance(data, dict) and not self.fallback:
+            data.pop("fallback", None)
+        return data
 
     @property
     def label(self) -> str:
