@@ -497,11 +497,17 @@ def _turn_parts(content: Any, where: str) -> list:
     return out
 
 
+def image_parts(messages: Any) -> list[dict]:
+    """The image parts of a conversation's turns, in order (none for text or a malformed value)."""
+    if not isinstance(messages, (list, tuple)):
+        return []
+    return [p for m in messages if isinstance(m, dict) and isinstance(m.get("content"), (list, tuple))
+            for p in m["content"] if isinstance(p, dict) and p.get("type") == "image"]
+
+
 def has_image_parts(messages: Any) -> bool:
     """Whether any message of a conversation holds an image part."""
-    return isinstance(messages, (list, tuple)) and any(
-        isinstance(m, dict) and isinstance(m.get("content"), (list, tuple))
-        and any(isinstance(p, dict) and p.get("type") == "image" for p in m["content"]) for m in messages)
+    return bool(image_parts(messages))
 
 
 def text_view(messages: Sequence[dict], where: str = "messages") -> list[dict]:

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from posttrain.chat import (ChatFormatError, as_messages, has_image_parts, is_blank, load_image, text_view,
-                            tokenize_image_conversation)
+from posttrain.chat import (ChatFormatError, as_messages, has_image_parts, image_parts, is_blank, load_image,
+                            text_view, tokenize_image_conversation)
 
 
 class ImagePrompt(list):
@@ -38,9 +38,7 @@ class ImagePrompt(list):
     @classmethod
     def of_conversation(cls, processor, ids: Sequence[int], messages: Sequence[dict]) -> "ImagePrompt":
         """The ids of `messages` (tokenised with `processor`) with the image parts of its turns, in order."""
-        parts = [p for m in messages if isinstance(m, dict) and isinstance(m.get("content"), (list, tuple))
-                 for p in m["content"] if isinstance(p, dict) and p.get("type") == "image"]
-        return cls(ids, parts, processor.image_processor, processor.tokenizer.image_token_id)
+        return cls(ids, image_parts(messages), processor.image_processor, processor.tokenizer.image_token_id)
 
     def __reduce__(self):  # pickled (a spawned worker, a gather) with its images, not as a plain list
         return (ImagePrompt, (list(self), self.image_parts, self.image_processor, self.image_token_id))

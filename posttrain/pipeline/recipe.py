@@ -47,7 +47,23 @@ class ModelEntry(_Strict):
         return self
 
 
-class ToyDatasetSpec(_Strict):
+class _ToyDifficulty(_Strict):
+    """The toy world's difficulty, shared by toy and dirty toy datasets."""
+
+    level: Literal["basic", "hard"] = Field("basic", description="Difficulty: hard replaces code and instructions "
+                                            "by harder variants (two numbers to copy into a function; a word to "
+                                            "use in the format asked); math and chat are the same at both levels.")
+    hard_fraction: float = Field(0.0, ge=0, le=1, description="At level basic: the fraction of code and "
+                                 "instruction rows drawn at the hard level all the same (data that teaches both).")
+
+    @model_validator(mode="after")
+    def _hard_fraction_at_basic(self):
+        if self.hard_fraction and self.level == "hard":
+            raise ValueError("hard_fraction: applies at level basic (at level hard every row is hard)")
+        return self
+
+
+class ToyDatasetSpec(_ToyDifficulty):
     task: Literal["math", "code", "instructions", "chat", "mix", "vision_colour", "vision_count"] = Field(
         description="Toy task, or 'mix' of the text ones; vision_colour and vision_count ask about an image of "
         "coloured shapes (posttrain.toy.vision; for composite models), its PNG files written beside the rows.")
@@ -62,11 +78,6 @@ class ToyDatasetSpec(_Strict):
                              "are swapped (label noise; the toy world still knows the true preference).")
     ignore_instruction_rate: float = Field(0.0, ge=0, le=1, description="Chat rows: the fraction of instruction "
                                            "rows answered with the instruction ignored (imperfect demonstrations).")
-    level: Literal["basic", "hard"] = Field("basic", description="Difficulty: hard replaces code and instructions "
-                                            "by harder variants (two numbers to copy into a function; a word to "
-                                            "use in the format asked); math and chat are the same at both levels.")
-    hard_fraction: float = Field(0.0, ge=0, le=1, description="At level basic: the fraction of code and "
-                                 "instruction rows drawn at the hard level all the same (data that teaches both).")
 
     @model_validator(mode="after")
     def _each_rate_fits_the_format(self):
@@ -76,27 +87,18 @@ class ToyDatasetSpec(_Strict):
                                  "without a mix")
         if self.flip_rate and self.format != "preference":
             raise ValueError(f"flip_rate: only preference rows have labels to flip (format is {self.format!r})")
-        if self.hard_fraction and self.level == "hard":
-            raise ValueError("hard_fraction: applies at level basic (at level hard every row is hard)")
         if self.ignore_instruction_rate and self.format != "chat":
             raise ValueError("ignore_instruction_rate: only chat rows are demonstrations to spoil "
                              f"(format is {self.format!r})")
         return self
 
 
-class ToyDirtySpec(_Strict):
+class ToyDirtySpec(_ToyDifficulty):
+    """Its `level` and `hard_fraction` are its clean rows' difficulty."""
+
     n_clean: int = Field(gt=0, description="Clean chat rows (a mix of all tasks).")
     dirty_per_kind: int = Field(5, ge=0, description="Planted rows per kind: pii, toxic, misidentification, exact and near duplicates.")
     seed: int | None = Field(None, description="Defaults to the recipe seed.")
-    level: Literal["basic", "hard"] = Field("basic", description="Difficulty of the clean rows (as a toy dataset's).")
-    hard_fraction: float = Field(0.0, ge=0, le=1, description="At level basic: the fraction of clean code and "
-                                 "instruction rows drawn at the hard level (as a toy dataset's).")
-
-    @model_validator(mode="after")
-    def _hard_fraction_at_basic(self):
-        if self.hard_fraction and self.level == "hard":
-            raise ValueError("hard_fraction: applies at level basic (at level hard every clean row is hard)")
-        return self
 
 
 class ColumnSource(_Strict):

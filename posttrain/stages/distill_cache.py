@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from posttrain.data import iter_rows, load_distill_rows
+from posttrain.data import DataError, iter_rows, load_distill_rows
 from posttrain.losses.distillation import DistillationObjective, teacher_targets
 from posttrain.sequences import check_same_tokenizer, logit_mask, pad_batch, shifted_logits
 from posttrain.stages.base import StageConfig, StageContext, StageError, StageResult, register_stage
@@ -60,9 +60,12 @@ def run_distill_cache(cfg: DistillCacheStageConfig, ctx: StageContext) -> StageR
     if cfg.student is not None:
         check_same_tokenizer(load_tokenizer(cfg.student), tokenizer, cfg.student, cfg.teacher)
     processor = load_processor(cfg.teacher)  # a composite teacher's: rows with images (None: text only)
-    if processor is None:
-        _refuse_image_rows(cfg)
-    _, sequences = load_distill_rows(cfg.dataset, tokenizer, cfg.max_length, processor)
+    try:
+        _, sequences = load_distill_rows(cfg.dataset, tokenizer, cfg.max_length, processor)
+    except DataError:
+        if processor is None:
+            _refuse_image_rows(cfg)  # the row that failed held images: say so in the teacher's terms
+        raise
     if not sequences:
         raise StageError(f"dataset {cfg.dataset}: no rows with completions to score (need `messages` ending in an "
                          "assistant turn, or `prompt` + `completion`)")
@@ -121,8 +124,9 @@ def run_distill_cache(cfg: DistillCacheStageConfig, ctx: StageContext) -> StageR
 
 
 def _refuse_image_rows(cfg: DistillCacheStageConfig) -> None:
-    """A text-only teacher cannot see a row's images: its first such row is an error, naming it,
-    rather than the text-only tokenizer's complaint about a part."""
+    """A text-only teacher cannot see a row's images: after loading failed, its first such row is
+    an error, naming it, rather than the text-only tokenizer's complaint about a part (the dataset
+    is read again only then, not on every run)."""
     from posttrain.chat import has_image_parts
 
     for where, row in iter_rows(cfg.dataset):

@@ -269,7 +269,7 @@ def _image_probe_messages(probe: ImageProbe, composite: bool, model_path: str,
     """The image probe's user turn and where it came from, its images checked to be readable."""
     from itertools import islice
 
-    from posttrain.chat import ChatFormatError, has_image_parts, load_image
+    from posttrain.chat import ChatFormatError, has_image_parts, image_parts, load_image
     from posttrain.data import DataError, iter_rows
 
     if not composite:
@@ -294,10 +294,8 @@ def _image_probe_messages(probe: ImageProbe, composite: bool, model_path: str,
         raise StageError(f"image_probe: {where}: expected a 'prompt' of messages with an image part (a prompt row "
                          f"of image data), got {'no prompt' if messages is None else 'a prompt without images'}")
     try:  # each image readable now, not after the export is written
-        for m in messages:
-            for part in m["content"] if isinstance(m.get("content"), list) else []:
-                if isinstance(part, dict) and part.get("type") == "image":
-                    load_image(part, f"image_probe: {where}")
+        for part in image_parts(messages):
+            load_image(part, f"image_probe: {where}")
     except ChatFormatError as e:
         raise StageError(str(e)) from None
     return messages, f"image_probe ({where})"
